@@ -1,0 +1,237 @@
+"""Pure networks: they map (x_in, t_in) to an output of x's shape and know nothing of σ or schedules.
+
+Both nets share one interface:
+    net(x, t, step=None, class_labels=None, return_features=False)
+`t` is the time input the Denoiser chose (a table index or a continuous noise code), one per sample.
+`step` is the optional step condition of SFD-v (the student's number of timestamps N, one per
+sample); its layers exist only after `add_step_condition()`, and start as an exact no-op.
+`return_features=True` also returns the penultimate feature map (SFDDM's hidden-feature loss).
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fewstep.errors import FewstepError
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of a (B,) float tensor, as in DDPM/ADM."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+class StepCondition(nn.Module):
+    """Embedding of the step count N added to the time embedding; zero output at initialisation."""
+
+    def __init__(self, emb_dim: int):
+        super().__init__()
+        self.freq_dim = min(64, emb_dim)
+        self.fc1 = nn.Linear(self.freq_dim, emb_dim)
+        self.fc2 = nn.Linear(emb_dim, emb_dim)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, step: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.silu(self.fc1(timestep_embedding(step, self.freq_dim, max_period=100.0))))
+
+
+class _ConditionedNet(nn.Module):
+    """Time, class and step-condition embeddings shared by UNet and MLP."""
+
+    config: dict
+
+    def _init_embeddings(self, emb_dim: int, freq_dim: int, num_classes: int):
+        self.emb_dim, self.freq_dim = emb_dim, freq_dim
+        self.time_mlp = nn.Sequential(nn.Linear(freq_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.class_emb = nn.Embedding(num_classes, emb_dim) if num_classes else None
+        self.step_cond = None
+
+    def add_step_condition(self) -> "_ConditionedNet":
+        """Add SFD-v's step-condition layers (zero-initialised output, so outputs are unchanged)."""
+        if self.step_cond is None:
+            self.step_cond = StepCondition(self.emb_dim)
+            self.config["step_condition"] = True
+        return self
+
+    def _embed(self, x, t, step, class_labels):
+        t = torch.as_tensor(t, device=x.device).float().reshape(-1).expand(x.shape[0])
+        emb = self.time_mlp(timestep_embedding(t, self.freq_dim))
+        if self.class_emb is not None:
+            if class_labels is None:
+                raise FewstepError("this network is class-conditional: pass class_labels")
+            emb = emb + self.class_emb(class_labels)
+        if self.step_cond is not None:
+            if step is None:
+                raise FewstepError("this network has a step condition (SFD-v): pass the step count N")
+            step = torch.as_tensor(step, device=x.device).float().reshape(-1).expand(x.shape[0])
+            emb = emb + self.step_cond(step)
+        return emb
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, emb_dim: int, dropout: float, groups: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(min(groups, cin), cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, cout)
+        self.norm2 = nn.GroupNorm(min(groups, cout), cout)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(F.silu(emb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return (self.skip(x) + h) / math.sqrt(2)  # DDPM++ skip rescale
+
+
+class Attention(nn.Module):
+    def __init__(self, ch: int, groups: int, heads: int = 1):
+        super().__init__()
+        self.norm = nn.GroupNorm(min(groups, ch), ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+        self.heads = heads
+
+    def forward(self, x, emb=None):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).unbind(1)
+        h = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        h = h.transpose(-1, -2).reshape(B, C, H, W)
+        return (x + self.proj(h)) / math.sqrt(2)
+
+
+class UNet(_ConditionedNet):
+    """A DDPM++-style U-Net: residual blocks with GroupNorm + SiLU, sinusoidal time embedding,
+    dropout, optional self-attention at chosen resolutions, optional class label."""
+
+    def __init__(self, resolution: int, in_channels: int = 1, out_channels: int | None = None,
+                 channels: int = 64, channel_mult=(1, 2), num_res_blocks: int = 2,
+                 attn_resolutions=(), dropout: float = 0.1, num_classes: int = 0, groups: int = 8,
+                 step_condition: bool = False):
+        super().__init__()
+        out_channels = out_channels or in_channels
+        self.config = dict(type="unet", resolution=resolution, in_channels=in_channels, out_channels=out_channels,
+                           channels=channels, channel_mult=list(channel_mult), num_res_blocks=num_res_blocks,
+                           attn_resolutions=list(attn_resolutions), dropout=dropout, num_classes=num_classes,
+                           groups=groups, step_condition=False)
+        emb_dim = channels * 4
+        self._init_embeddings(emb_dim, channels, num_classes)
+        self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
+
+        self.down = nn.ModuleList()
+        skip_ch, ch, res = [channels], channels, resolution
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                blocks = [ResBlock(ch, channels * mult, emb_dim, dropout, groups)]
+                ch = channels * mult
+                if res in attn_resolutions:
+                    blocks.append(Attention(ch, groups))
+                self.down.append(nn.ModuleList(blocks))
+                skip_ch.append(ch)
+            if level < len(channel_mult) - 1:
+                self.down.append(nn.ModuleList([nn.Conv2d(ch, ch, 3, stride=2, padding=1)]))
+                skip_ch.append(ch)
+                res //= 2
+        self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, dropout, groups), Attention(ch, groups),
+                                  ResBlock(ch, ch, emb_dim, dropout, groups)])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for _ in range(num_res_blocks + 1):
+                blocks = [ResBlock(ch + skip_ch.pop(), channels * mult, emb_dim, dropout, groups)]
+                ch = channels * mult
+                if res in attn_resolutions:
+                    blocks.append(Attention(ch, groups))
+                self.up.append(nn.ModuleList(blocks))
+            if level > 0:
+                self.up.append(nn.ModuleList([nn.Upsample(scale_factor=2, mode="nearest"),
+                                              nn.Conv2d(ch, ch, 3, padding=1)]))
+                res *= 2
+        self.norm_out = nn.GroupNorm(min(groups, ch), ch)
+        self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+        if step_condition:
+            self.add_step_condition()
+
+    def forward(self, x, t, step=None, class_labels=None, return_features=False):
+        if x.ndim != 4 or x.shape[1] != self.config["in_channels"]:
+            raise FewstepError(f"UNet input: expected (N, {self.config['in_channels']}, H, W), got {tuple(x.shape)}")
+        emb = self._embed(x, t, step, class_labels)
+        h = self.conv_in(x)
+        skips = [h]
+        for blocks in self.down:
+            for b in blocks:
+                h = b(h, emb) if isinstance(b, (ResBlock, Attention)) else b(h)
+            skips.append(h)
+        for b in self.mid:
+            h = b(h, emb)
+        for blocks in self.up:
+            if isinstance(blocks[0], ResBlock):
+                h = torch.cat([h, skips.pop()], dim=1)
+            for b in blocks:
+                h = b(h, emb) if isinstance(b, (ResBlock, Attention)) else b(h)
+        features = h  # output of the last residual block: SFDDM's hidden variable
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        return (out, features) if return_features else out
+
+
+class MLP(_ConditionedNet):
+    """Residual MLP for 2-D (or any flat) data, with the UNet's interface."""
+
+    def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 4, dropout: float = 0.0,
+                 num_classes: int = 0, step_condition: bool = False):
+        super().__init__()
+        self.config = dict(type="mlp", dim=dim, hidden=hidden, depth=depth, dropout=dropout,
+                           num_classes=num_classes, step_condition=False)
+        self._init_embeddings(hidden, 64, num_classes)
+        self.inp = nn.Linear(dim, hidden)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(dict(norm=nn.LayerNorm(hidden), fc1=nn.Linear(hidden, hidden * 2),
+                               emb=nn.Linear(hidden, hidden * 2), fc2=nn.Linear(hidden * 2, hidden),
+                               drop=nn.Dropout(dropout)))
+            for _ in range(depth))
+        self.norm_out = nn.LayerNorm(hidden)
+        self.out = nn.Linear(hidden, dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+        if step_condition:
+            self.add_step_condition()
+
+    def forward(self, x, t, step=None, class_labels=None, return_features=False):
+        if x.ndim != 2 or x.shape[1] != self.config["dim"]:
+            raise FewstepError(f"MLP input: expected (N, {self.config['dim']}), got {tuple(x.shape)}")
+        emb = self._embed(x, t, step, class_labels)
+        h = self.inp(x)
+        for b in self.blocks:
+            z = b["fc1"](b["norm"](h)) + b["emb"](F.silu(emb))
+            h = h + b["fc2"](b["drop"](F.silu(z)))
+        out = self.out(F.silu(self.norm_out(h)))
+        return (out, h) if return_features else out
+
+
+NETS = {"unet": UNet, "mlp": MLP}
+
+
+def build_net(config: dict) -> nn.Module:
+    """Rebuild a network from its `config` dict (as stored in a model card)."""
+    config = copy.deepcopy(config)
+    kind = config.pop("type", None)
+    if kind not in NETS:
+        raise FewstepError(f"network type {kind!r}: expected one of {', '.join(NETS)}")
+    try:
+        return NETS[kind](**config)
+    except TypeError as e:
+        raise FewstepError(f"network config for {kind!r} is not valid: {e}") from None
+
+
+def count_parameters(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())

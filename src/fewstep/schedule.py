@@ -1,0 +1,308 @@
+"""Noise schedules and time grids, all expressed in σ-space (x = x0 + σ·ε).
+
+A discrete VP model is trained on a table ᾱ[0..T-1] (index 0 least noisy); it is seen in σ-space
+through σ[i] = sqrt((1-ᾱ[i])/ᾱ[i]). A continuous (EDM) model takes any σ in [σ_min, σ_max].
+Grids are decreasing 1-D float64 tensors of σ values; a grid may end in 0 (a final denoise).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from fewstep.errors import FewstepError
+
+GRID_KINDS = ("polynomial", "logsnr", "uniform", "discrete")
+
+
+def alpha_bar_to_sigma(alpha_bar: torch.Tensor) -> torch.Tensor:
+    return ((1 - alpha_bar) / alpha_bar).sqrt()
+
+
+def sigma_to_alpha_bar(sigma: torch.Tensor) -> torch.Tensor:
+    return 1 / (1 + sigma**2)
+
+
+def vp_table(kind: str = "linear", T: int = 1024, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """ᾱ table (float64, length T) of a discrete VP schedule.
+
+    `linear` scales DDPM's betas (1e-4..0.02 at T=1000) to T so the end points stay comparable;
+    `cosine` is Nichol & Dhariwal's; `sigmoid` is Jabri et al.'s (start -3, end 3, tau 1).
+    """
+    if T < 2:
+        raise FewstepError(f"schedule T={T}: expected at least 2 steps")
+    if kind == "linear":
+        scale = 1000.0 / T
+        betas = torch.linspace(beta_start * scale, beta_end * scale, T, dtype=torch.float64)
+        return torch.cumprod(1 - betas, 0)
+    if kind == "cosine":
+        s = 0.008
+        t = torch.linspace(0, 1, T + 1, dtype=torch.float64)
+        f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+        betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+        return torch.cumprod(1 - betas, 0)
+    if kind == "sigmoid":
+        start, end, tau = -3.0, 3.0, 1.0
+        t = torch.linspace(0, 1, T + 1, dtype=torch.float64)
+        v_start, v_end = torch.sigmoid(torch.tensor(start / tau)), torch.sigmoid(torch.tensor(end / tau))
+        f = (-torch.sigmoid((t * (end - start) + start) / tau) + v_end) / (v_end - v_start)
+        betas = (1 - f[1:] / f[:-1]).clamp(min=1e-8, max=0.999)
+        return torch.cumprod(1 - betas, 0)
+    raise FewstepError(f"schedule kind {kind!r}: expected one of linear, cosine, sigmoid")
+
+
+@dataclass
+class Schedule:
+    """What a model knows about noise levels.
+
+    kind="discrete": a VP table; `alpha_bar` holds ᾱ for each of the model's steps and `timesteps`
+    the value the network takes as time input at each step (default 0..T-1; an SFDDM student
+    initialised from its teacher uses the teacher's indices φ_s instead).
+    kind="continuous": any σ in [sigma_min, sigma_max] (EDM); `sigma_data` for preconditioning.
+    """
+
+    kind: str
+    alpha_bar: torch.Tensor | None = None
+    timesteps: torch.Tensor | None = None
+    sigma_min_: float | None = None
+    sigma_max_: float | None = None
+    sigma_data: float = 0.5
+    table_name: str | None = None  # how the table was made (e.g. "linear"), for the model card
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def discrete(cls, alpha_bar: torch.Tensor, timesteps: torch.Tensor | None = None, table_name: str | None = None):
+        alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float64)
+        if alpha_bar.ndim != 1 or len(alpha_bar) < 1:
+            raise FewstepError(f"alpha_bar: expected a non-empty 1-D table, got shape {tuple(alpha_bar.shape)}")
+        if not ((alpha_bar > 0) & (alpha_bar < 1)).all():
+            raise FewstepError("alpha_bar: every entry must lie strictly between 0 and 1")
+        if len(alpha_bar) > 1 and not (alpha_bar[1:] < alpha_bar[:-1]).all():
+            raise FewstepError("alpha_bar: expected a strictly decreasing table (index 0 least noisy)")
+        if timesteps is None:
+            timesteps = torch.arange(len(alpha_bar), dtype=torch.float64)
+        timesteps = torch.as_tensor(timesteps, dtype=torch.float64)
+        if timesteps.shape != alpha_bar.shape:
+            raise FewstepError(f"timesteps: expected {len(alpha_bar)} entries, got {len(timesteps)}")
+        return cls(kind="discrete", alpha_bar=alpha_bar, timesteps=timesteps, table_name=table_name)
+
+    @classmethod
+    def vp(cls, kind: str = "linear", T: int = 1024):
+        return cls.discrete(vp_table(kind, T), table_name=kind)
+
+    @classmethod
+    def edm(cls, sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0.5):
+        if not 0 < sigma_min < sigma_max:
+            raise FewstepError(f"EDM sigma range: expected 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        return cls(kind="continuous", sigma_min_=float(sigma_min), sigma_max_=float(sigma_max), sigma_data=float(sigma_data))
+
+    # ---- properties ---------------------------------------------------------------------
+    @property
+    def is_discrete(self) -> bool:
+        return self.kind == "discrete"
+
+    @property
+    def T(self) -> int:
+        return len(self.alpha_bar) if self.is_discrete else 0
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        """σ of each table step, increasing with the index (discrete only)."""
+        return alpha_bar_to_sigma(self.alpha_bar)
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0]) if self.is_discrete else self.sigma_min_
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1]) if self.is_discrete else self.sigma_max_
+
+    # ---- index <-> sigma for discrete tables ---------------------------------------------
+    def sigma_to_index(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Fractional table index of σ, linear in log σ between entries (clamped to the table's range)."""
+        log_table = self.sigmas.log()
+        log_s = torch.as_tensor(sigma, dtype=torch.float64).clamp(min=1e-30).log()
+        log_s = log_s.clamp(log_table[0], log_table[-1])
+        hi = torch.searchsorted(log_table, log_s).clamp(1, len(log_table) - 1)
+        lo = hi - 1
+        w = (log_s - log_table[lo]) / (log_table[hi] - log_table[lo])
+        return lo.to(torch.float64) + w
+
+    def exact_index(self, sigma: torch.Tensor, rtol: float = 1e-4) -> torch.Tensor:
+        """Integer table index of σ; raises if σ is not (within rtol) one of the table's entries."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1)
+        table = self.sigmas
+        idx = (sigma[:, None].log() - table[None].log()).abs().argmin(1)
+        bad = ((table[idx] - sigma).abs() > rtol * sigma)
+        if bad.any():
+            s = float(sigma[bad][0])
+            raise FewstepError(
+                f"sigma={s:.6g} is not one of this model's {len(table)} trained noise levels; "
+                "a model with an exact step table can only be evaluated on its own steps "
+                "(sample it with its own grid, e.g. `fewstep sample CKPT` without --nfe/--grid)")
+        return idx
+
+    def time_input(self, sigma: torch.Tensor, exact: bool = False) -> torch.Tensor:
+        """Value the network takes as time input for σ: the table's timestep (interpolated if not exact)."""
+        if exact:
+            return self.timesteps[self.exact_index(sigma)]
+        idx = self.sigma_to_index(sigma)
+        lo = idx.floor().long().clamp(0, self.T - 1)
+        hi = (lo + 1).clamp(max=self.T - 1)
+        w = idx - lo
+        return self.timesteps[lo] * (1 - w) + self.timesteps[hi] * w
+
+    # ---- serialization --------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        if self.is_discrete:
+            d = {"kind": "discrete", "T": self.T, "table_name": self.table_name,
+                 "alpha_bar": [float(a) for a in self.alpha_bar]}
+            if not torch.equal(self.timesteps, torch.arange(self.T, dtype=torch.float64)):
+                d["timesteps"] = [float(t) for t in self.timesteps]
+            return d
+        return {"kind": "continuous", "sigma_min": self.sigma_min_, "sigma_max": self.sigma_max_,
+                "sigma_data": self.sigma_data}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Schedule":
+        if d.get("kind") == "discrete":
+            ts = d.get("timesteps")
+            return cls.discrete(torch.tensor(d["alpha_bar"], dtype=torch.float64),
+                                None if ts is None else torch.tensor(ts, dtype=torch.float64),
+                                table_name=d.get("table_name"))
+        if d.get("kind") == "continuous":
+            return cls.edm(d["sigma_min"], d["sigma_max"], d.get("sigma_data", 0.5))
+        raise FewstepError(f"schedule: unknown kind {d.get('kind')!r} (expected discrete or continuous)")
+
+
+# ---- grids ------------------------------------------------------------------------------------
+
+def check_grid(sigmas: torch.Tensor, name: str = "sigma grid") -> torch.Tensor:
+    """A valid grid: 1-D, at least 2 points, strictly decreasing, positive except a final 0."""
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+    if sigmas.ndim != 1 or len(sigmas) < 2:
+        raise FewstepError(f"{name}: expected a 1-D grid of at least 2 noise levels, got shape {tuple(sigmas.shape)}")
+    if not torch.isfinite(sigmas).all():
+        raise FewstepError(f"{name}: contains a non-finite value")
+    if not (sigmas[1:] < sigmas[:-1]).all():
+        raise FewstepError(f"{name}: expected strictly decreasing noise levels, got {[round(float(s), 5) for s in sigmas]}")
+    if not (sigmas[:-1] > 0).all() or sigmas[-1] < 0:
+        raise FewstepError(f"{name}: noise levels must be positive (only the last may be 0)")
+    return sigmas
+
+
+def _fractions(n: int) -> torch.Tensor:
+    return torch.linspace(0, 1, n, dtype=torch.float64) if n > 1 else torch.zeros(1, dtype=torch.float64)
+
+
+def make_grid(kind: str, n: int, sigma_min: float, sigma_max: float, rho: float = 7.0,
+              schedule: Schedule | None = None) -> torch.Tensor:
+    """n decreasing noise levels from sigma_max to sigma_min in one grid family.
+
+    polynomial: EDM's ρ-grid; logsnr: uniform in log σ (= uniform logSNR); uniform: uniform in σ
+    for continuous models and uniform in the teacher's table index for discrete ones;
+    discrete: uniform in the table index, rounded to table entries (the model's own steps).
+    """
+    if n < 2:
+        raise FewstepError(f"grid size n={n}: expected at least 2 noise levels")
+    if not 0 < sigma_min < sigma_max:
+        raise FewstepError(f"grid range: expected 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    f = _fractions(n)
+    if kind == "polynomial":
+        a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+        g = (a + f * (b - a)) ** rho
+    elif kind == "logsnr":
+        g = torch.exp(math.log(sigma_max) + f * (math.log(sigma_min) - math.log(sigma_max)))
+    elif kind in ("uniform", "discrete"):
+        if schedule is not None and schedule.is_discrete:
+            i_max = float(schedule.sigma_to_index(torch.tensor(sigma_max)))
+            i_min = float(schedule.sigma_to_index(torch.tensor(sigma_min)))
+            idx = i_max + f * (i_min - i_max)
+            if kind == "discrete":
+                idx = idx.round()
+                if len(idx.unique()) != n:
+                    raise FewstepError(f"discrete grid: {n} points do not fit in the table between the given sigmas")
+                return schedule.sigmas[idx.long()]
+            return _index_to_sigma(schedule, idx)
+        if kind == "discrete":
+            raise FewstepError("grid 'discrete' needs a discrete (table) model; use polynomial, logsnr or uniform")
+        g = sigma_max + f * (sigma_min - sigma_max)
+    else:
+        raise FewstepError(f"grid kind {kind!r}: expected one of {', '.join(GRID_KINDS)}")
+    g[0], g[-1] = sigma_max, sigma_min  # exact end points despite the pow round trip
+    return g
+
+
+def _index_to_sigma(schedule: Schedule, idx: torch.Tensor) -> torch.Tensor:
+    """Inverse of sigma_to_index: log-linear interpolation of the table at fractional indices."""
+    log_table = schedule.sigmas.log()
+    lo = idx.floor().long().clamp(0, schedule.T - 2)
+    w = idx - lo
+    return torch.exp(log_table[lo] * (1 - w) + log_table[lo + 1] * w)
+
+
+def nested_grids(kind: str, n: int, m: int, sigma_min: float, sigma_max: float, rho: float = 7.0,
+                 schedule: Schedule | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(student grid of n points, teacher grid with m points inserted between neighbours).
+
+    Both come from the same family, so student[i] == teacher[i*(m+1)] exactly; asserted.
+    """
+    if m < 0:
+        raise FewstepError(f"m={m}: expected m >= 0 teacher points per student interval")
+    fine = make_grid(kind, (n - 1) * (m + 1) + 1, sigma_min, sigma_max, rho, schedule)
+    coarse = fine[:: m + 1].clone()
+    check_nested(coarse, fine)
+    return coarse, fine
+
+
+def check_nested(student: torch.Tensor, teacher: torch.Tensor) -> list[int]:
+    """Positions in the teacher grid of every student timestamp; a clear error if one is missing."""
+    positions = []
+    for s in student.tolist():
+        hits = (teacher - s).abs() <= 1e-9 * max(abs(s), 1e-12)
+        if not hits.any():
+            raise FewstepError(
+                f"student timestamp sigma={s:.6g} is not a teacher timestamp: every student step must "
+                "span whole teacher steps (build the teacher grid by refining the student grid)")
+        positions.append(int(hits.nonzero()[0]))
+    return positions
+
+
+def index_subsequence(T: int, steps: int | None, mode: str | Sequence[int] = "trailing",
+                      allow_full: bool = False) -> torch.Tensor:
+    """Strictly increasing teacher indices φ_0 < … < φ_{T'-1} for a T'-step student of a T-step teacher.
+
+    trailing: φ_s = round((s+1)·T/T') − 1 (the student's noisiest step is the teacher's noisiest);
+    leading:  φ_s = floor(s·T/T') (φ_0 = 0); or an explicit list, validated.
+    allow_full admits T' = T (φ = 0..T-1), the identity student used to check invariants.
+    """
+    limit = T if allow_full else T - 1
+    if isinstance(mode, str) and mode not in ("trailing", "leading"):
+        try:
+            mode = [int(v) for v in mode.split(",") if v.strip()]
+        except ValueError:
+            raise FewstepError(f"index set {mode!r}: expected 'trailing', 'leading' or a comma-separated list of integers")
+    if isinstance(mode, str):
+        if steps is None or not 1 <= steps <= limit:
+            raise FewstepError(f"student steps T'={steps}: expected 1 <= T' < T = {T}")
+        s = torch.arange(steps, dtype=torch.float64)
+        if mode == "trailing":
+            phi = torch.round((s + 1) * T / steps).long() - 1
+        else:
+            phi = torch.floor(s * T / steps).long()
+        return phi
+    phi = torch.as_tensor(list(mode), dtype=torch.long)
+    if phi.ndim != 1 or len(phi) < 1:
+        raise FewstepError("index set: expected at least one teacher index")
+    if steps is not None and steps != len(phi):
+        raise FewstepError(f"index set has {len(phi)} entries but T'={steps} steps were asked for")
+    if len(phi) > limit:
+        raise FewstepError(f"index set: T'={len(phi)} must be smaller than the teacher's T={T}")
+    if (phi < 0).any() or (phi >= T).any():
+        raise FewstepError(f"index set: every index must lie in [0, {T - 1}], got {phi.tolist()}")
+    if len(phi) > 1 and not (phi[1:] > phi[:-1]).all():
+        raise FewstepError(f"index set: expected strictly increasing, unique indices, got {phi.tolist()}")
+    return phi

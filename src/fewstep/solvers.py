@@ -1,0 +1,223 @@
+"""Training-free samplers as plain functions over a σ grid.
+
+    result = solve(name, model, x, sigmas, ...)       # model(x, σ) -> x0 estimate
+    result.x, result.trajectory, result.nfe
+
+`x` is the initial state at sigmas[0] (σ-space: x = σ_max·ε for pure noise). The grid is
+decreasing; it may end in 0, in which case the last step is a plain denoise (first order).
+Every solver counts its network evaluations (NFE) and can keep the whole trajectory
+(the state at every grid point, including the start).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from fewstep.errors import FewstepError
+from fewstep.schedule import check_grid
+
+Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class SolveResult:
+    x: torch.Tensor
+    nfe: int
+    trajectory: list[torch.Tensor] | None = None
+
+
+class _Counter:
+    """Wraps the model to count calls and optionally clip the x0 estimate (dynamic thresholding)."""
+
+    def __init__(self, model: Model, clip: float | None):
+        self.model, self.clip, self.nfe = model, clip, 0
+
+    def __call__(self, x, sigma):
+        self.nfe += 1
+        d = self.model(x, sigma)
+        return d.clamp(-self.clip, self.clip) if self.clip is not None else d
+
+
+def _prepare(model, sigmas, x, clip):
+    sigmas = check_grid(sigmas).to(device=x.device)
+    return _Counter(model, clip), sigmas
+
+
+def _sig(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return s.to(x.dtype)
+
+
+def afs_direction(x: torch.Tensor, t0: float) -> torch.Tensor:
+    """SFD's analytical first step: x_T ≈ t0·ε, so the ε direction is about x / sqrt(1 + t0²)."""
+    return x / math.sqrt(1 + float(t0) ** 2)
+
+
+def euler(model: Model, x, sigmas, afs: bool = False, clip=None, return_trajectory=False) -> SolveResult:
+    """Euler steps on the PF-ODE dx/dσ = (x − D(x, σ))/σ; with AFS the first step uses no network."""
+    m, sigmas = _prepare(model, sigmas, x, clip)
+    traj = [x] if return_trajectory else None
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        if afs and i == 0:
+            d = afs_direction(x, s)
+        else:
+            d = (x - m(x, s)) / _sig(s, x)
+        x = x + _sig(s_next - s, x) * d
+        if traj is not None:
+            traj.append(x)
+    return SolveResult(x, m.nfe, traj)
+
+
+def ddim(model: Model, x, sigmas, eta: float = 0.0, generator=None, clip=None, return_trajectory=False) -> SolveResult:
+    """DDIM(η) in σ-space: η = 0 is exactly Euler; η = 1 is DDPM's ancestral sampler.
+
+    The stochastic part splits σ_next² into a deterministic σ_down² and fresh noise σ_up², with
+    σ_up² = η²·σ_next²·(σ² − σ_next²)/σ², which is DDIM's σ_t²/ᾱ_{t-1} written in σ-space.
+    """
+    m, sigmas = _prepare(model, sigmas, x, clip)
+    traj = [x] if return_trajectory else None
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x0 = m(x, s)
+        s_up = (eta**2 * s_next**2 * (s**2 - s_next**2) / s**2).clamp(min=0).sqrt()
+        s_down = (s_next**2 - s_up**2).clamp(min=0).sqrt()
+        x = x0 + _sig(s_down / s, x) * (x - x0)
+        if eta > 0 and s_next > 0:
+            x = x + _sig(s_up, x) * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        if traj is not None:
+            traj.append(x)
+    return SolveResult(x, m.nfe, traj)
+
+
+def ddpm(model: Model, x, sigmas, generator=None, clip=None, return_trajectory=False) -> SolveResult:
+    """DDPM ancestral sampling (posterior mean plus posterior noise, none at the final step)."""
+    return ddim(model, x, sigmas, eta=1.0, generator=generator, clip=clip, return_trajectory=return_trajectory)
+
+
+def heun(model: Model, x, sigmas, clip=None, return_trajectory=False) -> SolveResult:
+    """EDM's 2nd-order Heun; the step to σ = 0 (if any) is Euler, as in EDM."""
+    m, sigmas = _prepare(model, sigmas, x, clip)
+    traj = [x] if return_trajectory else None
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        d = (x - m(x, s)) / _sig(s, x)
+        x_euler = x + _sig(s_next - s, x) * d
+        if s_next > 0:
+            d2 = (x_euler - m(x_euler, s_next)) / _sig(s_next, x)
+            x = x + _sig(s_next - s, x) * (d + d2) / 2
+        else:
+            x = x_euler
+        if traj is not None:
+            traj.append(x)
+    return SolveResult(x, m.nfe, traj)
+
+
+def _dpmpp(model: Model, x, sigmas, order: int, lower_order_final: bool, clip, return_trajectory) -> SolveResult:
+    """DPM-Solver++ multistep (data prediction) in λ = −log σ, orders 1..3.
+
+    Order warms up from 1; with lower_order_final and fewer than 15 steps the last steps drop
+    order too (as diffusers does), and a step to σ = 0 is always first order.
+    """
+    m, sigmas = _prepare(model, sigmas, x, clip)
+    traj = [x] if return_trajectory else None
+    n = len(sigmas) - 1
+    hist: list[tuple[torch.Tensor, torch.Tensor]] = []  # (x0 estimate, λ) of earlier steps, newest first
+    for i in range(n):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x0 = m(x, s)
+        lam = -s.log()
+        step_order = min(order, i + 1)
+        if lower_order_final and n < 15:
+            step_order = min(step_order, n - i)
+        if s_next == 0:
+            x = x0
+        else:
+            lam_next = -s_next.log()
+            h = lam_next - lam
+            phi1 = -torch.expm1(-h)  # 1 − e^{−h}
+            x_new = _sig(s_next / s, x) * x + _sig(phi1, x) * x0
+            if step_order >= 2:
+                x0_1, lam_1 = hist[0]
+                r0 = (lam - lam_1) / h
+                d1_0 = (x0 - x0_1) / _sig(r0, x)
+                if step_order == 2:
+                    x_new = x_new + _sig(phi1 / 2, x) * d1_0  # midpoint form: ½(1 − e^{−h})·D1
+                else:
+                    x0_2, lam_2 = hist[1]
+                    r1 = (lam_1 - lam_2) / h
+                    d1_1 = (x0_1 - x0_2) / _sig(r1, x)
+                    d1 = d1_0 + _sig(r0 / (r0 + r1), x) * (d1_0 - d1_1)
+                    d2 = (d1_0 - d1_1) / _sig(r0 + r1, x)
+                    phi2 = phi1 / h - 1  # (1 − e^{−h})/h − 1 = −φ₂ in DPM-Solver's sign convention
+                    phi3 = phi2 / h + 0.5
+                    x_new = x_new - _sig(phi2, x) * d1 + _sig(phi3, x) * d2
+            x = x_new
+        hist.insert(0, (x0, lam))
+        del hist[2:]
+        if traj is not None:
+            traj.append(x)
+    return SolveResult(x, m.nfe, traj)
+
+
+def dpmpp2m(model: Model, x, sigmas, lower_order_final: bool = True, clip=None, return_trajectory=False):
+    return _dpmpp(model, x, sigmas, 2, lower_order_final, clip, return_trajectory)
+
+
+def dpmpp3m(model: Model, x, sigmas, lower_order_final: bool = True, clip=None, return_trajectory=False):
+    return _dpmpp(model, x, sigmas, 3, lower_order_final, clip, return_trajectory)
+
+
+_IPNDM_COEFFS = ((1.0,), (1.5, -0.5), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
+
+
+def ipndm(model: Model, x, sigmas, max_order: int = 4, clip=None, return_trajectory=False) -> SolveResult:
+    """Improved PNDM: Adams–Bashforth on the ODE direction with orders warming up to 4."""
+    m, sigmas = _prepare(model, sigmas, x, clip)
+    traj = [x] if return_trajectory else None
+    ds: list[torch.Tensor] = []
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        ds.insert(0, (x - m(x, s)) / _sig(s, x))
+        del ds[max_order:]
+        coeffs = _IPNDM_COEFFS[len(ds) - 1]
+        d = sum(c * di for c, di in zip(coeffs, ds))
+        x = x + _sig(s_next - s, x) * d
+        if traj is not None:
+            traj.append(x)
+    return SolveResult(x, m.nfe, traj)
+
+
+SOLVERS = {"euler": euler, "ddim": ddim, "ddpm": ddpm, "heun": heun,
+           "dpmpp2m": dpmpp2m, "dpmpp3m": dpmpp3m, "ipndm": ipndm}
+STOCHASTIC = {"ddpm"}
+
+
+def get_solver(name: str):
+    if name not in SOLVERS:
+        raise FewstepError(f"sampler {name!r}: expected one of {', '.join(SOLVERS)}")
+    return SOLVERS[name]
+
+
+def steps_for_nfe(name: str, nfe: int, final_zero: bool) -> int:
+    """Number of grid intervals that give a solver exactly `nfe` network evaluations (or the
+    largest count not above it for Heun, whose NFE per step is 2)."""
+    get_solver(name)
+    if nfe < 1:
+        raise FewstepError(f"nfe={nfe}: expected at least 1 network evaluation")
+    if name == "heun":
+        # each step costs 2 except a final step to σ = 0, which costs 1
+        steps = (nfe + 1) // 2 if final_zero else nfe // 2
+        if steps < 1:
+            raise FewstepError("heun needs at least 2 network evaluations (use --nfe 2 or more)")
+        return steps
+    return nfe
+
+
+def solve(name: str, model: Model, x, sigmas, generator=None, return_trajectory=False, **kw) -> SolveResult:
+    fn = get_solver(name)
+    if name in ("ddim", "ddpm"):
+        kw["generator"] = generator
+    return fn(model, x, sigmas, return_trajectory=return_trajectory, **kw)
