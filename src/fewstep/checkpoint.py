@@ -1,0 +1,185 @@
+"""Self-describing checkpoints: a directory with `model.safetensors` and a `fewstep.json` card.
+
+The card describes the model completely (network, parameterization, schedule, default sampler,
+the method that produced it, its teacher and data), so `fewstep sample CKPT` needs no other flag.
+Nothing is unpickled: weights are safetensors, the card is JSON, and resumable training state
+(`train_state.pt`) is read with `torch.load(weights_only=True)`, which only admits tensors and
+plain containers. Every file is written atomically (temp file, fsync, rename).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import fewstep
+from fewstep.denoiser import Denoiser
+from fewstep.errors import FewstepError
+from fewstep.nets import build_net
+from fewstep.schedule import Schedule
+
+CARD_NAME = "fewstep.json"
+WEIGHTS_NAME = "model.safetensors"
+STATE_NAME = "train_state.pt"
+FORMAT = "fewstep-checkpoint"
+FORMAT_VERSION = 1
+ASSETS = Path(__file__).parent / "assets"
+
+
+@dataclass
+class Checkpoint:
+    """A loaded model: its denoiser, its card, and where it came from."""
+
+    denoiser: Denoiser
+    card: dict
+    path: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def sampler(self) -> dict:
+        return self.card.get("sampler", {})
+
+
+# ---- atomic writes ------------------------------------------------------------------------------
+
+def atomic_write(path: Path, write_fn) -> None:
+    """Write through `write_fn(tmp_path)` to a temp file in the same folder, fsync, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write(path, lambda p: Path(p).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n"))
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---- save / load --------------------------------------------------------------------------------
+
+def save_checkpoint(out_dir: str | Path, denoiser: Denoiser, card: dict, state_dict: dict | None = None) -> Path:
+    """Write weights (from `state_dict`, default the denoiser's net) and the card. Returns the dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sd = state_dict if state_dict is not None else denoiser.net.state_dict()
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+    atomic_write(out_dir / WEIGHTS_NAME, lambda p: save_file(sd, p))
+    full = {"format": FORMAT, "format_version": FORMAT_VERSION, "fewstep_version": fewstep.__version__,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "net": denoiser.net.config, "denoiser": denoiser.describe(), **card,
+            "weights_sha256": sha256_file(out_dir / WEIGHTS_NAME)}
+    write_json(out_dir / CARD_NAME, full)
+    return out_dir
+
+
+def builtin_models() -> dict[str, Path]:
+    """Models shipped inside the package, by name (e.g. `digits-teacher`)."""
+    if not ASSETS.is_dir():
+        return {}
+    return {p.name: p for p in sorted(ASSETS.iterdir()) if (p / CARD_NAME).is_file()}
+
+
+def resolve_model_path(name_or_path: str | Path) -> Path:
+    p = Path(name_or_path)
+    if p.is_dir():
+        return p
+    builtins = builtin_models()
+    if str(name_or_path) in builtins:
+        return builtins[str(name_or_path)]
+    if p.exists():
+        raise FewstepError(f"model {str(name_or_path)!r}: expected a checkpoint directory "
+                           f"(with {CARD_NAME} and {WEIGHTS_NAME}), got a file")
+    names = ", ".join(builtins) or "none installed"
+    raise FewstepError(f"model {str(name_or_path)!r}: no such checkpoint directory, and not a built-in model "
+                       f"(built-ins: {names})")
+
+
+def read_card(path: str | Path) -> dict:
+    path = resolve_model_path(path)
+    card_path = path / CARD_NAME
+    if not card_path.is_file():
+        raise FewstepError(f"{path}: not a fewstep checkpoint (no {CARD_NAME} inside)")
+    try:
+        card = json.loads(card_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FewstepError(f"{card_path}: the model card is not valid JSON ({e}); the checkpoint is corrupted") from None
+    if not isinstance(card, dict) or card.get("format") != FORMAT:
+        raise FewstepError(f"{card_path}: not a fewstep model card (format field is {card.get('format') if isinstance(card, dict) else None!r})")
+    if card.get("format_version", 0) > FORMAT_VERSION:
+        raise FewstepError(f"{card_path}: written by a newer fewstep (format {card['format_version']}); upgrade fewstep")
+    return card
+
+
+def load_checkpoint(name_or_path: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> Checkpoint:
+    """Load a checkpoint directory or built-in model name into a ready Denoiser (eval mode)."""
+    path = resolve_model_path(name_or_path)
+    card = read_card(path)
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FewstepError(f"{path}: missing {WEIGHTS_NAME}")
+    if verify and card.get("weights_sha256") and sha256_file(weights) != card["weights_sha256"]:
+        raise FewstepError(f"{weights}: content hash does not match the card; the file is corrupted or was replaced")
+    try:
+        sd = load_file(str(weights), device="cpu")
+    except Exception as e:  # safetensors raises its own error types for malformed files
+        raise FewstepError(f"{weights}: not a readable safetensors file ({e})") from None
+    denoiser = denoiser_from_card(card)
+    missing, unexpected = denoiser.net.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise FewstepError(f"{weights}: weights do not fit the network in the card "
+                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    denoiser.to(device).eval()
+    for p in denoiser.parameters():
+        p.requires_grad_(False)
+    return Checkpoint(denoiser, card, path)
+
+
+def denoiser_from_card(card: dict) -> Denoiser:
+    d = card["denoiser"]
+    return Denoiser(build_net(card["net"]), Schedule.from_dict(d["schedule"]), d["param"],
+                    exact_table=d.get("exact_table", False))
+
+
+def teacher_reference(path: Path) -> dict:
+    """How a student names its teacher: path, built-in name if any, and the weights' content hash."""
+    path = resolve_model_path(path)
+    return {"path": str(path), "name": path.name, "sha256": sha256_file(path / WEIGHTS_NAME)}
+
+
+# ---- training state -----------------------------------------------------------------------------
+
+def save_train_state(out_dir: str | Path, state: dict) -> None:
+    atomic_write(Path(out_dir) / STATE_NAME, lambda p: torch.save(state, p))
+
+
+def load_train_state(out_dir: str | Path) -> dict:
+    path = Path(out_dir) / STATE_NAME
+    if not path.is_file():
+        raise FewstepError(f"--resume: {path} does not exist; nothing to resume from (start without --resume)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise FewstepError(f"{path}: training state is unreadable ({e}); start the run again without --resume") from None

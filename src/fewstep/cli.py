@@ -1,0 +1,232 @@
+"""`fewstep` command line: argument parsing and wiring only; every algorithm lives in the library."""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fewstep import __version__
+from fewstep.errors import FewstepError
+
+
+def _nfe_list(text: str) -> list[int]:
+    try:
+        vals = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or a comma-separated list, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"expected NFE values >= 1, got {text!r}")
+    return vals
+
+
+def add_train_args(p: argparse.ArgumentParser, steps: int, batch: int, lr: float, lr_schedule: str = "constant",
+                   ema: float | None = None):
+    g = p.add_argument_group("training loop")
+    g.add_argument("--out", required=True, help="run directory (checkpoint, metrics.jsonl, sample pictures)")
+    g.add_argument("--steps", type=int, default=steps, help=f"training iterations (default {steps})")
+    g.add_argument("--batch", type=int, default=batch, help=f"global batch size (default {batch})")
+    g.add_argument("--lr", type=float, default=lr, help=f"Adam learning rate (default {lr:g})")
+    g.add_argument("--lr-schedule", default=lr_schedule, choices=["constant", "step", "cosine"],
+                   help=f"'step' divides the rate by 10 at half the run (default {lr_schedule})")
+    g.add_argument("--warmup", type=int, default=0, help="linear warm-up iterations")
+    g.add_argument("--ema", type=float, default=ema, help="EMA decay (default: %s)" % ("none" if ema is None else ema))
+    g.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip (0 for none)")
+    g.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="mixed precision (GPU only)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if present)")
+    g.add_argument("--log-every", type=int, default=50)
+    g.add_argument("--sample-every", type=int, default=0, help="sample picture cadence (0: at the end only)")
+    g.add_argument("--ckpt-every", type=int, default=500, help="checkpoint cadence (0: at the end only)")
+    g.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def train_config(args):
+    from fewstep.train import TrainConfig
+    return TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, lr_schedule=args.lr_schedule,
+                       warmup=args.warmup, ema=args.ema, grad_clip=args.grad_clip or None, amp=args.amp,
+                       seed=args.seed, log_every=args.log_every, sample_every=args.sample_every,
+                       ckpt_every=args.ckpt_every, device=args.device, progress=not args.no_progress)
+
+
+def run_info(args) -> dict:
+    return {"command": "fewstep " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "args": {
+        k: v for k, v in vars(args).items() if k != "func" and isinstance(v, (int, float, str, bool, list, type(None)))}}
+
+
+# ---- train --------------------------------------------------------------------------------------
+
+def cmd_train(args):
+    from fewstep.data import load_dataset
+    from fewstep.teacher import TeacherTraining, default_net, make_denoiser
+    from fewstep.train import Trainer
+
+    ds = load_dataset(args.data, resolution=args.resolution, split="train", seed=args.data_seed)
+    net = default_net(tuple(ds.shape), dropout=args.dropout, channels=args.channels)
+    den = make_denoiser(net, args.param, args.schedule, args.T)
+    data_info = {**ds.info, "name": ds.name, "kind": ds.kind, "shape": list(ds.shape), "split_seed": args.data_seed}
+    method = TeacherTraining(den, data_info)
+    Trainer(method, train_config(args), args.out, data=ds.x, resume=args.resume, run_info=run_info(args)).run()
+    print(f"teacher saved to {args.out}")
+
+
+# ---- sample / info / eval -------------------------------------------------------------------------
+
+def cmd_sample(args):
+    from fewstep.checkpoint import load_checkpoint
+    from fewstep.sampling import sample
+    from fewstep.viz import save_samples_picture
+    from fewstep.train import pick_device
+
+    ckpt = load_checkpoint(args.model, device=pick_device(args.device))
+    x, info = sample(ckpt, args.n, seed=args.seed, nfe=args.nfe, sampler=args.sampler, grid=args.grid,
+                     rho=args.rho, batch_size=args.batch, return_info=True)
+    if args.out:
+        out = Path(args.out)
+        from fewstep.checkpoint import atomic_write
+        import numpy as np
+        atomic_write(out, lambda p: np.savez(open(p, "wb"), samples=x.numpy(), info=json.dumps(info)))
+        print(f"{args.n} samples → {out}")
+    if args.grid_png:
+        save_samples_picture(x[:args.grid_n], args.grid_png, title=f"{info['sampler']} NFE {info['nfe']}")
+        print(f"picture → {args.grid_png}")
+    print(f"sampler {info['sampler']}, NFE {info['nfe']}{' (AFS)' if info['afs'] else ''}, "
+          f"{info['seconds']:.2f} s for {args.n} samples")
+
+
+def cmd_info(args):
+    from fewstep.checkpoint import load_checkpoint
+    from fewstep.nets import count_parameters
+
+    ckpt = load_checkpoint(args.model)
+    card = ckpt.card
+    if args.json:
+        print(json.dumps(card, indent=2))
+        return
+    sch = card["denoiser"]["schedule"]
+    net = card["net"]
+    print(f"model      {ckpt.path}")
+    print(f"method     {card.get('method', {}).get('name')}  {json.dumps({k: v for k, v in card.get('method', {}).items() if k != 'name'})}")
+    print(f"network    {net['type']}, {count_parameters(ckpt.denoiser.net) / 1e6:.2f}M parameters"
+          f"{', step-conditioned' if net.get('step_condition') else ''}")
+    if sch["kind"] == "discrete":
+        print(f"schedule   discrete VP table, T={sch['T']} ({sch.get('table_name') or 'custom'}), "
+              f"{card['denoiser']['param']}-prediction{', exact table' if card['denoiser'].get('exact_table') else ''}")
+    else:
+        print(f"schedule   continuous EDM, sigma in [{sch['sigma_min']}, {sch['sigma_max']}]")
+    s = card.get("sampler", {})
+    extra = f", trained NFE {sorted(int(k) for k in s['grids'])}" if "grids" in s else ""
+    print(f"sampler    {s.get('name')} NFE {s.get('nfe')}{' with AFS' if s.get('afs') else ''}{extra}")
+    if card.get("teacher"):
+        t = card["teacher"]
+        print(f"teacher    {t.get('path')} (sha256 {t.get('sha256', '')[:12]}…)")
+    d = card.get("data") or {}
+    if d:
+        print(f"data       {d.get('name')} {d.get('shape')}")
+    tr = card.get("training") or {}
+    if tr:
+        print(f"training   {tr.get('iterations')} iterations, batch {tr.get('batch')}, "
+              f"{tr.get('wall_time_s', 0) / 60:.1f} min on {tr.get('device')} × {tr.get('processes', 1)}")
+        if tr.get("command"):
+            print(f"command    {tr['command']}")
+    if card.get("quality"):
+        print(f"quality    {json.dumps(card['quality'])}")
+
+
+def load_samples_file(path: str) -> torch.Tensor:
+    import numpy as np
+    p = Path(path)
+    if not p.is_file():
+        raise FewstepError(f"samples file {path!r} does not exist")
+    try:
+        with np.load(p) as f:
+            arr = f["samples"] if "samples" in f.files else f[f.files[0]]
+    except Exception as e:
+        raise FewstepError(f"{path}: not a readable .npz of samples ({e})") from None
+    return torch.from_numpy(np.asarray(arr, dtype=np.float32))
+
+
+def cmd_eval(args):
+    from fewstep.metrics import evaluate_samples
+    from fewstep.checkpoint import write_json
+
+    x = load_samples_file(args.samples)
+    res = evaluate_samples(x, args.data, resolution=args.resolution, seed=args.seed)
+    for k, v in res.items():
+        print(f"{k:14s} {v:.5g}" if isinstance(v, float) else f"{k:14s} {v}")
+    if args.json:
+        write_json(Path(args.json), res)
+
+
+# ---- parser --------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fewstep", description="Distil diffusion models into few-step samplers.")
+    p.add_argument("--version", action="version", version=f"fewstep {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a teacher diffusion model")
+    t.add_argument("--data", required=True, help="built-in (digits, mnist, moons, gmm8, swissroll, gaussian), "
+                                                 "an image folder, or a .npz/.npy array")
+    t.add_argument("--resolution", type=int, default=None, help="resize images to this size")
+    t.add_argument("--data-seed", type=int, default=0, help="seed of the train/held-out split")
+    t.add_argument("--param", default="eps", choices=["eps", "x0", "v", "edm"],
+                   help="parameterization; 'edm' trains a continuous EDM model (default eps)")
+    t.add_argument("--schedule", default="linear", choices=["linear", "cosine", "sigmoid"])
+    t.add_argument("--T", type=int, default=1024, help="steps of the discrete table (default 1024)")
+    t.add_argument("--channels", type=int, default=None, help="base width of the network")
+    t.add_argument("--dropout", type=float, default=None)
+    add_train_args(t, steps=20000, batch=128, lr=2e-4, ema=0.999)
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sample", help="draw samples from a model")
+    s.add_argument("model", help="checkpoint directory or built-in model name (e.g. digits-teacher)")
+    s.add_argument("--n", type=int, default=64)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--nfe", type=int, default=None, help="network evaluations per sample (default: the card's)")
+    s.add_argument("--sampler", default=None, help="euler, ddim, ddpm, heun, dpmpp2m, dpmpp3m, ipndm")
+    s.add_argument("--grid", dest="grid", default=None, help="σ grid family: polynomial, logsnr, uniform, discrete")
+    s.add_argument("--rho", type=float, default=None)
+    s.add_argument("--out", default=None, help="write samples to this .npz")
+    s.add_argument("--png", dest="grid_png", default=None, help="write a picture of the samples (PNG)")
+    s.add_argument("--png-n", dest="grid_n", type=int, default=64, help="how many samples the picture shows")
+    s.add_argument("--batch", type=int, default=500)
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_sample)
+
+    i = sub.add_parser("info", help="print a model's card")
+    i.add_argument("model")
+    i.add_argument("--json", action="store_true", help="the whole card as JSON")
+    i.set_defaults(func=cmd_info)
+
+    e = sub.add_parser("eval", help="quality metrics of samples against a data set")
+    e.add_argument("samples", help=".npz written by `fewstep sample --out`")
+    e.add_argument("--data", required=True)
+    e.add_argument("--resolution", type=int, default=None)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    e.set_defaults(func=cmd_eval)
+
+    for register in _extension_commands():
+        register(sub)
+    return p
+
+
+def _extension_commands():
+    """Commands defined beside their algorithms' wiring (distill, compare, bench, demo)."""
+    from fewstep import cli_distill
+    return [cli_distill.register]
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except FewstepError as e:
+        print(f"fewstep: error: {e}", file=sys.stderr)
+        raise SystemExit(2)

@@ -1,0 +1,111 @@
+"""Sampling a loaded model: its card's default sampler, or any solver, grid and NFE the user picks.
+
+A card's "sampler" section takes one of three forms:
+  {"name", "nfe", "grid", "rho", "final_zero", "clip"}          grid built on demand (teachers)
+  {"name", "nfe", "sigmas": [...], "afs", ...}                   one fixed grid (SFD, SFDDM)
+  {"name", "nfe", "grids": {"2": [...], ...}, "afs", ...}        one grid per trained NFE (SFD-v)
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from fewstep.checkpoint import Checkpoint
+from fewstep.errors import FewstepError
+from fewstep.schedule import check_grid, make_grid
+from fewstep.solvers import STOCHASTIC, solve, steps_for_nfe
+
+
+def sample_shape(card: dict) -> tuple:
+    net = card["net"]
+    if net["type"] == "unet":
+        return (net["in_channels"], net["resolution"], net["resolution"])
+    return (net["dim"],)
+
+
+def grid_for(denoiser, sampler: str, nfe: int, kind: str = "polynomial", rho: float = 7.0,
+             final_zero: bool = True, afs: bool = False, sigma_min: float | None = None,
+             sigma_max: float | None = None) -> torch.Tensor:
+    """The σ grid that gives `sampler` exactly `nfe` evaluations on this model."""
+    steps = steps_for_nfe(sampler, nfe, final_zero) + (1 if afs else 0)
+    smin = sigma_min if sigma_min is not None else denoiser.sigma_min
+    smax = sigma_max if sigma_max is not None else denoiser.sigma_max
+    points = steps if final_zero else steps + 1
+    if points < 2:
+        # a single denoise step from σ_max straight to 0
+        return torch.tensor([smax, 0.0], dtype=torch.float64)
+    g = make_grid(kind, points, smin, smax, rho, schedule=denoiser.schedule)
+    return torch.cat([g, torch.zeros(1, dtype=torch.float64)]) if final_zero else g
+
+
+def resolve_sampler(ckpt: Checkpoint, nfe: int | None = None, sampler: str | None = None,
+                    grid: str | None = None, rho: float | None = None) -> dict:
+    """The concrete plan for a sampling run: solver name, σ grid, NFE, AFS, clip and step condition."""
+    spec = dict(ckpt.sampler)
+    name = sampler or spec.get("name", "dpmpp2m")
+    afs = bool(spec.get("afs", False))
+    clip = spec.get("clip")
+    step = None
+    if "grids" in spec:  # SFD-v: one model, a grid per trained NFE
+        choices = sorted(int(k) for k in spec["grids"])
+        nfe = int(nfe if nfe is not None else spec.get("nfe", choices[0]))
+        if nfe not in choices:
+            raise FewstepError(f"--nfe {nfe}: this model was trained for NFE {choices} only; pick one of them")
+        sigmas = torch.tensor(spec["grids"][str(nfe)], dtype=torch.float64)
+        step = len(sigmas)
+    elif "sigmas" in spec:  # a fixed grid: the distilled student's own timestamps
+        sigmas = torch.tensor(spec["sigmas"], dtype=torch.float64)
+        fixed_nfe = int(spec["nfe"])
+        if nfe is not None and int(nfe) != fixed_nfe:
+            raise FewstepError(f"--nfe {nfe}: this model samples with a fixed grid of NFE {fixed_nfe}; "
+                               "drop --nfe (or distil again for another NFE)")
+        if grid is not None:
+            raise FewstepError("--grid: this model has a fixed sampling grid from its distillation")
+        nfe = fixed_nfe
+    else:
+        nfe = int(nfe if nfe is not None else spec.get("nfe", 50))
+        kind = grid or spec.get("grid", "polynomial")
+        sigmas = grid_for(ckpt.denoiser, name, nfe, kind, rho or spec.get("rho", 7.0),
+                          final_zero=spec.get("final_zero", True), afs=afs)
+    if afs and name != "euler":
+        raise FewstepError(f"sampler {name!r}: this model was distilled for Euler with an analytical first step")
+    return {"name": name, "sigmas": check_grid(sigmas), "nfe": nfe, "afs": afs, "clip": clip, "step": step}
+
+
+@torch.no_grad()
+def sample(ckpt: Checkpoint, n: int, seed: int = 0, nfe: int | None = None, sampler: str | None = None,
+           grid: str | None = None, rho: float | None = None, batch_size: int = 500,
+           noise: torch.Tensor | None = None, progress: bool = True, return_info: bool = False):
+    """Draw n samples with the same seed → the same samples (noise is drawn on the CPU at once)."""
+    if n < 1:
+        raise FewstepError(f"n={n}: expected at least one sample")
+    plan = resolve_sampler(ckpt, nfe, sampler, grid, rho)
+    den = ckpt.denoiser
+    device = next(den.parameters()).device
+    sigmas = plan["sigmas"]
+    if noise is None:
+        noise = torch.randn((n, *sample_shape(ckpt.card)), generator=torch.Generator().manual_seed(seed))
+    model = den.with_step(plan["step"])
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
+    out, t0 = [], time.perf_counter()
+    bar = tqdm(total=n, desc=f"sampling {plan['name']} NFE {plan['nfe']}", unit="img", disable=not progress,
+               leave=False)
+    for i in range(0, n, batch_size):
+        x = noise[i:i + batch_size].to(device) * float(sigmas[0])
+        kw = {"afs": True} if plan["afs"] else {}
+        r = solve(plan["name"], model, x, sigmas.to(device), generator=gen if plan["name"] in STOCHASTIC else None,
+                  clip=plan["clip"], **kw)
+        if r.nfe != plan["nfe"]:
+            raise RuntimeError(f"internal NFE mismatch: planned {plan['nfe']}, solver used {r.nfe}")
+        out.append(r.x.float().cpu())
+        bar.update(len(x))
+    bar.close()
+    x = torch.cat(out)
+    if not torch.isfinite(x).all():
+        raise FewstepError("sampling produced non-finite values; the model or its sampler settings are broken")
+    info = {"sampler": plan["name"], "nfe": plan["nfe"], "afs": plan["afs"], "n": n, "seed": seed,
+            "sigmas": [float(s) for s in sigmas], "seconds": time.perf_counter() - t0}
+    return (x, info) if return_info else x
+

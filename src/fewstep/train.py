@@ -1,0 +1,369 @@
+"""One training loop for teacher training and every distillation method.
+
+A method supplies the loss; the loop supplies everything else: Adam, learning-rate schedule, EMA,
+gradient clipping, mixed precision on GPU, data parallelism over torchrun, a progress bar,
+`metrics.jsonl`, sample pictures from fixed seeds, atomic checkpoints, exact resume and a clean
+stop on Ctrl-C.
+
+Exact resume and data parallelism rest on one rule: every random draw of iteration k comes from
+generators seeded by (seed, k), and each iteration draws the *global* batch, of which a process
+uses its own slice. So a resumed run, an uninterrupted run and a 2-process run see the same data
+and noise; gradients are averaged over processes (an all-reduce after each backward), which for a
+batch-mean loss gives the full-batch gradient.
+
+Methods may take several optimizer steps in one iteration (SFD steps once per student step), so a
+method calls `ctx.step(loss)` itself rather than returning a single loss.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from fewstep.checkpoint import load_train_state, save_checkpoint, save_train_state, write_json
+from fewstep.errors import FewstepError
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000                 # iterations
+    batch: int = 64                   # global batch (split over processes)
+    lr: float = 2e-4
+    lr_schedule: str = "constant"     # constant | step (÷10 at half, SFD) | cosine
+    warmup: int = 0
+    betas: tuple = (0.9, 0.999)
+    weight_decay: float = 0.0
+    ema: float | None = None          # EMA decay, None for none
+    grad_clip: float | None = 1.0
+    amp: str = "none"                 # none | bf16 | fp16 (GPU only)
+    seed: int = 0
+    log_every: int = 50
+    sample_every: int = 0             # 0: only at the end
+    ckpt_every: int = 0               # 0: only at the end
+    n_preview: int = 64
+    device: str = "auto"
+    progress: bool = True
+
+    def validate(self):
+        if self.steps < 1:
+            raise FewstepError(f"steps={self.steps}: expected at least 1 training iteration")
+        if self.batch < 1:
+            raise FewstepError(f"batch={self.batch}: expected a positive batch size")
+        if not self.lr > 0:
+            raise FewstepError(f"lr={self.lr}: expected a positive learning rate")
+        if self.lr_schedule not in ("constant", "step", "cosine"):
+            raise FewstepError(f"lr schedule {self.lr_schedule!r}: expected constant, step or cosine")
+        if self.amp not in ("none", "bf16", "fp16"):
+            raise FewstepError(f"amp={self.amp!r}: expected none, bf16 or fp16")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise FewstepError(f"ema={self.ema}: expected a decay in (0, 1), or none")
+
+
+class TrainMethod:
+    """What a method gives the loop. Subclasses set `name` and implement the hooks."""
+
+    name = "method"
+    needs_data = False
+
+    def trainable(self) -> nn.Module:
+        """The module whose parameters are optimized (a student Denoiser)."""
+        raise NotImplementedError
+
+    def train_step(self, ctx: "StepContext", batch: torch.Tensor | None, gen: torch.Generator) -> dict:
+        """One iteration: compute losses, call ctx.step(loss) for each optimizer step, return logs."""
+        raise NotImplementedError
+
+    def card(self) -> dict:
+        """Card sections from this method: 'method', 'sampler', 'teacher', 'data', ..."""
+        raise NotImplementedError
+
+    def preview(self, model: nn.Module, n: int, seed: int) -> torch.Tensor:
+        """Samples from `model` (the trainable module, or its EMA) for the progress pictures."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class StepContext:
+    """Handed to methods: one optimizer step from a loss, with DDP averaging, clipping, AMP."""
+
+    def __init__(self, trainer: "Trainer"):
+        self.t = trainer
+        self.optimizer_steps = 0
+
+    @property
+    def world(self) -> int:
+        return self.t.world
+
+    @property
+    def rank(self) -> int:
+        return self.t.rank
+
+    @property
+    def device(self) -> torch.device:
+        return self.t.device
+
+    def local(self, global_batch: torch.Tensor) -> torch.Tensor:
+        """This process's slice of a tensor drawn for the whole global batch."""
+        n = global_batch.shape[0]
+        per = n // self.world
+        return global_batch[self.rank * per:(self.rank + 1) * per]
+
+    def autocast(self):
+        return self.t.autocast()
+
+    def step(self, loss: torch.Tensor) -> float:
+        """zero_grad → backward → all-reduce → clip → optimizer step. Returns the gradient norm."""
+        if not torch.isfinite(loss.detach()):
+            raise FewstepError(f"loss became {float(loss)} at iteration {self.t.step}; lower --lr "
+                               "or check the data (nothing was saved from this iteration)")
+        opt = self.t.optimizer
+        opt.zero_grad(set_to_none=True)
+        if self.t.scaler is not None:
+            self.t.scaler.scale(loss).backward()
+            self.t.scaler.unscale_(opt)
+        else:
+            loss.backward()
+        params = self.t.params
+        if self.world > 1:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat)
+            flat /= self.world
+            offset = 0
+            for p, g in zip(params, grads):
+                p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+                offset += g.numel()
+        clip = self.t.config.grad_clip
+        gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
+        if self.t.scaler is not None:
+            self.t.scaler.step(opt)
+            self.t.scaler.update()
+        else:
+            opt.step()
+        self.optimizer_steps += 1
+        return float(gnorm)
+
+
+def _seeded(seed: int, step: int, stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + stream) % (2**63 - 1))
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise FewstepError(f"device {name!r}: expected cpu, cuda or cuda:N") from None
+
+
+class Trainer:
+    """Runs a TrainMethod for config.steps iterations into out_dir."""
+
+    def __init__(self, method: TrainMethod, config: TrainConfig, out_dir: str | Path,
+                 data: torch.Tensor | None = None, resume: bool = False, run_info: dict | None = None):
+        config.validate()
+        self.method, self.config, self.out_dir = method, config, Path(out_dir)
+        self.run_info = run_info or {}
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if self.world > 1 and not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() and config.device != "cpu" else "gloo"
+            dist.init_process_group(backend)
+        if config.batch % self.world:
+            raise FewstepError(f"batch={config.batch} must divide evenly over {self.world} processes")
+        self.device = pick_device(config.device)
+        if self.device.type == "cuda" and self.world > 1:
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if method.needs_data and (data is None or len(data) == 0):
+            raise FewstepError(f"method {method.name!r} needs training data; pass --data")
+        self.data = data
+        self.model = method.trainable().to(self.device)
+        self.model.train()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.params, lr=config.lr, betas=tuple(config.betas),
+                                          weight_decay=config.weight_decay)
+        self.ema = None
+        if config.ema is not None:
+            self.ema = copy.deepcopy(self.model).eval()
+            for p in self.ema.parameters():
+                p.requires_grad_(False)
+        self.scaler = None
+        if config.amp == "fp16" and self.device.type == "cuda":
+            self.scaler = torch.amp.GradScaler("cuda")
+        self.step = 0
+        self.wall = 0.0
+        self.is_main = self.rank == 0
+        if resume:
+            self._resume()
+        elif self.is_main and (self.out_dir / "train_state.pt").exists():
+            raise FewstepError(f"{self.out_dir} already holds a run; pass --resume to continue it "
+                               "or choose another --out")
+
+    # ---- helpers ---------------------------------------------------------------------------------
+    def autocast(self):
+        if self.device.type != "cuda" or self.config.amp == "none":
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=torch.bfloat16 if self.config.amp == "bf16" else torch.float16)
+
+    def lr_at(self, step: int) -> float:
+        c = self.config
+        lr = c.lr
+        if c.lr_schedule == "step" and step >= c.steps // 2:
+            lr = c.lr / 10
+        elif c.lr_schedule == "cosine":
+            lr = c.lr * 0.5 * (1 + math.cos(math.pi * step / c.steps))
+        if c.warmup and step < c.warmup:
+            lr *= (step + 1) / c.warmup
+        return lr
+
+    def global_batch(self, step: int) -> torch.Tensor | None:
+        """The data of iteration `step` for the whole global batch (epoch-wise permutations)."""
+        if self.data is None or not self.method.needs_data:
+            return None
+        n, b = len(self.data), self.config.batch
+        parts, pos, remaining = [], step * b, b
+        while remaining:
+            epoch, off = divmod(pos, n)
+            take = torch.randperm(n, generator=_seeded(self.config.seed, epoch, 1))[off:off + remaining]
+            parts.append(take)
+            pos += len(take)
+            remaining -= len(take)
+        return self.data[torch.cat(parts)]
+
+    def eval_model(self) -> nn.Module:
+        return self.ema if self.ema is not None else self.model
+
+    # ---- state -----------------------------------------------------------------------------------
+    def _state(self) -> dict:
+        return {"step": self.step, "wall": self.wall, "model": self.model.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "optimizer": self.optimizer.state_dict(), "method": self.method.state_dict(),
+                "config": json.loads(json.dumps(asdict(self.config)))}
+
+    def _resume(self):
+        st = load_train_state(self.out_dir)
+        saved = st.get("config", {})
+        for key in ("batch", "seed", "lr", "lr_schedule", "ema"):
+            new = json.loads(json.dumps(getattr(self.config, key)))
+            if key in saved and saved[key] != new:
+                raise FewstepError(f"--resume: {key}={new} differs from the interrupted run's {key}={saved[key]}; "
+                                   "resume with the same settings (only --steps may grow)")
+        self.model.load_state_dict(st["model"])
+        if self.ema is not None and st.get("ema") is not None:
+            self.ema.load_state_dict(st["ema"])
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.method.load_state_dict(st.get("method") or {})
+        self.step, self.wall = int(st["step"]), float(st.get("wall", 0.0))
+
+    def save(self, final: bool = False):
+        if not self.is_main:
+            return
+        card = self.method.card()
+        card.setdefault("training", {})
+        card["training"].update({"iterations": self.step, "batch": self.config.batch,
+                                 "wall_time_s": round(self.wall, 2), "processes": self.world,
+                                 "device": str(self.device), "finished": final,
+                                 **self.run_info.get("training", {})})
+        if self.run_info.get("command"):
+            card["training"]["command"] = self.run_info["command"]
+        model = self.eval_model()
+        save_checkpoint(self.out_dir, model, card)
+        save_train_state(self.out_dir, self._state())
+
+    def _log(self, record: dict):
+        if not self.is_main:
+            return
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _preview(self):
+        if not self.is_main or not self.config.n_preview:
+            return
+        from fewstep.viz import save_samples_picture
+        model = self.eval_model()
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            x = self.method.preview(model, self.config.n_preview, seed=self.config.seed)
+        model.train(was_training)
+        save_samples_picture(x, self.out_dir / f"samples-{self.step:07d}.png", title=f"step {self.step}")
+
+    # ---- the loop --------------------------------------------------------------------------------
+    def run(self) -> Path:
+        c = self.config
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            write_json(self.out_dir / "config.json", {"train": asdict(c), **self.run_info,
+                                                      "method": self.method.name, "processes": self.world})
+        ctx = StepContext(self)
+        bar = tqdm(total=c.steps, initial=self.step, desc=self.method.name, unit="it",
+                   disable=not (c.progress and self.is_main), dynamic_ncols=True)
+        interrupted = False
+        previous = signal.getsignal(signal.SIGTERM)
+        if self.is_main:
+            signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop cleanly on kill, like Ctrl-C
+        try:
+            while self.step < c.steps:
+                t0 = time.perf_counter()
+                for g in self.optimizer.param_groups:
+                    g["lr"] = self.lr_at(self.step)
+                torch.manual_seed((c.seed * 1_000_003 + self.step * 7919 + 101 + self.rank) % (2**63 - 1))
+                gen = _seeded(c.seed, self.step, 2)
+                batch = self.global_batch(self.step)
+                if batch is not None:
+                    batch = ctx.local(batch).to(self.device)
+                self.model.train()
+                logs = self.method.train_step(ctx, batch, gen)
+                if self.ema is not None:
+                    # warm-up keeps a short run's EMA from lingering at the initial weights
+                    decay = min(c.ema, (1 + self.step) / (10 + self.step))
+                    with torch.no_grad():
+                        for pe, p in zip(self.ema.parameters(), self.model.parameters()):
+                            pe.lerp_(p, 1 - decay)
+                        for be, b in zip(self.ema.buffers(), self.model.buffers()):
+                            be.copy_(b)
+                self.step += 1
+                self.wall += time.perf_counter() - t0
+                bar.update(1)
+                if "loss" in logs:
+                    bar.set_postfix(loss=f"{logs['loss']:.4g}", refresh=False)
+                if self.step % c.log_every == 0 or self.step == c.steps:
+                    self._log({"step": self.step, "lr": self.lr_at(self.step - 1),
+                               "wall_s": round(self.wall, 3), **logs})
+                if c.ckpt_every and self.step % c.ckpt_every == 0 and self.step < c.steps:
+                    self.save()
+                if c.sample_every and self.step % c.sample_every == 0 and self.step < c.steps:
+                    self._preview()
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            bar.close()
+            if self.is_main:
+                signal.signal(signal.SIGTERM, previous)
+        self.save(final=not interrupted)
+        if interrupted:
+            if self.is_main:
+                print(f"\ninterrupted at iteration {self.step}; state saved in {self.out_dir} "
+                      "(continue with --resume)")
+            raise SystemExit(130)
+        self._preview()
+        if self.world > 1:
+            dist.barrier()
+        return self.out_dir

@@ -1,0 +1,73 @@
+"""Pictures: image grids (Pillow) and 2-D scatter plots (matplotlib), written atomically."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fewstep.checkpoint import atomic_write
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] → (N, H, W, C) uint8."""
+    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def image_grid(x: torch.Tensor, nrow: int | None = None, pad: int = 1, scale: int | None = None) -> Image.Image:
+    """Tile images into one picture; small images are enlarged (nearest) so they stay visible."""
+    imgs = to_uint8(x)
+    n, h, w, c = imgs.shape
+    nrow = nrow or max(1, int(math.ceil(math.sqrt(n))))
+    ncol = int(math.ceil(n / nrow))
+    canvas = np.full((ncol * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        canvas[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = imgs[i]
+    img = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
+    if scale is None:
+        scale = max(1, 256 // max(canvas.shape[:2]))
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    return img
+
+
+def save_png(img: Image.Image, path: str | Path) -> Path:
+    path = Path(path)
+    atomic_write(path, lambda p: img.save(p, format="PNG"))
+    return path
+
+
+def scatter_png(points: dict[str, torch.Tensor], path: str | Path, title: str = "", lim: float = 3.5) -> Path:
+    """One panel per named 2-D point set, on shared axes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(points), figsize=(3.2 * len(points), 3.4), squeeze=False)
+    for ax, (name, pts) in zip(axes[0], points.items()):
+        p = pts.detach().float().cpu().numpy()
+        ax.scatter(p[:, 0], p[:, 1], s=1.5, alpha=0.5)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
+    plt.close(fig)
+    return path
+
+
+def save_samples_picture(x: torch.Tensor, path: str | Path, title: str = "") -> Path:
+    """A grid for images, a scatter plot for 2-D points."""
+    if x.ndim == 4:
+        return save_png(image_grid(x), path)
+    return scatter_png({title or "samples": x}, path)
