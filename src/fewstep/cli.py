@@ -28,7 +28,8 @@ def add_train_args(p: argparse.ArgumentParser, steps: int, batch: int, lr: float
                    ema: float | None = None):
     g = p.add_argument_group("training loop")
     g.add_argument("--out", required=True, help="run directory (checkpoint, metrics.jsonl, sample pictures)")
-    g.add_argument("--steps", type=int, default=steps, help=f"training iterations (default {steps})")
+    g.add_argument("--steps", type=int, default=steps, help=f"training iterations (default {steps})" if steps
+                   else "training iterations (default: --trajectories / --batch)")
     g.add_argument("--batch", type=int, default=batch, help=f"global batch size (default {batch})")
     g.add_argument("--lr", type=float, default=lr, help=f"Adam learning rate (default {lr:g})")
     g.add_argument("--lr-schedule", default=lr_schedule, choices=["constant", "step", "cosine"],
@@ -55,8 +56,12 @@ def train_config(args):
 
 
 def run_info(args) -> dict:
-    return {"command": "fewstep " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "args": {
-        k: v for k, v in vars(args).items() if k != "func" and isinstance(v, (int, float, str, bool, list, type(None)))}}
+    # main(argv) records the arguments it parsed; sys.argv is someone else's when called in-process
+    argv = getattr(args, "_argv", None)
+    argv = sys.argv[1:] if argv is None else argv
+    return {"command": "fewstep " + " ".join(shlex.quote(a) for a in argv), "args": {
+        k: v for k, v in vars(args).items()
+        if k not in ("func", "_argv") and isinstance(v, (int, float, str, bool, list, type(None)))}}
 
 
 # ---- train --------------------------------------------------------------------------------------
@@ -219,12 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extension_commands():
     """Commands defined beside their algorithms' wiring (distill, compare, bench, demo)."""
-    from fewstep import cli_distill
-    return [cli_distill.register]
+    from fewstep import cli_bench, cli_distill
+    return [cli_distill.register, cli_bench.register]
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
+    args._argv = argv
     try:
         args.func(args)
     except FewstepError as e:

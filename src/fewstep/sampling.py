@@ -64,11 +64,19 @@ def resolve_sampler(ckpt: Checkpoint, nfe: int | None = None, sampler: str | Non
         if grid is not None:
             raise FewstepError("--grid: this model has a fixed sampling grid from its distillation")
         nfe = fixed_nfe
+        step = spec.get("step")  # a second-stage student keeps the step condition it started from
     else:
         nfe = int(nfe if nfe is not None else spec.get("nfe", 50))
         kind = grid or spec.get("grid", "polynomial")
         sigmas = grid_for(ckpt.denoiser, name, nfe, kind, rho or spec.get("rho", 7.0),
                           final_zero=spec.get("final_zero", True), afs=afs)
+        if name == "heun":
+            # 2 evaluations per step, 1 for a final step to σ = 0: not every NFE is reachable
+            used = 2 * (len(sigmas) - 1) - (1 if float(sigmas[-1]) == 0 else 0)
+            if used != nfe:
+                raise FewstepError(f"--nfe {nfe}: heun uses 2 evaluations per step"
+                                   f"{' and 1 for the final denoise' if float(sigmas[-1]) == 0 else ''}, "
+                                   f"so it cannot use exactly {nfe}; try --nfe {used} or {used + 2}")
     if afs and name != "euler":
         raise FewstepError(f"sampler {name!r}: this model was distilled for Euler with an analytical first step")
     return {"name": name, "sigmas": check_grid(sigmas), "nfe": nfe, "afs": afs, "clip": clip, "step": step}

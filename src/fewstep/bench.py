@@ -1,0 +1,308 @@
+"""The side-by-side benchmark: every method on one teacher, in one process, with fixed seeds.
+
+Rows are (method, NFE). Each distillation runs once and is cached in OUT/models/<key>; each row's
+numbers are cached in OUT/rows/<key>.json, so re-running skips finished work. Quality is the mean
+over three sample seeds with its spread. Timing per row: sampling time per 1,000 samples, the pure
+network time of the same number of forward passes (so sampler overhead is visible), and the
+distillation's wall time next to the teacher's own training time.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import fewstep
+from fewstep.checkpoint import load_checkpoint, read_card, teacher_reference, write_json
+from fewstep.errors import FewstepError
+from fewstep.metrics import evaluate_samples
+from fewstep.sampling import grid_for, sample, sample_shape
+from fewstep.train import TrainConfig, Trainer
+
+SOLVER_ROWS = ("ddim", "dpmpp2m", "dpmpp3m", "heun", "ipndm")
+DISTILL_ROWS = ("sfd", "sfd-v", "sfd-stage2", "sfddm", "progressive")
+ALL_METHODS = ("teacher",) + SOLVER_ROWS + DISTILL_ROWS
+
+
+@dataclass
+class BenchSpec:
+    teacher: str
+    data: str
+    resolution: int | None = None
+    methods: list = field(default_factory=lambda: list(ALL_METHODS))
+    nfe: list = field(default_factory=lambda: [2, 4, 8])
+    sfdv_nfe: list = field(default_factory=lambda: [2, 3, 4, 5])
+    sfddm_steps: list = field(default_factory=lambda: [10])
+    sfddm_variants: list = field(default_factory=lambda: ["trailing/random"])  # index/init pairs
+    ref_nfe: int = 256
+    ref_sampler: str = "dpmpp2m"
+    n_samples: int = 1000
+    seeds: list = field(default_factory=lambda: [0, 1, 2])
+    sfd_trajectories: int = 25_600
+    sfd_batch: int = 128
+    sfd_lr: float = 5e-5
+    sfd_stage2_trajectories: int = 12_800
+    sfd_stage2_lr: float = 5e-4
+    sfddm_iters: int = 2000
+    sfddm_batch: int = 64
+    sfddm_lr: float = 2e-4
+    pd_start_steps: int = 256
+    pd_iters_per_fold: int = 300
+    pd_batch: int = 64
+    pd_lr: float = 1e-4
+    seed: int = 0
+
+
+PRESETS = {
+    "toy": dict(teacher="gmm8-teacher", data="gmm8", nfe=[1, 2, 4, 8], sfdv_nfe=[2, 3, 4, 5], sfddm_steps=[4, 8, 16],
+                sfddm_variants=["trailing/random", "trailing/teacher"], n_samples=4000, ref_nfe=256,
+                sfd_trajectories=64_000, sfd_batch=256, sfd_lr=2e-4, sfd_stage2_trajectories=32_000,
+                sfddm_iters=1500, sfddm_batch=256, sfddm_lr=1e-3, pd_start_steps=128, pd_iters_per_fold=400,
+                pd_batch=256, pd_lr=3e-4),
+    "digits": dict(teacher="digits-teacher", data="digits", nfe=[2, 3, 4, 5, 10], sfdv_nfe=[2, 3, 4, 5],
+                   sfddm_steps=[10, 32, 128],
+                   sfddm_variants=["trailing/random", "trailing/teacher", "leading/random", "leading/teacher"],
+                   n_samples=1000, ref_nfe=256, sfd_trajectories=51_200, sfddm_iters=3000, pd_start_steps=256,
+                   pd_iters_per_fold=400),
+    "demo": dict(teacher="digits-teacher", data="digits", methods=["teacher", "ddim", "dpmpp3m", "sfd", "sfddm"],
+                 nfe=[2], sfddm_steps=[10], sfddm_variants=["trailing/teacher"], n_samples=500, ref_nfe=256,
+                 seeds=[0, 1, 2], sfd_trajectories=25_600, sfd_lr=1e-4, sfddm_iters=1200),
+}
+
+
+def preset(name: str, **overrides) -> BenchSpec:
+    if name not in PRESETS:
+        raise FewstepError(f"--preset {name!r}: expected one of {', '.join(PRESETS)}")
+    return BenchSpec(**{**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}})
+
+
+# ---- timing helpers ---------------------------------------------------------------------------------
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux: the process's peak RSS
+
+
+@torch.no_grad()
+def forward_seconds(den, n: int, nfe: int, batch_size: int, shape: tuple, step=None) -> float:
+    """Pure network time of nfe × n forward passes (same batch sizes as sampling), no solver around it."""
+    dev = next(den.parameters()).device
+    x = torch.randn((min(n, batch_size), *shape), device=dev)
+    sigma = torch.full((len(x),), 1.0, device=dev, dtype=torch.float64)
+    model = den.with_step(step)
+    model(x, sigma)  # warm-up
+    t0 = time.perf_counter()
+    full, rest = divmod(n, batch_size)
+    for _ in range(nfe):
+        for _ in range(full):
+            model(x, sigma)
+        if rest:
+            model(x[:rest], sigma[:rest])
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+# ---- the benchmark ----------------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, spec: BenchSpec, out: str | Path, device: str = "cpu", progress: bool = True):
+        self.spec, self.out, self.progress = spec, Path(out), progress
+        self.device = torch.device(device)
+        unknown = set(spec.methods) - set(ALL_METHODS)
+        if unknown:
+            raise FewstepError(f"--methods: unknown {sorted(unknown)}; expected some of {', '.join(ALL_METHODS)}")
+        self.teacher = load_checkpoint(spec.teacher, device=self.device)
+        self.teacher_card = self.teacher.card
+        self.teacher_train_s = float((self.teacher_card.get("training") or {}).get("wall_time_s") or 0) or None
+        self.shape = sample_shape(self.teacher_card)
+        self.is_toy = len(self.shape) == 1
+        self.quality_key = "swd" if self.is_toy else "fcd"
+        for sub in ("models", "rows", "figures"):
+            (self.out / sub).mkdir(parents=True, exist_ok=True)
+        self.noise = {s: torch.randn((spec.n_samples, *self.shape), generator=torch.Generator().manual_seed(1000 + s))
+                      for s in spec.seeds}
+
+    # ---- plan ------------------------------------------------------------------------------------
+    def plan(self) -> list[dict]:
+        s, rows = self.spec, []
+        if "teacher" in s.methods:
+            rows.append({"key": f"teacher-{s.ref_sampler}-{s.ref_nfe}", "method": "teacher", "nfe": s.ref_nfe,
+                         "sampler": s.ref_sampler, "model": None})
+        for name in SOLVER_ROWS:
+            if name in s.methods:
+                for n in s.nfe:
+                    if name == "heun" and n < 2:
+                        continue
+                    rows.append({"key": f"{name}-{n}", "method": name, "nfe": n, "sampler": name, "model": None})
+        if "sfd" in s.methods:
+            rows += [{"key": f"sfd-{n}", "method": "sfd", "nfe": n, "model": f"sfd-{n}"} for n in s.nfe if n <= 10]
+        if "sfd-v" in s.methods:
+            tag = "sfdv-" + "_".join(map(str, s.sfdv_nfe))
+            rows += [{"key": f"{tag}-{n}", "method": "sfd-v", "nfe": n, "model": tag} for n in s.sfdv_nfe]
+        if "sfd-stage2" in s.methods:
+            rows.append({"key": "sfd-stage2-1", "method": "sfd-stage2", "nfe": 1, "model": "sfd-stage2"})
+        for T in s.sfddm_steps:
+            if "sfddm" in s.methods:
+                for variant in s.sfddm_variants:
+                    index, init = variant.split("/")
+                    rows.append({"key": f"sfddm-{T}-{index}-{init}", "method": "sfddm", "nfe": T,
+                                 "variant": variant, "model": f"sfddm-{T}-{index}-{init}"})
+            if "ddim" in s.methods and self.teacher.denoiser.schedule.is_discrete and T not in s.nfe:
+                rows.append({"key": f"ddim-trailing-{T}", "method": "ddim", "nfe": T, "sampler": "ddim",
+                             "model": None, "trailing": True})
+        if "progressive" in s.methods:
+            for T in sorted({2 ** round(math.log2(t)) for t in s.sfddm_steps}):
+                rows.append({"key": f"progressive-{T}", "method": "progressive", "nfe": T,
+                             "model": f"progressive-{T}"})
+        return rows
+
+    # ---- distillation (cached) ---------------------------------------------------------------------
+    def model_dir(self, name: str) -> Path:
+        return self.out / "models" / name
+
+    def _finished(self, path: Path) -> bool:
+        try:
+            return bool((read_card(path).get("training") or {}).get("finished"))
+        except FewstepError:
+            return False
+
+    def _train(self, method, path: Path, steps: int, batch: int, lr: float, lr_schedule="constant", data=None):
+        cfg = TrainConfig(steps=steps, batch=batch, lr=lr, lr_schedule=lr_schedule, seed=self.spec.seed,
+                          device=str(self.device), progress=self.progress, ckpt_every=max(100, steps // 5),
+                          log_every=max(10, steps // 50))
+        resume = (path / "train_state.pt").exists()
+        Trainer(method, cfg, path, data=data, resume=resume,
+                run_info={"command": f"fewstep bench ({method.name})"}).run()
+
+    def _data(self):
+        from fewstep.data import load_dataset
+        split_seed = (self.teacher_card.get("data") or {}).get("split_seed", 0)
+        return load_dataset(self.spec.data, self.spec.resolution, split="train", seed=split_seed)
+
+    def ensure_model(self, row: dict) -> Path:
+        from fewstep.distill.sfd import SFD, SFDConfig, iterations_for
+        s, name = self.spec, row["model"]
+        path = self.model_dir(name)
+        if self._finished(path):
+            return path
+        tref = teacher_reference(s.teacher)
+        if row["method"] in ("sfd", "sfd-v"):
+            nfe = [row["nfe"]] if row["method"] == "sfd" else list(s.sfdv_nfe)
+            method = SFD(self.teacher, SFDConfig(nfe=nfe), teacher_ref=tref)
+            traj = s.sfd_trajectories * (2 if row["method"] == "sfd-v" else 1)
+            self._train(method, path, iterations_for(traj, s.sfd_batch), s.sfd_batch, s.sfd_lr, "step")
+        elif row["method"] == "sfd-stage2":
+            first_row = {"method": "sfd-v", "nfe": max(s.sfdv_nfe), "model": "sfdv-" + "_".join(map(str, s.sfdv_nfe))}
+            first_path = self.ensure_model(first_row)
+            first = load_checkpoint(first_path, device=self.device)
+            method = SFD(first, SFDConfig(stage2=True), teacher_ref=teacher_reference(first_path))
+            self._train(method, path, iterations_for(s.sfd_stage2_trajectories, s.sfd_batch), s.sfd_batch,
+                        s.sfd_stage2_lr, "step")
+        elif row["method"] == "sfddm":
+            from fewstep.distill.sfddm import SFDDM, SFDDMConfig
+            index, init = row["variant"].split("/")
+            ds = self._data()
+            info = {**ds.info, "name": ds.name, "kind": ds.kind, "shape": list(ds.shape)}
+            method = SFDDM(self.teacher.denoiser, SFDDMConfig(steps=row["nfe"], index=index, init=init,
+                                                              seed=s.seed), data_info=info, teacher_ref=tref)
+            self._train(method, path, s.sfddm_iters, s.sfddm_batch, s.sfddm_lr, data=ds.x)
+        elif row["method"] == "progressive":
+            from fewstep.distill.progressive import ProgressiveConfig, progressive_distill
+            ds = self._data()
+            cfg = ProgressiveConfig(start_steps=s.pd_start_steps, target_steps=row["nfe"])
+            train = TrainConfig(steps=s.pd_iters_per_fold, batch=s.pd_batch, lr=s.pd_lr, seed=s.seed,
+                                device=str(self.device), progress=self.progress)
+            progressive_distill(s.teacher, ds, cfg, train, path)
+        else:
+            raise AssertionError(row)
+        return path
+
+    # ---- evaluation --------------------------------------------------------------------------------
+    def _sampling_plan(self, row):
+        """(checkpoint, sample kwargs, step condition) for a row."""
+        if row.get("model"):
+            ckpt = load_checkpoint(self.ensure_model(row), device=self.device)
+            kw = {"nfe": row["nfe"]} if "grids" in ckpt.sampler else {}
+            step = None
+            if "grids" in ckpt.sampler:
+                step = len(ckpt.sampler["grids"][str(row["nfe"])])
+            elif ckpt.sampler.get("step"):
+                step = ckpt.sampler["step"]
+            return ckpt, kw, step
+        kw = {"nfe": row["nfe"], "sampler": row["sampler"]}
+        if row.get("trailing"):  # DDIM on the teacher's own steps at the SFDDM index set
+            kw["grid"] = "discrete"
+        return self.teacher, kw, None
+
+    def evaluate(self, row: dict) -> dict:
+        cache = self.out / "rows" / f"{row['key']}.json"
+        if cache.is_file():
+            return json.loads(cache.read_text())
+        ckpt, kw, step = self._sampling_plan(row)
+        per_seed, seconds, preview = [], None, None
+        for seed in self.spec.seeds:
+            x, info = sample(ckpt, self.spec.n_samples, seed=seed, noise=self.noise[seed], progress=False,
+                             return_info=True, **kw)
+            if preview is None:
+                preview, seconds = x, info["seconds"]
+                nfe = info["nfe"]
+            per_seed.append(evaluate_samples(x, self.spec.data, resolution=self.spec.resolution, seed=seed))
+        fwd = forward_seconds(ckpt.denoiser, self.spec.n_samples, nfe, 500, self.shape, step)
+        quality = {}
+        for k in per_seed[0]:
+            if k in ("n", "n_ref"):
+                continue
+            vals = np.array([r[k] for r in per_seed], dtype=np.float64)
+            quality[k] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
+        card = ckpt.card if row.get("model") else None
+        distill_s = None
+        if card is not None:
+            distill_s = float((card.get("training") or {}).get("total_wall_time_s")
+                              or (card.get("training") or {}).get("wall_time_s") or 0)
+            if row["method"] == "sfd-stage2":  # its cost includes the first stage it starts from
+                first_stage = read_card(self.model_dir("sfdv-" + "_".join(map(str, self.spec.sfdv_nfe))))
+                distill_s += float(first_stage["training"]["wall_time_s"])
+        scale = 1000 / self.spec.n_samples
+        result = {**{k: v for k, v in row.items()}, "nfe": nfe, "quality": quality,
+                  "n_samples": self.spec.n_samples, "seeds": self.spec.seeds,
+                  "sample_s_per_1000": seconds * scale, "forward_s_per_1000": fwd * scale,
+                  "sampler_overhead": seconds / fwd if fwd > 0 else None,
+                  "distill_wall_s": distill_s,
+                  "distill_vs_teacher_training": (distill_s / self.teacher_train_s
+                                                  if distill_s and self.teacher_train_s else None),
+                  "peak_memory_mb": peak_memory_mb(self.device)}
+        np.save(self.out / "rows" / f"{row['key']}.npy", preview[:64].numpy())
+        write_json(cache, result)
+        return result
+
+    def run(self) -> dict:
+        rows = self.plan()
+        t0 = time.perf_counter()
+        results = []
+        bar = tqdm(rows, desc="bench", unit="row", disable=not self.progress)
+        for row in bar:
+            bar.set_postfix_str(row["key"])
+            results.append(self.evaluate(row))
+        env = {"fewstep_version": fewstep.__version__, "torch": torch.__version__, "device": str(self.device),
+               "device_name": (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
+                               else platform.processor() or platform.machine()),
+               "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "python": platform.python_version()}
+        summary = {"spec": asdict(self.spec), "environment": env, "teacher": {
+            "path": str(self.teacher.path), "training_wall_s": self.teacher_train_s,
+            "card_method": self.teacher_card.get("method")}, "quality_key": self.quality_key,
+            "rows": results, "bench_wall_s": time.perf_counter() - t0}
+        write_json(self.out / "results.json", summary)
+        from fewstep.report import write_report
+        write_report(self.out, summary, self)
+        return summary

@@ -1,0 +1,72 @@
+"""`fewstep bench` and `fewstep demo`: wiring of the benchmark to the command line."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+
+def register(sub):
+    from fewstep.cli import _nfe_list
+
+    b = sub.add_parser("bench", help="every method side by side on one teacher: table, plots, report",
+                       description="Runs the teacher reference, training-free solvers and every distillation "
+                                   "method on one teacher with fixed seeds. Finished work in --out is reused.")
+    b.add_argument("--preset", default=None, choices=["toy", "digits", "demo"],
+                   help="toy: 2-D gmm8, a few minutes; digits: the full table (longer); demo: the quick tour")
+    b.add_argument("--teacher", default=None, help="teacher checkpoint (overrides the preset's)")
+    b.add_argument("--data", default=None, help="data set the teacher models (needed without a preset)")
+    b.add_argument("--resolution", type=int, default=None)
+    b.add_argument("--methods", default=None,
+                   help="comma list of teacher, ddim, dpmpp2m, dpmpp3m, heun, ipndm, sfd, sfd-v, sfd-stage2, "
+                        "sfddm, progressive")
+    b.add_argument("--nfe", type=_nfe_list, default=None, help="NFEs for solvers and SFD (e.g. 2,4,8)")
+    b.add_argument("--sfddm-steps", type=_nfe_list, default=None, help="student step counts T' for SFDDM")
+    b.add_argument("--n", dest="n_samples", type=int, default=None, help="samples per seed")
+    b.add_argument("--seeds", default=None, help="sample seeds, e.g. 0,1,2 (default 0,1,2)")
+    b.add_argument("--out", required=True)
+    b.add_argument("--device", default="auto")
+    b.add_argument("--no-progress", action="store_true")
+    b.set_defaults(func=cmd_bench)
+
+    d = sub.add_parser("demo", help="the quick tour on the shipped digits teacher (≈15 min on 2 CPU cores)")
+    d.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
+    d.add_argument("--device", default="auto")
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(func=cmd_demo)
+
+
+def _spec(args):
+    from fewstep.bench import BenchSpec, preset
+    from fewstep.errors import FewstepError
+
+    overrides = dict(teacher=args.teacher, data=args.data, resolution=args.resolution, nfe=args.nfe,
+                     sfddm_steps=args.sfddm_steps, n_samples=args.n_samples,
+                     methods=args.methods.split(",") if args.methods else None,
+                     seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None)
+    if args.preset:
+        return preset(args.preset, **overrides)
+    if not args.teacher or not args.data:
+        raise FewstepError("bench: pass --preset, or both --teacher and --data")
+    return BenchSpec(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def run_bench(spec, out, device, progress):
+    from fewstep.bench import Bench
+    from fewstep.report import results_table
+    from fewstep.train import pick_device
+
+    t0 = time.perf_counter()
+    summary = Bench(spec, out, device=str(pick_device(device)), progress=progress).run()
+    print()
+    print(results_table(summary))
+    print(f"\nbench wall time {time.perf_counter() - t0:.0f} s; report: {Path(out) / 'report.md'}")
+    return summary
+
+
+def cmd_bench(args):
+    run_bench(_spec(args), args.out, args.device, not args.no_progress)
+
+
+def cmd_demo(args):
+    from fewstep.bench import preset
+    run_bench(preset("demo"), args.out, args.device, not args.no_progress)

@@ -1,0 +1,282 @@
+"""SFD — Simple and Fast Distillation (Zhou et al., NeurIPS 2024).
+
+Data-free trajectory distillation: the student (a copy of the teacher network, all weights tuned)
+learns to land, with one plain Euler step per student timestamp, where a strong teacher solver
+lands. The student continues from its own state between steps (global trajectory matching), with
+one optimizer step per network-using student step and a stop-gradient in between.
+
+Variants in this module:
+  * AFS (analytical first step): the first step uses d = x / sqrt(1 + t0²), no network call.
+  * SFD-v: one step-conditioned model for a set of NFEs; N is drawn per iteration.
+  * second stage: a first-stage student sampled with Euler on its own grid is the teacher of a
+    1-NFE student (AFS + one step), with an optional perceptual term on the last step.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from fewstep.checkpoint import Checkpoint
+from fewstep.errors import FewstepError
+from fewstep.sampling import sample_shape
+from fewstep.schedule import GRID_KINDS, check_grid, check_nested, nested_grids
+from fewstep.solvers import afs_direction, get_solver, solve
+from fewstep.train import StepContext, TrainMethod
+
+TEACHER_SOLVERS = ("dpmpp3m", "dpmpp2m", "heun", "euler", "ipndm")
+# The paper's grid ends for EDM (continuous) teachers: σ_min = 0.006 rather than EDM's 0.002.
+EDM_SIGMA_MIN, EDM_SIGMA_MAX = 0.006, 80.0
+
+
+@dataclass
+class SFDConfig:
+    nfe: list = field(default_factory=lambda: [2])   # one value: SFD; several: SFD-v
+    afs: bool = True
+    m: int = 3                                        # teacher points inserted per student interval
+    teacher_solver: str = "dpmpp3m"
+    grid: str = "polynomial"
+    rho: float = 7.0
+    sigma_min: float | None = None
+    sigma_max: float | None = None
+    loss_reduction: str = "sum"                      # sum over pixels (paper) or mean
+    thresholding: bool = False                        # clip the teacher's x0 to the data range
+    dropout: float | None = None                      # None: keep the teacher's
+    stage2: bool = False
+    perceptual: str | None = None                     # second stage: None or "classifier"
+    perceptual_weight: float = 1.0
+
+    def validate(self):
+        if not self.nfe or min(self.nfe) < 1:
+            raise FewstepError(f"--nfe {self.nfe}: expected NFE values >= 1")
+        if len(set(self.nfe)) != len(self.nfe):
+            raise FewstepError(f"--nfe {self.nfe}: values must be distinct")
+        if self.m < 0:
+            raise FewstepError(f"--m {self.m}: expected m >= 0 teacher points per student interval")
+        if self.teacher_solver not in TEACHER_SOLVERS:
+            raise FewstepError(f"--teacher-solver {self.teacher_solver!r}: expected one of {', '.join(TEACHER_SOLVERS)}")
+        if self.grid not in GRID_KINDS:
+            raise FewstepError(f"--grid {self.grid!r}: expected one of {', '.join(GRID_KINDS)}")
+        if self.loss_reduction not in ("sum", "mean"):
+            raise FewstepError(f"--loss-reduction {self.loss_reduction!r}: expected sum or mean")
+        if self.perceptual not in (None, "classifier"):
+            raise FewstepError(f"--perceptual {self.perceptual!r}: expected classifier or none")
+
+
+def timestamps_for_nfe(nfe: int, afs: bool) -> int:
+    """N student timestamps: N−1 Euler steps, one of which is free with AFS."""
+    return nfe + 1 + (1 if afs else 0)
+
+
+def student_nfe(n_timestamps: int, afs: bool) -> int:
+    return n_timestamps - 1 - (1 if afs else 0)
+
+
+def sfd_grids(teacher_den, cfg: SFDConfig, nfe: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(student timestamps, refined teacher grid) for one NFE; every student timestamp is a teacher one."""
+    smin, smax = sigma_range(teacher_den, cfg)
+    n = timestamps_for_nfe(nfe, cfg.afs)
+    return nested_grids(cfg.grid, n, cfg.m, smin, smax, cfg.rho, schedule=teacher_den.schedule)
+
+
+def sigma_range(teacher_den, cfg: SFDConfig) -> tuple[float, float]:
+    continuous = not teacher_den.schedule.is_discrete
+    smin = cfg.sigma_min if cfg.sigma_min is not None else (EDM_SIGMA_MIN if continuous else teacher_den.sigma_min)
+    smax = cfg.sigma_max if cfg.sigma_max is not None else (EDM_SIGMA_MAX if continuous else teacher_den.sigma_max)
+    return smin, smax
+
+
+def set_dropout(module: nn.Module, p: float) -> None:
+    for mod in module.modules():
+        if isinstance(mod, nn.Dropout):
+            mod.p = p
+    net = getattr(module, "net", module)
+    if "dropout" in getattr(net, "config", {}):
+        net.config["dropout"] = p
+
+
+class TeacherTrajectory:
+    """Produces the teacher states y_k at the student timestamps, for a batch of initial noises.
+
+    first stage: a strong solver over the refined grid; second stage: a first-stage student with
+    Euler (and its AFS) on its own grid, whose states at the student timestamps are kept.
+    """
+
+    def __init__(self, den, solver: str, afs: bool = False, clip: float | None = None, step: int | None = None):
+        self.den, self.solver, self.afs, self.clip, self.step = den, solver, afs, clip, step
+
+    @torch.no_grad()
+    def __call__(self, x_T: torch.Tensor, teacher_grid: torch.Tensor, positions: list[int]):
+        kw = {"afs": True} if self.afs else {}
+        r = solve(self.solver, self.den.with_step(self.step), x_T, teacher_grid.to(x_T.device),
+                  clip=self.clip, return_trajectory=True, **kw)
+        return [r.trajectory[p] for p in positions], r.nfe
+
+
+class SFD(TrainMethod):
+    """SFD / SFD-v / second stage as one TrainMethod on the shared loop."""
+
+    needs_data = False
+
+    def __init__(self, teacher: Checkpoint, cfg: SFDConfig, teacher_ref: dict | None = None,
+                 perceptual_net: nn.Module | None = None):
+        cfg.validate()
+        self.cfg = cfg
+        self.teacher = teacher
+        self.teacher_ref = teacher_ref
+        tden = teacher.denoiser.eval()
+        for p in tden.parameters():
+            p.requires_grad_(False)
+        self.shape = tuple(sample_shape(teacher.card))
+        self.clip = 1.0 if cfg.thresholding else None
+        self.perceptual_net = perceptual_net
+        if cfg.stage2:
+            self._init_stage2(teacher)
+        else:
+            self.name = "sfd-v" if len(cfg.nfe) > 1 else "sfd"
+            self.grids = {n: sfd_grids(tden, cfg, n) for n in cfg.nfe}
+            self.traj = TeacherTrajectory(tden, cfg.teacher_solver, clip=self.clip)
+            self.student_step_cond = None  # per-iteration N for SFD-v
+        self.student = copy.deepcopy(tden)
+        if len(cfg.nfe) > 1 and not cfg.stage2:
+            self.student.net.add_step_condition()
+        for p in self.student.parameters():
+            p.requires_grad_(True)
+        if cfg.dropout is not None:
+            set_dropout(self.student, cfg.dropout)
+        self.positions = {n: check_nested(s, t) for n, (s, t) in self.grids.items()}
+        self.trajectories = 0
+
+    def _init_stage2(self, first: Checkpoint):
+        """Teacher: the first-stage model on its own Euler grid; student: AFS + 1 step (1 NFE)."""
+        spec = first.sampler
+        if first.card.get("method", {}).get("name") not in ("sfd", "sfd-v"):
+            raise FewstepError("--stage2 needs a first-stage SFD or SFD-v model as --teacher")
+        if "grids" in spec:
+            nfe_t = max(int(k) for k in spec["grids"])  # the paper uses SFD-v's largest-N mode
+            t_grid = torch.tensor(spec["grids"][str(nfe_t)], dtype=torch.float64)
+            step = len(t_grid)
+        else:
+            t_grid = torch.tensor(spec["sigmas"], dtype=torch.float64)
+            step = None
+        if not spec.get("afs"):
+            raise FewstepError("--stage2: the first-stage model must use AFS (the 1-NFE student is AFS + one step)")
+        intervals = len(t_grid) - 1
+        if intervals % 2:
+            raise FewstepError(f"--stage2: the first-stage grid has {intervals} intervals; the 3-timestamp student "
+                               "needs an even count to sit on teacher timestamps (use a first-stage NFE of 1, 3 or 5)")
+        student_grid = t_grid[:: intervals // 2].clone()
+        self.cfg.nfe = [1]
+        self.cfg.afs = True
+        self.name = "sfd-stage2"
+        self.grids = {1: (check_grid(student_grid), check_grid(t_grid))}
+        self.traj = TeacherTrajectory(first.denoiser, "euler", afs=True, step=step)
+        self.student_step_cond = step  # keep the mode it was initialised from
+        self.stage2_teacher_nfe = student_nfe(len(t_grid), True)
+
+    # ---- TrainMethod hooks -------------------------------------------------------------------
+    def trainable(self):
+        return self.student
+
+    def _student_model(self, n_timestamps: int):
+        if self.student.has_step_condition:
+            step = self.student_step_cond or n_timestamps
+            return lambda x, s: self.student(x, s, step=step)
+        return self.student
+
+    def train_step(self, ctx: StepContext, batch, gen: torch.Generator) -> dict:
+        cfg = self.cfg
+        # N is drawn from the iteration's global generator, so all processes pick the same N
+        nfe = cfg.nfe[int(torch.randint(len(cfg.nfe), (1,), generator=gen))] if len(cfg.nfe) > 1 else cfg.nfe[0]
+        s_grid, t_grid = self.grids[nfe]
+        B = ctx.world * self._local_batch(ctx)
+        eps = ctx.local(torch.randn((B, *self.shape), generator=gen)).to(ctx.device)
+        x = eps * float(s_grid[0])
+
+        t0 = time.perf_counter()
+        with ctx.autocast():
+            targets, teacher_nfe = self.traj(x, t_grid, self.positions[nfe])
+        teacher_s = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        model = self._student_model(len(s_grid))
+        losses = []
+        s_grid = s_grid.to(ctx.device)
+        for i in range(len(s_grid) - 1):
+            t, t_next = s_grid[i], s_grid[i + 1]
+            use_net = not (cfg.afs and i == 0)
+            if use_net:
+                with ctx.autocast():
+                    d = (x - model(x, t)) / t.to(x.dtype)
+            else:
+                d = afs_direction(x, float(t))
+            x_next = x + (t_next - t).to(x.dtype) * d.float()
+            target = targets[i + 1]
+            loss = self._loss(x_next, target, last=(i == len(s_grid) - 2))
+            if use_net:
+                ctx.step(loss)
+            losses.append(float(loss.detach()))
+            x = x_next.detach()
+        student_s = time.perf_counter() - t1
+        self.trajectories += B
+        logs = {"loss": sum(losses) / len(losses), "nfe": nfe, "teacher_nfe": teacher_nfe,
+                "teacher_s": round(teacher_s, 4), "student_s": round(student_s, 4),
+                "trajectories": self.trajectories}
+        logs.update({f"loss_step{i}": v for i, v in enumerate(losses)})
+        return logs
+
+    def _local_batch(self, ctx) -> int:
+        return ctx.t.config.batch // ctx.world
+
+    def _loss(self, x_next, target, last: bool) -> torch.Tensor:
+        diff = (x_next - target).abs().reshape(x_next.shape[0], -1)
+        loss = diff.sum(1).mean() if self.cfg.loss_reduction == "sum" else diff.mean()
+        if last and self.perceptual_net is not None:
+            fa, fb = self.perceptual_net(x_next), self.perceptual_net(target)
+            loss = loss + self.cfg.perceptual_weight * (fa - fb).square().sum(1).mean()
+        return loss
+
+    def state_dict(self):
+        return {"trajectories": self.trajectories}
+
+    def load_state_dict(self, state):
+        self.trajectories = int(state.get("trajectories", 0))
+
+    def sampler_card(self) -> dict:
+        cfg = self.cfg
+        if len(self.grids) > 1:
+            return {"name": "euler", "afs": cfg.afs, "nfe": max(self.grids), "final_zero": False, "clip": None,
+                    "grids": {str(n): [float(s) for s in g[0]] for n, g in sorted(self.grids.items())}}
+        (nfe, (s_grid, _)), = self.grids.items()
+        spec = {"name": "euler", "afs": cfg.afs, "nfe": nfe, "final_zero": False, "clip": None,
+                "sigmas": [float(s) for s in s_grid]}
+        if self.student_step_cond is not None:
+            spec["step"] = self.student_step_cond
+        return spec
+
+    def card(self) -> dict:
+        cfg = self.cfg
+        method = {"name": self.name, **asdict(cfg), "trajectories": self.trajectories,
+                  "teacher_nfe_per_trajectory": {str(n): (len(t) - 1) * (2 if cfg.teacher_solver == "heun" else 1)
+                                                 for n, (_, t) in self.grids.items()}}
+        if cfg.stage2:
+            method["first_stage_nfe"] = self.stage2_teacher_nfe
+        return {"method": method, "sampler": self.sampler_card(), "teacher": self.teacher_ref,
+                "data": self.teacher.card.get("data")}
+
+    @torch.no_grad()
+    def preview(self, model, n, seed):
+        nfe = max(self.grids)
+        s_grid = self.grids[nfe][0]
+        x = torch.randn((n, *self.shape), generator=torch.Generator().manual_seed(seed))
+        x = x.to(next(model.parameters()).device) * float(s_grid[0])
+        step = (self.student_step_cond or len(s_grid)) if model.has_step_condition else None
+        return solve("euler", model.with_step(step), x, s_grid.to(x.device), afs=self.cfg.afs).x
+
+
+def iterations_for(trajectories: int, batch: int) -> int:
+    return max(1, math.ceil(trajectories / batch))

@@ -1,0 +1,256 @@
+"""The benchmark's outputs for people: results.md, plots, sample grids, SFDDM figures, report.md."""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fewstep.checkpoint import atomic_write
+
+LOWER_IS_BETTER = {"fcd", "kid", "swd", "mmd"}
+LABELS = {"teacher": "teacher (reference)", "ddim": "DDIM", "dpmpp2m": "DPM-Solver++(2M)",
+          "dpmpp3m": "DPM-Solver++(3M)", "heun": "Heun", "ipndm": "iPNDM", "sfd": "SFD", "sfd-v": "SFD-v",
+          "sfd-stage2": "SFD 2nd stage", "sfddm": "SFDDM", "progressive": "progressive distillation"}
+
+
+def row_label(r: dict) -> str:
+    label = LABELS.get(r["method"], r["method"])
+    if r["method"] == "sfddm":
+        label += f" ({r['variant']})"
+    if r.get("trailing"):
+        label += " (trailing steps)"
+    if r["method"] == "teacher":
+        label += f", {r['sampler']}"
+    return label
+
+
+def fmt(q: dict | None, digits: int = 3) -> str:
+    if not q:
+        return "–"
+    return f"{q['mean']:.{digits}g} ± {q['std']:.1g}" if q["std"] else f"{q['mean']:.{digits}g}"
+
+
+def fmt_time(s: float | None) -> str:
+    if s is None:
+        return "–"
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+def results_table(summary: dict) -> str:
+    key = summary["quality_key"]
+    rows = summary["rows"]
+    toy = key == "swd"
+    extra = ["mmd"] if toy else ["kid", "precision", "recall"]
+    best = {}
+    for r in rows:
+        if r["method"] == "teacher":
+            continue
+        v = r["quality"][key]["mean"]
+        if r["nfe"] not in best or v < best[r["nfe"]]:
+            best[r["nfe"]] = v
+    head = ["method", "NFE", key.upper()] + [e.upper() if e != "precision" and e != "recall" else e for e in extra] + \
+        ["distill time", "× teacher training", "sample s / 1k", "network s / 1k", "overhead"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in sorted(rows, key=lambda r: (r["nfe"], r["quality"][key]["mean"])):
+        q = fmt(r["quality"][key])
+        if r["method"] != "teacher" and r["quality"][key]["mean"] == best.get(r["nfe"]):
+            q = f"**{q}**"
+        ratio = r.get("distill_vs_teacher_training")
+        cells = [row_label(r), str(r["nfe"]), q] + [fmt(r["quality"].get(e)) for e in extra] + [
+            fmt_time(r.get("distill_wall_s")), f"{100 * ratio:.1f} %" if ratio else "–",
+            f"{r['sample_s_per_1000']:.2f}", f"{r['forward_s_per_1000']:.2f}",
+            f"{r['sampler_overhead']:.2f}×" if r.get("sampler_overhead") else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _savefig(fig, path: Path):
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))
+
+
+def plot_quality_vs_nfe(summary: dict, path: Path):
+    plt = _plt()
+    key = summary["quality_key"]
+    series = defaultdict(list)
+    ref = None
+    for r in summary["rows"]:
+        if r["method"] == "teacher":
+            ref = r
+            continue
+        series[row_label(r)].append((r["nfe"], r["quality"][key]["mean"], r["quality"][key]["std"]))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, pts in sorted(series.items()):
+        pts.sort()
+        x, y, e = zip(*pts)
+        ax.errorbar(x, y, yerr=e, marker="o", ms=4, capsize=2, label=label, linestyle="-" if len(x) > 1 else "none")
+    if ref:
+        ax.axhline(ref["quality"][key]["mean"], color="k", ls="--", lw=1, label=f"teacher, NFE {ref['nfe']}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("NFE (network evaluations per sample)")
+    ax.set_ylabel(f"{key.upper()} (lower is better)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+    _savefig(fig, path)
+    plt.close(fig)
+
+
+def plot_quality_vs_cost(summary: dict, path: Path):
+    plt = _plt()
+    key = summary["quality_key"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ref = next((r for r in summary["rows"] if r["method"] == "teacher"), None)
+    for r in summary["rows"]:
+        if not r.get("distill_wall_s"):
+            continue
+        ax.scatter(r["distill_wall_s"] / 60, r["quality"][key]["mean"], s=25)
+        ax.annotate(f"{row_label(r)} @{r['nfe']}", (r["distill_wall_s"] / 60, r["quality"][key]["mean"]),
+                    fontsize=6, xytext=(3, 3), textcoords="offset points")
+    if ref:
+        ax.axhline(ref["quality"][key]["mean"], color="k", ls="--", lw=1, label=f"teacher, NFE {ref['nfe']}")
+    t_train = summary["teacher"].get("training_wall_s")
+    if t_train:
+        ax.axvline(t_train / 60, color="gray", ls=":", lw=1, label="teacher training time")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("distillation wall time (minutes, log)")
+    ax.set_ylabel(f"{key.upper()} (lower is better)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    _savefig(fig, path)
+    plt.close(fig)
+
+
+def sample_grids(summary: dict, out: Path, path: Path, per_row: int = 10):
+    """Every method's first samples from the same initial noises, one row (or panel) per method."""
+    plt = _plt()
+    rows = sorted(summary["rows"], key=lambda r: (r["method"] != "teacher", r["nfe"], r["key"]))
+    arrays = [(r, np.load(out / "rows" / f"{r['key']}.npy")) for r in rows if (out / "rows" / f"{r['key']}.npy").is_file()]
+    if not arrays:
+        return
+    if arrays[0][1].ndim == 2:  # 2-D points: a scatter panel per method
+        cols = min(5, len(arrays))
+        nrows = math.ceil(len(arrays) / cols)
+        fig, axes = plt.subplots(nrows, cols, figsize=(2.6 * cols, 2.7 * nrows), squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, (r, x) in zip(axes.flat, arrays):
+            ax.axis("on")
+            ax.scatter(x[:, 0], x[:, 1], s=3, alpha=0.7)
+            ax.set_xlim(-3.5, 3.5)
+            ax.set_ylim(-3.5, 3.5)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{row_label(r)}\nNFE {r['nfe']}", fontsize=7)
+    else:
+        fig, axes = plt.subplots(len(arrays), 1, figsize=(per_row * 0.7 + 3, 0.75 * len(arrays) + 0.3), squeeze=False)
+        for ax, (r, x) in zip(axes[:, 0], arrays):
+            strip = np.concatenate([np.pad(np.clip(img[0], -1, 1), 1, constant_values=1) for img in x[:per_row]], axis=1)
+            ax.imshow(strip, cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_ylabel(f"{row_label(r)}\nNFE {r['nfe']}", rotation=0, ha="right", va="center", fontsize=7)
+    _savefig(fig, path)
+    plt.close(fig)
+
+
+def sfddm_figures(summary: dict, bench, figdir: Path) -> dict:
+    """Semantic consistency (teacher vs SFDDM student on the same noises) and an interpolation strip."""
+    from fewstep.checkpoint import load_checkpoint
+    from fewstep.distill.sfddm import compare_models, interpolate_model
+
+    rows = [r for r in summary["rows"] if r["method"] == "sfddm"]
+    if not rows:
+        return {}
+    r = min(rows, key=lambda r: (r["nfe"], r["quality"][summary["quality_key"]]["mean"]))
+    student = load_checkpoint(bench.model_dir(r["model"]), device=bench.device)
+    n = 64 if bench.is_toy else 256
+    res = compare_models(bench.teacher, student, n=n, seed=0, png=figdir / "sfddm-consistency.png",
+                         progress=bench.progress)
+    out = {"model": r["key"], "n": n, **{k: v for k, v in res.items() if isinstance(v, (int, float, str))}}
+    if not bench.is_toy:
+        interpolate_model(student, seeds=(3, 7), frames=9, mode="slerp", png=figdir / "sfddm-interpolation-slerp.png")
+        interpolate_model(student, seeds=(3, 7), frames=9, mode="linear", png=figdir / "sfddm-interpolation-linear.png")
+    return out
+
+
+def reading(summary: dict, consistency: dict) -> list[str]:
+    """A short, generated reading of the numbers, including the targets the issues set."""
+    key = summary["quality_key"]
+    rows = summary["rows"]
+    ref = next((r for r in rows if r["method"] == "teacher"), None)
+    lines = []
+    by = {(r["method"], r["nfe"]): r for r in rows if r["method"] != "sfddm"}
+    if ref:
+        rq = ref["quality"][key]["mean"]
+        lines.append(f"- Teacher reference ({ref['sampler']}, NFE {ref['nfe']}): {key.upper()} {fmt(ref['quality'][key])}.")
+        for nfe, factor in ((2, 2.0), (4, 1.5)):
+            r = by.get(("sfd", nfe))
+            if r:
+                q = r["quality"][key]["mean"]
+                ok = "met" if q <= factor * rq else "not met"
+                lines.append(f"- SFD at NFE {nfe}: {key.upper()} {q:.3g} = {q / rq:.2f}× the teacher's "
+                             f"(target ≤ {factor}×: {ok}); distillation cost "
+                             f"{100 * (r.get('distill_vs_teacher_training') or float('nan')):.1f} % of teacher training "
+                             f"(target ≤ 2 %: {'met' if (r.get('distill_vs_teacher_training') or 9) <= 0.02 else 'not met'}).")
+        for r in rows:
+            if r["method"] == "sfddm" and r["nfe"] == min(x["nfe"] for x in rows if x["method"] == "sfddm"):
+                q = r["quality"][key]["mean"]
+                ddim = next((x for x in rows if x["method"] == "ddim" and x["nfe"] == r["nfe"]), None)
+                msg = f"- SFDDM T'={r['nfe']} ({r['variant']}): {key.upper()} {q:.3g} = {q / rq:.2f}× the teacher's (target ≤ 1.5×: {'met' if q <= 1.5 * rq else 'not met'})"
+                if ddim:
+                    dq = ddim["quality"][key]["mean"]
+                    msg += f"; teacher DDIM-{r['nfe']} {dq:.3g} ({'beaten' if q < dq else 'not beaten'})"
+                lines.append(msg + ".")
+    for nfe in sorted({r["nfe"] for r in rows if r["method"] != "teacher"}):
+        cands = [r for r in rows if r["nfe"] == nfe and r["method"] != "teacher"]
+        b = min(cands, key=lambda r: r["quality"][key]["mean"])
+        lines.append(f"- NFE {nfe}: best is {row_label(b)} ({fmt(b['quality'][key])}).")
+    if consistency:
+        lines.append(f"- Semantic consistency ({consistency['model']}, {consistency['n']} shared noises): PSNR of "
+                     f"matched teacher/student pairs {consistency.get('psnr_matched', float('nan')):.2f} dB vs shuffled "
+                     f"pairs {consistency.get('psnr_shuffled', float('nan')):.2f} dB.")
+    lines.append("- Spreads are the standard deviation over the sample seeds; differences smaller than about "
+                 "twice the spread are within noise.")
+    return lines
+
+
+def write_report(out: Path, summary: dict, bench=None) -> Path:
+    out = Path(out)
+    fig = out / "figures"
+    fig.mkdir(exist_ok=True)
+    table = results_table(summary)
+    atomic_write(out / "results.md", lambda p: Path(p).write_text(table + "\n"))
+    plot_quality_vs_nfe(summary, fig / "quality-vs-nfe.png")
+    plot_quality_vs_cost(summary, fig / "quality-vs-cost.png")
+    sample_grids(summary, out, fig / "samples.png")
+    consistency = sfddm_figures(summary, bench, fig) if bench is not None else {}
+    env = summary["environment"]
+    t = summary["teacher"]
+    lines = [f"# fewstep benchmark: {Path(t['path']).name} on {summary['spec']['data']}", "",
+             f"fewstep {env['fewstep_version']}, torch {env['torch']}, device {env['device']} "
+             f"({env['device_name']}), {env['threads']} threads. Teacher training time: "
+             f"{fmt_time(t.get('training_wall_s'))}. Quality: mean ± std over seeds {summary['spec']['seeds']}, "
+             f"{summary['spec']['n_samples']} samples each.", "", "## Results", "", table, "",
+             "## Reading", "", *reading(summary, consistency), "", "## Figures", "",
+             "![quality vs NFE](figures/quality-vs-nfe.png)", "",
+             "![quality vs distillation cost](figures/quality-vs-cost.png)", "",
+             "![samples from the same noises](figures/samples.png)", ""]
+    for name in ("sfddm-consistency.png", "sfddm-interpolation-slerp.png", "sfddm-interpolation-linear.png"):
+        if (fig / name).is_file():
+            lines += [f"![{name[:-4]}](figures/{name})", ""]
+    lines += ["Raw numbers: `results.json`; the table alone: `results.md`; models: `models/`."]
+    if consistency:
+        summary["consistency"] = consistency
+    atomic_write(out / "report.md", lambda p: Path(p).write_text("\n".join(lines) + "\n"))
+    return out / "report.md"

@@ -1,0 +1,201 @@
+"""SFD: invariants, exact-Gaussian teacher trajectories, and short distillation runs on gmm8."""
+import math
+
+import pytest
+import torch
+
+from fewstep.checkpoint import load_checkpoint
+from fewstep.data import sample_toy
+from fewstep.denoiser import Denoiser
+from fewstep.distill.sfd import SFD, SFDConfig, TeacherTrajectory, sfd_grids, student_nfe, timestamps_for_nfe
+from fewstep.errors import FewstepError
+from fewstep.metrics import sliced_wasserstein
+from fewstep.sampling import resolve_sampler, sample
+from fewstep.schedule import Schedule, check_nested, make_grid, nested_grids
+from fewstep.solvers import afs_direction, solve
+from fewstep.train import StepContext, TrainConfig, Trainer
+
+
+def one_iteration_losses(method, tmp_path, batch=32, seed=0):
+    tr = Trainer(method, TrainConfig(steps=1, batch=batch, lr=1e-3, progress=False), tmp_path)
+    logs = method.train_step(StepContext(tr), None, torch.Generator().manual_seed(seed))
+    return [v for k, v in sorted(logs.items()) if k.startswith("loss_step")]
+
+
+def test_teacher_copy_with_euler_teacher_has_zero_loss(tiny_gmm8_teacher, tmp_path):
+    teacher = load_checkpoint(tiny_gmm8_teacher)
+    for afs in (False, True):
+        method = SFD(teacher, SFDConfig(nfe=[3], afs=afs, m=0, teacher_solver="euler"))
+        losses = one_iteration_losses(method, tmp_path / str(afs))
+        assert len(losses) == 3 + afs
+        assert all(v == 0.0 for v in losses), losses
+
+
+def test_refined_teacher_gives_nonzero_loss(tiny_gmm8_teacher, tmp_path):
+    """The invariant above is not vacuous: a stronger teacher trajectory differs from Euler."""
+    teacher = load_checkpoint(tiny_gmm8_teacher)
+    method = SFD(teacher, SFDConfig(nfe=[3], afs=False, m=3, teacher_solver="dpmpp3m"))
+    assert max(one_iteration_losses(method, tmp_path)) > 1e-3
+
+
+def test_afs_and_nfe_accounting():
+    assert timestamps_for_nfe(2, afs=True) == 4 and timestamps_for_nfe(2, afs=False) == 3
+    for nfe in (1, 2, 5):
+        for afs in (True, False):
+            assert student_nfe(timestamps_for_nfe(nfe, afs), afs) == nfe
+    x = torch.randn(5, 2)
+    torch.testing.assert_close(afs_direction(x, 80.0), x / math.sqrt(1 + 80.0**2))
+    # with AFS one Euler step of the grid costs no network call
+    grid = make_grid("polynomial", timestamps_for_nfe(2, True), 0.006, 80.0)
+    calls = []
+    r = solve("euler", lambda x, s: calls.append(1) or x * 0, x * 80, grid, afs=True)
+    assert r.nfe == 2 and len(calls) == 2
+
+
+@pytest.mark.parametrize("kind", ["polynomial", "logsnr", "uniform", "discrete"])
+@pytest.mark.parametrize("m", [0, 1, 3])
+def test_every_student_timestamp_is_a_teacher_timestamp(kind, m):
+    sched = Schedule.vp("linear", 1024)
+    s, t = nested_grids(kind, 5, m, sched.sigma_min, sched.sigma_max, schedule=sched)
+    assert len(t) == 4 * (m + 1) + 1
+    assert check_nested(s, t) == [i * (m + 1) for i in range(5)]
+    assert torch.equal(s, t[:: m + 1])
+
+
+def test_custom_grid_that_breaks_nesting_is_refused():
+    s = torch.tensor([80.0, 10.0, 1.0])
+    t = torch.tensor([80.0, 20.0, 5.0, 1.0])
+    with pytest.raises(FewstepError, match="sigma=10 is not a teacher timestamp"):
+        check_nested(s, t)
+
+
+class GaussianNet(torch.nn.Module):
+    """An EDM 'network' whose denoiser is the exact one for x0 ~ N(MU, S²I)."""
+    MU, S, SD = 0.3, 0.4, 0.5
+
+    def forward(self, x_in, t, step=None, class_labels=None, return_features=False):
+        sigma = torch.exp(4 * t.double())[:, None]
+        x = x_in.double() * (sigma**2 + self.SD**2).sqrt()
+        d = (self.S**2 * x + sigma**2 * self.MU) / (self.S**2 + sigma**2)
+        c_skip = self.SD**2 / (sigma**2 + self.SD**2)
+        c_out = sigma * self.SD / (sigma**2 + self.SD**2).sqrt()
+        return ((d - c_skip * x) / c_out).to(x_in.dtype)
+
+
+def test_dpmpp3m_teacher_trajectory_converges_to_exact_ode_as_m_grows():
+    den = Denoiser(GaussianNet(), Schedule.edm(0.002, 80.0), "edm")
+    cfg_nfe = 3
+    g = torch.Generator().manual_seed(0)
+    eps = torch.randn(256, 2, generator=g, dtype=torch.float64)
+    errors = []
+    for m in (1, 3, 7, 15):
+        cfg = SFDConfig(nfe=[cfg_nfe], m=m)
+        s_grid, t_grid = sfd_grids(den, cfg, cfg_nfe)
+        x_T = eps * float(s_grid[0])
+        states, _ = TeacherTrajectory(den, "dpmpp3m")(x_T, t_grid, check_nested(s_grid, t_grid))
+        mu, s = GaussianNet.MU, GaussianNet.S
+        exact = [mu + (x_T - mu) * torch.sqrt((s**2 + sg**2) / (s**2 + s_grid[0] ** 2)) for sg in s_grid]
+        errors.append(max(float((a - b).abs().max()) for a, b in zip(states, exact)))
+    assert all(e1 < e0 for e0, e1 in zip(errors, errors[1:])), errors
+    assert errors[-1] < 1e-3 and errors[-1] < errors[0] / 20, errors
+
+
+def _swd(x, n_seed=1):
+    return sliced_wasserstein(x, sample_toy("gmm8", 4000, seed=n_seed))
+
+
+def test_short_sfd_run_beats_euler_and_approaches_teacher(tiny_gmm8_teacher, tmp_path):
+    teacher = load_checkpoint(tiny_gmm8_teacher)
+    cfg = SFDConfig(nfe=[2])
+    method = SFD(teacher, cfg)
+    s_grid, t_grid = method.grids[2]
+    eps = torch.randn(1000, 2, generator=torch.Generator().manual_seed(123))
+    ends, _ = TeacherTrajectory(teacher.denoiser, "dpmpp3m")(eps * float(s_grid[0]), t_grid, [len(t_grid) - 1])
+
+    def distance_to_teacher(den):
+        x = solve("euler", den, eps * float(s_grid[0]), s_grid, afs=True).x
+        return float((x - ends[0]).norm(dim=1).mean()), x
+
+    before, _ = distance_to_teacher(method.student)
+    Trainer(method, TrainConfig(steps=150, batch=128, lr=1e-3, lr_schedule="step", progress=False), tmp_path).run()
+    student = load_checkpoint(tmp_path)
+    after, x_student = distance_to_teacher(student.denoiser)
+    assert after < before / 2, (before, after)
+
+    x_euler = solve("euler", teacher.denoiser, eps * float(s_grid[0]), make_grid(
+        "polynomial", 3, s_grid[-1].item(), s_grid[0].item())).x  # Euler at NFE 2, no distillation
+    assert _swd(x_student) < _swd(x_euler) / 2, (_swd(x_student), _swd(x_euler))
+    assert student.card["method"]["name"] == "sfd" and student.card["sampler"]["nfe"] == 2
+    assert student.card["teacher"] is None or "sha256" in student.card["teacher"]
+    # the card alone is enough to sample, with 2 network calls
+    x, info = sample(student, 16, seed=0, progress=False, return_info=True)
+    assert info["nfe"] == 2 and info["afs"] and x.shape == (16, 2)
+
+
+def test_sfd_v_samples_at_each_trained_nfe_and_refuses_others(tiny_gmm8_teacher, tmp_path):
+    teacher = load_checkpoint(tiny_gmm8_teacher)
+    method = SFD(teacher, SFDConfig(nfe=[2, 3, 4]))
+    assert method.student.has_step_condition and method.name == "sfd-v"
+    Trainer(method, TrainConfig(steps=12, batch=32, lr=1e-3, progress=False), tmp_path).run()
+    model = load_checkpoint(tmp_path)
+    for nfe in (2, 3, 4):
+        x, info = sample(model, 8, seed=0, nfe=nfe, progress=False, return_info=True)
+        assert info["nfe"] == nfe and torch.isfinite(x).all()
+    with pytest.raises(FewstepError, match="trained for NFE \\[2, 3, 4\\]"):
+        resolve_sampler(model, nfe=5)
+
+
+def test_sfd_v_draws_one_n_per_iteration_and_step_condition_starts_as_teacher(tiny_gmm8_teacher):
+    teacher = load_checkpoint(tiny_gmm8_teacher)
+    method = SFD(teacher, SFDConfig(nfe=[2, 3]))
+    x = torch.randn(4, 2)
+    s = torch.tensor(3.0)
+    torch.testing.assert_close(method.student(x, s, step=5), teacher.denoiser(x, s))
+
+
+def test_resume_equals_uninterrupted_run(tiny_gmm8_teacher, tmp_path):
+    teacher = load_checkpoint(tiny_gmm8_teacher)
+
+    def run(out, steps, resume=False):
+        method = SFD(teacher, SFDConfig(nfe=[2, 3]))
+        cfg = TrainConfig(steps=steps, batch=16, lr=1e-3, lr_schedule="step", progress=False)
+        Trainer(method, cfg, out, resume=resume).run()
+        return load_checkpoint(out).denoiser.net.state_dict()
+
+    full = run(tmp_path / "full", 8)
+    run(tmp_path / "split", 4)
+    resumed = run(tmp_path / "split", 8, resume=True)
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+
+
+def test_stage2_builds_a_one_nfe_student(tiny_gmm8_teacher, tmp_path):
+    teacher = load_checkpoint(tiny_gmm8_teacher)
+    first = SFD(teacher, SFDConfig(nfe=[3, 5]))
+    Trainer(first, TrainConfig(steps=4, batch=16, lr=1e-4, progress=False), tmp_path / "v").run()
+    first_ckpt = load_checkpoint(tmp_path / "v")
+    stage2 = SFD(first_ckpt, SFDConfig(stage2=True))
+    s_grid, t_grid = stage2.grids[1]
+    assert len(s_grid) == 3 and torch.equal(s_grid, t_grid[::3])  # NFE 5 + AFS: 7 timestamps
+    losses = one_iteration_losses(stage2, tmp_path / "s2")  # the AFS step and the one network step
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    Trainer(SFD(first_ckpt, SFDConfig(stage2=True)), TrainConfig(steps=3, batch=16, lr=1e-4, progress=False),
+            tmp_path / "one").run()
+    one = load_checkpoint(tmp_path / "one")
+    x, info = sample(one, 8, seed=0, progress=False, return_info=True)
+    assert info["nfe"] == 1 and one.card["method"]["name"] == "sfd-stage2"
+    # a first-stage grid with an odd interval count cannot host the 3-timestamp student
+    odd = SFD(teacher, SFDConfig(nfe=[2]))
+    Trainer(odd, TrainConfig(steps=1, batch=8, lr=1e-4, progress=False), tmp_path / "odd").run()
+    with pytest.raises(FewstepError, match="even count"):
+        SFD(load_checkpoint(tmp_path / "odd"), SFDConfig(stage2=True))
+
+
+def test_bad_options_are_refused(tiny_gmm8_teacher):
+    teacher = load_checkpoint(tiny_gmm8_teacher)
+    with pytest.raises(FewstepError, match="--nfe"):
+        SFD(teacher, SFDConfig(nfe=[0]))
+    with pytest.raises(FewstepError, match="--teacher-solver"):
+        SFD(teacher, SFDConfig(teacher_solver="rk4"))
+    with pytest.raises(FewstepError, match="--stage2 needs a first-stage"):
+        SFD(teacher, SFDConfig(stage2=True))
