@@ -27,7 +27,7 @@ def main():
     ckpt = load_checkpoint(args.run_dir)
     data = ckpt.card["data"]["name"]
     x, info = sample(ckpt, args.n, seed=0, nfe=args.nfe, sampler=args.sampler, return_info=True)
-    metrics = evaluate_samples(x, data, seed=ckpt.card["data"].get("split_seed", 0))
+    metrics = evaluate_samples(x, data, split_seed=ckpt.card["data"].get("split_seed", 0))
     dest = ASSETS / args.name
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(Path(args.run_dir) / WEIGHTS_NAME, dest / WEIGHTS_NAME)

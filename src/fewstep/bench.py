@@ -94,11 +94,12 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 @torch.no_grad()
-def forward_seconds(den, n: int, nfe: int, batch_size: int, shape: tuple, step=None) -> float:
-    """Pure network time of nfe × n forward passes (same batch sizes as sampling), no solver around it."""
+def forward_seconds(den, n: int, nfe: int, batch_size: int, shape: tuple, sigma: float, step=None) -> float:
+    """Pure network time of nfe × n forward passes (same batch sizes as sampling), no solver around it.
+    `sigma` must be a noise level the model accepts (an exact-table model refuses others)."""
     dev = next(den.parameters()).device
     x = torch.randn((min(n, batch_size), *shape), device=dev)
-    sigma = torch.full((len(x),), 1.0, device=dev, dtype=torch.float64)
+    sigma = torch.full((len(x),), sigma, device=dev, dtype=torch.float64)
     model = den.with_step(step)
     model(x, sigma)  # warm-up
     t0 = time.perf_counter()
@@ -128,6 +129,7 @@ class Bench:
         self.shape = sample_shape(self.teacher_card)
         self.is_toy = len(self.shape) == 1
         self.quality_key = "swd" if self.is_toy else "fcd"
+        self.split_seed = int((self.teacher_card.get("data") or {}).get("split_seed", 0))
         for sub in ("models", "rows", "figures"):
             (self.out / sub).mkdir(parents=True, exist_ok=True)
         self.noise = {s: torch.randn((spec.n_samples, *self.shape), generator=torch.Generator().manual_seed(1000 + s))
@@ -187,8 +189,7 @@ class Bench:
 
     def _data(self):
         from fewstep.data import load_dataset
-        split_seed = (self.teacher_card.get("data") or {}).get("split_seed", 0)
-        return load_dataset(self.spec.data, self.spec.resolution, split="train", seed=split_seed)
+        return load_dataset(self.spec.data, self.spec.resolution, split="train", seed=self.split_seed)
 
     def ensure_model(self, row: dict) -> Path:
         from fewstep.distill.sfd import SFD, SFDConfig, iterations_for
@@ -256,9 +257,10 @@ class Bench:
                              return_info=True, **kw)
             if preview is None:
                 preview, seconds = x, info["seconds"]
-                nfe = info["nfe"]
-            per_seed.append(evaluate_samples(x, self.spec.data, resolution=self.spec.resolution, seed=seed))
-        fwd = forward_seconds(ckpt.denoiser, self.spec.n_samples, nfe, 500, self.shape, step)
+                nfe, sigma0 = info["nfe"], info["sigmas"][0]
+            per_seed.append(evaluate_samples(x, self.spec.data, resolution=self.spec.resolution, seed=seed,
+                                             split_seed=self.split_seed))
+        fwd = forward_seconds(ckpt.denoiser, self.spec.n_samples, nfe, 500, self.shape, sigma0, step)
         quality = {}
         for k in per_seed[0]:
             if k in ("n", "n_ref"):

@@ -1,0 +1,331 @@
+"""A small digit classifier whose penultimate layer is the feature space of fewstep's image metrics.
+
+Inception features mean little on 8x8 or 28x28 grey digits, so fewstep measures Fréchet
+distance, KID and precision/recall on the 128-d features of a CNN trained on the same data set
+(the "Fréchet classifier distance", FCD). Trained weights ship in ``fewstep/assets`` as
+``classifier-<data>-<resolution>/{model.safetensors, classifier.json}``; the JSON records the
+architecture, the training recipe, the held-out accuracy and the sha256 of the weights, which is
+checked on every load.
+
+Retrain (writes into DIR; to replace a shipped one, point DIR at its assets folder)::
+
+    python -m fewstep.featnet --data digits --out DIR [--resolution R] [--steps N] [--seed S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fewstep.errors import FewstepError
+
+ASSETS_DIR = Path(__file__).parent / "assets"
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "classifier.json"
+CLASSIFIER_DATASETS = ("digits", "mnist")
+# Enough for the loss to settle on each set; about a minute of CPU each.
+DEFAULT_STEPS = {"digits": 2000, "mnist": 3000}
+
+
+class DigitClassifier(nn.Module):
+    """CNN for 1-channel digits at any size >= 4 (tested at 8, 16, 28).
+
+    conv -> [2x max-pool when wider than 8] -> conv -> adaptive avg-pool 8x8 -> conv ->
+    adaptive avg-pool 4x4 -> fc ``feature_dim`` (ReLU: the features) -> fc ``num_classes``.
+    The pooling makes one set of weights shapes-compatible with every resolution, and keeps the
+    cost at 28x28 close to that at 8x8.
+    """
+
+    def __init__(self, in_channels: int = 1, widths=(16, 32, 64), feature_dim: int = 128,
+                 num_classes: int = 10):
+        super().__init__()
+        c1, c2, c3 = widths
+        self.config = {
+            "class": "DigitClassifier",
+            "in_channels": in_channels,
+            "widths": list(widths),
+            "feature_dim": feature_dim,
+            "num_classes": num_classes,
+        }
+        self.meta: dict = {}  # filled by load_classifier from classifier.json
+        self.conv1 = nn.Conv2d(in_channels, c1, 3, padding=1)
+        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
+        self.conv3 = nn.Conv2d(c2, c3, 3, padding=1)
+        self.fc1 = nn.Linear(c3 * 16, feature_dim)
+        self.fc2 = nn.Linear(feature_dim, num_classes)
+
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (logits, penultimate features) for images in [-1, 1]."""
+        h = F.relu(self.conv1(x))
+        if h.shape[-1] > 8:
+            h = F.max_pool2d(h, 2, ceil_mode=True)
+        h = F.relu(self.conv2(h))
+        h = F.adaptive_avg_pool2d(h, 8)
+        h = F.relu(self.conv3(h))
+        h = F.adaptive_avg_pool2d(h, 4)
+        feats = F.relu(self.fc1(h.flatten(1)))
+        return self.fc2(feats), feats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_features(x)[0]
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _random_shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Shift each image by a random -1..1 pixels in x and y, filling with background (-1)."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (1, 1, 1, 1), value=-1.0)
+    sx = torch.randint(0, 3, (n,), generator=gen)
+    sy = torch.randint(0, 3, (n,), generator=gen)
+    out = torch.empty_like(x)
+    for dy in range(3):
+        for dx in range(3):
+            sel = (sx == dx) & (sy == dy)
+            out[sel] = padded[sel, :, dy:dy + h, dx:dx + w]
+    return out
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
+    model.eval()
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        correct += int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+    return correct / len(x)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, write) -> None:
+    """Write via ``write(tmp_path)``, fsync, then rename, so no half-written file is left."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # some writers create 0600 files; these are meant to be shared
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def train_classifier(
+    dataset_name: str,
+    resolution: int | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    *,
+    out_dir,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    progress: bool = True,
+) -> dict:
+    """Train a DigitClassifier on the TRAIN split of ``digits`` or ``mnist`` and save it.
+
+    Uses random +-1 px shifts, Adam with a cosine learning-rate decay, and reports accuracy on
+    the held-out split (never seen in training; split seed ``seed``). ``steps`` defaults to
+    ``DEFAULT_STEPS[dataset_name]``. Writes
+    ``out_dir/model.safetensors`` and ``out_dir/classifier.json``; returns the JSON's content.
+    """
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    from fewstep import __version__
+    from fewstep.data import NATIVE_RESOLUTION, load_dataset
+
+    if dataset_name not in CLASSIFIER_DATASETS:
+        raise FewstepError(
+            f"a classifier can be trained on {', '.join(CLASSIFIER_DATASETS)} only "
+            f"(they have labels), not {dataset_name!r}"
+        )
+    if steps is None:
+        steps = DEFAULT_STEPS[dataset_name]
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise FewstepError(f"steps must be a positive integer, got {steps!r}")
+    res = NATIVE_RESOLUTION[dataset_name] if resolution is None else int(resolution)
+    train = load_dataset(dataset_name, res, split="train", seed=seed)
+    held = load_dataset(dataset_name, res, split="heldout", seed=seed)
+
+    t0 = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
+        torch.manual_seed(seed)
+        model = DigitClassifier()
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    model.train()
+    bar = tqdm(range(steps), desc=f"classifier {dataset_name}-{res}", disable=not progress)
+    for _ in bar:
+        idx = torch.randint(0, len(train), (batch_size,), generator=gen)
+        xb = _random_shift(train.x[idx], gen)
+        loss = F.cross_entropy(model(xb), train.labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    train_seconds = time.perf_counter() - t0
+    held_acc = accuracy(model, held.x, held.labels)
+    train_acc = accuracy(model, train.x, train.labels)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = out / WEIGHTS_FILE
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    _write_atomic(weights, lambda p: save_file(state, str(p)))
+    meta = {
+        "format": "fewstep-classifier",
+        "format_version": 1,
+        "architecture": model.config,
+        "dataset": dataset_name,
+        "resolution": res,
+        "split_seed": seed,
+        "train_n": len(train),
+        "heldout_n": len(held),
+        "heldout_accuracy": round(held_acc, 5),
+        "train_accuracy": round(train_acc, 5),
+        "recipe": {
+            "steps": steps,
+            "batch_size": batch_size,
+            "optimizer": "Adam",
+            "lr": lr,
+            "lr_schedule": "cosine",
+            "augmentation": "random shift of -1..1 px in x and y",
+            "seed": seed,
+        },
+        "train_seconds": round(train_seconds, 1),
+        "weights_file": WEIGHTS_FILE,
+        "weights_sha256": _sha256(weights),
+        "fewstep_version": __version__,
+        "torch_version": torch.__version__,
+    }
+    _write_atomic(out / META_FILE, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+    return meta
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def classifier_dir(dataset_name: str, resolution: int) -> Path:
+    return ASSETS_DIR / f"classifier-{dataset_name}-{int(resolution)}"
+
+
+def available_classifiers() -> list[tuple[str, int]]:
+    """(data set, resolution) pairs with a shipped classifier."""
+    found = []
+    if ASSETS_DIR.is_dir():
+        for d in sorted(ASSETS_DIR.glob("classifier-*-*")):
+            name, _, res = d.name[len("classifier-"):].rpartition("-")
+            if res.isdigit() and (d / META_FILE).is_file():
+                found.append((name, int(res)))
+    return found
+
+
+def retrain_command(dataset_name: str, resolution: int, out=None) -> str:
+    out = out or classifier_dir(dataset_name, resolution)
+    return (f"python -m fewstep.featnet --data {dataset_name} --resolution {resolution} "
+            f"--out {out}")
+
+
+def load_classifier(dataset_name: str, resolution: int | None = None, path=None) -> DigitClassifier:
+    """Load a trained classifier, frozen and in eval mode; its ``classifier.json`` is ``.meta``.
+
+    ``path`` is a directory written by ``train_classifier``; by default the shipped one for
+    ``dataset_name`` at ``resolution`` (native resolution when None). The weights' sha256 must
+    match the one recorded in ``classifier.json``.
+    """
+    from safetensors.torch import load_file
+
+    if path is None:
+        from fewstep.data import NATIVE_RESOLUTION
+
+        if resolution is None:
+            resolution = NATIVE_RESOLUTION.get(dataset_name)
+        d = classifier_dir(dataset_name, resolution) if resolution is not None else None
+        if d is None or not (d / META_FILE).is_file():
+            have = ", ".join(f"{n} at {r}x{r}" for n, r in available_classifiers()) or "none"
+            how = (f"train one with: {retrain_command(dataset_name, resolution)}"
+                   if dataset_name in CLASSIFIER_DATASETS and resolution is not None else
+                   f"classifiers can be trained on {', '.join(CLASSIFIER_DATASETS)} only")
+            raise FewstepError(
+                f"no classifier shipped for data set {dataset_name!r} at resolution "
+                f"{resolution}; shipped: {have}; {how}"
+            )
+    else:
+        d = Path(path)
+        if not (d / META_FILE).is_file():
+            raise FewstepError(f"classifier folder {str(d)!r} has no {META_FILE}")
+
+    try:
+        meta = json.loads((d / META_FILE).read_text())
+        weights = d / meta["weights_file"]
+        expected = meta["weights_sha256"]
+        arch = dict(meta["architecture"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise FewstepError(f"cannot read classifier description {str(d / META_FILE)!r}: {e}") from None
+    if not weights.is_file():
+        raise FewstepError(f"classifier weights {str(weights)!r} are missing")
+    actual = _sha256(weights)
+    if actual != expected:
+        raise FewstepError(
+            f"classifier weights {str(weights)!r} fail their checksum (sha256 {actual[:16]}..., "
+            f"{META_FILE} records {expected[:16]}...); the file is damaged or was replaced. "
+            f"Retrain with: {retrain_command(meta.get('dataset', dataset_name), meta.get('resolution', resolution), d)}"
+        )
+    if arch.pop("class", None) != "DigitClassifier":
+        raise FewstepError(f"{str(d / META_FILE)!r} describes an unknown architecture")
+    model = DigitClassifier(**arch)
+    model.load_state_dict(load_file(str(weights)))
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.meta = meta
+    return model
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m fewstep.featnet",
+        description="Train the digit classifier whose features fewstep's image metrics use.",
+    )
+    parser.add_argument("--data", required=True, choices=CLASSIFIER_DATASETS)
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="image size (default: the data set's native size)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps (default: 2000 for digits, 3000 for mnist)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the training run and split")
+    args = parser.parse_args(argv)
+    try:
+        meta = train_classifier(args.data, args.resolution, args.steps, args.seed, out_dir=args.out)
+    except FewstepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"held-out accuracy {meta['heldout_accuracy']:.4f} ({meta['heldout_n']} images), "
+          f"{meta['train_seconds']:.0f} s; wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
