@@ -143,7 +143,10 @@ class SFD(TrainMethod):
             self.student_step_cond = None  # per-iteration N for SFD-v
         self.student = copy.deepcopy(tden)
         if len(cfg.nfe) > 1 and not cfg.stage2:
-            self.student.net.add_step_condition()
+            # a fixed seed makes the new layers' (non-zero) input weights independent of RNG history
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                self.student.net.add_step_condition()
         for p in self.student.parameters():
             p.requires_grad_(True)
         if cfg.dropout is not None:
