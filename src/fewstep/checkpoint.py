@@ -147,7 +147,11 @@ def load_checkpoint(name_or_path: str | Path, device: str | torch.device = "cpu"
     except Exception as e:  # safetensors raises its own error types for malformed files
         raise FewstepError(f"{weights}: not a readable safetensors file ({e})") from None
     denoiser = denoiser_from_card(card)
-    missing, unexpected = denoiser.net.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = denoiser.net.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # strict=False still raises on shape mismatches
+        raise FewstepError(f"{weights}: weights do not fit the network in the card "
+                           f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
     if missing or unexpected:
         raise FewstepError(f"{weights}: weights do not fit the network in the card "
                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -158,9 +162,13 @@ def load_checkpoint(name_or_path: str | Path, device: str | torch.device = "cpu"
 
 
 def denoiser_from_card(card: dict) -> Denoiser:
-    d = card["denoiser"]
-    return Denoiser(build_net(card["net"]), Schedule.from_dict(d["schedule"]), d["param"],
-                    exact_table=d.get("exact_table", False))
+    try:
+        d = card["denoiser"]
+        return Denoiser(build_net(card["net"]), Schedule.from_dict(d["schedule"]), d["param"],
+                        exact_table=d.get("exact_table", False))
+    except (KeyError, TypeError, AttributeError) as e:  # a hand-edited or truncated card
+        raise FewstepError(f"model card: missing or malformed entry {e}; expected the 'net' and 'denoiser' "
+                           "sections a fewstep checkpoint writes") from None
 
 
 def teacher_reference(path: Path) -> dict:

@@ -76,18 +76,256 @@ def cmd_sfd(args):
 
 # ---- SFDDM ----------------------------------------------------------------------------------------
 def add_sfddm(methods):
-    pass
+    from fewstep.cli import add_train_args
+
+    p = methods.add_parser(
+        "sfddm", conflict_handler="resolve", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="Single-fold distillation into a T'-step model (needs training data)",
+        description="Distil a discrete T-step teacher into a T'-step diffusion model in one fold. The student's\n"
+                    "chain is the teacher's read at an index set phi; it samples with its own T' steps (NFE = T').\n"
+                    "Note: here --steps is the student's step count T'; training iterations are --iters.",
+        epilog="examples:\n"
+               "  fewstep distill sfddm --teacher digits-teacher --data digits --steps 10 --out runs/sfddm10\n"
+               "  fewstep distill sfddm --teacher T --data D --index 0,99,511,1023 --out runs/sfddm4")
+    p.add_argument("--teacher", required=True, help="discrete VP teacher checkpoint or built-in name")
+    p.add_argument("--data", required=True, help="training data the teacher was trained on (built-in name or path)")
+    p.add_argument("--resolution", type=int, default=None, help="image size (default: the teacher's)")
+    p.add_argument("--data-seed", type=int, default=None, help="train/held-out split seed (default: the teacher's)")
+    add_train_args(p, steps=4000, batch=64, lr=2e-4)
+    # --steps is the student's step count here (as in the paper's T'); iterations move to --iters
+    p.add_argument("--steps", type=int, default=None,
+                   help="student steps T' (= NFE); may be left out with an explicit --index list")
+    p.add_argument("--iters", type=int, default=4000, help="training iterations (default 4000)")
+    p.add_argument("--index", default="trailing",
+                   help="index set phi: trailing (default; the student's noisiest step is the teacher's), "
+                        "leading (the authors' code), or an increasing list of teacher indices i,j,...")
+    p.add_argument("--init", default="random", choices=["random", "teacher"],
+                   help="student weights: random (authors' choice; time input = own index s) or a copy of "
+                        "the teacher (time input = phi_s). With 'teacher' the loss starts at exactly 0")
+    p.add_argument("--hidden", default="l1", choices=["l1", "kl", "none"],
+                   help="hidden-variable term: l1 on the penultimate feature map (default), kl (closed-form "
+                        "KL of the reverse kernels, a time-weighted eps-MSE) or none")
+    p.add_argument("--loss", default="l1", choices=["l1", "l2"], help="output term (default l1)")
+    p.add_argument("--lam", type=float, default=1.0, help="weight of the hidden term (default 1)")
+    p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"],
+                   help="the student's default sampler: ddpm ancestral (default) or ddim eta=0")
+    p.add_argument("--clip", type=_clip_value, default="auto",
+                   help="x0 clipping when sampling: a bound, or 'none' (default: 1 for images, none for 2-D)")
+    p.add_argument("--dropout", type=float, default=None, help="student dropout (default: the teacher's)")
+    p.set_defaults(func=cmd_sfddm)
+
+
+def _clip_value(text: str):
+    if text in ("auto", "none"):
+        return None if text == "none" else "auto"
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, 'none' or 'auto', got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive clipping bound, got {text!r}")
+    return v
+
+
+def _distill_data(args, teacher):
+    """The training data of a data-based distillation, at the teacher's resolution and split."""
+    from fewstep.data import load_dataset
+
+    net = teacher.card["net"]
+    tdata = teacher.card.get("data") or {}
+    resolution = args.resolution
+    if resolution is None and net["type"] == "unet":
+        resolution = net["resolution"]
+    seed = args.data_seed if args.data_seed is not None else int(tdata.get("split_seed") or 0)
+    ds = load_dataset(args.data, resolution=resolution if net["type"] == "unet" or args.resolution else None,
+                      split="train", seed=seed)
+    info = {**ds.info, "name": ds.name, "kind": ds.kind, "shape": list(ds.shape), "split_seed": seed}
+    return ds, info
+
+
+def _iters_config(args):
+    from fewstep.cli import train_config
+
+    if args.iters < 1:
+        from fewstep.errors import FewstepError
+        raise FewstepError(f"--iters {args.iters}: expected at least 1 training iteration")
+    targs = argparse.Namespace(**vars(args))
+    targs.steps = args.iters
+    return train_config(targs)
+
+
+def cmd_sfddm(args):
+    from fewstep.checkpoint import load_checkpoint, teacher_reference
+    from fewstep.cli import run_info
+    from fewstep.distill.sfddm import SFDDM, SFDDMConfig
+    from fewstep.train import Trainer, pick_device
+
+    teacher = load_checkpoint(args.teacher, device=pick_device(args.device))
+    cfg = SFDDMConfig(steps=args.steps, index=args.index, init=args.init, hidden=args.hidden, loss=args.loss,
+                      lam=args.lam, sampler=args.sampler, clip=args.clip, dropout=args.dropout, seed=args.seed)
+    ds, info = _distill_data(args, teacher)
+    method = SFDDM(teacher.denoiser, cfg, info, teacher_ref=teacher_reference(teacher.path.resolve()))
+    Trainer(method, _iters_config(args), args.out, data=ds.x, resume=args.resume, run_info=run_info(args)).run()
+    phi = [int(v) for v in method.phi]
+    shown = phi if len(phi) <= 12 else phi[:5] + ["..."] + phi[-5:]
+    print(f"SFDDM student (T'={len(phi)} of T={teacher.denoiser.schedule.T}, phi={shown}) saved to {args.out} "
+          f"(sample it with: fewstep sample {args.out}; NFE {len(phi)})")
 
 
 # ---- progressive distillation -----------------------------------------------------------------------
 def add_progressive(methods):
-    pass
+    from fewstep.cli import add_train_args
+
+    p = methods.add_parser(
+        "progressive", conflict_handler="resolve", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="progressive distillation (Salimans & Ho): folds that halve the steps (needs data)",
+        description="Each fold trains a copy of its teacher to do two teacher DDIM steps in one, halving the\n"
+                    "steps, until --steps remain. Every fold is kept in OUT/fold-<steps>/; OUT holds the final\n"
+                    "student with the summed cost. Note: --steps is the final step count; --iters is per fold.",
+        epilog="example:\n"
+               "  fewstep distill progressive --teacher digits-teacher --data digits --steps 8 --out runs/pd8")
+    p.add_argument("--teacher", required=True, help="teacher checkpoint or built-in name")
+    p.add_argument("--data", required=True, help="training data (built-in name or path)")
+    p.add_argument("--resolution", type=int, default=None, help="image size (default: the teacher's)")
+    p.add_argument("--data-seed", type=int, default=None, help="train/held-out split seed (default: the teacher's)")
+    add_train_args(p, steps=1000, batch=64, lr=1e-4, lr_schedule="cosine")
+    p.add_argument("--steps", type=int, default=8, help="the final student's DDIM steps (= NFE; default 8)")
+    p.add_argument("--start-steps", type=int, default=None,
+                   help="the first teacher's DDIM steps (default: its T; e.g. 256 starts from a 256-step "
+                        "DDIM teacher); start/steps must be a power of two")
+    p.add_argument("--iters", type=int, default=1000, help="training iterations per fold (default 1000)")
+    p.add_argument("--clip", type=_clip_value, default="auto",
+                   help="clip the teacher's x0 in the targets and when sampling: a bound or 'none' "
+                        "(default: 1 for images, none for 2-D)")
+    p.add_argument("--dropout", type=float, default=None, help="student dropout (default: the teacher's)")
+    p.set_defaults(func=cmd_progressive)
+
+
+def cmd_progressive(args):
+    from fewstep.checkpoint import load_checkpoint, read_card
+    from fewstep.cli import run_info
+    from fewstep.distill.progressive import progressive_distill
+    from fewstep.train import pick_device
+
+    teacher = load_checkpoint(args.teacher, device=pick_device(args.device))
+    ds, info = _distill_data(args, teacher)
+    out = progressive_distill(teacher, ds.x, args.start_steps, args.steps, args.out, _iters_config(args),
+                              data_info=info, clip=args.clip, dropout=args.dropout, resume=args.resume,
+                              run_info=run_info(args))
+    m = read_card(out)["method"]
+    print(f"progressive student ({m['teacher_steps']} → {m['student_steps']} steps in {len(m['folds'])} folds, "
+          f"{m['total_iterations']} iterations, {m['total_wall_time_s']:.1f} s) saved to {out} "
+          f"(sample it with: fewstep sample {out}; NFE {m['student_steps']})")
 
 
 # ---- compare / interpolate ------------------------------------------------------------------------
 def add_compare(sub):
-    pass
+    p = sub.add_parser("compare", help="semantic consistency: the same noises through two models (PSNR of pairs)",
+                       description="Feed the same initial noises to models A and B, each with its default "
+                                   "deterministic sampler (DDIM eta=0 on the same grid where the default is DDPM), "
+                                   "and report the PSNR of matched pairs against shuffled pairs.")
+    p.add_argument("a", help="first model (e.g. the teacher)")
+    p.add_argument("b", help="second model (e.g. its student)")
+    p.add_argument("--n", type=int, default=256, help="number of noises (default 256)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler-a", default=None, help="override A's sampler")
+    p.add_argument("--nfe-a", type=int, default=None, help="override A's NFE")
+    p.add_argument("--sampler-b", default=None, help="override B's sampler")
+    p.add_argument("--nfe-b", type=int, default=None, help="override B's NFE")
+    p.add_argument("--png", default=None, help="side-by-side picture (images: A's row above B's row)")
+    p.add_argument("--png-n", type=int, default=32, help="pairs shown in the picture (default 32)")
+    p.add_argument("--out-json", default=None, help="write the numbers to this JSON file")
+    p.add_argument("--batch", type=int, default=500)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args):
+    from pathlib import Path
+
+    from fewstep.checkpoint import load_checkpoint, write_json
+    from fewstep.distill.sfddm import compare_models
+    from fewstep.train import pick_device
+
+    device = pick_device(args.device)
+    a, b = load_checkpoint(args.a, device=device), load_checkpoint(args.b, device=device)
+    xa, xb, st = compare_models(a, b, args.n, args.seed, args.sampler_a, args.nfe_a, args.sampler_b, args.nfe_b,
+                                batch_size=args.batch)
+    print(f"A {args.a}: {st['a']['sampler']} NFE {st['a']['nfe']}")
+    print(f"B {args.b}: {st['b']['sampler']} NFE {st['b']['nfe']}")
+    print(f"PSNR matched  {st['psnr_matched']:.2f} dB (± {st['psnr_matched_std']:.2f})   MSE {st['mse_matched']:.4g}")
+    print(f"PSNR shuffled {st['psnr_shuffled']:.2f} dB (± {st['psnr_shuffled_std']:.2f})   MSE {st['mse_shuffled']:.4g}")
+    print(f"n = {st['n']}, seed {args.seed}")
+    if args.png:
+        _pairs_picture(xa[:args.png_n], xb[:args.png_n], args.png, Path(args.a).name, Path(args.b).name)
+        print(f"picture → {args.png}")
+    if args.out_json:
+        write_json(Path(args.out_json), st)
+
+
+def _pairs_picture(xa, xb, path, name_a, name_b):
+    import torch
+
+    from fewstep.viz import image_grid, save_png, scatter_png
+
+    if xa.ndim != 4:
+        return scatter_png({f"A: {name_a}": xa, f"B: {name_b}": xb}, path, title="same noises")
+    per_row = min(8, len(xa))
+    rows = []
+    for i in range(0, len(xa), per_row):
+        ca, cb = xa[i:i + per_row], xb[i:i + per_row]
+        pad = per_row - len(ca)
+        if pad:  # a short last block: fill with blank (white) cells
+            blank = torch.ones((pad, *xa.shape[1:]))
+            ca, cb = torch.cat([ca, blank]), torch.cat([cb, blank])
+        rows += [ca, cb]
+    return save_png(image_grid(torch.cat(rows), nrow=per_row), path)
 
 
 def add_interpolate(sub):
-    pass
+    p = sub.add_parser("interpolate", help="frames between two seeds' noises (slerp or linear) as one strip",
+                       description="Interpolate between the initial noises of two seeds (each the first noise "
+                                   "`fewstep sample --seed S` draws) and sample every frame with the model's "
+                                   "deterministic sampler.")
+    p.add_argument("model")
+    p.add_argument("--seeds", default="3,7", help="two seeds a,b (default 3,7)")
+    p.add_argument("--frames", type=int, default=9, help="frames including both ends (default 9)")
+    p.add_argument("--mode", default="slerp", choices=["slerp", "linear", "both"],
+                   help="slerp (default), linear, or both (two rows: slerp above linear)")
+    p.add_argument("--sampler", default=None, help="override the sampler")
+    p.add_argument("--nfe", type=int, default=None, help="override the NFE")
+    p.add_argument("--out", required=True, help="PNG strip")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_interpolate)
+
+
+def cmd_interpolate(args):
+    import torch
+
+    from fewstep.checkpoint import load_checkpoint
+    from fewstep.distill.sfddm import interpolation_noises, sample_same_noise
+    from fewstep.errors import FewstepError
+    from fewstep.sampling import sample_shape
+    from fewstep.train import pick_device
+    from fewstep.viz import image_grid, save_png, scatter_png
+
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(","))
+    except ValueError:
+        seeds = ()
+    if len(seeds) != 2:
+        raise FewstepError(f"--seeds {args.seeds!r}: expected two integers a,b")
+    ckpt = load_checkpoint(args.model, device=pick_device(args.device))
+    shape = tuple(sample_shape(ckpt.card))
+    modes = ["slerp", "linear"] if args.mode == "both" else [args.mode]
+    outs, info = {}, None
+    for m in modes:
+        noise = interpolation_noises(shape, seeds, args.frames, m)
+        outs[m], info = sample_same_noise(ckpt, noise, seed=seeds[0], sampler=args.sampler, nfe=args.nfe)
+    if len(shape) == 3:
+        save_png(image_grid(torch.cat(list(outs.values())), nrow=args.frames), args.out)
+    else:
+        scatter_png({f"{m} ({args.frames} frames)": x for m, x in outs.items()}, args.out,
+                    title=f"seeds {seeds[0]} → {seeds[1]}")
+    print(f"{'/'.join(modes)} interpolation, seeds {seeds[0]} → {seeds[1]}, {args.frames} frames, "
+          f"{info['sampler']} NFE {info['nfe']} → {args.out}")

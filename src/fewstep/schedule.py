@@ -35,6 +35,9 @@ def vp_table(kind: str = "linear", T: int = 1024, beta_start: float = 1e-4, beta
         raise FewstepError(f"schedule T={T}: expected at least 2 steps")
     if kind == "linear":
         scale = 1000.0 / T
+        if beta_end * scale >= 1:  # the scaled betas would drive ᾱ to 0 or below
+            raise FewstepError(f"linear schedule with T={T}: its scaled betas reach {beta_end * scale:g} >= 1; "
+                               f"use T > {int(beta_end * 1000)} or the cosine schedule")
         betas = torch.linspace(beta_start * scale, beta_end * scale, T, dtype=torch.float64)
         return torch.cumprod(1 - betas, 0)
     if kind == "cosine":
@@ -226,7 +229,9 @@ def make_grid(kind: str, n: int, sigma_min: float, sigma_max: float, rho: float 
                 if len(idx.unique()) != n:
                     raise FewstepError(f"discrete grid: {n} points do not fit in the table between the given sigmas")
                 return schedule.sigmas[idx.long()]
-            return _index_to_sigma(schedule, idx)
+            g = _index_to_sigma(schedule, idx)
+            g[0], g[-1] = sigma_max, sigma_min  # exp(log σ) is not always σ to the last bit
+            return g
         if kind == "discrete":
             raise FewstepError("grid 'discrete' needs a discrete (table) model; use polynomial, logsnr or uniform")
         g = sigma_max + f * (sigma_min - sigma_max)

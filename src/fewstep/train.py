@@ -22,6 +22,8 @@ import json
 import math
 import os
 import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -130,7 +132,7 @@ class StepContext:
     def step(self, loss: torch.Tensor) -> float:
         """zero_grad → backward → all-reduce → clip → optimizer step. Returns the gradient norm."""
         if not torch.isfinite(loss.detach()):
-            raise FewstepError(f"loss became {float(loss)} at iteration {self.t.step}; lower --lr "
+            raise FewstepError(f"loss became {float(loss.detach())} at iteration {self.t.step}; lower --lr "
                                "or check the data (nothing was saved from this iteration)")
         opt = self.t.optimizer
         opt.zero_grad(set_to_none=True)
@@ -316,11 +318,34 @@ class Trainer:
         bar = tqdm(total=c.steps, initial=self.step, desc=self.method.name, unit="it",
                    disable=not (c.progress and self.is_main), dynamic_ncols=True)
         interrupted = False
-        previous = signal.getsignal(signal.SIGTERM)
-        if self.is_main:
-            signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop cleanly on kill, like Ctrl-C
+        # Ctrl-C / SIGTERM only request a stop, taken between iterations: an interrupt that landed
+        # after the optimizer step but before the step count moved would make --resume repeat an
+        # update. A second request stops at once.
+        stop: list[int] = []
+
+        def request_stop(signum, frame):
+            if stop:
+                raise KeyboardInterrupt
+            stop.append(signum)
+            if self.is_main:
+                print("\nstopping after the current iteration (interrupt again to stop at once)",
+                      file=sys.stderr, flush=True)
+
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.getsignal(sig)
+                signal.signal(sig, request_stop)
         try:
             while self.step < c.steps:
+                if self.world > 1:  # all processes must stop at the same iteration
+                    flag = torch.tensor([float(bool(stop))], device=self.device)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    if flag.item() and not stop:
+                        stop.append(signal.SIGINT)
+                if stop:
+                    interrupted = True
+                    break
                 t0 = time.perf_counter()
                 for g in self.optimizer.param_groups:
                     g["lr"] = self.lr_at(self.step)
@@ -355,8 +380,8 @@ class Trainer:
             interrupted = True
         finally:
             bar.close()
-            if self.is_main:
-                signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         self.save(final=not interrupted)
         if interrupted:
             if self.is_main:

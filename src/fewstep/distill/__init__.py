@@ -1,0 +1,1 @@
+"""Distillation methods, one module each (sfd, sfddm, progressive), all plugged into fewstep.train."""

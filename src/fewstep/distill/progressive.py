@@ -1,0 +1,270 @@
+"""Progressive distillation (Salimans & Ho, ICLR 2022): the multi-fold baseline.
+
+Each fold halves the step count. The student starts as a copy of its teacher and learns to do in
+ONE DDIM step what the teacher does in TWO. In σ-space a DDIM (η = 0) step from σ to σ' is
+x' = x̂0 + (σ'/σ)·(x − x̂0); from x at σ the teacher steps to σ' and then σ'', and the target x̃0
+is the x0 prediction that a single step σ → σ'' would need to land on the same x'':
+
+    x̃0 = (x'' − (σ''/σ)·x) / (1 − σ''/σ)          (σ'' = 0 at the last step: x̃0 = x'')
+
+The loss is the x0 mean squared error weighted by max(SNR, 1) with SNR = 1/σ² ("truncated SNR");
+the student's noise level is drawn uniformly from its own grid points. The student becomes the
+next fold's teacher. Every fold's run directory (`fold-<steps>/`) is kept; the output directory
+itself holds the final student, with the total cost of all folds in its card.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import torch
+
+from fewstep.checkpoint import CARD_NAME, load_checkpoint, read_card, save_checkpoint, teacher_reference
+from fewstep.denoiser import Denoiser
+from fewstep.errors import FewstepError
+from fewstep.sampling import sample_shape
+from fewstep.schedule import check_grid, index_subsequence, make_grid
+from fewstep.solvers import solve
+from fewstep.train import StepContext, TrainConfig, TrainMethod, Trainer, pick_device
+
+
+# ---- grids and the target -------------------------------------------------------------------------
+
+def teacher_grid(teacher: Denoiser, steps: int) -> torch.Tensor:
+    """The DDIM grid of the first fold's teacher: `steps` noise levels, noisiest first, then 0.
+
+    Discrete teachers: the trailing subsequence of the table (all T entries when steps = T), so
+    every later fold's grid is again a trailing subsequence. Continuous teachers: EDM's ρ = 7 grid.
+    """
+    if steps < 2:
+        raise FewstepError(f"start steps {steps}: expected at least 2")
+    if teacher.schedule.is_discrete:
+        T = teacher.schedule.T
+        if steps > T:
+            raise FewstepError(f"start steps {steps}: the teacher has only T={T} steps")
+        phi = index_subsequence(T, steps, "trailing", allow_full=True)
+        g = teacher.schedule.sigmas[phi].flip(0)
+    else:
+        g = make_grid("polynomial", steps, teacher.sigma_min, teacher.sigma_max, 7.0)
+    return torch.cat([g, torch.zeros(1, dtype=torch.float64)])
+
+
+def halve_grid(grid: torch.Tensor) -> torch.Tensor:
+    """Every other point of an N-step grid (N + 1 points ending in 0): the N/2-step student grid."""
+    grid = check_grid(grid, "teacher grid")
+    n = len(grid) - 1
+    if n % 2 or grid[-1] != 0:
+        raise FewstepError(f"teacher grid: expected an even number of steps ending at sigma 0, got {n} steps")
+    return grid[::2].clone()
+
+
+def fold_plan(start_steps: int, target_steps: int) -> list[int]:
+    """Step counts after each fold: start/2, start/4, ..., target (start/target a power of two)."""
+    if target_steps < 1:
+        raise FewstepError(f"target steps {target_steps}: expected at least 1")
+    if start_steps <= target_steps:
+        raise FewstepError(f"start steps {start_steps} must exceed the target {target_steps}")
+    ratio = start_steps // target_steps
+    if start_steps % target_steps or ratio & (ratio - 1):
+        raise FewstepError(f"start steps {start_steps} / target steps {target_steps} must be a power of two "
+                           "(each fold halves the steps); e.g. --start-steps 1024 --steps 8")
+    plan, n = [], start_steps
+    while n > target_steps:
+        n //= 2
+        plan.append(n)
+    return plan
+
+
+def ddim_step(x0: torch.Tensor, x: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    """x' = x̂0 + (σ'/σ)·(x − x̂0) with a per-sample ratio σ'/σ."""
+    r = ratio.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+    return x0 + r * (x - x0)
+
+
+@torch.no_grad()
+def two_step_target(teacher, x: torch.Tensor, sigma: torch.Tensor, sigma_mid: torch.Tensor,
+                    sigma_next: torch.Tensor, clip: float | None = None) -> torch.Tensor:
+    """x̃0 such that one DDIM step σ → σ'' from x lands where two teacher DDIM steps σ → σ' → σ'' land."""
+    def d(z, s):
+        x0 = teacher(z, s)
+        return x0.clamp(-clip, clip) if clip is not None else x0
+
+    x_mid = ddim_step(d(x, sigma), x, sigma_mid / sigma)
+    x_next = ddim_step(d(x_mid, sigma_mid), x_mid, sigma_next / sigma_mid)
+    r = (sigma_next / sigma).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+    return (x_next - r * x) / (1 - r)
+
+
+def truncated_snr(sigma: torch.Tensor) -> torch.Tensor:
+    """max(SNR, 1) with SNR = 1/σ² (= ᾱ/(1 − ᾱ) for a VP model)."""
+    return (1 / sigma.double() ** 2).clamp(min=1.0)
+
+
+# ---- one fold ---------------------------------------------------------------------------------------
+
+def _net_shape(net) -> list[int]:
+    return list(sample_shape({"net": net.config}))
+
+
+class ProgressiveFold(TrainMethod):
+    """One fold: a copy of the teacher learns its two DDIM steps in one (N → N/2 steps)."""
+
+    name = "progressive"
+    needs_data = True
+
+    def __init__(self, teacher: Denoiser, grid: torch.Tensor, data_info: dict | None = None,
+                 clip: float | None = None, teacher_ref: dict | None = None, fold_info: dict | None = None,
+                 dropout: float | None = None):
+        if teacher.has_step_condition:
+            raise FewstepError("progressive distillation: the teacher is step-conditioned (SFD-v); "
+                               "distil a plain teacher")
+        self.teacher = teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.grid = check_grid(grid, "teacher grid").cpu()
+        self.student_grid = halve_grid(self.grid)
+        self.clip = clip
+        self.data_info = data_info or {}
+        self.teacher_ref = teacher_ref
+        self.fold_info = fold_info or {}
+        net = copy.deepcopy(teacher.net)
+        for p in net.parameters():
+            p.requires_grad_(True)
+        if dropout is not None:
+            from fewstep.distill.sfddm import _set_dropout
+            _set_dropout(net, dropout)
+        # the student is evaluated on the teacher's own noise levels, so it keeps its time convention
+        self.student = Denoiser(net, teacher.schedule, teacher.param, exact_table=teacher.exact_table)
+        self.shape = _net_shape(teacher.net)
+        shape = self.data_info.get("shape")
+        if shape is not None and list(shape) != self.shape:
+            hint = f"; pass --resolution {self.shape[-1]}" if len(self.shape) == 3 else ""
+            raise FewstepError(f"data shape {list(shape)} does not match the teacher's sample shape {self.shape}{hint}")
+
+    @property
+    def student_steps(self) -> int:
+        return len(self.student_grid) - 1
+
+    def trainable(self):
+        return self.student
+
+    def losses(self, x0: torch.Tensor, j: torch.Tensor, eps: torch.Tensor, student=None, autocast=None):
+        """Loss at student grid positions j (long): x = x0 + σ_j·ε, target from two teacher steps."""
+        student = student or self.student
+        dev = x0.device
+        if next(self.teacher.parameters()).device != dev:
+            self.teacher.to(dev)
+        j = j.cpu()
+        sigma = self.student_grid[j].to(dev)
+        sigma_mid, sigma_next = self.grid[2 * j + 1].to(dev), self.grid[2 * j + 2].to(dev)
+        x = x0 + student._bcast(sigma, x0) * eps
+        ctx = autocast if autocast is not None else torch.autocast("cpu", enabled=False)
+        with ctx:
+            target = two_step_target(self.teacher, x, sigma, sigma_mid, sigma_next, self.clip).float()
+            pred = student(x, sigma).float()
+        per = (pred - target).square().reshape(len(x), -1).mean(1)
+        loss = (truncated_snr(sigma).float() * per).mean()
+        return loss, {"loss": float(loss.detach())}
+
+    def train_step(self, ctx: StepContext, batch, gen):
+        gb = batch.shape[0] * ctx.world
+        j = ctx.local(torch.randint(0, self.student_steps, (gb,), generator=gen))
+        eps = ctx.local(torch.randn((gb, *batch.shape[1:]), generator=gen)).to(batch.device)
+        loss, logs = self.losses(batch, j, eps, autocast=ctx.autocast())
+        logs["grad_norm"] = ctx.step(loss)
+        return logs
+
+    def sampler_card(self) -> dict:
+        return {"name": "ddim", "nfe": self.student_steps, "sigmas": [float(s) for s in self.student_grid],
+                "clip": self.clip}
+
+    def card(self) -> dict:
+        method = {"name": "progressive", "teacher_steps": len(self.grid) - 1, "student_steps": self.student_steps,
+                  "weight": "max(SNR, 1)", "target": "two teacher DDIM steps", **self.fold_info}
+        return {"method": method, "sampler": self.sampler_card(), "teacher": self.teacher_ref,
+                "data": self.data_info}
+
+    def preview(self, model, n, seed):
+        dev = next(model.parameters()).device
+        grid = self.student_grid.to(dev)
+        x = torch.randn((n, *self.shape), generator=torch.Generator().manual_seed(seed)).to(dev) * float(grid[0])
+        return solve("ddim", model, x, grid, clip=self.clip).x
+
+
+# ---- all folds ----------------------------------------------------------------------------------------
+
+def _finished(fold_dir: Path) -> bool:
+    try:
+        return bool(read_card(fold_dir).get("training", {}).get("finished"))
+    except FewstepError:
+        return False
+
+
+def progressive_distill(teacher_ckpt, data: torch.Tensor, start_steps: int | None, target_steps: int,
+                        out_dir, config: TrainConfig, data_info: dict | None = None, clip="auto",
+                        dropout: float | None = None, resume: bool = False, run_info: dict | None = None,
+                        log=print) -> Path:
+    """Run folds start → start/2 → … → target into out_dir/fold-<steps>/, then put the final student in
+    out_dir itself with the summed cost of all folds. `teacher_ckpt` is a path / built-in name or a
+    loaded Checkpoint. With resume, finished folds are reused and an interrupted one continues."""
+    from fewstep.checkpoint import Checkpoint
+
+    out_dir = Path(out_dir)
+    device = pick_device(config.device)
+    root = teacher_ckpt if isinstance(teacher_ckpt, Checkpoint) else load_checkpoint(teacher_ckpt, device=device)
+    teacher = root.denoiser.to(device)
+    if start_steps is None:
+        if not teacher.schedule.is_discrete:
+            raise FewstepError("a continuous (EDM) teacher has no step table: give --start-steps")
+        start_steps = teacher.schedule.T
+    plan = fold_plan(start_steps, target_steps)
+    data_info = data_info or {}
+    if clip == "auto":
+        clip = 1.0 if data_info.get("kind") == "image" else None
+    root_ref = teacher_reference(Path(root.path).resolve()) if root.path is not None else None
+    if not resume and (out_dir / CARD_NAME).exists():
+        raise FewstepError(f"{out_dir} already holds a model; pass --resume to continue it or choose another --out")
+    grid = teacher_grid(teacher, start_steps)
+    teacher_ref, folds = root_ref, []
+    for k, steps in enumerate(plan, start=1):
+        fold_dir = out_dir / f"fold-{steps}"
+        info = {"fold": k, "folds": len(plan), "start_steps": start_steps, "target_steps": target_steps,
+                "root_teacher": root_ref}
+        if resume and _finished(fold_dir):
+            ck = load_checkpoint(fold_dir, device=device)
+            log(f"fold {k}/{len(plan)}: {len(grid) - 1} → {steps} steps already done ({fold_dir})")
+            student = ck.denoiser
+            card = ck.card
+        else:
+            method = ProgressiveFold(teacher, grid, data_info, clip, teacher_ref, info, dropout)
+            cont = resume and (fold_dir / "train_state.pt").exists()
+            log(f"fold {k}/{len(plan)}: {len(grid) - 1} → {steps} steps{' (resuming)' if cont else ''}")
+            trainer = Trainer(method, config, fold_dir, data=data, resume=cont, run_info=run_info)
+            trainer.run()
+            student = copy.deepcopy(trainer.eval_model()).eval()
+            for p in student.parameters():
+                p.requires_grad_(False)
+            card = read_card(fold_dir) if trainer.is_main else method.card()
+        tr = card.get("training", {})
+        folds.append({"fold": k, "teacher_steps": len(grid) - 1, "student_steps": steps,
+                      "iterations": tr.get("iterations"), "wall_time_s": tr.get("wall_time_s"),
+                      "dir": fold_dir.name})
+        teacher, grid = student, halve_grid(grid)
+        teacher_ref = teacher_reference(fold_dir.resolve()) if (fold_dir / CARD_NAME).exists() else None
+    if int(os.environ.get("RANK", "0")) != 0:
+        return out_dir
+    total_wall = round(sum(f["wall_time_s"] or 0.0 for f in folds), 2)
+    total_its = sum(f["iterations"] or 0 for f in folds)
+    final = {k: v for k, v in card.items()
+             if k not in ("format", "format_version", "fewstep_version", "saved_at", "net", "denoiser",
+                          "weights_sha256")}
+    final["method"] = {"name": "progressive", "teacher_steps": start_steps, "student_steps": target_steps,
+                       "weight": "max(SNR, 1)", "target": "two teacher DDIM steps", "clip": clip,
+                       "dropout": dropout, "folds": folds, "total_iterations": total_its,
+                       "total_wall_time_s": total_wall}
+    final["teacher"] = root_ref
+    final["training"] = {**final.get("training", {}), "iterations": total_its, "wall_time_s": total_wall,
+                         "per_fold_iterations": config.steps, "finished": True}
+    save_checkpoint(out_dir, teacher, final)
+    return out_dir

@@ -1,0 +1,407 @@
+"""SFDDM — Single-fold Distillation (Hong et al., ECML PKDD 2025).
+
+The student is a T'-step discrete VP model whose forward chain is the teacher's chain read at an
+increasing index set φ: ᾱ'_s = ᾱ[φ_s]. By telescoping, the student's noisy input at step s is the
+teacher's noisy input at φ_s, so one fold of training needs no unrolled teacher chain:
+
+    x0 ~ data, s ~ U{0..T'-1}, ε ~ N(0, I), x = x0 + σ'_s·ε        (σ-space; σ'_s = σ[φ_s])
+    loss = |y_S − y_T| + λ·|h_S − h_T|                             (raw outputs y, penultimate maps h)
+
+The student's σ table is exactly the teacher's at φ, and it refuses any other σ ("exact table").
+It samples with its own T'-step chain: DDPM ancestral (default) or DDIM η = 0.
+
+Also here: the semantic-consistency tools the paper reports — PSNR of matched against shuffled
+pairs of two models fed the same noises, and slerp / linear interpolation between two noises.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fewstep.denoiser import Denoiser
+from fewstep.errors import FewstepError
+from fewstep.nets import build_net
+from fewstep.schedule import Schedule, index_subsequence
+from fewstep.solvers import STOCHASTIC, solve
+from fewstep.train import StepContext, TrainMethod
+
+INITS = ("random", "teacher")
+HIDDEN = ("l1", "kl", "none")
+LOSSES = ("l1", "l2")
+SAMPLERS = ("ddpm", "ddim")
+
+
+# ---- the student chain ----------------------------------------------------------------------------
+
+def check_teacher(teacher: Denoiser, method: str = "SFDDM") -> None:
+    """A distillable teacher: a discrete VP table, not step-conditioned."""
+    if not teacher.schedule.is_discrete:
+        raise FewstepError(f"{method} needs a discrete VP teacher (a table of T steps, eps/v/x0-prediction); "
+                           "this teacher is a continuous EDM model")
+    if teacher.has_step_condition:
+        raise FewstepError(f"{method}: the teacher is step-conditioned (an SFD-v student); distil a plain teacher")
+
+
+def index_set(teacher: Denoiser, steps: int | None, index="trailing", allow_full: bool = False) -> torch.Tensor:
+    """The teacher indices φ (long, strictly increasing) of a T'-step student.
+
+    `index` is 'trailing', 'leading', a comma-separated string or a sequence of ints. With an
+    explicit list `steps` may be None (T' = its length). allow_full admits T' = T (φ = 0..T-1),
+    the identity student used to check invariants; users never get it.
+    """
+    check_teacher(teacher)
+    if isinstance(index, str) and index in ("trailing", "leading") and steps is None:
+        raise FewstepError(f"index set {index!r}: give the student's step count T' (--steps)")
+    if steps is not None and steps < 1:
+        raise FewstepError(f"student steps T'={steps}: expected T' >= 1")
+    return index_subsequence(teacher.schedule.T, steps, index, allow_full=allow_full)
+
+
+def student_chain(teacher_alpha_bar: torch.Tensor, phi: torch.Tensor) -> dict:
+    """ᾱ', α', β' and the posterior variance β̃' of the student chain (float64, index 0 least noisy).
+
+    ᾱ'_s = ᾱ[φ_s]; α'_0 = ᾱ'_0, α'_s = ᾱ'_s / ᾱ'_{s−1}; β' = 1 − α';
+    β̃'_s = β'_s·(1 − ᾱ'_{s−1}) / (1 − ᾱ'_s) for s ≥ 1 and β̃'_0 = 0 (the last step has no noise).
+    """
+    ab = torch.as_tensor(teacher_alpha_bar, dtype=torch.float64)[phi.long()]
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
+    alpha = ab / prev
+    beta = 1 - alpha
+    beta_tilde = beta * (1 - prev) / (1 - ab)
+    return {"alpha_bar": ab, "alpha": alpha, "beta": beta, "beta_tilde": beta_tilde}
+
+
+def kl_weight(student_alpha_bar: torch.Tensor) -> torch.Tensor:
+    """Per-step weight w_s of KL(teacher kernel ‖ student kernel) = w_s·‖ε_T − ε_S‖².
+
+    Both reverse kernels are N(μ(x_s, ε), σ_s² I) with μ = (x_s − β'_s/sqrt(1−ᾱ'_s)·ε)/sqrt(α'_s), so
+    w_s = β'_s² / (2·σ_s²·α'_s·(1 − ᾱ'_s)). σ_s² is the posterior variance β̃'_s for s ≥ 1; at
+    s = 0 the posterior variance is 0 (infinite weight), so there we use DDPM's other choice
+    σ_0² = β'_0, which gives w_0 = 1 / (2·ᾱ'_0).
+    """
+    ab = torch.as_tensor(student_alpha_bar, dtype=torch.float64)
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
+    alpha = ab / prev
+    beta = 1 - alpha
+    var = beta * (1 - prev) / (1 - ab)
+    var[0] = beta[0]
+    return beta**2 / (2 * var * alpha * (1 - ab))
+
+
+def _set_dropout(net: nn.Module, p: float) -> None:
+    for m in net.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+    if "dropout" in getattr(net, "config", {}):
+        net.config["dropout"] = p
+
+
+def make_student(teacher: Denoiser, phi: torch.Tensor, init: str = "random", seed: int = 0,
+                 dropout: float | None = None, table_name: str | None = None) -> Denoiser:
+    """The student Denoiser: the teacher's architecture on the exact table ᾱ[φ].
+
+    init='teacher' copies the teacher's weights and keeps the teacher's time input at φ_s (so the
+    time embedding is reused); init='random' builds a fresh network (seeded) whose time input is
+    its own index s, as in the authors' code.
+    """
+    check_teacher(teacher)
+    if init not in INITS:
+        raise FewstepError(f"init {init!r}: expected one of {', '.join(INITS)}")
+    phi = torch.as_tensor(phi, dtype=torch.long)
+    if init == "teacher":
+        net = copy.deepcopy(teacher.net)
+        timesteps = teacher.schedule.timesteps[phi]
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = build_net(teacher.net.config)
+        timesteps = torch.arange(len(phi), dtype=torch.float64)
+    net = net.to(next(teacher.net.parameters()).device)
+    for p in net.parameters():
+        p.requires_grad_(True)
+    if dropout is not None:
+        _set_dropout(net, dropout)
+    name = table_name or f"{teacher.schedule.table_name or 'custom'}[phi]"
+    schedule = Schedule.discrete(teacher.schedule.alpha_bar[phi], timesteps=timesteps, table_name=name)
+    return Denoiser(net, schedule, teacher.param, exact_table=True)
+
+
+def raw_and_features(den: Denoiser, x: torch.Tensor, sigma) -> tuple[torch.Tensor, torch.Tensor]:
+    """The feature hook: (raw network output, penultimate feature map) of a Denoiser at (x, σ)."""
+    out = den.raw(x, sigma, return_features=True)
+    if not isinstance(out, tuple) or len(out) != 2:
+        raise FewstepError("the network does not return its penultimate features (return_features=True)")
+    return out
+
+
+def raw_to_eps(den: Denoiser, raw: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    if den.param == "eps":
+        return raw
+    return (x - den.raw_to_x0(raw, x, sigma)) / den._bcast(sigma, x)
+
+
+def student_grid(student: Denoiser) -> torch.Tensor:
+    """The student's own sampling grid: its table σ's, noisiest first, then 0 (NFE = T')."""
+    return torch.cat([student.table_sigmas(), torch.zeros(1, dtype=torch.float64)])
+
+
+# ---- the method -----------------------------------------------------------------------------------
+
+@dataclass
+class SFDDMConfig:
+    steps: int | None = None          # T'; None with an explicit index list
+    index: object = "trailing"        # trailing | leading | "i,j,..." | list of ints
+    init: str = "random"
+    hidden: str = "l1"                # l1 on the penultimate map | kl (time-weighted ε-MSE) | none
+    loss: str = "l1"                  # output term: l1 | l2
+    lam: float = 1.0
+    sampler: str = "ddpm"             # the card's default: ddpm ancestral | ddim (η = 0)
+    clip: object = "auto"             # x̂0 clipping when sampling: a float, None, or auto (1 for images)
+    dropout: float | None = None      # None: the teacher's
+    seed: int = 0                     # random init
+    allow_full: bool = False          # admit T' = T (invariant checks only)
+
+    def validate(self):
+        if self.init not in INITS:
+            raise FewstepError(f"--init {self.init!r}: expected one of {', '.join(INITS)}")
+        if self.hidden not in HIDDEN:
+            raise FewstepError(f"--hidden {self.hidden!r}: expected one of {', '.join(HIDDEN)}")
+        if self.loss not in LOSSES:
+            raise FewstepError(f"--loss {self.loss!r}: expected one of {', '.join(LOSSES)}")
+        if not (self.lam >= 0 and math.isfinite(self.lam)):
+            raise FewstepError(f"--lam {self.lam}: expected a finite weight >= 0")
+        if self.sampler not in SAMPLERS:
+            raise FewstepError(f"--sampler {self.sampler!r}: expected one of {', '.join(SAMPLERS)}")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise FewstepError(f"--dropout {self.dropout}: expected a probability in [0, 1)")
+
+
+class SFDDM(TrainMethod):
+    """One fold: a T'-step student matches the teacher's outputs and hidden features at φ."""
+
+    name = "sfddm"
+    needs_data = True
+
+    def __init__(self, teacher: Denoiser, cfg: SFDDMConfig, data_info: dict | None = None,
+                 teacher_ref: dict | None = None):
+        cfg.validate()
+        check_teacher(teacher)
+        self.cfg = cfg
+        self.teacher = teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.data_info = data_info or {}
+        self.teacher_ref = teacher_ref
+        self.phi = index_set(teacher, cfg.steps, cfg.index, allow_full=cfg.allow_full)
+        self.student = make_student(teacher, self.phi, cfg.init, cfg.seed, cfg.dropout)
+        self.kl_w = kl_weight(self.student.schedule.alpha_bar)
+        self.shape = self._check_shape()
+        self.iterations = 0
+        self.samples_seen = 0
+        if cfg.clip == "auto":
+            self.clip = 1.0 if self.data_info.get("kind") == "image" else None
+        else:
+            self.clip = None if cfg.clip is None else float(cfg.clip)
+
+    def _check_shape(self):
+        from fewstep.sampling import sample_shape
+        teacher_shape = list(sample_shape({"net": self.teacher.net.config}))
+        data_shape = self.data_info.get("shape")
+        if data_shape is not None and list(data_shape) != teacher_shape:
+            hint = f"; pass --resolution {teacher_shape[-1]}" if len(teacher_shape) == 3 else ""
+            raise FewstepError(f"data shape {list(data_shape)} does not match the teacher's sample shape "
+                               f"{teacher_shape}{hint}")
+        return teacher_shape
+
+    @property
+    def T_student(self) -> int:
+        return len(self.phi)
+
+    def trainable(self):
+        return self.student
+
+    # ---- loss ----------------------------------------------------------------------------------------
+    def losses(self, x0: torch.Tensor, s: torch.Tensor, eps: torch.Tensor, student: Denoiser | None = None,
+               autocast=None) -> tuple[torch.Tensor, dict]:
+        """The SFDDM loss for data x0 at student steps s (long) with noise ε shared by both models."""
+        student = student or self.student
+        if next(self.teacher.parameters()).device != x0.device:
+            self.teacher.to(x0.device)
+        sigma = student.schedule.sigmas[s.cpu()].to(x0.device)  # == teacher σ at φ_s, bit for bit
+        x = x0 + student._bcast(sigma, x0) * eps                  # = x_vp / sqrt(ᾱ'_s), same for both
+        ctx = autocast if autocast is not None else torch.autocast("cpu", enabled=False)
+        with ctx:
+            with torch.no_grad():
+                y_t, h_t = raw_and_features(self.teacher, x, sigma)
+            y_s, h_s = raw_and_features(student, x, sigma)
+        y_t, h_t, y_s, h_s = y_t.float(), h_t.float(), y_s.float(), h_s.float()
+        diff = y_s - y_t
+        out_loss = diff.abs().mean() if self.cfg.loss == "l1" else diff.square().mean()
+        logs = {"out_loss": float(out_loss.detach())}
+        loss = out_loss
+        if self.cfg.hidden == "l1":
+            hid = (h_s - h_t).abs().mean()
+        elif self.cfg.hidden == "kl":
+            # KL per dimension (sum over dimensions / D) so λ means the same at every resolution
+            e_t = raw_to_eps(self.teacher, y_t, x, sigma)
+            e_s = raw_to_eps(student, y_s, x, sigma)
+            w = self.kl_w.to(x0.device)[s.to(x0.device)].float()
+            hid = (w * (e_s - e_t).square().reshape(len(x), -1).mean(1)).mean()
+        else:
+            hid = None
+        if hid is not None:
+            logs["hidden_loss"] = float(hid.detach())
+            loss = loss + self.cfg.lam * hid
+        logs["loss"] = float(loss.detach())
+        return loss, logs
+
+    def train_step(self, ctx: StepContext, batch, gen):
+        B = batch.shape[0]
+        gb = B * ctx.world
+        # steps and ε for the global batch, sliced: identical across process counts and on resume
+        s = ctx.local(torch.randint(0, self.T_student, (gb,), generator=gen))
+        eps = ctx.local(torch.randn((gb, *batch.shape[1:]), generator=gen)).to(batch.device)
+        loss, logs = self.losses(batch, s, eps, autocast=ctx.autocast())
+        logs["grad_norm"] = ctx.step(loss)
+        self.iterations += 1
+        self.samples_seen += gb
+        return logs
+
+    def state_dict(self):
+        return {"iterations": self.iterations, "samples_seen": self.samples_seen}
+
+    def load_state_dict(self, state):
+        self.iterations = int(state.get("iterations", 0))
+        self.samples_seen = int(state.get("samples_seen", 0))
+
+    # ---- card / preview -----------------------------------------------------------------------------
+    def sampler_card(self) -> dict:
+        return {"name": self.cfg.sampler, "nfe": self.T_student,
+                "sigmas": [float(v) for v in student_grid(self.student)], "clip": self.clip}
+
+    def card(self) -> dict:
+        cfg = self.cfg
+        index = cfg.index if isinstance(cfg.index, str) and cfg.index in ("trailing", "leading") else "list"
+        n_data = self.data_info.get("n")
+        method = {"name": "sfddm", "student_steps": self.T_student, "teacher_steps": self.teacher.schedule.T,
+                  "index": index, "phi": [int(v) for v in self.phi], "init": cfg.init,
+                  "time_input": "teacher index phi_s" if cfg.init == "teacher" else "student index s",
+                  "loss": cfg.loss, "hidden": cfg.hidden, "lam": cfg.lam, "dropout": cfg.dropout,
+                  "init_seed": cfg.seed, "iterations": self.iterations}
+        if cfg.hidden == "kl":
+            method["kl_sigma0"] = "beta'_0 (posterior variance is 0 at the last step)"
+        if n_data:
+            method["data_samples"] = int(n_data)
+            method["epochs"] = round(self.samples_seen / int(n_data), 3)
+        return {"method": method, "sampler": self.sampler_card(), "teacher": self.teacher_ref,
+                "data": self.data_info}
+
+    def preview(self, model, n, seed):
+        dev = next(model.parameters()).device
+        grid = student_grid(model).to(dev)
+        x = torch.randn((n, *self.shape), generator=torch.Generator().manual_seed(seed)).to(dev) * float(grid[0])
+        gen = torch.Generator(device=dev).manual_seed(seed + 1)
+        return solve(self.cfg.sampler, model, x, grid, generator=gen if self.cfg.sampler in STOCHASTIC else None,
+                     clip=self.clip).x
+
+
+# ---- semantic consistency: compare and interpolate ------------------------------------------------
+
+def deterministic_sampler(card: dict) -> str | None:
+    """The sampler to use for a model when the same noise must give the same output: its card's
+    default unless that is stochastic (DDPM ancestral), then DDIM η = 0 on the same grid."""
+    name = card.get("sampler", {}).get("name")
+    return "ddim" if name in STOCHASTIC else None
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, peak_to_peak: float = 2.0) -> torch.Tensor:
+    """Per-sample PSNR (dB) of data in [-1, 1] (peak-to-peak 2); inputs clamped to the range first."""
+    if a.shape != b.shape:
+        raise FewstepError(f"PSNR: sample shapes differ, {tuple(a.shape)} and {tuple(b.shape)}")
+    lo, hi = -peak_to_peak / 2, peak_to_peak / 2
+    mse = (a.float().clamp(lo, hi) - b.float().clamp(lo, hi)).square().reshape(len(a), -1).mean(1)
+    return 10 * torch.log10(peak_to_peak**2 / mse.clamp(min=1e-12))
+
+
+def pair_stats(a: torch.Tensor, b: torch.Tensor, seed: int = 0) -> dict:
+    """PSNR and MSE of matched pairs (a[i], b[i]) against shuffled pairs (no sample with its own match)."""
+    n = len(a)
+    if n < 2 or len(b) != n:
+        raise FewstepError(f"compare: expected two equal sets of at least 2 samples, got {len(a)} and {len(b)}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    # a[perm[i]] against b[perm[i+1]]: a derangement, so no pair is accidentally matched
+    sa, sb = a[perm], b[perm.roll(-1)]
+    pm, ps = psnr(a, b), psnr(sa, sb)
+    mm = (a.float() - b.float()).square().reshape(n, -1).mean(1)
+    ms = (sa.float() - sb.float()).square().reshape(n, -1).mean(1)
+    return {"n": n, "psnr_matched": float(pm.mean()), "psnr_matched_std": float(pm.std()),
+            "psnr_shuffled": float(ps.mean()), "psnr_shuffled_std": float(ps.std()),
+            "mse_matched": float(mm.mean()), "mse_shuffled": float(ms.mean())}
+
+
+def slerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation of two noises (flattened angle), for a 1-D tensor of t in [0, 1]."""
+    a, b = z0.double().reshape(-1), z1.double().reshape(-1)
+    cos = (a @ b / (a.norm() * b.norm())).clamp(-1, 1)
+    theta = torch.arccos(cos)
+    t = torch.as_tensor(t, dtype=torch.float64).reshape(-1, 1)
+    if float(theta) < 1e-6:  # parallel noises: slerp degenerates to lerp
+        out = (1 - t) * a + t * b
+    else:
+        out = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
+    return out.reshape(-1, *z0.shape).to(z0.dtype)
+
+
+def interpolation_noises(shape, seeds: tuple[int, int], frames: int, mode: str = "slerp") -> torch.Tensor:
+    """`frames` noises from seed a's noise to seed b's (each the first noise `fewstep sample --seed`
+    draws), by slerp or linear interpolation."""
+    if frames < 2:
+        raise FewstepError(f"--frames {frames}: expected at least 2 frames")
+    if mode not in ("slerp", "linear"):
+        raise FewstepError(f"--mode {mode!r}: expected slerp or linear")
+    za, zb = (torch.randn((1, *shape), generator=torch.Generator().manual_seed(int(s)))[0] for s in seeds)
+    t = torch.linspace(0, 1, frames, dtype=torch.float64)
+    if mode == "slerp":
+        return slerp(za, zb, t)
+    tt = t.reshape(-1, *([1] * len(shape))).to(za.dtype)
+    return (1 - tt) * za + tt * zb
+
+
+def sample_same_noise(ckpt, noise: torch.Tensor, seed: int = 0, sampler: str | None = None,
+                      nfe: int | None = None, batch_size: int = 500) -> tuple[torch.Tensor, dict]:
+    """Samples of a loaded model from given unit noises, with its deterministic sampler by default."""
+    from fewstep.sampling import sample, sample_shape
+
+    shape = tuple(sample_shape(ckpt.card))
+    if tuple(noise.shape[1:]) != shape:
+        raise FewstepError(f"model {ckpt.path}: samples have shape {list(shape)}, the noises {list(noise.shape[1:])}")
+    sampler = sampler or deterministic_sampler(ckpt.card)
+    return sample(ckpt, len(noise), seed=seed, nfe=nfe, sampler=sampler, noise=noise, batch_size=batch_size,
+                  progress=False, return_info=True)
+
+
+def compare_models(a, b, n: int = 256, seed: int = 0, sampler_a: str | None = None, nfe_a: int | None = None,
+                   sampler_b: str | None = None, nfe_b: int | None = None, batch_size: int = 500):
+    """Semantic consistency: the same n initial noises through two loaded models.
+
+    Returns (samples_a, samples_b, stats) with PSNR / MSE of matched against shuffled pairs and
+    each model's sampler and NFE.
+    """
+    from fewstep.sampling import sample_shape
+
+    sa, sb = tuple(sample_shape(a.card)), tuple(sample_shape(b.card))
+    if sa != sb:
+        raise FewstepError(f"compare: the models draw different shapes, {list(sa)} and {list(sb)}")
+    if n < 2:
+        raise FewstepError(f"--n {n}: expected at least 2 samples to compare")
+    noise = torch.randn((n, *sa), generator=torch.Generator().manual_seed(seed))
+    xa, ia = sample_same_noise(a, noise, seed, sampler_a, nfe_a, batch_size)
+    xb, ib = sample_same_noise(b, noise, seed, sampler_b, nfe_b, batch_size)
+    stats = pair_stats(xa, xb, seed=seed)
+    stats.update({"seed": seed, "a": {"model": str(a.path), "sampler": ia["sampler"], "nfe": ia["nfe"]},
+                  "b": {"model": str(b.path), "sampler": ib["sampler"], "nfe": ib["nfe"]}})
+    return xa, xb, stats

@@ -1,0 +1,139 @@
+"""The core CLI end to end (train → sample → info → eval) and its error contract: a user mistake
+exits with status 2 and one `fewstep: error:` line, never a traceback."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fewstep.cli import main
+
+
+def run(argv):
+    """cli.main in-process; returns the exit status (0 when it returns normally)."""
+    try:
+        main([str(a) for a in argv])
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "teacher"
+    assert run(["train", "--data", "gmm8", "--steps", 30, "--batch", 64, "--channels", 32, "--out", out,
+                "--log-every", 10, "--ckpt-every", 0, "--no-progress"]) == 0
+    return out
+
+
+def test_train_writes_a_complete_run(trained):
+    names = {p.name for p in trained.iterdir()}
+    assert {"model.safetensors", "fewstep.json", "train_state.pt", "metrics.jsonl", "config.json"} <= names
+    assert any(n.startswith("samples-") and n.endswith(".png") for n in names)
+    card = json.loads((trained / "fewstep.json").read_text())
+    assert card["training"]["iterations"] == 30 and card["training"]["finished"] is True
+    assert card["data"]["name"] == "gmm8" and card["net"]["hidden"] == 32
+    # the card records the command that made it (the argv given to main, not the test runner's)
+    assert card["training"]["command"].startswith("fewstep train --data gmm8 --steps 30")
+    recs = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [10, 20, 30]
+
+
+def test_sample_info_eval(trained, tmp_path, capsys):
+    s1, s2, png = tmp_path / "s.npz", tmp_path / "s2.npz", tmp_path / "s.png"
+    assert run(["sample", trained, "--n", 300, "--nfe", 8, "--seed", 4, "--out", s1, "--png", png]) == 0
+    out = capsys.readouterr().out
+    assert "NFE 8" in out and "dpmpp2m" in out
+    with np.load(s1) as f:
+        x = f["samples"]
+        info = json.loads(str(f["info"]))
+    assert x.shape == (300, 2) and x.dtype == np.float32 and np.isfinite(x).all()
+    assert info["nfe"] == 8 and info["seed"] == 4
+    with Image.open(png) as im:
+        assert im.size[0] > 50
+    assert run(["sample", trained, "--n", 300, "--nfe", 8, "--seed", 4, "--out", s2]) == 0
+    with np.load(s2) as f:
+        assert np.array_equal(f["samples"], x)  # same seed, same samples
+
+    capsys.readouterr()
+    assert run(["info", trained]) == 0
+    text = capsys.readouterr().out
+    assert "teacher" in text and "T=1024" in text and "eps-prediction" in text and "dpmpp2m NFE 50" in text
+    assert run(["info", trained, "--json"]) == 0
+    card = json.loads(capsys.readouterr().out)
+    assert card["format"] == "fewstep-checkpoint" and card["training"]["iterations"] == 30
+
+    mj = tmp_path / "m.json"
+    assert run(["eval", s1, "--data", "gmm8", "--json", mj]) == 0
+    assert "swd" in capsys.readouterr().out
+    m = json.loads(mj.read_text())
+    assert m["n"] == 300 and m["swd"] >= 0 and np.isfinite(m["mmd"])
+
+
+def test_resume_through_the_cli(trained, tmp_path):
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    assert run(["train", "--data", "gmm8", "--steps", 35, "--batch", 64, "--channels", 32, "--out", run_dir,
+                "--ckpt-every", 0, "--no-progress", "--resume"]) == 0
+    assert json.loads((run_dir / "fewstep.json").read_text())["training"]["iterations"] == 35
+
+
+def _error_cases(trained, tmp):
+    samples = tmp / "ok.npz"
+    np.savez(samples, samples=np.zeros((10, 2), np.float32))
+    (tmp / "empty").mkdir()
+    (tmp / "notes.txt").write_text("not samples")
+    return {
+        "missing model": ["sample", tmp / "no-such-model"],
+        "nfe 0": ["sample", trained, "--nfe", 0],
+        "heun odd nfe": ["sample", trained, "--sampler", "heun", "--nfe", 4],
+        "unknown sampler": ["sample", trained, "--sampler", "rk45"],
+        "unknown grid": ["sample", trained, "--grid", "cubic"],
+        "not a checkpoint": ["info", tmp / "empty"],
+        "bad data path": ["train", "--data", tmp / "nope" / "data.npz", "--out", tmp / "r1", "--steps", 1],
+        "unknown data set": ["train", "--data", "nosuchset", "--out", tmp / "r2", "--steps", 1],
+        "T too small": ["train", "--data", "gmm8", "--T", 10, "--out", tmp / "r3", "--steps", 1, "--no-progress"],
+        "existing run": ["train", "--data", "gmm8", "--channels", 32, "--out", trained, "--steps", 1],
+        "zero steps": ["train", "--data", "gmm8", "--out", tmp / "r4", "--steps", 0],
+        "missing samples": ["eval", tmp / "none.npz", "--data", "gmm8"],
+        "unreadable samples": ["eval", tmp / "notes.txt", "--data", "gmm8"],
+        "eval bad data path": ["eval", samples, "--data", tmp / "nope" / "ref.npz"],
+    }
+
+
+CASES = ["missing model", "nfe 0", "heun odd nfe", "unknown sampler", "unknown grid", "not a checkpoint",
+         "bad data path", "unknown data set", "T too small", "existing run", "zero steps", "missing samples",
+         "unreadable samples", "eval bad data path"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_user_errors_exit_2_with_one_line(trained, tmp_path, capsys, case):
+    argv = _error_cases(trained, tmp_path)[case]
+    capsys.readouterr()
+    assert run(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fewstep: error: "), err
+    assert "Traceback" not in err[0]
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()  # nothing left behind
+
+
+def test_error_in_a_real_process_has_no_traceback(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "fewstep", "sample", str(tmp_path / "missing")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fewstep: error: model "), p.stderr
+    assert "missing" in lines[0]
+
+
+def test_suite_runs_with_the_network_blocked():
+    """conftest refuses outbound connections, so every test above ran offline."""
+    import socket
+
+    with pytest.raises(RuntimeError, match="network access attempted"):
+        socket.create_connection(("192.0.2.1", 80), timeout=1)  # an IP: no DNS lookup needed
+    with socket.socket() as s, pytest.raises(RuntimeError, match="network access attempted"):
+        s.connect(("127.0.0.1", 9))

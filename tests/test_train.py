@@ -1,0 +1,229 @@
+"""The shared training loop: exact resume, data parallelism, NaN guard, Ctrl-C, lr schedules."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from fewstep.data import load_dataset
+from fewstep.denoiser import Denoiser
+from fewstep.errors import FewstepError
+from fewstep.nets import MLP
+from fewstep.schedule import Schedule
+from fewstep.teacher import TeacherTraining
+from fewstep.train import TrainConfig, Trainer
+
+INFO = {"name": "gmm8", "kind": "toy", "shape": [2]}
+
+
+@pytest.fixture(scope="module")
+def gmm8():
+    return load_dataset("gmm8").x
+
+
+def make_method(cls=TeacherTraining):
+    torch.manual_seed(0)  # identical initial weights in every run
+    return cls(Denoiser(MLP(dim=2, hidden=32, depth=2, dropout=0.0), Schedule.vp("linear", 64), "eps"), INFO)
+
+
+def config(steps=20, **kw):
+    base = dict(steps=steps, batch=64, lr=2e-3, seed=3, log_every=5, n_preview=0, device="cpu", progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def state(out_dir):
+    return torch.load(out_dir / "train_state.pt", weights_only=True)
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("ema", [None, 0.9])
+def test_resume_is_exact(gmm8, tmp_path, ema):
+    Trainer(make_method(), config(20, ema=ema), tmp_path / "a", data=gmm8).run()
+    Trainer(make_method(), config(10, ema=ema), tmp_path / "b", data=gmm8).run()
+    assert state(tmp_path / "b")["step"] == 10
+    # a fresh process would rebuild the method from scratch: the weights come from the saved state
+    Trainer(make_method(), config(20, ema=ema), tmp_path / "b", data=gmm8, resume=True).run()
+    a, b = state(tmp_path / "a"), state(tmp_path / "b")
+    assert b["step"] == 20
+    assert_same_weights(a["model"], b["model"])
+    if ema is not None:
+        assert_same_weights(a["ema"], b["ema"])
+        assert not torch.equal(a["ema"]["net.out.weight"], a["model"]["net.out.weight"])
+    from safetensors.torch import load_file
+    assert_same_weights(load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors"))
+    # and the run really trained: weights moved away from the (zero) initial output layer
+    assert a["model"]["net.out.weight"].abs().sum() > 0
+
+
+def test_run_directory_contents(gmm8, tmp_path):
+    out = Trainer(make_method(), config(6, log_every=2), tmp_path / "r", data=gmm8,
+                  run_info={"command": "fewstep train --data gmm8"}).run()
+    names = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "fewstep.json", "train_state.pt", "metrics.jsonl", "config.json"} <= names
+    assert not [n for n in names if n.endswith(".tmp")]
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [2, 4, 6] and all("loss" in r for r in recs)
+    card = json.loads((out / "fewstep.json").read_text())
+    assert card["training"]["iterations"] == 6 and card["training"]["finished"] is True
+    assert card["training"]["command"] == "fewstep train --data gmm8"
+    assert json.loads((out / "config.json").read_text())["train"]["steps"] == 6
+
+
+def test_refuses_to_overwrite_a_run_without_resume(gmm8, tmp_path):
+    Trainer(make_method(), config(3), tmp_path, data=gmm8).run()
+    with pytest.raises(FewstepError, match="--resume"):
+        Trainer(make_method(), config(3), tmp_path, data=gmm8)
+    with pytest.raises(FewstepError, match="nothing to resume"):
+        Trainer(make_method(), config(3), tmp_path / "empty", data=gmm8, resume=True)
+    with pytest.raises(FewstepError, match="batch"):
+        Trainer(make_method(), config(6, batch=32), tmp_path, data=gmm8, resume=True)
+
+
+def test_needs_data(tmp_path):
+    with pytest.raises(FewstepError, match="needs training data"):
+        Trainer(make_method(), config(3), tmp_path)
+
+
+def test_config_validation():
+    for bad in (dict(steps=0), dict(batch=0), dict(lr=0.0), dict(lr_schedule="linear"), dict(ema=1.0), dict(amp="fp8")):
+        with pytest.raises(FewstepError):
+            config(**bad).validate()
+
+
+class NaNAt(TeacherTraining):
+    def train_step(self, ctx, batch, gen):
+        if ctx.t.step == 3:
+            ctx.step(self.den.raw(batch, torch.tensor(1.0)).sum() * float("nan"))
+        return super().train_step(ctx, batch, gen)
+
+
+def test_nan_loss_raises_naming_the_iteration(gmm8, tmp_path):
+    with pytest.raises(FewstepError, match="iteration 3"):
+        Trainer(make_method(NaNAt), config(10), tmp_path, data=gmm8).run()
+    assert not (tmp_path / "train_state.pt").exists()  # nothing half-written was kept
+
+
+class InterruptBeforeStep(TeacherTraining):
+    def train_step(self, ctx, batch, gen):
+        if ctx.t.step == 7:
+            raise KeyboardInterrupt
+        return super().train_step(ctx, batch, gen)
+
+
+class SignalAfterStep(TeacherTraining):
+    """Ctrl-C arriving after the optimizer step but before the loop counted the iteration."""
+
+    def train_step(self, ctx, batch, gen):
+        logs = super().train_step(ctx, batch, gen)
+        if ctx.t.step == 7:
+            os.kill(os.getpid(), signal.SIGINT)
+        return logs
+
+
+@pytest.mark.parametrize("cls,stopped_at", [(InterruptBeforeStep, 7), (SignalAfterStep, 8)])
+def test_interrupt_saves_state_and_resume_continues_exactly(gmm8, tmp_path, capsys, cls, stopped_at):
+    Trainer(make_method(), config(15, ema=0.9), tmp_path / "a", data=gmm8).run()
+    with pytest.raises(SystemExit) as e:
+        Trainer(make_method(cls), config(15, ema=0.9), tmp_path / "b", data=gmm8).run()
+    assert e.value.code == 130
+    assert f"interrupted at iteration {stopped_at}" in capsys.readouterr().out
+    assert state(tmp_path / "b")["step"] == stopped_at
+    card = json.loads((tmp_path / "b" / "fewstep.json").read_text())
+    assert card["training"]["finished"] is False
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    Trainer(make_method(), config(15, ema=0.9), tmp_path / "b", data=gmm8, resume=True).run()
+    a, b = state(tmp_path / "a"), state(tmp_path / "b")
+    assert_same_weights(a["model"], b["model"])
+    assert_same_weights(a["ema"], b["ema"])
+
+
+class RecordLR(TeacherTraining):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.lrs = []
+
+    def train_step(self, ctx, batch, gen):
+        self.lrs.append(ctx.t.optimizer.param_groups[0]["lr"])
+        return super().train_step(ctx, batch, gen)
+
+
+def test_step_lr_schedule_divides_by_10_at_half(gmm8, tmp_path):
+    m = make_method(RecordLR)
+    Trainer(m, config(10, lr=1e-3, lr_schedule="step"), tmp_path, data=gmm8).run()
+    assert m.lrs == pytest.approx([1e-3] * 5 + [1e-4] * 5, rel=1e-12)
+
+
+def test_cosine_and_warmup_lr():
+    t = Trainer(make_method(), config(100, lr=1.0, lr_schedule="cosine", warmup=10), "/nonexistent-unused",
+                data=torch.zeros(4, 2))
+    assert t.lr_at(0) == pytest.approx(0.1)  # warm-up: (0+1)/10 of the cosine value ≈ 1
+    assert t.lr_at(50) == pytest.approx(0.5)
+    assert t.lr_at(99) < 0.01
+
+
+DDP_WORKER = textwrap.dedent("""
+    import sys, torch
+    from fewstep.data import load_dataset
+    from fewstep.denoiser import Denoiser
+    from fewstep.nets import MLP
+    from fewstep.schedule import Schedule
+    from fewstep.teacher import TeacherTraining
+    from fewstep.train import TrainConfig, Trainer
+
+    def run(out):
+        torch.manual_seed(0)
+        den = Denoiser(MLP(dim=2, hidden=32, depth=2, dropout=0.0), Schedule.vp("linear", 64), "eps")
+        cfg = TrainConfig(steps=12, batch=64, lr=2e-3, seed=5, n_preview=0, device="cpu", progress=False,
+                          log_every=4)
+        Trainer(TeacherTraining(den, {"name": "gmm8", "shape": [2]}), cfg, out,
+                data=load_dataset("gmm8").x).run()
+
+    if __name__ == "__main__":
+        run(sys.argv[1])
+""")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_gloo_matches_one_process(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(DDP_WORKER)
+    import runpy
+    runpy.run_path(str(script))["run"](tmp_path / "single")
+
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "OMP_NUM_THREADS": "1"}
+    if os.path.exists("/sys/class/net/lo"):  # keep gloo on loopback whatever the hostname resolves to
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "ddp")],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(2)]
+    try:
+        outs = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), outs
+    one, two = state(tmp_path / "single"), state(tmp_path / "ddp")
+    assert two["step"] == one["step"] == 12
+    for k in one["model"]:
+        assert torch.allclose(one["model"][k], two["model"][k], atol=1e-5, rtol=0), k
+    assert json.loads((tmp_path / "ddp" / "fewstep.json").read_text())["training"]["processes"] == 2
