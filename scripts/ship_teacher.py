@@ -32,6 +32,10 @@ def main():
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(Path(args.run_dir) / WEIGHTS_NAME, dest / WEIGHTS_NAME)
     card = dict(ckpt.card)
+    tr = card.get("training") or {}
+    if not tr.get("finished"):
+        tr["note"] = (f"stopped by the user at iteration {tr.get('iterations')} (Ctrl-C / SIGTERM saves state); "
+                      "these are the EMA weights at that point")
     card["quality"] = {"sampler": args.sampler, "nfe": info["nfe"], "n": args.n, "seed": 0,
                        "reference": "held-out split" if "swd" not in metrics else "fresh samples of the true distribution",
                        **{k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}}

@@ -246,6 +246,7 @@ def cmd_compare(args):
     from fewstep.checkpoint import load_checkpoint, write_json
     from fewstep.distill.sfddm import compare_models
     from fewstep.train import pick_device
+    from fewstep.viz import pairs_picture
 
     device = pick_device(args.device)
     a, b = load_checkpoint(args.a, device=device), load_checkpoint(args.b, device=device)
@@ -257,29 +258,10 @@ def cmd_compare(args):
     print(f"PSNR shuffled {st['psnr_shuffled']:.2f} dB (± {st['psnr_shuffled_std']:.2f})   MSE {st['mse_shuffled']:.4g}")
     print(f"n = {st['n']}, seed {args.seed}")
     if args.png:
-        _pairs_picture(xa[:args.png_n], xb[:args.png_n], args.png, Path(args.a).name, Path(args.b).name)
+        pairs_picture(xa[:args.png_n], xb[:args.png_n], args.png, Path(args.a).name, Path(args.b).name)
         print(f"picture → {args.png}")
     if args.out_json:
         write_json(Path(args.out_json), st)
-
-
-def _pairs_picture(xa, xb, path, name_a, name_b):
-    import torch
-
-    from fewstep.viz import image_grid, save_png, scatter_png
-
-    if xa.ndim != 4:
-        return scatter_png({f"A: {name_a}": xa, f"B: {name_b}": xb}, path, title="same noises")
-    per_row = min(8, len(xa))
-    rows = []
-    for i in range(0, len(xa), per_row):
-        ca, cb = xa[i:i + per_row], xb[i:i + per_row]
-        pad = per_row - len(ca)
-        if pad:  # a short last block: fill with blank (white) cells
-            blank = torch.ones((pad, *xa.shape[1:]))
-            ca, cb = torch.cat([ca, blank]), torch.cat([cb, blank])
-        rows += [ca, cb]
-    return save_png(image_grid(torch.cat(rows), nrow=per_row), path)
 
 
 def add_interpolate(sub):

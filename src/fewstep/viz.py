@@ -71,3 +71,19 @@ def save_samples_picture(x: torch.Tensor, path: str | Path, title: str = "") -> 
     if x.ndim == 4:
         return save_png(image_grid(x), path)
     return scatter_png({title or "samples": x}, path)
+
+
+def pairs_picture(xa: torch.Tensor, xb: torch.Tensor, path: str | Path, name_a: str, name_b: str) -> Path:
+    """Two models' samples from the same noises: alternating rows of A and B (images), or two panels."""
+    if xa.ndim != 4:
+        return scatter_png({f"A: {name_a}": xa, f"B: {name_b}": xb}, path, title="same noises")
+    per_row = min(8, len(xa))
+    rows = []
+    for i in range(0, len(xa), per_row):
+        ca, cb = xa[i:i + per_row], xb[i:i + per_row]
+        pad = per_row - len(ca)
+        if pad:  # a short last block: fill with blank (white) cells
+            blank = torch.ones((pad, *xa.shape[1:]))
+            ca, cb = torch.cat([ca, blank]), torch.cat([cb, blank])
+        rows += [ca, cb]
+    return save_png(image_grid(torch.cat(rows), nrow=per_row), path)
