@@ -15,9 +15,7 @@ Retrain (writes into DIR; to replace a shipped one, point DIR at its assets fold
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -26,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fewstep.checkpoint import atomic_write, sha256_file
 from fewstep.errors import FewstepError
 
 ASSETS_DIR = Path(__file__).parent / "assets"
@@ -105,28 +104,6 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / len(x)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _write_atomic(path: Path, write) -> None:
-    """Write via ``write(tmp_path)``, fsync, then rename, so no half-written file is left."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # some writers create 0600 files; these are meant to be shared
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def train_classifier(
     dataset_name: str,
     resolution: int | None = None,
@@ -190,7 +167,7 @@ def train_classifier(
     out.mkdir(parents=True, exist_ok=True)
     weights = out / WEIGHTS_FILE
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    _write_atomic(weights, lambda p: save_file(state, str(p)))
+    atomic_write(weights, lambda p: save_file(state, str(p)))
     meta = {
         "format": "fewstep-classifier",
         "format_version": 1,
@@ -213,11 +190,11 @@ def train_classifier(
         },
         "train_seconds": round(train_seconds, 1),
         "weights_file": WEIGHTS_FILE,
-        "weights_sha256": _sha256(weights),
+        "weights_sha256": sha256_file(weights),
         "fewstep_version": __version__,
         "torch_version": torch.__version__,
     }
-    _write_atomic(out / META_FILE, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write(out / META_FILE, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
     return meta
 
 
@@ -283,7 +260,7 @@ def load_classifier(dataset_name: str, resolution: int | None = None, path=None)
         raise FewstepError(f"cannot read classifier description {str(d / META_FILE)!r}: {e}") from None
     if not weights.is_file():
         raise FewstepError(f"classifier weights {str(weights)!r} are missing")
-    actual = _sha256(weights)
+    actual = sha256_file(weights)
     if actual != expected:
         raise FewstepError(
             f"classifier weights {str(weights)!r} fail their checksum (sha256 {actual[:16]}..., "
