@@ -226,3 +226,14 @@ def test_inception_fid_explains_what_it_needs(tmp_path):
         inception_fid(x, x)
     with pytest.raises(FewstepError, match="missing.pt"):
         inception_fid(x, x, weights=tmp_path / "missing.pt")
+
+
+def test_retrained_classifier_round_trip(tmp_path):
+    """The retrain path writes weights and card atomically, and load_classifier verifies them."""
+    from fewstep.featnet import train_classifier
+
+    train_classifier("digits", steps=30, seed=0, out_dir=tmp_path, progress=False)
+    model = load_classifier("digits", path=tmp_path)
+    ds = load_dataset("digits", split="heldout")
+    assert accuracy(model, ds.x, ds.labels) > 0.3  # 30 steps: well above chance (0.1), far from trained
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
