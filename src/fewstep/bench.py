@@ -40,6 +40,7 @@ class BenchSpec:
     resolution: int | None = None
     methods: list = field(default_factory=lambda: list(ALL_METHODS))
     nfe: list = field(default_factory=lambda: [2, 4, 8])
+    sfd_nfe: list | None = None                       # NFEs to distil SFD at (default: every NFE up to 10)
     sfdv_nfe: list = field(default_factory=lambda: [2, 3, 4, 5])
     sfddm_steps: list = field(default_factory=lambda: [10])
     sfddm_variants: list = field(default_factory=lambda: ["trailing/random"])  # index/init pairs
@@ -74,8 +75,8 @@ PRESETS = {
                    n_samples=1000, ref_nfe=256, sfd_trajectories=51_200, sfddm_iters=3000, pd_start_steps=256,
                    pd_iters_per_fold=400),
     "demo": dict(teacher="digits-teacher", data="digits", methods=["teacher", "ddim", "dpmpp3m", "sfd", "sfddm"],
-                 nfe=[2, 10], sfddm_steps=[10], sfddm_variants=["trailing/random"], n_samples=500, ref_nfe=256,
-                 seeds=[0, 1, 2], sfd_trajectories=25_600, sfd_lr=1e-4, sfddm_iters=1500),
+                 nfe=[2, 10], sfd_nfe=[2], sfddm_steps=[10], sfddm_variants=["trailing/random"], n_samples=500, ref_nfe=256,
+                 seeds=[0, 1, 2], sfd_trajectories=19_200, sfd_lr=1e-4, sfddm_iters=1000),
 }
 
 
@@ -150,7 +151,8 @@ class Bench:
                         continue
                     rows.append({"key": f"{name}-{n}", "method": name, "nfe": n, "sampler": name, "model": None})
         if "sfd" in s.methods:
-            rows += [{"key": f"sfd-{n}", "method": "sfd", "nfe": n, "model": f"sfd-{n}"} for n in s.nfe if n <= 10]
+            sfd_nfe = s.sfd_nfe if s.sfd_nfe is not None else [n for n in s.nfe if n <= 10]
+            rows += [{"key": f"sfd-{n}", "method": "sfd", "nfe": n, "model": f"sfd-{n}"} for n in sfd_nfe]
         if "sfd-v" in s.methods:
             tag = "sfdv-" + "_".join(map(str, s.sfdv_nfe))
             rows += [{"key": f"{tag}-{n}", "method": "sfd-v", "nfe": n, "model": tag} for n in s.sfdv_nfe]

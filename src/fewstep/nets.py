@@ -199,7 +199,8 @@ class MLP(_ConditionedNet):
                                emb=nn.Linear(hidden, hidden * 2), fc2=nn.Linear(hidden * 2, hidden),
                                drop=nn.Dropout(dropout)))
             for _ in range(depth))
-        self.norm_out = nn.LayerNorm(hidden)
+        # a linear read-out of the residual stream: a final norm would cap the output's scale, and an
+        # ε-predictor must return about its (unbounded) input at high noise
         self.out = nn.Linear(hidden, dim)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
@@ -214,7 +215,7 @@ class MLP(_ConditionedNet):
         for b in self.blocks:
             z = b["fc1"](b["norm"](h)) + b["emb"](F.silu(emb))
             h = h + b["fc2"](b["drop"](F.silu(z)))
-        out = self.out(F.silu(self.norm_out(h)))
+        out = self.out(h)
         return (out, h) if return_features else out
 
 

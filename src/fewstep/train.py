@@ -267,7 +267,11 @@ class Trainer:
             if key in saved and saved[key] != new:
                 raise FewstepError(f"--resume: {key}={new} differs from the interrupted run's {key}={saved[key]}; "
                                    "resume with the same settings (only --steps may grow)")
-        self.model.load_state_dict(st["model"])
+        try:
+            self.model.load_state_dict(st["model"])
+        except RuntimeError as e:
+            raise FewstepError(f"--resume: the saved weights in {self.out_dir} do not fit this model "
+                               f"(was it made with another network or fewstep version?): {str(e).splitlines()[0]}") from None
         if self.ema is not None and st.get("ema") is not None:
             self.ema.load_state_dict(st["ema"])
         self.optimizer.load_state_dict(st["optimizer"])
