@@ -51,6 +51,7 @@ class BenchSpec:
     sfd_trajectories: int = 25_600
     sfd_batch: int = 128
     sfd_lr: float = 5e-5
+    sfdv_trajectory_factor: float = 2.0               # SFD-v sees this many times SFD's trajectories
     sfd_stage2_trajectories: int = 12_800
     sfd_stage2_lr: float = 5e-4
     sfddm_iters: int = 2000
@@ -147,8 +148,8 @@ class Bench:
         for name in SOLVER_ROWS:
             if name in s.methods:
                 for n in s.nfe:
-                    if name == "heun" and n < 2:
-                        continue
+                    if name == "heun":  # 2 evaluations a step plus a final denoise: odd NFEs only
+                        n = n + 1 if n % 2 == 0 else n
                     rows.append({"key": f"{name}-{n}", "method": name, "nfe": n, "sampler": name, "model": None})
         if "sfd" in s.methods:
             sfd_nfe = s.sfd_nfe if s.sfd_nfe is not None else [n for n in s.nfe if n <= 10]
@@ -206,7 +207,7 @@ class Bench:
         if row["method"] in ("sfd", "sfd-v"):
             nfe = [row["nfe"]] if row["method"] == "sfd" else list(s.sfdv_nfe)
             method = SFD(self.teacher, SFDConfig(nfe=nfe), teacher_ref=tref)
-            traj = s.sfd_trajectories * (2 if row["method"] == "sfd-v" else 1)
+            traj = s.sfd_trajectories * s.sfdv_trajectory_factor if row["method"] == "sfd-v" else s.sfd_trajectories
             self._train(method, path, iterations_for(traj, s.sfd_batch), s.sfd_batch, s.sfd_lr, "step")
         elif row["method"] == "sfd-stage2":
             first_row = {"method": "sfd-v", "nfe": max(s.sfdv_nfe), "model": "sfdv-" + "_".join(map(str, s.sfdv_nfe))}
@@ -254,7 +255,9 @@ class Bench:
     def evaluate(self, row: dict) -> dict:
         cache = self.out / "rows" / f"{row['key']}.json"
         if cache.is_file():
-            return json.loads(cache.read_text())
+            cached = json.loads(cache.read_text())
+            if cached.get("n_samples") == self.spec.n_samples and cached.get("seeds") == list(self.spec.seeds):
+                return cached  # rows measured with other sample counts or seeds are measured again
         ckpt, kw, step = self._sampling_plan(row)
         per_seed, seconds, preview = [], None, None
         for seed in self.spec.seeds:

@@ -76,8 +76,10 @@ def cmd_train(args):
     den = make_denoiser(net, args.param, args.schedule, args.T)
     data_info = {**ds.info, "name": ds.name, "kind": ds.kind, "shape": list(ds.shape), "split_seed": args.data_seed}
     method = TeacherTraining(den, data_info)
-    Trainer(method, train_config(args), args.out, data=ds.x, resume=args.resume, run_info=run_info(args)).run()
-    print(f"teacher saved to {args.out}")
+    trainer = Trainer(method, train_config(args), args.out, data=ds.x, resume=args.resume, run_info=run_info(args))
+    trainer.run()
+    if trainer.is_main:  # under torchrun every process gets here; one line is enough
+        print(f"teacher saved to {args.out}")
 
 
 # ---- sample / info / eval -------------------------------------------------------------------------
