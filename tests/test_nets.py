@@ -137,3 +137,18 @@ def test_bad_input_shapes_raise():
         mlp(torch.randn(2, 3), 1.0)
     with pytest.raises(FewstepError):
         mlp(torch.randn(2, 1, 8, 8), 1.0)
+
+
+def test_set_dropout_reaches_every_layer_and_the_config():
+    from torch import nn
+
+    from fewstep.denoiser import Denoiser
+    from fewstep.nets import UNet, set_dropout
+    from fewstep.schedule import Schedule
+
+    den = Denoiser(UNet(resolution=8, channels=16, channel_mult=(1, 2), num_res_blocks=1, dropout=0.1),
+                   Schedule.vp("linear", 64), "eps")
+    set_dropout(den, 0.0)
+    rates = [m.p for m in den.modules() if isinstance(m, nn.Dropout)]
+    assert rates and all(p == 0.0 for p in rates)
+    assert den.net.config["dropout"] == 0.0

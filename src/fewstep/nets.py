@@ -234,5 +234,15 @@ def build_net(config: dict) -> nn.Module:
         raise FewstepError(f"network config for {kind!r} is not valid: {e}") from None
 
 
+def set_dropout(net: nn.Module, p: float) -> None:
+    """Change every dropout rate of a network (or a Denoiser around one) and its config to p."""
+    for mod in net.modules():
+        if isinstance(mod, nn.Dropout):
+            mod.p = p
+    inner = getattr(net, "net", net)
+    if "dropout" in getattr(inner, "config", {}):
+        inner.config["dropout"] = p
+
+
 def count_parameters(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())

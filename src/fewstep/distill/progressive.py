@@ -23,6 +23,7 @@ import torch
 from fewstep.checkpoint import CARD_NAME, load_checkpoint, read_card, save_checkpoint, teacher_reference
 from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
+from fewstep.nets import set_dropout
 from fewstep.sampling import sample_shape
 from fewstep.schedule import check_grid, index_subsequence, make_grid
 from fewstep.solvers import solve
@@ -132,8 +133,7 @@ class ProgressiveFold(TrainMethod):
         for p in net.parameters():
             p.requires_grad_(True)
         if dropout is not None:
-            from fewstep.distill.sfddm import _set_dropout
-            _set_dropout(net, dropout)
+            set_dropout(net, dropout)
         # the student is evaluated on the teacher's own noise levels, so it keeps its time convention
         self.student = Denoiser(net, teacher.schedule, teacher.param, exact_table=teacher.exact_table)
         self.shape = _net_shape(teacher.net)

@@ -23,6 +23,7 @@ from torch import nn
 
 from fewstep.checkpoint import Checkpoint
 from fewstep.errors import FewstepError
+from fewstep.nets import set_dropout
 from fewstep.sampling import sample_shape
 from fewstep.schedule import GRID_KINDS, check_grid, check_nested, nested_grids
 from fewstep.solvers import afs_direction, get_solver, solve
@@ -88,15 +89,6 @@ def sigma_range(teacher_den, cfg: SFDConfig) -> tuple[float, float]:
     smin = cfg.sigma_min if cfg.sigma_min is not None else (EDM_SIGMA_MIN if continuous else teacher_den.sigma_min)
     smax = cfg.sigma_max if cfg.sigma_max is not None else (EDM_SIGMA_MAX if continuous else teacher_den.sigma_max)
     return smin, smax
-
-
-def set_dropout(module: nn.Module, p: float) -> None:
-    for mod in module.modules():
-        if isinstance(mod, nn.Dropout):
-            mod.p = p
-    net = getattr(module, "net", module)
-    if "dropout" in getattr(net, "config", {}):
-        net.config["dropout"] = p
 
 
 class TeacherTrajectory:

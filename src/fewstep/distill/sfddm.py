@@ -24,7 +24,7 @@ from torch import nn
 
 from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
-from fewstep.nets import build_net
+from fewstep.nets import build_net, set_dropout
 from fewstep.schedule import Schedule, index_subsequence
 from fewstep.solvers import STOCHASTIC, solve
 from fewstep.train import StepContext, TrainMethod
@@ -92,14 +92,6 @@ def kl_weight(student_alpha_bar: torch.Tensor) -> torch.Tensor:
     return beta**2 / (2 * var * alpha * (1 - ab))
 
 
-def _set_dropout(net: nn.Module, p: float) -> None:
-    for m in net.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = p
-    if "dropout" in getattr(net, "config", {}):
-        net.config["dropout"] = p
-
-
 def make_student(teacher: Denoiser, phi: torch.Tensor, init: str = "random", seed: int = 0,
                  dropout: float | None = None, table_name: str | None = None) -> Denoiser:
     """The student Denoiser: the teacher's architecture on the exact table ᾱ[φ].
@@ -124,7 +116,7 @@ def make_student(teacher: Denoiser, phi: torch.Tensor, init: str = "random", see
     for p in net.parameters():
         p.requires_grad_(True)
     if dropout is not None:
-        _set_dropout(net, dropout)
+        set_dropout(net, dropout)
     name = table_name or f"{teacher.schedule.table_name or 'custom'}[phi]"
     schedule = Schedule.discrete(teacher.schedule.alpha_bar[phi], timesteps=timesteps, table_name=name)
     return Denoiser(net, schedule, teacher.param, exact_table=True)
