@@ -25,7 +25,7 @@ import fewstep
 from fewstep.checkpoint import load_checkpoint, read_card, teacher_reference, write_json
 from fewstep.errors import FewstepError
 from fewstep.metrics import evaluate_samples
-from fewstep.sampling import grid_for, sample, sample_shape
+from fewstep.sampling import sample, sample_shape
 from fewstep.train import TrainConfig, Trainer
 
 SOLVER_ROWS = ("ddim", "dpmpp2m", "dpmpp3m", "heun", "ipndm")
@@ -284,7 +284,7 @@ class Bench:
                 first_stage = read_card(self.model_dir("sfdv-" + "_".join(map(str, self.spec.sfdv_nfe))))
                 distill_s += float(first_stage["training"]["wall_time_s"])
         scale = 1000 / self.spec.n_samples
-        result = {**{k: v for k, v in row.items()}, "nfe": nfe, "quality": quality,
+        result = {**row, "nfe": nfe, "quality": quality,
                   "n_samples": self.spec.n_samples, "seeds": self.spec.seeds,
                   "sample_s_per_1000": seconds * scale, "forward_s_per_1000": fwd * scale,
                   "sampler_overhead": seconds / fwd if fwd > 0 else None,

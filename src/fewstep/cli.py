@@ -5,7 +5,6 @@ import argparse
 import json
 import shlex
 import sys
-import time
 from pathlib import Path
 
 import torch

@@ -26,7 +26,7 @@ from fewstep.errors import FewstepError
 from fewstep.nets import set_dropout
 from fewstep.sampling import sample_shape
 from fewstep.schedule import GRID_KINDS, check_grid, check_nested, nested_grids
-from fewstep.solvers import afs_direction, get_solver, solve
+from fewstep.solvers import afs_direction, solve
 from fewstep.train import StepContext, TrainMethod
 
 TEACHER_SOLVERS = ("dpmpp3m", "dpmpp2m", "heun", "euler", "ipndm")

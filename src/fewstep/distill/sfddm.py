@@ -20,7 +20,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
