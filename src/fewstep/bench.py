@@ -30,7 +30,8 @@ from fewstep.train import TrainConfig, Trainer
 
 SOLVER_ROWS = ("ddim", "dpmpp2m", "dpmpp3m", "heun", "ipndm")
 DISTILL_ROWS = ("sfd", "sfd-v", "sfd-stage2", "sfddm", "progressive")
-ALL_METHODS = ("teacher",) + SOLVER_ROWS + DISTILL_ROWS
+# "data": real training samples scored like a method's, the floor the metric reaches on this data set
+ALL_METHODS = ("data", "teacher") + SOLVER_ROWS + DISTILL_ROWS
 
 
 @dataclass
@@ -44,6 +45,7 @@ class BenchSpec:
     sfdv_nfe: list = field(default_factory=lambda: [2, 3, 4, 5])
     sfddm_steps: list = field(default_factory=lambda: [10])
     sfddm_variants: list = field(default_factory=lambda: ["trailing/random"])  # index/init pairs
+    sfddm_variants_at: list | None = None             # T' values that get every variant (default all; others: the first)
     ref_nfe: int = 256
     ref_sampler: str = "dpmpp2m"
     n_samples: int = 1000
@@ -70,12 +72,13 @@ PRESETS = {
                 sfd_trajectories=64_000, sfd_batch=256, sfd_lr=2e-4, sfd_stage2_trajectories=32_000,
                 sfddm_iters=1500, sfddm_batch=256, sfddm_lr=1e-3, pd_start_steps=128, pd_iters_per_fold=400,
                 pd_batch=256, pd_lr=3e-4),
-    "digits": dict(teacher="digits-teacher", data="digits", nfe=[2, 3, 4, 5, 10], sfdv_nfe=[2, 3, 4, 5],
-                   sfddm_steps=[10, 32, 128],
+    # budgets sized for about two hours on 2 CPU cores; every variant of SFDDM at T' = 10
+    "digits": dict(teacher="digits-teacher", data="digits", nfe=[2, 3, 4, 5, 10], sfd_nfe=[2, 3, 4, 5],
+                   sfdv_nfe=[2, 3, 4, 5], sfddm_steps=[10, 32, 128],
                    sfddm_variants=["trailing/random", "trailing/teacher", "leading/random", "leading/teacher"],
-                   n_samples=1000, ref_nfe=256, sfd_trajectories=51_200, sfddm_iters=3000, pd_start_steps=256,
-                   pd_iters_per_fold=400),
-    "demo": dict(teacher="digits-teacher", data="digits", methods=["teacher", "ddim", "dpmpp3m", "sfd", "sfddm"],
+                   sfddm_variants_at=[10], n_samples=1000, ref_nfe=256, sfd_trajectories=9_600, sfd_lr=1e-4,
+                   sfd_stage2_trajectories=6_400, sfddm_iters=1000, pd_start_steps=256, pd_iters_per_fold=300),
+    "demo": dict(teacher="digits-teacher", data="digits", methods=["data", "teacher", "ddim", "dpmpp3m", "sfd", "sfddm"],
                  nfe=[2, 10], sfd_nfe=[2], sfddm_steps=[10], sfddm_variants=["trailing/random"], n_samples=500, ref_nfe=256,
                  seeds=[0, 1, 2], sfd_trajectories=19_200, sfd_lr=1e-4, sfddm_iters=1000),
 }
@@ -118,6 +121,17 @@ def forward_seconds(den, n: int, nfe: int, batch_size: int, shape: tuple, sigma:
     return (time.perf_counter() - t0) * nfe / rounds
 
 
+def _mean_and_spread(per_seed: list[dict]) -> dict:
+    """{metric: {mean, std over seeds}} from one metrics dict per sample seed (sizes left out)."""
+    quality = {}
+    for k in per_seed[0]:
+        if k in ("n", "n_ref"):
+            continue
+        vals = np.array([r[k] for r in per_seed], dtype=np.float64)
+        quality[k] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
+    return quality
+
+
 # ---- the benchmark ----------------------------------------------------------------------------------
 
 class Bench:
@@ -142,14 +156,15 @@ class Bench:
     # ---- plan ------------------------------------------------------------------------------------
     def plan(self) -> list[dict]:
         s, rows = self.spec, []
+        if "data" in s.methods:
+            rows.append({"key": "data-train", "method": "data", "nfe": 0, "model": None})
         if "teacher" in s.methods:
             rows.append({"key": f"teacher-{s.ref_sampler}-{s.ref_nfe}", "method": "teacher", "nfe": s.ref_nfe,
                          "sampler": s.ref_sampler, "model": None})
         for name in SOLVER_ROWS:
             if name in s.methods:
-                for n in s.nfe:
-                    if name == "heun":  # 2 evaluations a step plus a final denoise: odd NFEs only
-                        n = n + 1 if n % 2 == 0 else n
+                # Heun: 2 evaluations a step plus a final denoise, so odd NFEs only (an even one rounds up)
+                for n in sorted({n + 1 - n % 2 for n in s.nfe}) if name == "heun" else s.nfe:
                     rows.append({"key": f"{name}-{n}", "method": name, "nfe": n, "sampler": name, "model": None})
         if "sfd" in s.methods:
             sfd_nfe = s.sfd_nfe if s.sfd_nfe is not None else [n for n in s.nfe if n <= 10]
@@ -161,7 +176,8 @@ class Bench:
             rows.append({"key": "sfd-stage2-1", "method": "sfd-stage2", "nfe": 1, "model": "sfd-stage2"})
         for T in s.sfddm_steps:
             if "sfddm" in s.methods:
-                for variant in s.sfddm_variants:
+                every = s.sfddm_variants_at is None or T in s.sfddm_variants_at
+                for variant in s.sfddm_variants if every else s.sfddm_variants[:1]:
                     index, init = variant.split("/")
                     rows.append({"key": f"sfddm-{T}-{index}-{init}", "method": "sfddm", "nfe": T,
                                  "variant": variant, "model": f"sfddm-{T}-{index}-{init}"})
@@ -170,25 +186,63 @@ class Bench:
                 rows.append({"key": f"ddim-trailing-{T}", "method": "ddim", "nfe": T, "sampler": "ddim",
                              "model": None, "trailing": True})
         if "progressive" in s.methods:
-            for T in sorted({2 ** round(math.log2(t)) for t in s.sfddm_steps}):
+            # one chain of folds serves every row: the T-step row samples the chain's fold-T student
+            for T in self.progressive_targets():
                 rows.append({"key": f"progressive-{T}", "method": "progressive", "nfe": T,
-                             "model": f"progressive-{T}"})
+                             "model": f"{self.progressive_chain()}/fold-{T}"})
         return rows
 
     # ---- distillation (cached) ---------------------------------------------------------------------
+    def progressive_targets(self) -> list[int]:
+        """Progressive distillation's step counts: each SFDDM T' rounded to the nearest power of two."""
+        return sorted({2 ** round(math.log2(t)) for t in self.spec.sfddm_steps})
+
+    def progressive_chain(self) -> str:
+        return f"progressive-from-{self.spec.pd_start_steps}"
+
     def model_dir(self, name: str) -> Path:
         return self.out / "models" / name
 
-    def _finished(self, path: Path) -> bool:
+    def budget(self, method: str) -> dict:
+        """Training budget of one distillation (per fold for progressive distillation)."""
+        from fewstep.distill.sfd import iterations_for
+        s = self.spec
+        if method == "sfd":
+            return {"iterations": iterations_for(s.sfd_trajectories, s.sfd_batch), "batch": s.sfd_batch, "lr": s.sfd_lr}
+        if method == "sfd-v":
+            return {"iterations": iterations_for(s.sfd_trajectories * s.sfdv_trajectory_factor, s.sfd_batch),
+                    "batch": s.sfd_batch, "lr": s.sfd_lr}
+        if method == "sfd-stage2":
+            return {"iterations": iterations_for(s.sfd_stage2_trajectories, s.sfd_batch), "batch": s.sfd_batch,
+                    "lr": s.sfd_stage2_lr}
+        if method == "sfddm":
+            return {"iterations": s.sfddm_iters, "batch": s.sfddm_batch, "lr": s.sfddm_lr}
+        if method == "progressive":
+            return {"iterations": s.pd_iters_per_fold, "batch": s.pd_batch, "lr": s.pd_lr}
+        raise AssertionError(method)
+
+    def _finished(self, path: Path, budget: dict) -> bool:
+        """A finished model made with this budget. One made with another budget is never reused or
+        overwritten silently: that is an error naming both."""
         try:
-            return bool((read_card(path).get("training") or {}).get("finished"))
+            card = read_card(path)
         except FewstepError:
             return False
+        training = card.get("training") or {}
+        if not training.get("finished"):
+            return False
+        lr = json.loads((path / "config.json").read_text())["train"]["lr"] if (path / "config.json").is_file() else None
+        made = {"iterations": training.get("iterations"), "batch": training.get("batch"), "lr": lr}
+        if made != budget:
+            raise FewstepError(f"{path} was distilled with {made}, but this bench asks for {budget}; "
+                               "delete that folder to distil it again, or choose another --out")
+        return True
 
-    def _train(self, method, path: Path, steps: int, batch: int, lr: float, lr_schedule="constant", data=None):
-        cfg = TrainConfig(steps=steps, batch=batch, lr=lr, lr_schedule=lr_schedule, seed=self.spec.seed,
-                          device=str(self.device), progress=self.progress, ckpt_every=max(100, steps // 5),
-                          log_every=max(10, steps // 50))
+    def _train(self, method, path: Path, budget: dict, lr_schedule="constant", data=None):
+        steps = budget["iterations"]
+        cfg = TrainConfig(steps=steps, batch=budget["batch"], lr=budget["lr"], lr_schedule=lr_schedule,
+                          seed=self.spec.seed, device=str(self.device), progress=self.progress,
+                          ckpt_every=max(100, steps // 5), log_every=max(10, steps // 50))
         resume = (path / "train_state.pt").exists()
         Trainer(method, cfg, path, data=data, resume=resume,
                 run_info={"command": f"fewstep bench ({method.name})"}).run()
@@ -198,24 +252,23 @@ class Bench:
         return load_dataset(self.spec.data, self.spec.resolution, split="train", seed=self.split_seed)
 
     def ensure_model(self, row: dict) -> Path:
-        from fewstep.distill.sfd import SFD, SFDConfig, iterations_for
+        from fewstep.distill.sfd import SFD, SFDConfig
         s, name = self.spec, row["model"]
         path = self.model_dir(name)
-        if self._finished(path):
+        budget = self.budget(row["method"])
+        if self._finished(path, budget):
             return path
         tref = teacher_reference(s.teacher)
         if row["method"] in ("sfd", "sfd-v"):
             nfe = [row["nfe"]] if row["method"] == "sfd" else list(s.sfdv_nfe)
             method = SFD(self.teacher, SFDConfig(nfe=nfe), teacher_ref=tref)
-            traj = s.sfd_trajectories * s.sfdv_trajectory_factor if row["method"] == "sfd-v" else s.sfd_trajectories
-            self._train(method, path, iterations_for(traj, s.sfd_batch), s.sfd_batch, s.sfd_lr, "step")
+            self._train(method, path, budget, "step")
         elif row["method"] == "sfd-stage2":
             first_row = {"method": "sfd-v", "nfe": max(s.sfdv_nfe), "model": "sfdv-" + "_".join(map(str, s.sfdv_nfe))}
             first_path = self.ensure_model(first_row)
             first = load_checkpoint(first_path, device=self.device)
             method = SFD(first, SFDConfig(stage2=True), teacher_ref=teacher_reference(first_path))
-            self._train(method, path, iterations_for(s.sfd_stage2_trajectories, s.sfd_batch), s.sfd_batch,
-                        s.sfd_stage2_lr, "step")
+            self._train(method, path, budget, "step")
         elif row["method"] == "sfddm":
             from fewstep.distill.sfddm import SFDDM, SFDDMConfig
             index, init = row["variant"].split("/")
@@ -223,17 +276,33 @@ class Bench:
             info = {**ds.info, "name": ds.name, "kind": ds.kind, "shape": list(ds.shape)}
             method = SFDDM(self.teacher.denoiser, SFDDMConfig(steps=row["nfe"], index=index, init=init,
                                                               seed=s.seed), data_info=info, teacher_ref=tref)
-            self._train(method, path, s.sfddm_iters, s.sfddm_batch, s.sfddm_lr, data=ds.x)
+            self._train(method, path, budget, data=ds.x)
         elif row["method"] == "progressive":
-            from fewstep.distill.progressive import ProgressiveConfig, progressive_distill
+            from fewstep.distill.progressive import progressive_distill
             ds = self._data()
-            cfg = ProgressiveConfig(start_steps=s.pd_start_steps, target_steps=row["nfe"])
-            train = TrainConfig(steps=s.pd_iters_per_fold, batch=s.pd_batch, lr=s.pd_lr, seed=s.seed,
-                                device=str(self.device), progress=self.progress)
-            progressive_distill(s.teacher, ds, cfg, train, path)
+            info = {**ds.info, "name": ds.name, "kind": ds.kind, "shape": list(ds.shape)}
+            chain = self.model_dir(self.progressive_chain())
+            train = TrainConfig(steps=budget["iterations"], batch=budget["batch"], lr=budget["lr"], seed=s.seed,
+                                device=str(self.device), progress=self.progress, n_preview=0,
+                                log_every=max(10, budget["iterations"] // 20))
+            # finished folds are reused and an interrupted one continues
+            progressive_distill(self.teacher, ds.x, s.pd_start_steps, min(self.progressive_targets()), chain,
+                                train, data_info=info, resume=chain.exists(),
+                                run_info={"command": "fewstep bench (progressive)"}, log=lambda msg: None)
         else:
             raise AssertionError(row)
         return path
+
+    def distill_seconds(self, row: dict, card: dict) -> float:
+        """Wall time that produced a row's model, counting the earlier stages it was built from."""
+        own = float((card.get("training") or {}).get("wall_time_s") or 0)
+        if row["method"] == "sfd-stage2":  # the first stage it starts from
+            first_stage = read_card(self.model_dir("sfdv-" + "_".join(map(str, self.spec.sfdv_nfe))))
+            return own + float(first_stage["training"]["wall_time_s"])
+        if row["method"] == "progressive":  # every fold down to this one
+            folds = read_card(self.model_dir(self.progressive_chain()))["method"]["folds"]
+            return float(sum(f["wall_time_s"] or 0 for f in folds if f["student_steps"] >= row["nfe"]))
+        return own
 
     # ---- evaluation --------------------------------------------------------------------------------
     def _sampling_plan(self, row):
@@ -254,10 +323,17 @@ class Bench:
 
     def evaluate(self, row: dict) -> dict:
         cache = self.out / "rows" / f"{row['key']}.json"
+        if row.get("model"):
+            self.ensure_model(row)  # distils once; checks a finished model's budget
+        made_from = self._made_from(row)
         if cache.is_file():
             cached = json.loads(cache.read_text())
-            if cached.get("n_samples") == self.spec.n_samples and cached.get("seeds") == list(self.spec.seeds):
-                return cached  # rows measured with other sample counts or seeds are measured again
+            # rows measured with other sample counts, seeds, teacher or model weights are measured again
+            if (cached.get("n_samples") == self.spec.n_samples and cached.get("seeds") == list(self.spec.seeds)
+                    and cached.get("made_from") == made_from):
+                return cached
+        if row["method"] == "data":
+            return self._evaluate_data(row, cache, made_from)
         ckpt, kw, step = self._sampling_plan(row)
         per_seed, seconds, preview = [], None, None
         for seed in self.spec.seeds:
@@ -269,22 +345,10 @@ class Bench:
             per_seed.append(evaluate_samples(x, self.spec.data, resolution=self.spec.resolution, seed=seed,
                                              split_seed=self.split_seed))
         fwd = forward_seconds(ckpt.denoiser, self.spec.n_samples, nfe, 500, self.shape, sigma0, step)
-        quality = {}
-        for k in per_seed[0]:
-            if k in ("n", "n_ref"):
-                continue
-            vals = np.array([r[k] for r in per_seed], dtype=np.float64)
-            quality[k] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
-        card = ckpt.card if row.get("model") else None
-        distill_s = None
-        if card is not None:
-            distill_s = float((card.get("training") or {}).get("total_wall_time_s")
-                              or (card.get("training") or {}).get("wall_time_s") or 0)
-            if row["method"] == "sfd-stage2":  # its cost includes the first stage it starts from
-                first_stage = read_card(self.model_dir("sfdv-" + "_".join(map(str, self.spec.sfdv_nfe))))
-                distill_s += float(first_stage["training"]["wall_time_s"])
+        quality = _mean_and_spread(per_seed)
+        distill_s = self.distill_seconds(row, ckpt.card) if row.get("model") else None
         scale = 1000 / self.spec.n_samples
-        result = {**row, "nfe": nfe, "quality": quality,
+        result = {**row, "nfe": nfe, "quality": quality, "made_from": self._made_from(row),
                   "n_samples": self.spec.n_samples, "seeds": self.spec.seeds,
                   "sample_s_per_1000": seconds * scale, "forward_s_per_1000": fwd * scale,
                   "sampler_overhead": seconds / fwd if fwd > 0 else None,
@@ -292,6 +356,40 @@ class Bench:
                   "distill_vs_teacher_training": (distill_s / self.teacher_train_s
                                                   if distill_s and self.teacher_train_s else None),
                   "peak_memory_mb": peak_memory_mb(self.device)}
+        np.save(self.out / "rows" / f"{row['key']}.npy", preview[:64].numpy())
+        write_json(cache, result)
+        return result
+
+    def _made_from(self, row: dict) -> dict:
+        """Content hashes of what a row's numbers depend on: the teacher and, if any, the distilled model."""
+        if row["method"] == "data":
+            return {"data": self.spec.data, "resolution": self.spec.resolution}
+        made = {"teacher": self.teacher_card.get("weights_sha256")}
+        if row.get("model"):
+            try:
+                made["model"] = read_card(self.model_dir(row["model"])).get("weights_sha256")
+            except FewstepError:
+                made["model"] = None  # not distilled yet
+        return made
+
+    def _evaluate_data(self, row: dict, cache: Path, made_from: dict) -> dict:
+        """Real training samples scored exactly like generated ones: with a held-out reference of a
+        few hundred images the Fréchet distance has a large small-sample bias, and this row shows it."""
+        train = self._data().x
+        replace = self.spec.n_samples > len(train)  # a small data set is drawn with repetition
+        per_seed, preview = [], None
+        for seed in self.spec.seeds:
+            gen = torch.Generator().manual_seed(2000 + seed)
+            idx = (torch.randint(len(train), (self.spec.n_samples,), generator=gen) if replace
+                   else torch.randperm(len(train), generator=gen)[:self.spec.n_samples])
+            x = train[idx]
+            preview = x if preview is None else preview
+            per_seed.append(evaluate_samples(x, self.spec.data, resolution=self.spec.resolution, seed=seed,
+                                             split_seed=self.split_seed))
+        result = {**row, "quality": _mean_and_spread(per_seed), "made_from": made_from, "n_samples": self.spec.n_samples,
+                  "seeds": self.spec.seeds, "with_replacement": replace, "sample_s_per_1000": None,
+                  "forward_s_per_1000": None, "sampler_overhead": None, "distill_wall_s": None,
+                  "distill_vs_teacher_training": None, "peak_memory_mb": None}
         np.save(self.out / "rows" / f"{row['key']}.npy", preview[:64].numpy())
         write_json(cache, result)
         return result

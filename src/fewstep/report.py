@@ -11,7 +11,7 @@ import torch
 from fewstep.checkpoint import atomic_write
 
 LOWER_IS_BETTER = {"fcd", "kid", "swd", "mmd"}
-LABELS = {"teacher": "teacher (reference)", "ddim": "DDIM", "dpmpp2m": "DPM-Solver++(2M)",
+LABELS = {"data": "data floor (training samples)", "teacher": "teacher (reference)", "ddim": "DDIM", "dpmpp2m": "DPM-Solver++(2M)",
           "dpmpp3m": "DPM-Solver++(3M)", "heun": "Heun", "ipndm": "iPNDM", "sfd": "SFD", "sfd-v": "SFD-v",
           "sfd-stage2": "SFD 2nd stage", "sfddm": "SFDDM", "progressive": "progressive distillation"}
 
@@ -25,6 +25,9 @@ def row_label(r: dict) -> str:
     if r["method"] == "teacher":
         label += f", {r['sampler']}"
     return label
+
+
+REFERENCE_ROWS = ("data", "teacher")  # rows that set a level to compare with, not candidates for "best"
 
 
 def fmt(q: dict | None, digits: int = 3) -> str:
@@ -46,7 +49,7 @@ def results_table(summary: dict) -> str:
     extra = ["mmd"] if toy else ["kid", "precision", "recall"]
     best = {}
     for r in rows:
-        if r["method"] == "teacher":
+        if r["method"] in REFERENCE_ROWS:
             continue
         v = r["quality"][key]["mean"]
         if r["nfe"] not in best or v < best[r["nfe"]]:
@@ -56,12 +59,14 @@ def results_table(summary: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(rows, key=lambda r: (r["nfe"], r["quality"][key]["mean"])):
         q = fmt(r["quality"][key])
-        if r["method"] != "teacher" and r["quality"][key]["mean"] == best.get(r["nfe"]):
+        if r["method"] not in REFERENCE_ROWS and r["quality"][key]["mean"] == best.get(r["nfe"]):
             q = f"**{q}**"
         ratio = r.get("distill_vs_teacher_training")
-        cells = [row_label(r), str(r["nfe"]), q] + [fmt(r["quality"].get(e)) for e in extra] + [
+        seconds = [r.get("sample_s_per_1000"), r.get("forward_s_per_1000")]
+        cells = [row_label(r), str(r["nfe"]) if r["method"] != "data" else "–", q] + \
+            [fmt(r["quality"].get(e)) for e in extra] + [
             fmt_time(r.get("distill_wall_s")), f"{100 * ratio:.1f} %" if ratio else "–",
-            f"{r['sample_s_per_1000']:.2f}", f"{r['forward_s_per_1000']:.2f}",
+            *(f"{v:.2f}" if v is not None else "–" for v in seconds),
             f"{r['sampler_overhead']:.2f}×" if r.get("sampler_overhead") else "–"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -78,14 +83,22 @@ def _savefig(fig, path: Path):
     atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))
 
 
+def _reference_lines(ax, summary: dict):
+    """The teacher's reference quality (dashed) and the data floor (dotted) as horizontal lines."""
+    key = summary["quality_key"]
+    for r in summary["rows"]:
+        if r["method"] == "teacher":
+            ax.axhline(r["quality"][key]["mean"], color="k", ls="--", lw=1, label=f"teacher, NFE {r['nfe']}")
+        elif r["method"] == "data":
+            ax.axhline(r["quality"][key]["mean"], color="gray", ls=":", lw=1.2, label="data floor")
+
+
 def plot_quality_vs_nfe(summary: dict, path: Path):
     plt = _plt()
     key = summary["quality_key"]
     series = defaultdict(list)
-    ref = None
     for r in summary["rows"]:
-        if r["method"] == "teacher":
-            ref = r
+        if r["method"] in REFERENCE_ROWS:
             continue
         series[row_label(r)].append((r["nfe"], r["quality"][key]["mean"], r["quality"][key]["std"]))
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -93,8 +106,7 @@ def plot_quality_vs_nfe(summary: dict, path: Path):
         pts.sort()
         x, y, e = zip(*pts)
         ax.errorbar(x, y, yerr=e, marker="o", ms=4, capsize=2, label=label, linestyle="-" if len(x) > 1 else "none")
-    if ref:
-        ax.axhline(ref["quality"][key]["mean"], color="k", ls="--", lw=1, label=f"teacher, NFE {ref['nfe']}")
+    _reference_lines(ax, summary)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("NFE (network evaluations per sample)")
@@ -109,15 +121,13 @@ def plot_quality_vs_cost(summary: dict, path: Path):
     plt = _plt()
     key = summary["quality_key"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ref = next((r for r in summary["rows"] if r["method"] == "teacher"), None)
     for r in summary["rows"]:
         if not r.get("distill_wall_s"):
             continue
         ax.scatter(r["distill_wall_s"] / 60, r["quality"][key]["mean"], s=25)
         ax.annotate(f"{row_label(r)} @{r['nfe']}", (r["distill_wall_s"] / 60, r["quality"][key]["mean"]),
                     fontsize=6, xytext=(3, 3), textcoords="offset points")
-    if ref:
-        ax.axhline(ref["quality"][key]["mean"], color="k", ls="--", lw=1, label=f"teacher, NFE {ref['nfe']}")
+    _reference_lines(ax, summary)
     t_train = summary["teacher"].get("training_wall_s")
     if t_train:
         ax.axvline(t_train / 60, color="gray", ls=":", lw=1, label="teacher training time")
@@ -134,7 +144,7 @@ def plot_quality_vs_cost(summary: dict, path: Path):
 def sample_grids(summary: dict, out: Path, path: Path, per_row: int = 10):
     """Every method's first samples from the same initial noises, one row (or panel) per method."""
     plt = _plt()
-    rows = sorted(summary["rows"], key=lambda r: (r["method"] != "teacher", r["nfe"], r["key"]))
+    rows = sorted(summary["rows"], key=lambda r: (r["method"] not in REFERENCE_ROWS, r["nfe"], r["key"]))
     arrays = [(r, np.load(out / "rows" / f"{r['key']}.npy")) for r in rows if (out / "rows" / f"{r['key']}.npy").is_file()]
     if not arrays:
         return
@@ -151,7 +161,7 @@ def sample_grids(summary: dict, out: Path, path: Path, per_row: int = 10):
             ax.set_ylim(-3.5, 3.5)
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title(f"{row_label(r)}\nNFE {r['nfe']}", fontsize=7)
+            ax.set_title(f"{row_label(r)}\nNFE {r['nfe'] or '–'}", fontsize=7)
     else:
         fig, axes = plt.subplots(len(arrays), 1, figsize=(per_row * 0.7 + 3, 0.75 * len(arrays) + 0.3), squeeze=False)
         for ax, (r, x) in zip(axes[:, 0], arrays):
@@ -159,7 +169,7 @@ def sample_grids(summary: dict, out: Path, path: Path, per_row: int = 10):
             ax.imshow(strip, cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_ylabel(f"{row_label(r)}\nNFE {r['nfe']}", rotation=0, ha="right", va="center", fontsize=7)
+            ax.set_ylabel(f"{row_label(r)}\nNFE {r['nfe'] or '–'}", rotation=0, ha="right", va="center", fontsize=7)
     _savefig(fig, path)
     plt.close(fig)
 
@@ -190,35 +200,55 @@ def sfddm_figures(summary: dict, bench, figdir: Path) -> dict:
 
 
 def reading(summary: dict, consistency: dict) -> list[str]:
-    """A short, generated reading of the numbers, including the targets the issues set."""
-    key = summary["quality_key"]
+    """A short, generated reading of the numbers, including the targets the issues set.
+
+    Where a data-floor row exists, each ratio to the teacher is also given over the floor: with a
+    small held-out reference the Fréchet distance of real data is far from 0, and plain ratios of
+    numbers that share that offset understate every gap.
+    """
+    key, K = summary["quality_key"], summary["quality_key"].upper()
     rows = summary["rows"]
     ref = next((r for r in rows if r["method"] == "teacher"), None)
+    floor_row = next((r for r in rows if r["method"] == "data"), None)
+    floor = floor_row["quality"][key]["mean"] if floor_row else None
     lines = []
+    if floor_row:
+        lines.append(f"- Data floor: training samples score {K} {fmt(floor_row['quality'][key])} against the same "
+                     "reference, the level a perfect sampler would reach with these sample counts; the "
+                     "'over the floor' figures below subtract it.")
+
+    def versus(q: float, rq: float) -> str:
+        text = f"{q:.3g} = {q / rq:.2f}× the teacher's"
+        if floor is not None and rq > floor:
+            text += f"; over the floor {q - floor:.3g} vs the teacher's {rq - floor:.3g} ({(q - floor) / (rq - floor):.1f}×)"
+        return text
+
     by = {(r["method"], r["nfe"]): r for r in rows if r["method"] != "sfddm"}
     if ref:
         rq = ref["quality"][key]["mean"]
-        lines.append(f"- Teacher reference ({ref['sampler']}, NFE {ref['nfe']}): {key.upper()} {fmt(ref['quality'][key])}.")
+        lines.append(f"- Teacher reference ({ref['sampler']}, NFE {ref['nfe']}): {K} {fmt(ref['quality'][key])}.")
         for nfe, factor in ((2, 2.0), (4, 1.5)):
             r = by.get(("sfd", nfe))
             if r:
                 q = r["quality"][key]["mean"]
-                ok = "met" if q <= factor * rq else "not met"
-                lines.append(f"- SFD at NFE {nfe}: {key.upper()} {q:.3g} = {q / rq:.2f}× the teacher's "
-                             f"(target ≤ {factor}×: {ok}); distillation cost "
-                             f"{100 * (r.get('distill_vs_teacher_training') or float('nan')):.1f} % of teacher training "
-                             f"(target ≤ 2 %: {'met' if (r.get('distill_vs_teacher_training') or 9) <= 0.02 else 'not met'}).")
-        for r in rows:
-            if r["method"] == "sfddm" and r["nfe"] == min(x["nfe"] for x in rows if x["method"] == "sfddm"):
+                cost = r.get("distill_vs_teacher_training")
+                lines.append(f"- SFD at NFE {nfe}: {K} {versus(q, rq)} (target ≤ {factor:g}×: "
+                             f"{'met' if q <= factor * rq else 'not met'}); distillation cost "
+                             f"{100 * (cost or float('nan')):.1f} % of teacher training "
+                             f"(target ≤ 2 %: {'met' if cost is not None and cost <= 0.02 else 'not met'}).")
+        sfddm = [r for r in rows if r["method"] == "sfddm"]
+        for r in sfddm:
+            if r["nfe"] == min(x["nfe"] for x in sfddm):
                 q = r["quality"][key]["mean"]
                 ddim = next((x for x in rows if x["method"] == "ddim" and x["nfe"] == r["nfe"]), None)
-                msg = f"- SFDDM T'={r['nfe']} ({r['variant']}): {key.upper()} {q:.3g} = {q / rq:.2f}× the teacher's (target ≤ 1.5×: {'met' if q <= 1.5 * rq else 'not met'})"
+                msg = (f"- SFDDM T'={r['nfe']} ({r['variant']}): {K} {versus(q, rq)} "
+                       f"(target ≤ 1.5×: {'met' if q <= 1.5 * rq else 'not met'})")
                 if ddim:
                     dq = ddim["quality"][key]["mean"]
                     msg += f"; teacher DDIM-{r['nfe']} {dq:.3g} ({'beaten' if q < dq else 'not beaten'})"
                 lines.append(msg + ".")
-    for nfe in sorted({r["nfe"] for r in rows if r["method"] != "teacher"}):
-        cands = [r for r in rows if r["nfe"] == nfe and r["method"] != "teacher"]
+    for nfe in sorted({r["nfe"] for r in rows if r["method"] not in REFERENCE_ROWS}):
+        cands = [r for r in rows if r["nfe"] == nfe and r["method"] not in REFERENCE_ROWS]
         b = min(cands, key=lambda r: r["quality"][key]["mean"])
         lines.append(f"- NFE {nfe}: best is {row_label(b)} ({fmt(b['quality'][key])}).")
     if consistency:

@@ -1,0 +1,111 @@
+"""The benchmark: every method end to end on a tiny teacher, its caching, and the report's arithmetic."""
+import json
+
+import pytest
+
+from fewstep.bench import ALL_METHODS, Bench, BenchSpec, preset
+from fewstep.errors import FewstepError
+from fewstep.report import reading, results_table
+
+
+def tiny_spec(teacher, **kw):
+    """Every method at toy budgets: seconds, not minutes."""
+    spec = dict(teacher=str(teacher), data="gmm8", methods=list(ALL_METHODS), nfe=[2], sfd_nfe=[2], sfdv_nfe=[1, 3],
+                sfddm_steps=[4], sfddm_variants=["trailing/random"], n_samples=200, seeds=[0, 1], ref_nfe=16,
+                sfd_trajectories=512, sfd_batch=128, sfd_lr=1e-3, sfdv_trajectory_factor=1.0,
+                sfd_stage2_trajectories=256, sfddm_iters=20, sfddm_batch=64, pd_start_steps=16,
+                pd_iters_per_fold=5, pd_batch=64)
+    spec.update(kw)
+    return BenchSpec(**spec)
+
+
+@pytest.fixture(scope="module")
+def bench_run(tiny_gmm8_teacher, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    summary = Bench(tiny_spec(tiny_gmm8_teacher), out, progress=False).run()
+    return out, summary
+
+
+def test_every_method_gets_a_row_with_quality_and_timing(bench_run):
+    out, summary = bench_run
+    rows = {r["key"]: r for r in summary["rows"]}
+    assert set(rows) == {"data-train", "teacher-dpmpp2m-16", "ddim-2", "dpmpp2m-2", "dpmpp3m-2", "heun-3", "ipndm-2",
+                         "sfd-2", "sfdv-1_3-1", "sfdv-1_3-3", "sfd-stage2-1", "sfddm-4-trailing-random",
+                         "ddim-trailing-4", "progressive-4"}
+    for key, r in rows.items():
+        assert r["quality"]["swd"]["mean"] > 0 and r["quality"]["swd"]["std"] >= 0, key
+        if r["method"] != "data":
+            assert r["sample_s_per_1000"] > 0 and r["forward_s_per_1000"] > 0, key
+    # NFE is what the sampler really spent, AFS included
+    assert rows["sfd-2"]["nfe"] == 2 and rows["sfd-stage2-1"]["nfe"] == 1 and rows["heun-3"]["nfe"] == 3
+    for key in ("sfd-2", "sfdv-1_3-3", "sfddm-4-trailing-random", "progressive-4"):
+        assert rows[key]["distill_wall_s"] > 0 and rows[key]["distill_vs_teacher_training"] > 0, key
+    # the stage-2 cost includes the first stage it started from
+    assert rows["sfd-stage2-1"]["distill_wall_s"] > rows["sfdv-1_3-3"]["distill_wall_s"]
+    # real samples sit far below a 2-step DDIM on eight separated modes
+    assert rows["data-train"]["quality"]["swd"]["mean"] < 0.5 * rows["ddim-2"]["quality"]["swd"]["mean"]
+    assert json.loads((out / "results.json").read_text())["rows"] == json.loads(json.dumps(summary["rows"]))
+
+
+def test_outputs_for_people(bench_run):
+    out, summary = bench_run
+    for name in ("quality-vs-nfe.png", "quality-vs-cost.png", "samples.png", "sfddm-consistency.png"):
+        assert (out / "figures" / name).stat().st_size > 1000, name
+    report = (out / "report.md").read_text()
+    assert "Data floor" in report and "figures/quality-vs-nfe.png" in report and "PSNR of matched pairs" in report
+    table = (out / "results.md").read_text()
+    assert table.count("**") == 2 * len({r["nfe"] for r in summary["rows"] if r["method"] not in ("data", "teacher")})
+
+
+def test_rerun_reuses_models_and_rows(bench_run, tiny_gmm8_teacher):
+    out, summary = bench_run
+    stamps = {p: p.stat().st_mtime_ns for p in list(out.glob("models/**/model.safetensors")) + list(out.glob("rows/*.json"))}
+    assert len(stamps) == 14 + 7  # rows; sfd, sfd-v, stage 2, sfddm, the progressive chain and its 2 folds
+    again = Bench(tiny_spec(tiny_gmm8_teacher), out, progress=False).run()
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert [r["quality"] for r in again["rows"]] == [r["quality"] for r in summary["rows"]]
+    # other sample seeds re-measure the rows but never retrain a model
+    models = {p: t for p, t in stamps.items() if p.name == "model.safetensors"}
+    third = Bench(tiny_spec(tiny_gmm8_teacher, methods=["sfd", "data"], seeds=[5, 6]), out, progress=False).run()
+    assert {p: p.stat().st_mtime_ns for p in models} == models
+    assert all(r["seeds"] == [5, 6] for r in third["rows"])
+    assert (out / "rows" / "sfd-2.json").stat().st_mtime_ns != stamps[out / "rows" / "sfd-2.json"]
+    # a model distilled with another budget is neither reused nor overwritten
+    with pytest.raises(FewstepError, match="sfddm-4-trailing-random was distilled with .*'iterations': 20.* "
+                                           "asks for .*'iterations': 21"):
+        Bench(tiny_spec(tiny_gmm8_teacher, methods=["sfddm"], sfddm_iters=21), out, progress=False).run()
+    assert {p: p.stat().st_mtime_ns for p in models} == models
+
+
+def test_bad_bench_input_is_named():
+    with pytest.raises(FewstepError, match="--preset 'nope'"):
+        preset("nope")
+    with pytest.raises(FewstepError, match="unknown \\['sfdd'\\]"):
+        Bench(BenchSpec(teacher="gmm8-teacher", data="gmm8", methods=["sfdd"]), "/nonexistent-never-written")
+
+
+def _row(method, nfe, fcd, **kw):
+    return {"key": f"{method}-{nfe}", "method": method, "nfe": nfe, "quality": {
+        "fcd": {"mean": fcd, "std": 1.0}, "kid": {"mean": 0.0, "std": 0.0},
+        "precision": {"mean": 0.9, "std": 0.0}, "recall": {"mean": 0.9, "std": 0.0}},
+        "sample_s_per_1000": None if method == "data" else 1.0, "forward_s_per_1000": None if method == "data" else 0.5,
+        "sampler_overhead": None if method == "data" else 2.0, **kw}
+
+
+def test_reading_measures_gaps_over_the_data_floor():
+    rows = [_row("data", 0, 70.0), _row("teacher", 256, 80.0, sampler="dpmpp2m"),
+            _row("sfd", 2, 95.0, distill_wall_s=30.0, distill_vs_teacher_training=0.01),
+            _row("ddim", 2, 150.0), _row("sfd", 4, 110.0, distill_wall_s=30.0, distill_vs_teacher_training=0.05)]
+    summary = {"quality_key": "fcd", "rows": rows}
+    lines = "\n".join(reading(summary, {}))
+    # 95 is 1.19x the teacher's 80, but 25 over the floor of 70 against the teacher's 10: 2.5x
+    assert "SFD at NFE 2: FCD 95 = 1.19× the teacher's; over the floor 25 vs the teacher's 10 (2.5×)" in lines
+    assert "(target ≤ 2×: met); distillation cost 1.0 % of teacher training (target ≤ 2 %: met)" in lines
+    assert "SFD at NFE 4: FCD 110 = 1.38× the teacher's; over the floor 40 vs the teacher's 10 (4.0×) " \
+           "(target ≤ 1.5×: met); distillation cost 5.0 % of teacher training (target ≤ 2 %: not met)" in lines
+    assert "NFE 2: best is SFD" in lines and "NFE 0" not in lines
+    table = results_table(summary).splitlines()
+    data_line = next(line for line in table if line.startswith("| data floor"))
+    assert "| – |" in data_line and "**" not in data_line
+    assert next(line for line in table if line.startswith("| SFD | 2 |")).count("**") == 2
+    assert "**" not in next(line for line in table if line.startswith("| DDIM | 2 |"))
