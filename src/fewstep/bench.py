@@ -72,12 +72,14 @@ PRESETS = {
                 sfd_trajectories=64_000, sfd_batch=256, sfd_lr=2e-4, sfd_stage2_trajectories=32_000,
                 sfddm_iters=1500, sfddm_batch=256, sfddm_lr=1e-3, pd_start_steps=128, pd_iters_per_fold=400,
                 pd_batch=256, pd_lr=3e-4),
-    # budgets sized for about two hours on 2 CPU cores; every variant of SFDDM at T' = 10
+    # budgets sized for about two hours on 2 CPU cores (the paper-scale ones take days there); every
+    # SFDDM variant at T' = 10, the default one at 32 and 128
     "digits": dict(teacher="digits-teacher", data="digits", nfe=[2, 3, 4, 5, 10], sfd_nfe=[2, 3, 4, 5],
                    sfdv_nfe=[2, 3, 4, 5], sfddm_steps=[10, 32, 128],
                    sfddm_variants=["trailing/random", "trailing/teacher", "leading/random", "leading/teacher"],
                    sfddm_variants_at=[10], n_samples=1000, ref_nfe=256, sfd_trajectories=9_600, sfd_lr=1e-4,
-                   sfd_stage2_trajectories=6_400, sfddm_iters=1000, pd_start_steps=256, pd_iters_per_fold=300),
+                   sfdv_trajectory_factor=1.0, sfd_stage2_trajectories=6_400, sfddm_iters=500, pd_start_steps=256,
+                   pd_iters_per_fold=150),
     "demo": dict(teacher="digits-teacher", data="digits", methods=["data", "teacher", "ddim", "dpmpp3m", "sfd", "sfddm"],
                  nfe=[2, 10], sfd_nfe=[2], sfddm_steps=[10], sfddm_variants=["trailing/random"], n_samples=500, ref_nfe=256,
                  seeds=[0, 1, 2], sfd_trajectories=19_200, sfd_lr=1e-4, sfddm_iters=1000),

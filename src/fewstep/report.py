@@ -102,10 +102,13 @@ def plot_quality_vs_nfe(summary: dict, path: Path):
             continue
         series[row_label(r)].append((r["nfe"], r["quality"][key]["mean"], r["quality"][key]["std"]))
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, pts in sorted(series.items()):
+    colors = plt.get_cmap("tab20").colors  # more series than the default 10-colour cycle holds
+    markers = "osD^v<>ph*"
+    for k, (label, pts) in enumerate(sorted(series.items())):
         pts.sort()
         x, y, e = zip(*pts)
-        ax.errorbar(x, y, yerr=e, marker="o", ms=4, capsize=2, label=label, linestyle="-" if len(x) > 1 else "none")
+        ax.errorbar(x, y, yerr=e, marker=markers[k % len(markers)], ms=4, capsize=2, label=label,
+                    color=colors[(2 * k) % 20 + (k // 10) % 2], linestyle="-" if len(x) > 1 else "none")
     _reference_lines(ax, summary)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
