@@ -172,7 +172,7 @@ class Bench:
             sfd_nfe = s.sfd_nfe if s.sfd_nfe is not None else [n for n in s.nfe if n <= 10]
             rows += [{"key": f"sfd-{n}", "method": "sfd", "nfe": n, "model": f"sfd-{n}"} for n in sfd_nfe]
         if "sfd-v" in s.methods:
-            tag = "sfdv-" + "_".join(map(str, s.sfdv_nfe))
+            tag = self.sfdv_model()
             rows += [{"key": f"{tag}-{n}", "method": "sfd-v", "nfe": n, "model": tag} for n in s.sfdv_nfe]
         if "sfd-stage2" in s.methods:
             rows.append({"key": "sfd-stage2-1", "method": "sfd-stage2", "nfe": 1, "model": "sfd-stage2"})
@@ -198,6 +198,10 @@ class Bench:
     def progressive_targets(self) -> list[int]:
         """Progressive distillation's step counts: each SFDDM T' rounded to the nearest power of two."""
         return sorted({2 ** round(math.log2(t)) for t in self.spec.sfddm_steps})
+
+    def sfdv_model(self) -> str:
+        """The SFD-v model's folder name; the 1-NFE second stage starts from it."""
+        return "sfdv-" + "_".join(map(str, self.spec.sfdv_nfe))
 
     def progressive_chain(self) -> str:
         return f"progressive-from-{self.spec.pd_start_steps}"
@@ -266,7 +270,7 @@ class Bench:
             method = SFD(self.teacher, SFDConfig(nfe=nfe), teacher_ref=tref)
             self._train(method, path, budget, "step")
         elif row["method"] == "sfd-stage2":
-            first_row = {"method": "sfd-v", "nfe": max(s.sfdv_nfe), "model": "sfdv-" + "_".join(map(str, s.sfdv_nfe))}
+            first_row = {"method": "sfd-v", "nfe": max(s.sfdv_nfe), "model": self.sfdv_model()}
             first_path = self.ensure_model(first_row)
             first = load_checkpoint(first_path, device=self.device)
             method = SFD(first, SFDConfig(stage2=True), teacher_ref=teacher_reference(first_path))
@@ -299,7 +303,7 @@ class Bench:
         """Wall time that produced a row's model, counting the earlier stages it was built from."""
         own = float((card.get("training") or {}).get("wall_time_s") or 0)
         if row["method"] == "sfd-stage2":  # the first stage it starts from
-            first_stage = read_card(self.model_dir("sfdv-" + "_".join(map(str, self.spec.sfdv_nfe))))
+            first_stage = read_card(self.model_dir(self.sfdv_model()))
             return own + float(first_stage["training"]["wall_time_s"])
         if row["method"] == "progressive":  # every fold down to this one
             folds = read_card(self.model_dir(self.progressive_chain()))["method"]["folds"]
@@ -350,7 +354,7 @@ class Bench:
         quality = _mean_and_spread(per_seed)
         distill_s = self.distill_seconds(row, ckpt.card) if row.get("model") else None
         scale = 1000 / self.spec.n_samples
-        result = {**row, "nfe": nfe, "quality": quality, "made_from": self._made_from(row),
+        result = {**row, "nfe": nfe, "quality": quality, "made_from": made_from,
                   "n_samples": self.spec.n_samples, "seeds": self.spec.seeds,
                   "sample_s_per_1000": seconds * scale, "forward_s_per_1000": fwd * scale,
                   "sampler_overhead": seconds / fwd if fwd > 0 else None,
