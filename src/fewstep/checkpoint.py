@@ -106,7 +106,12 @@ def builtin_models() -> dict[str, Path]:
 
 
 def resolve_model_path(name_or_path: str | Path) -> Path:
+    """A checkpoint folder, a built-in model's folder, or a foreign teacher (an NVlabs/edm .pkl, a
+    diffusers folder) imported on the fly into the cache."""
     p = Path(name_or_path)
+    from fewstep.interop import foreign_kind, imported_on_the_fly
+    if foreign_kind(p):
+        return imported_on_the_fly(p)
     if p.is_dir():
         return p
     builtins = builtin_models()

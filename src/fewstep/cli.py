@@ -225,8 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extension_commands():
     """Commands defined beside their algorithms' wiring (distill, compare, bench, demo)."""
-    from fewstep import cli_bench, cli_distill
-    return [cli_distill.register, cli_bench.register]
+    from fewstep import cli_bench, cli_distill, cli_interop
+    return [cli_distill.register, cli_bench.register, cli_interop.register]
 
 
 def main(argv=None):

@@ -134,10 +134,11 @@ def _distill_data(args, teacher):
     net = teacher.card["net"]
     tdata = teacher.card.get("data") or {}
     resolution = args.resolution
-    if resolution is None and net["type"] == "unet":
+    is_image = "resolution" in net
+    if resolution is None and is_image:
         resolution = net["resolution"]
     seed = args.data_seed if args.data_seed is not None else int(tdata.get("split_seed") or 0)
-    ds = load_dataset(args.data, resolution=resolution if net["type"] == "unet" or args.resolution else None,
+    ds = load_dataset(args.data, resolution=resolution if is_image or args.resolution else None,
                       split="train", seed=seed)
     info = {**ds.info, "name": ds.name, "kind": ds.kind, "shape": list(ds.shape), "split_seed": seed}
     return ds, info

@@ -220,18 +220,59 @@ class MLP(_ConditionedNet):
 
 
 NETS = {"unet": UNet, "mlp": MLP}
+# networks of other code bases, rebuilt by fewstep's own implementations (imported on first use,
+# so fewstep runs without their optional dependencies): type -> "module:Class"
+FOREIGN_NETS = {
+    "edm-songunet": "fewstep.interop.edm_nets:SongUNet",
+    "edm-dhariwalunet": "fewstep.interop.edm_nets:DhariwalUNet",
+    "diffusers-unet2d": "fewstep.interop.diffusers_io:DiffusersUNet",
+}
+
+
+def net_class(kind: str):
+    if kind in NETS:
+        return NETS[kind]
+    if kind in FOREIGN_NETS:
+        import importlib
+        module, name = FOREIGN_NETS[kind].split(":")
+        return getattr(importlib.import_module(module), name)
+    raise FewstepError(f"network type {kind!r}: expected one of {', '.join([*NETS, *FOREIGN_NETS])}")
 
 
 def build_net(config: dict) -> nn.Module:
     """Rebuild a network from its `config` dict (as stored in a model card)."""
     config = copy.deepcopy(config)
     kind = config.pop("type", None)
-    if kind not in NETS:
-        raise FewstepError(f"network type {kind!r}: expected one of {', '.join(NETS)}")
+    cls = net_class(kind)
     try:
-        return NETS[kind](**config)
+        return cls(**config)
     except TypeError as e:
         raise FewstepError(f"network config for {kind!r} is not valid: {e}") from None
+
+
+class FeatureTap:
+    """Captures the output of one named sub-module during a forward pass: the hidden features of a
+    network fewstep did not write (SFDDM's feature loss). Use as `with FeatureTap(net, name) as tap:`
+    around the call, then read `tap.value`."""
+
+    def __init__(self, net: nn.Module, layer: str):
+        modules = dict(net.named_modules())
+        if layer not in modules:
+            names = [n for n in modules if n][:12]
+            raise FewstepError(f"feature layer {layer!r}: no such sub-module in this network "
+                               f"(some names: {', '.join(names)}, ...)")
+        self.module, self.value, self._handle = modules[layer], None, None
+
+    def _hook(self, module, inputs, output):
+        self.value = output[0] if isinstance(output, tuple) else output
+
+    def __enter__(self):
+        self._handle = self.module.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+        return False
 
 
 def set_dropout(net: nn.Module, p: float) -> None:

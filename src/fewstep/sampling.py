@@ -19,8 +19,10 @@ from fewstep.solvers import STOCHASTIC, solve, steps_for_nfe
 
 
 def sample_shape(card: dict) -> tuple:
+    """(C, H, W) for image networks (every one has `resolution` and `in_channels` in its config),
+    (dim,) for flat ones."""
     net = card["net"]
-    if net["type"] == "unet":
+    if "resolution" in net:
         return (net["in_channels"], net["resolution"], net["resolution"])
     return (net["dim"],)
 

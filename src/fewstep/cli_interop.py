@@ -1,0 +1,42 @@
+"""`fewstep import` and `fewstep export`: foreign teachers in, students out."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(sub):
+    p = sub.add_parser("import", help="convert a diffusers folder or an NVlabs/edm snapshot into a fewstep checkpoint",
+                       description="Convert a foreign teacher into a fewstep checkpoint folder. An EDM .pkl is read "
+                                   "with an allow-list unpickler (its embedded code is never run) and rebuilt by "
+                                   "fewstep's own implementation of EDM's networks.")
+    p.add_argument("source", help="a diffusers folder (model_index.json, or unet/ + scheduler/) or an EDM .pkl")
+    p.add_argument("--out", required=True, help="the checkpoint folder to write")
+    p.add_argument("--feature-layer", default=None,
+                   help="name of the sub-module whose output is the network's hidden features (SFDDM's "
+                        "feature loss); default: the last decoder block of the architecture")
+    p.set_defaults(func=cmd_import)
+
+    e = sub.add_parser("export", help="write a student (or teacher) as a folder other tools load",
+                       description="Export a fewstep checkpoint as a diffusers pipeline folder whose sampler "
+                                   "reproduces `fewstep sample` (grid, AFS, NFE).")
+    e.add_argument("model", help="checkpoint folder or built-in name")
+    e.add_argument("--format", default="diffusers", choices=["diffusers"])
+    e.add_argument("--nfe", type=int, default=None, help="for an SFD-v model: which of its trained NFEs")
+    e.add_argument("--out", required=True, help="the folder to write")
+    e.set_defaults(func=cmd_export)
+
+
+def cmd_import(args):
+    from fewstep.interop import import_model
+
+    opts = {"feature_layer": args.feature_layer} if args.feature_layer else {}
+    out = import_model(args.source, args.out, **opts)
+    print(f"imported {args.source} → {out} (see: fewstep info {out})")
+
+
+def cmd_export(args):
+    from fewstep.interop.diffusers_io import export_diffusers
+
+    out = export_diffusers(args.model, Path(args.out), nfe=args.nfe)
+    print(f"exported {args.model} → {out} (diffusers: DiffusionPipeline.from_pretrained({str(out)!r}, "
+          "custom_pipeline=…/pipeline.py); see its README.md)")
