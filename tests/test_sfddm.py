@@ -150,6 +150,22 @@ def test_feature_hook_returns_the_penultimate_map():
         assert torch.allclose(mlp.out(h), raw, atol=1e-6)
 
 
+def test_a_named_feature_layer_is_tapped_and_a_wrong_name_is_refused():
+    torch.manual_seed(0)
+    net = UNet(resolution=8, in_channels=1, channels=8, channel_mult=(1, 2), num_res_blocks=1,
+               attn_resolutions=(), dropout=0.0)
+    den = Denoiser(net, Schedule.vp("linear", 64), "eps").eval()
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        raw, h = raw_and_features(den, x, den.schedule.sigmas[10], layer="mid.1")
+        assert torch.equal(raw, den.raw(x, den.schedule.sigmas[10]))
+        assert h.shape == (3, 16, 4, 4)  # the middle attention block's output
+        _, h_default = raw_and_features(den, x, den.schedule.sigmas[10])
+        assert h_default.shape != h.shape
+    with pytest.raises(FewstepError, match="feature layer 'mid.9'"):
+        raw_and_features(den, x, den.schedule.sigmas[10], layer="mid.9")
+
+
 def _gaussian_kl_per_dim(ab, s, x_s, e_t, e_s):
     """KL(N(μ_T, v) ‖ N(μ_S, v)) / D from the DDPM reverse-kernel means, computed from scratch."""
     ab_s = float(ab[s])

@@ -91,12 +91,13 @@ def cmd_sample(args):
 
     ckpt = load_checkpoint(args.model, device=pick_device(args.device))
     x, info = sample(ckpt, args.n, seed=args.seed, nfe=args.nfe, sampler=args.sampler, grid=args.grid,
-                     rho=args.rho, batch_size=args.batch, return_info=True)
+                     rho=args.rho, batch_size=args.batch, return_info=True, class_label=args.class_label)
     if args.out:
         out = Path(args.out)
         from fewstep.checkpoint import atomic_write
         import numpy as np
-        atomic_write(out, lambda p: np.savez(open(p, "wb"), samples=x.numpy(), info=json.dumps(info)))
+        arrays = {"labels": np.asarray(info.pop("labels"), dtype=np.int64)} if "labels" in info else {}
+        atomic_write(out, lambda p: np.savez(open(p, "wb"), samples=x.numpy(), info=json.dumps(info), **arrays))
         print(f"{args.n} samples → {out}")
     if args.grid_png:
         save_samples_picture(x[:args.grid_n], args.grid_png, title=f"{info['sampler']} NFE {info['nfe']}")
@@ -201,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="write samples to this .npz")
     s.add_argument("--png", dest="grid_png", default=None, help="write a picture of the samples (PNG)")
     s.add_argument("--png-n", dest="grid_n", type=int, default=64, help="how many samples the picture shows")
+    s.add_argument("--class", dest="class_label", type=int, default=None,
+                   help="class-conditional models: the class to draw (default: uniform over classes)")
     s.add_argument("--batch", type=int, default=500)
     s.add_argument("--device", default="auto")
     s.set_defaults(func=cmd_sample)

@@ -107,6 +107,9 @@ def add_sfddm(methods):
                         "KL of the reverse kernels, a time-weighted eps-MSE) or none")
     p.add_argument("--loss", default="l1", choices=["l1", "l2"], help="output term (default l1)")
     p.add_argument("--lam", type=float, default=1.0, help="weight of the hidden term (default 1)")
+    p.add_argument("--feature-layer", default=None,
+                   help="sub-module whose output is the hidden variable, e.g. up.3 (default: the network's "
+                        "penultimate map; for imported networks the layer recorded at import)")
     p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"],
                    help="the student's default sampler: ddpm ancestral (default) or ddim eta=0")
     p.add_argument("--clip", type=_clip_value, default="auto",
@@ -144,6 +147,18 @@ def _distill_data(args, teacher):
     return ds, info
 
 
+def _distill_labels(teacher, ds):
+    """The data's class labels when the teacher is class-conditional (else None)."""
+    k = teacher.denoiser.num_classes
+    if not k:
+        return None
+    if ds.labels is None:
+        from fewstep.errors import FewstepError
+        raise FewstepError(f"--data {ds.name}: the teacher is class-conditional ({k} classes) but this data set "
+                           "has no class labels (an image folder needs one sub-folder per class)")
+    return teacher.denoiser.check_labels(ds.labels)
+
+
 def _iters_config(args):
     from fewstep.cli import train_config
 
@@ -163,10 +178,12 @@ def cmd_sfddm(args):
 
     teacher = load_checkpoint(args.teacher, device=pick_device(args.device))
     cfg = SFDDMConfig(steps=args.steps, index=args.index, init=args.init, hidden=args.hidden, loss=args.loss,
-                      lam=args.lam, sampler=args.sampler, clip=args.clip, dropout=args.dropout, seed=args.seed)
+                      lam=args.lam, sampler=args.sampler, clip=args.clip, dropout=args.dropout, seed=args.seed,
+                      feature_layer=args.feature_layer)
     ds, info = _distill_data(args, teacher)
     method = SFDDM(teacher.denoiser, cfg, info, teacher_ref=teacher_reference(teacher.path.resolve()))
-    Trainer(method, _iters_config(args), args.out, data=ds.x, resume=args.resume, run_info=run_info(args)).run()
+    Trainer(method, _iters_config(args), args.out, data=ds.x, resume=args.resume, run_info=run_info(args),
+            labels=_distill_labels(teacher, ds)).run()
     phi = [int(v) for v in method.phi]
     shown = phi if len(phi) <= 12 else phi[:5] + ["..."] + phi[-5:]
     print(f"SFDDM student (T'={len(phi)} of T={teacher.denoiser.schedule.T}, phi={shown}) saved to {args.out} "
@@ -212,7 +229,7 @@ def cmd_progressive(args):
     ds, info = _distill_data(args, teacher)
     out = progressive_distill(teacher, ds.x, args.start_steps, args.steps, args.out, _iters_config(args),
                               data_info=info, clip=args.clip, dropout=args.dropout, resume=args.resume,
-                              run_info=run_info(args))
+                              run_info=run_info(args), labels=_distill_labels(teacher, ds))
     m = read_card(out)["method"]
     print(f"progressive student ({m['teacher_steps']} → {m['student_steps']} steps in {len(m['folds'])} folds, "
           f"{m['total_iterations']} iterations, {m['total_wall_time_s']:.1f} s) saved to {out} "

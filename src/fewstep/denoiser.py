@@ -66,6 +66,8 @@ class Denoiser(nn.Module):
         """The network's own output (ε, x0, v or EDM's F) for a σ-space input, plus optional features."""
         sigma = self._sigma_batch(x, sigma)
         c_in = 1 / (sigma**2 + (self.schedule.sigma_data**2 if self.param == "edm" else 1.0)).sqrt()
+        if class_labels is not None:
+            class_labels = torch.as_tensor(class_labels, dtype=torch.long, device=x.device).reshape(-1)
         return self.net(x * self._bcast(c_in, x), self.time_input(sigma), step=step,
                         class_labels=class_labels, return_features=return_features)
 
@@ -97,15 +99,36 @@ class Denoiser(nn.Module):
         return (x - self(x, sigma, **kw)) / s
 
     # ---- sampler-facing helpers --------------------------------------------------------------
-    def with_step(self, step: int | None):
-        """A plain callable D(x, σ) with the step condition bound (SFD-v), for the solvers."""
-        if step is None:
-            if self.has_step_condition:
-                raise FewstepError("this model is step-conditioned (SFD-v): choose one of its trained NFEs")
-            return self
+    @property
+    def num_classes(self) -> int:
+        """Number of class labels a class-conditional network takes (0: unconditional)."""
+        return int(getattr(self.net, "config", {}).get("num_classes") or 0)
+
+    def check_labels(self, class_labels: torch.Tensor | None, n: int | None = None) -> torch.Tensor | None:
+        """Class labels for this model: required (and in range) for a conditional one, refused otherwise."""
+        if not self.num_classes:
+            if class_labels is not None:
+                raise FewstepError("class labels were given, but this model is not class-conditional")
+            return None
+        if class_labels is None:
+            raise FewstepError(f"this model is class-conditional ({self.num_classes} classes): give class labels")
+        labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+        if n is not None and len(labels) != n:
+            raise FewstepError(f"class labels: expected {n}, got {len(labels)}")
+        if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise FewstepError(f"class label {int(labels.max() if labels.max() >= self.num_classes else labels.min())}"
+                               f": expected 0..{self.num_classes - 1}")
+        return labels
+
+    def with_step(self, step: int | None, class_labels: torch.Tensor | None = None):
+        """A plain callable D(x, σ) with the step condition (SFD-v) and class labels bound, for the solvers."""
+        if step is None and self.has_step_condition:
+            raise FewstepError("this model is step-conditioned (SFD-v): choose one of its trained NFEs")
         if not self.has_step_condition:
+            step = None
+        if step is None and class_labels is None:
             return self
-        return lambda x, sigma: self(x, sigma, step=step)
+        return lambda x, sigma: self(x, sigma, step=step, class_labels=class_labels)
 
     def table_sigmas(self) -> torch.Tensor:
         """The model's own noise levels, noisiest first (discrete only)."""

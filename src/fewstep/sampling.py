@@ -84,11 +84,31 @@ def resolve_sampler(ckpt: Checkpoint, nfe: int | None = None, sampler: str | Non
     return {"name": name, "sigmas": check_grid(sigmas), "nfe": nfe, "afs": afs, "clip": clip, "step": step}
 
 
+def class_labels_for(den, n: int, class_label=None, seed: int = 0) -> tuple[torch.Tensor | None, object]:
+    """(labels, description) of n samples: None for an unconditional model; for a conditional one
+    the given class (an int, or n labels), else classes drawn uniformly from the seed."""
+    if not den.num_classes:
+        if class_label is not None:
+            raise FewstepError(f"--class {class_label}: this model is not class-conditional")
+        return None, None
+    if class_label is None:
+        gen = torch.Generator().manual_seed(seed + 2)
+        return torch.randint(den.num_classes, (n,), generator=gen), "uniform"
+    if isinstance(class_label, int):
+        if not 0 <= class_label < den.num_classes:
+            raise FewstepError(f"--class {class_label}: expected a class in 0..{den.num_classes - 1}")
+        return torch.full((n,), class_label, dtype=torch.long), class_label
+    return den.check_labels(class_label, n), "given"
+
+
 @torch.no_grad()
 def sample(ckpt: Checkpoint, n: int, seed: int = 0, nfe: int | None = None, sampler: str | None = None,
            grid: str | None = None, rho: float | None = None, batch_size: int = 500,
-           noise: torch.Tensor | None = None, progress: bool = True, return_info: bool = False):
-    """Draw n samples with the same seed → the same samples (noise is drawn on the CPU at once)."""
+           noise: torch.Tensor | None = None, progress: bool = True, return_info: bool = False,
+           class_label=None):
+    """Draw n samples with the same seed → the same samples (noise is drawn on the CPU at once).
+
+    A class-conditional model samples `class_label` (an int or n labels), or uniform classes."""
     if n < 1:
         raise FewstepError(f"n={n}: expected at least one sample")
     plan = resolve_sampler(ckpt, nfe, sampler, grid, rho)
@@ -97,12 +117,13 @@ def sample(ckpt: Checkpoint, n: int, seed: int = 0, nfe: int | None = None, samp
     sigmas = plan["sigmas"]
     if noise is None:
         noise = torch.randn((n, *sample_shape(ckpt.card)), generator=torch.Generator().manual_seed(seed))
-    model = den.with_step(plan["step"])
+    labels, classes = class_labels_for(den, n, class_label, seed)
     gen = torch.Generator(device=device).manual_seed(seed + 1)
     out, t0 = [], time.perf_counter()
     bar = tqdm(total=n, desc=f"sampling {plan['name']} NFE {plan['nfe']}", unit="img", disable=not progress,
                leave=False)
     for i in range(0, n, batch_size):
+        model = den.with_step(plan["step"], None if labels is None else labels[i:i + batch_size].to(device))
         x = noise[i:i + batch_size].to(device) * float(sigmas[0])
         kw = {"afs": True} if plan["afs"] else {}
         r = solve(plan["name"], model, x, sigmas.to(device), generator=gen if plan["name"] in STOCHASTIC else None,
@@ -117,5 +138,8 @@ def sample(ckpt: Checkpoint, n: int, seed: int = 0, nfe: int | None = None, samp
         raise FewstepError("sampling produced non-finite values; the model or its sampler settings are broken")
     info = {"sampler": plan["name"], "nfe": plan["nfe"], "afs": plan["afs"], "n": n, "seed": seed,
             "sigmas": [float(s) for s in sigmas], "seconds": time.perf_counter() - t0}
+    if labels is not None:
+        info["class"] = classes
+        info["labels"] = labels.tolist()
     return (x, info) if return_info else x
 

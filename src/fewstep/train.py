@@ -107,6 +107,7 @@ class StepContext:
     def __init__(self, trainer: "Trainer"):
         self.t = trainer
         self.optimizer_steps = 0
+        self.labels = None  # this process's class labels of the iteration's data batch, if the data has them
 
     @property
     def world(self) -> int:
@@ -179,7 +180,8 @@ class Trainer:
     """Runs a TrainMethod for config.steps iterations into out_dir."""
 
     def __init__(self, method: TrainMethod, config: TrainConfig, out_dir: str | Path,
-                 data: torch.Tensor | None = None, resume: bool = False, run_info: dict | None = None):
+                 data: torch.Tensor | None = None, resume: bool = False, run_info: dict | None = None,
+                 labels: torch.Tensor | None = None):
         config.validate()
         self.method, self.config, self.out_dir = method, config, Path(out_dir)
         self.run_info = run_info or {}
@@ -196,6 +198,10 @@ class Trainer:
         if method.needs_data and (data is None or len(data) == 0):
             raise FewstepError(f"method {method.name!r} needs training data; pass --data")
         self.data = data
+        if labels is not None and (data is None or len(labels) != len(data)):
+            raise FewstepError(f"labels: expected one per training sample ({0 if data is None else len(data)}), "
+                               f"got {len(labels)}")
+        self.labels = labels
         self.model = method.trainable().to(self.device)
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -235,8 +241,8 @@ class Trainer:
             lr *= (step + 1) / c.warmup
         return lr
 
-    def global_batch(self, step: int) -> torch.Tensor | None:
-        """The data of iteration `step` for the whole global batch (epoch-wise permutations)."""
+    def global_indices(self, step: int) -> torch.Tensor | None:
+        """Indices of the data of iteration `step` for the whole global batch (epoch-wise permutations)."""
         if self.data is None or not self.method.needs_data:
             return None
         n, b = len(self.data), self.config.batch
@@ -247,7 +253,7 @@ class Trainer:
             parts.append(take)
             pos += len(take)
             remaining -= len(take)
-        return self.data[torch.cat(parts)]
+        return torch.cat(parts)
 
     def eval_model(self) -> nn.Module:
         return self.ema if self.ema is not None else self.model
@@ -355,9 +361,9 @@ class Trainer:
                     g["lr"] = self.lr_at(self.step)
                 torch.manual_seed((c.seed * 1_000_003 + self.step * 7919 + 101 + self.rank) % (2**63 - 1))
                 gen = _seeded(c.seed, self.step, 2)
-                batch = self.global_batch(self.step)
-                if batch is not None:
-                    batch = ctx.local(batch).to(self.device)
+                idx = self.global_indices(self.step)
+                batch = None if idx is None else ctx.local(self.data[idx]).to(self.device)
+                ctx.labels = None if idx is None or self.labels is None else ctx.local(self.labels[idx]).to(self.device)
                 self.model.train()
                 logs = self.method.train_step(ctx, batch, gen)
                 if self.ema is not None:

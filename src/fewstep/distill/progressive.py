@@ -149,9 +149,11 @@ class ProgressiveFold(TrainMethod):
     def trainable(self):
         return self.student
 
-    def losses(self, x0: torch.Tensor, j: torch.Tensor, eps: torch.Tensor, student=None, autocast=None):
+    def losses(self, x0: torch.Tensor, j: torch.Tensor, eps: torch.Tensor, student=None, autocast=None,
+               class_labels=None):
         """Loss at student grid positions j (long): x = x0 + σ_j·ε, target from two teacher steps."""
         student = student or self.student
+        class_labels = self.teacher.check_labels(class_labels, len(x0))
         dev = x0.device
         if next(self.teacher.parameters()).device != dev:
             self.teacher.to(dev)
@@ -161,8 +163,9 @@ class ProgressiveFold(TrainMethod):
         x = x0 + student._bcast(sigma, x0) * eps
         ctx = autocast if autocast is not None else torch.autocast("cpu", enabled=False)
         with ctx:
-            target = two_step_target(self.teacher, x, sigma, sigma_mid, sigma_next, self.clip).float()
-            pred = student(x, sigma).float()
+            target = two_step_target(self.teacher.with_step(None, class_labels), x, sigma, sigma_mid, sigma_next,
+                                     self.clip).float()
+            pred = student(x, sigma, class_labels=class_labels).float()
         per = (pred - target).square().reshape(len(x), -1).mean(1)
         loss = (truncated_snr(sigma).float() * per).mean()
         return loss, {"loss": float(loss.detach())}
@@ -171,7 +174,7 @@ class ProgressiveFold(TrainMethod):
         gb = batch.shape[0] * ctx.world
         j = ctx.local(torch.randint(0, self.student_steps, (gb,), generator=gen))
         eps = ctx.local(torch.randn((gb, *batch.shape[1:]), generator=gen)).to(batch.device)
-        loss, logs = self.losses(batch, j, eps, autocast=ctx.autocast())
+        loss, logs = self.losses(batch, j, eps, autocast=ctx.autocast(), class_labels=ctx.labels)
         logs["grad_norm"] = ctx.step(loss)
         return logs
 
@@ -189,7 +192,8 @@ class ProgressiveFold(TrainMethod):
         dev = next(model.parameters()).device
         grid = self.student_grid.to(dev)
         x = torch.randn((n, *self.shape), generator=torch.Generator().manual_seed(seed)).to(dev) * float(grid[0])
-        return solve("ddim", model, x, grid, clip=self.clip).x
+        labels = torch.arange(n, device=dev) % model.num_classes if model.num_classes else None
+        return solve("ddim", model.with_step(None, labels), x, grid, clip=self.clip).x
 
 
 # ---- all folds ----------------------------------------------------------------------------------------
@@ -204,10 +208,11 @@ def _finished(fold_dir: Path) -> bool:
 def progressive_distill(teacher_ckpt, data: torch.Tensor, start_steps: int | None, target_steps: int,
                         out_dir, config: TrainConfig, data_info: dict | None = None, clip="auto",
                         dropout: float | None = None, resume: bool = False, run_info: dict | None = None,
-                        log=print) -> Path:
+                        log=print, labels: torch.Tensor | None = None) -> Path:
     """Run folds start → start/2 → … → target into out_dir/fold-<steps>/, then put the final student in
     out_dir itself with the summed cost of all folds. `teacher_ckpt` is a path / built-in name or a
-    loaded Checkpoint. With resume, finished folds are reused and an interrupted one continues."""
+    loaded Checkpoint. With resume, finished folds are reused and an interrupted one continues.
+    A class-conditional teacher needs the data's class `labels`."""
     from fewstep.checkpoint import Checkpoint
 
     out_dir = Path(out_dir)
@@ -240,7 +245,7 @@ def progressive_distill(teacher_ckpt, data: torch.Tensor, start_steps: int | Non
             method = ProgressiveFold(teacher, grid, data_info, clip, teacher_ref, info, dropout)
             cont = resume and (fold_dir / "train_state.pt").exists()
             log(f"fold {k}/{len(plan)}: {len(grid) - 1} → {steps} steps{' (resuming)' if cont else ''}")
-            trainer = Trainer(method, config, fold_dir, data=data, resume=cont, run_info=run_info)
+            trainer = Trainer(method, config, fold_dir, data=data, resume=cont, run_info=run_info, labels=labels)
             trainer.run()
             student = copy.deepcopy(trainer.eval_model()).eval()
             for p in student.parameters():

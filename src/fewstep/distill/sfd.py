@@ -102,9 +102,9 @@ class TeacherTrajectory:
         self.den, self.solver, self.afs, self.clip, self.step = den, solver, afs, clip, step
 
     @torch.no_grad()
-    def __call__(self, x_T: torch.Tensor, teacher_grid: torch.Tensor, positions: list[int]):
+    def __call__(self, x_T: torch.Tensor, teacher_grid: torch.Tensor, positions: list[int], class_labels=None):
         kw = {"afs": True} if self.afs else {}
-        r = solve(self.solver, self.den.with_step(self.step), x_T, teacher_grid.to(x_T.device),
+        r = solve(self.solver, self.den.with_step(self.step, class_labels), x_T, teacher_grid.to(x_T.device),
                   clip=self.clip, return_trajectory=True, **kw)
         return [r.trajectory[p] for p in positions], r.nfe
 
@@ -177,11 +177,15 @@ class SFD(TrainMethod):
     def trainable(self):
         return self.student
 
-    def _student_model(self, n_timestamps: int):
-        if self.student.has_step_condition:
-            step = self.student_step_cond or n_timestamps
-            return lambda x, s: self.student(x, s, step=step)
-        return self.student
+    def _student_model(self, n_timestamps: int, class_labels=None):
+        step = (self.student_step_cond or n_timestamps) if self.student.has_step_condition else None
+        return self.student.with_step(step, class_labels)
+
+    def _labels(self, ctx: StepContext, B: int, gen: torch.Generator):
+        """Class labels of a conditional teacher's trajectories: uniform over its classes (as the SFD
+        code does), drawn for the global batch and sliced."""
+        k = self.teacher.denoiser.num_classes
+        return ctx.local(torch.randint(k, (B,), generator=gen)).to(ctx.device) if k else None
 
     def train_step(self, ctx: StepContext, batch, gen: torch.Generator) -> dict:
         cfg = self.cfg
@@ -190,15 +194,16 @@ class SFD(TrainMethod):
         s_grid, t_grid = self.grids[nfe]
         B = ctx.world * self._local_batch(ctx)
         eps = ctx.local(torch.randn((B, *self.shape), generator=gen)).to(ctx.device)
+        labels = self._labels(ctx, B, gen)
         x = eps * float(s_grid[0])
 
         t0 = time.perf_counter()
         with ctx.autocast():
-            targets, teacher_nfe = self.traj(x, t_grid, self.positions[nfe])
+            targets, teacher_nfe = self.traj(x, t_grid, self.positions[nfe], labels)
         teacher_s = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        model = self._student_model(len(s_grid))
+        model = self._student_model(len(s_grid), labels)
         losses = []
         s_grid = s_grid.to(ctx.device)
         for i in range(len(s_grid) - 1):
@@ -260,6 +265,8 @@ class SFD(TrainMethod):
                                                  for n, (_, t) in self.grids.items()}}
         if cfg.stage2:
             method["first_stage_nfe"] = self.stage2_teacher_nfe
+        if self.teacher.denoiser.num_classes:
+            method["class_distribution"] = "uniform"
         return {"method": method, "sampler": self.sampler_card(), "teacher": self.teacher_ref,
                 "data": self.teacher.card.get("data")}
 
@@ -270,7 +277,8 @@ class SFD(TrainMethod):
         x = torch.randn((n, *self.shape), generator=torch.Generator().manual_seed(seed))
         x = x.to(next(model.parameters()).device) * float(s_grid[0])
         step = (self.student_step_cond or len(s_grid)) if model.has_step_condition else None
-        return solve("euler", model.with_step(step), x, s_grid.to(x.device), afs=self.cfg.afs).x
+        labels = torch.arange(n, device=x.device) % model.num_classes if model.num_classes else None
+        return solve("euler", model.with_step(step, labels), x, s_grid.to(x.device), afs=self.cfg.afs).x
 
 
 def iterations_for(trajectories: int, batch: int) -> int:

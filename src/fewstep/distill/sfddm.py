@@ -23,7 +23,7 @@ import torch
 
 from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
-from fewstep.nets import build_net, set_dropout
+from fewstep.nets import FeatureTap, build_net, set_dropout
 from fewstep.schedule import Schedule, index_subsequence
 from fewstep.solvers import STOCHASTIC, solve
 from fewstep.train import StepContext, TrainMethod
@@ -121,9 +121,17 @@ def make_student(teacher: Denoiser, phi: torch.Tensor, init: str = "random", see
     return Denoiser(net, schedule, teacher.param, exact_table=True)
 
 
-def raw_and_features(den: Denoiser, x: torch.Tensor, sigma) -> tuple[torch.Tensor, torch.Tensor]:
-    """The feature hook: (raw network output, penultimate feature map) of a Denoiser at (x, σ)."""
-    out = den.raw(x, sigma, return_features=True)
+def raw_and_features(den: Denoiser, x: torch.Tensor, sigma, class_labels=None,
+                     layer: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The feature hook: (raw network output, hidden feature map) of a Denoiser at (x, σ).
+
+    The features are the network's own choice (its penultimate map, or the `feature_layer` of a
+    foreign network's config), or the output of the sub-module named `layer`."""
+    if layer is not None:
+        with FeatureTap(den.net, layer) as tap:
+            raw = den.raw(x, sigma, class_labels=class_labels)
+        return raw, tap.value
+    out = den.raw(x, sigma, class_labels=class_labels, return_features=True)
     if not isinstance(out, tuple) or len(out) != 2:
         raise FewstepError("the network does not return its penultimate features (return_features=True)")
     return out
@@ -153,6 +161,7 @@ class SFDDMConfig:
     sampler: str = "ddpm"             # the card's default: ddpm ancestral | ddim (η = 0)
     clip: object = "auto"             # x̂0 clipping when sampling: a float, None, or auto (1 for images)
     dropout: float | None = None      # None: the teacher's
+    feature_layer: str | None = None  # sub-module whose output is the hidden variable (None: the net's default)
     seed: int = 0                     # random init
     allow_full: bool = False          # admit T' = T (invariant checks only)
 
@@ -217,9 +226,11 @@ class SFDDM(TrainMethod):
 
     # ---- loss ----------------------------------------------------------------------------------------
     def losses(self, x0: torch.Tensor, s: torch.Tensor, eps: torch.Tensor, student: Denoiser | None = None,
-               autocast=None) -> tuple[torch.Tensor, dict]:
-        """The SFDDM loss for data x0 at student steps s (long) with noise ε shared by both models."""
+               autocast=None, class_labels=None) -> tuple[torch.Tensor, dict]:
+        """The SFDDM loss for data x0 (of classes `class_labels`, for a conditional teacher) at student
+        steps s (long) with noise ε shared by both models."""
         student = student or self.student
+        class_labels = self.teacher.check_labels(class_labels, len(x0))
         if next(self.teacher.parameters()).device != x0.device:
             self.teacher.to(x0.device)
         sigma = student.schedule.sigmas[s.cpu()].to(x0.device)  # == teacher σ at φ_s, bit for bit
@@ -227,8 +238,8 @@ class SFDDM(TrainMethod):
         ctx = autocast if autocast is not None else torch.autocast("cpu", enabled=False)
         with ctx:
             with torch.no_grad():
-                y_t, h_t = raw_and_features(self.teacher, x, sigma)
-            y_s, h_s = raw_and_features(student, x, sigma)
+                y_t, h_t = raw_and_features(self.teacher, x, sigma, class_labels, self.cfg.feature_layer)
+            y_s, h_s = raw_and_features(student, x, sigma, class_labels, self.cfg.feature_layer)
         y_t, h_t, y_s, h_s = y_t.float(), h_t.float(), y_s.float(), h_s.float()
         diff = y_s - y_t
         out_loss = diff.abs().mean() if self.cfg.loss == "l1" else diff.square().mean()
@@ -256,7 +267,7 @@ class SFDDM(TrainMethod):
         # steps and ε for the global batch, sliced: identical across process counts and on resume
         s = ctx.local(torch.randint(0, self.T_student, (gb,), generator=gen))
         eps = ctx.local(torch.randn((gb, *batch.shape[1:]), generator=gen)).to(batch.device)
-        loss, logs = self.losses(batch, s, eps, autocast=ctx.autocast())
+        loss, logs = self.losses(batch, s, eps, autocast=ctx.autocast(), class_labels=ctx.labels)
         logs["grad_norm"] = ctx.step(loss)
         self.iterations += 1
         self.samples_seen += gb
@@ -282,6 +293,7 @@ class SFDDM(TrainMethod):
                   "index": index, "phi": [int(v) for v in self.phi], "init": cfg.init,
                   "time_input": "teacher index phi_s" if cfg.init == "teacher" else "student index s",
                   "loss": cfg.loss, "hidden": cfg.hidden, "lam": cfg.lam, "dropout": cfg.dropout,
+                  "feature_layer": cfg.feature_layer or self.teacher.net.config.get("feature_layer", "penultimate"),
                   "init_seed": cfg.seed, "iterations": self.iterations}
         if cfg.hidden == "kl":
             method["kl_sigma0"] = "beta'_0 (posterior variance is 0 at the last step)"
@@ -296,8 +308,9 @@ class SFDDM(TrainMethod):
         grid = student_grid(model).to(dev)
         x = torch.randn((n, *self.shape), generator=torch.Generator().manual_seed(seed)).to(dev) * float(grid[0])
         gen = torch.Generator(device=dev).manual_seed(seed + 1)
-        return solve(self.cfg.sampler, model, x, grid, generator=gen if self.cfg.sampler in STOCHASTIC else None,
-                     clip=self.clip).x
+        labels = torch.arange(n, device=dev) % model.num_classes if model.num_classes else None
+        return solve(self.cfg.sampler, model.with_step(None, labels), x, grid,
+                     generator=gen if self.cfg.sampler in STOCHASTIC else None, clip=self.clip).x
 
 
 # ---- semantic consistency: compare and interpolate ------------------------------------------------
