@@ -58,8 +58,9 @@ def atomic_write(path: Path, write_fn) -> None:
     umask = os.umask(0)
     os.umask(umask)
     try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; outputs are meant to be shared like any other
         write_fn(tmp)
+        # mkstemp makes 0600 files, and some writers re-create the file: outputs are meant to be shared
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -67,6 +68,17 @@ def atomic_write(path: Path, write_fn) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temp_files(folder: Path) -> list[str]:
+    """Delete the temp files of atomic writes that a killed process left in `folder` (never read:
+    the file they were meant to replace is still the previous complete version)."""
+    removed = []
+    for f in Path(folder).glob(".*.tmp"):
+        if f.is_file():
+            f.unlink()
+            removed.append(f.name)
+    return removed
 
 
 def write_json(path: Path, obj) -> None:

@@ -71,7 +71,9 @@ def cmd_train(args):
     from fewstep.train import Trainer
 
     ds = load_dataset(args.data, resolution=args.resolution, split="train", seed=args.data_seed)
-    net = default_net(tuple(ds.shape), dropout=args.dropout, channels=args.channels)
+    with torch.random.fork_rng(devices=[]):  # the seed fixes the initial weights too: same command, same model
+        torch.manual_seed(args.seed)
+        net = default_net(tuple(ds.shape), dropout=args.dropout, channels=args.channels)
     den = make_denoiser(net, args.param, args.schedule, args.T)
     data_info = {**ds.info, "name": ds.name, "kind": ds.kind, "shape": list(ds.shape), "split_seed": args.data_seed}
     method = TeacherTraining(den, data_info)

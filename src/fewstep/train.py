@@ -33,7 +33,8 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from fewstep.checkpoint import load_train_state, save_checkpoint, save_train_state, write_json
+from fewstep.checkpoint import (atomic_write, load_train_state, remove_stale_temp_files, save_checkpoint,
+                                save_train_state, write_json)
 from fewstep.errors import FewstepError
 
 
@@ -283,6 +284,22 @@ class Trainer:
         self.optimizer.load_state_dict(st["optimizer"])
         self.method.load_state_dict(st.get("method") or {})
         self.step, self.wall = int(st["step"]), float(st.get("wall", 0.0))
+        if self.is_main:
+            self._drop_logs_after(self.step)
+
+    def _drop_logs_after(self, step: int):
+        """Forget metrics logged after the saved state: the resumed run logs those iterations again."""
+        path = self.out_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if int(json.loads(line).get("step", 0)) <= step:
+                    kept.append(line)
+            except (ValueError, AttributeError):
+                pass  # a line cut short by a kill
+        atomic_write(path, lambda p: Path(p).write_text("".join(f"{line}\n" for line in kept)))
 
     def save(self, final: bool = False):
         if not self.is_main:
@@ -322,6 +339,7 @@ class Trainer:
         c = self.config
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temp_files(self.out_dir)
             write_json(self.out_dir / "config.json", {"train": asdict(c), **self.run_info,
                                                       "method": self.method.name, "processes": self.world})
         ctx = StepContext(self)

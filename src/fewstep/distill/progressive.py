@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from fewstep.checkpoint import CARD_NAME, load_checkpoint, read_card, save_checkpoint, teacher_reference
+from fewstep.checkpoint import (CARD_NAME, load_checkpoint, read_card, remove_stale_temp_files, save_checkpoint,
+                                teacher_reference)
 from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
 from fewstep.nets import set_dropout
@@ -237,6 +238,7 @@ def progressive_distill(teacher_ckpt, data: torch.Tensor, start_steps: int | Non
         info = {"fold": k, "folds": len(plan), "start_steps": start_steps, "target_steps": target_steps,
                 "root_teacher": root_ref}
         if resume and _finished(fold_dir):
+            remove_stale_temp_files(fold_dir)  # a kill may have cut the finished fold's last state write
             ck = load_checkpoint(fold_dir, device=device)
             log(f"fold {k}/{len(plan)}: {len(grid) - 1} → {steps} steps already done ({fold_dir})")
             student = ck.denoiser
@@ -271,5 +273,7 @@ def progressive_distill(teacher_ckpt, data: torch.Tensor, start_steps: int | Non
     final["teacher"] = root_ref
     final["training"] = {**final.get("training", {}), "iterations": total_its, "wall_time_s": total_wall,
                          "per_fold_iterations": config.steps, "finished": True}
+    if out_dir.is_dir():
+        remove_stale_temp_files(out_dir)
     save_checkpoint(out_dir, teacher, final)
     return out_dir

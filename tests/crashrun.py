@@ -1,0 +1,59 @@
+"""Run one `fewstep` command in this process and kill it at a chosen point (crash tests).
+
+    python crashrun.py '{"at": "iteration", "n": 3, "signal": "kill"}' train --data gmm8 ...
+
+`at`: "iteration" (right after the n-th training iteration, before its log or checkpoint),
+"weights" / "card" / "state" (inside the n-th write of model.safetensors / fewstep.json /
+train_state.pt, after the temp file is written and before it is renamed), or "none".
+`signal`: "kill" (SIGKILL: nothing runs after it) or "int" (SIGINT, as Ctrl-C).
+"""
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+torch.set_num_threads(1)
+spec = json.loads(sys.argv[1])
+at, n = spec.get("at", "none"), int(spec.get("n", 1))
+sig = signal.SIGKILL if spec.get("signal", "kill") == "kill" else signal.SIGINT
+hits = [0]
+
+
+def hit():
+    hits[0] += 1
+    if hits[0] == n:
+        os.kill(os.getpid(), sig)
+
+
+import fewstep.checkpoint as checkpoint  # noqa: E402
+import fewstep.train as train  # noqa: E402
+
+if at == "iteration":
+    class Bar(train.tqdm):
+        def update(self, k=1):
+            out = super().update(k)
+            hit()
+            return out
+
+    train.tqdm = Bar
+elif at in ("weights", "card", "state"):
+    target = {"weights": checkpoint.WEIGHTS_NAME, "card": checkpoint.CARD_NAME, "state": checkpoint.STATE_NAME}[at]
+    original = checkpoint.atomic_write
+
+    def atomic_write(path, write_fn):
+        def write_then_maybe_die(tmp):
+            write_fn(tmp)
+            if Path(path).name == target:
+                hit()
+        return original(path, write_then_maybe_die)
+
+    checkpoint.atomic_write = atomic_write
+elif at != "none":
+    raise SystemExit(f"unknown kill point {at!r}")
+
+from fewstep.cli import main  # noqa: E402
+
+main(sys.argv[2:])

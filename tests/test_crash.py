@@ -1,0 +1,131 @@
+"""Kill anywhere, resume to the same bits.
+
+Every training command runs once uninterrupted, and again killed at chosen points (SIGKILL between
+iterations or inside the write of a checkpoint file, SIGINT as Ctrl-C), then `--resume`d. The
+final `model.safetensors` must be byte-identical to the uninterrupted run's; after a kill the
+visible files of the run folder are complete (they load), and after the resume no temp file of an
+interrupted write is left. Each run is a real process (tests/crashrun.py); independent cases run
+two at a time.
+"""
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from fewstep.checkpoint import CARD_NAME, STATE_NAME, WEIGHTS_NAME, load_train_state, read_card
+
+RUNNER = Path(__file__).with_name("crashrun.py")
+LOOP = ["--batch", "32", "--ckpt-every", "2", "--no-progress", "--log-every", "1", "--seed", "0"]
+COMMANDS = {
+    "train": ["train", "--data", "gmm8", "--channels", "32", "--steps", "6"],
+    "sfd": ["distill", "sfd", "--teacher", "gmm8-teacher", "--nfe", "2", "--steps", "6"],
+    "sfd-v": ["distill", "sfd", "--teacher", "gmm8-teacher", "--nfe", "2,3", "--steps", "6"],
+    "sfd-stage2": ["distill", "sfd", "--stage2", "--teacher", "{first}", "--steps", "6"],
+    "sfddm": ["distill", "sfddm", "--teacher", "gmm8-teacher", "--data", "gmm8", "--steps", "4", "--iters", "6"],
+    "progressive": ["distill", "progressive", "--teacher", "gmm8-teacher", "--data", "gmm8", "--start-steps", "16",
+                    "--steps", "4", "--iters", "3"],
+}
+# (kill point, which occurrence, signal): the 3rd iteration is after the checkpoint of the 2nd;
+# the 2nd write of a file is the checkpoint after iteration 4 (in progressive distillation: a fold's end)
+EVERYWHERE = [("iteration", 3, "kill"), ("state", 2, "kill"), ("weights", 2, "kill"), ("card", 2, "kill"),
+              ("iteration", 2, "int")]
+CASES = [(cmd, *point) for cmd in COMMANDS for point in
+         (EVERYWHERE if cmd in ("train", "sfd") else EVERYWHERE[:2])]
+
+
+def run(spec: dict, argv: list[str], out: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FEWSTEP_NO_NETWORK": "1"}
+    return subprocess.run([sys.executable, str(RUNNER), json.dumps(spec), *argv, "--out", str(out), *LOOP],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def command(name: str, first: Path) -> list[str]:
+    return [a.replace("{first}", str(first)) for a in COMMANDS[name]]
+
+
+def final_weights(out: Path) -> bytes:
+    return (out / WEIGHTS_NAME).read_bytes()
+
+
+def check_visible_files_are_complete(out: Path):
+    """Whatever a kill left in view is a whole file: every folder's card parses, weights load, state loads."""
+    for folder in [out, *sorted(p for p in out.glob("fold-*") if p.is_dir())]:
+        if (folder / CARD_NAME).exists():
+            read_card(folder)
+        if (folder / WEIGHTS_NAME).exists():
+            load_file(str(folder / WEIGHTS_NAME))
+        if (folder / STATE_NAME).exists():
+            load_train_state(folder)
+        for name in ("config.json",):
+            if (folder / name).exists():
+                json.loads((folder / name).read_text())
+
+
+@pytest.fixture(scope="module")
+def crash_runs(tmp_path_factory):
+    """Every case's (kill result, resume result, folder) and each command's uninterrupted weights."""
+    root = tmp_path_factory.mktemp("crash")
+    first = root / "first-stage"  # the 1-NFE stage's teacher: an SFD model at NFE 3 with AFS
+    r = run({"at": "none"}, ["distill", "sfd", "--teacher", "gmm8-teacher", "--nfe", "3", "--steps", "2"], first)
+    assert r.returncode == 0, r.stderr
+
+    def reference(name):
+        r = run({"at": "none"}, command(name, first), root / f"ref-{name}")
+        assert r.returncode == 0, r.stderr
+        return name, final_weights(root / f"ref-{name}")
+
+    def case(c):
+        name, at, n, sig = c
+        out = root / f"{name}-{at}-{n}-{sig}"
+        killed = run({"at": at, "n": n, "signal": sig}, command(name, first), out)
+        visible_ok = None
+        try:
+            check_visible_files_are_complete(out)
+        except Exception as e:  # reported by the test, with the case's name
+            visible_ok = repr(e)
+        resumed = run({"at": "none"}, [*command(name, first), "--resume"], out)
+        return c, killed, visible_ok, resumed, out
+
+    with ThreadPoolExecutor(2) as pool:
+        refs = dict(pool.map(reference, COMMANDS))
+        results = {r[0]: r[1:] for r in pool.map(case, CASES)}
+    return refs, results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c)) for c in CASES])
+def test_killed_and_resumed_run_equals_the_uninterrupted_one(crash_runs, case):
+    refs, results = crash_runs
+    killed, visible_ok, resumed, out = results[case]
+    name, at, n, sig = case
+    expected = 130 if sig == "int" else -9  # Ctrl-C: state saved, exit 130; SIGKILL: no chance to do anything
+    assert killed.returncode == expected, (killed.returncode, killed.stderr[-2000:])
+    if sig == "int":
+        assert "continue with --resume" in killed.stdout + killed.stderr
+    assert visible_ok is None, visible_ok
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "Traceback" not in resumed.stderr
+    assert final_weights(out) == refs[name], f"{name}: resumed weights differ from the uninterrupted run"
+    assert not list(out.rglob(".*.tmp")), "a temp file of an interrupted write was left behind"
+    card = read_card(out)
+    assert card["training"]["finished"] is True
+    logs = list(out.glob("metrics.jsonl")) + list(out.glob("fold-*/metrics.jsonl"))
+    assert logs
+    for log in logs:
+        steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+        assert steps == sorted(set(steps)), f"{log}: iterations repeated or out of order: {steps}"
+
+
+def test_resume_before_the_first_checkpoint_says_so_and_a_fresh_start_works(tmp_path):
+    argv = COMMANDS["train"]
+    killed = run({"at": "iteration", "n": 1, "signal": "kill"}, argv, tmp_path / "run")
+    assert killed.returncode == -9
+    resumed = run({"at": "none"}, [*argv, "--resume"], tmp_path / "run")
+    assert resumed.returncode == 2 and "nothing to resume from" in resumed.stderr
+    assert "Traceback" not in resumed.stderr
+    assert run({"at": "none"}, argv, tmp_path / "run").returncode == 0
