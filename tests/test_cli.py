@@ -23,7 +23,7 @@ def run(argv):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "teacher"
-    assert run(["train", "--data", "gmm8", "--steps", 30, "--batch", 64, "--channels", 32, "--out", out,
+    assert run(["train", "--data", "gmm8", "--iters", 30, "--batch", 64, "--channels", 32, "--out", out,
                 "--log-every", 10, "--ckpt-every", 0, "--no-progress"]) == 0
     return out
 
@@ -36,7 +36,7 @@ def test_train_writes_a_complete_run(trained):
     assert card["training"]["iterations"] == 30 and card["training"]["finished"] is True
     assert card["data"]["name"] == "gmm8" and card["net"]["hidden"] == 32
     # the card records the command that made it (the argv given to main, not the test runner's)
-    assert card["training"]["command"].startswith("fewstep train --data gmm8 --steps 30")
+    assert card["training"]["command"].startswith("fewstep train --data gmm8 --iters 30")
     recs = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [10, 20, 30]
 
@@ -76,9 +76,30 @@ def test_resume_through_the_cli(trained, tmp_path):
     import shutil
     run_dir = tmp_path / "run"
     shutil.copytree(trained, run_dir)
-    assert run(["train", "--data", "gmm8", "--steps", 35, "--batch", 64, "--channels", 32, "--out", run_dir,
+    assert run(["train", "--data", "gmm8", "--iters", 35, "--batch", 64, "--channels", 32, "--out", run_dir,
                 "--ckpt-every", 0, "--no-progress", "--resume"]) == 0
     assert json.loads((run_dir / "fewstep.json").read_text())["training"]["iterations"] == 35
+
+
+def test_old_steps_spelling_of_iterations_still_works_with_a_note(tmp_path, capsys):
+    assert run(["train", "--data", "gmm8", "--steps", 2, "--batch", 16, "--channels", 16, "--out", tmp_path / "r",
+                "--no-progress"]) == 0
+    assert "--steps is deprecated here, use --iters" in capsys.readouterr().err
+    assert json.loads((tmp_path / "r" / "fewstep.json").read_text())["training"]["iterations"] == 2
+
+
+def test_resume_with_changed_settings_names_every_difference(trained, tmp_path, capsys):
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
+    capsys.readouterr()
+    assert run(["train", "--data", "gmm8", "--iters", 40, "--batch", 32, "--channels", 32, "--lr", 1e-3,
+                "--out", run_dir, "--no-progress", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "batch: now 32, was 64" in err and "lr: now 0.001, was 0.0002" in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before  # nothing touched
 
 
 def _error_cases(trained, tmp):
@@ -93,11 +114,11 @@ def _error_cases(trained, tmp):
         "unknown sampler": ["sample", trained, "--sampler", "rk45"],
         "unknown grid": ["sample", trained, "--grid", "cubic"],
         "not a checkpoint": ["info", tmp / "empty"],
-        "bad data path": ["train", "--data", tmp / "nope" / "data.npz", "--out", tmp / "r1", "--steps", 1],
-        "unknown data set": ["train", "--data", "nosuchset", "--out", tmp / "r2", "--steps", 1],
-        "T too small": ["train", "--data", "gmm8", "--T", 10, "--out", tmp / "r3", "--steps", 1, "--no-progress"],
-        "existing run": ["train", "--data", "gmm8", "--channels", 32, "--out", trained, "--steps", 1],
-        "zero steps": ["train", "--data", "gmm8", "--out", tmp / "r4", "--steps", 0],
+        "bad data path": ["train", "--data", tmp / "nope" / "data.npz", "--out", tmp / "r1", "--iters", 1],
+        "unknown data set": ["train", "--data", "nosuchset", "--out", tmp / "r2", "--iters", 1],
+        "T too small": ["train", "--data", "gmm8", "--T", 10, "--out", tmp / "r3", "--iters", 1, "--no-progress"],
+        "existing run": ["train", "--data", "gmm8", "--channels", 32, "--out", trained, "--iters", 1],
+        "zero iters": ["train", "--data", "gmm8", "--out", tmp / "r4", "--iters", 0],
         "missing samples": ["eval", tmp / "none.npz", "--data", "gmm8"],
         "unreadable samples": ["eval", tmp / "notes.txt", "--data", "gmm8"],
         "eval bad data path": ["eval", samples, "--data", tmp / "nope" / "ref.npz"],
@@ -105,7 +126,7 @@ def _error_cases(trained, tmp):
 
 
 CASES = ["missing model", "nfe 0", "heun odd nfe", "unknown sampler", "unknown grid", "not a checkpoint",
-         "bad data path", "unknown data set", "T too small", "existing run", "zero steps", "missing samples",
+         "bad data path", "unknown data set", "T too small", "existing run", "zero iters", "missing samples",
          "unreadable samples", "eval bad data path"]
 
 

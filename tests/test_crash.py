@@ -22,10 +22,10 @@ from fewstep.checkpoint import CARD_NAME, STATE_NAME, WEIGHTS_NAME, load_train_s
 RUNNER = Path(__file__).with_name("crashrun.py")
 LOOP = ["--batch", "32", "--ckpt-every", "2", "--no-progress", "--log-every", "1", "--seed", "0"]
 COMMANDS = {
-    "train": ["train", "--data", "gmm8", "--channels", "32", "--steps", "6"],
-    "sfd": ["distill", "sfd", "--teacher", "gmm8-teacher", "--nfe", "2", "--steps", "6"],
-    "sfd-v": ["distill", "sfd", "--teacher", "gmm8-teacher", "--nfe", "2,3", "--steps", "6"],
-    "sfd-stage2": ["distill", "sfd", "--stage2", "--teacher", "{first}", "--steps", "6"],
+    "train": ["train", "--data", "gmm8", "--channels", "32", "--iters", "6"],
+    "sfd": ["distill", "sfd", "--teacher", "gmm8-teacher", "--nfe", "2", "--iters", "6"],
+    "sfd-v": ["distill", "sfd", "--teacher", "gmm8-teacher", "--nfe", "2,3", "--iters", "6"],
+    "sfd-stage2": ["distill", "sfd", "--stage2", "--teacher", "{first}", "--iters", "6"],
     "sfddm": ["distill", "sfddm", "--teacher", "gmm8-teacher", "--data", "gmm8", "--steps", "4", "--iters", "6"],
     "progressive": ["distill", "progressive", "--teacher", "gmm8-teacher", "--data", "gmm8", "--start-steps", "16",
                     "--steps", "4", "--iters", "3"],
@@ -71,7 +71,7 @@ def crash_runs(tmp_path_factory):
     """Every case's (kill result, resume result, folder) and each command's uninterrupted weights."""
     root = tmp_path_factory.mktemp("crash")
     first = root / "first-stage"  # the 1-NFE stage's teacher: an SFD model at NFE 3 with AFS
-    r = run({"at": "none"}, ["distill", "sfd", "--teacher", "gmm8-teacher", "--nfe", "3", "--steps", "2"], first)
+    r = run({"at": "none"}, ["distill", "sfd", "--teacher", "gmm8-teacher", "--nfe", "3", "--iters", "2"], first)
     assert r.returncode == 0, r.stderr
 
     def reference(name):

@@ -23,12 +23,23 @@ def _nfe_list(text: str) -> list[int]:
     return vals
 
 
+class DeprecatedAlias(argparse.Action):
+    """An old spelling of an option: still accepted for one release, with a note on stderr."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        new = "--" + self.dest.replace("_", "-")
+        print(f"fewstep: note: {option_string} is deprecated here, use {new} (the old spelling goes away in the "
+              "next release)", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 def add_train_args(p: argparse.ArgumentParser, steps: int, batch: int, lr: float, lr_schedule: str = "constant",
                    ema: float | None = None):
     g = p.add_argument_group("training loop")
     g.add_argument("--out", required=True, help="run directory (checkpoint, metrics.jsonl, sample pictures)")
-    g.add_argument("--steps", type=int, default=steps, help=f"training iterations (default {steps})" if steps
+    g.add_argument("--iters", type=int, default=steps, help=f"training iterations (default {steps})" if steps
                    else "training iterations (default: --trajectories / --batch)")
+    g.add_argument("--steps", dest="iters", type=int, action=DeprecatedAlias, help=argparse.SUPPRESS)
     g.add_argument("--batch", type=int, default=batch, help=f"global batch size (default {batch})")
     g.add_argument("--lr", type=float, default=lr, help=f"Adam learning rate (default {lr:g})")
     g.add_argument("--lr-schedule", default=lr_schedule, choices=["constant", "step", "cosine"],
@@ -48,7 +59,7 @@ def add_train_args(p: argparse.ArgumentParser, steps: int, batch: int, lr: float
 
 def train_config(args):
     from fewstep.train import TrainConfig
-    return TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, lr_schedule=args.lr_schedule,
+    return TrainConfig(steps=args.iters, batch=args.batch, lr=args.lr, lr_schedule=args.lr_schedule,
                        warmup=args.warmup, ema=args.ema, grad_clip=args.grad_clip or None, amp=args.amp,
                        seed=args.seed, log_every=args.log_every, sample_every=args.sample_every,
                        ckpt_every=args.ckpt_every, device=args.device, progress=not args.no_progress)

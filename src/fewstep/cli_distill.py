@@ -67,8 +67,8 @@ def cmd_sfd(args):
             q.requires_grad_(False)
         perceptual = lambda x: clf.forward_with_features(x)[1]  # noqa: E731
     method = SFD(teacher, cfg, teacher_ref=teacher_reference(args.teacher), perceptual_net=perceptual)
-    if args.steps == 0:  # iterations follow from the trajectory budget, as in the paper
-        args.steps = iterations_for(args.trajectories, args.batch)
+    if args.iters == 0:  # iterations follow from the trajectory budget, as in the paper
+        args.iters = iterations_for(args.trajectories, args.batch)
     Trainer(method, train_config(args), args.out, resume=args.resume, run_info=run_info(args)).run()
     print(f"{method.name} student saved to {args.out} "
           f"(sample it with: fewstep sample {args.out}{' --nfe N' if len(method.grids) > 1 else ''})")
@@ -165,9 +165,7 @@ def _iters_config(args):
     if args.iters < 1:
         from fewstep.errors import FewstepError
         raise FewstepError(f"--iters {args.iters}: expected at least 1 training iteration")
-    targs = argparse.Namespace(**vars(args))
-    targs.steps = args.iters
-    return train_config(targs)
+    return train_config(args)
 
 
 def cmd_sfddm(args):

@@ -264,16 +264,15 @@ class Trainer:
         return {"step": self.step, "wall": self.wall, "model": self.model.state_dict(),
                 "ema": self.ema.state_dict() if self.ema is not None else None,
                 "optimizer": self.optimizer.state_dict(), "method": self.method.state_dict(),
-                "config": json.loads(json.dumps(asdict(self.config)))}
+                "config": json.loads(json.dumps(asdict(self.config))), "args": self.run_info.get("args") or {}}
 
     def _resume(self):
         st = load_train_state(self.out_dir)
-        saved = st.get("config", {})
-        for key in ("batch", "seed", "lr", "lr_schedule", "ema"):
-            new = json.loads(json.dumps(getattr(self.config, key)))
-            if key in saved and saved[key] != new:
-                raise FewstepError(f"--resume: {key}={new} differs from the interrupted run's {key}={saved[key]}; "
-                                   "resume with the same settings (only --steps may grow)")
+        differ = self._changed_settings(st)
+        if differ:
+            raise FewstepError("--resume: settings differ from the interrupted run's: " + "; ".join(differ)
+                               + ". Resume with the same settings (only the iteration count, logging, "
+                               "checkpoint cadence and device may change)")
         try:
             self.model.load_state_dict(st["model"])
         except RuntimeError as e:
@@ -286,6 +285,27 @@ class Trainer:
         self.step, self.wall = int(st["step"]), float(st.get("wall", 0.0))
         if self.is_main:
             self._drop_logs_after(self.step)
+
+    # settings a resumed run may change: they do not alter what the finished run computes
+    RESUMABLE_CHANGES = {"config": {"steps", "progress", "log_every", "sample_every", "ckpt_every", "n_preview",
+                                    "device"},
+                         "args": {"iters", "no_progress", "log_every", "sample_every", "ckpt_every", "device",
+                                  "resume", "out"}}
+
+    def _changed_settings(self, st: dict) -> list[str]:
+        """'name: now X, was Y' for every loop or command-line setting that differs from the saved run."""
+        now = {"config": json.loads(json.dumps(asdict(self.config))), "args": self.run_info.get("args") or {}}
+        differ = []
+        for section in ("config", "args"):
+            saved = st.get(section) or {}
+            for key, value in now[section].items():
+                if key in self.RESUMABLE_CHANGES[section] or key not in saved:
+                    continue
+                if json.loads(json.dumps(saved[key])) != value:
+                    name = f"--{key.replace('_', '-')}" if section == "args" else key
+                    if not any(d.startswith(name + ":") for d in differ):
+                        differ.append(f"{name}: now {value!r}, was {saved[key]!r}")
+        return differ
 
     def _drop_logs_after(self, step: int):
         """Forget metrics logged after the saved state: the resumed run logs those iterations again."""
