@@ -228,3 +228,26 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     for k in one["model"]:
         assert torch.allclose(one["model"][k], two["model"][k], atol=1e-5, rtol=0), k
     assert json.loads((tmp_path / "ddp" / "fewstep.json").read_text())["training"]["processes"] == 2
+
+
+def test_tensorboard_log_has_the_jsonl_scalars_and_preview_grids(gmm8, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    Trainer(make_method(), config(6, log="tensorboard", log_every=2, sample_every=3, n_preview=16),
+            tmp_path, data=gmm8).run()
+    board = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    board.Reload()
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    loss = {e.step: e.value for e in board.Scalars("loss")}
+    assert loss.keys() == {r["step"] for r in logged} == {2, 4, 6}
+    for r in logged:
+        assert loss[r["step"]] == pytest.approx(r["loss"], rel=1e-6)
+    assert {"lr", "grad_norm"} <= set(board.Tags()["scalars"])
+    assert [e.step for e in board.Images("samples")] == [3, 6]  # mid-run preview and the final one
+
+
+def test_tensorboard_without_the_extra_is_a_clear_error(gmm8, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as when not installed
+    with pytest.raises(FewstepError, match=r"pip install 'fewstep\[tensorboard\]'"):
+        Trainer(make_method(), config(2, log="tensorboard"), tmp_path / "run", data=gmm8)
+    assert not (tmp_path / "run").exists()

@@ -51,6 +51,9 @@ def add_train_args(p: argparse.ArgumentParser, steps: int, batch: int, lr: float
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if present)")
     g.add_argument("--log-every", type=int, default=50)
+    g.add_argument("--log", default="jsonl", choices=["jsonl", "tensorboard"],
+                   help="also write the scalars and preview grids for TensorBoard in OUT/tensorboard "
+                        "(needs pip install 'fewstep[tensorboard]'); metrics.jsonl is always written")
     g.add_argument("--sample-every", type=int, default=0, help="sample picture cadence (0: at the end only)")
     g.add_argument("--ckpt-every", type=int, default=500, help="checkpoint cadence (0: at the end only)")
     g.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
@@ -62,7 +65,7 @@ def train_config(args):
     return TrainConfig(steps=args.iters, batch=args.batch, lr=args.lr, lr_schedule=args.lr_schedule,
                        warmup=args.warmup, ema=args.ema, grad_clip=args.grad_clip or None, amp=args.amp,
                        seed=args.seed, log_every=args.log_every, sample_every=args.sample_every,
-                       ckpt_every=args.ckpt_every, device=args.device, progress=not args.no_progress)
+                       ckpt_every=args.ckpt_every, device=args.device, progress=not args.no_progress, log=args.log)
 
 
 def run_info(args) -> dict:

@@ -57,6 +57,7 @@ class TrainConfig:
     n_preview: int = 64
     device: str = "auto"
     progress: bool = True
+    log: str = "jsonl"                # jsonl | tensorboard (metrics.jsonl is always written)
 
     def validate(self):
         if self.steps < 1:
@@ -71,6 +72,8 @@ class TrainConfig:
             raise FewstepError(f"amp={self.amp!r}: expected none, bf16 or fp16")
         if self.ema is not None and not 0 < self.ema < 1:
             raise FewstepError(f"ema={self.ema}: expected a decay in (0, 1), or none")
+        if self.log not in ("jsonl", "tensorboard"):
+            raise FewstepError(f"--log {self.log!r}: expected jsonl or tensorboard")
 
 
 class TrainMethod:
@@ -168,6 +171,15 @@ def _seeded(seed: int, step: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + stream) % (2**63 - 1))
 
 
+def tensorboard_writer():
+    """TensorBoard's SummaryWriter class, or a clear error when the optional extra is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise FewstepError("--log tensorboard needs the tensorboard package: pip install 'fewstep[tensorboard]'") from None
+    return SummaryWriter
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -219,6 +231,9 @@ class Trainer:
         self.step = 0
         self.wall = 0.0
         self.is_main = self.rank == 0
+        if config.log == "tensorboard":
+            tensorboard_writer()  # a missing extra is reported before anything is written
+        self.board = None
         if resume:
             self._resume()
         elif self.is_main and (self.out_dir / "train_state.pt").exists():
@@ -288,9 +303,9 @@ class Trainer:
 
     # settings a resumed run may change: they do not alter what the finished run computes
     RESUMABLE_CHANGES = {"config": {"steps", "progress", "log_every", "sample_every", "ckpt_every", "n_preview",
-                                    "device"},
+                                    "device", "log"},
                          "args": {"iters", "no_progress", "log_every", "sample_every", "ckpt_every", "device",
-                                  "resume", "out"}}
+                                  "resume", "out", "log"}}
 
     def _changed_settings(self, st: dict) -> list[str]:
         """'name: now X, was Y' for every loop or command-line setting that differs from the saved run."""
@@ -341,6 +356,17 @@ class Trainer:
             return
         with open(self.out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.board is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.board.add_scalar(key, value, record["step"])
+
+    def _open_board(self):
+        """TensorBoard's writer in OUT/tensorboard (on resume, events after the saved iteration are dropped)."""
+        if self.config.log != "tensorboard" or not self.is_main:
+            return None
+        writer_class = tensorboard_writer()
+        return writer_class(str(self.out_dir / "tensorboard"), purge_step=self.step or None)
 
     def _preview(self):
         if not self.is_main or not self.config.n_preview:
@@ -352,7 +378,12 @@ class Trainer:
         with torch.no_grad():
             x = self.method.preview(model, self.config.n_preview, seed=self.config.seed)
         model.train(was_training)
-        save_samples_picture(x, self.out_dir / f"samples-{self.step:07d}.png", title=f"step {self.step}")
+        path = save_samples_picture(x, self.out_dir / f"samples-{self.step:07d}.png", title=f"step {self.step}")
+        if self.board is not None:
+            import numpy as np
+            from PIL import Image
+            with Image.open(path) as im:
+                self.board.add_image("samples", np.asarray(im.convert("RGB")), self.step, dataformats="HWC")
 
     # ---- the loop --------------------------------------------------------------------------------
     def run(self) -> Path:
@@ -363,6 +394,7 @@ class Trainer:
             write_json(self.out_dir / "config.json", {"train": asdict(c), **self.run_info,
                                                       "method": self.method.name, "processes": self.world})
         ctx = StepContext(self)
+        self.board = self._open_board()
         bar = tqdm(total=c.steps, initial=self.step, desc=self.method.name, unit="it",
                    disable=not (c.progress and self.is_main), dynamic_ncols=True)
         interrupted = False
@@ -432,11 +464,18 @@ class Trainer:
                 signal.signal(sig, handler)
         self.save(final=not interrupted)
         if interrupted:
+            self._close_board()
             if self.is_main:
                 print(f"\ninterrupted at iteration {self.step}; state saved in {self.out_dir} "
                       "(continue with --resume)")
             raise SystemExit(130)
         self._preview()
+        self._close_board()
         if self.world > 1:
             dist.barrier()
         return self.out_dir
+
+    def _close_board(self):
+        if self.board is not None:
+            self.board.close()
+            self.board = None
