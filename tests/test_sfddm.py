@@ -80,13 +80,17 @@ def test_student_table_is_the_teacher_table_at_phi(index, steps, init):
     assert torch.equal(g[:-1], teacher.schedule.sigmas[phi].flip(0)) and g[-1] == 0
 
 
-def test_leading_and_trailing_formulas():
+def test_leading_trailing_and_spread_formulas():
     teacher = random_teacher()
     assert index_set(teacher, 10, "trailing").tolist() == [101, 204, 306, 409, 511, 613, 716, 818, 921, 1023]
-    assert index_set(teacher, 10, "leading").tolist() == [0, 102, 204, 307, 409, 512, 614, 716, 819, 921]
+    # leading as the authors wrote it: c·s with c = floor(T/T'), so T' = 10 of 1024 stops at 918
+    assert index_set(teacher, 10, "leading").tolist() == [102 * s for s in range(10)]
+    assert index_set(teacher, 10, "leading")[-1] == 918
+    # spread: floor(s·T/T'), what fewstep called 'leading' before
+    assert index_set(teacher, 10, "spread").tolist() == [0, 102, 204, 307, 409, 512, 614, 716, 819, 921]
     assert index_set(teacher, 128, "trailing").tolist() == [8 * s + 7 for s in range(128)]
-    assert index_set(teacher, 128, "leading").tolist() == [8 * s for s in range(128)]
-    # the floored-ratio chain would stop at index 918 for T' = 10; ours reaches the teacher's last step
+    assert index_set(teacher, 128, "leading").tolist() == index_set(teacher, 128, "spread").tolist() == [8 * s for s in range(128)]
+    assert index_set(random_teacher(T=1000), 3, "leading").tolist() == [0, 333, 666]
     assert index_set(teacher, 10, "trailing")[-1] == 1023
 
 
@@ -97,11 +101,12 @@ def test_leading_and_trailing_formulas():
     (None, "0,5,1024", "must lie in [0, 1023]"),
     (1024, "trailing", "T' < T"),
     (2000, "leading", "T' < T"),
+    (1024, "spread", "T' < T"),
     (None, ",".join(str(i) for i in range(1024)), "smaller than the teacher's T=1024"),
     (0, "trailing", "T' >= 1"),
     (-3, "leading", "T' >= 1"),
     (None, "trailing", "--steps"),
-    (None, "0,99,...,1023", "comma-separated list of integers"),
+    (None, "0,99,...,1023", "comma-separated list of increasing teacher indices"),
     (4, "0,99,511", "3 entries but T'=4"),
 ])
 def test_index_set_validation(steps, index, message):
@@ -393,3 +398,136 @@ def test_cli_on_images_clips_and_writes_strips(tmp_path, capsys):
     im = Image.open(tmp_path / "i.png")
     assert im.width > 4 * im.height  # one strip of 9 frames
     assert Image.open(tmp_path / "p.png").size[0] > 0
+
+
+# ---- training as the authors train it; the ceiling; per-step diagnostics ---------------------------------
+
+def tiny_unet_teacher(T=64, dropout=0.1):
+    torch.manual_seed(0)
+    net = UNet(resolution=8, in_channels=1, channels=8, channel_mult=(1, 2), num_res_blocks=1,
+               attn_resolutions=(), dropout=dropout)
+    torch.nn.init.normal_(net.conv_out.weight, std=0.05)
+    den = Denoiser(net, Schedule.vp("linear", T), "eps").eval()
+    for p in den.parameters():
+        p.requires_grad_(False)
+    return den
+
+
+IMG = {"name": "digits", "kind": "image", "shape": [1, 8, 8], "n": 100}
+
+
+def test_teacher_init_student_has_exactly_zero_loss_in_train_mode():
+    teacher = tiny_unet_teacher(dropout=0.1)  # the teacher was trained with dropout
+    g = torch.Generator().manual_seed(0)
+    x0, s, eps = torch.randn(16, 1, 8, 8, generator=g), torch.arange(16) % 4, torch.randn(16, 1, 8, 8, generator=g)
+    method = SFDDM(teacher, SFDDMConfig(steps=4, init="teacher"), IMG)
+    assert method.cfg.dropout == 0.0 and method.student.net.config["dropout"] == 0.0
+    method.student.train()  # the training loop's mode
+    loss, logs = method.losses(x0, s, eps)
+    assert float(loss.detach()) == 0.0 and logs["out_loss"] == 0.0 and logs["hidden_loss"] == 0.0
+    assert float(logs["eps_mse"].max()) == 0.0
+    # keeping the teacher's dropout (the old default) does not start at zero: the check can fail
+    old = SFDDM(teacher, SFDDMConfig(steps=4, init="teacher", dropout=None), IMG)
+    old.student.train()
+    assert old.student.net.config["dropout"] == 0.1 and float(old.losses(x0, s, eps)[0].detach()) > 0.01
+
+
+def test_default_iterations_follow_the_teachers_training():
+    from fewstep.distill.sfddm import FALLBACK_ITERATIONS, default_iterations
+    n, how = default_iterations({"training": {"iterations": 6255, "batch": 128}}, 64)
+    assert n == round(0.2 * 6255 * 128 / 64) == 2502 and "fifth" in how
+    assert default_iterations({"training": {"iterations": 1000, "batch": 50}}, 40)[0] == 250
+    assert default_iterations({}, 64)[0] == FALLBACK_ITERATIONS
+    assert default_iterations({"training": {"batch": 128}}, 64)[0] == FALLBACK_ITERATIONS
+
+
+def test_teacher_on_phi_is_what_a_perfect_student_samples(tmp_path):
+    from fewstep.checkpoint import Checkpoint
+    from fewstep.distill.sfddm import teacher_on_phi
+    teacher = tiny_unet_teacher(dropout=0.0)
+    ckpt = Checkpoint(teacher, {"net": teacher.net.config, "sampler": {"name": "dpmpp2m", "nfe": 8}}, None)
+    for index in ("trailing", "leading"):
+        method = SFDDM(teacher, SFDDMConfig(steps=5, index=index, init="teacher"), IMG)
+        student = Checkpoint(method.student.eval(), {"net": teacher.net.config, **method.card()}, None)
+        for name in ("ddpm", "ddim"):
+            ceiling = teacher_on_phi(ckpt, method.phi, name, clip=1.0)
+            assert ceiling.sampler["nfe"] == 5 and ceiling.sampler["sigmas"] == method.sampler_card()["sigmas"]
+            a = sample(ceiling, 12, seed=3, progress=False)
+            b = sample(student, 12, seed=3, progress=False, sampler=name)
+            assert torch.equal(a, b), (index, name)
+    with pytest.raises(FewstepError, match="strictly increasing"):
+        teacher_on_phi(ckpt, [5, 3, 9])
+
+
+def test_models_made_with_the_old_leading_rule_load_and_sample_as_before(tmp_path):
+    from fewstep.distill.sfddm import check_resume_phi
+    teacher = tiny_unet_teacher(T=64, dropout=0.0)
+    old_phi = [0, 12, 25, 38, 51]  # floor(s·64/5) (T' = 5); the authors' rule gives 0, 12, 24, 36, 48
+    method = SFDDM(teacher, SFDDMConfig(steps=5, index="spread", init="teacher"), IMG)
+    assert method.phi.tolist() == old_phi
+    assert index_set(teacher, 5, "leading").tolist() == [0, 12, 24, 36, 48]
+    card = method.card()
+    card["method"]["index"] = "leading"  # what such a card says
+    card["method"].pop("index_rule")
+    save_checkpoint(tmp_path / "old", method.student, card)
+    loaded = load_checkpoint(tmp_path / "old")
+    assert torch.equal(loaded.denoiser.schedule.sigmas, teacher.schedule.sigmas[old_phi])
+    from fewstep.checkpoint import Checkpoint
+    mem = Checkpoint(method.student.eval(), {"net": teacher.net.config, **card}, None)
+    assert torch.equal(sample(loaded, 8, seed=1, progress=False), sample(mem, 8, seed=1, progress=False))
+    # resuming that run with today's 'leading' is refused with the way out named
+    with pytest.raises(FewstepError, match="--index spread"):
+        check_resume_phi(tmp_path / "old", index_set(teacher, 5, "leading"))
+    check_resume_phi(tmp_path / "old", index_set(teacher, 5, "spread"))  # same phi: fine
+
+
+def test_per_step_eps_error_is_logged_and_summarised(tmp_path):
+    from fewstep.distill.sfddm import step_bins
+    assert step_bins(4) == [(0, 0), (1, 1), (2, 2), (3, 3)]
+    bins = step_bins(40)
+    assert len(bins) == 16 and bins[0][0] == 0 and bins[-1][1] == 39
+    assert all(b[0] == a[1] + 1 for a, b in zip(bins, bins[1:]))
+    teacher = random_teacher(T=64)
+    method = SFDDM(teacher, SFDDMConfig(steps=4), GMM8)
+    # the first update of a bin is that batch's mean over its samples
+    s = torch.tensor([0, 0, 1, 3])
+    vals = method._track_eps(s, torch.tensor([1.0, 3.0, 5.0, 7.0]))
+    assert vals == [2.0, 5.0, None, 7.0]
+    vals = method._track_eps(torch.tensor([0]), torch.tensor([12.0]))
+    assert vals[0] == pytest.approx(0.9 * 2 + 0.1 * 12)
+    line = method.eps_error_summary()
+    assert "s0=" in line and "s2=-" in line and "largest at s3" in line
+    # a short run writes one value per student step into metrics.jsonl and the card
+    data = torch.randn(256, 2)
+    method = SFDDM(teacher, SFDDMConfig(steps=4), GMM8)
+    Trainer(method, quick(4, batch=64), tmp_path / "r", data=data).run()
+    rec = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rec[-1]["eps_mse_by_step"]) == 4 and all(v > 0 for v in rec[-1]["eps_mse_by_step"])
+    card = json.loads((tmp_path / "r" / "fewstep.json").read_text())
+    assert card["method"]["eps_mse_by_step"] == rec[-1]["eps_mse_by_step"]
+    assert card["method"]["eps_mse_bins"] == [[0, 0], [1, 1], [2, 2], [3, 3]]
+
+
+def test_cli_sfddm_defaults_follow_the_authors(gmm8_teacher, tmp_path, capsys):
+    import argparse
+
+    from fewstep.cli import train_config
+    out = tmp_path / "d"
+    main(["distill", "sfddm", "--teacher", str(gmm8_teacher), "--data", "gmm8", "--steps", "4", "--batch", "64",
+          "--iters", "3", "--out", str(out), "--no-progress"])
+    text = capsys.readouterr().out
+    assert "eps MSE vs teacher by student step" in text and "largest at s" in text
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["train"]["grad_clip"] is None and cfg["train"]["ema"] is None
+    assert json.loads((out / "fewstep.json").read_text())["method"]["dropout"] == 0.0
+    with pytest.raises(SystemExit):
+        main(["distill", "sfddm", "--help"])
+    helptext = " ".join(capsys.readouterr().out.split())
+    assert "default 0: none, as the authors" in helptext and "our deviation" in helptext
+    assert "a fifth of the teacher's training samples" in helptext
+    # the flags turn dropout, clipping and EMA back on
+    from fewstep.cli import build_parser
+    args = build_parser().parse_args(["distill", "sfddm", "--teacher", "t", "--data", "d", "--steps", "4",
+                                      "--out", "o", "--grad-clip", "2", "--ema", "0.99", "--dropout", "0.1"])
+    assert args.iters is None and args.grad_clip == 2.0 and args.ema == 0.99 and args.dropout == 0.1
+    assert isinstance(args, argparse.Namespace)

@@ -95,10 +95,19 @@ def add_sfddm(methods):
     # --steps is the student's step count here (as in the paper's T'); iterations move to --iters
     p.add_argument("--steps", type=int, default=None,
                    help="student steps T' (= NFE); may be left out with an explicit --index list")
-    p.add_argument("--iters", type=int, default=4000, help="training iterations (default 4000)")
+    p.add_argument("--iters", type=int, default=None,
+                   help="training iterations (default: the authors' schedule, a fifth of the teacher's training "
+                        "samples: its card's iterations x batch / 5 / --batch; 4000 if the card does not say)")
+    # the authors train the student without gradient clipping and without EMA
+    p.add_argument("--grad-clip", type=float, default=0.0,
+                   help="gradient norm clip (default 0: none, as the authors; the other commands clip at 1)")
+    p.add_argument("--ema", type=float, default=None,
+                   help="EMA decay of the student's weights, e.g. 0.999 (our deviation: the authors use none; "
+                        "default none)")
     p.add_argument("--index", default="trailing",
-                   help="index set phi: trailing (default; the student's noisiest step is the teacher's), "
-                        "leading (the authors' code), or an increasing list of teacher indices i,j,...")
+                   help="index set phi: trailing (default; round((s+1)T/T')-1, the student's noisiest step is the "
+                        "teacher's), leading (the authors' code: s*floor(T/T'), ends short of the noisiest step), "
+                        "spread (floor(s*T/T'), fewstep's 'leading' before), or increasing teacher indices i,j,...")
     p.add_argument("--init", default="random", choices=["random", "teacher"],
                    help="student weights: random (authors' choice; time input = own index s) or a copy of "
                         "the teacher (time input = phi_s). With 'teacher' the loss starts at exactly 0")
@@ -114,7 +123,9 @@ def add_sfddm(methods):
                    help="the student's default sampler: ddpm ancestral (default) or ddim eta=0")
     p.add_argument("--clip", type=_clip_value, default="auto",
                    help="x0 clipping when sampling: a bound, or 'none' (default: 1 for images, none for 2-D)")
-    p.add_argument("--dropout", type=float, default=None, help="student dropout (default: the teacher's)")
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="student dropout rate (default 0: the authors' network has none, and a teacher-initialised "
+                        "student then starts at exactly zero loss)")
     p.set_defaults(func=cmd_sfddm)
 
 
@@ -171,21 +182,29 @@ def _iters_config(args):
 def cmd_sfddm(args):
     from fewstep.checkpoint import load_checkpoint, teacher_reference
     from fewstep.cli import run_info
-    from fewstep.distill.sfddm import SFDDM, SFDDMConfig
+    from fewstep.distill.sfddm import SFDDM, SFDDMConfig, check_resume_phi, default_iterations
     from fewstep.train import Trainer, pick_device
 
     teacher = load_checkpoint(args.teacher, device=pick_device(args.device))
+    if args.iters is None:
+        args.iters, how = default_iterations(teacher.card, args.batch)
+        print(f"training iterations: {how}")
     cfg = SFDDMConfig(steps=args.steps, index=args.index, init=args.init, hidden=args.hidden, loss=args.loss,
                       lam=args.lam, sampler=args.sampler, clip=args.clip, dropout=args.dropout, seed=args.seed,
                       feature_layer=args.feature_layer)
     ds, info = _distill_data(args, teacher)
     method = SFDDM(teacher.denoiser, cfg, info, teacher_ref=teacher_reference(teacher.path.resolve()))
+    if args.resume:
+        check_resume_phi(args.out, method.phi)
     Trainer(method, _iters_config(args), args.out, data=ds.x, resume=args.resume, run_info=run_info(args),
             labels=_distill_labels(teacher, ds)).run()
     phi = [int(v) for v in method.phi]
     shown = phi if len(phi) <= 12 else phi[:5] + ["..."] + phi[-5:]
     print(f"SFDDM student (T'={len(phi)} of T={teacher.denoiser.schedule.T}, phi={shown}) saved to {args.out} "
           f"(sample it with: fewstep sample {args.out}; NFE {len(phi)})")
+    summary = method.eps_error_summary()
+    if summary:
+        print(summary)
 
 
 # ---- progressive distillation -----------------------------------------------------------------------

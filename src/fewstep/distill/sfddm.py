@@ -10,6 +10,23 @@ teacher's noisy input at φ_s, so one fold of training needs no unrolled teacher
 The student's σ table is exactly the teacher's at φ, and it refuses any other σ ("exact table").
 It samples with its own T'-step chain: DDPM ancestral (default) or DDIM η = 0.
 
+The ceiling. The loss is minimised by a student that copies the teacher at φ, so the best a student
+can score is the teacher's own T'-step chain on φ (`teacher_on_phi`, with DDPM ancestral — the
+authors' FID protocol — or DDIM η = 0). The bench puts that row beside every SFDDM row.
+
+Training as the authors train it (their code): no dropout in the student (ours is off by default:
+a teacher-initialised student then starts at exactly zero loss, also in train mode), no gradient
+clipping, Adam 2e-4, about a fifth of the teacher's training samples (`default_iterations`). An EMA
+of the student's weights is available as our deviation. Every iteration also measures the
+student-vs-teacher ε error per student step (`eps_mse_by_step` in metrics.jsonl, binned when
+T' > 16; the card keeps the last values) so a user sees which steps are not learnt yet.
+
+Index sets: `trailing` (ours) φ_s = round((s+1)·T/T') − 1; `leading` (the authors' code)
+φ_s = s·⌊T/T'⌋, which stops short of the teacher's noisiest step (918 of 1023 for T' = 10);
+`spread` φ_s = ⌊s·T/T'⌋ (fewstep's "leading" before it followed the authors; the cards of models
+made with it say "leading" and carry their φ, which is what loading uses, so they load and sample
+as before); or an explicit list.
+
 Also here: the semantic-consistency tools the paper reports — PSNR of matched against shuffled
 pairs of two models fed the same noises, and slerp / linear interpolation between two noises.
 """
@@ -32,6 +49,10 @@ INITS = ("random", "teacher")
 HIDDEN = ("l1", "kl", "none")
 LOSSES = ("l1", "l2")
 SAMPLERS = ("ddpm", "ddim")
+INDEX_RULES = {"trailing": "round((s+1)*T/T') - 1", "leading": "s*floor(T/T')", "spread": "floor(s*T/T')"}
+FALLBACK_ITERATIONS = 4000  # when the teacher's card does not say how long it trained
+TEACHER_SAMPLES_FRACTION = 0.2  # the authors' demo trains the student on about a fifth of the teacher's samples
+MAX_STEP_BINS = 16  # per-step ε errors: every step up to this T', equal bins of steps beyond
 
 
 # ---- the student chain ----------------------------------------------------------------------------
@@ -48,16 +69,44 @@ def check_teacher(teacher: Denoiser, method: str = "SFDDM") -> None:
 def index_set(teacher: Denoiser, steps: int | None, index="trailing", allow_full: bool = False) -> torch.Tensor:
     """The teacher indices φ (long, strictly increasing) of a T'-step student.
 
-    `index` is 'trailing', 'leading', a comma-separated string or a sequence of ints. With an
-    explicit list `steps` may be None (T' = its length). allow_full admits T' = T (φ = 0..T-1),
-    the identity student used to check invariants; users never get it.
+    `index` is one of INDEX_RULES ('trailing', 'leading' = the authors' s·⌊T/T'⌋, 'spread' =
+    ⌊s·T/T'⌋), a comma-separated string or a sequence of ints. With an explicit list `steps` may be
+    None (T' = its length). allow_full admits T' = T (φ = 0..T-1), the identity student used to
+    check invariants; users never get it.
     """
     check_teacher(teacher)
-    if isinstance(index, str) and index in ("trailing", "leading") and steps is None:
+    T = teacher.schedule.T
+    named = isinstance(index, str) and index in INDEX_RULES
+    if named and steps is None:
         raise FewstepError(f"index set {index!r}: give the student's step count T' (--steps)")
     if steps is not None and steps < 1:
         raise FewstepError(f"student steps T'={steps}: expected T' >= 1")
-    return index_subsequence(teacher.schedule.T, steps, index, allow_full=allow_full)
+    if named and not 1 <= steps <= (T if allow_full else T - 1):
+        raise FewstepError(f"student steps T'={steps}: expected 1 <= T' < T = {T}")
+    if index == "leading":  # the authors' code: the teacher index c·s with c = ⌊T/T'⌋
+        return index_subsequence(T, steps, [s * (T // steps) for s in range(steps)], allow_full=allow_full)
+    if index == "spread":  # schedule.index_subsequence's floor rule
+        return index_subsequence(T, steps, "leading", allow_full=allow_full)
+    if isinstance(index, str) and index not in INDEX_RULES:
+        try:
+            [int(v) for v in index.split(",") if v.strip()]
+        except ValueError:
+            raise FewstepError(f"index set {index!r}: expected {', '.join(INDEX_RULES)} or a comma-separated "
+                               "list of increasing teacher indices") from None
+    return index_subsequence(T, steps, index, allow_full=allow_full)
+
+
+def default_iterations(teacher_card: dict | None, batch: int) -> tuple[int, str]:
+    """Training iterations sized like the authors' schedule: the student sees about a fifth of the
+    samples the teacher was trained on (its card's training iterations × batch). Returns
+    (iterations, how they were derived); FALLBACK_ITERATIONS when the card does not say."""
+    tr = (teacher_card or {}).get("training") or {}
+    its, tb = tr.get("iterations"), tr.get("batch")
+    if not (isinstance(its, int) and isinstance(tb, int) and its > 0 and tb > 0) or batch < 1:
+        return FALLBACK_ITERATIONS, f"{FALLBACK_ITERATIONS} (the teacher's card does not record its training)"
+    n = max(1, round(TEACHER_SAMPLES_FRACTION * its * tb / batch))
+    return n, (f"{n} = a fifth of the teacher's {its} x {tb} training samples at batch {batch} "
+               "(the authors' schedule)")
 
 
 def student_chain(teacher_alpha_bar: torch.Tensor, phi: torch.Tensor) -> dict:
@@ -92,12 +141,13 @@ def kl_weight(student_alpha_bar: torch.Tensor) -> torch.Tensor:
 
 
 def make_student(teacher: Denoiser, phi: torch.Tensor, init: str = "random", seed: int = 0,
-                 dropout: float | None = None, table_name: str | None = None) -> Denoiser:
+                 dropout: float | None = 0.0, table_name: str | None = None) -> Denoiser:
     """The student Denoiser: the teacher's architecture on the exact table ᾱ[φ].
 
     init='teacher' copies the teacher's weights and keeps the teacher's time input at φ_s (so the
     time embedding is reused); init='random' builds a fresh network (seeded) whose time input is
-    its own index s, as in the authors' code.
+    its own index s, as in the authors' code. dropout: the student's rate (default 0, as the
+    authors' network has none; None keeps the teacher's).
     """
     check_teacher(teacher)
     if init not in INITS:
@@ -148,6 +198,52 @@ def student_grid(student: Denoiser) -> torch.Tensor:
     return torch.cat([student.table_sigmas(), torch.zeros(1, dtype=torch.float64)])
 
 
+def phi_grid(teacher: Denoiser, phi) -> torch.Tensor:
+    """The teacher's σ at φ, noisiest first, then 0: the grid of its own T'-step chain on φ."""
+    sig = teacher.schedule.sigmas[torch.as_tensor(phi, dtype=torch.long)].flip(0)
+    return torch.cat([sig, torch.zeros(1, dtype=torch.float64)])
+
+
+def teacher_on_phi(teacher_ckpt, phi, sampler: str = "ddpm", clip: float | None = 1.0):
+    """SFDDM's ceiling: the teacher itself sampled on its T'-step chain at φ (DDPM ancestral or DDIM
+    η = 0, x̂0 clipped like the student), as a Checkpoint that `sampling.sample` draws from. The
+    SFDDM loss is minimised by copying the teacher at φ, so no student can beat this on average."""
+    from fewstep.checkpoint import Checkpoint
+
+    if sampler not in SAMPLERS:
+        raise FewstepError(f"sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
+    check_teacher(teacher_ckpt.denoiser)
+    phi = index_subsequence(teacher_ckpt.denoiser.schedule.T, None, [int(v) for v in phi])
+    card = {**teacher_ckpt.card, "sampler": {"name": sampler, "nfe": len(phi), "clip": clip,
+                                             "sigmas": [float(v) for v in phi_grid(teacher_ckpt.denoiser, phi)]}}
+    return Checkpoint(teacher_ckpt.denoiser, card, teacher_ckpt.path)
+
+
+def step_bins(T_student: int) -> list[tuple[int, int]]:
+    """Student steps grouped for the per-step ε error: each step alone up to MAX_STEP_BINS steps, else
+    MAX_STEP_BINS equal runs of steps. Pairs (first, last) of student indices s (0 = least noisy)."""
+    n = min(T_student, MAX_STEP_BINS)
+    edges = [round(k * T_student / n) for k in range(n + 1)]
+    return [(edges[k], edges[k + 1] - 1) for k in range(n)]
+
+
+def check_resume_phi(out_dir, phi) -> None:
+    """Refuse to resume a run whose saved student was made on another index set (e.g. one made when
+    'leading' meant floor(s·T/T'), now 'spread')."""
+    from pathlib import Path
+
+    from fewstep.checkpoint import read_card
+    try:
+        saved = (read_card(Path(out_dir)).get("method") or {}).get("phi")
+    except FewstepError:
+        return  # nothing saved yet
+    now = [int(v) for v in phi]
+    if saved is not None and [int(v) for v in saved] != now:
+        raise FewstepError(f"--resume: the run in {out_dir} was made on phi={saved}, these settings give "
+                           f"phi={now}. 'leading' now follows the authors' code (s*floor(T/T')); the earlier "
+                           "rule floor(s*T/T') is --index spread, or pass the saved list with --index")
+
+
 # ---- the method -----------------------------------------------------------------------------------
 
 @dataclass
@@ -160,7 +256,7 @@ class SFDDMConfig:
     lam: float = 1.0
     sampler: str = "ddpm"             # the card's default: ddpm ancestral | ddim (η = 0)
     clip: object = "auto"             # x̂0 clipping when sampling: a float, None, or auto (1 for images)
-    dropout: float | None = None      # None: the teacher's
+    dropout: float | None = 0.0       # the authors' student has none; None: the teacher's
     feature_layer: str | None = None  # sub-module whose output is the hidden variable (None: the net's default)
     seed: int = 0                     # random init
     allow_full: bool = False          # admit T' = T (invariant checks only)
@@ -202,6 +298,10 @@ class SFDDM(TrainMethod):
         self.shape = self._check_shape()
         self.iterations = 0
         self.samples_seen = 0
+        # per-step ε error: a running mean per bin of student steps (decay 0.9 per iteration that saw the bin)
+        self.bins = step_bins(self.T_student)
+        self.bin_of = torch.tensor([k for k, (a, b) in enumerate(self.bins) for _ in range(a, b + 1)])
+        self.eps_err = [None] * len(self.bins)
         if cfg.clip == "auto":
             self.clip = 1.0 if self.data_info.get("kind") == "image" else None
         else:
@@ -245,14 +345,16 @@ class SFDDM(TrainMethod):
         out_loss = diff.abs().mean() if self.cfg.loss == "l1" else diff.square().mean()
         logs = {"out_loss": float(out_loss.detach())}
         loss = out_loss
+        e_t = raw_to_eps(self.teacher, y_t, x, sigma)
+        e_s = raw_to_eps(student, y_s, x, sigma)
+        eps_mse = (e_s - e_t).square().reshape(len(x), -1).mean(1)  # per sample: which steps are not learnt yet
+        logs["eps_mse"] = eps_mse.detach()
         if self.cfg.hidden == "l1":
             hid = (h_s - h_t).abs().mean()
         elif self.cfg.hidden == "kl":
             # KL per dimension (sum over dimensions / D) so λ means the same at every resolution
-            e_t = raw_to_eps(self.teacher, y_t, x, sigma)
-            e_s = raw_to_eps(student, y_s, x, sigma)
             w = self.kl_w.to(x0.device)[s.to(x0.device)].float()
-            hid = (w * (e_s - e_t).square().reshape(len(x), -1).mean(1)).mean()
+            hid = (w * eps_mse).mean()
         else:
             hid = None
         if hid is not None:
@@ -269,16 +371,52 @@ class SFDDM(TrainMethod):
         eps = ctx.local(torch.randn((gb, *batch.shape[1:]), generator=gen)).to(batch.device)
         loss, logs = self.losses(batch, s, eps, autocast=ctx.autocast(), class_labels=ctx.labels)
         logs["grad_norm"] = ctx.step(loss)
+        logs["eps_mse_by_step"] = self._track_eps(s, logs.pop("eps_mse"), ctx.world)
         self.iterations += 1
         self.samples_seen += gb
         return logs
 
+    def _track_eps(self, s: torch.Tensor, eps_mse: torch.Tensor, world: int = 1) -> list:
+        """Update the running per-bin ε error with one batch; returns the bins' current values
+        (None for a bin not seen yet). Under DDP the per-bin sums are averaged over processes."""
+        k = self.bin_of[s.cpu()]
+        sums = torch.zeros(len(self.bins), dtype=torch.float64).index_add_(0, k, eps_mse.double().cpu())
+        counts = torch.zeros(len(self.bins), dtype=torch.float64).index_add_(0, k, torch.ones(len(k), dtype=torch.float64))
+        if world > 1:
+            import torch.distributed as dist
+            both = torch.cat([sums, counts]).to(eps_mse.device)
+            dist.all_reduce(both)
+            sums, counts = both.cpu()[:len(self.bins)], both.cpu()[len(self.bins):]
+        for b in range(len(self.bins)):
+            if counts[b] > 0:
+                m = float(sums[b] / counts[b])
+                self.eps_err[b] = m if self.eps_err[b] is None else 0.9 * self.eps_err[b] + 0.1 * m
+        return [None if v is None else round(v, 6) for v in self.eps_err]
+
+    def eps_error_summary(self) -> str | None:
+        """One line for people: the running ε MSE (student vs teacher) per student step or bin of steps
+        (s = 0 is the least noisy, the last sampling step) and where it is largest."""
+        seen = [(v, k) for k, v in enumerate(self.eps_err) if v is not None]
+        if not seen:
+            return None
+        name = [f"s{a}" if a == b else f"s{a}-{b}" for a, b in self.bins]
+        cells = " ".join(f"{n}={'-' if v is None else f'{v:.2g}'}" for n, v in zip(name, self.eps_err))
+        return f"eps MSE vs teacher by student step (s0 least noisy): {cells}; largest at {name[max(seen)[1]]}"
+
     def state_dict(self):
-        return {"iterations": self.iterations, "samples_seen": self.samples_seen}
+        return {"iterations": self.iterations, "samples_seen": self.samples_seen,
+                "phi": [int(v) for v in self.phi], "eps_err": list(self.eps_err)}
 
     def load_state_dict(self, state):
+        saved_phi = state.get("phi")
+        if saved_phi is not None and [int(v) for v in saved_phi] != [int(v) for v in self.phi]:
+            raise FewstepError(f"--resume: the saved run was made on phi={saved_phi}, these settings give "
+                               f"phi={[int(v) for v in self.phi]}")
         self.iterations = int(state.get("iterations", 0))
         self.samples_seen = int(state.get("samples_seen", 0))
+        eps_err = state.get("eps_err")
+        if eps_err is not None and len(eps_err) == len(self.bins):
+            self.eps_err = list(eps_err)
 
     # ---- card / preview -----------------------------------------------------------------------------
     def sampler_card(self) -> dict:
@@ -287,14 +425,18 @@ class SFDDM(TrainMethod):
 
     def card(self) -> dict:
         cfg = self.cfg
-        index = cfg.index if isinstance(cfg.index, str) and cfg.index in ("trailing", "leading") else "list"
+        index = cfg.index if isinstance(cfg.index, str) and cfg.index in INDEX_RULES else "list"
         n_data = self.data_info.get("n")
         method = {"name": "sfddm", "student_steps": self.T_student, "teacher_steps": self.teacher.schedule.T,
                   "index": index, "phi": [int(v) for v in self.phi], "init": cfg.init,
                   "time_input": "teacher index phi_s" if cfg.init == "teacher" else "student index s",
                   "loss": cfg.loss, "hidden": cfg.hidden, "lam": cfg.lam, "dropout": cfg.dropout,
                   "feature_layer": cfg.feature_layer or self.teacher.net.config.get("feature_layer", "penultimate"),
-                  "init_seed": cfg.seed, "iterations": self.iterations}
+                  "init_seed": cfg.seed, "iterations": self.iterations,
+                  "eps_mse_bins": [[a, b] for a, b in self.bins],
+                  "eps_mse_by_step": [None if v is None else round(v, 6) for v in self.eps_err]}
+        if index in INDEX_RULES:
+            method["index_rule"] = INDEX_RULES[index]
         if cfg.hidden == "kl":
             method["kl_sigma0"] = "beta'_0 (posterior variance is 0 at the last step)"
         if n_data:
@@ -395,13 +537,14 @@ def compare_models(a, b, n: int = 256, seed: int = 0, sampler_a: str | None = No
     Returns (samples_a, samples_b, stats) with PSNR / MSE of matched against shuffled pairs and
     each model's sampler and NFE.
     """
-    from fewstep.sampling import sample_shape
+    from fewstep.sampling import check_memory, sample_shape
 
     sa, sb = tuple(sample_shape(a.card)), tuple(sample_shape(b.card))
     if sa != sb:
         raise FewstepError(f"compare: the models draw different shapes, {list(sa)} and {list(sb)}")
     if n < 2:
         raise FewstepError(f"--n {n}: expected at least 2 samples to compare")
+    check_memory(n, sa)
     noise = torch.randn((n, *sa), generator=torch.Generator().manual_seed(seed))
     xa, ia = sample_same_noise(a, noise, seed, sampler_a, nfe_a, batch_size)
     xb, ib = sample_same_noise(b, noise, seed, sampler_b, nfe_b, batch_size)
