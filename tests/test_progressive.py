@@ -8,8 +8,9 @@ from torch import nn
 from fewstep.checkpoint import load_checkpoint, save_checkpoint
 from fewstep.cli import main
 from fewstep.denoiser import Denoiser
-from fewstep.distill.progressive import (ProgressiveFold, ddim_step, fold_plan, halve_grid, progressive_distill,
-                                         teacher_grid, truncated_snr, two_step_target)
+from fewstep.distill.progressive import (HEADS, ProgressiveFold, ddim_step, fold_plan, halve_grid, head_output,
+                                         head_weight, progressive_distill, teacher_grid, truncated_snr,
+                                         two_step_target)
 from fewstep.errors import FewstepError
 from fewstep.nets import MLP
 from fewstep.schedule import Schedule, index_subsequence
@@ -214,9 +215,92 @@ def test_cli_progressive(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "8 → 2 steps in 2 folds, 6 iterations" in text
     assert (out / "fold-4" / "fewstep.json").is_file() and (out / "fold-2" / "fewstep.json").is_file()
+    card = json.loads((out / "fewstep.json").read_text())
+    assert card["method"]["head"] == "x0" and card["method"]["clip_targets"] is False
     main(["sample", str(out), "--n", "8"])
     assert "ddim, NFE 2" in capsys.readouterr().out
+    main(["distill", "progressive", "--teacher", str(teacher), "--data", "gmm8", "--steps", "4",
+          "--start-steps", "8", "--iters", "2", "--batch", "16", "--out", str(tmp_path / "pdv"), "--no-progress",
+          "--head", "v", "--clip-targets"])
+    m = json.loads((tmp_path / "pdv" / "fewstep.json").read_text())["method"]
+    assert m["head"] == "v" and m["weight"] == "SNR + 1" and m["clip_targets"] is True
+    capsys.readouterr()
     with pytest.raises(SystemExit):
         main(["distill", "progressive", "--teacher", str(teacher), "--data", "gmm8", "--steps", "3",
               "--start-steps", "8", "--out", str(tmp_path / "bad"), "--no-progress"])
     assert "power of two" in capsys.readouterr().err
+
+
+# ---- as published: output heads, their weights, unclipped targets -------------------------------------------
+
+def wide_teacher(T=64):
+    """An ε-MLP whose x0 estimates leave [-1, 1] (so clipping them changes something)."""
+    torch.manual_seed(1)
+    net = MLP(2, hidden=16, depth=1)
+    nn.init.normal_(net.out.weight, std=2.0)
+    den = Denoiser(net, Schedule.vp("linear", T), "eps").eval()
+    for q in den.parameters():
+        q.requires_grad_(False)
+    return den
+
+
+def test_heads_start_as_the_teacher_and_weight_as_the_paper():
+    teacher = wide_teacher()
+    grid = teacher_grid(teacher, 8)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(64, 2, generator=g), torch.randn(64, 2, generator=g)
+    j = torch.arange(64) % 4
+    sigma = halve_grid(grid)[j]
+    x = x0 + sigma[:, None].float() * eps
+    losses = {}
+    for head in HEADS:
+        fold = ProgressiveFold(teacher, grid, head=head)
+        fold.student.train()
+        # at initialisation the student's x0 is the teacher's, whatever head it is trained through
+        with torch.no_grad():
+            assert torch.equal(fold.student(x, sigma), teacher(x, sigma))
+        losses[head] = float(fold.losses(x0, j, eps)[0].detach())
+        assert fold.card()["method"]["head"] == head and fold.card()["method"]["weight"] == HEADS[head]
+    # each head's loss is the x0 error under the paper's weight: max(SNR,1), SNR+1, SNR
+    fold = ProgressiveFold(teacher, grid)
+    sig, mid, nxt = fold.student_grid[j], grid[2 * j + 1], grid[2 * j + 2]
+    with torch.no_grad():
+        target = two_step_target(teacher, x, sig, mid, nxt).float()
+        per = (teacher(x, sig).float() - target).square().mean(1).double()
+    for head in HEADS:
+        want = float((head_weight(head, sig) * per).mean())
+        assert losses[head] == pytest.approx(want, rel=1e-4), head
+    assert losses["x0"] != pytest.approx(losses["eps"], rel=1e-2)
+    snr = 1 / sig.double() ** 2
+    assert torch.equal(head_weight("x0", sig), truncated_snr(sig)) and torch.allclose(head_weight("v", sig), snr + 1)
+    # the head conversions are exact and invertible: v and ε of the same x0 give it back
+    s2 = sig[:, None].float()
+    v = head_output("v", x0, x, sig)
+    a = 1 / (1 + s2**2).sqrt()
+    assert torch.allclose(a * (a * x) - s2 * a * v, x0, atol=1e-5)
+    assert torch.allclose(x - s2 * head_output("eps", x0, x, sig), x0, atol=1e-4)
+    with pytest.raises(FewstepError, match="--head"):
+        ProgressiveFold(teacher, grid, head="score")
+
+
+def test_targets_are_unclipped_unless_asked_and_sampling_keeps_its_clip():
+    teacher = wide_teacher()
+    grid = teacher_grid(teacher, 8)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(64, 2, generator=g), torch.randn(64, 2, generator=g)
+    j = torch.arange(64) % 4
+    sig, mid, nxt = halve_grid(grid)[j], grid[2 * j + 1], grid[2 * j + 2]
+    x = x0 + sig[:, None].float() * eps
+    assert teacher(x, sig).abs().max() > 1.5  # clipping at 1 would change this teacher's targets
+    with torch.no_grad():
+        pred = teacher(x, sig).float()
+    for clip_targets, clip_in_target in [(False, None), (True, 1.0)]:
+        fold = ProgressiveFold(teacher, grid, clip=1.0, clip_targets=clip_targets)
+        with torch.no_grad():
+            target = two_step_target(teacher, x, sig, mid, nxt, clip_in_target).float()
+        want = float((truncated_snr(sig) * (pred - target).square().mean(1).double()).mean())
+        assert float(fold.losses(x0, j, eps)[0].detach()) == pytest.approx(want, rel=1e-4)
+        assert fold.sampler_card()["clip"] == 1.0 and fold.card()["method"]["clip_targets"] is clip_targets
+    a = float(ProgressiveFold(teacher, grid, clip=1.0).losses(x0, j, eps)[0].detach())
+    b = float(ProgressiveFold(teacher, grid, clip=1.0, clip_targets=True).losses(x0, j, eps)[0].detach())
+    assert a != pytest.approx(b, rel=1e-3)

@@ -229,9 +229,15 @@ def add_progressive(methods):
                    help="the first teacher's DDIM steps (default: its T; e.g. 256 starts from a 256-step "
                         "DDIM teacher); start/steps must be a power of two")
     p.add_argument("--iters", type=int, default=1000, help="training iterations per fold (default 1000)")
+    p.add_argument("--head", default="x0", choices=["x0", "v", "eps"],
+                   help="the output the student is compared in, with the paper's weight: x0 with max(SNR,1) "
+                        "('truncated SNR', default), v (SNR+1), or eps (SNR, the epsilon-MSE the paper shows "
+                        "failing at few steps). The student starts as the teacher's exact copy either way")
     p.add_argument("--clip", type=_clip_value, default="auto",
-                   help="clip the teacher's x0 in the targets and when sampling: a bound or 'none' "
-                        "(default: 1 for images, none for 2-D)")
+                   help="clip x0 when sampling: a bound or 'none' (default: 1 for images, none for 2-D)")
+    p.add_argument("--clip-targets", action="store_true",
+                   help="also clip the teacher's x0 inside the training targets (fewstep's earlier behaviour; "
+                        "the paper's targets are unclipped)")
     p.add_argument("--dropout", type=float, default=None, help="student dropout (default: the teacher's)")
     p.set_defaults(func=cmd_progressive)
 
@@ -246,7 +252,8 @@ def cmd_progressive(args):
     ds, info = _distill_data(args, teacher)
     out = progressive_distill(teacher, ds.x, args.start_steps, args.steps, args.out, _iters_config(args),
                               data_info=info, clip=args.clip, dropout=args.dropout, resume=args.resume,
-                              run_info=run_info(args), labels=_distill_labels(teacher, ds))
+                              run_info=run_info(args), labels=_distill_labels(teacher, ds), head=args.head,
+                              clip_targets=args.clip_targets)
     m = read_card(out)["method"]
     print(f"progressive student ({m['teacher_steps']} → {m['student_steps']} steps in {len(m['folds'])} folds, "
           f"{m['total_iterations']} iterations, {m['total_wall_time_s']:.1f} s) saved to {out} "

@@ -7,10 +7,26 @@ is the x0 prediction that a single step σ → σ'' would need to land on the sa
 
     x̃0 = (x'' − (σ''/σ)·x) / (1 − σ''/σ)          (σ'' = 0 at the last step: x̃0 = x'')
 
-The loss is the x0 mean squared error weighted by max(SNR, 1) with SNR = 1/σ² ("truncated SNR");
-the student's noise level is drawn uniformly from its own grid points. The student becomes the
+The student's noise level is drawn uniformly from its own grid points. The student becomes the
 next fold's teacher. Every fold's run directory (`fold-<steps>/`) is kept; the output directory
 itself holds the final student, with the total cost of all folds in its card.
+
+As published. Salimans & Ho show that an ε output fails at few steps: the x0 it implies,
+x − σ·ε̂, amplifies the error of ε̂ by σ, and an ε-MSE (weight SNR on x0) puts no weight on x0 at
+the noisiest steps. The student's output head (`head`) says in which output the student is compared
+with the target and how the error is weighted, as in the paper:
+  x0 (default): max(SNR, 1)·|x̂0 − x̃0|²     ("truncated SNR", SNR = 1/σ²)
+  v:            |v̂ − ṽ|² = (1 + SNR)·|x̂0 − x̃0|²  ("SNR+1")
+  eps:          |ε̂ − ε̃|² = SNR·|x̂0 − x̃0|²    (the ε-MSE the paper shows failing; for comparison)
+The head is a re-parameterisation of the same network, so the student starts as the teacher's
+exact copy (its x0 equals the teacher's). Note what that implies: a head that matches an
+ε-network exactly is the same function of the same weights, so the gradient of an x0-space loss
+is the same whichever head is named; what the choice changes is the weighting above. A network
+whose raw output *is* v (the paper's teachers) cannot start as an exact copy of an ε teacher.
+
+The teacher's x̂0 is not clipped inside the targets (the paper's targets are the unclipped DDIM
+steps; a clipped x̂0 gives targets no DDIM step of the student reproduces). Clipping when sampling
+stays (default 1 for images); `clip_targets` restores the old clipped targets.
 """
 from __future__ import annotations
 
@@ -103,6 +119,32 @@ def truncated_snr(sigma: torch.Tensor) -> torch.Tensor:
     return (1 / sigma.double() ** 2).clamp(min=1.0)
 
 
+HEADS = {"x0": "max(SNR, 1)", "v": "SNR + 1", "eps": "SNR"}
+
+
+def head_weight(head: str, sigma: torch.Tensor) -> torch.Tensor:
+    """The weight on |x̂0 − x̃0|² that a loss in the head's own output gives (float64, per σ)."""
+    if head not in HEADS:
+        raise FewstepError(f"--head {head!r}: expected one of {', '.join(HEADS)}")
+    snr = 1 / sigma.double() ** 2
+    if head == "x0":
+        return snr.clamp(min=1.0)
+    return snr + 1 if head == "v" else snr
+
+
+def head_output(head: str, x0: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """A prediction of x0 at (x, σ) expressed in the head's output: x0, v = a·ε − b·x0 (VP, with
+    a = 1/sqrt(1+σ²), b = σ·a) or ε = (x − x0)/σ. Exact and invertible for σ > 0."""
+    if head == "x0":
+        return x0
+    s = sigma.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+    eps = (x - x0) / s
+    if head == "eps":
+        return eps
+    a = 1 / (1 + s**2).sqrt()
+    return a * eps - s * a * x0
+
+
 # ---- one fold ---------------------------------------------------------------------------------------
 
 def _net_shape(net) -> list[int]:
@@ -117,16 +159,19 @@ class ProgressiveFold(TrainMethod):
 
     def __init__(self, teacher: Denoiser, grid: torch.Tensor, data_info: dict | None = None,
                  clip: float | None = None, teacher_ref: dict | None = None, fold_info: dict | None = None,
-                 dropout: float | None = None):
+                 dropout: float | None = None, head: str = "x0", clip_targets: bool = False):
         if teacher.has_step_condition:
             raise FewstepError("progressive distillation: the teacher is step-conditioned (SFD-v); "
                                "distil a plain teacher")
         self.teacher = teacher.eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
+        if head not in HEADS:
+            raise FewstepError(f"--head {head!r}: expected one of {', '.join(HEADS)}")
         self.grid = check_grid(grid, "teacher grid").cpu()
         self.student_grid = halve_grid(self.grid)
-        self.clip = clip
+        self.clip = clip  # when sampling (and inside the targets only with clip_targets)
+        self.head, self.clip_targets = head, clip_targets
         self.data_info = data_info or {}
         self.teacher_ref = teacher_ref
         self.fold_info = fold_info or {}
@@ -165,10 +210,15 @@ class ProgressiveFold(TrainMethod):
         ctx = autocast if autocast is not None else torch.autocast("cpu", enabled=False)
         with ctx:
             target = two_step_target(self.teacher.with_step(None, class_labels), x, sigma, sigma_mid, sigma_next,
-                                     self.clip).float()
+                                     self.clip if self.clip_targets else None).float()
             pred = student(x, sigma, class_labels=class_labels).float()
-        per = (pred - target).square().reshape(len(x), -1).mean(1)
-        loss = (truncated_snr(sigma).float() * per).mean()
+        # the error in the head's own output (for v and ε the conversion folds the weight in exactly)
+        xf = x.float()
+        diff = head_output(self.head, pred, xf, sigma) - head_output(self.head, target, xf, sigma)
+        per = diff.square().reshape(len(x), -1).mean(1)
+        if self.head == "x0":
+            per = truncated_snr(sigma).float() * per
+        loss = per.mean()
         return loss, {"loss": float(loss.detach())}
 
     def train_step(self, ctx: StepContext, batch, gen):
@@ -185,7 +235,8 @@ class ProgressiveFold(TrainMethod):
 
     def card(self) -> dict:
         method = {"name": "progressive", "teacher_steps": len(self.grid) - 1, "student_steps": self.student_steps,
-                  "weight": "max(SNR, 1)", "target": "two teacher DDIM steps", **self.fold_info}
+                  "head": self.head, "weight": HEADS[self.head], "target": "two teacher DDIM steps",
+                  "clip_targets": self.clip_targets, **self.fold_info}
         return {"method": method, "sampler": self.sampler_card(), "teacher": self.teacher_ref,
                 "data": self.data_info}
 
@@ -209,11 +260,13 @@ def _finished(fold_dir: Path) -> bool:
 def progressive_distill(teacher_ckpt, data: torch.Tensor, start_steps: int | None, target_steps: int,
                         out_dir, config: TrainConfig, data_info: dict | None = None, clip="auto",
                         dropout: float | None = None, resume: bool = False, run_info: dict | None = None,
-                        log=print, labels: torch.Tensor | None = None) -> Path:
+                        log=print, labels: torch.Tensor | None = None, head: str = "x0",
+                        clip_targets: bool = False) -> Path:
     """Run folds start → start/2 → … → target into out_dir/fold-<steps>/, then put the final student in
     out_dir itself with the summed cost of all folds. `teacher_ckpt` is a path / built-in name or a
     loaded Checkpoint. With resume, finished folds are reused and an interrupted one continues.
-    A class-conditional teacher needs the data's class `labels`."""
+    A class-conditional teacher needs the data's class `labels`. `head` and `clip_targets`: see the
+    module's docstring (defaults: x0 with truncated-SNR weight, unclipped targets)."""
     from fewstep.checkpoint import Checkpoint
 
     out_dir = Path(out_dir)
@@ -244,7 +297,7 @@ def progressive_distill(teacher_ckpt, data: torch.Tensor, start_steps: int | Non
             student = ck.denoiser
             card = ck.card
         else:
-            method = ProgressiveFold(teacher, grid, data_info, clip, teacher_ref, info, dropout)
+            method = ProgressiveFold(teacher, grid, data_info, clip, teacher_ref, info, dropout, head, clip_targets)
             cont = resume and (fold_dir / "train_state.pt").exists()
             log(f"fold {k}/{len(plan)}: {len(grid) - 1} → {steps} steps{' (resuming)' if cont else ''}")
             trainer = Trainer(method, config, fold_dir, data=data, resume=cont, run_info=run_info, labels=labels)
@@ -267,7 +320,8 @@ def progressive_distill(teacher_ckpt, data: torch.Tensor, start_steps: int | Non
              if k not in ("format", "format_version", "fewstep_version", "saved_at", "net", "denoiser",
                           "weights_sha256")}
     final["method"] = {"name": "progressive", "teacher_steps": start_steps, "student_steps": target_steps,
-                       "weight": "max(SNR, 1)", "target": "two teacher DDIM steps", "clip": clip,
+                       "head": head, "weight": HEADS[head], "target": "two teacher DDIM steps", "clip": clip,
+                       "clip_targets": clip_targets,
                        "dropout": dropout, "folds": folds, "total_iterations": total_its,
                        "total_wall_time_s": total_wall}
     final["teacher"] = root_ref
