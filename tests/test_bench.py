@@ -31,7 +31,8 @@ def test_every_method_gets_a_row_with_quality_and_timing(bench_run):
     rows = {r["key"]: r for r in summary["rows"]}
     assert set(rows) == {"data-train", "teacher-dpmpp2m-16", "ddim-2", "dpmpp2m-2", "dpmpp3m-2", "heun-3", "ipndm-2",
                          "sfd-2", "sfdv-1_3-1", "sfdv-1_3-3", "sfd-stage2-1", "sfddm-4-trailing-random",
-                         "ddim-trailing-4", "progressive-4"}
+                         "ddim-trailing-4", "progressive-4", "teacher-on-phi-4-trailing-ddpm",
+                         "teacher-on-phi-4-trailing-ddim"}
     for key, r in rows.items():
         assert r["quality"]["swd"]["mean"] > 0 and r["quality"]["swd"]["std"] >= 0, key
         if r["method"] != "data":
@@ -53,6 +54,9 @@ def test_outputs_for_people(bench_run):
         assert (out / "figures" / name).stat().st_size > 1000, name
     report = (out / "report.md").read_text()
     assert "Data floor" in report and "figures/quality-vs-nfe.png" in report and "PSNR of matched pairs" in report
+    # every SFDDM / progressive row is read next to its ceiling, the teacher's own chain on the same phi
+    assert "teacher on phi (ceiling) (trailing, ddpm)" in report
+    assert report.count("4-step chain on the same phi scores DDIM") == 2
     table = (out / "results.md").read_text()
     assert table.count("**") == 2 * len({r["nfe"] for r in summary["rows"] if r["method"] not in ("data", "teacher")})
 
@@ -60,7 +64,7 @@ def test_outputs_for_people(bench_run):
 def test_rerun_reuses_models_and_rows(bench_run, tiny_gmm8_teacher):
     out, summary = bench_run
     stamps = {p: p.stat().st_mtime_ns for p in list(out.glob("models/**/model.safetensors")) + list(out.glob("rows/*.json"))}
-    assert len(stamps) == 14 + 7  # rows; sfd, sfd-v, stage 2, sfddm, the progressive chain and its 2 folds
+    assert len(stamps) == 16 + 7  # rows; sfd, sfd-v, stage 2, sfddm, the progressive chain and its 2 folds
     again = Bench(tiny_spec(tiny_gmm8_teacher), out, progress=False).run()
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert [r["quality"] for r in again["rows"]] == [r["quality"] for r in summary["rows"]]

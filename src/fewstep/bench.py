@@ -187,12 +187,23 @@ class Bench:
                     and T not in s.nfe):
                 rows.append({"key": f"ddim-trailing-{T}", "method": "ddim", "nfe": T, "sampler": "ddim",
                              "model": None, "trailing": True})
+            if "sfddm" in s.methods:
+                rows += self.ceiling_rows(T, [v.split("/")[0] for v in s.sfddm_variants if every or v == s.sfddm_variants[0]])
         if "progressive" in s.methods:
             # one chain of folds serves every row: the T-step row samples the chain's fold-T student
             for T in self.progressive_targets():
                 rows.append({"key": f"progressive-{T}", "method": "progressive", "nfe": T,
                              "model": f"{self.progressive_chain()}/fold-{T}"})
+                rows += [r for r in self.ceiling_rows(T, ["trailing"]) if r["key"] not in {x["key"] for x in rows}]
         return rows
+
+    def ceiling_rows(self, T: int, indices: list) -> list[dict]:
+        """The teacher on its own T'-step chain at φ (DDPM ancestral and DDIM), the best an SFDDM student
+        can score; progressive distillation's grids are the trailing φ. Discrete teachers only."""
+        if not self.teacher.denoiser.schedule.is_discrete:
+            return []
+        return [{"key": f"teacher-on-phi-{T}-{index}-{name}", "method": "teacher-on-phi", "nfe": T, "sampler": name,
+                 "index": index, "model": None} for index in dict.fromkeys(indices) for name in ("ddpm", "ddim")]
 
     # ---- distillation (cached) ---------------------------------------------------------------------
     def progressive_targets(self) -> list[int]:
@@ -244,11 +255,11 @@ class Bench:
                                "delete that folder to distil it again, or choose another --out")
         return True
 
-    def _train(self, method, path: Path, budget: dict, lr_schedule="constant", data=None):
+    def _train(self, method, path: Path, budget: dict, lr_schedule="constant", data=None, grad_clip=1.0):
         steps = budget["iterations"]
         cfg = TrainConfig(steps=steps, batch=budget["batch"], lr=budget["lr"], lr_schedule=lr_schedule,
                           seed=self.spec.seed, device=str(self.device), progress=self.progress,
-                          ckpt_every=max(100, steps // 5), log_every=max(10, steps // 50))
+                          ckpt_every=max(100, steps // 5), log_every=max(10, steps // 50), grad_clip=grad_clip)
         resume = (path / "train_state.pt").exists()
         Trainer(method, cfg, path, data=data, resume=resume,
                 run_info={"command": f"fewstep bench ({method.name})"}).run()
@@ -282,7 +293,7 @@ class Bench:
             info = {**ds.info, "name": ds.name, "kind": ds.kind, "shape": list(ds.shape)}
             method = SFDDM(self.teacher.denoiser, SFDDMConfig(steps=row["nfe"], index=index, init=init,
                                                               seed=s.seed), data_info=info, teacher_ref=tref)
-            self._train(method, path, budget, data=ds.x)
+            self._train(method, path, budget, data=ds.x, grad_clip=None)  # the authors clip no gradients
         elif row["method"] == "progressive":
             from fewstep.distill.progressive import progressive_distill
             ds = self._data()
@@ -322,6 +333,10 @@ class Bench:
             elif ckpt.sampler.get("step"):
                 step = ckpt.sampler["step"]
             return ckpt, kw, step
+        if row["method"] == "teacher-on-phi":
+            from fewstep.distill.sfddm import index_set, teacher_on_phi
+            phi = index_set(self.teacher.denoiser, row["nfe"], row["index"])
+            return teacher_on_phi(self.teacher, phi, row["sampler"], None if self.is_toy else 1.0), {}, None
         kw = {"nfe": row["nfe"], "sampler": row["sampler"]}
         if row.get("trailing"):  # DDIM on the teacher's own steps at the SFDDM index set
             kw["grid"] = "discrete"

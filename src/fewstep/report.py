@@ -13,7 +13,8 @@ from fewstep.checkpoint import atomic_write
 LOWER_IS_BETTER = {"fcd", "kid", "swd", "mmd"}
 LABELS = {"data": "data floor (training samples)", "teacher": "teacher (reference)", "ddim": "DDIM", "dpmpp2m": "DPM-Solver++(2M)",
           "dpmpp3m": "DPM-Solver++(3M)", "heun": "Heun", "ipndm": "iPNDM", "sfd": "SFD", "sfd-v": "SFD-v",
-          "sfd-stage2": "SFD 2nd stage", "sfddm": "SFDDM", "progressive": "progressive distillation"}
+          "sfd-stage2": "SFD 2nd stage", "sfddm": "SFDDM", "progressive": "progressive distillation",
+          "teacher-on-phi": "teacher on phi (ceiling)"}
 
 
 def row_label(r: dict) -> str:
@@ -24,6 +25,8 @@ def row_label(r: dict) -> str:
         label += " (trailing steps)"
     if r["method"] == "teacher":
         label += f", {r['sampler']}"
+    if r["method"] == "teacher-on-phi":
+        label += f" ({r['index']}, {r['sampler']})"
     return label
 
 
@@ -250,6 +253,15 @@ def reading(summary: dict, consistency: dict) -> list[str]:
                     dq = ddim["quality"][key]["mean"]
                     msg += f"; teacher DDIM-{r['nfe']} {dq:.3g} ({'beaten' if q < dq else 'not beaten'})"
                 lines.append(msg + ".")
+    for r in rows:  # the SFDDM objective is minimised by copying the teacher at phi: its chain there is the ceiling
+        if r["method"] in ("sfddm", "progressive"):
+            index = r["variant"].split("/")[0] if r["method"] == "sfddm" else "trailing"
+            ceil = {x["sampler"]: x["quality"][key]["mean"] for x in rows if x["method"] == "teacher-on-phi"
+                    and x["nfe"] == r["nfe"] and x["index"] == index}
+            if ceil:
+                lines.append(f"- {row_label(r)}, NFE {r['nfe']}: {K} {r['quality'][key]['mean']:.3g}; the teacher's own "
+                             f"{r['nfe']}-step chain on the same phi scores " +
+                             ", ".join(f"{n.upper()} {v:.3g}" for n, v in sorted(ceil.items())) + ".")
     for nfe in sorted({r["nfe"] for r in rows if r["method"] not in REFERENCE_ROWS}):
         cands = [r for r in rows if r["nfe"] == nfe and r["method"] not in REFERENCE_ROWS]
         b = min(cands, key=lambda r: r["quality"][key]["mean"])
