@@ -166,7 +166,10 @@ def load_checkpoint(name_or_path: str | Path, device: str | torch.device = "cpu"
         sd = load_file(str(weights), device="cpu")
     except Exception as e:  # safetensors raises its own error types for malformed files
         raise FewstepError(f"{weights}: not a readable safetensors file ({e})") from None
-    denoiser = denoiser_from_card(card)
+    try:
+        denoiser = denoiser_from_card(card)
+    except FewstepError as e:
+        raise FewstepError(f"{path / CARD_NAME}: {e}") from None
     try:
         missing, unexpected = denoiser.net.load_state_dict(sd, strict=False)
     except RuntimeError as e:  # strict=False still raises on shape mismatches

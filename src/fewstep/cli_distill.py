@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from fewstep import argtypes as A
+
 
 def register(sub):
     d = sub.add_parser("distill", help="distil a teacher into a few-step student")
@@ -26,22 +28,22 @@ def add_sfd(methods):
     p.add_argument("--nfe", type=_nfe_list, default=[2], help="student NFE, or a list for SFD-v (default 2)")
     p.add_argument("--afs", action=argparse.BooleanOptionalAction, default=True,
                    help="analytical first step: saves one network call (default on)")
-    p.add_argument("--m", type=int, default=3, help="teacher points inserted per student interval (default 3)")
+    p.add_argument("--m", type=A.integer(0, 64), default=3, help="teacher points inserted per student interval (default 3)")
     p.add_argument("--teacher-solver", default="dpmpp3m", choices=TEACHER_SOLVERS)
     p.add_argument("--grid", default="polynomial", choices=["polynomial", "logsnr", "uniform", "discrete"])
-    p.add_argument("--rho", type=float, default=7.0)
-    p.add_argument("--sigma-min", type=float, default=None, help="default: the teacher's (0.006 for EDM teachers)")
-    p.add_argument("--sigma-max", type=float, default=None, help="default: the teacher's (80 for EDM teachers)")
-    p.add_argument("--trajectories", type=int, default=200_000,
+    p.add_argument("--rho", type=A.positive, default=7.0)
+    p.add_argument("--sigma-min", type=A.positive, default=None, help="default: the teacher's (0.006 for EDM teachers)")
+    p.add_argument("--sigma-max", type=A.positive, default=None, help="default: the teacher's (80 for EDM teachers)")
+    p.add_argument("--trajectories", type=A.integer(1, 10**12), default=200_000,
                    help="teacher trajectories to train on (default 200000; iterations = trajectories / batch)")
     p.add_argument("--loss-reduction", default="sum", choices=["sum", "mean"],
                    help="L1 summed over pixels (paper) or averaged")
     p.add_argument("--thresholding", action="store_true", help="clip the teacher's x0 estimate to [-1, 1]")
-    p.add_argument("--dropout", type=float, default=None, help="student dropout (default: the teacher's)")
+    p.add_argument("--dropout", type=A.probability, default=None, help="student dropout (default: the teacher's)")
     p.add_argument("--stage2", action="store_true", help="1-NFE second stage from a first-stage SFD/SFD-v model")
     p.add_argument("--perceptual", default=None, choices=["classifier"],
                    help="second stage: perceptual term on the last step with fewstep's shipped classifier")
-    p.add_argument("--perceptual-weight", type=float, default=1.0)
+    p.add_argument("--perceptual-weight", type=A.non_negative, default=1.0)
     add_train_args(p, steps=0, batch=128, lr=5e-5, lr_schedule="step")
     p.set_defaults(func=cmd_sfd)
 
@@ -89,19 +91,19 @@ def add_sfddm(methods):
                "  fewstep distill sfddm --teacher T --data D --index 0,99,511,1023 --out runs/sfddm4")
     p.add_argument("--teacher", required=True, help="discrete VP teacher checkpoint or built-in name")
     p.add_argument("--data", required=True, help="training data the teacher was trained on (built-in name or path)")
-    p.add_argument("--resolution", type=int, default=None, help="image size (default: the teacher's)")
-    p.add_argument("--data-seed", type=int, default=None, help="train/held-out split seed (default: the teacher's)")
+    p.add_argument("--resolution", type=A.resolution, default=None, help="image size (default: the teacher's)")
+    p.add_argument("--data-seed", type=A.seed, default=None, help="train/held-out split seed (default: the teacher's)")
     add_train_args(p, steps=4000, batch=64, lr=2e-4)
     # --steps is the student's step count here (as in the paper's T'); iterations move to --iters
-    p.add_argument("--steps", type=int, default=None,
+    p.add_argument("--steps", type=A.positive_int, default=None,
                    help="student steps T' (= NFE); may be left out with an explicit --index list")
-    p.add_argument("--iters", type=int, default=None,
+    p.add_argument("--iters", type=A.iterations, default=None,
                    help="training iterations (default: the authors' schedule, a fifth of the teacher's training "
                         "samples: its card's iterations x batch / 5 / --batch; 4000 if the card does not say)")
     # the authors train the student without gradient clipping and without EMA
-    p.add_argument("--grad-clip", type=float, default=0.0,
+    p.add_argument("--grad-clip", type=A.non_negative, default=0.0,
                    help="gradient norm clip (default 0: none, as the authors; the other commands clip at 1)")
-    p.add_argument("--ema", type=float, default=None,
+    p.add_argument("--ema", type=A.decay, default=None,
                    help="EMA decay of the student's weights, e.g. 0.999 (our deviation: the authors use none; "
                         "default none)")
     p.add_argument("--index", default="trailing",
@@ -115,7 +117,7 @@ def add_sfddm(methods):
                    help="hidden-variable term: l1 on the penultimate feature map (default), kl (closed-form "
                         "KL of the reverse kernels, a time-weighted eps-MSE) or none")
     p.add_argument("--loss", default="l1", choices=["l1", "l2"], help="output term (default l1)")
-    p.add_argument("--lam", type=float, default=1.0, help="weight of the hidden term (default 1)")
+    p.add_argument("--lam", type=A.non_negative, default=1.0, help="weight of the hidden term (default 1)")
     p.add_argument("--feature-layer", default=None,
                    help="sub-module whose output is the hidden variable, e.g. up.3 (default: the network's "
                         "penultimate map; for imported networks the layer recorded at import)")
@@ -123,7 +125,7 @@ def add_sfddm(methods):
                    help="the student's default sampler: ddpm ancestral (default) or ddim eta=0")
     p.add_argument("--clip", type=_clip_value, default="auto",
                    help="x0 clipping when sampling: a bound, or 'none' (default: 1 for images, none for 2-D)")
-    p.add_argument("--dropout", type=float, default=0.0,
+    p.add_argument("--dropout", type=A.probability, default=0.0,
                    help="student dropout rate (default 0: the authors' network has none, and a teacher-initialised "
                         "student then starts at exactly zero loss)")
     p.set_defaults(func=cmd_sfddm)
@@ -144,6 +146,7 @@ def _clip_value(text: str):
 def _distill_data(args, teacher):
     """The training data of a data-based distillation, at the teacher's resolution and split."""
     from fewstep.data import load_dataset
+    from fewstep.sampling import sample_shape
 
     net = teacher.card["net"]
     tdata = teacher.card.get("data") or {}
@@ -154,6 +157,12 @@ def _distill_data(args, teacher):
     seed = args.data_seed if args.data_seed is not None else int(tdata.get("split_seed") or 0)
     ds = load_dataset(args.data, resolution=resolution if is_image or args.resolution else None,
                       split="train", seed=seed)
+    want = list(sample_shape(teacher.card))
+    if list(ds.shape) != want:
+        from fewstep.errors import FewstepError
+        hint = f"; pass --resolution {want[-1]}" if len(want) == 3 and len(ds.shape) == 3 else ""
+        raise FewstepError(f"--data {args.data}: samples of shape {list(ds.shape)}, but the teacher draws "
+                           f"{want}{hint}")
     info = {**ds.info, "name": ds.name, "kind": ds.kind, "shape": list(ds.shape), "split_seed": seed}
     return ds, info
 
@@ -221,14 +230,14 @@ def add_progressive(methods):
                "  fewstep distill progressive --teacher digits-teacher --data digits --steps 8 --out runs/pd8")
     p.add_argument("--teacher", required=True, help="teacher checkpoint or built-in name")
     p.add_argument("--data", required=True, help="training data (built-in name or path)")
-    p.add_argument("--resolution", type=int, default=None, help="image size (default: the teacher's)")
-    p.add_argument("--data-seed", type=int, default=None, help="train/held-out split seed (default: the teacher's)")
+    p.add_argument("--resolution", type=A.resolution, default=None, help="image size (default: the teacher's)")
+    p.add_argument("--data-seed", type=A.seed, default=None, help="train/held-out split seed (default: the teacher's)")
     add_train_args(p, steps=1000, batch=64, lr=1e-4, lr_schedule="cosine")
-    p.add_argument("--steps", type=int, default=8, help="the final student's DDIM steps (= NFE; default 8)")
-    p.add_argument("--start-steps", type=int, default=None,
+    p.add_argument("--steps", type=A.positive_int, default=8, help="the final student's DDIM steps (= NFE; default 8)")
+    p.add_argument("--start-steps", type=A.integer(2, 10**6), default=None,
                    help="the first teacher's DDIM steps (default: its T; e.g. 256 starts from a 256-step "
                         "DDIM teacher); start/steps must be a power of two")
-    p.add_argument("--iters", type=int, default=1000, help="training iterations per fold (default 1000)")
+    p.add_argument("--iters", type=A.iterations, default=1000, help="training iterations per fold (default 1000)")
     p.add_argument("--head", default="x0", choices=["x0", "v", "eps"],
                    help="the output the student is compared in, with the paper's weight: x0 with max(SNR,1) "
                         "('truncated SNR', default), v (SNR+1), or eps (SNR, the epsilon-MSE the paper shows "
@@ -238,7 +247,7 @@ def add_progressive(methods):
     p.add_argument("--clip-targets", action="store_true",
                    help="also clip the teacher's x0 inside the training targets (fewstep's earlier behaviour; "
                         "the paper's targets are unclipped)")
-    p.add_argument("--dropout", type=float, default=None, help="student dropout (default: the teacher's)")
+    p.add_argument("--dropout", type=A.probability, default=None, help="student dropout (default: the teacher's)")
     p.set_defaults(func=cmd_progressive)
 
 
@@ -268,16 +277,16 @@ def add_compare(sub):
                                    "and report the PSNR of matched pairs against shuffled pairs.")
     p.add_argument("a", help="first model (e.g. the teacher)")
     p.add_argument("b", help="second model (e.g. its student)")
-    p.add_argument("--n", type=int, default=256, help="number of noises (default 256)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=A.integer(2), default=256, help="number of noises (default 256)")
+    p.add_argument("--seed", type=A.seed, default=0)
     p.add_argument("--sampler-a", default=None, help="override A's sampler")
-    p.add_argument("--nfe-a", type=int, default=None, help="override A's NFE")
+    p.add_argument("--nfe-a", type=A.nfe, default=None, help="override A's NFE")
     p.add_argument("--sampler-b", default=None, help="override B's sampler")
-    p.add_argument("--nfe-b", type=int, default=None, help="override B's NFE")
+    p.add_argument("--nfe-b", type=A.nfe, default=None, help="override B's NFE")
     p.add_argument("--png", default=None, help="side-by-side picture (images: A's row above B's row)")
-    p.add_argument("--png-n", type=int, default=32, help="pairs shown in the picture (default 32)")
+    p.add_argument("--png-n", type=A.positive_int, default=32, help="pairs shown in the picture (default 32)")
     p.add_argument("--out-json", default=None, help="write the numbers to this JSON file")
-    p.add_argument("--batch", type=int, default=500)
+    p.add_argument("--batch", type=A.batch, default=500)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_compare)
 
@@ -313,11 +322,11 @@ def add_interpolate(sub):
                                    "deterministic sampler.")
     p.add_argument("model")
     p.add_argument("--seeds", default="3,7", help="two seeds a,b (default 3,7)")
-    p.add_argument("--frames", type=int, default=9, help="frames including both ends (default 9)")
+    p.add_argument("--frames", type=A.integer(2, 1000), default=9, help="frames including both ends (default 9)")
     p.add_argument("--mode", default="slerp", choices=["slerp", "linear", "both"],
                    help="slerp (default), linear, or both (two rows: slerp above linear)")
     p.add_argument("--sampler", default=None, help="override the sampler")
-    p.add_argument("--nfe", type=int, default=None, help="override the NFE")
+    p.add_argument("--nfe", type=A.nfe, default=None, help="override the NFE")
     p.add_argument("--out", required=True, help="PNG strip")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_interpolate)

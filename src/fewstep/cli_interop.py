@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fewstep import argtypes as A
+
 
 def register(sub):
     p = sub.add_parser("import", help="convert a diffusers folder or an NVlabs/edm snapshot into a fewstep checkpoint",
@@ -21,7 +23,7 @@ def register(sub):
                                    "reproduces `fewstep sample` (grid, AFS, NFE).")
     e.add_argument("model", help="checkpoint folder or built-in name")
     e.add_argument("--format", default="diffusers", choices=["diffusers"])
-    e.add_argument("--nfe", type=int, default=None, help="for an SFD-v model: which of its trained NFEs")
+    e.add_argument("--nfe", type=A.nfe, default=None, help="for an SFD-v model: which of its trained NFEs")
     e.add_argument("--out", required=True, help="the folder to write")
     e.set_defaults(func=cmd_export)
 

@@ -84,6 +84,20 @@ def resolve_sampler(ckpt: Checkpoint, nfe: int | None = None, sampler: str | Non
     return {"name": name, "sigmas": check_grid(sigmas), "nfe": nfe, "afs": afs, "clip": clip, "step": step}
 
 
+def check_memory(n: int, shape: tuple) -> None:
+    """Refuse a sample count whose noise and outputs (float32, held at once) exceed this machine's memory."""
+    import math
+    import os
+    need = 2 * 4 * n * math.prod(shape)
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not every platform reports it
+        return
+    if need > total:
+        raise FewstepError(f"--n {n}: {n} samples of shape {list(shape)} need {need / 2**30:.1f} GiB at once, more "
+                           f"than this machine's {total / 2**30:.1f} GiB; draw them in several runs (other --seed)")
+
+
 def class_labels_for(den, n: int, class_label=None, seed: int = 0) -> tuple[torch.Tensor | None, object]:
     """(labels, description) of n samples: None for an unconditional model; for a conditional one
     the given class (an int, or n labels), else classes drawn uniformly from the seed."""
@@ -111,6 +125,7 @@ def sample(ckpt: Checkpoint, n: int, seed: int = 0, nfe: int | None = None, samp
     A class-conditional model samples `class_label` (an int or n labels), or uniform classes."""
     if n < 1:
         raise FewstepError(f"n={n}: expected at least one sample")
+    check_memory(n, sample_shape(ckpt.card))
     plan = resolve_sampler(ckpt, nfe, sampler, grid, rho)
     den = ckpt.denoiser
     device = next(den.parameters()).device

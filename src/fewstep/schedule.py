@@ -289,10 +289,10 @@ def index_subsequence(T: int, steps: int | None, mode: str | Sequence[int] = "tr
         try:
             mode = [int(v) for v in mode.split(",") if v.strip()]
         except ValueError:
-            raise FewstepError(f"index set {mode!r}: expected 'trailing', 'leading' or a comma-separated list of integers")
+            raise FewstepError(f"--index {mode!r}: expected 'trailing', 'leading' or a comma-separated list of integers")
     if isinstance(mode, str):
         if steps is None or not 1 <= steps <= limit:
-            raise FewstepError(f"student steps T'={steps}: expected 1 <= T' < T = {T}")
+            raise FewstepError(f"--steps: expected a student step count 1 <= T' < T = {T}, got T'={steps}")
         s = torch.arange(steps, dtype=torch.float64)
         if mode == "trailing":
             phi = torch.round((s + 1) * T / steps).long() - 1
@@ -301,13 +301,13 @@ def index_subsequence(T: int, steps: int | None, mode: str | Sequence[int] = "tr
         return phi
     phi = torch.as_tensor(list(mode), dtype=torch.long)
     if phi.ndim != 1 or len(phi) < 1:
-        raise FewstepError("index set: expected at least one teacher index")
+        raise FewstepError("--index: expected at least one teacher index")
     if steps is not None and steps != len(phi):
-        raise FewstepError(f"index set has {len(phi)} entries but T'={steps} steps were asked for")
+        raise FewstepError(f"--index has {len(phi)} entries but T'={steps} steps were asked for")
     if len(phi) > limit:
-        raise FewstepError(f"index set: T'={len(phi)} must be smaller than the teacher's T={T}")
+        raise FewstepError(f"--index: T'={len(phi)} must be smaller than the teacher's T={T}")
     if (phi < 0).any() or (phi >= T).any():
-        raise FewstepError(f"index set: every index must lie in [0, {T - 1}], got {phi.tolist()}")
+        raise FewstepError(f"--index: every index must lie in [0, {T - 1}], got {phi.tolist()}")
     if len(phi) > 1 and not (phi[1:] > phi[:-1]).all():
-        raise FewstepError(f"index set: expected strictly increasing, unique indices, got {phi.tolist()}")
+        raise FewstepError(f"--index: expected strictly increasing, unique indices, got {phi.tolist()}")
     return phi

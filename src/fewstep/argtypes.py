@@ -1,0 +1,102 @@
+"""Types of command-line values: each parses one option value, and refuses what it cannot be — not a
+number, not finite, out of range — with a message that says what was expected (argparse puts the
+option's name in front of it)."""
+from __future__ import annotations
+
+import argparse
+import math
+
+MAX_NFE = 10_000          # more network evaluations per sample than any sampler needs
+MAX_RESOLUTION = 4096
+MAX_SEED = 2**62
+
+
+def _describe(lo, hi, lo_open=False, hi_open=False) -> str:
+    if lo is not None and hi is not None:
+        return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    if lo is not None:
+        return f"{'>' if lo_open else '>='} {lo:g}"
+    if hi is not None:
+        return f"{'<' if hi_open else '<='} {hi:g}"
+    return ""
+
+
+def integer(lo: int | None = None, hi: int | None = None):
+    """An integer (decimal digits only: no '1.5', '1e3' or 'nan') within [lo, hi]."""
+    what = _describe(lo, hi)
+    expected = f"expected an integer{' ' + what if what else ''}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(str(text).strip(), 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{expected}, got {text!r}") from None
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"{expected}, got {text!r}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def real(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False):
+    """A finite number within the given bounds (open or closed)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(str(text).strip())
+        except ValueError:
+            value = math.nan
+        bad = not math.isfinite(value)
+        if not bad and lo is not None:
+            bad = value <= lo if lo_open else value < lo
+        if not bad and hi is not None:
+            bad = value >= hi if hi_open else value > hi
+        if bad:
+            what = _describe(lo, hi, lo_open, hi_open)
+            raise argparse.ArgumentTypeError(f"expected a finite number{' ' + what if what else ''}, got {text!r}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+positive_int = integer(1)
+iterations = integer(1, 10**9)  # beyond this a run would not end in a lifetime
+batch = integer(1, 10**6)
+count = integer(0)
+seed = integer(0, MAX_SEED)
+nfe = integer(1, MAX_NFE)
+resolution = integer(1, MAX_RESOLUTION)
+positive = real(0, lo_open=True)
+non_negative = real(0)
+probability = real(0, 1, hi_open=True)     # dropout
+decay = real(0, 1, lo_open=True, hi_open=True)  # EMA
+
+
+def int_list(lo: int = 1, hi: int | None = None):
+    """A comma-separated list of distinct integers within [lo, hi] (one value is a list of one)."""
+    one = integer(lo, hi)
+
+    def parse(text: str) -> list[int]:
+        parts = [p for p in str(text).split(",")]
+        if not text or any(not p.strip() for p in parts):
+            raise argparse.ArgumentTypeError(f"expected an integer or a comma-separated list of integers, got {text!r}")
+        values = [one(p) for p in parts]
+        if len(set(values)) != len(values):
+            raise argparse.ArgumentTypeError(f"expected distinct values, got {text!r}")
+        return values
+    parse.__name__ = "list"
+    return parse
+
+
+nfe_list = int_list(1, MAX_NFE)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with fewstep's error contract: one line on stderr that names the option and what
+    was expected, and exit status 2 (argparse would print the whole usage first)."""
+
+    def error(self, message):
+        import sys
+        command = self.prog.removeprefix("fewstep").strip()
+        where = f"{command}: " if command else ""
+        print(f"fewstep: error: {where}{message} (see: {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
