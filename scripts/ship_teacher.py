@@ -37,8 +37,9 @@ def main():
         tr["note"] = (f"stopped by the user at iteration {tr.get('iterations')} (Ctrl-C / SIGTERM saves state); "
                       "these are the EMA weights at that point")
     card["quality"] = {"sampler": args.sampler, "nfe": info["nfe"], "n": args.n, "seed": 0,
-                       "reference": "held-out split" if "swd" not in metrics else "fresh samples of the true distribution",
-                       **{k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}}
+                       "reference": metrics["reference"],
+                       **{k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()
+                          if k not in ("reference", "about")}}
     write_json(dest / CARD_NAME, card)
     load_checkpoint(dest)  # verifies the hash on the card
     print(f"shipped {args.run_dir} as {args.name}: {card['quality']}")

