@@ -29,7 +29,7 @@ def bench_run(tiny_gmm8_teacher, tmp_path_factory):
 def test_every_method_gets_a_row_with_quality_and_timing(bench_run):
     out, summary = bench_run
     rows = {r["key"]: r for r in summary["rows"]}
-    assert set(rows) == {"data-train", "teacher-dpmpp2m-16", "ddim-2", "dpmpp2m-2", "dpmpp3m-2", "heun-3", "ipndm-2",
+    assert set(rows) == {"data-floor", "teacher-dpmpp2m-16", "ddim-2", "dpmpp2m-2", "dpmpp3m-2", "heun-3", "ipndm-2",
                          "sfd-2", "sfdv-1_3-1", "sfdv-1_3-3", "sfd-stage2-1", "sfddm-4-trailing-random",
                          "ddim-trailing-4", "progressive-4", "teacher-on-phi-4-trailing-ddpm",
                          "teacher-on-phi-4-trailing-ddim"}
@@ -44,7 +44,7 @@ def test_every_method_gets_a_row_with_quality_and_timing(bench_run):
     # the stage-2 cost includes the first stage it started from
     assert rows["sfd-stage2-1"]["distill_wall_s"] > rows["sfdv-1_3-3"]["distill_wall_s"]
     # real samples sit far below a 2-step DDIM on eight separated modes
-    assert rows["data-train"]["quality"]["swd"]["mean"] < 0.5 * rows["ddim-2"]["quality"]["swd"]["mean"]
+    assert rows["data-floor"]["quality"]["swd"]["mean"] < 0.5 * rows["ddim-2"]["quality"]["swd"]["mean"]
     assert json.loads((out / "results.json").read_text())["rows"] == json.loads(json.dumps(summary["rows"]))
 
 
@@ -113,3 +113,11 @@ def test_reading_measures_gaps_over_the_data_floor():
     assert "| – |" in data_line and "**" not in data_line
     assert next(line for line in table if line.startswith("| SFD | 2 |")).count("**") == 2
     assert "**" not in next(line for line in table if line.startswith("| DDIM | 2 |"))
+
+
+def test_a_row_shows_its_progress_while_it_runs(tiny_gmm8_teacher, tmp_path, capsys):
+    Bench(tiny_spec(tiny_gmm8_teacher, methods=["data", "ddim"], seeds=[0]), tmp_path, progress=True).run()
+    out = capsys.readouterr()
+    # a bar per row while it samples, ticking once per network evaluation, not only the bar over rows
+    assert "ddim-2 seed 0: sampling" in out.err and "eval/s" in out.err
+    assert "bench row 2/2: ddim-2" in out.err + out.out

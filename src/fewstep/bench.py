@@ -8,6 +8,7 @@ distillation's wall time next to the teacher's own training time.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -28,9 +29,14 @@ from fewstep.metrics import evaluate_samples
 from fewstep.sampling import sample, sample_shape
 from fewstep.train import TrainConfig, Trainer
 
+# the data floor: subset sizes (fractions of the disjoint split) and draws per size of its 1/k fit; bump
+# FLOOR_VERSION when its method changes, so cached floor rows are measured again
+FLOOR_FRACTIONS = (1 / 3, 1 / 2, 2 / 3, 5 / 6)
+FLOOR_DRAWS = 3
+FLOOR_VERSION = 2
 SOLVER_ROWS = ("ddim", "dpmpp2m", "dpmpp3m", "heun", "ipndm")
 DISTILL_ROWS = ("sfd", "sfd-v", "sfd-stage2", "sfddm", "progressive")
-# "data": real training samples scored like a method's, the floor the metric reaches on this data set
+# "data": real samples disjoint from the reference scored like a method's, what a perfect sampler scores
 ALL_METHODS = ("data", "teacher") + SOLVER_ROWS + DISTILL_ROWS
 
 
@@ -48,6 +54,7 @@ class BenchSpec:
     sfddm_variants_at: list | None = None             # T' values that get every variant (default all; others: the first)
     ref_nfe: int = 256
     ref_sampler: str = "dpmpp2m"
+    reference: str = "train"                          # split every row is compared with (as FID is measured)
     n_samples: int = 1000
     seeds: list = field(default_factory=lambda: [0, 1, 2])
     sfd_trajectories: int = 25_600
@@ -126,8 +133,8 @@ def forward_seconds(den, n: int, nfe: int, batch_size: int, shape: tuple, sigma:
 def _mean_and_spread(per_seed: list[dict]) -> dict:
     """{metric: {mean, std over seeds}} from one metrics dict per sample seed (sizes left out)."""
     quality = {}
-    for k in per_seed[0]:
-        if k in ("n", "n_ref"):
+    for k, v in per_seed[0].items():
+        if k in ("n", "n_ref") or isinstance(v, bool) or not isinstance(v, (int, float)):
             continue
         vals = np.array([r[k] for r in per_seed], dtype=np.float64)
         quality[k] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
@@ -148,7 +155,11 @@ class Bench:
         self.teacher_train_s = float((self.teacher_card.get("training") or {}).get("wall_time_s") or 0) or None
         self.shape = sample_shape(self.teacher_card)
         self.is_toy = len(self.shape) == 1
-        self.quality_key = "swd" if self.is_toy else "fcd"
+        from fewstep.featnet import available_classifiers
+        res = spec.resolution or (None if self.is_toy else self.shape[-1])
+        # the Fréchet classifier distance where a shipped classifier applies, else pixel-space SWD
+        self.quality_key = ("swd" if self.is_toy else "fcd" if (spec.data, res) in available_classifiers()
+                            else "swd_pixel")
         self.split_seed = int((self.teacher_card.get("data") or {}).get("split_seed", 0))
         for sub in ("models", "rows", "figures"):
             (self.out / sub).mkdir(parents=True, exist_ok=True)
@@ -159,7 +170,7 @@ class Bench:
     def plan(self) -> list[dict]:
         s, rows = self.spec, []
         if "data" in s.methods:
-            rows.append({"key": "data-train", "method": "data", "nfe": 0, "model": None})
+            rows.append({"key": "data-floor", "method": "data", "nfe": 0, "model": None})
         if "teacher" in s.methods:
             rows.append({"key": f"teacher-{s.ref_sampler}-{s.ref_nfe}", "method": "teacher", "nfe": s.ref_nfe,
                          "sampler": s.ref_sampler, "model": None})
@@ -358,13 +369,13 @@ class Bench:
         ckpt, kw, step = self._sampling_plan(row)
         per_seed, seconds, preview = [], None, None
         for seed in self.spec.seeds:
-            x, info = sample(ckpt, self.spec.n_samples, seed=seed, noise=self.noise[seed], progress=False,
-                             return_info=True, **kw)
+            with self._sampling_bar(row, ckpt, seed):
+                x, info = sample(ckpt, self.spec.n_samples, seed=seed, noise=self.noise[seed], progress=False,
+                                 return_info=True, **kw)
             if preview is None:
                 preview, seconds = x, info["seconds"]
                 nfe, sigma0 = info["nfe"], info["sigmas"][0]
-            per_seed.append(evaluate_samples(x, self.spec.data, resolution=self.spec.resolution, seed=seed,
-                                             split_seed=self.split_seed))
+            per_seed.append(self._score(x, seed))
         fwd = forward_seconds(ckpt.denoiser, self.spec.n_samples, nfe, 500, self.shape, sigma0, step)
         quality = _mean_and_spread(per_seed)
         distill_s = self.distill_seconds(row, ckpt.card) if row.get("model") else None
@@ -381,11 +392,30 @@ class Bench:
         write_json(cache, result)
         return result
 
+    def _score(self, x, seed: int, metrics=None) -> dict:
+        return evaluate_samples(x, self.spec.data, resolution=self.spec.resolution, seed=seed,
+                                split_seed=self.split_seed, reference=self.spec.reference, metrics=metrics)
+
+    @contextlib.contextmanager
+    def _sampling_bar(self, row: dict, ckpt, seed: int):
+        """A bar inside a row: one tick per network evaluation while it samples (rate and ETA)."""
+        batches = -(-self.spec.n_samples // 500)  # `sample` runs batches of 500
+        bar = tqdm(total=batches * row["nfe"], desc=f"  {row['key']} seed {seed}: sampling", unit="eval",
+                   leave=False, disable=not self.progress)
+        hook = ckpt.denoiser.net.register_forward_hook(lambda *_: bar.update(1))
+        try:
+            yield bar
+        finally:
+            hook.remove()
+            bar.close()
+
     def _made_from(self, row: dict) -> dict:
-        """Content hashes of what a row's numbers depend on: the teacher and, if any, the distilled model."""
+        """Content hashes of what a row's numbers depend on: the teacher and, if any, the distilled model,
+        and the reference split every row is compared with."""
         if row["method"] == "data":
-            return {"data": self.spec.data, "resolution": self.spec.resolution}
-        made = {"teacher": self.teacher_card.get("weights_sha256")}
+            return {"data": self.spec.data, "resolution": self.spec.resolution, "reference": self.spec.reference,
+                    "floor": FLOOR_VERSION}
+        made = {"teacher": self.teacher_card.get("weights_sha256"), "reference": self.spec.reference}
         if row.get("model"):
             try:
                 made["model"] = read_card(self.model_dir(row["model"])).get("weights_sha256")
@@ -394,34 +424,92 @@ class Bench:
         return made
 
     def _evaluate_data(self, row: dict, cache: Path, made_from: dict) -> dict:
-        """Real training samples scored exactly like generated ones: with a held-out reference of a
-        few hundred images the Fréchet distance has a large small-sample bias, and this row shows it."""
-        train = self._data().x
-        replace = self.spec.n_samples > len(train)  # a small data set is drawn with repetition
-        per_seed, preview = [], None
-        for seed in self.spec.seeds:
+        """The data floor: real samples disjoint from the reference, scored like a method's samples, i.e.
+        what a perfect sampler scores with the same sample count against the same reference.
+
+        Toys: fresh draws of the true distribution. Images: the split the reference leaves out (held-out
+        for the default training-set reference). Where that split is smaller than the sample count (the
+        180 held-out digits against 1,000 samples), the Fréchet distances are measured on random subsets
+        of several sizes k and extrapolated along FD(k) = a + c/k, the 1/N law of Fréchet distances
+        (Chong & Forsyth 2020), to k = the sample count; the other numbers (unbiased KID, precision and
+        recall, pixel metrics) are those of the whole split and say so in ``floor``.
+        """
+        from fewstep.data import TOY_DATASETS, load_dataset, sample_toy
+        s, n = self.spec, self.spec.n_samples
+        per_seed, preview, floor = [], None, {}
+        pool = None
+        if s.data not in TOY_DATASETS:
+            other = {"train": "heldout", "heldout": "train"}.get(s.reference)
+            if other is None:
+                raise FewstepError(f"the data floor needs real samples disjoint from the reference, and reference "
+                                   f"{s.reference!r} leaves none; use reference 'train' or 'heldout'")
+            pool = load_dataset(s.data, s.resolution, split=other, seed=self.split_seed).x
+            floor = {"samples": f"{other} split ({len(pool)} real samples, disjoint from the {s.reference} reference)"}
+        else:
+            floor = {"samples": "fresh draws of the true distribution, independent of the reference"}
+        bar = tqdm(total=len(s.seeds), desc=f"  {row['key']}: scoring real samples", unit="seed", leave=False,
+                   disable=not self.progress)
+        for seed in s.seeds:
             gen = torch.Generator().manual_seed(2000 + seed)
-            idx = (torch.randint(len(train), (self.spec.n_samples,), generator=gen) if replace
-                   else torch.randperm(len(train), generator=gen)[:self.spec.n_samples])
-            x = train[idx]
+            if pool is None:
+                x = sample_toy(s.data, n, seed=5000 + seed)  # another stream than the reference's draw
+            elif len(pool) >= n:
+                x = pool[torch.randperm(len(pool), generator=gen)[:n]]
+            else:
+                x = pool
+            q = self._score(x, seed)
+            if pool is not None and len(pool) < n:
+                q.update(self._extrapolated_floor(pool, q, seed, gen))
+                floor.update(extrapolated=[k for k in ("fcd", "fid") if k in q], to_n=n,
+                             method=f"FD(k) = a + c/k fitted on random subsets of k = "
+                                    f"{', '.join(map(str, self._floor_sizes(len(pool))))} of the {len(pool)} "
+                                    f"(x{FLOOR_DRAWS} draws below the full split), evaluated at k = {n}; other numbers "
+                                    f"at k = {len(pool)}")
+            per_seed.append(q)
             preview = x if preview is None else preview
-            per_seed.append(evaluate_samples(x, self.spec.data, resolution=self.spec.resolution, seed=seed,
-                                             split_seed=self.split_seed))
-        result = {**row, "quality": _mean_and_spread(per_seed), "made_from": made_from, "n_samples": self.spec.n_samples,
-                  "seeds": self.spec.seeds, "with_replacement": replace, "sample_s_per_1000": None,
+            bar.update(1)
+        bar.close()
+        result = {**row, "quality": _mean_and_spread(per_seed), "made_from": made_from, "n_samples": n,
+                  "seeds": s.seeds, "floor": floor, "sample_s_per_1000": None,
                   "forward_s_per_1000": None, "sampler_overhead": None, "distill_wall_s": None,
                   "distill_vs_teacher_training": None, "peak_memory_mb": None}
         np.save(self.out / "rows" / f"{row['key']}.npy", preview[:64].numpy())
         write_json(cache, result)
         return result
 
+    @staticmethod
+    def _floor_sizes(m: int) -> list[int]:
+        return sorted({max(8, round(f * m)) for f in FLOOR_FRACTIONS} | {m})
+
+    def _extrapolated_floor(self, pool: torch.Tensor, full: dict, seed: int, gen) -> dict:
+        """Fréchet distances of real subsets of several sizes k, fitted by a + c/k and read at the sample count."""
+        keys = [k for k in ("fcd", "fid") if k in full]
+        if not keys:
+            return {}
+        ks, vals = [], {k: [] for k in keys}
+        for k in self._floor_sizes(len(pool)):
+            for _ in range(1 if k == len(pool) else FLOOR_DRAWS):
+                q = full if k == len(pool) else self._score(pool[torch.randperm(len(pool), generator=gen)[:k]],
+                                                            seed, metrics=",".join(keys))
+                ks.append(k)
+                for key in keys:
+                    vals[key].append(q[key])
+        design = np.stack([np.ones(len(ks)), 1.0 / np.asarray(ks, dtype=np.float64)], axis=1)
+        out = {}
+        for key in keys:
+            (a, c), *_ = np.linalg.lstsq(design, np.asarray(vals[key]), rcond=None)
+            out[key] = float(max(a + c / self.spec.n_samples, 0.0))
+        return out
+
     def run(self) -> dict:
         rows = self.plan()
         t0 = time.perf_counter()
         results = []
         bar = tqdm(rows, desc="bench", unit="row", disable=not self.progress)
-        for row in bar:
+        for i, row in enumerate(bar):
             bar.set_postfix_str(row["key"])
+            if self.progress:
+                tqdm.write(f"bench row {i + 1}/{len(rows)}: {row['key']}")
             results.append(self.evaluate(row))
         env = {"fewstep_version": fewstep.__version__, "torch": torch.__version__, "device": str(self.device),
                "device_name": (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"

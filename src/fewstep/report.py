@@ -10,8 +10,8 @@ import torch
 
 from fewstep.checkpoint import atomic_write
 
-LOWER_IS_BETTER = {"fcd", "kid", "swd", "mmd"}
-LABELS = {"data": "data floor (training samples)", "teacher": "teacher (reference)", "ddim": "DDIM", "dpmpp2m": "DPM-Solver++(2M)",
+LOWER_IS_BETTER = {"fcd", "kid", "swd", "mmd", "swd_pixel", "mmd_pixel"}
+LABELS = {"data": "data floor (real samples)", "teacher": "teacher (reference)", "ddim": "DDIM", "dpmpp2m": "DPM-Solver++(2M)",
           "dpmpp3m": "DPM-Solver++(3M)", "heun": "Heun", "ipndm": "iPNDM", "sfd": "SFD", "sfd-v": "SFD-v",
           "sfd-stage2": "SFD 2nd stage", "sfddm": "SFDDM", "progressive": "progressive distillation",
           "teacher-on-phi": "teacher on phi (ceiling)"}
@@ -49,7 +49,8 @@ def results_table(summary: dict) -> str:
     key = summary["quality_key"]
     rows = summary["rows"]
     toy = key == "swd"
-    extra = ["mmd"] if toy else ["kid", "precision", "recall"]
+    extra = ["mmd"] if toy else ["kid", "precision", "recall"] if key == "fcd" else ["mmd_pixel", "precision_pixel",
+                                                                                   "recall_pixel"]
     best = {}
     for r in rows:
         if r["method"] in REFERENCE_ROWS:
@@ -57,7 +58,9 @@ def results_table(summary: dict) -> str:
         v = r["quality"][key]["mean"]
         if r["nfe"] not in best or v < best[r["nfe"]]:
             best[r["nfe"]] = v
-    head = ["method", "NFE", key.upper()] + [e.upper() if e != "precision" and e != "recall" else e for e in extra] + \
+    # KID in its own unit (not x10^3): in classifier features its values are large and can be negative
+    names = {"kid": "KID (raw units)", "precision": "precision", "recall": "recall"}
+    head = ["method", "NFE", key.upper()] + [names.get(e, e.upper()) for e in extra] + \
         ["distill time", "× teacher training", "sample s / 1k", "network s / 1k", "overhead"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(rows, key=lambda r: (r["nfe"], r["quality"][key]["mean"])):
@@ -219,9 +222,17 @@ def reading(summary: dict, consistency: dict) -> list[str]:
     floor = floor_row["quality"][key]["mean"] if floor_row else None
     lines = []
     if floor_row:
-        lines.append(f"- Data floor: training samples score {K} {fmt(floor_row['quality'][key])} against the same "
-                     "reference, the level a perfect sampler would reach with these sample counts; the "
-                     "'over the floor' figures below subtract it.")
+        how = (floor_row.get("floor") or {})
+        lines.append(f"- Data floor: real samples disjoint from the reference ({how.get('samples', 'real samples')}) "
+                     f"score {K} {fmt(floor_row['quality'][key])} against the same "
+                     f"{summary.get('spec', {}).get('reference', 'train')} reference, the level a perfect sampler "
+                     "would reach with these sample counts" +
+                     (f" (Fréchet distances extrapolated: {how['method']})" if how.get("method") else "") +
+                     "; the 'over the floor' figures below subtract it.")
+        if ref:
+            gap, spread = ref["quality"][key]["mean"] - floor_row["quality"][key]["mean"], floor_row["quality"][key]["std"]
+            lines.append(f"- The teacher sits {gap:.3g} above the floor, "
+                         f"{'more' if gap > spread else 'not more'} than the floor's spread ({spread:.2g}).")
 
     def versus(q: float, rq: float) -> str:
         text = f"{q:.3g} = {q / rq:.2f}× the teacher's"
