@@ -117,11 +117,14 @@ def test_index_set_validation(steps, index, message):
         SFDDM(teacher, SFDDMConfig(steps=steps, index=index), GMM8)
 
 
-def test_continuous_teacher_refused_and_exact_table_refuses_foreign_sigma():
+def test_continuous_teacher_is_read_as_a_table_and_exact_table_refuses_foreign_sigma():
     from fewstep.teacher import make_denoiser
     edm = make_denoiser(MLP(2, hidden=16, depth=1), "edm")
-    with pytest.raises(FewstepError, match="discrete VP teacher"):
-        SFDDM(edm, SFDDMConfig(steps=4), GMM8)
+    m = SFDDM(edm, SFDDMConfig(steps=4), GMM8)  # distilled on the σ table read off it, named on the card
+    assert m.teacher.schedule.T == 1000 and m.card()["method"]["teacher_table"]["table_name"] == "edm-rho7[1000]"
+    assert m.student.param == "edm" and m.student.schedule.derived_from == "edm"
+    with pytest.raises(FewstepError, match="discrete teacher table"):
+        index_set(edm, 4, "trailing")
     teacher = random_teacher()
     student = make_student(teacher, index_set(teacher, 10, "trailing"), "teacher")
     x = torch.randn(4, 2)

@@ -135,7 +135,15 @@ def cmd_info(args):
         print(f"schedule   discrete VP table, T={sch['T']} ({sch.get('table_name') or 'custom'}), "
               f"{card['denoiser']['param']}-prediction{', exact table' if card['denoiser'].get('exact_table') else ''}")
     else:
-        print(f"schedule   continuous EDM, sigma in [{sch['sigma_min']}, {sch['sigma_max']}]")
+        code = {"edm": "EDM log(sigma)/4", "vp": "VP-SDE (M-1)*t(sigma)", "ve": "VE log(sigma/2)"}[sch.get("time_code", "edm")]
+        print(f"schedule   continuous, sigma in [{sch['sigma_min']:g}, {sch['sigma_max']:g}], "
+              f"{card['denoiser']['param']} parameterization, time input {code}")
+    src = card.get("source")
+    if src:
+        print(f"source     {src.get('format')} {src.get('path')} (sha256 {src.get('sha256')})")
+        if src.get("precond"):
+            print(f"           {src['precond']}({json.dumps(src.get('precond_kwargs', {}))}) around "
+                  f"{src.get('model_type')}({json.dumps(src.get('init_kwargs', {}))})")
     s = card.get("sampler", {})
     extra = f", trained NFE {sorted(int(k) for k in s['grids'])}" if "grids" in s else ""
     print(f"sampler    {s.get('name')} NFE {s.get('nfe')}{' with AFS' if s.get('afs') else ''}{extra}")

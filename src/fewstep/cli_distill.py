@@ -209,7 +209,7 @@ def cmd_sfddm(args):
             labels=_distill_labels(teacher, ds)).run()
     phi = [int(v) for v in method.phi]
     shown = phi if len(phi) <= 12 else phi[:5] + ["..."] + phi[-5:]
-    print(f"SFDDM student (T'={len(phi)} of T={teacher.denoiser.schedule.T}, phi={shown}) saved to {args.out} "
+    print(f"SFDDM student (T'={len(phi)} of T={method.teacher.schedule.T}, phi={shown}) saved to {args.out} "
           f"(sample it with: fewstep sample {args.out}; NFE {len(phi)})")
     summary = method.eps_error_summary()
     if summary:

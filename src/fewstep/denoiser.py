@@ -14,7 +14,10 @@ from torch import nn
 from fewstep.errors import FewstepError
 from fewstep.schedule import Schedule
 
-PARAMETERIZATIONS = ("eps", "x0", "v", "edm")
+PARAMETERIZATIONS = ("eps", "x0", "v", "edm", "ve")
+# what each parameterization's network predicts (for error messages and cards):
+#   eps: ε, input scaled by 1/sqrt(σ²+1) (VP); x0, v: likewise; edm: EDM's F with c_skip/c_out/c_in;
+#   ve: the VE-SDE's F with D = x + σ·F, input unscaled (NVlabs/edm's VEPrecond)
 
 
 class Denoiser(nn.Module):
@@ -22,10 +25,13 @@ class Denoiser(nn.Module):
         super().__init__()
         if param not in PARAMETERIZATIONS:
             raise FewstepError(f"parameterization {param!r}: expected one of {', '.join(PARAMETERIZATIONS)}")
-        if param == "edm" and schedule.is_discrete:
-            raise FewstepError("EDM preconditioning needs a continuous schedule, got a discrete table")
-        if param != "edm" and not schedule.is_discrete:
-            raise FewstepError(f"parameterization {param!r} needs a discrete VP table; continuous models use 'edm'")
+        if param in ("edm", "ve") and schedule.is_discrete and schedule.derived_from != param:
+            # a table read off such a model keeps its preconditioning (schedule.continuous_table)
+            raise FewstepError(f"parameterization {param!r} needs a continuous schedule, got a discrete table")
+        # continuous ε-prediction is the VP-SDE's (NVlabs/edm's VPPrecond), with its own time code
+        if param in ("x0", "v", "eps") and not schedule.is_discrete and not (param == "eps" and schedule.time_code == "vp"):
+            raise FewstepError(f"parameterization {param!r} needs a discrete VP table; continuous models use "
+                               "'edm', 've', or 'eps' with the VP-SDE's time code")
         self.net = net
         self.schedule = schedule
         self.param = param
@@ -48,7 +54,8 @@ class Denoiser(nn.Module):
         """The network's time input for each σ (float64 in, float32 out)."""
         if self.schedule.is_discrete:
             return self.schedule.time_input(sigma.double().cpu(), exact=self.exact_table).float().to(sigma.device)
-        return sigma.float().log() / 4  # EDM's c_noise
+        # in float32, as NVlabs/edm computes its c_noise
+        return self.schedule.continuous_time_input(sigma.float())
 
     def _sigma_batch(self, x: torch.Tensor, sigma) -> torch.Tensor:
         sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float64).reshape(-1)
@@ -65,7 +72,10 @@ class Denoiser(nn.Module):
     def raw(self, x: torch.Tensor, sigma, step=None, class_labels=None, return_features=False):
         """The network's own output (ε, x0, v or EDM's F) for a σ-space input, plus optional features."""
         sigma = self._sigma_batch(x, sigma)
-        c_in = 1 / (sigma**2 + (self.schedule.sigma_data**2 if self.param == "edm" else 1.0)).sqrt()
+        if self.param == "ve":
+            c_in = torch.ones_like(sigma)
+        else:
+            c_in = 1 / (sigma**2 + (self.schedule.sigma_data**2 if self.param == "edm" else 1.0)).sqrt()
         if class_labels is not None:
             class_labels = torch.as_tensor(class_labels, dtype=torch.long, device=x.device).reshape(-1)
         return self.net(x * self._bcast(c_in, x), self.time_input(sigma), step=step,
@@ -78,6 +88,8 @@ class Denoiser(nn.Module):
             return x - sigma * raw
         if self.param == "x0":
             return raw
+        if self.param == "ve":
+            return x + sigma * raw
         if self.param == "v":
             # VP: x_vp = a·x0 + b·ε, v = a·ε − b·x0, with a = 1/sqrt(1+σ²), b = σ·a  ⇒  x0 = a·x_vp − b·v
             a = 1 / (1 + sigma**2).sqrt()
@@ -135,6 +147,14 @@ class Denoiser(nn.Module):
         if not self.schedule.is_discrete:
             raise FewstepError("a continuous model has no step table")
         return self.schedule.sigmas.flip(0)
+
+    def discrete_view(self, T: int | None = None) -> tuple["Denoiser", dict]:
+        """This continuous model seen through a discrete table read off it (same network, same
+        outputs at every table entry), and how the table was made: see schedule.continuous_table."""
+        from fewstep.schedule import continuous_table
+
+        table, info = continuous_table(self.schedule, T)
+        return Denoiser(self.net, table, self.param, exact_table=False), info
 
     def describe(self) -> dict:
         return {"param": self.param, "exact_table": self.exact_table, "schedule": self.schedule.to_dict()}

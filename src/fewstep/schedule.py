@@ -15,6 +15,8 @@ import torch
 from fewstep.errors import FewstepError
 
 GRID_KINDS = ("polynomial", "logsnr", "uniform", "discrete")
+# a continuous model's time input for σ and the parameters it needs (Schedule.continuous_time_input)
+TIME_CODES = {"edm": (), "vp": ("beta_d", "beta_min", "M"), "ve": ()}
 
 
 def alpha_bar_to_sigma(alpha_bar: torch.Tensor) -> torch.Tensor:
@@ -63,7 +65,8 @@ class Schedule:
     kind="discrete": a VP table; `alpha_bar` holds ᾱ for each of the model's steps and `timesteps`
     the value the network takes as time input at each step (default 0..T-1; an SFDDM student
     initialised from its teacher uses the teacher's indices φ_s instead).
-    kind="continuous": any σ in [sigma_min, sigma_max] (EDM); `sigma_data` for preconditioning.
+    kind="continuous": any σ in [sigma_min, sigma_max]; `sigma_data` for preconditioning;
+    `time_code` names the network's time input for σ (see TIME_CODES) with its `time_params`.
     """
 
     kind: str
@@ -73,10 +76,18 @@ class Schedule:
     sigma_max_: float | None = None
     sigma_data: float = 0.5
     table_name: str | None = None  # how the table was made (e.g. "linear"), for the model card
+    time_code: str = "edm"
+    time_params: dict | None = None
+    # a discrete table read off a continuous model ("edm", "ve" or "vp", its time code): its timesteps
+    # are that model's own time inputs and `sigma_data` its preconditioning (see continuous_table)
+    derived_from: str | None = None
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
-    def discrete(cls, alpha_bar: torch.Tensor, timesteps: torch.Tensor | None = None, table_name: str | None = None):
+    def discrete(cls, alpha_bar: torch.Tensor, timesteps: torch.Tensor | None = None, table_name: str | None = None,
+                 derived_from: str | None = None, sigma_data: float = 0.5):
+        if derived_from is not None and derived_from not in TIME_CODES:
+            raise FewstepError(f"table derived from {derived_from!r}: expected one of {', '.join(TIME_CODES)}")
         alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float64)
         if alpha_bar.ndim != 1 or len(alpha_bar) < 1:
             raise FewstepError(f"alpha_bar: expected a non-empty 1-D table, got shape {tuple(alpha_bar.shape)}")
@@ -89,7 +100,8 @@ class Schedule:
         timesteps = torch.as_tensor(timesteps, dtype=torch.float64)
         if timesteps.shape != alpha_bar.shape:
             raise FewstepError(f"timesteps: expected {len(alpha_bar)} entries, got {len(timesteps)}")
-        return cls(kind="discrete", alpha_bar=alpha_bar, timesteps=timesteps, table_name=table_name)
+        return cls(kind="discrete", alpha_bar=alpha_bar, timesteps=timesteps, table_name=table_name,
+                   derived_from=derived_from, sigma_data=float(sigma_data))
 
     @classmethod
     def vp(cls, kind: str = "linear", T: int = 1024):
@@ -97,9 +109,22 @@ class Schedule:
 
     @classmethod
     def edm(cls, sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0.5):
+        return cls.continuous(sigma_min, sigma_max, sigma_data)
+
+    @classmethod
+    def continuous(cls, sigma_min: float, sigma_max: float, sigma_data: float = 0.5, time_code: str = "edm",
+                   time_params: dict | None = None):
         if not 0 < sigma_min < sigma_max:
             raise FewstepError(f"EDM sigma range: expected 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
-        return cls(kind="continuous", sigma_min_=float(sigma_min), sigma_max_=float(sigma_max), sigma_data=float(sigma_data))
+        if time_code not in TIME_CODES:
+            raise FewstepError(f"time code {time_code!r}: expected one of {', '.join(TIME_CODES)}")
+        params = {k: float(v) for k, v in (time_params or {}).items()}
+        missing = [k for k in TIME_CODES[time_code] if k not in params]
+        if missing or len(params) != len(TIME_CODES[time_code]):
+            raise FewstepError(f"time code {time_code!r}: expected the parameters {list(TIME_CODES[time_code])}, "
+                               f"got {sorted(params)}")
+        return cls(kind="continuous", sigma_min_=float(sigma_min), sigma_max_=float(sigma_max),
+                   sigma_data=float(sigma_data), time_code=time_code, time_params=params or None)
 
     # ---- properties ---------------------------------------------------------------------
     @property
@@ -158,6 +183,21 @@ class Schedule:
         w = idx - lo
         return self.timesteps[lo] * (1 - w) + self.timesteps[hi] * w
 
+    def continuous_time_input(self, sigma: torch.Tensor) -> torch.Tensor:
+        """A continuous model's time input for σ (float64): EDM's log(σ)/4, the VP-SDE's (M−1)·t(σ)
+        with σ(t) = sqrt(exp(β_d·t²/2 + β_min·t) − 1), or the VE-SDE's log(σ/2); in σ's precision
+        (float32 reproduces EDM's own numbers, as the Denoiser uses it)."""
+        sigma = torch.as_tensor(sigma)
+        if not sigma.is_floating_point():
+            sigma = sigma.double()
+        if self.time_code == "vp":
+            p = self.time_params
+            t = ((p["beta_min"] ** 2 + 2 * p["beta_d"] * (1 + sigma**2).log()).sqrt() - p["beta_min"]) / p["beta_d"]
+            return (p["M"] - 1) * t
+        if self.time_code == "ve":
+            return (sigma / 2).log()
+        return sigma.log() / 4
+
     # ---- serialization --------------------------------------------------------------------
     def to_dict(self) -> dict:
         if self.is_discrete:
@@ -165,9 +205,14 @@ class Schedule:
                  "alpha_bar": [float(a) for a in self.alpha_bar]}
             if not torch.equal(self.timesteps, torch.arange(self.T, dtype=torch.float64)):
                 d["timesteps"] = [float(t) for t in self.timesteps]
+            if self.derived_from is not None:
+                d["derived_from"], d["sigma_data"] = self.derived_from, self.sigma_data
             return d
-        return {"kind": "continuous", "sigma_min": self.sigma_min_, "sigma_max": self.sigma_max_,
-                "sigma_data": self.sigma_data}
+        d = {"kind": "continuous", "sigma_min": self.sigma_min_, "sigma_max": self.sigma_max_,
+             "sigma_data": self.sigma_data}
+        if self.time_code != "edm":  # cards without it are EDM's log(σ)/4
+            d["time_code"], d["time_params"] = self.time_code, dict(self.time_params or {})
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Schedule":
@@ -175,10 +220,54 @@ class Schedule:
             ts = d.get("timesteps")
             return cls.discrete(torch.tensor(d["alpha_bar"], dtype=torch.float64),
                                 None if ts is None else torch.tensor(ts, dtype=torch.float64),
-                                table_name=d.get("table_name"))
+                                table_name=d.get("table_name"), derived_from=d.get("derived_from"),
+                                sigma_data=d.get("sigma_data", 0.5))
         if d.get("kind") == "continuous":
-            return cls.edm(d["sigma_min"], d["sigma_max"], d.get("sigma_data", 0.5))
+            return cls.continuous(d["sigma_min"], d["sigma_max"], d.get("sigma_data", 0.5),
+                                  d.get("time_code", "edm"), d.get("time_params"))
         raise FewstepError(f"schedule: unknown kind {d.get('kind')!r} (expected discrete or continuous)")
+
+
+DERIVED_TABLE_STEPS = 1000  # steps of the σ table read off an EDM / VE model
+
+
+def continuous_table(schedule: Schedule, T: int | None = None) -> tuple[Schedule, dict]:
+    """A discrete table read off a continuous model, for the methods that need a teacher table
+    (SFDDM), and how it was made (for the student's card).
+
+    VP-SDE models (time code vp): the SDE's own discretisation into T = M steps (M as trained,
+    normally 1000), t_j = (j+1)/T, ᾱ_j = exp(−β_d·t_j²/2 − β_min·t_j), time input (M−1)·t_j — DDPM's
+    table in the continuous limit, evaluated exactly where the network was trained.
+    EDM / VE models: T = 1000 σ's on EDM's ρ = 7 spacing over the model's σ range, ᾱ = 1/(1+σ²),
+    time input the model's own code at each σ. Either way the table's denoiser equals the continuous
+    one at every entry."""
+    if schedule.is_discrete:
+        raise FewstepError("continuous_table: the schedule is already a discrete table")
+    code = schedule.time_code
+    if code == "vp":
+        p = schedule.time_params
+        T = int(T or round(p["M"]))
+        if T < 2:
+            raise FewstepError(f"table steps {T}: expected at least 2")
+        t = torch.arange(1, T + 1, dtype=torch.float64) / T
+        alpha_bar = torch.exp(-(0.5 * p["beta_d"] * t**2 + p["beta_min"] * t))
+        sigmas = alpha_bar_to_sigma(alpha_bar)
+        rule = f"VP-SDE discretised: t_j = (j+1)/{T}, alpha_bar_j = exp(-beta_d*t^2/2 - beta_min*t), time input (M-1)*t_j"
+        name = f"vp-sde[{T}]"
+    else:
+        T = int(T or DERIVED_TABLE_STEPS)
+        if T < 2:
+            raise FewstepError(f"table steps {T}: expected at least 2")
+        sigmas = make_grid("polynomial", T, schedule.sigma_min, schedule.sigma_max, 7.0).flip(0)
+        alpha_bar = 1 / (1 + sigmas**2)
+        rule = (f"{T} sigmas on EDM's rho=7 spacing over [{schedule.sigma_min:g}, {schedule.sigma_max:g}], "
+                "alpha_bar = 1/(1+sigma^2), time input the model's own code")
+        name = f"{code}-rho7[{T}]"
+    timesteps = schedule.continuous_time_input(sigmas)
+    table = Schedule.discrete(alpha_bar, timesteps, table_name=name, derived_from=code, sigma_data=schedule.sigma_data)
+    info = {"from": f"continuous ({code} time code)", "table_name": name, "T": T, "rule": rule,
+            "sigma_min": float(table.sigma_min), "sigma_max": float(table.sigma_max)}
+    return table, info
 
 
 # ---- grids ------------------------------------------------------------------------------------

@@ -86,8 +86,11 @@ def sfd_grids(teacher_den, cfg: SFDConfig, nfe: int) -> tuple[torch.Tensor, torc
 
 def sigma_range(teacher_den, cfg: SFDConfig) -> tuple[float, float]:
     continuous = not teacher_den.schedule.is_discrete
-    smin = cfg.sigma_min if cfg.sigma_min is not None else (EDM_SIGMA_MIN if continuous else teacher_den.sigma_min)
-    smax = cfg.sigma_max if cfg.sigma_max is not None else (EDM_SIGMA_MAX if continuous else teacher_den.sigma_max)
+    # continuous teachers: the paper's ends, inside the teacher's own range (a VE model stops at 0.02)
+    lo = max(EDM_SIGMA_MIN, teacher_den.sigma_min) if continuous else teacher_den.sigma_min
+    hi = min(EDM_SIGMA_MAX, teacher_den.sigma_max) if continuous else teacher_den.sigma_max
+    smin = cfg.sigma_min if cfg.sigma_min is not None else lo
+    smax = cfg.sigma_max if cfg.sigma_max is not None else hi
     return smin, smax
 
 

@@ -60,10 +60,18 @@ MAX_STEP_BINS = 16  # per-step ε errors: every step up to this T', equal bins o
 def check_teacher(teacher: Denoiser, method: str = "SFDDM") -> None:
     """A distillable teacher: a discrete VP table, not step-conditioned."""
     if not teacher.schedule.is_discrete:
-        raise FewstepError(f"{method} needs a discrete VP teacher (a table of T steps, eps/v/x0-prediction); "
-                           "this teacher is a continuous EDM model")
+        raise FewstepError(f"{method} needs a discrete teacher table (T steps); this teacher is continuous: "
+                           "use its table teacher.discrete_view() (SFDDM does so by itself)")
     if teacher.has_step_condition:
         raise FewstepError(f"{method}: the teacher is step-conditioned (an SFD-v student); distil a plain teacher")
+
+
+def teacher_table(teacher: Denoiser) -> tuple[Denoiser, dict | None]:
+    """The teacher SFDDM distils: itself when it has a table; a continuous (EDM, VE or VP-SDE) model
+    through the discrete table read off it (schedule.continuous_table), with how it was made."""
+    if teacher.schedule.is_discrete:
+        return teacher, None
+    return teacher.discrete_view()
 
 
 def index_set(teacher: Denoiser, steps: int | None, index="trailing", allow_full: bool = False) -> torch.Tensor:
@@ -167,7 +175,8 @@ def make_student(teacher: Denoiser, phi: torch.Tensor, init: str = "random", see
     if dropout is not None:
         set_dropout(net, dropout)
     name = table_name or f"{teacher.schedule.table_name or 'custom'}[phi]"
-    schedule = Schedule.discrete(teacher.schedule.alpha_bar[phi], timesteps=timesteps, table_name=name)
+    schedule = Schedule.discrete(teacher.schedule.alpha_bar[phi], timesteps=timesteps, table_name=name,
+                                 derived_from=teacher.schedule.derived_from, sigma_data=teacher.schedule.sigma_data)
     return Denoiser(net, schedule, teacher.param, exact_table=True)
 
 
@@ -212,10 +221,11 @@ def teacher_on_phi(teacher_ckpt, phi, sampler: str = "ddpm", clip: float | None 
 
     if sampler not in SAMPLERS:
         raise FewstepError(f"sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
-    check_teacher(teacher_ckpt.denoiser)
-    phi = index_subsequence(teacher_ckpt.denoiser.schedule.T, None, [int(v) for v in phi])
+    table = teacher_table(teacher_ckpt.denoiser)[0]
+    check_teacher(table)
+    phi = index_subsequence(table.schedule.T, None, [int(v) for v in phi])
     card = {**teacher_ckpt.card, "sampler": {"name": sampler, "nfe": len(phi), "clip": clip,
-                                             "sigmas": [float(v) for v in phi_grid(teacher_ckpt.denoiser, phi)]}}
+                                             "sigmas": [float(v) for v in phi_grid(table, phi)]}}
     return Checkpoint(teacher_ckpt.denoiser, card, teacher_ckpt.path)
 
 
@@ -285,6 +295,8 @@ class SFDDM(TrainMethod):
     def __init__(self, teacher: Denoiser, cfg: SFDDMConfig, data_info: dict | None = None,
                  teacher_ref: dict | None = None):
         cfg.validate()
+        # a continuous teacher is distilled on a table read off it, recorded on the student's card
+        teacher, self.teacher_table = teacher_table(teacher)
         check_teacher(teacher)
         self.cfg = cfg
         self.teacher = teacher.eval()
@@ -437,6 +449,8 @@ class SFDDM(TrainMethod):
                   "eps_mse_by_step": [None if v is None else round(v, 6) for v in self.eps_err]}
         if index in INDEX_RULES:
             method["index_rule"] = INDEX_RULES[index]
+        if self.teacher_table is not None:
+            method["teacher_table"] = self.teacher_table
         if cfg.hidden == "kl":
             method["kl_sigma0"] = "beta'_0 (posterior variance is 0 at the last step)"
         if n_data:
