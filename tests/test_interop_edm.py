@@ -453,3 +453,28 @@ def test_sfddm_and_progressive_on_an_edm_teacher(edm_teacher, tmp_path):
     assert card["net"]["type"] == "edm-songunet" and card["sampler"]["nfe"] == 4
     assert card["sampler"]["sigmas"][0] == 80.0
     _samples(tmp_path / "pd")
+
+
+def test_edm_nets_runs_without_fewstep(monkeypatch):
+    """An export copies edm_nets.py beside the weights: with only torch and numpy it builds the same
+    networks (step condition included) and loads fewstep's weights key for key."""
+    import importlib.util
+    for name in ("fewstep", "fewstep.errors", "fewstep.nets"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import fewstep...` now fails
+    spec = importlib.util.spec_from_file_location("edm_nets_copy", edm_nets.__file__)
+    alone = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(alone)
+    assert alone.StepCondition is not edm_nets.StepCondition
+    monkeypatch.undo()
+    for cls, kw in (("SongUNet", SONG_NCSNPP), ("DhariwalUNet", ADM)):
+        ours = getattr(edm_nets, cls)(resolution=8, in_channels=1, num_classes=K, step_condition=True, **kw)
+        _randomise(ours, 3)
+        theirs = getattr(alone, cls)(resolution=8, in_channels=1, num_classes=K, step_condition=True, **kw)
+        theirs.load_state_dict(ours.state_dict(), strict=True)
+        x, t, lab, n = torch.randn(2, 1, 8, 8), torch.tensor([0.1, -0.7]), torch.tensor([1, 8]), torch.tensor([4, 6])
+        with torch.no_grad():
+            a, fa = ours.eval()(x, t, step=n, class_labels=lab, return_features=True)
+            b, fb = theirs.eval()(x, t, step=n, class_labels=lab, return_features=True)
+        assert torch.equal(a, b) and torch.equal(fa, fb), cls
+        with pytest.raises(ValueError, match="step count"):
+            theirs(x, t, class_labels=lab)

@@ -275,7 +275,9 @@ def progressive_distill(teacher_ckpt, data: torch.Tensor, start_steps: int | Non
     teacher = root.denoiser.to(device)
     if start_steps is None:
         if not teacher.schedule.is_discrete:
-            raise FewstepError("a continuous (EDM) teacher has no step table: give --start-steps")
+            raise FewstepError("a continuous teacher (EDM, VE or VP-SDE) has no step table: give --start-steps, "
+                               "the first teacher's DDIM steps on EDM's rho=7 grid over its sigma range "
+                               f"[{teacher.sigma_min:g}, {teacher.sigma_max:g}] (e.g. --start-steps 64 --steps 4)")
         start_steps = teacher.schedule.T
     plan = fold_plan(start_steps, target_steps)
     data_info = data_info or {}
