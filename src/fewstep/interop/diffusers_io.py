@@ -1,0 +1,536 @@
+"""diffusers folders → fewstep checkpoints, and fewstep models → diffusers pipeline folders.
+
+Import. A folder written by `save_pretrained` — a pipeline folder (`model_index.json`), a bare
+`unet/` + `scheduler/` pair, or a bare `UNet2DModel` folder with a scheduler config beside it —
+becomes a fewstep checkpoint: the `UNet2DModel` stays the network (wrapped by `DiffusersUNet`, its
+parameters under `unet.*`), and the scheduler's training table becomes a discrete VP schedule:
+
+    betas      linear / scaled_linear / squaredcos_cap_v2 / trained_betas, T = num_train_timesteps,
+               ᾱ computed by diffusers' own DDPMScheduler (float32, as the model was trained)
+    prediction epsilon → "eps", v_prediction → "v", sample → "x0"
+    time input the (fractional) table index, which is what a UNet2DModel takes as `timestep`
+
+Export. `export_diffusers` writes a folder a diffusers user loads without fewstep: the network
+(`unet/`: a `UNet2DModel` saved with save_pretrained, or for fewstep's own and EDM networks their
+standalone source code plus safetensors weights, as a diffusers custom component), a `pipeline.py`
+holding `FewstepPipeline`, and in `model_index.json` the sampler: the exact σ grid, AFS, solver,
+parameterization, time input and clip of the student's card, so the pipeline reproduces
+`fewstep sample` for the same initial noise.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fewstep.errors import FewstepError
+from fewstep.nets import FeatureTap, StepCondition
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+# schedulers whose config describes a discrete VP training table (beta_* and num_train_timesteps)
+VP_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+                 "PNDMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+                 "HeunDiscreteScheduler", "LMSDiscreteScheduler", "KDPM2DiscreteScheduler",
+                 "KDPM2AncestralDiscreteScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler",
+                 "DDPMParallelScheduler", "DDIMParallelScheduler")
+# pipeline components that mark a latent or text-conditioned model
+LATENT_OR_TEXT = ("vae", "vqvae", "vqgan", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "bert",
+                  "image_encoder", "prior", "transformer")
+SUPPORTED = ("supported: pixel-space UNet2DModel models (unconditional or with num_class_embeds) with a discrete "
+             "VP scheduler, e.g. DDPMPipeline / DDIMPipeline folders")
+EXPORT_SOLVERS = ("euler", "ddim", "ddpm")
+PIPELINE_SOURCE = Path(__file__).with_name("diffusers_pipeline.py")
+
+
+def require_diffusers():
+    try:
+        import diffusers
+    except ImportError:
+        raise FewstepError("diffusers models need the optional dependency diffusers: "
+                           "pip install 'fewstep[diffusers]'") from None
+    return diffusers
+
+
+def _plain(v):
+    """JSON-friendly copy of a config value (tuples → lists)."""
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
+def check_unet_config(cfg: dict, where: str = "UNet config") -> dict:
+    """A UNet2DModel config fewstep can run as a Denoiser network, without diffusers' private keys."""
+    if not isinstance(cfg, dict):
+        raise FewstepError(f"{where}: expected a JSON object")
+    cls = cfg.get("_class_name", "UNet2DModel")
+    if cls != "UNet2DModel" or "cross_attention_dim" in cfg:
+        found = cls if cls != "UNet2DModel" else "a UNet with cross_attention_dim (UNet2DConditionModel)"
+        raise FewstepError(f"{where}: found {found}, a text- or latent-conditioned network; {SUPPORTED}")
+    emb = cfg.get("time_embedding_type", "positional")
+    if emb != "positional":
+        raise FewstepError(f"{where}: time_embedding_type {emb!r} is not supported (fourier nets take σ, not a "
+                           "table index; learned ones cannot take the fractional index between table entries); "
+                           "supported: 'positional'")
+    if cfg.get("class_embed_type") is not None:
+        raise FewstepError(f"{where}: class_embed_type {cfg['class_embed_type']!r} is not supported; supported: "
+                           "class labels through num_class_embeds (class_embed_type null)")
+    size = cfg.get("sample_size")
+    if isinstance(size, (list, tuple)):
+        if len(size) != 2 or size[0] != size[1]:
+            raise FewstepError(f"{where}: sample_size {list(size)} is not square; fewstep handles square images")
+        size = size[0]
+    if not isinstance(size, int) or size < 1:
+        raise FewstepError(f"{where}: sample_size {cfg.get('sample_size')!r}: expected the image size (an integer)")
+    out = {k: _plain(v) for k, v in cfg.items() if not k.startswith("_")}
+    out["sample_size"] = size
+    return out
+
+
+class DiffusersUNet(nn.Module):
+    """A diffusers `UNet2DModel` behind fewstep's network interface
+    `net(x, t, step=None, class_labels=None, return_features=False)`.
+
+    `t` is the model's (possibly fractional) table index, which is what the UNet takes as its
+    timestep. SFD-v's step condition is a zero-initialised StepCondition whose output is added to the
+    UNet's time embedding (a forward hook on `time_embedding` during the call), so a fresh student
+    equals its teacher exactly. `return_features=True` also returns the output of `feature_layer`
+    (default: the last up block, the map the output layers read).
+    """
+
+    def __init__(self, unet: dict, resolution: int | None = None, in_channels: int | None = None,
+                 out_channels: int | None = None, num_classes: int | None = None, dropout: float | None = None,
+                 step_condition: bool = False, feature_layer: str | None = None):
+        super().__init__()
+        diffusers = require_diffusers()
+        cfg = check_unet_config(dict(unet))
+        if dropout is not None:
+            cfg["dropout"] = float(dropout)
+        self.unet = diffusers.UNet2DModel.from_config(cfg)
+        cfg = check_unet_config(dict(self.unet.config))  # with diffusers' defaults filled in
+        given = {"resolution": resolution, "in_channels": in_channels, "out_channels": out_channels}
+        have = {"resolution": cfg["sample_size"], "in_channels": cfg["in_channels"],
+                "out_channels": cfg["out_channels"]}
+        for k, v in given.items():
+            if v is not None and v != have[k]:
+                raise FewstepError(f"diffusers-unet2d config: {k}={v} differs from the UNet's own {have[k]}")
+        if num_classes is not None and int(num_classes) != int(cfg.get("num_class_embeds") or 0):
+            raise FewstepError(f"diffusers-unet2d config: num_classes={num_classes} differs from the UNet's "
+                               f"num_class_embeds={cfg.get('num_class_embeds')}")
+        modules = dict(self.named_modules())
+        if feature_layer is None:
+            feature_layer = f"unet.up_blocks.{len(self.unet.up_blocks) - 1}"
+        elif feature_layer not in modules and f"unet.{feature_layer}" in modules:
+            feature_layer = f"unet.{feature_layer}"  # diffusers' own name of the sub-module
+        if feature_layer not in modules:
+            names = [n for n in modules if n.count(".") <= 2 and n][:12]
+            raise FewstepError(f"feature layer {feature_layer!r}: no such sub-module in this UNet2DModel "
+                               f"(some names: {', '.join(names)}, ...)")
+        self.config = dict(type="diffusers-unet2d", unet=cfg, resolution=cfg["sample_size"],
+                           in_channels=cfg["in_channels"], out_channels=cfg["out_channels"],
+                           num_classes=int(cfg.get("num_class_embeds") or 0), dropout=cfg.get("dropout", 0.0),
+                           step_condition=False, feature_layer=feature_layer)
+        self.step_cond = None
+        if step_condition:
+            self.add_step_condition()
+
+    @property
+    def emb_dim(self) -> int:
+        return self.unet.time_embedding.linear_2.out_features
+
+    def add_step_condition(self) -> "DiffusersUNet":
+        """SFD-v's step condition (zero output at first, so the outputs are unchanged)."""
+        if self.step_cond is None:
+            self.step_cond = StepCondition(self.emb_dim).to(next(self.unet.parameters()).device)
+            self.config["step_condition"] = True
+        return self
+
+    def forward(self, x, t, step=None, class_labels=None, return_features=False):
+        c = self.config
+        if x.ndim != 4 or x.shape[1] != c["in_channels"]:
+            raise FewstepError(f"UNet2DModel input: expected (N, {c['in_channels']}, H, W), got {tuple(x.shape)}")
+        t = torch.as_tensor(t, device=x.device).float().reshape(-1).expand(x.shape[0])
+        if c["num_classes"]:
+            if class_labels is None:
+                raise FewstepError(f"this network is class-conditional ({c['num_classes']} classes): pass class_labels")
+            class_labels = torch.as_tensor(class_labels, device=x.device).long().reshape(-1).expand(x.shape[0])
+        else:
+            class_labels = None
+        handles = []
+        if self.step_cond is not None:
+            if step is None:
+                raise FewstepError("this network has a step condition (SFD-v): pass the step count N")
+            step = torch.as_tensor(step, device=x.device).float().reshape(-1).expand(x.shape[0])
+            s_emb = self.step_cond(step)
+            handles.append(self.unet.time_embedding.register_forward_hook(lambda m, i, o: o + s_emb.to(o.dtype)))
+        tap = FeatureTap(self, c["feature_layer"]) if return_features else None
+        try:
+            if tap is not None:
+                tap.__enter__()
+            out = self.unet(x, t, class_labels=class_labels).sample
+        finally:
+            if tap is not None:
+                tap.__exit__(None, None, None)
+            for h in handles:
+                h.remove()
+        return (out, tap.value) if return_features else out
+
+
+# ---- import -------------------------------------------------------------------------------------
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FewstepError(f"{path}: missing ({what})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FewstepError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise FewstepError(f"{path}: expected a JSON object ({what})")
+    return d
+
+
+def locate(src: Path) -> dict:
+    """Where a diffusers folder keeps its UNet and its scheduler config, and how it is laid out."""
+    src = Path(src)
+    if not src.is_dir():
+        raise FewstepError(f"diffusers folder {str(src)!r}: not a directory")
+    index = None
+    if (src / "model_index.json").is_file():
+        index = _read_json(src / "model_index.json", "the pipeline's component list")
+        comps = {k: v for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2}
+        pipe = index.get("_class_name", "?")
+        latent = [k for k in comps if k in LATENT_OR_TEXT and comps[k][0] is not None]
+        if latent:
+            raise FewstepError(f"{src / 'model_index.json'}: {pipe} has {', '.join(latent)}: a latent or "
+                               f"text-to-image pipeline; {SUPPORTED}")
+        if "unet" not in comps or comps["unet"][0] is None:
+            raise FewstepError(f"{src / 'model_index.json'}: {pipe} lists no unet (components: "
+                               f"{', '.join(comps) or 'none'}); {SUPPORTED}")
+        if comps["unet"][1] != "UNet2DModel":
+            raise FewstepError(f"{src / 'model_index.json'}: its unet is a {comps['unet'][1]}; {SUPPORTED}")
+        layout, unet_dir, sched = "pipeline", src / "unet", [src / "scheduler" / "scheduler_config.json"]
+    elif (src / "unet").is_dir() and (src / "scheduler").is_dir():
+        layout, unet_dir, sched = "unet+scheduler", src / "unet", [src / "scheduler" / "scheduler_config.json"]
+    else:
+        layout, unet_dir = "unet", src
+        sched = [src / "scheduler_config.json", src / "scheduler" / "scheduler_config.json",
+                 src.parent / "scheduler" / "scheduler_config.json"]
+    if not (unet_dir / "config.json").is_file():
+        raise FewstepError(f"{unet_dir}: no config.json (expected a UNet2DModel saved with save_pretrained)")
+    weights = unet_dir / WEIGHTS
+    if not weights.is_file():
+        found = sorted(p.name for p in unet_dir.glob("diffusion_pytorch_model*"))
+        raise FewstepError(f"{unet_dir}: no {WEIGHTS} (found: {', '.join(found) or 'nothing'}); fewstep reads "
+                           "float32/float16 safetensors weights only (pickled .bin files are never loaded; "
+                           "re-save with save_pretrained(..., safe_serialization=True))")
+    found = [p for p in sched if p.is_file()]
+    if not found:
+        raise FewstepError(f"{src}: no scheduler config (looked for {', '.join(str(p) for p in sched)}); the "
+                           "noise schedule a UNet was trained with is in the scheduler_config.json that "
+                           "save_pretrained writes for its scheduler")
+    return {"layout": layout, "unet_dir": unet_dir, "weights": weights, "scheduler_config": found[0],
+            "pipeline": None if index is None else index.get("_class_name")}
+
+
+def schedule_from_config(cfg: dict, where: str = "scheduler config"):
+    """(ᾱ table as float64, fewstep parameterization, the scheduler facts for the card)."""
+    cls = cfg.get("_class_name")
+    if cls is not None and cls not in VP_SCHEDULERS:
+        raise FewstepError(f"{where}: scheduler {cls!r} is not a discrete VP scheduler; supported: "
+                           f"{', '.join(VP_SCHEDULERS)}")
+    pred = cfg.get("prediction_type", "epsilon")
+    if pred not in PREDICTION_TYPES:
+        raise FewstepError(f"{where}: prediction_type {pred!r}: expected one of {', '.join(PREDICTION_TYPES)}")
+    trained = cfg.get("trained_betas")
+    kind = cfg.get("beta_schedule", "linear")
+    if trained is None and kind not in BETA_SCHEDULES:
+        raise FewstepError(f"{where}: beta_schedule {kind!r} is not supported; expected one of "
+                           f"{', '.join(BETA_SCHEDULES)}, or explicit trained_betas")
+    if cfg.get("rescale_betas_zero_snr"):
+        raise FewstepError(f"{where}: rescale_betas_zero_snr=true gives a last step of zero signal (infinite σ), "
+                           "which a σ-space sampler cannot start from; not supported")
+    if cfg.get("timestep_type", "discrete") != "discrete":
+        raise FewstepError(f"{where}: timestep_type {cfg['timestep_type']!r} is not supported; supported: 'discrete'")
+    T = cfg.get("num_train_timesteps", 1000)
+    if not isinstance(T, int) or T < 2:
+        raise FewstepError(f"{where}: num_train_timesteps {T!r}: expected an integer >= 2")
+    from diffusers import DDPMScheduler
+
+    try:
+        # diffusers' own table (float32), exactly what the model saw in training
+        ref = DDPMScheduler(num_train_timesteps=T, beta_start=float(cfg.get("beta_start", 1e-4)),
+                            beta_end=float(cfg.get("beta_end", 0.02)), beta_schedule=kind,
+                            trained_betas=trained)
+    except (ValueError, TypeError, NotImplementedError) as e:
+        raise FewstepError(f"{where}: diffusers cannot build its betas ({e})") from None
+    ab = ref.alphas_cumprod.double()
+    if len(ab) != T:
+        raise FewstepError(f"{where}: trained_betas has {len(ab)} entries but num_train_timesteps is {T}")
+    if not ((ab > 0) & (ab < 1)).all() or not (ab[1:] < ab[:-1]).all():
+        raise FewstepError(f"{where}: its betas do not give a strictly decreasing ᾱ inside (0, 1)")
+    name = "trained_betas" if trained is not None else kind
+    return ab, PREDICTION_TYPES[pred], name
+
+
+def denoiser_from_folder(src: Path, feature_layer: str | None = None):
+    """(Denoiser with the UNet's weights loaded key for key, where things were found, both configs)."""
+    require_diffusers()
+    from safetensors.torch import load_file
+
+    from fewstep.denoiser import Denoiser
+    from fewstep.schedule import Schedule
+
+    where = locate(src)
+    unet_cfg = check_unet_config(_read_json(where["unet_dir"] / "config.json", "the UNet config"),
+                                 str(where["unet_dir"] / "config.json"))
+    if unet_cfg["out_channels"] != unet_cfg["in_channels"]:
+        raise FewstepError(f"{where['unet_dir'] / 'config.json'}: out_channels={unet_cfg['out_channels']} differs "
+                           f"from in_channels={unet_cfg['in_channels']} (a learned-variance output?); supported: "
+                           "networks that predict one image (ε, v or x0)")
+    sched_cfg = _read_json(where["scheduler_config"], "the scheduler config")
+    alpha_bar, param, table = schedule_from_config(sched_cfg, str(where["scheduler_config"]))
+    net = DiffusersUNet(unet=unet_cfg, feature_layer=feature_layer)
+    try:
+        sd = load_file(str(where["weights"]), device="cpu")
+    except Exception as e:  # safetensors raises its own error types for malformed files
+        raise FewstepError(f"{where['weights']}: not a readable safetensors file ({e})") from None
+    sd = {f"unet.{k}": v.float() for k, v in sd.items()}
+    try:
+        net.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise FewstepError(f"{where['weights']}: the weights do not fit the UNet2DModel of its config.json: "
+                           f"{str(e).strip().splitlines()[-1][:300]}") from None
+    den = Denoiser(net, Schedule.discrete(alpha_bar, table_name=f"diffusers:{table}"), param).eval()
+    return den, where, unet_cfg, {k: _plain(v) for k, v in sched_cfg.items()}
+
+
+def default_sampler() -> dict:
+    """The sampler fewstep's own teachers default to: DPM-Solver++(2M), 50 NFE on a logSNR grid."""
+    return {"name": "dpmpp2m", "nfe": 50, "grid": "logsnr", "rho": 7.0, "final_zero": True, "clip": None}
+
+
+def import_diffusers(src: Path, out: Path, feature_layer: str | None = None) -> Path:
+    """Convert a diffusers folder (pipeline, unet/ + scheduler/, or a bare UNet2DModel folder) into a
+    fewstep checkpoint folder `out`; the card names the source and its content hash."""
+    from fewstep.checkpoint import save_checkpoint, sha256_file
+    from fewstep.interop import source_digest
+
+    src, out = Path(src), Path(out)
+    den, where, unet_cfg, sched_cfg = denoiser_from_folder(src, feature_layer)
+    net = den.net.config
+    card = {"method": {"name": "imported"},
+            "source": {"format": "diffusers", "layout": where["layout"], "path": str(src.resolve()),
+                       "sha256": source_digest(src), "pipeline": where["pipeline"],
+                       "weights": str(where["weights"].resolve()), "weights_sha256": sha256_file(where["weights"]),
+                       "scheduler_path": str(where["scheduler_config"].resolve()),
+                       "scheduler_sha256": sha256_file(where["scheduler_config"]),
+                       "unet_config": unet_cfg, "scheduler_config": sched_cfg},
+            "sampler": default_sampler(), "teacher": None,
+            "data": {"kind": "image", "shape": [net["in_channels"], net["resolution"], net["resolution"]],
+                     "name": f"diffusers:{src.resolve().name}", "num_classes": net["num_classes"]}}
+    return save_checkpoint(out, den, card)
+
+
+# ---- export -------------------------------------------------------------------------------------
+
+# the network code an export carries for each of fewstep's network types (module, class name)
+CUSTOM_NETS = {"unet": ("nets", "UNet"), "mlp": ("nets", "MLP"),
+               "edm-songunet": ("edm_nets", "SongUNet"), "edm-dhariwalunet": ("edm_nets", "DhariwalUNet")}
+
+_WRAPPER = '''
+
+# ---- the diffusers component around the network above (written by fewstep export) ----------------
+from diffusers import ModelMixin, ConfigMixin  # noqa: E402
+from diffusers.configuration_utils import register_to_config  # noqa: E402
+
+_NET_CLASSES = {NET_CLASSES}
+
+
+class FewstepNet(ModelMixin, ConfigMixin):
+    """fewstep's network `net(x, t, step=None, class_labels=None)` as a diffusers model: `t` is the
+    network's time input for σ (see the pipeline's `time_input`), `step` SFD-v's step count."""
+
+    @register_to_config
+    def __init__(self, net_config: dict):
+        super().__init__()
+        cfg = dict(net_config)
+        kind = cfg.pop("type")
+        self.net = globals()[_NET_CLASSES[kind]](**cfg)
+
+    def forward(self, x, t, step=None, class_labels=None):
+        return self.net(x, t, step=step, class_labels=class_labels)
+'''
+
+
+def _network_source(kind: str) -> str:
+    """Standalone source of one of fewstep's network modules (needs only torch and numpy)."""
+    module, _ = CUSTOM_NETS[kind]
+    if module == "edm_nets":
+        return (Path(__file__).with_name("edm_nets.py")).read_text()
+    import fewstep.nets
+    text = Path(fewstep.nets.__file__).read_text()
+    line = "from fewstep.errors import FewstepError\n"
+    if line not in text:
+        raise RuntimeError("fewstep.nets no longer imports FewstepError as the export expects")
+    return text.replace(line, "\n\nclass FewstepError(ValueError):\n    pass\n")
+
+
+def _write_custom_net(net, kind: str, folder: Path) -> list:
+    import diffusers
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    classes = {k: c for k, (m, c) in CUSTOM_NETS.items() if m == CUSTOM_NETS[kind][0]}
+    (folder / "fewstep_net.py").write_text(_network_source(kind) + _WRAPPER.replace("{NET_CLASSES}", repr(classes)))
+    cfg = {"_class_name": "FewstepNet", "_diffusers_version": diffusers.__version__,
+           "net_config": copy.deepcopy(net.config)}
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    sd = {f"net.{k}": v.detach().cpu().float().contiguous() for k, v in net.state_dict().items()}
+    save_file(sd, str(folder / WEIGHTS))
+    return ["fewstep_net", "FewstepNet"]
+
+
+def _write_diffusers_unet(net: DiffusersUNet, step: int | None, folder: Path) -> tuple[list, dict | None]:
+    """Save the UNet2DModel; an SFD-v step condition for one N is a constant added to the time
+    embedding's output, so it folds into the bias of time_embedding.linear_2 and the saved model is
+    a plain UNet2DModel."""
+    unet = copy.deepcopy(net.unet).float().cpu().eval()
+    folded = None
+    if net.step_cond is not None:
+        if getattr(unet.time_embedding, "post_act", None) is not None:
+            raise FewstepError("export: this UNet2DModel's time embedding ends in an activation, so its step "
+                               "condition cannot be folded into a bias")
+        with torch.no_grad():
+            c = net.step_cond.cpu().float()(torch.tensor([float(step)]))[0]
+            unet.time_embedding.linear_2.bias.add_(c)
+        folded = {"step": int(step), "folded_into": "unet.time_embedding.linear_2.bias"}
+    unet.save_pretrained(str(folder), safe_serialization=True)
+    return ["diffusers", "UNet2DModel"], folded
+
+
+def time_input_spec(den) -> dict:
+    s = den.schedule
+    if s.is_discrete:
+        return {"kind": "discrete", "alpha_bar": [float(a) for a in s.alpha_bar],
+                "timesteps": [float(t) for t in s.timesteps], "exact": bool(den.exact_table),
+                "rule": "fractional table index, linear in log σ between entries (exact: the nearest entry)"}
+    spec = {"kind": "continuous", "time_code": s.time_code, "time_params": dict(s.time_params or {})}
+    spec["rule"] = {"edm": "log(σ)/4 (float32)", "vp": "(M−1)·t(σ) of the VP-SDE", "ve": "log(σ/2)"}[s.time_code]
+    return spec
+
+
+def export_diffusers(model, out: Path, nfe: int | None = None) -> Path:
+    """Write `model` (a checkpoint folder or built-in name) as a diffusers pipeline folder `out` whose
+    FewstepPipeline reproduces `fewstep sample` (card's sampler, grid, AFS, clip; --nfe for SFD-v)."""
+    require_diffusers()
+    import diffusers
+
+    from fewstep.checkpoint import load_checkpoint
+    from fewstep.sampling import resolve_sampler, sample_shape
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FewstepError(f"--out {out}: the folder exists and is not empty; choose a new folder")
+    ckpt = load_checkpoint(model)
+    den, card = ckpt.denoiser, ckpt.card
+    plan = resolve_sampler(ckpt, nfe)
+    if plan["name"] not in EXPORT_SOLVERS:
+        raise FewstepError(f"export: the model's sampler is {plan['name']!r}; the exported pipeline implements "
+                           f"{', '.join(EXPORT_SOLVERS)} (the samplers of SFD, SFDDM and progressive students)")
+    kind = den.net.config.get("type")
+    if kind != "diffusers-unet2d" and kind not in CUSTOM_NETS:
+        raise FewstepError(f"export: network type {kind!r} cannot be exported; supported: diffusers-unet2d, "
+                           f"{', '.join(CUSTOM_NETS)}")
+    step = plan["step"] if den.has_step_condition else None
+    if den.has_step_condition and step is None:
+        step = len(plan["sigmas"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        if kind == "diffusers-unet2d":
+            component, folded = _write_diffusers_unet(den.net, step, tmp / "unet")
+            pass_step = None
+        else:
+            component, folded = _write_custom_net(den.net, kind, tmp / "unet"), None
+            pass_step = step
+        shape = list(sample_shape(card))
+        data = card.get("data") or {}
+        sampler = {
+            "format": "fewstep-diffusers-export", "version": 1,
+            "solver": plan["name"], "eta": {"euler": None, "ddim": 0.0, "ddpm": 1.0}[plan["name"]],
+            "sigmas": [float(s) for s in plan["sigmas"]], "nfe": int(plan["nfe"]), "afs": bool(plan["afs"]),
+            "clip": plan["clip"], "param": den.param, "sigma_data": float(den.schedule.sigma_data),
+            "time_input": time_input_spec(den), "step": pass_step, "step_condition": folded or (
+                None if step is None else {"step": int(step), "passed_to": "the network's step argument"}),
+            "sample_shape": shape, "num_classes": den.num_classes,
+            "image": data.get("kind", "image" if len(shape) == 3 else "toy") == "image" and len(shape) == 3,
+            "network": {"type": kind, "component": component},
+            "model": {"method": (card.get("method") or {}).get("name"), "fewstep_version": card.get("fewstep_version"),
+                      "weights_sha256": card.get("weights_sha256"), "source_path": str(ckpt.path),
+                      "teacher": card.get("teacher"), "data": data.get("name")},
+        }
+        index = {"_class_name": ["pipeline", "FewstepPipeline"], "_diffusers_version": diffusers.__version__,
+                 "unet": component, "sampler": sampler}
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        shutil.copyfile(PIPELINE_SOURCE, tmp / "pipeline.py")
+        (tmp / "README.md").write_text(_readme(sampler, ckpt.path))
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _readme(s: dict, src) -> str:
+    net = ("a plain `UNet2DModel` (`unet/`, saved with `save_pretrained`)" if s["network"]["type"] == "diffusers-unet2d"
+           else f"fewstep's `{s['network']['type']}` network: its standalone source code in `unet/fewstep_net.py` "
+                "(needs only torch, numpy and diffusers) and its weights in `unet/diffusion_pytorch_model.safetensors`")
+    cond = ""
+    if s["step_condition"]:
+        sc = s["step_condition"]
+        cond = (f"\nThe SFD-v step condition for N = {sc['step']} timestamps is "
+                + (f"folded into `{sc['folded_into']}`.\n" if "folded_into" in sc else "passed to the network.\n"))
+    labels = (f"\nThe model is class-conditional ({s['num_classes']} classes): pass `class_labels` (an int or one per "
+              "image); without them classes are drawn uniformly (from `seed` + 2, as `fewstep sample` does).\n"
+              if s["num_classes"] else "")
+    return f"""# A few-step sampler exported by fewstep
+
+Exported from `{src}` ({s['model']['method']}). Network: {net}.
+Sampler: {s['solver']} on a fixed grid of {len(s['sigmas'])} noise levels, {s['nfe']} network evaluations
+(NFE){', analytical first step (AFS)' if s['afs'] else ''}; parameterization `{s['param']}`; time input:
+{s['time_input']['rule']}; x0 clip: {s['clip']}. Everything the sampler needs is the `sampler` entry of
+`model_index.json` (σ-space: x = x0 + σ·ε; the pipeline starts from σ_max·noise).
+{cond}{labels}
+## Load and run
+
+```python
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained("THIS_FOLDER", custom_pipeline="THIS_FOLDER/pipeline.py",
+                                         trust_remote_code=True)
+images = pipe(batch_size=16, seed=0).images            # PIL images (output_type="np" / "pt" / "raw")
+```
+
+Without diffusers' loader (still needs diffusers installed):
+
+```python
+import sys; sys.path.insert(0, "THIS_FOLDER")
+from pipeline import load_pipeline
+pipe = load_pipeline("THIS_FOLDER")
+x = pipe(batch_size=16, seed=0, output_type="raw").images   # data range, exactly like `fewstep sample`
+```
+
+`pipe(noise=z, output_type="raw")` with unit Gaussian noise `z` of shape (N, {', '.join(map(str, s['sample_shape']))})
+returns what `fewstep sample` returns for that noise; `seed=S` draws the noise as `fewstep sample --seed S`
+does{' (and the ancestral noise from S + 1)' if s['solver'] == 'ddpm' else ''}.
+"""

@@ -1,0 +1,219 @@
+"""FewstepPipeline: the sampler of a model exported by `fewstep export --format diffusers`.
+
+This file is copied into every export as `pipeline.py` and needs only torch and diffusers (fewstep
+itself is not needed). The `sampler` entry of the export's `model_index.json` holds everything it
+uses: the σ grid, solver (euler / ddim / ddpm), AFS, clip, parameterization, time input and step
+condition. It works in σ-space, x = x0 + σ·ε, and repeats fewstep's arithmetic operation for
+operation (float64 noise levels, float32 states), so for the same initial noise it returns what
+`fewstep sample` returns.
+
+    pipe = DiffusionPipeline.from_pretrained(folder, custom_pipeline=f"{folder}/pipeline.py",
+                                             trust_remote_code=True)
+    # or, without diffusers' loader:  from pipeline import load_pipeline; pipe = load_pipeline(folder)
+    images = pipe(batch_size=16, seed=0).images
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput
+
+
+class FewstepPipeline(DiffusionPipeline):
+    def __init__(self, unet, sampler: dict | None = None):
+        super().__init__()
+        self.register_modules(unet=unet)
+        self.register_to_config(sampler=sampler)
+
+    # ---- the denoiser D(x, σ) -> x0 ---------------------------------------------------------------
+    @property
+    def spec(self) -> dict:
+        s = self.config.sampler
+        if not s or s.get("format") != "fewstep-diffusers-export":
+            raise ValueError("FewstepPipeline: model_index.json has no fewstep 'sampler' entry")
+        return s
+
+    def time_input(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The network's time input for each σ (float64 in, float32 out)."""
+        ti = self.spec["time_input"]
+        if ti["kind"] == "continuous":
+            code, p = ti["time_code"], ti["time_params"]
+            if code == "edm":
+                return sigma.float().log() / 4
+            s = sigma.double()
+            if code == "vp":
+                t = ((p["beta_min"] ** 2 + 2 * p["beta_d"] * torch.log1p(s**2)).sqrt() - p["beta_min"]) / p["beta_d"]
+                return ((p["M"] - 1) * t).float()
+            if code == "ve":
+                return (s / 2).log().float()
+            raise ValueError(f"unknown time code {code!r}")
+        s = sigma.double().cpu()
+        ab = torch.tensor(ti["alpha_bar"], dtype=torch.float64)
+        ts = torch.tensor(ti["timesteps"], dtype=torch.float64)
+        table = ((1 - ab) / ab).sqrt()
+        if ti["exact"]:
+            idx = (s[:, None].log() - table[None].log()).abs().argmin(1)
+            if ((table[idx] - s).abs() > 1e-4 * s).any():
+                raise ValueError("this model can only be evaluated on its own noise levels (its step table)")
+            return ts[idx].float().to(sigma.device)
+        log_table = table.log()
+        log_s = s.clamp(min=1e-30).log().clamp(log_table[0], log_table[-1])
+        hi = torch.searchsorted(log_table, log_s).clamp(1, len(log_table) - 1)
+        lo = hi - 1
+        idx = lo.to(torch.float64) + (log_s - log_table[lo]) / (log_table[hi] - log_table[lo])
+        lo = idx.floor().long().clamp(0, len(ts) - 1)
+        hi = (lo + 1).clamp(max=len(ts) - 1)
+        w = idx - lo
+        return (ts[lo] * (1 - w) + ts[hi] * w).float().to(sigma.device)
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, class_labels=None) -> torch.Tensor:
+        spec = self.spec
+        param, sd = spec["param"], spec["sigma_data"]
+        sigma = sigma.to(device=x.device, dtype=torch.float64).reshape(-1).expand(x.shape[0])
+
+        def b(v):
+            return v.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+        if param == "ve":
+            c_in = torch.ones_like(sigma)
+        else:
+            c_in = 1 / (sigma**2 + (sd**2 if param == "edm" else 1.0)).sqrt()
+        x_in, t = x * b(c_in), self.time_input(sigma)
+        if spec["network"]["type"] == "diffusers-unet2d":
+            raw = self.unet(x_in, t, class_labels=class_labels).sample
+        else:
+            step = spec["step"]
+            raw = self.unet(x_in, t, step=step, class_labels=class_labels)
+        s = b(sigma)
+        if param == "eps":
+            out = x - s * raw
+        elif param == "x0":
+            out = raw
+        elif param == "ve":
+            out = x + s * raw
+        elif param == "v":
+            a = 1 / (1 + s**2).sqrt()
+            out = a * (a * x) - s * a * raw
+        elif param == "edm":
+            out = sd**2 / (s**2 + sd**2) * x + s * sd / (s**2 + sd**2).sqrt() * raw
+        else:
+            raise ValueError(f"unknown parameterization {param!r}")
+        clip = spec["clip"]
+        return out.clamp(-clip, clip) if clip is not None else out
+
+    # ---- the solvers ------------------------------------------------------------------------------
+    def _solve(self, x, labels, generator):
+        spec = self.spec
+        sigmas = torch.tensor(spec["sigmas"], dtype=torch.float64, device=x.device)
+        solver = spec["solver"]
+        for i in self.progress_bar(range(len(sigmas) - 1)):
+            s, s_next = sigmas[i], sigmas[i + 1]
+            if solver == "euler":
+                if spec["afs"] and i == 0:
+                    d = x / math.sqrt(1 + float(s) ** 2)  # SFD's analytical first step: no network call
+                else:
+                    d = (x - self.denoise(x, s, labels)) / s.to(x.dtype)
+                x = x + (s_next - s).to(x.dtype) * d
+            elif solver in ("ddim", "ddpm"):
+                eta = 0.0 if solver == "ddim" else 1.0
+                x0 = self.denoise(x, s, labels)
+                s_up = (eta**2 * s_next**2 * (s**2 - s_next**2) / s**2).clamp(min=0).sqrt()
+                s_down = (s_next**2 - s_up**2).clamp(min=0).sqrt()
+                x = x0 + (s_down / s).to(x.dtype) * (x - x0)
+                if eta > 0 and s_next > 0:
+                    x = x + s_up.to(x.dtype) * torch.randn(x.shape, generator=generator, device=x.device,
+                                                          dtype=x.dtype)
+            else:
+                raise ValueError(f"unknown solver {solver!r}")
+        return x
+
+    @torch.no_grad()
+    def __call__(self, batch_size: int = 1, seed: int | None = None, generator: torch.Generator | None = None,
+                 noise: torch.Tensor | None = None, class_labels=None, output_type: str = "pil",
+                 return_dict: bool = True, chunk_size: int = 500):
+        """Sample `batch_size` images (or `len(noise)`).
+
+        noise: unit Gaussian initial noise of shape (N, *sample_shape); else drawn from `seed` as
+        `fewstep sample --seed` draws it, else from `generator`. DDPM's per-step noise comes from
+        `seed` + 1 (as in fewstep) or `generator`. output_type: "raw" (the sample in the data range,
+        exactly fewstep's), "pt" (images in [0, 1], NCHW), "np" (NHWC in [0, 1]) or "pil"."""
+        spec = self.spec
+        shape = tuple(spec["sample_shape"])
+        device = self.device
+        if noise is None:
+            gen = torch.Generator().manual_seed(seed) if seed is not None else generator
+            noise = torch.randn((batch_size, *shape), generator=gen)
+        noise = torch.as_tensor(noise, dtype=torch.float32)
+        if tuple(noise.shape[1:]) != shape:
+            raise ValueError(f"noise: expected shape (N, {', '.join(map(str, shape))}), got {tuple(noise.shape)}")
+        n = len(noise)
+        labels = None
+        k = spec["num_classes"]
+        if k:
+            if class_labels is None:
+                gen = torch.Generator().manual_seed(seed + 2) if seed is not None else generator
+                labels = torch.randint(k, (n,), generator=gen)
+            else:
+                labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+                labels = labels.expand(n) if labels.numel() == 1 else labels
+            if len(labels) != n or labels.min() < 0 or labels.max() >= k:
+                raise ValueError(f"class_labels: expected {n} labels in 0..{k - 1}")
+        elif class_labels is not None:
+            raise ValueError("class_labels were given, but this model is not class-conditional")
+        step_gen = generator
+        if seed is not None:
+            step_gen = torch.Generator(device=device).manual_seed(seed + 1)
+        sigma_max = float(spec["sigmas"][0])
+        out = []
+        for i in range(0, n, chunk_size):
+            x = noise[i:i + chunk_size].to(device) * sigma_max
+            lab = None if labels is None else labels[i:i + chunk_size].to(device)
+            out.append(self._solve(x, lab, step_gen).float().cpu())
+        x = torch.cat(out)
+        if output_type == "raw":
+            images = x
+        elif not spec["image"]:
+            if output_type != "np":
+                raise ValueError(f"output_type {output_type!r}: this model draws {list(shape)}-vectors, not images; "
+                                 "use 'raw' or 'np'")
+            images = x.numpy()
+        else:
+            img = (x / 2 + 0.5).clamp(0, 1)
+            if output_type == "pt":
+                images = img
+            else:
+                images = img.permute(0, 2, 3, 1).numpy()
+                if output_type == "pil":
+                    images = self.numpy_to_pil(images)
+                elif output_type != "np":
+                    raise ValueError(f"output_type {output_type!r}: expected raw, pt, np or pil")
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+
+def load_pipeline(folder) -> FewstepPipeline:
+    """The pipeline of an export folder, without diffusers' dynamic-module loader."""
+    folder = Path(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    library, name = index["unet"]
+    if library == "diffusers":
+        import diffusers
+        unet = getattr(diffusers, name).from_pretrained(str(folder / "unet"))
+    else:
+        path = folder / "unet" / f"{library}.py"
+        mod_name = f"exported_net_{abs(hash(str(path.resolve())))}"
+        spec = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(spec)
+        import sys
+        sys.modules[mod_name] = module
+        spec.loader.exec_module(module)
+        unet = getattr(module, name).from_pretrained(str(folder / "unet"))
+    return FewstepPipeline(unet=unet.eval(), sampler=index["sampler"])
+
+
+__all__ = ["FewstepPipeline", "load_pipeline"]

@@ -1,0 +1,312 @@
+"""diffusers interop: tiny UNet2DModel folders in (import, solver equality with diffusers' own
+schedulers, every distillation method on the imported teacher), students out (exported folders
+loaded in a fresh process without fewstep reproduce `fewstep sample`), and refused inputs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers import (DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler,  # noqa: E402
+                       UNet2DModel)
+
+from fewstep.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from fewstep.cli import main  # noqa: E402
+from fewstep.errors import FewstepError  # noqa: E402
+from fewstep.interop import foreign_kind, import_model  # noqa: E402
+from fewstep.interop.diffusers_io import DiffusersUNet, export_diffusers  # noqa: E402
+from fewstep.sampling import resolve_sampler, sample  # noqa: E402
+from fewstep.solvers import solve  # noqa: E402
+
+EXPORT_TOL = 1e-5
+
+
+def tiny_unet(seed=0, num_class_embeds=None, **kw):
+    torch.manual_seed(seed)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8, attention_head_dim=8,
+                       num_class_embeds=num_class_embeds, **kw).eval()
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Three layouts × three schedules: a DDPM pipeline folder (linear, ε), a bare unet/ + scheduler/
+    pair (DDIM config, linear, v), and a bare class-conditional UNet2DModel folder with its scheduler
+    config beside it (squaredcos_cap_v2, ε)."""
+    root = tmp_path_factory.mktemp("diffusers")
+    DDPMPipeline(unet=tiny_unet(0), scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(root / "eps")
+    tiny_unet(1).save_pretrained(root / "v" / "unet")
+    DDIMScheduler(num_train_timesteps=1000, prediction_type="v_prediction").save_pretrained(root / "v" / "scheduler")
+    tiny_unet(2, num_class_embeds=3).save_pretrained(root / "cos")
+    DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2").save_config(root / "cos")
+    return root
+
+
+@pytest.fixture(scope="module")
+def imported(folders, tmp_path_factory):
+    out = tmp_path_factory.mktemp("imported")
+    return {k: import_model(folders / k, out / k) for k in ("eps", "v", "cos")}
+
+
+def test_import_cards_and_outputs(folders, imported):
+    for name, param, table, layout in [("eps", "eps", "linear", "pipeline"), ("v", "v", "linear", "unet+scheduler"),
+                                       ("cos", "eps", "squaredcos_cap_v2", "unet")]:
+        assert foreign_kind(folders / name) == "diffusers"
+        ck = load_checkpoint(imported[name])
+        card = ck.card
+        assert card["source"]["format"] == "diffusers" and card["source"]["layout"] == layout
+        assert len(card["source"]["sha256"]) == 64 and card["source"]["unet_config"]["sample_size"] == 8
+        assert card["denoiser"]["param"] == param and card["denoiser"]["schedule"]["table_name"] == f"diffusers:{table}"
+        assert card["data"]["shape"] == [1, 8, 8] and card["data"]["num_classes"] == (3 if name == "cos" else 0)
+        assert card["sampler"]["name"] == "dpmpp2m" and card["sampler"]["nfe"] == 50
+        # the table is diffusers' own (float32 cumprod), and the network is the UNet, weight for weight
+        ref = DDIMScheduler.from_config(DDIMScheduler.load_config(folders / name / ("" if name == "cos" else "scheduler")))
+        assert torch.equal(ck.denoiser.schedule.alpha_bar, ref.alphas_cumprod.double())
+        unet = UNet2DModel.from_pretrained(folders / name / ("" if name == "cos" else "unet")).eval()
+        x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+        t = torch.tensor([0.0, 17.0, 999.0])
+        labels = torch.tensor([0, 1, 2]) if name == "cos" else None
+        with torch.no_grad():
+            assert torch.equal(ck.denoiser.net(x, t, class_labels=labels), unet(x, t, class_labels=labels).sample)
+        assert set(ck.denoiser.net.state_dict()) == {f"unet.{k}" for k in unet.state_dict()}
+
+
+def _diffusers_loop(scheduler, unet, y, labels, **step_kw):
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            out = unet(y, t, class_labels=labels).sample
+            y = scheduler.step(out, t, y, **step_kw).prev_sample
+    return y
+
+
+@pytest.mark.parametrize("name", ["eps", "v", "cos"])
+@pytest.mark.parametrize("solver", ["ddim", "dpmpp2m"])
+def test_solvers_equal_diffusers_schedulers(folders, imported, name, solver):
+    """fewstep's DDIM / DPM-Solver++(2M) on the imported teacher equal diffusers' own loops on the
+    same UNet and noise; fewstep's σ grid is the table's σ at the diffusers scheduler's timesteps."""
+    sub = "" if name == "cos" else "scheduler"
+    cfg = DDIMScheduler.load_config(folders / name / sub)
+    if solver == "ddim":
+        ref = DDIMScheduler.from_config(cfg, clip_sample=False, set_alpha_to_one=True, timestep_spacing="leading")
+        ref.set_timesteps(10)
+        kw = {"eta": 0.0}
+    else:
+        ref = DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++", solver_order=2,
+                                                      solver_type="midpoint", lower_order_final=True,
+                                                      final_sigmas_type="zero", timestep_spacing="linspace")
+        ref.set_timesteps(8)
+        kw = {}
+    unet = UNet2DModel.from_pretrained(folders / name / ("" if name == "cos" else "unet")).eval()
+    den = load_checkpoint(imported[name]).denoiser
+    labels = torch.tensor([0, 1, 2, 0]) if name == "cos" else None
+    y0 = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    y = _diffusers_loop(ref, unet, y0.clone(), labels, **kw)
+    ts = ref.timesteps.long()
+    grid = torch.cat([den.schedule.sigmas[ts], torch.zeros(1, dtype=torch.float64)])
+    x = y0 / den.schedule.alpha_bar[ts[0]].sqrt().float()
+    with torch.no_grad():
+        ours = solve(solver, den.with_step(None, labels), x, grid).x
+    diff, scale = (ours - y).abs().max().item(), y.abs().max().item()
+    print(f"{solver} on {name}: max |fewstep - diffusers| = {diff:.3g} (output scale {scale:.3g})")
+    # a random ε-UNet's samples reach hundreds (its ε is no noise estimate); float32 agreement is relative
+    assert diff <= 2e-6 * max(1.0, scale)
+
+
+def test_sfd_v_student_starts_as_its_teacher(imported):
+    """The step condition reaches the UNet's time embedding and starts as an exact no-op."""
+    from fewstep.distill.sfd import SFD, SFDConfig
+
+    teacher = load_checkpoint(imported["v"])
+    method = SFD(teacher, SFDConfig(nfe=[1, 3], m=1))
+    student = method.student
+    assert student.has_step_condition and student.net.config["step_condition"]
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 5
+    sigma = torch.tensor([80.0, 5.0, 0.5, 0.05], dtype=torch.float64)
+    with torch.no_grad():
+        ref = teacher.denoiser(x, sigma)
+        for n in (3, 5):
+            assert torch.equal(student(x, sigma, step=n), ref)
+        # the condition is live: a non-zero output layer changes the result, and differently per N
+        torch.nn.init.normal_(student.net.step_cond.fc2.weight, std=0.5)
+        a, b = student(x, sigma, step=3), student(x, sigma, step=5)
+    assert (a - ref).abs().max() > 1e-4 and (a - b).abs().max() > 1e-6
+    with pytest.raises(FewstepError, match="step condition"):
+        student(x, sigma)
+
+
+def test_features_default_and_named(imported):
+    den = load_checkpoint(imported["eps"]).denoiser
+    x, sigma = torch.randn(2, 1, 8, 8), torch.tensor(2.0, dtype=torch.float64)
+    with torch.no_grad():
+        out, feats = den.raw(x, sigma, return_features=True)
+        assert feats.shape == (2, 16, 8, 8) and torch.equal(out, den.raw(x, sigma))  # the last up block
+        net = DiffusersUNet(unet=den.net.config["unet"], feature_layer="mid_block")
+        assert net.config["feature_layer"] == "unet.mid_block"
+        net.load_state_dict(den.net.state_dict())
+        _, mid = net(x * 0.4, torch.tensor([3.0, 3.0]), return_features=True)
+    assert mid.shape == (2, 32, 4, 4)
+    with pytest.raises(FewstepError, match="feature layer 'nope'"):
+        DiffusersUNet(unet=den.net.config["unet"], feature_layer="nope")
+
+
+# ---- students of the imported teacher, and of fewstep's own and EDM teachers, exported ----------
+
+def run(argv):
+    try:
+        main([str(a) for a in argv])
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+TRAIN = ["--batch", 4, "--ckpt-every", 0, "--no-progress", "--log-every", 1]
+
+
+def _edm_students(root):
+    """Hand-made SFD-style students of the three EDM preconditionings (continuous schedules)."""
+    from fewstep.denoiser import Denoiser
+    from fewstep.distill.sfd import nested_grids
+    from fewstep.interop.edm_nets import SongUNet
+    from fewstep.schedule import Schedule
+
+    out = {}
+    for param, sched in [("edm", Schedule.continuous(0.002, 80.0, 0.5)),
+                         ("eps", Schedule.continuous(0.002, 80.0, 0.5, "vp", {"beta_d": 19.9, "beta_min": 0.1,
+                                                                              "M": 1000})),
+                         ("ve", Schedule.continuous(0.02, 80.0, 0.5, "ve"))]:
+        torch.manual_seed(3)
+        net = SongUNet(resolution=8, in_channels=1, model_channels=16, channel_mult=(1, 2), num_blocks=1,
+                       attn_resolutions=(4,), dropout=0.0)
+        spec = {"name": "euler", "afs": True, "final_zero": False, "clip": None}
+        if param == "edm":  # an SFD-v model: the step count goes to the network
+            net.add_step_condition()
+            torch.nn.init.normal_(net.step_cond.fc2.weight, std=0.1)
+            grids = {str(n): [float(s) for s in nested_grids("polynomial", n + 2, 0, sched.sigma_min, 80.0)[0]]
+                     for n in (2, 3)}
+            spec.update(nfe=3, grids=grids)
+        else:
+            spec.update(nfe=2, sigmas=[float(s) for s in nested_grids("polynomial", 4, 0, sched.sigma_min, 80.0)[0]])
+        card = {"method": {"name": "sfd-v" if param == "edm" else "sfd"}, "sampler": spec, "teacher": None,
+                "data": {"kind": "image", "shape": [1, 8, 8], "name": "test"}}
+        out[f"edm-{param}"] = save_checkpoint(root / f"edm-{param}", Denoiser(net, sched, param), card)
+    return out
+
+
+@pytest.fixture(scope="module")
+def students(folders, imported, tmp_path_factory):
+    """Every method's student, exported, and one fresh process (fewstep made unimportable) that loads
+    each export and samples the same seeds: {name: (checkpoint, export, nfe, max |diff|)}."""
+    root = tmp_path_factory.mktemp("students")
+    os.environ["FEWSTEP_CACHE"] = str(root / "cache")  # on-the-fly imports of --teacher FOLDER land here
+    v = folders / "v"
+    assert run(["distill", "sfd", "--teacher", v, "--nfe", 2, "--m", 1, "--iters", 2, "--out", root / "sfd", *TRAIN]) == 0
+    assert run(["distill", "sfd", "--teacher", v, "--nfe", "1,3", "--m", 1, "--iters", 2, "--out", root / "sfdv",
+                *TRAIN]) == 0
+    assert run(["distill", "sfd", "--teacher", root / "sfdv", "--stage2", "--iters", 1, "--out", root / "stage2",
+                *TRAIN]) == 0
+    assert run(["distill", "sfddm", "--teacher", imported["v"], "--data", "digits", "--steps", 4, "--iters", 2,
+                "--out", root / "sfddm", *TRAIN]) == 0
+    assert run(["distill", "progressive", "--teacher", imported["v"], "--data", "digits", "--start-steps", 8,
+                "--steps", 4, "--iters", 2, "--out", root / "progressive", *TRAIN]) == 0
+    assert run(["distill", "sfd", "--teacher", "digits-teacher", "--nfe", 2, "--m", 1, "--iters", 1,
+                "--out", root / "digits-sfd", *TRAIN]) == 0
+    assert run(["distill", "sfd", "--teacher", "gmm8-teacher", "--nfe", "1,2", "--m", 1, "--iters", 1,
+                "--out", root / "gmm8-sfdv", *TRAIN]) == 0
+    ckpts = {k: root / k for k in ("sfd", "sfdv", "stage2", "sfddm", "progressive", "digits-sfd", "gmm8-sfdv")}
+    ckpts.update(_edm_students(root))
+    jobs, nfes = [], {"sfdv": 1, "gmm8-sfdv": 2, "edm-edm": 2}
+    from safetensors.torch import save_file
+    for i, (name, ck) in enumerate(ckpts.items()):
+        nfe = nfes.get(name)
+        assert run(["export", ck, "--format", "diffusers", "--out", root / "export" / name,
+                    *(["--nfe", nfe] if nfe else [])]) == 0
+        seed = 10 + i
+        x = sample(load_checkpoint(ck), 5, seed=seed, nfe=nfe, progress=False)
+        save_file({"x": x.contiguous()}, str(root / f"{name}.expected.safetensors"))
+        jobs.append({"name": name, "folder": str(root / "export" / name), "seed": seed,
+                     "expected": str(root / f"{name}.expected.safetensors"),
+                     "loader": "diffusers" if i % 2 == 0 else "plain"})
+    env = {**os.environ, "HF_MODULES_CACHE": str(root / "hf_modules"), "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
+    r = subprocess.run([sys.executable, "-c", FRESH_PROCESS, json.dumps(jobs)], capture_output=True, text=True,
+                       env=env, cwd=root, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    diffs = json.loads(r.stdout.strip().splitlines()[-1])
+    return {k: (ckpts[k], root / "export" / k, nfes.get(k), diffs[k]) for k in ckpts}
+
+
+FRESH_PROCESS = r'''
+import importlib.util, json, sys
+sys.modules["fewstep"] = None  # the export must not need fewstep: any import of it fails here
+import torch
+from diffusers import DiffusionPipeline
+from safetensors.torch import load_file
+
+out = {}
+for job in json.loads(sys.argv[1]):
+    folder = job["folder"]
+    if job["loader"] == "diffusers":
+        pipe = DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder + "/pipeline.py",
+                                                 trust_remote_code=True)
+    else:
+        spec = importlib.util.spec_from_file_location("pipeline_" + job["name"].replace("-", "_"),
+                                                      folder + "/pipeline.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        pipe = mod.load_pipeline(folder)
+    assert type(pipe).__name__ == "FewstepPipeline", type(pipe)
+    pipe.set_progress_bar_config(disable=True)
+    expected = load_file(job["expected"])["x"]
+    x = pipe(batch_size=len(expected), seed=job["seed"], output_type="raw").images
+    assert x.shape == expected.shape, (x.shape, expected.shape)
+    out[job["name"]] = float((x - expected).abs().max())
+    if pipe.spec["image"]:
+        pil = pipe(batch_size=2, seed=0).images
+        assert len(pil) == 2 and pil[0].size == (8, 8)
+assert not [m for m in sys.modules if m.split(".")[0] == "fewstep" and sys.modules[m] is not None]
+print(json.dumps(out))
+'''
+
+
+@pytest.mark.parametrize("name", ["sfd", "sfdv", "stage2", "sfddm", "progressive", "digits-sfd", "gmm8-sfdv",
+                                  "edm-edm", "edm-eps", "edm-ve"])
+def test_export_round_trip_in_a_fresh_process(students, name):
+    ckpt, export, nfe, diff = students[name]
+    card = load_checkpoint(ckpt).card
+    index = json.loads((export / "model_index.json").read_text())
+    s = index["sampler"]
+    plan = resolve_sampler(load_checkpoint(ckpt), nfe)
+    print(f"{name}: {s['solver']} NFE {s['nfe']}, export round trip max |diff| = {diff:.3g}")
+    assert diff <= EXPORT_TOL
+    assert s["sigmas"] == [float(v) for v in plan["sigmas"]] and s["solver"] == plan["name"]
+    assert s["afs"] == plan["afs"] and s["clip"] == plan["clip"] and s["nfe"] == plan["nfe"]
+    assert (export / "pipeline.py").is_file() and (export / "README.md").is_file()
+    if card["net"]["type"] == "diffusers-unet2d":
+        # a plain UNet2DModel: any diffusers code loads it
+        assert index["unet"] == ["diffusers", "UNet2DModel"]
+        UNet2DModel.from_pretrained(export / "unet")
+    else:
+        assert index["unet"] == ["fewstep_net", "FewstepNet"] and (export / "unet" / "fewstep_net.py").is_file()
+    expected_solver = {"sfd": "euler", "sfdv": "euler", "stage2": "euler", "sfddm": "ddpm", "progressive": "ddim"}
+    if name in expected_solver:
+        assert s["solver"] == expected_solver[name] and s["time_input"]["kind"] == "discrete"
+    if name in ("sfdv", "stage2"):
+        assert s["step_condition"]["folded_into"] == "unet.time_embedding.linear_2.bias"
+    if name in ("gmm8-sfdv", "edm-edm"):
+        assert s["step"] == len(s["sigmas"]) and s["step_condition"]["step"] == len(s["sigmas"])
+    if name.startswith("edm-"):
+        assert s["time_input"]["time_code"] == {"edm-edm": "edm", "edm-eps": "vp", "edm-ve": "ve"}[name]
+
+
+def test_imported_teacher_card_names_on_the_fly_source(students, folders):
+    """`--teacher FOLDER` imported the diffusers folder on the fly; the student's card names it."""
+    card = load_checkpoint(students["sfd"][0]).card
+    teacher = load_checkpoint(card["teacher"]["path"]).card
+    assert teacher["source"]["path"] == str((folders / "v").resolve())
