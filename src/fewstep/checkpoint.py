@@ -198,7 +198,10 @@ def teacher_reference(path: Path) -> dict:
     """How a student names its teacher: path, built-in name if any, and the weights' content hash."""
     path = resolve_model_path(path)
     ref = {"path": str(path), "name": path.name, "sha256": sha256_file(path / WEIGHTS_NAME)}
-    source = read_card(path).get("source")
+    try:
+        source = read_card(path).get("source")
+    except FewstepError:
+        source = None
     if isinstance(source, dict):  # an imported teacher: also the foreign file it was read from
         ref["source"] = {k: source.get(k) for k in ("format", "path", "sha256")}
     return ref
