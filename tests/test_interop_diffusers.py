@@ -310,3 +310,94 @@ def test_imported_teacher_card_names_on_the_fly_source(students, folders):
     card = load_checkpoint(students["sfd"][0]).card
     teacher = load_checkpoint(card["teacher"]["path"]).card
     assert teacher["source"]["path"] == str((folders / "v").resolve())
+
+
+# ---- refused inputs ----------------------------------------------------------------------------
+
+def _bare(root, unet_cfg=None, sched=None, weights=True):
+    root.mkdir(parents=True)
+    cfg = dict(tiny_unet().config) if unet_cfg is None else unet_cfg
+    (root / "config.json").write_text(json.dumps({**{k: v for k, v in cfg.items() if not k.startswith("_")},
+                                                  "_class_name": cfg.get("_class_name", "UNet2DModel")}))
+    if weights:
+        (root / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    if sched is not None:
+        (root / "scheduler_config.json").write_text(json.dumps(sched))
+    return root
+
+
+DDPM_CFG = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear"}
+
+
+@pytest.mark.parametrize("case,match", [
+    ("conditional", "found UNet2DConditionModel, a text- or latent-conditioned network"),
+    ("beta", "beta_schedule 'sigmoid' is not supported; expected one of linear, scaled_linear, squaredcos_cap_v2"),
+    ("prediction", "prediction_type 'flow': expected one of epsilon, v_prediction, sample"),
+    ("no-unet", "DDPMPipeline lists no unet \\(components: scheduler\\)"),
+    ("latent", "LDMPipeline has vqvae: a latent or text-to-image pipeline"),
+    ("no-scheduler", "no scheduler config \\(looked for"),
+    ("bin", "no diffusion_pytorch_model.safetensors \\(found: diffusion_pytorch_model.bin\\)"),
+    ("scheduler-class", "scheduler 'ScoreSdeVeScheduler' is not a discrete VP scheduler"),
+    ("zero-snr", "rescale_betas_zero_snr"),
+    ("fourier", "time_embedding_type 'fourier' is not supported"),
+])
+def test_unsupported_folders_are_refused(tmp_path, case, match):
+    src = tmp_path / case
+    base = dict(tiny_unet().config)
+    if case == "conditional":
+        _bare(src, {"_class_name": "UNet2DConditionModel", "sample_size": 8, "cross_attention_dim": 32}, DDPM_CFG)
+    elif case == "beta":
+        _bare(src, sched={**DDPM_CFG, "beta_schedule": "sigmoid"})
+    elif case == "prediction":
+        _bare(src, sched={**DDPM_CFG, "prediction_type": "flow"})
+    elif case == "no-unet":
+        src.mkdir()
+        (src / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline",
+                                                          "scheduler": ["diffusers", "DDPMScheduler"]}))
+    elif case == "latent":
+        src.mkdir()
+        (src / "model_index.json").write_text(json.dumps({"_class_name": "LDMPipeline",
+                                                          "unet": ["diffusers", "UNet2DModel"],
+                                                          "vqvae": ["diffusers", "VQModel"],
+                                                          "scheduler": ["diffusers", "DDIMScheduler"]}))
+    elif case == "no-scheduler":
+        _bare(src)
+    elif case == "bin":
+        _bare(src, sched=DDPM_CFG, weights=False)
+        (src / "diffusion_pytorch_model.bin").write_bytes(b"not read")
+    elif case == "scheduler-class":
+        _bare(src, sched={"_class_name": "ScoreSdeVeScheduler", "num_train_timesteps": 2000})
+    elif case == "zero-snr":
+        _bare(src, sched={**DDPM_CFG, "rescale_betas_zero_snr": True})
+    elif case == "fourier":
+        _bare(src, {**base, "time_embedding_type": "fourier"}, DDPM_CFG)
+    assert foreign_kind(src) == "diffusers"
+    with pytest.raises(FewstepError, match=match):
+        import_model(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_import_refusal_is_one_line(tmp_path, capsys):
+    src = _bare(tmp_path / "bad", sched={**DDPM_CFG, "beta_schedule": "exp"})
+    assert run(["import", src, "--out", tmp_path / "out"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "beta_schedule 'exp'" in err[0] and "Traceback" not in err[0]
+
+
+def test_missing_diffusers_is_a_clear_error(folders, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    with pytest.raises(FewstepError, match=r"pip install 'fewstep\[diffusers\]'"):
+        import_model(folders / "eps", tmp_path / "out")
+
+
+def test_export_refuses_an_unsupported_sampler_and_a_used_folder(imported, tmp_path):
+    ck = load_checkpoint(imported["eps"])
+    card = {k: ck.card[k] for k in ("method", "teacher", "data")}
+    save_checkpoint(tmp_path / "heun", ck.denoiser, {**card, "sampler": {"name": "heun", "nfe": 9}})
+    with pytest.raises(FewstepError, match="sampler is 'heun'; the exported pipeline implements"):
+        export_diffusers(tmp_path / "heun", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "x").write_text("")
+    with pytest.raises(FewstepError, match="exists and is not empty"):
+        export_diffusers(imported["eps"], tmp_path / "used")

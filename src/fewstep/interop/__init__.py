@@ -22,7 +22,8 @@ def foreign_kind(path: str | Path) -> str | None:
         return "edm"
     if p.is_dir() and not (p / "fewstep.json").exists() and (
             (p / "model_index.json").is_file() or ((p / "unet").is_dir() and (p / "scheduler").is_dir())
-            or ((p / "config.json").is_file() and (p / "diffusion_pytorch_model.safetensors").is_file())):
+            # any weights file, so that pickled .bin weights reach the importer's clear refusal
+            or ((p / "config.json").is_file() and any(p.glob("diffusion_pytorch_model*")))):
         return "diffusers"
     return None
 
