@@ -45,7 +45,7 @@ LATENT_OR_TEXT = ("vae", "vqvae", "vqgan", "text_encoder", "text_encoder_2", "to
                   "image_encoder", "prior", "transformer")
 SUPPORTED = ("supported: pixel-space UNet2DModel models (unconditional or with num_class_embeds) with a discrete "
              "VP scheduler, e.g. DDPMPipeline / DDIMPipeline folders")
-EXPORT_SOLVERS = ("euler", "ddim", "ddpm")
+EXPORT_SOLVERS = ("euler", "ddim", "ddpm", "dpmpp2m", "dpmpp3m")
 PIPELINE_SOURCE = Path(__file__).with_name("diffusers_pipeline.py")
 
 
@@ -445,7 +445,8 @@ def export_diffusers(model, out: Path, nfe: int | None = None) -> Path:
     plan = resolve_sampler(ckpt, nfe)
     if plan["name"] not in EXPORT_SOLVERS:
         raise FewstepError(f"export: the model's sampler is {plan['name']!r}; the exported pipeline implements "
-                           f"{', '.join(EXPORT_SOLVERS)} (the samplers of SFD, SFDDM and progressive students)")
+                           f"{', '.join(EXPORT_SOLVERS)} (the samplers of SFD, SFDDM and progressive students and "
+                           "of fewstep's teachers)")
     kind = den.net.config.get("type")
     if kind != "diffusers-unet2d" and kind not in CUSTOM_NETS:
         raise FewstepError(f"export: network type {kind!r} cannot be exported; supported: diffusers-unet2d, "
@@ -466,7 +467,8 @@ def export_diffusers(model, out: Path, nfe: int | None = None) -> Path:
         data = card.get("data") or {}
         sampler = {
             "format": "fewstep-diffusers-export", "version": 1,
-            "solver": plan["name"], "eta": {"euler": None, "ddim": 0.0, "ddpm": 1.0}[plan["name"]],
+            "solver": plan["name"], "eta": {"ddim": 0.0, "ddpm": 1.0}.get(plan["name"]),
+            "lower_order_final": True,  # fewstep's DPM-Solver++ default (only DPM-Solver++ reads it)
             "sigmas": [float(s) for s in plan["sigmas"]], "nfe": int(plan["nfe"]), "afs": bool(plan["afs"]),
             "clip": plan["clip"], "param": den.param, "sigma_data": float(den.schedule.sigma_data),
             "time_input": time_input_spec(den), "step": pass_step, "step_condition": folded or (

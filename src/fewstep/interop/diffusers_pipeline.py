@@ -2,7 +2,7 @@
 
 This file is copied into every export as `pipeline.py` and needs only torch and diffusers (fewstep
 itself is not needed). The `sampler` entry of the export's `model_index.json` holds everything it
-uses: the σ grid, solver (euler / ddim / ddpm), AFS, clip, parameterization, time input and step
+uses: the σ grid, solver (euler / ddim / ddpm / dpmpp2m / dpmpp3m), AFS, clip, parameterization, time input and step
 condition. It works in σ-space, x = x0 + σ·ε, and repeats fewstep's arithmetic operation for
 operation (float64 noise levels, float32 states), so for the same initial noise it returns what
 `fewstep sample` returns.
@@ -110,6 +110,7 @@ class FewstepPipeline(DiffusionPipeline):
         spec = self.spec
         sigmas = torch.tensor(spec["sigmas"], dtype=torch.float64, device=x.device)
         solver = spec["solver"]
+        hist = []  # DPM-Solver++'s earlier (x0, λ), newest first
         for i in self.progress_bar(range(len(sigmas) - 1)):
             s, s_next = sigmas[i], sigmas[i + 1]
             if solver == "euler":
@@ -127,9 +128,46 @@ class FewstepPipeline(DiffusionPipeline):
                 if eta > 0 and s_next > 0:
                     x = x + s_up.to(x.dtype) * torch.randn(x.shape, generator=generator, device=x.device,
                                                           dtype=x.dtype)
+            elif solver in ("dpmpp2m", "dpmpp3m"):
+                x = self._dpmpp_step(x, i, sigmas, labels, hist, 2 if solver == "dpmpp2m" else 3)
             else:
                 raise ValueError(f"unknown solver {solver!r}")
         return x
+
+    def _dpmpp_step(self, x, i, sigmas, labels, hist, order):
+        """One step of DPM-Solver++ multistep (data prediction) in λ = −log σ; order warms up from 1
+        and, with fewer than 15 steps, drops again at the last steps; a step to σ = 0 is a denoise."""
+        n = len(sigmas) - 1
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x0 = self.denoise(x, s, labels)
+        lam = -s.log()
+        step_order = min(order, i + 1)
+        if self.spec.get("lower_order_final", True) and n < 15:
+            step_order = min(step_order, n - i)
+        if s_next == 0:
+            x_new = x0
+        else:
+            h = -s_next.log() - lam
+            phi1 = -torch.expm1(-h)
+            x_new = (s_next / s).to(x.dtype) * x + phi1.to(x.dtype) * x0
+            if step_order >= 2:
+                x0_1, lam_1 = hist[0]
+                r0 = (lam - lam_1) / h
+                d1_0 = (x0 - x0_1) / r0.to(x.dtype)
+                if step_order == 2:
+                    x_new = x_new + (phi1 / 2).to(x.dtype) * d1_0
+                else:
+                    x0_2, lam_2 = hist[1]
+                    r1 = (lam_1 - lam_2) / h
+                    d1_1 = (x0_1 - x0_2) / r1.to(x.dtype)
+                    d1 = d1_0 + (r0 / (r0 + r1)).to(x.dtype) * (d1_0 - d1_1)
+                    d2 = (d1_0 - d1_1) / (r0 + r1).to(x.dtype)
+                    phi2 = phi1 / h - 1
+                    phi3 = phi2 / h + 0.5
+                    x_new = x_new - phi2.to(x.dtype) * d1 + phi3.to(x.dtype) * d2
+        hist.insert(0, (x0, lam))
+        del hist[2:]
+        return x_new
 
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, seed: int | None = None, generator: torch.Generator | None = None,
