@@ -327,6 +327,17 @@ def test_embedded_module_source_is_never_run(tmp_path):
     assert not marker.exists()
 
 
+def test_a_pickle_cannot_modify_the_functions_it_may_call(tmp_path):
+    import torch._utils
+    before = torch._utils._rebuild_parameter.__defaults__
+    # GLOBAL torch._utils._rebuild_parameter, then BUILD with slot state {'__defaults__': (1,)}
+    evil = (b"\x80\x04ctorch._utils\n_rebuild_parameter\nN}\x8c\x0c__defaults__K\x01\x85s\x86b.")
+    (tmp_path / "evil.pkl").write_bytes(evil)
+    with pytest.raises(FewstepError, match="tries to modify torch._utils._rebuild_parameter"):
+        load_snapshot(tmp_path / "evil.pkl")
+    assert torch._utils._rebuild_parameter.__defaults__ == before
+
+
 def test_classes_outside_the_allow_list_are_named(tmp_path):
     def refused(match, **kw):
         pkl = write_snapshot(tmp_path / "x.pkl", kw.pop("ema", None) or build_edm()[0], **kw)
@@ -427,6 +438,12 @@ def test_tables_read_off_continuous_teachers_are_exact(tmp_path):
         with torch.no_grad():
             assert torch.allclose(tab(x, sig), den(x, sig), atol=1e-5, rtol=1e-5), precond
         assert info["table_name"] in tab.schedule.table_name
+        # an SFDDM student copied from the teacher starts at exactly zero loss on the table
+        from fewstep.distill.sfddm import SFDDM, SFDDMConfig
+        m = SFDDM(den, SFDDMConfig(steps=4, init="teacher"), {"kind": "image", "shape": [1, 8, 8]})
+        assert m.student.param == den.param and m.card()["method"]["teacher_table"] == info
+        loss, _ = m.losses(torch.rand(4, 1, 8, 8) * 2 - 1, torch.arange(4), torch.randn(4, 1, 8, 8))
+        assert float(loss.detach()) == 0.0, precond
 
 
 def test_sfddm_and_progressive_on_an_edm_teacher(edm_teacher, tmp_path):

@@ -103,6 +103,22 @@ class _EasyDict(dict):
     """dnnlib's EasyDict read as a plain dict (pickle rebuilds dict subclasses with cls.__new__)."""
 
 
+class _Call:
+    """An allowed function as the unpickler hands it out: callable, but a BUILD opcode aimed at it
+    is refused (on the bare function it would set attributes, e.g. __defaults__, for this process)."""
+
+    __slots__ = ("fn", "name")
+
+    def __init__(self, fn, name: str):
+        self.fn, self.name = fn, name
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+    def __setstate__(self, state):
+        raise FewstepError(f"EDM snapshot: the file tries to modify {self.name}; this is not an EDM pickle")
+
+
 def _allowed():
     import collections
 
@@ -116,11 +132,11 @@ def _allowed():
         ("collections", "OrderedDict"): collections.OrderedDict,
         ("builtins", "set"): set,
         ("builtins", "frozenset"): frozenset,
-        ("dnnlib.util", "EasyDict"): _EasyDict,
         ("numpy", "dtype"): _np_dtype,
         ("numpy.core.multiarray", "scalar"): _np_scalar,
         ("numpy._core.multiarray", "scalar"): _np_scalar,
     }
+    table = {k: _Call(v, ".".join(k)) for k, v in table.items()}
     for name in ("float16", "bfloat16", "float32", "float64", "int64", "int32", "uint8", "bool"):
         table[("torch", name)] = getattr(torch, name)
     return table
@@ -134,8 +150,11 @@ class _AllowListUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) in self._table:
             return self._table[(module, name)]
+        # classes are handed out fresh on every lookup, so nothing the file does to one outlives it
         if (module, name) in CONTAINERS:
             return type(name, (ModuleRecord,), {"class_name": name})
+        if (module, name) == ("dnnlib.util", "EasyDict"):
+            return type("EasyDict", (_EasyDict,), {})
         raise FewstepError(f"EDM snapshot: refused to load '{module}.{name}': it is not on the list of what "
                            "a network snapshot may contain (tensors, containers, EDM's persistent networks); "
                            "nothing from the file was run")
@@ -154,7 +173,8 @@ def load_snapshot(path: str | Path):
             return _AllowListUnpickler(f).load()
         except FewstepError as e:
             raise FewstepError(f"{path}: {e}") from None
-        except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, IndexError, KeyError) as e:
+        except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, IndexError, KeyError,
+                RuntimeError, MemoryError, RecursionError) as e:
             raise FewstepError(f"{path}: not a readable EDM network snapshot ({type(e).__name__}: {e})") from None
 
 
