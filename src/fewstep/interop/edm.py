@@ -188,7 +188,11 @@ def import_edm_snapshot(src: Path, out: Path, feature_layer: str | None = None) 
     """Read an NVlabs/edm snapshot (its 'ema' network, or a bare preconditioner object) safely and write
     it as a fewstep checkpoint folder `out`."""
     src, out = Path(src), Path(out)
-    den, source = denoiser_from_snapshot(load_snapshot(src), feature_layer)
+    snapshot = load_snapshot(src)
+    try:
+        den, source = denoiser_from_snapshot(snapshot, feature_layer)
+    except FewstepError as e:
+        raise FewstepError(f"{src}: {e}") from None
     net = den.net.config
     card = {"method": {"name": "imported"},
             "source": {"format": "edm-snapshot", "path": str(src.resolve()), "sha256": sha256_file(src), **source},
