@@ -259,6 +259,9 @@ def test_cli_import_info_and_conditional_sampling(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "edm-snapshot" in text and "EDMPrecond" in text and "edm-songunet" in text
     assert "sigma in [0.002, 80]" in text and read_card(out)["source"]["sha256"] in text
+    with pytest.raises(SystemExit):
+        main(["import", str(pkl), "--out", str(out)])
+    assert "already holds a fewstep model" in capsys.readouterr().err
     png = tmp_path / "edm.png"
     main(["sample", str(out), "--nfe", "17", "--sampler", "heun", "--class", "3", "--n", "4", "--png", str(png)])
     assert png.is_file()

@@ -187,7 +187,16 @@ def default_sampler() -> dict:
 def import_edm_snapshot(src: Path, out: Path, feature_layer: str | None = None) -> Path:
     """Read an NVlabs/edm snapshot (its 'ema' network, or a bare preconditioner object) safely and write
     it as a fewstep checkpoint folder `out`."""
+    from fewstep.checkpoint import CARD_NAME, read_card
+
     src, out = Path(src), Path(out)
+    if (out / CARD_NAME).is_file():
+        try:
+            read_card(out)
+        except FewstepError:
+            pass  # a broken checkpoint (e.g. an interrupted cache entry) is replaced
+        else:
+            raise FewstepError(f"--out {out}: the folder already holds a fewstep model; choose another folder")
     snapshot = load_snapshot(src)
     try:
         den, source = denoiser_from_snapshot(snapshot, feature_layer)
