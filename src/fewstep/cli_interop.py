@@ -41,4 +41,4 @@ def cmd_export(args):
 
     out = export_diffusers(args.model, Path(args.out), nfe=args.nfe)
     print(f"exported {args.model} → {out} (diffusers: DiffusionPipeline.from_pretrained({str(out)!r}, "
-          "custom_pipeline=…/pipeline.py); see its README.md)")
+          "custom_pipeline=…/pipeline.py, trust_remote_code=True); see its README.md)")

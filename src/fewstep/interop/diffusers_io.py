@@ -485,6 +485,7 @@ def export_diffusers(model, out: Path, nfe: int | None = None) -> Path:
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         shutil.copyfile(PIPELINE_SOURCE, tmp / "pipeline.py")
         (tmp / "README.md").write_text(_readme(sampler, ckpt.path))
+        _share(tmp)
         if out.exists():
             out.rmdir()
         tmp.rename(out)
@@ -492,6 +493,15 @@ def export_diffusers(model, out: Path, nfe: int | None = None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _share(folder: Path) -> None:
+    """mkdtemp and safetensors make private (0700 / 0600) entries; an export is meant to be shared."""
+    import os
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [folder, *folder.rglob("*")]:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def _readme(s: dict, src) -> str:
@@ -506,6 +516,9 @@ def _readme(s: dict, src) -> str:
     labels = (f"\nThe model is class-conditional ({s['num_classes']} classes): pass `class_labels` (an int or one per "
               "image); without them classes are drawn uniformly (from `seed` + 2, as `fewstep sample` does).\n"
               if s["num_classes"] else "")
+    call = ('images = pipe(batch_size=16, seed=0).images            # PIL images (output_type="np" / "pt" / "raw")'
+            if s["image"] else 'x = pipe(batch_size=16, seed=0, output_type="np").images  # (16, '
+            + ", ".join(map(str, s["sample_shape"])) + ') samples')
     return f"""# A few-step sampler exported by fewstep
 
 Exported from `{src}` ({s['model']['method']}). Network: {net}.
@@ -520,7 +533,7 @@ Sampler: {s['solver']} on a fixed grid of {len(s['sigmas'])} noise levels, {s['n
 from diffusers import DiffusionPipeline
 pipe = DiffusionPipeline.from_pretrained("THIS_FOLDER", custom_pipeline="THIS_FOLDER/pipeline.py",
                                          trust_remote_code=True)
-images = pipe(batch_size=16, seed=0).images            # PIL images (output_type="np" / "pt" / "raw")
+{call}
 ```
 
 Without diffusers' loader (still needs diffusers installed):
@@ -532,6 +545,7 @@ pipe = load_pipeline("THIS_FOLDER")
 x = pipe(batch_size=16, seed=0, output_type="raw").images   # data range, exactly like `fewstep sample`
 ```
 
+`trust_remote_code=True` is diffusers' consent to run this folder's code: `pipeline.py`{' and `unet/fewstep_net.py`' if s['network']['type'] != 'diffusers-unet2d' else ''}.
 `pipe(noise=z, output_type="raw")` with unit Gaussian noise `z` of shape (N, {', '.join(map(str, s['sample_shape']))})
 returns what `fewstep sample` returns for that noise; `seed=S` draws the noise as `fewstep sample --seed S`
 does{' (and the ancestral noise from S + 1)' if s['solver'] == 'ddpm' else ''}.
