@@ -412,3 +412,18 @@ def test_export_refuses_an_unsupported_sampler_and_a_used_folder(imported, tmp_p
     (tmp_path / "used" / "x").write_text("")
     with pytest.raises(FewstepError, match="exists and is not empty"):
         export_diffusers(imported["eps"], tmp_path / "used")
+
+
+@pytest.mark.parametrize("sched", [{"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+                                   {"trained_betas": [0.001 + 0.0004 * i for i in range(50)],
+                                    "num_train_timesteps": 50}])
+def test_scaled_linear_and_trained_betas(tmp_path, sched):
+    tiny_unet(4).save_pretrained(tmp_path / "unet")
+    DDPMScheduler(**sched).save_pretrained(tmp_path / "scheduler")
+    assert main(["import", str(tmp_path), "--out", str(tmp_path / "ck"), "--feature-layer", "mid_block"]) is None
+    ck = load_checkpoint(tmp_path / "ck")
+    betas = (torch.tensor(sched["trained_betas"], dtype=torch.float32) if "trained_betas" in sched else
+             torch.linspace(sched["beta_start"] ** 0.5, sched["beta_end"] ** 0.5, 1000, dtype=torch.float32) ** 2)
+    assert torch.equal(ck.denoiser.schedule.alpha_bar, torch.cumprod(1 - betas, 0).double())
+    assert ck.card["net"]["feature_layer"] == "unet.mid_block"
+    assert ck.denoiser.schedule.T == len(betas)
