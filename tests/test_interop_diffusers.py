@@ -184,6 +184,9 @@ def _edm_students(root):
         torch.manual_seed(3)
         net = SongUNet(resolution=8, in_channels=1, model_channels=16, channel_mult=(1, 2), num_blocks=1,
                        attn_resolutions=(4,), dropout=0.0)
+        with torch.no_grad():  # EDM zero-initialises its output layers, which would hide the time input
+            for p in net.parameters():
+                p.add_(0.2 * torch.randn(p.shape) / max(1, p[0].numel()) ** 0.5 if p.ndim > 1 else 0.05 * torch.randn(p.shape))
         spec = {"name": "euler", "afs": True, "final_zero": False, "clip": None}
         if param == "edm":  # an SFD-v model: the step count goes to the network
             net.add_step_condition()
@@ -197,6 +200,24 @@ def _edm_students(root):
                 "data": {"kind": "image", "shape": [1, 8, 8], "name": "test"}}
         out[f"edm-{param}"] = save_checkpoint(root / f"edm-{param}", Denoiser(net, sched, param), card)
     return out
+
+
+def _edm_snapshots(root):
+    """NVlabs/edm snapshots (VP, VE, EDM preconditioning; both architectures) written by the EDM import's
+    own test helpers, when present: their students come through the on-the-fly import of the .pkl."""
+    try:
+        import importlib
+        helpers = importlib.import_module("test_interop_edm")
+        build_edm, write_snapshot = helpers.build_edm, helpers.write_snapshot
+    except (ImportError, AttributeError):
+        return {}
+    return {f"edm-pkl-{p}-{m}": write_snapshot(root / f"{p}-{m}.pkl", build_edm(p, m, seed=5)[0])
+            for p, m in [("EDMPrecond", "SongUNet"), ("VPPrecond", "SongUNet"), ("VEPrecond", "SongUNet"),
+                         ("EDMPrecond", "DhariwalUNet")]}
+
+
+EDM_PKL = ["edm-pkl-EDMPrecond-SongUNet", "edm-pkl-VPPrecond-SongUNet", "edm-pkl-VEPrecond-SongUNet",
+           "edm-pkl-EDMPrecond-DhariwalUNet"]
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +240,11 @@ def students(folders, imported, tmp_path_factory):
                 "--out", root / "digits-sfd", *TRAIN]) == 0
     assert run(["distill", "sfd", "--teacher", "gmm8-teacher", "--nfe", "1,2", "--m", 1, "--iters", 1,
                 "--out", root / "gmm8-sfdv", *TRAIN]) == 0
-    ckpts = {k: root / k for k in ("sfd", "sfdv", "stage2", "sfddm", "progressive", "digits-sfd", "gmm8-sfdv")}
+    for name, pkl in _edm_snapshots(root).items():
+        assert run(["distill", "sfd", "--teacher", pkl, "--nfe", 2, "--m", 1, "--iters", 1, "--out", root / name,
+                    *TRAIN]) == 0
+    ckpts = {k: root / k for k in ("sfd", "sfdv", "stage2", "sfddm", "progressive", "digits-sfd", "gmm8-sfdv",
+                                   *EDM_PKL) if (root / k).is_dir()}
     ckpts.update(_edm_students(root))
     ckpts.update({"teacher-cos": imported["cos"], "teacher-digits": "digits-teacher"})  # DPM-Solver++(2M) cards
     jobs, nfes = [], {"sfdv": 1, "gmm8-sfdv": 2, "edm-edm": 2, "teacher-cos": 10, "teacher-digits": 12}
@@ -284,8 +309,10 @@ print(json.dumps(out))
 
 
 @pytest.mark.parametrize("name", ["sfd", "sfdv", "stage2", "sfddm", "progressive", "digits-sfd", "gmm8-sfdv",
-                                  "edm-edm", "edm-eps", "edm-ve", "teacher-cos", "teacher-digits"])
+                                  "edm-edm", "edm-eps", "edm-ve", "teacher-cos", "teacher-digits", *EDM_PKL])
 def test_export_round_trip_in_a_fresh_process(students, name):
+    if name not in students:
+        pytest.skip("the EDM import's test helpers are not available")
     ckpt, export, nfe, (diff, scale) = students[name]
     card = load_checkpoint(ckpt).card
     index = json.loads((export / "model_index.json").read_text())
@@ -312,7 +339,9 @@ def test_export_round_trip_in_a_fresh_process(students, name):
         assert s["step"] == len(s["sigmas"]) and s["step_condition"]["step"] == len(s["sigmas"])
     if name == "teacher-cos":  # class-conditional: labels drawn from seed + 2 on both sides
         assert s["num_classes"] == 3
-    if name.startswith("edm-"):
+    if name in EDM_PKL:
+        assert s["param"] == {"EDMPrecond": "edm", "VPPrecond": "eps", "VEPrecond": "ve"}[name.split("-")[2]]
+    if name.startswith("edm-") and name not in EDM_PKL:
         assert s["time_input"]["time_code"] == {"edm-edm": "edm", "edm-eps": "vp", "edm-ve": "ve"}[name]
 
 
@@ -427,3 +456,35 @@ def test_scaled_linear_and_trained_betas(tmp_path, sched):
     assert torch.equal(ck.denoiser.schedule.alpha_bar, torch.cumprod(1 - betas, 0).double())
     assert ck.card["net"]["feature_layer"] == "unet.mid_block"
     assert ck.denoiser.schedule.T == len(betas)
+
+
+@pytest.mark.parametrize("name", ["sfd", "sfdv", "sfddm", "edm-edm", "edm-eps", "edm-ve", "teacher-cos"])
+def test_pipeline_denoiser_follows_the_time_input_rule_off_the_grid(students, name):
+    """Off its stored grid the pipeline computes the time input from the recorded rule (table index,
+    exact table, or EDM/VP/VE code) and the parameterization; both equal fewstep's Denoiser."""
+    import importlib.util
+
+    ckpt, export, nfe, _ = students[name]
+    spec = importlib.util.spec_from_file_location(f"exported_pipeline_{name.replace('-', '_')}", export / "pipeline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    pipe = module.load_pipeline(export)
+    den = load_checkpoint(ckpt).denoiser
+    s = pipe.spec
+    if s["time_input"]["kind"] == "discrete" and s["time_input"]["exact"]:
+        sigmas = torch.tensor(s["sigmas"][:-1], dtype=torch.float64)[[2, 0, 1]]  # an exact table: its own steps
+    else:
+        lo, hi = den.sigma_min, den.sigma_max
+        sigmas = torch.exp(torch.empty(3, dtype=torch.float64).uniform_(float(torch.tensor(lo).log()),
+                                                                         float(torch.tensor(hi).log())))
+    labels = torch.tensor([0, 2, 1]) if den.num_classes else None
+    step = plan_step = resolve_sampler(load_checkpoint(ckpt), nfe)["step"]
+    x = torch.randn(3, *s["sample_shape"], generator=torch.Generator().manual_seed(0)) * 3
+    with torch.no_grad():
+        for sigma in sigmas:
+            assert torch.equal(pipe.time_input(sigma.reshape(1)), den.time_input(sigma.reshape(1)))
+            ref = den.with_step(step if den.has_step_condition else None, labels)(x, sigma)
+            ref = ref.clamp(-s["clip"], s["clip"]) if s["clip"] is not None else ref
+            got = pipe.denoise(x, sigma, labels)
+            assert (got - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item()), (name, float(sigma))
+    assert plan_step == (None if not den.has_step_condition else len(s["sigmas"]))

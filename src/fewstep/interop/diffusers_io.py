@@ -424,8 +424,17 @@ def time_input_spec(den) -> dict:
                 "timesteps": [float(t) for t in s.timesteps], "exact": bool(den.exact_table),
                 "rule": "fractional table index, linear in log σ between entries (exact: the nearest entry)"}
     spec = {"kind": "continuous", "time_code": s.time_code, "time_params": dict(s.time_params or {})}
-    spec["rule"] = {"edm": "log(σ)/4 (float32)", "vp": "(M−1)·t(σ) of the VP-SDE", "ve": "log(σ/2)"}[s.time_code]
+    spec["rule"] = {"edm": "log(σ)/4", "vp": "(M−1)·t(σ) of the VP-SDE", "ve": "log(σ/2)"}[s.time_code] + \
+        " in float32"
     return spec
+
+
+def _grid_time_inputs(den, sigmas) -> list:
+    """The network's time input at each grid point, as fewstep computes it (None at σ = 0, where no
+    network is evaluated)."""
+    pos = sigmas[sigmas > 0]
+    t = den.time_input(pos.to(torch.float64)).float().tolist()
+    return t + [None] * (len(sigmas) - len(pos))
 
 
 def export_diffusers(model, out: Path, nfe: int | None = None) -> Path:
@@ -471,7 +480,8 @@ def export_diffusers(model, out: Path, nfe: int | None = None) -> Path:
             "lower_order_final": True,  # fewstep's DPM-Solver++ default (only DPM-Solver++ reads it)
             "sigmas": [float(s) for s in plan["sigmas"]], "nfe": int(plan["nfe"]), "afs": bool(plan["afs"]),
             "clip": plan["clip"], "param": den.param, "sigma_data": float(den.schedule.sigma_data),
-            "time_input": time_input_spec(den), "step": pass_step, "step_condition": folded or (
+            "time_input": time_input_spec(den), "time_inputs": _grid_time_inputs(den, plan["sigmas"]),
+            "step": pass_step, "step_condition": folded or (
                 None if step is None else {"step": int(step), "passed_to": "the network's step argument"}),
             "sample_shape": shape, "num_classes": den.num_classes,
             "image": data.get("kind", "image" if len(shape) == 3 else "toy") == "image" and len(shape) == 3,

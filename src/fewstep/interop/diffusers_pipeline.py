@@ -40,16 +40,15 @@ class FewstepPipeline(DiffusionPipeline):
     def time_input(self, sigma: torch.Tensor) -> torch.Tensor:
         """The network's time input for each σ (float64 in, float32 out)."""
         ti = self.spec["time_input"]
-        if ti["kind"] == "continuous":
-            code, p = ti["time_code"], ti["time_params"]
+        if ti["kind"] == "continuous":  # in float32, as NVlabs/edm computes its c_noise
+            code, p, s = ti["time_code"], ti["time_params"], sigma.float()
             if code == "edm":
-                return sigma.float().log() / 4
-            s = sigma.double()
+                return s.log() / 4
             if code == "vp":
-                t = ((p["beta_min"] ** 2 + 2 * p["beta_d"] * torch.log1p(s**2)).sqrt() - p["beta_min"]) / p["beta_d"]
-                return ((p["M"] - 1) * t).float()
+                t = ((p["beta_min"] ** 2 + 2 * p["beta_d"] * (1 + s**2).log()).sqrt() - p["beta_min"]) / p["beta_d"]
+                return (p["M"] - 1) * t
             if code == "ve":
-                return (s / 2).log().float()
+                return (s / 2).log()
             raise ValueError(f"unknown time code {code!r}")
         s = sigma.double().cpu()
         ab = torch.tensor(ti["alpha_bar"], dtype=torch.float64)
@@ -70,7 +69,9 @@ class FewstepPipeline(DiffusionPipeline):
         w = idx - lo
         return (ts[lo] * (1 - w) + ts[hi] * w).float().to(sigma.device)
 
-    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, class_labels=None) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, class_labels=None, t=None) -> torch.Tensor:
+        """x0 estimate at noise level σ; `t` is the network's time input when known (the export stores
+        the one fewstep computes for each grid point), else it follows the time-input rule."""
         spec = self.spec
         param, sd = spec["param"], spec["sigma_data"]
         sigma = sigma.to(device=x.device, dtype=torch.float64).reshape(-1).expand(x.shape[0])
@@ -82,7 +83,8 @@ class FewstepPipeline(DiffusionPipeline):
             c_in = torch.ones_like(sigma)
         else:
             c_in = 1 / (sigma**2 + (sd**2 if param == "edm" else 1.0)).sqrt()
-        x_in, t = x * b(c_in), self.time_input(sigma)
+        x_in = x * b(c_in)
+        t = self.time_input(sigma) if t is None else torch.full((x.shape[0],), float(t), device=x.device)
         if spec["network"]["type"] == "diffusers-unet2d":
             raw = self.unet(x_in, t, class_labels=class_labels).sample
         else:
@@ -110,6 +112,7 @@ class FewstepPipeline(DiffusionPipeline):
         spec = self.spec
         sigmas = torch.tensor(spec["sigmas"], dtype=torch.float64, device=x.device)
         solver = spec["solver"]
+        times = spec.get("time_inputs") or [None] * len(sigmas)
         hist = []  # DPM-Solver++'s earlier (x0, λ), newest first
         for i in self.progress_bar(range(len(sigmas) - 1)):
             s, s_next = sigmas[i], sigmas[i + 1]
@@ -117,11 +120,11 @@ class FewstepPipeline(DiffusionPipeline):
                 if spec["afs"] and i == 0:
                     d = x / math.sqrt(1 + float(s) ** 2)  # SFD's analytical first step: no network call
                 else:
-                    d = (x - self.denoise(x, s, labels)) / s.to(x.dtype)
+                    d = (x - self.denoise(x, s, labels, times[i])) / s.to(x.dtype)
                 x = x + (s_next - s).to(x.dtype) * d
             elif solver in ("ddim", "ddpm"):
                 eta = 0.0 if solver == "ddim" else 1.0
-                x0 = self.denoise(x, s, labels)
+                x0 = self.denoise(x, s, labels, times[i])
                 s_up = (eta**2 * s_next**2 * (s**2 - s_next**2) / s**2).clamp(min=0).sqrt()
                 s_down = (s_next**2 - s_up**2).clamp(min=0).sqrt()
                 x = x0 + (s_down / s).to(x.dtype) * (x - x0)
@@ -129,17 +132,17 @@ class FewstepPipeline(DiffusionPipeline):
                     x = x + s_up.to(x.dtype) * torch.randn(x.shape, generator=generator, device=x.device,
                                                           dtype=x.dtype)
             elif solver in ("dpmpp2m", "dpmpp3m"):
-                x = self._dpmpp_step(x, i, sigmas, labels, hist, 2 if solver == "dpmpp2m" else 3)
+                x = self._dpmpp_step(x, i, sigmas, labels, hist, 2 if solver == "dpmpp2m" else 3, times[i])
             else:
                 raise ValueError(f"unknown solver {solver!r}")
         return x
 
-    def _dpmpp_step(self, x, i, sigmas, labels, hist, order):
+    def _dpmpp_step(self, x, i, sigmas, labels, hist, order, t):
         """One step of DPM-Solver++ multistep (data prediction) in λ = −log σ; order warms up from 1
         and, with fewer than 15 steps, drops again at the last steps; a step to σ = 0 is a denoise."""
         n = len(sigmas) - 1
         s, s_next = sigmas[i], sigmas[i + 1]
-        x0 = self.denoise(x, s, labels)
+        x0 = self.denoise(x, s, labels, t)
         lam = -s.log()
         step_order = min(order, i + 1)
         if self.spec.get("lower_order_final", True) and n < 15:
