@@ -441,6 +441,8 @@ def test_export_refuses_an_unsupported_sampler_and_a_used_folder(imported, tmp_p
     (tmp_path / "used" / "x").write_text("")
     with pytest.raises(FewstepError, match="exists and is not empty"):
         export_diffusers(imported["eps"], tmp_path / "used")
+    with pytest.raises(FewstepError, match="a file of that name exists"):
+        export_diffusers(imported["eps"], tmp_path / "used" / "x")
 
 
 @pytest.mark.parametrize("sched", [{"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},

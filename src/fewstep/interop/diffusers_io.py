@@ -447,6 +447,8 @@ def export_diffusers(model, out: Path, nfe: int | None = None) -> Path:
     from fewstep.sampling import resolve_sampler, sample_shape
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FewstepError(f"--out {out}: a file of that name exists; expected a new folder")
     if out.exists() and any(out.iterdir()):
         raise FewstepError(f"--out {out}: the folder exists and is not empty; choose a new folder")
     ckpt = load_checkpoint(model)
