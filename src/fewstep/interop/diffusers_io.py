@@ -410,7 +410,7 @@ def _write_diffusers_unet(net: DiffusersUNet, step: int | None, folder: Path) ->
             raise FewstepError("export: this UNet2DModel's time embedding ends in an activation, so its step "
                                "condition cannot be folded into a bias")
         with torch.no_grad():
-            c = net.step_cond.cpu().float()(torch.tensor([float(step)]))[0]
+            c = copy.deepcopy(net.step_cond).cpu().float()(torch.tensor([float(step)]))[0]
             unet.time_embedding.linear_2.bias.add_(c)
         folded = {"step": int(step), "folded_into": "unet.time_embedding.linear_2.bias"}
     unet.save_pretrained(str(folder), safe_serialization=True)
