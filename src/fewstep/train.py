@@ -13,6 +13,14 @@ batch-mean loss gives the full-batch gradient.
 
 Methods may take several optimizer steps in one iteration (SFD steps once per student step), so a
 method calls `ctx.step(loss)` itself rather than returning a single loss.
+
+Timing: every iteration's wall time is split by a `Profiler` into the method's teacher calls
+(`with ctx.timed("teacher")`), the student's forward (`ctx.timed("student")`) and backward (inside
+`ctx.step`), the optimizer (all-reduce, clipping, Adam) and the rest. At each logged iteration the
+loop also measures the *floor*: the same network calls as that iteration, on the same batch, timed
+alone (`TrainMethod.floor_calls`). Both go to `metrics.jsonl`; the card's `training.profile` sums
+them up, with overhead = iteration wall / floor. The floor's own time is not counted as training
+time, and it changes no weights, optimizer state or random stream, so resume stays exact.
 """
 from __future__ import annotations
 
@@ -58,6 +66,7 @@ class TrainConfig:
     device: str = "auto"
     progress: bool = True
     log: str = "jsonl"                # jsonl | tensorboard (metrics.jsonl is always written)
+    profile: bool = True              # time the network floor at each logged iteration (not counted as wall)
 
     def validate(self):
         if self.steps < 1:
@@ -104,6 +113,92 @@ class TrainMethod:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def floor_calls(self) -> dict | None:
+        """The network calls of the last iteration, to be timed alone: {"teacher": [fn, ...], "student":
+        [fn, ...]}, one callable per call on that iteration's batch (teacher: a forward without grad;
+        student: a forward and a backward). None: the method has no floor."""
+        return None
+
+
+PROFILE_SECTIONS = ("teacher", "student", "optimizer")
+
+
+class Profiler:
+    """Seconds spent in named sections of one iteration. On CUDA, with `sync`, each section waits for
+    the device at both ends so the time is the work's own (off by default: syncs cost throughput)."""
+
+    def __init__(self, device: torch.device, sync: bool = False):
+        self.device = device
+        self.sync = sync and device.type == "cuda"
+        self.times = dict.fromkeys(PROFILE_SECTIONS, 0.0)
+        self._open = False
+
+    def reset(self):
+        self.times = dict.fromkeys(PROFILE_SECTIONS, 0.0)
+
+    def _wait(self):
+        if self.sync:
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def section(self, name: str):
+        if name not in self.times:
+            raise ValueError(f"profile section {name!r}: expected one of {', '.join(PROFILE_SECTIONS)}")
+        if self._open:  # a section inside another is counted once, by the outer one
+            yield
+            return
+        self._open = True
+        self._wait()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._wait()
+            self.times[name] += time.perf_counter() - t0
+            self._open = False
+
+    def record(self, wall: float) -> dict:
+        """This iteration's split: time_<section>_s for each section, time_rest_s and time_iter_s (the sum)."""
+        rec = {f"time_{k}_s": round(v, 6) for k, v in self.times.items()}
+        rec["time_rest_s"] = round(max(0.0, wall - sum(self.times.values())), 6)
+        rec["time_iter_s"] = round(sum(rec.values()), 6)
+        return rec
+
+    def floor(self, calls: dict) -> dict:
+        """Times each group of network calls alone: floor_teacher_s, floor_student_s and floor_s."""
+        rec = {}
+        for name in ("teacher", "student"):
+            fns = calls.get(name) or []
+            self._wait_always()
+            t0 = time.perf_counter()
+            for fn in fns:
+                fn()
+            self._wait_always()
+            rec[f"floor_{name}_s"] = round(time.perf_counter() - t0, 6)
+        rec["floor_s"] = round(rec["floor_teacher_s"] + rec["floor_student_s"], 6)
+        return rec
+
+    def _wait_always(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def profile_summary(records: list[dict]) -> dict | None:
+    """The card's `training.profile`: mean seconds per iteration in each part over the iterations whose
+    floor was measured, the floor, and overhead = Σ iteration wall / Σ floor over those iterations."""
+    rows = [r for r in records if r.get("floor_s") is not None and r.get("time_iter_s") is not None]
+    if not rows:
+        return None
+    n = len(rows)
+    out = {"iterations_measured": n}
+    for part in PROFILE_SECTIONS + ("rest", "iter"):
+        out[f"{part}_s"] = sum(float(r.get(f"time_{part}_s") or 0) for r in rows) / n
+    for part in ("floor_teacher", "floor_student", "floor"):
+        out[f"{part}_s"] = sum(float(r.get(f"{part}_s") or 0) for r in rows) / n
+    floor = sum(float(r["floor_s"]) for r in rows)
+    out["overhead"] = sum(float(r["time_iter_s"]) for r in rows) / floor if floor > 0 else None
+    return out
+
 
 class StepContext:
     """Handed to methods: one optimizer step from a loss, with DDP averaging, clipping, AMP."""
@@ -134,6 +229,10 @@ class StepContext:
     def autocast(self):
         return self.t.autocast()
 
+    def timed(self, section: str):
+        """Context manager: the enclosed work counts as `section` (teacher, student, optimizer) in the profile."""
+        return self.t.profiler.section(section)
+
     def step(self, loss: torch.Tensor) -> float:
         """zero_grad → backward → all-reduce → clip → optimizer step. Returns the gradient norm."""
         if not torch.isfinite(loss.detach()):
@@ -141,11 +240,17 @@ class StepContext:
                                "or check the data (nothing was saved from this iteration)")
         opt = self.t.optimizer
         opt.zero_grad(set_to_none=True)
+        with self.timed("student"):  # the student's backward
+            if self.t.scaler is not None:
+                self.t.scaler.scale(loss).backward()
+            else:
+                loss.backward()
+        with self.timed("optimizer"):
+            return self._update(opt)
+
+    def _update(self, opt) -> float:
         if self.t.scaler is not None:
-            self.t.scaler.scale(loss).backward()
             self.t.scaler.unscale_(opt)
-        else:
-            loss.backward()
         params = self.t.params
         if self.world > 1:
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -230,6 +335,7 @@ class Trainer:
             self.scaler = torch.amp.GradScaler("cuda")
         self.step = 0
         self.wall = 0.0
+        self.profiler = Profiler(self.device)
         self.is_main = self.rank == 0
         if config.log == "tensorboard":
             tensorboard_writer()  # a missing extra is reported before anything is written
@@ -303,9 +409,9 @@ class Trainer:
 
     # settings a resumed run may change: they do not alter what the finished run computes
     RESUMABLE_CHANGES = {"config": {"steps", "progress", "log_every", "sample_every", "ckpt_every", "n_preview",
-                                    "device", "log"},
+                                    "device", "log", "profile"},
                          "args": {"iters", "no_progress", "log_every", "sample_every", "ckpt_every", "device",
-                                  "resume", "out", "log"}}
+                                  "resume", "out", "log", "profile"}}
 
     def _changed_settings(self, st: dict) -> list[str]:
         """'name: now X, was Y' for every loop or command-line setting that differs from the saved run."""
@@ -345,11 +451,36 @@ class Trainer:
                                  "wall_time_s": round(self.wall, 2), "processes": self.world,
                                  "device": str(self.device), "finished": final,
                                  **self.run_info.get("training", {})})
+        profile = profile_summary(self._records())
+        if profile is not None:
+            card["training"]["profile"] = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in profile.items()}
         if self.run_info.get("command"):
             card["training"]["command"] = self.run_info["command"]
         model = self.eval_model()
         save_checkpoint(self.out_dir, model, card)
         save_train_state(self.out_dir, self._state())
+
+    def _records(self) -> list[dict]:
+        """The run's metrics.jsonl records (a line cut short by a kill is skipped)."""
+        path = self.out_dir / "metrics.jsonl"
+        records = []
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    pass
+        return records
+
+    def _measure_floor(self) -> dict:
+        """The last iteration's network calls timed alone (grads they leave are dropped)."""
+        calls = self.method.floor_calls()
+        if not calls:
+            return {}
+        rec = self.profiler.floor(calls)
+        for p in self.params:
+            p.grad = None
+        return rec
 
     def _log(self, record: dict):
         if not self.is_main:
@@ -426,6 +557,10 @@ class Trainer:
                 if stop:
                     interrupted = True
                     break
+                self.profiler.reset()
+                logged = (self.step + 1) % c.log_every == 0 or self.step + 1 == c.steps
+                # CUDA: a logged iteration's parts wait for the device, so they are its own work
+                self.profiler.sync = logged and c.profile and self.device.type == "cuda"
                 t0 = time.perf_counter()
                 for g in self.optimizer.param_groups:
                     g["lr"] = self.lr_at(self.step)
@@ -445,13 +580,17 @@ class Trainer:
                         for be, b in zip(self.ema.buffers(), self.model.buffers()):
                             be.copy_(b)
                 self.step += 1
-                self.wall += time.perf_counter() - t0
+                iteration_s = time.perf_counter() - t0
+                self.wall += iteration_s
                 bar.update(1)
                 if "loss" in logs:
                     bar.set_postfix(loss=f"{logs['loss']:.4g}", refresh=False)
-                if self.step % c.log_every == 0 or self.step == c.steps:
+                if logged:
+                    timing = self.profiler.record(iteration_s)
+                    if c.profile:  # after the iteration, outside its wall time
+                        timing.update(self._measure_floor())
                     self._log({"step": self.step, "lr": self.lr_at(self.step - 1),
-                               "wall_s": round(self.wall, 3), **logs})
+                               "wall_s": round(self.wall, 3), **logs, **timing})
                 if c.ckpt_every and self.step % c.ckpt_every == 0 and self.step < c.steps:
                     self.save()
                 if c.sample_every and self.step % c.sample_every == 0 and self.step < c.steps:

@@ -30,6 +30,8 @@ stays (default 1 for images); `clip_targets` restores the old clipped targets.
 """
 from __future__ import annotations
 
+import contextlib
+
 import copy
 import os
 from pathlib import Path
@@ -196,8 +198,10 @@ class ProgressiveFold(TrainMethod):
         return self.student
 
     def losses(self, x0: torch.Tensor, j: torch.Tensor, eps: torch.Tensor, student=None, autocast=None,
-               class_labels=None):
-        """Loss at student grid positions j (long): x = x0 + σ_j·ε, target from two teacher steps."""
+               class_labels=None, timed=None):
+        """Loss at student grid positions j (long): x = x0 + σ_j·ε, target from two teacher steps.
+        `timed(part)`: the training loop's profile."""
+        timed = timed or _untimed
         student = student or self.student
         class_labels = self.teacher.check_labels(class_labels, len(x0))
         dev = x0.device
@@ -208,10 +212,13 @@ class ProgressiveFold(TrainMethod):
         sigma_mid, sigma_next = self.grid[2 * j + 1].to(dev), self.grid[2 * j + 2].to(dev)
         x = x0 + student._bcast(sigma, x0) * eps
         ctx = autocast if autocast is not None else torch.autocast("cpu", enabled=False)
+        self._last = (x, sigma, sigma_mid, class_labels, autocast)
         with ctx:
-            target = two_step_target(self.teacher.with_step(None, class_labels), x, sigma, sigma_mid, sigma_next,
-                                     self.clip if self.clip_targets else None).float()
-            pred = student(x, sigma, class_labels=class_labels).float()
+            with timed("teacher"):
+                target = two_step_target(self.teacher.with_step(None, class_labels), x, sigma, sigma_mid,
+                                         sigma_next, self.clip if self.clip_targets else None).float()
+            with timed("student"):
+                pred = student(x, sigma, class_labels=class_labels).float()
         # the error in the head's own output (for v and ε the conversion folds the weight in exactly)
         xf = x.float()
         diff = head_output(self.head, pred, xf, sigma) - head_output(self.head, target, xf, sigma)
@@ -225,9 +232,30 @@ class ProgressiveFold(TrainMethod):
         gb = batch.shape[0] * ctx.world
         j = ctx.local(torch.randint(0, self.student_steps, (gb,), generator=gen))
         eps = ctx.local(torch.randn((gb, *batch.shape[1:]), generator=gen)).to(batch.device)
-        loss, logs = self.losses(batch, j, eps, autocast=ctx.autocast(), class_labels=ctx.labels)
+        loss, logs = self.losses(batch, j, eps, autocast=ctx.autocast(), class_labels=ctx.labels, timed=ctx.timed)
         logs["grad_norm"] = ctx.step(loss)
         return logs
+
+    def floor_calls(self):
+        """The last iteration's calls alone: the teacher's two DDIM evaluations (no grad) and the student's
+        forward and backward, on the iteration's batch."""
+        last = getattr(self, "_last", None)
+        if last is None:
+            return None
+        x, sigma, sigma_mid, labels, autocast = last
+        teacher = self.teacher.with_step(None, labels)
+
+        def teacher_call(s):
+            def call():
+                with torch.no_grad(), _fresh(autocast):
+                    teacher(x, s)
+            return call
+
+        def student():
+            with _fresh(autocast):
+                out = self.student(x, sigma, class_labels=labels)
+            out.float().sum().backward()
+        return {"teacher": [teacher_call(sigma), teacher_call(sigma_mid)], "student": [student]}
 
     def sampler_card(self) -> dict:
         return {"name": "ddim", "nfe": self.student_steps, "sigmas": [float(s) for s in self.student_grid],
@@ -249,6 +277,17 @@ class ProgressiveFold(TrainMethod):
 
 
 # ---- all folds ----------------------------------------------------------------------------------------
+
+def _untimed(part):
+    return contextlib.nullcontext()
+
+
+def _fresh(autocast):
+    """A reusable copy of an autocast context (None: no autocast)."""
+    if autocast is None or isinstance(autocast, contextlib.nullcontext):
+        return contextlib.nullcontext()
+    return torch.autocast(autocast.device, dtype=autocast.fast_dtype, enabled=autocast._enabled)
+
 
 def _finished(fold_dir: Path) -> bool:
     try:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -200,12 +199,10 @@ class SFD(TrainMethod):
         labels = self._labels(ctx, B, gen)
         x = eps * float(s_grid[0])
 
-        t0 = time.perf_counter()
-        with ctx.autocast():
+        with ctx.timed("teacher"), ctx.autocast():
             targets, teacher_nfe = self.traj(x, t_grid, self.positions[nfe], labels)
-        teacher_s = time.perf_counter() - t0
+        self._last = (ctx, x, s_grid, t_grid, teacher_nfe, labels)
 
-        t1 = time.perf_counter()
         model = self._student_model(len(s_grid), labels)
         losses = []
         s_grid = s_grid.to(ctx.device)
@@ -213,7 +210,7 @@ class SFD(TrainMethod):
             t, t_next = s_grid[i], s_grid[i + 1]
             use_net = not (cfg.afs and i == 0)
             if use_net:
-                with ctx.autocast():
+                with ctx.timed("student"), ctx.autocast():
                     d = (x - model(x, t)) / t.to(x.dtype)
             else:
                 d = afs_direction(x, float(t))
@@ -224,13 +221,39 @@ class SFD(TrainMethod):
                 ctx.step(loss)
             losses.append(float(loss.detach()))
             x = x_next.detach()
-        student_s = time.perf_counter() - t1
         self.trajectories += B
         logs = {"loss": sum(losses) / len(losses), "nfe": nfe, "teacher_nfe": teacher_nfe,
-                "teacher_s": round(teacher_s, 4), "student_s": round(student_s, 4),
                 "trajectories": self.trajectories}
         logs.update({f"loss_step{i}": v for i, v in enumerate(losses)})
         return logs
+
+    def floor_calls(self):
+        """The last iteration's calls alone: the teacher at each of its evaluations on the iteration's
+        batch (no grad), the student's forward and backward at each network-using student step."""
+        last = getattr(self, "_last", None)
+        if last is None:
+            return None
+        ctx, x, s_grid, t_grid, teacher_nfe, labels = last
+        tmodel = self.traj.den.with_step(self.traj.step, labels)
+        sigmas = t_grid.to(x.device)
+        model = self._student_model(len(s_grid), labels)
+
+        def teacher_call(sigma):
+            def call():
+                with torch.no_grad(), ctx.autocast():
+                    tmodel(x, sigma)
+            return call
+
+        def student_call(sigma):
+            def call():
+                with ctx.autocast():
+                    out = model(x, sigma)
+                out.float().sum().backward()
+            return call
+
+        first = 1 if self.cfg.afs else 0
+        return {"teacher": [teacher_call(sigmas[min(k, len(sigmas) - 2)]) for k in range(teacher_nfe)],
+                "student": [student_call(s_grid[i].to(x.device)) for i in range(first, len(s_grid) - 1)]}
 
     def _local_batch(self, ctx) -> int:
         return ctx.t.config.batch // ctx.world

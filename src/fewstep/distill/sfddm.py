@@ -32,6 +32,8 @@ pairs of two models fed the same noises, and slerp / linear interpolation betwee
 """
 from __future__ import annotations
 
+import contextlib
+
 import copy
 import math
 from dataclasses import dataclass
@@ -286,6 +288,17 @@ class SFDDMConfig:
             raise FewstepError(f"--dropout {self.dropout}: expected a probability in [0, 1)")
 
 
+def _untimed(part):
+    return contextlib.nullcontext()
+
+
+def _fresh(autocast):
+    """A reusable copy of an autocast context (None: no autocast)."""
+    if autocast is None or isinstance(autocast, contextlib.nullcontext):
+        return contextlib.nullcontext()
+    return torch.autocast(autocast.device, dtype=autocast.fast_dtype, enabled=autocast._enabled)
+
+
 class SFDDM(TrainMethod):
     """One fold: a T'-step student matches the teacher's outputs and hidden features at φ."""
 
@@ -338,9 +351,10 @@ class SFDDM(TrainMethod):
 
     # ---- loss ----------------------------------------------------------------------------------------
     def losses(self, x0: torch.Tensor, s: torch.Tensor, eps: torch.Tensor, student: Denoiser | None = None,
-               autocast=None, class_labels=None) -> tuple[torch.Tensor, dict]:
+               autocast=None, class_labels=None, timed=None) -> tuple[torch.Tensor, dict]:
         """The SFDDM loss for data x0 (of classes `class_labels`, for a conditional teacher) at student
-        steps s (long) with noise ε shared by both models."""
+        steps s (long) with noise ε shared by both models. `timed(part)`: the training loop's profile."""
+        timed = timed or _untimed
         student = student or self.student
         class_labels = self.teacher.check_labels(class_labels, len(x0))
         if next(self.teacher.parameters()).device != x0.device:
@@ -348,10 +362,12 @@ class SFDDM(TrainMethod):
         sigma = student.schedule.sigmas[s.cpu()].to(x0.device)  # == teacher σ at φ_s, bit for bit
         x = x0 + student._bcast(sigma, x0) * eps                  # = x_vp / sqrt(ᾱ'_s), same for both
         ctx = autocast if autocast is not None else torch.autocast("cpu", enabled=False)
+        self._last = (x, sigma, class_labels, autocast)
         with ctx:
-            with torch.no_grad():
+            with torch.no_grad(), timed("teacher"):
                 y_t, h_t = raw_and_features(self.teacher, x, sigma, class_labels, self.cfg.feature_layer)
-            y_s, h_s = raw_and_features(student, x, sigma, class_labels, self.cfg.feature_layer)
+            with timed("student"):
+                y_s, h_s = raw_and_features(student, x, sigma, class_labels, self.cfg.feature_layer)
         y_t, h_t, y_s, h_s = y_t.float(), h_t.float(), y_s.float(), h_s.float()
         diff = y_s - y_t
         out_loss = diff.abs().mean() if self.cfg.loss == "l1" else diff.square().mean()
@@ -381,12 +397,31 @@ class SFDDM(TrainMethod):
         # steps and ε for the global batch, sliced: identical across process counts and on resume
         s = ctx.local(torch.randint(0, self.T_student, (gb,), generator=gen))
         eps = ctx.local(torch.randn((gb, *batch.shape[1:]), generator=gen)).to(batch.device)
-        loss, logs = self.losses(batch, s, eps, autocast=ctx.autocast(), class_labels=ctx.labels)
+        loss, logs = self.losses(batch, s, eps, autocast=ctx.autocast(), class_labels=ctx.labels, timed=ctx.timed)
         logs["grad_norm"] = ctx.step(loss)
         logs["eps_mse_by_step"] = self._track_eps(s, logs.pop("eps_mse"), ctx.world)
         self.iterations += 1
         self.samples_seen += gb
         return logs
+
+    def floor_calls(self):
+        """The last iteration's calls alone: one teacher forward with features (no grad), one student
+        forward with features and its backward, on the iteration's batch."""
+        last = getattr(self, "_last", None)
+        if last is None:
+            return None
+        x, sigma, labels, autocast = last
+        layer = self.cfg.feature_layer
+
+        def teacher():
+            with torch.no_grad(), _fresh(autocast):
+                raw_and_features(self.teacher, x, sigma, labels, layer)
+
+        def student():
+            with _fresh(autocast):
+                y, h = raw_and_features(self.student, x, sigma, labels, layer)
+            (y.float().sum() + h.float().sum()).backward()
+        return {"teacher": [teacher], "student": [student]}
 
     def _track_eps(self, s: torch.Tensor, eps_mse: torch.Tensor, world: int = 1) -> list:
         """Update the running per-bin ε error with one batch; returns the bins' current values

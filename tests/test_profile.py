@@ -1,0 +1,88 @@
+"""The training loop's profile: per-iteration parts that add up, the network floor timed alone, the card's
+summary; the floor changes nothing a run computes."""
+import json
+
+import pytest
+import torch
+
+from fewstep.checkpoint import WEIGHTS_NAME, load_checkpoint, read_card
+from fewstep.data import sample_toy
+from fewstep.distill.progressive import ProgressiveFold, teacher_grid
+from fewstep.distill.sfd import SFD, SFDConfig
+from fewstep.distill.sfddm import SFDDM, SFDDMConfig
+from fewstep.train import PROFILE_SECTIONS, Profiler, TrainConfig, Trainer, profile_summary
+
+
+def _records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _check_profile(out, iterations, logged):
+    recs = _records(out)
+    assert len(recs) == logged
+    for r in recs:
+        parts = sum(r[f"time_{k}_s"] for k in PROFILE_SECTIONS) + r["time_rest_s"]
+        assert r["time_iter_s"] == pytest.approx(parts, abs=1e-5)
+        assert r["floor_s"] == pytest.approx(r["floor_teacher_s"] + r["floor_student_s"], abs=1e-5)
+        assert r["floor_teacher_s"] > 0 and r["floor_student_s"] > 0 and r["time_teacher_s"] > 0
+        assert r["time_student_s"] > 0 and r["time_optimizer_s"] > 0
+    prof = read_card(out)["training"]["profile"]
+    assert prof["iterations_measured"] == logged
+    assert prof["overhead"] == pytest.approx(sum(r["time_iter_s"] for r in recs) / sum(r["floor_s"] for r in recs),
+                                             rel=1e-4)
+    total = sum(prof[f"{k}_s"] for k in PROFILE_SECTIONS) + prof["rest_s"]
+    assert prof["iter_s"] == pytest.approx(total, rel=1e-4)
+    # the floor is not training time: the card's wall time is the iterations' own
+    assert read_card(out)["training"]["wall_time_s"] <= recs[-1]["wall_s"] + 0.01
+
+
+def _sfd(teacher, nfe):
+    return SFD(load_checkpoint(teacher), SFDConfig(nfe=nfe))
+
+
+@pytest.mark.parametrize("nfe", [[2], [1, 3]])
+def test_sfd_profile_adds_up(tiny_gmm8_teacher, tmp_path, nfe):
+    Trainer(_sfd(tiny_gmm8_teacher, nfe), TrainConfig(steps=6, batch=32, lr=1e-3, progress=False, log_every=2,
+                                                     n_preview=0), tmp_path).run()
+    _check_profile(tmp_path, 6, 3)
+
+
+def test_sfddm_and_progressive_profiles_add_up(tiny_gmm8_teacher, tmp_path):
+    data = sample_toy("gmm8", 256, seed=0)
+    teacher = load_checkpoint(tiny_gmm8_teacher)
+    Trainer(SFDDM(teacher.denoiser, SFDDMConfig(steps=4)), TrainConfig(steps=4, batch=32, progress=False,
+            log_every=2, n_preview=0), tmp_path / "sfddm", data=data).run()
+    _check_profile(tmp_path / "sfddm", 4, 2)
+    fold = ProgressiveFold(teacher.denoiser, teacher_grid(teacher.denoiser, 16))
+    Trainer(fold, TrainConfig(steps=4, batch=32, progress=False, log_every=2, n_preview=0), tmp_path / "pd",
+            data=data).run()
+    _check_profile(tmp_path / "pd", 4, 2)
+
+
+def test_floor_changes_no_bits(tiny_gmm8_teacher, tmp_path):
+    """Measuring the floor (at every iteration) leaves the weights exactly those of a run without it."""
+    outs = []
+    for profile in (True, False):
+        out = tmp_path / str(profile)
+        Trainer(_sfd(tiny_gmm8_teacher, [1, 3]), TrainConfig(steps=5, batch=32, lr=1e-3, progress=False, log_every=1,
+                                                             n_preview=0, profile=profile), out).run()
+        outs.append((out / WEIGHTS_NAME).read_bytes())
+        assert ("floor_s" in _records(out)[0]) == profile
+    assert outs[0] == outs[1]
+
+
+def test_profiler_sections_and_summary():
+    p = Profiler(torch.device("cpu"))
+    with p.section("teacher"):
+        with p.section("student"):  # nested: counted once, by the outer section
+            sum(range(10000))
+    assert p.times["student"] == 0 and p.times["teacher"] > 0
+    with pytest.raises(ValueError, match="expected one of"):
+        with p.section("nonsense"):
+            pass
+    rec = p.record(wall=p.times["teacher"] + 0.5)
+    assert rec["time_rest_s"] == pytest.approx(0.5, abs=1e-5)
+    assert profile_summary([{"step": 1, "loss": 1.0}]) is None
+    s = profile_summary([{"time_iter_s": 2.0, "floor_s": 1.0, "time_teacher_s": 1.0, "time_rest_s": 1.0},
+                         {"time_iter_s": 4.0, "floor_s": 3.0, "time_teacher_s": 2.0, "time_rest_s": 2.0}])
+    assert s["overhead"] == pytest.approx(1.5) and s["teacher_s"] == pytest.approx(1.5) and s["iterations_measured"] == 2
