@@ -86,3 +86,45 @@ def test_profiler_sections_and_summary():
     s = profile_summary([{"time_iter_s": 2.0, "floor_s": 1.0, "time_teacher_s": 1.0, "time_rest_s": 1.0},
                          {"time_iter_s": 4.0, "floor_s": 3.0, "time_teacher_s": 2.0, "time_rest_s": 2.0}])
     assert s["overhead"] == pytest.approx(1.5) and s["teacher_s"] == pytest.approx(1.5) and s["iterations_measured"] == 2
+
+
+def test_channels_last_copy_gives_the_same_outputs_and_leaves_the_original():
+    from fewstep.nets import UNet, channels_last_copy
+    torch.manual_seed(0)
+    net = UNet(8, channels=16, attn_resolutions=[4]).eval()
+    torch.nn.init.normal_(net.conv_out.weight, std=0.1)  # a non-zero output
+    fast = channels_last_copy(net)
+    assert fast is not net and net.conv_in.weight.is_contiguous()
+    assert fast.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    x, t = torch.randn(16, 1, 8, 8), torch.rand(16) * 1000
+    with torch.no_grad():
+        a, fa = net(x, t, return_features=True)
+        b, fb = fast(x, t, return_features=True)
+    assert torch.allclose(a, b, atol=1e-5, rtol=1e-4) and torch.allclose(fa, fb, atol=1e-5, rtol=1e-4)
+    assert not torch.equal(a, torch.zeros_like(a))
+    from fewstep.nets import MLP
+    mlp = MLP()
+    assert channels_last_copy(mlp) is mlp  # nothing to gain without 4-D weights
+
+
+def test_channels_last_teacher_in_a_run_and_its_resume(tiny_digits_teacher, tmp_path):
+    """An SFD run on an image teacher uses the channels-last copy (on CPU by default); a resumed run gives
+    the same bits as an uninterrupted one, and resuming with another setting is refused."""
+    from fewstep.errors import FewstepError
+
+    def run(out, steps, resume=False, **kw):
+        method = _sfd(tiny_digits_teacher, [2])
+        cfg = TrainConfig(steps=steps, batch=8, lr=1e-3, progress=False, log_every=1, n_preview=0, **kw)
+        tr = Trainer(method, cfg, out, resume=resume)
+        assert method.traj.den is not method.teacher.denoiser
+        tr.run()
+        return out
+    whole = run(tmp_path / "whole", 4)
+    part = run(tmp_path / "part", 2)
+    run(part, 4, resume=True)
+    assert (whole / WEIGHTS_NAME).read_bytes() == (part / WEIGHTS_NAME).read_bytes()
+    with pytest.raises(FewstepError, match="channels_last"):
+        Trainer(_sfd(tiny_digits_teacher, [2]), TrainConfig(steps=6, batch=8, progress=False, channels_last="off"),
+                part, resume=True)
+    with pytest.raises(FewstepError, match="expected auto, on or off"):
+        TrainConfig(channels_last="yes").validate()

@@ -275,6 +275,27 @@ class FeatureTap:
         return False
 
 
+def _to_channels_last(module, args, kwargs):
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor) and x.ndim == 4:
+        args = (x.contiguous(memory_format=torch.channels_last),) + tuple(args[1:])
+    return args, kwargs
+
+
+def channels_last_copy(module: nn.Module) -> nn.Module:
+    """A copy of a frozen network (or Denoiser) that runs in channels-last memory format: its 4-D
+    weights are stored channels-last and every 4-D input is made so. The same weights and the same
+    outputs up to float rounding (tested); on a CPU the digits UNet's forward is about 20 % faster.
+    A network without 4-D weights (an MLP) is returned as it is."""
+    if not any(p.ndim == 4 for p in module.parameters()):
+        return module
+    fast = copy.deepcopy(module).to(memory_format=torch.channels_last)
+    nets = [m for m in fast.modules() if isinstance(m, _ConditionedNet)] or [fast]
+    for net in nets:
+        net.register_forward_pre_hook(_to_channels_last, with_kwargs=True)
+    return fast
+
+
 def set_dropout(net: nn.Module, p: float) -> None:
     """Change every dropout rate of a network (or a Denoiser around one) and its config to p."""
     for mod in net.modules():

@@ -236,6 +236,10 @@ class ProgressiveFold(TrainMethod):
         logs["grad_norm"] = ctx.step(loss)
         return logs
 
+    def use_channels_last(self):
+        from fewstep.nets import channels_last_copy
+        self.teacher = channels_last_copy(self.teacher)
+
     def floor_calls(self):
         """The last iteration's calls alone: the teacher's two DDIM evaluations (no grad) and the student's
         forward and backward, on the iteration's batch."""

@@ -227,6 +227,10 @@ class SFD(TrainMethod):
         logs.update({f"loss_step{i}": v for i, v in enumerate(losses)})
         return logs
 
+    def use_channels_last(self):
+        from fewstep.nets import channels_last_copy
+        self.traj.den = channels_last_copy(self.traj.den)
+
     def floor_calls(self):
         """The last iteration's calls alone: the teacher at each of its evaluations on the iteration's
         batch (no grad), the student's forward and backward at each network-using student step."""

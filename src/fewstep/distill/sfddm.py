@@ -404,6 +404,10 @@ class SFDDM(TrainMethod):
         self.samples_seen += gb
         return logs
 
+    def use_channels_last(self):
+        from fewstep.nets import channels_last_copy
+        self.teacher = channels_last_copy(self.teacher)
+
     def floor_calls(self):
         """The last iteration's calls alone: one teacher forward with features (no grad), one student
         forward with features and its backward, on the iteration's batch."""
