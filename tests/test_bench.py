@@ -121,3 +121,32 @@ def test_a_row_shows_its_progress_while_it_runs(tiny_gmm8_teacher, tmp_path, cap
     # a bar per row while it samples, ticking once per network evaluation, not only the bar over rows
     assert "ddim-2 seed 0: sampling" in out.err and "eval/s" in out.err
     assert "bench row 2/2: ddim-2" in out.err + out.out
+
+
+def test_distillation_rows_carry_their_profile_and_quality_along_the_run(bench_run, tiny_gmm8_teacher, capsys):
+    out, summary = bench_run
+    rows = {r["key"]: r for r in summary["rows"]}
+    for key in ("sfd-2", "sfdv-1_3-3", "sfd-stage2-1", "sfddm-4-trailing-random", "progressive-4"):
+        prof = rows[key]["distill_profile"]
+        assert prof["iterations_measured"] >= 1 and prof["floor_s"] > 0, key
+        assert prof["overhead"] == pytest.approx(prof["iter_s"] / prof["floor_s"], rel=1e-3), key
+        parts = prof["teacher_s"] + prof["student_s"] + prof["optimizer_s"] + prof["rest_s"]
+        assert prof["iter_s"] == pytest.approx(parts, rel=1e-3), key
+        curve = rows[key]["cost_curve"]
+        assert len(curve) >= 2 and all(p["quality"]["swd"] > 0 for p in curve), key
+        walls = [p["wall_s"] for p in curve]
+        assert walls == sorted(walls) and walls[-1] <= rows[key]["distill_wall_s"] + 0.01, key
+    # the last snapshot is the finished model: its quality is the row's first seed's
+    sfd = rows["sfd-2"]["cost_curve"]
+    assert sfd[-1]["step"] == 4  # 512 trajectories in batches of 128
+    # stage 2 starts where its first stage ended
+    assert rows["sfd-stage2-1"]["cost_curve"][0]["wall_s"] > rows["sfdv-1_3-3"]["distill_wall_s"]
+    # progressive: one point per fold, its student at its own steps, down to the row's
+    assert [p["nfe"] for p in rows["progressive-4"]["cost_curve"]] == [8, 4]
+    table = (out / "results.md").read_text()
+    assert "distill overhead" in table and "| sfd-2 | " in table and "student fwd+bwd s" in table
+    assert "Distillation time against its network floor" in (out / "report.md").read_text()
+    from fewstep.cli_bench import run_bench
+    run_bench(tiny_spec(tiny_gmm8_teacher, methods=["sfd"]), out, "cpu", False, profile=True)
+    printed = capsys.readouterr().out
+    assert "against its network floor" in printed and "| sfd-2 |" in printed

@@ -68,6 +68,7 @@ class BenchSpec:
     pd_batch: int = 64
     pd_lr: float = 1e-4
     seed: int = 0
+    curve_points: int = 8                             # snapshots along each distillation for quality vs time (0: none)
 
 
 PRESETS = {
@@ -267,7 +268,8 @@ class Bench:
         steps = budget["iterations"]
         cfg = TrainConfig(steps=steps, batch=budget["batch"], lr=budget["lr"], lr_schedule=lr_schedule,
                           seed=self.spec.seed, device=str(self.device), progress=self.progress,
-                          ckpt_every=max(100, steps // 5), log_every=max(10, steps // 50), grad_clip=grad_clip)
+                          ckpt_every=max(100, steps // 5), log_every=max(10, steps // 50), grad_clip=grad_clip,
+                          snapshot_every=(max(1, steps // self.spec.curve_points) if self.spec.curve_points else 0))
         resume = (path / "train_state.pt").exists()
         Trainer(method, cfg, path, data=data, resume=resume,
                 run_info={"command": f"fewstep bench ({method.name})"}).run()
@@ -318,6 +320,66 @@ class Bench:
             raise AssertionError(row)
         return path
 
+    def distill_profile(self, row: dict, card: dict) -> dict | None:
+        """Per-iteration split of the distillation's wall time and its network floor (the card's
+        training.profile); progressive distillation: the folds down to the row's, iteration-weighted."""
+        if row["method"] != "progressive":
+            return (card.get("training") or {}).get("profile")
+        chain = self.model_dir(self.progressive_chain())
+        folds = [f for f in read_card(chain)["method"]["folds"] if f["student_steps"] >= row["nfe"]]
+        profs = []
+        for f in folds:
+            try:
+                fc = read_card(chain / f.get("dir", f"fold-{f['student_steps']}"))
+            except FewstepError:
+                return None
+            prof = (fc.get("training") or {}).get("profile")
+            if prof is None:
+                return None
+            profs.append((int(fc["training"]["iterations"]), prof))
+        if not profs:
+            return None
+        n = sum(it for it, _ in profs)
+        out = {k: sum(it * p[k] for it, p in profs) / n for k in profs[0][1]
+               if k not in ("iterations_measured", "overhead")}
+        out["iterations_measured"] = sum(p["iterations_measured"] for _, p in profs)
+        out["overhead"] = out["iter_s"] / out["floor_s"] if out.get("floor_s") else None
+        out["folds"] = len(profs)
+        return out
+
+    def cost_curve(self, row: dict, ckpt, kw: dict) -> list[dict]:
+        """Quality (first sample seed) against distillation wall time along the run: the snapshots the
+        training wrote (SFD, SFD-v at the row's NFE, stage 2, SFDDM) or, for progressive distillation,
+        each fold's final student at its own step count, down to the row's."""
+        seed = self.spec.seeds[0]
+        points = []
+        if row["method"] == "progressive":
+            chain = self.model_dir(self.progressive_chain())
+            wall = 0.0
+            for f in read_card(chain)["method"]["folds"]:
+                wall += float(f.get("wall_time_s") or 0)
+                if f["student_steps"] < row["nfe"]:
+                    break
+                fold = load_checkpoint(chain / f.get("dir", f"fold-{f['student_steps']}"), device=self.device)
+                x = sample(fold, self.spec.n_samples, seed=seed, noise=self.noise[seed], progress=False)
+                points.append({"wall_s": wall, "nfe": f["student_steps"], "quality": self._score(x, seed)})
+            return points
+        from safetensors.torch import load_file
+        path = self.model_dir(row["model"])
+        log = path / "snapshots" / "snapshots.jsonl"
+        if not log.is_file():
+            return points
+        offset = self.distill_seconds(row, ckpt.card) - float((ckpt.card.get("training") or {}).get("wall_time_s") or 0)
+        snap = load_checkpoint(path, device=self.device)
+        entries = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        for e in tqdm(entries, desc=f"  {row['key']}: quality along the run", unit="snapshot", leave=False,
+                      disable=not self.progress):
+            snap.denoiser.net.load_state_dict(load_file(path / "snapshots" / e["file"]))
+            x = sample(snap, self.spec.n_samples, seed=seed, noise=self.noise[seed], progress=False, **kw)
+            points.append({"wall_s": offset + float(e["wall_s"]), "step": e["step"], "nfe": row["nfe"],
+                           "quality": self._score(x, seed)})
+        return points
+
     def distill_seconds(self, row: dict, card: dict) -> float:
         """Wall time that produced a row's model, counting the earlier stages it was built from."""
         own = float((card.get("training") or {}).get("wall_time_s") or 0)
@@ -360,6 +422,8 @@ class Bench:
             # rows measured with other sample counts, seeds, teacher or model weights are measured again
             if (cached.get("n_samples") == self.spec.n_samples and cached.get("seeds") == list(self.spec.seeds)
                     and cached.get("made_from") == made_from):
+                if row.get("model") and "distill_profile" not in cached:  # rows cached before profiles
+                    cached["distill_profile"] = self.distill_profile(row, read_card(self.model_dir(row["model"])))
                 return cached
         if row["method"] == "data":
             return self._evaluate_data(row, cache, made_from)
@@ -385,6 +449,10 @@ class Bench:
                   "distill_vs_teacher_training": (distill_s / self.teacher_train_s
                                                   if distill_s and self.teacher_train_s else None),
                   "peak_memory_mb": peak_memory_mb(self.device)}
+        if row.get("model"):
+            result["distill_profile"] = self.distill_profile(row, ckpt.card)
+            if self.spec.curve_points:
+                result["cost_curve"] = self.cost_curve(row, ckpt, kw)
         np.save(self.out / "rows" / f"{row['key']}.npy", preview[:64].numpy())
         write_json(cache, result)
         return result

@@ -27,6 +27,9 @@ def register(sub):
     b.add_argument("--out", required=True)
     b.add_argument("--device", default="auto")
     b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--profile", action="store_true",
+                   help="also print where each distillation's time goes against its network floor "
+                        "(teacher / student forward+backward / optimizer / rest per iteration)")
     b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="the quick tour on the shipped digits teacher (≈15 min on 2 CPU cores)")
@@ -51,21 +54,25 @@ def _spec(args):
     return BenchSpec(**{k: v for k, v in overrides.items() if v is not None})
 
 
-def run_bench(spec, out, device, progress):
+def run_bench(spec, out, device, progress, profile=False):
     from fewstep.bench import Bench
-    from fewstep.report import results_table
+    from fewstep.report import profile_table, results_table
     from fewstep.train import pick_device
 
     t0 = time.perf_counter()
     summary = Bench(spec, out, device=str(pick_device(device)), progress=progress).run()
     print()
     print(results_table(summary))
+    if profile:
+        table = profile_table(summary)
+        print("\ndistillation time per iteration against its network floor (the same calls timed alone):\n"
+              + (table or "(no distillation rows)"))
     print(f"\nbench wall time {time.perf_counter() - t0:.0f} s; report: {Path(out) / 'report.md'}")
     return summary
 
 
 def cmd_bench(args):
-    run_bench(_spec(args), args.out, args.device, not args.no_progress)
+    run_bench(_spec(args), args.out, args.device, not args.no_progress, profile=args.profile)
 
 
 def cmd_demo(args):

@@ -61,7 +61,7 @@ def results_table(summary: dict) -> str:
     # KID in its own unit (not x10^3): in classifier features its values are large and can be negative
     names = {"kid": "KID (raw units)", "precision": "precision", "recall": "recall"}
     head = ["method", "NFE", key.upper()] + [names.get(e, e.upper()) for e in extra] + \
-        ["distill time", "× teacher training", "sample s / 1k", "network s / 1k", "overhead"]
+        ["distill time", "× teacher training", "distill overhead", "sample s / 1k", "network s / 1k", "overhead"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(rows, key=lambda r: (r["nfe"], r["quality"][key]["mean"])):
         q = fmt(r["quality"][key])
@@ -72,9 +72,41 @@ def results_table(summary: dict) -> str:
         cells = [row_label(r), str(r["nfe"]) if r["method"] != "data" else "–", q] + \
             [fmt(r["quality"].get(e)) for e in extra] + [
             fmt_time(r.get("distill_wall_s")), f"{100 * ratio:.1f} %" if ratio else "–",
+            f"{prof['overhead']:.2f}×" if (prof := r.get("distill_profile") or {}).get("overhead") else "–",
             *(f"{v:.2f}" if v is not None else "–" for v in seconds),
             f"{r['sampler_overhead']:.2f}×" if r.get("sampler_overhead") else "–"]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+PROFILE_NOTE = ("Seconds per iteration (means over the iterations whose floor was measured, one in each "
+                "logging interval). Floor: the same network calls timed alone on the same batch; overhead = "
+                "iteration wall / floor. The floor's own measurement is not counted as distillation time.")
+
+
+def profile_table(summary: dict) -> str:
+    """Where each distillation's time goes, per iteration: the teacher's calls, the student's forward and
+    backward, the optimizer and the rest, next to the floor (the same network calls timed alone on the same
+    batch) and overhead = iteration wall / floor. One line per distilled model."""
+    head = ["model", "iterations", "teacher s", "student fwd+bwd s", "optimizer s", "rest s", "iteration s",
+            "floor s (teacher + student)", "overhead"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    seen = set()
+    for r in summary["rows"]:
+        prof = r.get("distill_profile")
+        model = r.get("model")
+        if not prof or model in seen:
+            continue
+        seen.add(model)
+        name = model if r["method"] != "progressive" else f"{model} ({prof.get('folds', 1)} folds)"
+        lines.append("| " + " | ".join([
+            name, str(prof.get("iterations_measured")), *(f"{prof[k]:.3f}" for k in ("teacher_s", "student_s",
+                                                                                    "optimizer_s", "rest_s",
+                                                                                    "iter_s")),
+            f"{prof['floor_s']:.3f} ({prof['floor_teacher_s']:.3f} + {prof['floor_student_s']:.3f})",
+            f"{prof['overhead']:.2f}×" if prof.get("overhead") else "–"]) + " |")
+    if len(lines) == 2:
+        return ""
     return "\n".join(lines)
 
 
@@ -136,6 +168,11 @@ def plot_quality_vs_cost(summary: dict, path: Path):
         ax.scatter(r["distill_wall_s"] / 60, r["quality"][key]["mean"], s=25)
         ax.annotate(f"{row_label(r)} @{r['nfe']}", (r["distill_wall_s"] / 60, r["quality"][key]["mean"]),
                     fontsize=6, xytext=(3, 3), textcoords="offset points")
+    for r in summary["rows"]:  # quality along each run: checkpoints against the wall time spent so far
+        curve = r.get("cost_curve") or []
+        pts = [(p["wall_s"] / 60, p["quality"][key]) for p in curve if p.get("wall_s") and key in p["quality"]]
+        if len(pts) > 1:
+            ax.plot(*zip(*pts), marker=".", ms=4, lw=1, label=f"{row_label(r)} @{r['nfe']} along the run")
     _reference_lines(ax, summary)
     t_train = summary["teacher"].get("training_wall_s")
     if t_train:
@@ -292,7 +329,9 @@ def write_report(out: Path, summary: dict, bench=None) -> Path:
     fig = out / "figures"
     fig.mkdir(exist_ok=True)
     table = results_table(summary)
-    atomic_write(out / "results.md", lambda p: Path(p).write_text(table + "\n"))
+    profile = profile_table(summary)
+    profile_text = ("\n\n## Distillation time against its network floor (per iteration)\n\n" + profile) if profile else ""
+    atomic_write(out / "results.md", lambda p: Path(p).write_text(table + profile_text + "\n"))
     plot_quality_vs_nfe(summary, fig / "quality-vs-nfe.png")
     plot_quality_vs_cost(summary, fig / "quality-vs-cost.png")
     sample_grids(summary, out, fig / "samples.png")
@@ -304,6 +343,7 @@ def write_report(out: Path, summary: dict, bench=None) -> Path:
              f"({env['device_name']}), {env['threads']} threads. Teacher training time: "
              f"{fmt_time(t.get('training_wall_s'))}. Quality: mean ± std over seeds {summary['spec']['seeds']}, "
              f"{summary['spec']['n_samples']} samples each.", "", "## Results", "", table, "",
+             *(["## Distillation time against its network floor", "", PROFILE_NOTE, "", profile, ""] if profile else []),
              "## Reading", "", *reading(summary, consistency), "", "## Figures", "",
              "![quality vs NFE](figures/quality-vs-nfe.png)", "",
              "![quality vs distillation cost](figures/quality-vs-cost.png)", "",

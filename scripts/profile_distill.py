@@ -1,0 +1,82 @@
+"""Where distillation time goes, per method, against the network floor; and what a setting changes.
+
+    OMP_NUM_THREADS=1 python scripts/profile_distill.py --iters 5 --compare channels_last=off,on
+
+Runs SFD (NFE 2), SFD-v (NFE 2-5), SFDDM (T' = 10) and one progressive fold (256 -> 128 steps) on the
+shipped digits teacher with the bench's batches, for each setting in turn, interleaved method by method
+(the machine is shared: ratios come from one process, medians over iterations; the first is warm-up).
+Prints per method and setting: teacher / student fwd+bwd / optimizer / rest / iteration / floor / overhead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+from fewstep.checkpoint import load_checkpoint
+from fewstep.data import load_dataset
+from fewstep.train import TrainConfig, Trainer
+
+PARTS = ("teacher", "student", "optimizer", "rest", "iter")
+
+
+def method(name: str, teacher):
+    den = teacher.denoiser
+    if name in ("sfd", "sfd-v"):
+        from fewstep.distill.sfd import SFD, SFDConfig
+        return SFD(teacher, SFDConfig(nfe=[2] if name == "sfd" else [2, 3, 4, 5])), 128
+    if name == "sfddm":
+        from fewstep.distill.sfddm import SFDDM, SFDDMConfig
+        return SFDDM(den, SFDDMConfig(steps=10)), 64
+    from fewstep.distill.progressive import ProgressiveFold, teacher_grid
+    return ProgressiveFold(den, teacher_grid(den, 256)), 64
+
+
+def run(name: str, setting: dict, iters: int, data) -> list[dict]:
+    teacher = load_checkpoint("digits-teacher")
+    m, batch = method(name, teacher)
+    with tempfile.TemporaryDirectory() as out:
+        cfg = TrainConfig(steps=iters, batch=batch, lr=1e-4, progress=False, log_every=1, n_preview=0, **setting)
+        Trainer(m, cfg, out, data=data if m.needs_data else None).run()
+        recs = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return recs[1:]  # the first iteration warms up
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--methods", default="sfd,sfd-v,sfddm,progressive")
+    ap.add_argument("--compare", default="channels_last=off,on",
+                    help="KEY=V1,V2: a TrainConfig setting to compare (default channels_last=off,on)")
+    args = ap.parse_args()
+    key, values = args.compare.split("=")
+    values = values.split(",")
+    torch.manual_seed(0)
+    data = load_dataset("digits", None, split="train").x
+    res = {}
+    for name in args.methods.split(","):
+        for v in values:
+            res[(name, v)] = run(name, {key: v}, args.iters, data)
+    med = lambda recs, k: statistics.median(r[k] for r in recs)  # noqa: E731
+    print(f"| method | {key} | teacher s | student fwd+bwd s | optimizer s | rest s | iteration s | floor s | overhead |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (name, v), recs in res.items():
+        cells = [f"{med(recs, f'time_{p}_s'):.3f}" for p in PARTS]
+        over = statistics.median(r["time_iter_s"] / r["floor_s"] for r in recs)
+        print(f"| {name} | {v} | " + " | ".join(cells) + f" | {med(recs, 'floor_s'):.3f} | {over:.3f} |")
+    if len(values) == 2:
+        print()
+        for name in args.methods.split(","):
+            a, b = res[(name, values[0])], res[(name, values[1])]
+            print(f"{name}: iteration {key}={values[1]} / {values[0]} = "
+                  f"{med(b, 'time_iter_s') / med(a, 'time_iter_s'):.3f}; teacher part "
+                  f"{med(b, 'time_teacher_s') / med(a, 'time_teacher_s'):.3f}; floor "
+                  f"{med(b, 'floor_s') / med(a, 'floor_s'):.3f}")
+
+
+if __name__ == "__main__":
+    main()
