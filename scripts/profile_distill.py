@@ -62,20 +62,23 @@ def main():
         for v in values:
             res[(name, v)] = run(name, {key: v}, args.iters, data)
     med = lambda recs, k: statistics.median(r[k] for r in recs)  # noqa: E731
-    print(f"| method | {key} | teacher s | student fwd+bwd s | optimizer s | rest s | iteration s | floor s | overhead |")
+    print(f"| method | {key} | teacher s | student fwd+bwd s | optimizer s | rest s | iteration s "
+          "| floor s (teacher + student) | overhead |")
     print("|---|---|---|---|---|---|---|---|---|")
     for (name, v), recs in res.items():
         cells = [f"{med(recs, f'time_{p}_s'):.3f}" for p in PARTS]
         over = statistics.median(r["time_iter_s"] / r["floor_s"] for r in recs)
-        print(f"| {name} | {v} | " + " | ".join(cells) + f" | {med(recs, 'floor_s'):.3f} | {over:.3f} |")
+        print(f"| {name} | {v} | " + " | ".join(cells) + f" | {med(recs, 'floor_s'):.3f} "
+              f"({med(recs, 'floor_teacher_s'):.3f} + {med(recs, 'floor_student_s'):.3f}) | {over:.3f} |")
     if len(values) == 2:
         print()
         for name in args.methods.split(","):
             a, b = res[(name, values[0])], res[(name, values[1])]
-            print(f"{name}: iteration {key}={values[1]} / {values[0]} = "
-                  f"{med(b, 'time_iter_s') / med(a, 'time_iter_s'):.3f}; teacher part "
-                  f"{med(b, 'time_teacher_s') / med(a, 'time_teacher_s'):.3f}; floor "
-                  f"{med(b, 'floor_s') / med(a, 'floor_s'):.3f}")
+            # iterations paired by step (the same batch and, for SFD-v, the same N), median of the ratios
+            ratio = lambda k: statistics.median(rb[k] / ra[k] for ra, rb in zip(a, b))  # noqa: E731
+            print(f"{name}: {key}={values[1]} / {values[0]}: iteration {ratio('time_iter_s'):.3f}, "
+                  f"teacher part {ratio('time_teacher_s'):.3f}, student part {ratio('time_student_s'):.3f}, "
+                  f"floor {ratio('floor_s'):.3f}")
 
 
 if __name__ == "__main__":

@@ -128,3 +128,23 @@ def test_channels_last_teacher_in_a_run_and_its_resume(tiny_digits_teacher, tmp_
                 part, resume=True)
     with pytest.raises(FewstepError, match="expected auto, on or off"):
         TrainConfig(channels_last="yes").validate()
+
+
+def test_snapshots_along_a_run_survive_a_resume(tiny_gmm8_teacher, tmp_path):
+    from safetensors.torch import load_file
+
+    def cfg(steps):
+        return TrainConfig(steps=steps, batch=16, lr=1e-3, progress=False, n_preview=0, snapshot_every=1)
+    Trainer(_sfd(tiny_gmm8_teacher, [2]), cfg(2), tmp_path).run()
+    log = tmp_path / "snapshots" / "snapshots.jsonl"
+    with open(log, "a") as f:  # a snapshot written after the saved state, before a kill
+        f.write(json.dumps({"step": 3, "wall_s": 9.0, "file": "step-0000003.safetensors"}) + "\n")
+    Trainer(_sfd(tiny_gmm8_teacher, [2]), cfg(4), tmp_path, resume=True).run()
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [e["step"] for e in entries] == [1, 2, 3, 4]
+    walls = [e["wall_s"] for e in entries]
+    assert walls == sorted(walls) and walls[2] < 9.0
+    final = load_file(tmp_path / "snapshots" / entries[-1]["file"])
+    assert all(torch.equal(final[k], v) for k, v in load_file(tmp_path / WEIGHTS_NAME).items())
+    with pytest.raises(Exception, match="snapshot_every"):
+        TrainConfig(snapshot_every=-1).validate()

@@ -4,7 +4,10 @@ Rows are (method, NFE). Each distillation runs once and is cached in OUT/models/
 numbers are cached in OUT/rows/<key>.json, so re-running skips finished work. Quality is the mean
 over three sample seeds with its spread. Timing per row: sampling time per 1,000 samples, the pure
 network time of the same number of forward passes (so sampler overhead is visible), and the
-distillation's wall time next to the teacher's own training time.
+distillation's wall time next to the teacher's own training time. Each distillation row also carries
+its profile (per iteration: teacher calls, student forward + backward, optimizer, the rest, and the
+floor, the same network calls timed alone; see `fewstep.train.Profiler`) and its quality along the run
+(snapshots scored with the first sample seed) against the wall time spent so far.
 """
 from __future__ import annotations
 
