@@ -48,7 +48,9 @@ def test_sampling_takes_a_class_and_records_it(cond_teacher):
     per = torch.cat([sample(ck, 1, seed=1, class_label=c, progress=False, noise=u_noise[None])
                      for c, u_noise in zip(iu["labels"], torch.randn((7, 1, 8, 8),
                                                                     generator=torch.Generator().manual_seed(1)))])
-    assert torch.allclose(u, per, atol=1e-5)
+    # float32 agreement relative to the samples' scale (an untrained ε-net's samples reach hundreds; batch
+    # size and thread count change the rounding), far below the ~65 a wrong label makes here
+    assert (u - per).abs().max() <= 1e-6 * u.abs().max()
     with pytest.raises(FewstepError, match="--class 3"):
         sample(ck, 2, class_label=K, progress=False)
 

@@ -26,7 +26,6 @@ from fewstep.interop import edm_nets
 from fewstep.interop.edm import import_edm_snapshot
 from fewstep.interop.edm_pickle import load_snapshot
 
-torch.set_num_threads(1)
 K = 10  # classes of the conditional models (the built-in digits have 10)
 
 
