@@ -219,7 +219,7 @@ CASES_PER_COMMAND = 60
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["sample", "info", "train", "distill sfd", "distill sfddm",
-                                  "distill progressive", "compare", "interpolate", "import"])
+                                  "distill progressive", "compare", "interpolate", "import", "eval", "export"])
 def test_one_bad_value_gives_one_clear_line_and_changes_nothing(ws, name, monkeypatch):
     monkeypatch.setenv("FEWSTEP_CACHE", str(ws["root"] / "cache"))
     template, bad, defaults = commands(ws)[name]
