@@ -210,6 +210,18 @@ def profile_summary(records: list[dict]) -> dict | None:
     return out
 
 
+def untimed(part):
+    """A stand-in for StepContext.timed where no profile is kept (a method's losses called directly)."""
+    return contextlib.nullcontext()
+
+
+def fresh_autocast(autocast):
+    """A reusable copy of an autocast context (None or a null context: no autocast), for replaying calls."""
+    if autocast is None or isinstance(autocast, contextlib.nullcontext):
+        return contextlib.nullcontext()
+    return torch.autocast(autocast.device, dtype=autocast.fast_dtype, enabled=autocast._enabled)
+
+
 class StepContext:
     """Handed to methods: one optimizer step from a loss, with DDP averaging, clipping, AMP."""
 

@@ -30,8 +30,6 @@ stays (default 1 for images); `clip_targets` restores the old clipped targets.
 """
 from __future__ import annotations
 
-import contextlib
-
 import copy
 import os
 from pathlib import Path
@@ -46,7 +44,7 @@ from fewstep.nets import set_dropout
 from fewstep.sampling import sample_shape
 from fewstep.schedule import check_grid, index_subsequence, make_grid
 from fewstep.solvers import solve
-from fewstep.train import StepContext, TrainConfig, TrainMethod, Trainer, pick_device
+from fewstep.train import StepContext, TrainConfig, TrainMethod, Trainer, fresh_autocast, pick_device, untimed
 
 
 # ---- grids and the target -------------------------------------------------------------------------
@@ -201,7 +199,7 @@ class ProgressiveFold(TrainMethod):
                class_labels=None, timed=None):
         """Loss at student grid positions j (long): x = x0 + σ_j·ε, target from two teacher steps.
         `timed(part)`: the training loop's profile."""
-        timed = timed or _untimed
+        timed = timed or untimed
         student = student or self.student
         class_labels = self.teacher.check_labels(class_labels, len(x0))
         dev = x0.device
@@ -251,12 +249,12 @@ class ProgressiveFold(TrainMethod):
 
         def teacher_call(s):
             def call():
-                with torch.no_grad(), _fresh(autocast):
+                with torch.no_grad(), fresh_autocast(autocast):
                     teacher(x, s)
             return call
 
         def student():
-            with _fresh(autocast):
+            with fresh_autocast(autocast):
                 out = self.student(x, sigma, class_labels=labels)
             out.float().sum().backward()
         return {"teacher": [teacher_call(sigma), teacher_call(sigma_mid)], "student": [student]}
@@ -281,17 +279,6 @@ class ProgressiveFold(TrainMethod):
 
 
 # ---- all folds ----------------------------------------------------------------------------------------
-
-def _untimed(part):
-    return contextlib.nullcontext()
-
-
-def _fresh(autocast):
-    """A reusable copy of an autocast context (None: no autocast)."""
-    if autocast is None or isinstance(autocast, contextlib.nullcontext):
-        return contextlib.nullcontext()
-    return torch.autocast(autocast.device, dtype=autocast.fast_dtype, enabled=autocast._enabled)
-
 
 def _finished(fold_dir: Path) -> bool:
     try:

@@ -32,8 +32,6 @@ pairs of two models fed the same noises, and slerp / linear interpolation betwee
 """
 from __future__ import annotations
 
-import contextlib
-
 import copy
 import math
 from dataclasses import dataclass
@@ -45,7 +43,7 @@ from fewstep.errors import FewstepError
 from fewstep.nets import FeatureTap, build_net, set_dropout
 from fewstep.schedule import Schedule, index_subsequence
 from fewstep.solvers import STOCHASTIC, solve
-from fewstep.train import StepContext, TrainMethod
+from fewstep.train import StepContext, TrainMethod, fresh_autocast, untimed
 
 INITS = ("random", "teacher")
 HIDDEN = ("l1", "kl", "none")
@@ -288,17 +286,6 @@ class SFDDMConfig:
             raise FewstepError(f"--dropout {self.dropout}: expected a probability in [0, 1)")
 
 
-def _untimed(part):
-    return contextlib.nullcontext()
-
-
-def _fresh(autocast):
-    """A reusable copy of an autocast context (None: no autocast)."""
-    if autocast is None or isinstance(autocast, contextlib.nullcontext):
-        return contextlib.nullcontext()
-    return torch.autocast(autocast.device, dtype=autocast.fast_dtype, enabled=autocast._enabled)
-
-
 class SFDDM(TrainMethod):
     """One fold: a T'-step student matches the teacher's outputs and hidden features at φ."""
 
@@ -354,7 +341,7 @@ class SFDDM(TrainMethod):
                autocast=None, class_labels=None, timed=None) -> tuple[torch.Tensor, dict]:
         """The SFDDM loss for data x0 (of classes `class_labels`, for a conditional teacher) at student
         steps s (long) with noise ε shared by both models. `timed(part)`: the training loop's profile."""
-        timed = timed or _untimed
+        timed = timed or untimed
         student = student or self.student
         class_labels = self.teacher.check_labels(class_labels, len(x0))
         if next(self.teacher.parameters()).device != x0.device:
@@ -418,11 +405,11 @@ class SFDDM(TrainMethod):
         layer = self.cfg.feature_layer
 
         def teacher():
-            with torch.no_grad(), _fresh(autocast):
+            with torch.no_grad(), fresh_autocast(autocast):
                 raw_and_features(self.teacher, x, sigma, labels, layer)
 
         def student():
-            with _fresh(autocast):
+            with fresh_autocast(autocast):
                 y, h = raw_and_features(self.student, x, sigma, labels, layer)
             (y.float().sum() + h.float().sum()).backward()
         return {"teacher": [teacher], "student": [student]}
