@@ -264,7 +264,8 @@ def students(folders, imported, tmp_path_factory):
                      "expected": str(root / f"{name}.expected.safetensors"),
                      "loader": "diffusers" if i % 2 == 0 else "plain"})
     env = {**os.environ, "HF_MODULES_CACHE": str(root / "hf_modules"), "HF_HUB_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
+           # the same thread count as this process, so both sides round alike (the exports are bit-exact)
+           "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": ""}
     r = subprocess.run([sys.executable, "-c", FRESH_PROCESS, json.dumps(jobs)], capture_output=True, text=True,
                        env=env, cwd=root, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
