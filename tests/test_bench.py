@@ -14,7 +14,7 @@ def tiny_spec(teacher, **kw):
                 sfddm_steps=[4], sfddm_variants=["trailing/random"], n_samples=200, seeds=[0, 1], ref_nfe=16,
                 sfd_trajectories=512, sfd_batch=128, sfd_lr=1e-3, sfdv_trajectory_factor=1.0,
                 sfd_stage2_trajectories=256, sfddm_iters=20, sfddm_batch=64, pd_start_steps=16,
-                pd_iters_per_fold=5, pd_batch=64)
+                pd_iters_per_fold=5, pd_batch=64, curve_points=3)
     spec.update(kw)
     return BenchSpec(**spec)
 
