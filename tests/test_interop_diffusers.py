@@ -18,6 +18,7 @@ from diffusers import (DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMult
 
 from fewstep.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from fewstep.cli import main  # noqa: E402
+from test_cli import run  # noqa: E402  (cli.main in-process, returning the exit status)
 from fewstep.errors import FewstepError  # noqa: E402
 from fewstep.interop import foreign_kind, import_model  # noqa: E402
 from fewstep.interop.diffusers_io import DiffusersUNet, export_diffusers  # noqa: E402
@@ -157,14 +158,6 @@ def test_features_default_and_named(imported):
 
 
 # ---- students of the imported teacher, and of fewstep's own and EDM teachers, exported ----------
-
-def run(argv):
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as e:
-        return e.code
-    return 0
-
 
 TRAIN = ["--batch", 4, "--ckpt-every", 0, "--no-progress", "--log-every", 1]
 
