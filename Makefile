@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # the suite must pass without a network: hubs stay offline, fewstep's tests refuse connections
 TEST_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 FEWSTEP_NO_NETWORK=1
 
-.PHONY: venv test demo clean distclean
+.PHONY: venv test demo results clean distclean
 
 venv: $(STAMP)
 
@@ -24,6 +24,12 @@ test: venv
 
 demo: venv
 	$(VENV)/bin/fewstep demo
+
+# the benchmark tables and figures of docs/results.md (hours on a CPU; finished rows are reused)
+BENCH_ROOT ?= bench
+results: venv
+	for p in toy digits mnist; do $(VENV)/bin/fewstep bench --preset $$p --out $(BENCH_ROOT)/$$p || exit 1; done
+	$(PY) scripts/results_doc.py --bench-root $(BENCH_ROOT) --out docs
 
 clean:
 	rm -rf build dist .pytest_cache src/*.egg-info demo-out

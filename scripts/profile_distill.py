@@ -1,9 +1,10 @@
 """Where distillation time goes, per method, against the network floor; and what a setting changes.
 
     OMP_NUM_THREADS=1 python scripts/profile_distill.py --iters 5 --compare channels_last=off,on
+    python scripts/profile_distill.py --teacher mnist16-teacher --data mnist --resolution 16 --compare channels_last=auto
 
-Runs SFD (NFE 2), SFD-v (NFE 2-5), SFDDM (T' = 10) and one progressive fold (256 -> 128 steps) on the
-shipped digits teacher with the bench's batches, for each setting in turn, interleaved method by method
+Runs SFD (NFE 2), SFD-v (NFE 2-5), SFDDM (T' = 10) and one progressive fold (256 -> 128 steps) on a
+teacher (default the shipped digits teacher) with the bench's batches, for each setting in turn, interleaved method by method
 (the machine is shared: ratios come from one process, medians over iterations; the first is warm-up).
 Prints per method and setting: teacher / student fwd+bwd / optimizer / rest / iteration / floor / overhead.
 """
@@ -36,8 +37,8 @@ def method(name: str, teacher):
     return ProgressiveFold(den, teacher_grid(den, 256)), 64
 
 
-def run(name: str, setting: dict, iters: int, data) -> list[dict]:
-    teacher = load_checkpoint("digits-teacher")
+def run(name: str, setting: dict, iters: int, data, teacher_name: str) -> list[dict]:
+    teacher = load_checkpoint(teacher_name)
     m, batch = method(name, teacher)
     with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig(steps=iters, batch=batch, lr=1e-4, progress=False, log_every=1, n_preview=0, **setting)
@@ -49,6 +50,9 @@ def run(name: str, setting: dict, iters: int, data) -> list[dict]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--teacher", default="digits-teacher", help="checkpoint or built-in name")
+    ap.add_argument("--data", default="digits", help="the teacher's data set (SFDDM and progressive use it)")
+    ap.add_argument("--resolution", type=int, default=None)
     ap.add_argument("--methods", default="sfd,sfd-v,sfddm,progressive")
     ap.add_argument("--compare", default="channels_last=off,on",
                     help="KEY=V1,V2: a TrainConfig setting to compare (default channels_last=off,on)")
@@ -56,11 +60,11 @@ def main():
     key, values = args.compare.split("=")
     values = values.split(",")
     torch.manual_seed(0)
-    data = load_dataset("digits", None, split="train").x
+    data = load_dataset(args.data, args.resolution, split="train").x
     res = {}
     for name in args.methods.split(","):
         for v in values:
-            res[(name, v)] = run(name, {key: v}, args.iters, data)
+            res[(name, v)] = run(name, {key: v}, args.iters, data, args.teacher)
     med = lambda recs, k: statistics.median(r[k] for r in recs)  # noqa: E731
     print(f"| method | {key} | teacher s | student fwd+bwd s | optimizer s | rest s | iteration s "
           "| floor s (teacher + student) | overhead |")

@@ -3,7 +3,7 @@
     python scripts/ship_teacher.py RUN_DIR NAME [--nfe 256] [--sampler dpmpp2m] [--n 1000]
 
 The card keeps the exact training command, seed and wall time the run recorded, and gains a
-"quality" section: the teacher's own metrics at >= 250 NFE against the data set's held-out split.
+"quality" section: the teacher's own metrics (at --nfe, default 256) against the training split.
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ def main():
     ckpt = load_checkpoint(args.run_dir)
     data = ckpt.card["data"]["name"]
     x, info = sample(ckpt, args.n, seed=0, nfe=args.nfe, sampler=args.sampler, return_info=True)
-    metrics = evaluate_samples(x, data, split_seed=ckpt.card["data"].get("split_seed", 0))
+    metrics = evaluate_samples(x, data, resolution=ckpt.card["data"].get("resolution"),
+                               split_seed=ckpt.card["data"].get("split_seed", 0))
     dest = ASSETS / args.name
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(Path(args.run_dir) / WEIGHTS_NAME, dest / WEIGHTS_NAME)

@@ -1,5 +1,6 @@
 """The benchmark: every method end to end on a tiny teacher, its caching, and the report's arithmetic."""
 import json
+import shutil
 
 import pytest
 
@@ -14,7 +15,7 @@ def tiny_spec(teacher, **kw):
                 sfddm_steps=[4], sfddm_variants=["trailing/random"], n_samples=200, seeds=[0, 1], ref_nfe=16,
                 sfd_trajectories=512, sfd_batch=128, sfd_lr=1e-3, sfdv_trajectory_factor=1.0,
                 sfd_stage2_trajectories=256, sfddm_iters=20, sfddm_batch=64, pd_start_steps=16,
-                pd_iters_per_fold=5, pd_batch=64, curve_points=3)
+                pd_iters_per_fold=5, pd_batch=64, curve_points=3, sfddm_long_fraction=0.25, sfddm_long_curve_points=4)
     spec.update(kw)
     return BenchSpec(**spec)
 
@@ -32,7 +33,7 @@ def test_every_method_gets_a_row_with_quality_and_timing(bench_run):
     assert set(rows) == {"data-floor", "teacher-dpmpp2m-16", "ddim-2", "dpmpp2m-2", "dpmpp3m-2", "heun-3", "ipndm-2",
                          "sfd-2", "sfdv-1_3-1", "sfdv-1_3-3", "sfd-stage2-1", "sfddm-4-trailing-random",
                          "ddim-trailing-4", "progressive-4", "teacher-on-phi-4-trailing-ddpm",
-                         "teacher-on-phi-4-trailing-ddim"}
+                         "teacher-on-phi-4-trailing-ddim", "sfddm-4-trailing-random-long"}
     for key, r in rows.items():
         assert r["quality"]["swd"]["mean"] > 0 and r["quality"]["swd"]["std"] >= 0, key
         if r["method"] != "data":
@@ -56,7 +57,7 @@ def test_outputs_for_people(bench_run):
     assert "Data floor" in report and "figures/quality-vs-nfe.png" in report and "PSNR of matched pairs" in report
     # every SFDDM / progressive row is read next to its ceiling, the teacher's own chain on the same phi
     assert "teacher on phi (ceiling) (trailing, ddpm)" in report
-    assert report.count("4-step chain on the same phi scores DDIM") == 2
+    assert report.count("4-step chain on the same phi scores DDIM") == 3  # sfddm, its long run, progressive
     table = (out / "results.md").read_text()
     assert table.count("**") == 2 * len({r["nfe"] for r in summary["rows"] if r["method"] not in ("data", "teacher")})
 
@@ -64,7 +65,7 @@ def test_outputs_for_people(bench_run):
 def test_rerun_reuses_models_and_rows(bench_run, tiny_gmm8_teacher):
     out, summary = bench_run
     stamps = {p: p.stat().st_mtime_ns for p in list(out.glob("models/**/model.safetensors")) + list(out.glob("rows/*.json"))}
-    assert len(stamps) == 16 + 7  # rows; sfd, sfd-v, stage 2, sfddm, the progressive chain and its 2 folds
+    assert len(stamps) == 17 + 8  # rows; sfd, sfd-v, stage 2, sfddm and its long run, the progressive chain + 2 folds
     again = Bench(tiny_spec(tiny_gmm8_teacher), out, progress=False).run()
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert [r["quality"] for r in again["rows"]] == [r["quality"] for r in summary["rows"]]
@@ -150,3 +151,65 @@ def test_distillation_rows_carry_their_profile_and_quality_along_the_run(bench_r
     run_bench(tiny_spec(tiny_gmm8_teacher, methods=["sfd"]), out, "cpu", False, profile=True)
     printed = capsys.readouterr().out
     assert "against its network floor" in printed and "| sfd-2 |" in printed
+
+
+def test_the_long_sfddm_run_is_read_along_the_run_against_its_ceiling(bench_run, tiny_gmm8_teacher):
+    out, summary = bench_run
+    rows = {r["key"]: r for r in summary["rows"]}
+    long, short = rows["sfddm-4-trailing-random-long"], rows["sfddm-4-trailing-random"]
+    card = json.loads((out / "models" / "sfddm-4-trailing-random-long" / "fewstep.json").read_text())
+    teacher_iters = json.loads((tiny_gmm8_teacher / "fewstep.json").read_text())["training"]["iterations"]
+    n = round(teacher_iters / 4)  # a quarter of the teacher's training
+    assert card["training"]["iterations"] == n and long["made_from"] != short["made_from"]
+    assert [p["step"] for p in long["cost_curve"]] == [n // 4 * k for k in (1, 2, 3, 4)] + ([n] if n % 4 else [])
+    assert long["distill_wall_s"] > short["distill_wall_s"]
+    report = "\n".join(reading(summary, {}))  # (report.md itself is rewritten by the rerun test)
+    ceiling = rows["teacher-on-phi-4-trailing-ddpm"]["quality"]["swd"]["mean"]
+    first, last = (long["cost_curve"][i]["quality"]["swd"] for i in (0, -1))
+    assert (f"SFDDM (trailing/random, long run), NFE 4: SWD along the run (first sample seed) "
+            f"{first:.3g} at iteration {n // 4}, ") in report
+    assert (f"The gap to the teacher's own 4-step chain on phi (DDPM {ceiling:.3g}) went from "
+            f"{first - ceiling:.3g} to {last - ceiling:.3g}") in report
+
+
+def test_separation_of_teacher_sfd2_and_dpmpp3m5_is_read_out():
+    rows = [_row("teacher", 100, 20.0, sampler="dpmpp2m"), _row("sfd", 2, 40.0), _row("dpmpp3m", 5, 41.5)]
+    lines = "\n".join(reading({"quality_key": "fcd", "rows": rows}, {}))
+    assert "SFD vs DPM-Solver++(3M) 1.5 apart (> the larger spread 1)" in lines
+    assert "All three told apart." in lines
+    rows[2]["quality"]["fcd"]["std"] = 2.0
+    lines = "\n".join(reading({"quality_key": "fcd", "rows": rows}, {}))
+    assert "SFD vs DPM-Solver++(3M) 1.5 apart (≤ the larger spread 2)" in lines and "Not all told apart." in lines
+    # without the three rows there is nothing to read
+    assert "Separation" not in "\n".join(reading({"quality_key": "fcd", "rows": rows[:2]}, {}))
+
+
+def test_results_page_gathers_finished_benches_and_names_the_missing(bench_run, tmp_path):
+    from fewstep.report import write_results_doc
+    out, summary = bench_run
+    toy = tmp_path / "toy"  # the fixture's own results (its folder is rerun with other rows by another test)
+    shutil.copytree(out / "figures", toy / "figures")
+    (toy / "results.json").write_text(json.dumps(summary))
+    page = write_results_doc({"toy": toy, "mnist": tmp_path / "never-run"}, tmp_path / "docs",
+                             {"mnist": "fewstep bench --preset mnist --out bench/mnist"})
+    text = page.read_text()
+    assert "## toy" in text and results_table(summary) in text and "Reading:" in text
+    assert "## mnist\n\nNot measured yet. Run: `fewstep bench --preset mnist --out bench/mnist`" in text
+    for name in ("quality-vs-nfe", "quality-vs-cost", "samples"):
+        assert f"](figures/toy-{name}.png)" in text
+        assert (tmp_path / "docs" / "figures" / f"toy-{name}.png").read_bytes() == \
+            (toy / "figures" / f"{name}.png").read_bytes()
+    # the consistency measured by the report is kept in results.json, so the page reads it too
+    assert "PSNR of matched pairs" in text
+
+
+def test_time_to_quality_is_read_off_each_run():
+    curve = [{"wall_s": 30.0, "step": 1, "quality": {"fcd": 120.0}}, {"wall_s": 90.0, "step": 2, "quality": {"fcd": 84.0}},
+             {"wall_s": 150.0, "step": 3, "quality": {"fcd": 79.0}}]
+    rows = [_row("data", 0, 70.0), _row("teacher", 100, 80.0, sampler="dpmpp2m"),
+            _row("sfd", 2, 79.0, cost_curve=curve), _row("sfd", 3, 90.0, cost_curve=curve[:2])]
+    lines = "\n".join(reading({"quality_key": "fcd", "rows": rows}, {}))
+    # 1.5x the teacher's 10 over the floor of 70: 85, first met at the 90 s point
+    assert ("SFD, NFE 2, along its run: the teacher's FCD (80) reached after 2.5 min; 1.5× the teacher's gap over "
+            "the floor FCD (85) reached after 90 s (best 79 at 2.5 min).") in lines
+    assert "SFD, NFE 3, along its run: the teacher's FCD (80) not reached within 90 s; 1.5×" in lines

@@ -76,6 +76,9 @@ class BenchSpec:
     pd_lr: float = 1e-4
     seed: int = 0
     curve_points: int = 8                             # snapshots along each distillation for quality vs time (0: none)
+    sfddm_long_fraction: float = 0.0                  # >0: one more SFDDM run (first T', first variant) of this
+                                                      # fraction of the teacher's training iterations
+    sfddm_long_curve_points: int = 12                 # ... scored at this many points along it
 
 
 PRESETS = {
@@ -92,6 +95,16 @@ PRESETS = {
                    sfddm_variants_at=[10], n_samples=1000, ref_nfe=256, sfd_trajectories=9_600, sfd_lr=1e-4,
                    sfdv_trajectory_factor=1.0, sfd_stage2_trajectories=6_400, sfddm_iters=500, pd_start_steps=256,
                    pd_iters_per_fold=150),
+    # the shipped MNIST 16x16 teacher: the rows the issues name, one T' for SFDDM plus its long run. Budgets
+    # from per-iteration costs measured at 16x16 on 2 CPU cores (SFD about 5 s at batch 128, SFDDM and a
+    # progressive fold about 1 s at batch 64, an image evaluation about 3 ms), for about two hours
+    "mnist": dict(teacher="mnist16-teacher", data="mnist", resolution=16,
+                  methods=["data", "teacher", "ddim", "dpmpp3m", "ipndm", "sfd", "sfd-v", "sfd-stage2", "sfddm",
+                           "progressive"],
+                  nfe=[2, 3, 4, 5, 10], sfd_nfe=[2, 3, 4, 5], sfdv_nfe=[2, 3, 4, 5], sfddm_steps=[10],
+                  sfddm_variants=["trailing/random"], n_samples=500, ref_nfe=100, sfd_trajectories=6_400,
+                  sfd_lr=1e-4, sfdv_trajectory_factor=1.0, sfd_stage2_trajectories=6_400, sfddm_iters=500,
+                  pd_start_steps=256, pd_iters_per_fold=150, curve_points=6, sfddm_long_fraction=0.25),
     "demo": dict(teacher="digits-teacher", data="digits", methods=["data", "teacher", "ddim", "dpmpp3m", "sfd", "sfddm"],
                  nfe=[2, 10], sfd_nfe=[2], sfddm_steps=[10], sfddm_variants=["trailing/random"], n_samples=500, ref_nfe=256,
                  seeds=[0, 1, 2], sfd_trajectories=19_200, sfd_lr=1e-4, sfddm_iters=1000),
@@ -205,6 +218,12 @@ class Bench:
                              "model": None, "trailing": True})
             if "sfddm" in s.methods:
                 rows += self.ceiling_rows(T, [v.split("/")[0] for v in s.sfddm_variants if every or v == s.sfddm_variants[0]])
+        if "sfddm" in s.methods and s.sfddm_long_fraction:
+            # does longer training close the gap to the teacher's own chain on phi? (that row is the ceiling)
+            T, (index, init) = s.sfddm_steps[0], s.sfddm_variants[0].split("/")
+            key = f"sfddm-{T}-{index}-{init}-long"
+            rows.append({"key": key, "method": "sfddm", "nfe": T, "variant": s.sfddm_variants[0], "model": key,
+                         "long": True})
         if "progressive" in s.methods:
             # one chain of folds serves every row: the T-step row samples the chain's fold-T student
             for T in self.progressive_targets():
@@ -236,10 +255,12 @@ class Bench:
     def model_dir(self, name: str) -> Path:
         return self.out / "models" / name
 
-    def budget(self, method: str) -> dict:
-        """Training budget of one distillation (per fold for progressive distillation)."""
+    def budget(self, row: dict) -> dict:
+        """Training budget of one row's distillation (per fold for progressive distillation)."""
         from fewstep.distill.sfd import iterations_for
-        s = self.spec
+        s, method = self.spec, row["method"]
+        if row.get("long"):
+            return {"iterations": self.long_iterations(), "batch": s.sfddm_batch, "lr": s.sfddm_lr}
         if method == "sfd":
             return {"iterations": iterations_for(s.sfd_trajectories, s.sfd_batch), "batch": s.sfd_batch, "lr": s.sfd_lr}
         if method == "sfd-v":
@@ -253,6 +274,14 @@ class Bench:
         if method == "progressive":
             return {"iterations": s.pd_iters_per_fold, "batch": s.pd_batch, "lr": s.pd_lr}
         raise AssertionError(method)
+
+    def long_iterations(self) -> int:
+        """The long SFDDM run's length: its fraction of the iterations the teacher's card says it trained."""
+        done = (self.teacher_card.get("training") or {}).get("iterations")
+        if not done:
+            raise FewstepError(f"sfddm_long_fraction: the teacher {self.spec.teacher} has no training iterations "
+                               "on its card to take a fraction of")
+        return max(1, round(self.spec.sfddm_long_fraction * int(done)))
 
     def _finished(self, path: Path, budget: dict) -> bool:
         """A finished model made with this budget. One made with another budget is never reused or
@@ -271,12 +300,14 @@ class Bench:
                                "delete that folder to distil it again, or choose another --out")
         return True
 
-    def _train(self, method, path: Path, budget: dict, lr_schedule="constant", data=None, grad_clip=1.0):
+    def _train(self, method, path: Path, budget: dict, lr_schedule="constant", data=None, grad_clip=1.0,
+               curve_points=None):
         steps = budget["iterations"]
+        points = self.spec.curve_points if curve_points is None else curve_points
         cfg = TrainConfig(steps=steps, batch=budget["batch"], lr=budget["lr"], lr_schedule=lr_schedule,
                           seed=self.spec.seed, device=str(self.device), progress=self.progress,
                           ckpt_every=max(100, steps // 5), log_every=max(10, steps // 50), grad_clip=grad_clip,
-                          snapshot_every=(max(1, steps // self.spec.curve_points) if self.spec.curve_points else 0))
+                          snapshot_every=max(1, steps // points) if points else 0)
         resume = (path / "train_state.pt").exists()
         Trainer(method, cfg, path, data=data, resume=resume,
                 run_info={"command": f"fewstep bench ({method.name})"}).run()
@@ -289,7 +320,7 @@ class Bench:
         from fewstep.distill.sfd import SFD, SFDConfig
         s, name = self.spec, row["model"]
         path = self.model_dir(name)
-        budget = self.budget(row["method"])
+        budget = self.budget(row)
         if self._finished(path, budget):
             return path
         tref = teacher_reference(s.teacher)
@@ -310,7 +341,8 @@ class Bench:
             info = {**ds.info, "name": ds.name, "kind": ds.kind, "shape": list(ds.shape)}
             method = SFDDM(self.teacher.denoiser, SFDDMConfig(steps=row["nfe"], index=index, init=init,
                                                               seed=s.seed), data_info=info, teacher_ref=tref)
-            self._train(method, path, budget, data=ds.x, grad_clip=None)  # the authors clip no gradients
+            self._train(method, path, budget, data=ds.x, grad_clip=None,  # the authors clip no gradients
+                        curve_points=s.sfddm_long_curve_points if row.get("long") else None)
         elif row["method"] == "progressive":
             from fewstep.distill.progressive import progressive_distill
             ds = self._data()
@@ -458,7 +490,7 @@ class Bench:
                   "peak_memory_mb": peak_memory_mb(self.device)}
         if row.get("model"):
             result["distill_profile"] = self.distill_profile(row, ckpt.card)
-            if self.spec.curve_points:
+            if self.spec.curve_points or row.get("long"):
                 result["cost_curve"] = self.cost_curve(row, ckpt, kw)
         np.save(self.out / "rows" / f"{row['key']}.npy", preview[:64].numpy())
         write_json(cache, result)
@@ -594,4 +626,5 @@ class Bench:
         write_json(self.out / "results.json", summary)
         from fewstep.report import write_report
         write_report(self.out, summary, self)
+        write_json(self.out / "results.json", summary)  # again, with what the report measured (consistency)
         return summary

@@ -20,7 +20,7 @@ LABELS = {"data": "data floor (real samples)", "teacher": "teacher (reference)",
 def row_label(r: dict) -> str:
     label = LABELS.get(r["method"], r["method"])
     if r["method"] == "sfddm":
-        label += f" ({r['variant']})"
+        label += f" ({r['variant']}{', long run' if r.get('long') else ''})"
     if r.get("trailing"):
         label += " (trailing steps)"
     if r["method"] == "teacher":
@@ -310,6 +310,13 @@ def reading(summary: dict, consistency: dict) -> list[str]:
                 lines.append(f"- {row_label(r)}, NFE {r['nfe']}: {K} {r['quality'][key]['mean']:.3g}; the teacher's own "
                              f"{r['nfe']}-step chain on the same phi scores " +
                              ", ".join(f"{n.upper()} {v:.3g}" for n, v in sorted(ceil.items())) + ".")
+    for r in rows:
+        if r.get("long") and r.get("cost_curve"):
+            lines.append(long_run_reading(r, rows, key))
+    lines += time_to_quality_reading(rows, key)
+    separation = separation_reading(rows, key)
+    if separation:
+        lines.append(separation)
     for nfe in sorted({r["nfe"] for r in rows if r["method"] not in REFERENCE_ROWS}):
         cands = [r for r in rows if r["nfe"] == nfe and r["method"] not in REFERENCE_ROWS]
         b = min(cands, key=lambda r: r["quality"][key]["mean"])
@@ -323,6 +330,72 @@ def reading(summary: dict, consistency: dict) -> list[str]:
     lines.append("- Spreads are the standard deviation over the sample seeds; differences smaller than about "
                  "twice the spread are within noise.")
     return lines
+
+
+def long_run_reading(r: dict, rows: list, key: str) -> str:
+    """Whether SFDDM's quality keeps improving with training toward the teacher's own chain on phi."""
+    K = key.upper()
+    curve = r["cost_curve"]
+    first, last = curve[0], curve[-1]
+    index = r["variant"].split("/")[0]
+    ceil = {x["sampler"]: x["quality"][key]["mean"] for x in rows
+            if x["method"] == "teacher-on-phi" and x["nfe"] == r["nfe"] and x["index"] == index}
+    text = (f"- {row_label(r)}, NFE {r['nfe']}: {K} along the run (first sample seed) "
+            + ", ".join(f"{p['quality'][key]:.3g} at iteration {p['step']}" for p in curve) + ".")
+    best = ceil.get("ddpm", min(ceil.values())) if ceil else None
+    if best is not None:
+        gap0, gap1 = first["quality"][key] - best, last["quality"][key] - best
+        text += (f" The gap to the teacher's own {r['nfe']}-step chain on phi ({'DDPM' if 'ddpm' in ceil else 'DDIM'} "
+                 f"{best:.3g}) went from {gap0:.3g} to {gap1:.3g}"
+                 + (f" ({100 * (1 - gap1 / gap0):.0f} % of it closed)." if gap0 > 0 else "."))
+    return text
+
+
+def time_to_quality_reading(rows: list, key: str) -> list[str]:
+    """Read off the cost plot: when each distillation's quality along its run first reaches the teacher's
+    (or 1.5x the teacher's gap over the data floor, a level few-step students can reach)."""
+    ref = next((r for r in rows if r["method"] == "teacher"), None)
+    if ref is None:
+        return []
+    floor_row = next((r for r in rows if r["method"] == "data"), None)
+    rq = ref["quality"][key]["mean"]
+    levels = [("the teacher's", rq)]
+    if floor_row and rq > floor_row["quality"][key]["mean"]:
+        floor = floor_row["quality"][key]["mean"]
+        levels.append(("1.5× the teacher's gap over the floor", floor + 1.5 * (rq - floor)))
+    lines = []
+    for r in rows:
+        curve = [p for p in r.get("cost_curve") or [] if p.get("wall_s") and key in p["quality"]]
+        if r["method"] == "progressive" or not curve:  # progressive's points are other step counts
+            continue
+        parts = []
+        for name, level in levels:
+            hit = next((p for p in curve if p["quality"][key] <= level), None)
+            parts.append(f"{name} {key.upper()} ({level:.3g}) " +
+                         (f"reached after {fmt_time(hit['wall_s'])}" if hit else
+                          f"not reached within {fmt_time(curve[-1]['wall_s'])}"))
+        best = min(curve, key=lambda p: p["quality"][key])
+        lines.append(f"- {row_label(r)}, NFE {r['nfe']}, along its run: " + "; ".join(parts) +
+                     f" (best {best['quality'][key]:.3g} at {fmt_time(best['wall_s'])}).")
+    return lines
+
+
+def separation_reading(rows: list, key: str) -> str | None:
+    """Whether the rows that matter most are told apart: teacher, SFD at NFE 2, DPM-Solver++(3M) at NFE 5."""
+    wanted = [("teacher", None), ("sfd", 2), ("dpmpp3m", 5)]
+    found = [next((r for r in rows if r["method"] == m and (n is None or r["nfe"] == n)), None) for m, n in wanted]
+    if any(f is None for f in found):
+        return None
+    pairs = []
+    for i in range(len(found)):
+        for j in range(i + 1, len(found)):
+            a, b = found[i]["quality"][key], found[j]["quality"][key]
+            gap, spread = abs(a["mean"] - b["mean"]), max(a["std"], b["std"])
+            pairs.append(f"{row_label(found[i])} vs {row_label(found[j])} {gap:.3g} apart "
+                         f"({'>' if gap > spread else '≤'} the larger spread {spread:.2g})")
+    ok = all(">" in p for p in pairs)
+    return (f"- Separation ({key.upper()}, teacher / SFD NFE 2 / DPM-Solver++(3M) NFE 5): " + "; ".join(pairs) +
+            f". {'All three told apart.' if ok else 'Not all told apart.'}")
 
 
 def write_report(out: Path, summary: dict, bench=None) -> Path:
@@ -357,3 +430,59 @@ def write_report(out: Path, summary: dict, bench=None) -> Path:
         summary["consistency"] = consistency
     atomic_write(out / "report.md", lambda p: Path(p).write_text("\n".join(lines) + "\n"))
     return out / "report.md"
+
+
+# ---- docs/results.md: several finished benches on one page ---------------------------------------------
+
+RESULT_FIGURES = ("quality-vs-nfe.png", "quality-vs-cost.png", "samples.png")
+
+
+def write_results_doc(benches: dict, out: Path, commands: dict | None = None) -> Path:
+    """One page with each bench's table, profile, reading and figures: ``benches`` maps a title (e.g. the
+    preset's name) to a bench output folder. The figures are copied next to the page as
+    ``figures/<title>-<name>.png`` so the page stands alone. A bench without results says how to run it."""
+    import json
+    import shutil
+
+    out = Path(out)
+    figdir = out / "figures"
+    figdir.mkdir(parents=True, exist_ok=True)
+    commands = commands or {}
+    lines = ["# fewstep results", "",
+             "Every number below was measured by `fewstep bench` on the machine named in each section; "
+             "regenerate this page (and rerun whatever is missing: finished rows are reused) with "
+             "`make results`. Quality is the mean ± std over the sample seeds; lower is better for FCD, "
+             "KID, SWD and MMD.", ""]
+    for title, bench_dir in benches.items():
+        bench_dir = Path(bench_dir)
+        lines += [f"## {title}", ""]
+        results = bench_dir / "results.json"
+        if not results.is_file():
+            lines += [f"Not measured yet. Run: `{commands.get(title, f'fewstep bench --preset {title} --out {bench_dir}')}`", ""]
+            continue
+        summary = json.loads(results.read_text())
+        spec, env, t = summary["spec"], summary["environment"], summary["teacher"]
+        lines += [f"Teacher `{Path(t['path']).name}` on {spec['data']}"
+                  + (f" at {spec['resolution']}×{spec['resolution']}" if spec.get("resolution") else "")
+                  + f"; fewstep {env['fewstep_version']}, torch {env['torch']}, {env['device']} "
+                  f"({env['device_name']}, {env['threads']} threads); {spec['n_samples']} samples per seed, seeds "
+                  f"{spec['seeds']}, reference: the {spec.get('reference', 'train')} split. Bench wall time "
+                  f"{fmt_time(summary.get('bench_wall_s'))} (rows reused from earlier runs count as 0); teacher "
+                  f"training {fmt_time(t.get('training_wall_s'))}."]
+        if commands.get(title):
+            lines += ["", f"Command: `{commands[title]}`"]
+        lines += ["", results_table(summary), ""]
+        profile = profile_table(summary)
+        if profile:
+            lines += ["Distillation time per iteration against its network floor:", "", PROFILE_NOTE, "", profile, ""]
+        lines += ["Reading:", "", *reading(summary, summary.get("consistency") or {}), ""]
+        slug = "".join(c if c.isalnum() else "-" for c in title.lower())
+        for name in RESULT_FIGURES:
+            src = bench_dir / "figures" / name
+            if src.is_file():
+                dest = figdir / f"{slug}-{name}"
+                atomic_write(dest, lambda p, src=src: shutil.copyfile(src, p))
+                lines += [f"![{title}: {name[:-4].replace('-', ' ')}](figures/{dest.name})", ""]
+    page = out / "results.md"
+    atomic_write(page, lambda p: Path(p).write_text("\n".join(lines)))
+    return page
