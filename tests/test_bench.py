@@ -6,7 +6,7 @@ import pytest
 
 from fewstep.bench import ALL_METHODS, Bench, BenchSpec, preset
 from fewstep.errors import FewstepError
-from fewstep.report import reading, results_table
+from fewstep.report import fmt_time, reading, results_table
 
 
 def tiny_spec(teacher, **kw):
@@ -36,6 +36,7 @@ def test_every_method_gets_a_row_with_quality_and_timing(bench_run):
                          "teacher-on-phi-4-trailing-ddim", "sfddm-4-trailing-random-long"}
     for key, r in rows.items():
         assert r["quality"]["swd"]["mean"] > 0 and r["quality"]["swd"]["std"] >= 0, key
+        assert r["row_wall_s"] > 0, key
         if r["method"] != "data":
             assert r["sample_s_per_1000"] > 0 and r["forward_s_per_1000"] > 0, key
     # NFE is what the sampler really spent, AFS included
@@ -194,6 +195,8 @@ def test_results_page_gathers_finished_benches_and_names_the_missing(bench_run, 
                              {"mnist": "fewstep bench --preset mnist --out bench/mnist"})
     text = page.read_text()
     assert "## toy" in text and results_table(summary) in text and "Reading:" in text
+    total = sum(r["row_wall_s"] for r in summary["rows"])
+    assert f"Wall time of the {len(summary['rows'])} rows: {fmt_time(total)} (distillations included" in text
     assert "## mnist\n\nNot measured yet. Run: `fewstep bench --preset mnist --out bench/mnist`" in text
     for name in ("quality-vs-nfe", "quality-vs-cost", "samples"):
         assert f"](figures/toy-{name}.png)" in text

@@ -452,6 +452,9 @@ class Bench:
         return self.teacher, kw, None
 
     def evaluate(self, row: dict) -> dict:
+        """A row's numbers, measured or read from its cache. ``row_wall_s`` is what measuring it cost in
+        the run that did (its distillation included, when it was the first row to need the model)."""
+        t0 = time.perf_counter()
         cache = self.out / "rows" / f"{row['key']}.json"
         if row.get("model"):
             self.ensure_model(row)  # distils once; checks a finished model's budget
@@ -465,7 +468,7 @@ class Bench:
                     cached["distill_profile"] = self.distill_profile(row, read_card(self.model_dir(row["model"])))
                 return cached
         if row["method"] == "data":
-            return self._evaluate_data(row, cache, made_from)
+            return self._evaluate_data(row, cache, made_from, t0)
         ckpt, kw, step = self._sampling_plan(row)
         per_seed, seconds, preview = [], None, None
         for seed in self.spec.seeds:
@@ -493,6 +496,7 @@ class Bench:
             if self.spec.curve_points or row.get("long"):
                 result["cost_curve"] = self.cost_curve(row, ckpt, kw)
         np.save(self.out / "rows" / f"{row['key']}.npy", preview[:64].numpy())
+        result["row_wall_s"] = time.perf_counter() - t0
         write_json(cache, result)
         return result
 
@@ -527,7 +531,7 @@ class Bench:
                 made["model"] = None  # not distilled yet
         return made
 
-    def _evaluate_data(self, row: dict, cache: Path, made_from: dict) -> dict:
+    def _evaluate_data(self, row: dict, cache: Path, made_from: dict, t0: float) -> dict:
         """The data floor: real samples disjoint from the reference, scored like a method's samples, i.e.
         what a perfect sampler scores with the same sample count against the same reference.
 
@@ -578,6 +582,7 @@ class Bench:
                   "forward_s_per_1000": None, "sampler_overhead": None, "distill_wall_s": None,
                   "distill_vs_teacher_training": None, "peak_memory_mb": None}
         np.save(self.out / "rows" / f"{row['key']}.npy", preview[:64].numpy())
+        result["row_wall_s"] = time.perf_counter() - t0
         write_json(cache, result)
         return result
 

@@ -295,7 +295,7 @@ def reading(summary: dict, consistency: dict) -> list[str]:
             if r["nfe"] == min(x["nfe"] for x in sfddm):
                 q = r["quality"][key]["mean"]
                 ddim = next((x for x in rows if x["method"] == "ddim" and x["nfe"] == r["nfe"]), None)
-                msg = (f"- SFDDM T'={r['nfe']} ({r['variant']}): {K} {versus(q, rq)} "
+                msg = (f"- {row_label(r)}, T'={r['nfe']}: {K} {versus(q, rq)} "
                        f"(target ≤ 1.5×: {'met' if q <= 1.5 * rq else 'not met'})")
                 if ddim:
                     dq = ddim["quality"][key]["mean"]
@@ -466,9 +466,10 @@ def write_results_doc(benches: dict, out: Path, commands: dict | None = None) ->
                   + (f" at {spec['resolution']}×{spec['resolution']}" if spec.get("resolution") else "")
                   + f"; fewstep {env['fewstep_version']}, torch {env['torch']}, {env['device']} "
                   f"({env['device_name']}, {env['threads']} threads); {spec['n_samples']} samples per seed, seeds "
-                  f"{spec['seeds']}, reference: the {spec.get('reference', 'train')} split. Bench wall time "
-                  f"{fmt_time(summary.get('bench_wall_s'))} (rows reused from earlier runs count as 0); teacher "
-                  f"training {fmt_time(t.get('training_wall_s'))}."]
+                  f"{spec['seeds']}, reference: the {spec.get('reference', 'train')} split. Wall time of the "
+                  f"{len(summary['rows'])} rows: {fmt_time(sum(r.get('row_wall_s') or 0 for r in summary['rows']))} "
+                  f"(distillations included, each counted once); teacher training "
+                  f"{fmt_time(t.get('training_wall_s'))}."]
         if commands.get(title):
             lines += ["", f"Command: `{commands[title]}`"]
         lines += ["", results_table(summary), ""]
