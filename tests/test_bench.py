@@ -197,6 +197,8 @@ def test_results_page_gathers_finished_benches_and_names_the_missing(bench_run, 
     assert "## toy" in text and results_table(summary) in text and "Reading:" in text
     total = sum(r["row_wall_s"] for r in summary["rows"])
     assert f"Wall time of the {len(summary['rows'])} rows: {fmt_time(total)} (distillations included" in text
+    # the fixture is not the toy preset: the page says where it differs
+    assert "**Not the whole `toy` preset**: " in text and "n_samples 200 where the preset has 4000" in text
     assert "## mnist\n\nNot measured yet. Run: `fewstep bench --preset mnist --out bench/mnist`" in text
     for name in ("quality-vs-nfe", "quality-vs-cost", "samples"):
         assert f"](figures/toy-{name}.png)" in text

@@ -437,6 +437,18 @@ def write_report(out: Path, summary: dict, bench=None) -> Path:
 RESULT_FIGURES = ("quality-vs-nfe.png", "quality-vs-cost.png", "samples.png")
 
 
+def _differs_from_preset(name: str, spec: dict) -> str:
+    """The settings where a bench's spec differs from the preset of that name ('' when none, or no preset)."""
+    from dataclasses import asdict
+
+    from fewstep.bench import PRESETS, preset
+    if name not in PRESETS:
+        return ""
+    full = asdict(preset(name))
+    return "; ".join(f"{k} {spec.get(k)} where the preset has {v}" for k, v in full.items()
+                     if k in spec and spec[k] != v)
+
+
 def write_results_doc(benches: dict, out: Path, commands: dict | None = None) -> Path:
     """One page with each bench's table, profile, reading and figures: ``benches`` maps a title (e.g. the
     preset's name) to a bench output folder. The figures are copied next to the page as
@@ -472,6 +484,10 @@ def write_results_doc(benches: dict, out: Path, commands: dict | None = None) ->
                   f"{fmt_time(t.get('training_wall_s'))}."]
         if commands.get(title):
             lines += ["", f"Command: `{commands[title]}`"]
+        partial = _differs_from_preset(title, spec)
+        if partial:
+            lines += ["", f"**Not the whole `{title}` preset**: {partial}. The preset's command runs the rest "
+                          "and reuses the rows measured with the same settings."]
         lines += ["", results_table(summary), ""]
         profile = profile_table(summary)
         if profile:
