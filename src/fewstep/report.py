@@ -1,7 +1,9 @@
 """The benchmark's outputs for people: results.md, plots, sample grids, SFDDM figures, report.md."""
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -304,8 +306,7 @@ def reading(summary: dict, consistency: dict) -> list[str]:
     for r in rows:  # the SFDDM objective is minimised by copying the teacher at phi: its chain there is the ceiling
         if r["method"] in ("sfddm", "progressive"):
             index = r["variant"].split("/")[0] if r["method"] == "sfddm" else "trailing"
-            ceil = {x["sampler"]: x["quality"][key]["mean"] for x in rows if x["method"] == "teacher-on-phi"
-                    and x["nfe"] == r["nfe"] and x["index"] == index}
+            ceil = ceilings(rows, key, r["nfe"], index)
             if ceil:
                 lines.append(f"- {row_label(r)}, NFE {r['nfe']}: {K} {r['quality'][key]['mean']:.3g}; the teacher's own "
                              f"{r['nfe']}-step chain on the same phi scores " +
@@ -332,14 +333,18 @@ def reading(summary: dict, consistency: dict) -> list[str]:
     return lines
 
 
+def ceilings(rows: list, key: str, nfe: int, index: str) -> dict:
+    """{sampler: quality} of the teacher's own nfe-step chain on the index set (the teacher-on-phi rows)."""
+    return {x["sampler"]: x["quality"][key]["mean"] for x in rows
+            if x["method"] == "teacher-on-phi" and x["nfe"] == nfe and x["index"] == index}
+
+
 def long_run_reading(r: dict, rows: list, key: str) -> str:
     """Whether SFDDM's quality keeps improving with training toward the teacher's own chain on phi."""
     K = key.upper()
     curve = r["cost_curve"]
     first, last = curve[0], curve[-1]
-    index = r["variant"].split("/")[0]
-    ceil = {x["sampler"]: x["quality"][key]["mean"] for x in rows
-            if x["method"] == "teacher-on-phi" and x["nfe"] == r["nfe"] and x["index"] == index}
+    ceil = ceilings(rows, key, r["nfe"], r["variant"].split("/")[0])
     text = (f"- {row_label(r)}, NFE {r['nfe']}: {K} along the run (first sample seed) "
             + ", ".join(f"{p['quality'][key]:.3g} at iteration {p['step']}" for p in curve) + ".")
     best = ceil.get("ddpm", min(ceil.values())) if ceil else None
@@ -386,14 +391,14 @@ def separation_reading(rows: list, key: str) -> str | None:
     found = [next((r for r in rows if r["method"] == m and (n is None or r["nfe"] == n)), None) for m, n in wanted]
     if any(f is None for f in found):
         return None
-    pairs = []
+    pairs, ok = [], True
     for i in range(len(found)):
         for j in range(i + 1, len(found)):
             a, b = found[i]["quality"][key], found[j]["quality"][key]
             gap, spread = abs(a["mean"] - b["mean"]), max(a["std"], b["std"])
+            ok &= gap > spread
             pairs.append(f"{row_label(found[i])} vs {row_label(found[j])} {gap:.3g} apart "
                          f"({'>' if gap > spread else '≤'} the larger spread {spread:.2g})")
-    ok = all(">" in p for p in pairs)
     return (f"- Separation ({key.upper()}, teacher / SFD NFE 2 / DPM-Solver++(3M) NFE 5): " + "; ".join(pairs) +
             f". {'All three told apart.' if ok else 'Not all told apart.'}")
 
@@ -453,9 +458,6 @@ def write_results_doc(benches: dict, out: Path, commands: dict | None = None) ->
     """One page with each bench's table, profile, reading and figures: ``benches`` maps a title (e.g. the
     preset's name) to a bench output folder. The figures are copied next to the page as
     ``figures/<title>-<name>.png`` so the page stands alone. A bench without results says how to run it."""
-    import json
-    import shutil
-
     out = Path(out)
     figdir = out / "figures"
     figdir.mkdir(parents=True, exist_ok=True)
