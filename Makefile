@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	@touch $@
 
-# quiet output comes from pyproject's addopts (-q); a second -q would hide the summary line
+# quiet output and the 15 slowest tests come from pyproject's addopts; a second -q would hide the summary line
 PYTEST_ARGS ?=
 test: venv
 	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)

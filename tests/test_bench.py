@@ -3,6 +3,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from fewstep.bench import ALL_METHODS, Bench, BenchSpec, preset
 from fewstep.errors import FewstepError
@@ -123,6 +124,19 @@ def test_a_row_shows_its_progress_while_it_runs(tiny_gmm8_teacher, tmp_path, cap
     # a bar per row while it samples, ticking once per network evaluation, not only the bar over rows
     assert "ddim-2 seed 0: sampling" in out.err and "eval/s" in out.err
     assert "bench row 2/2: ddim-2" in out.err + out.out
+
+
+def test_the_row_progress_bar_leaves_the_samples_alone(tiny_gmm8_teacher, tmp_path, monkeypatch):
+    """tqdm's update returns True when it redraws; the bar ticks from a forward hook, whose return value
+    would replace the network's output. Force a redraw on every tick: the samples must not change."""
+    import fewstep.bench
+    from fewstep.sampling import sample
+    bench = Bench(tiny_spec(tiny_gmm8_teacher, methods=["ddim"], seeds=[0]), tmp_path, progress=True)
+    plain = sample(bench.teacher, 200, noise=bench.noise[0], progress=False, nfe=4, sampler="ddim")
+    monkeypatch.setattr(fewstep.bench.tqdm, "update", lambda self, n=1: True)
+    with bench._sampling_bar({"key": "ddim-4", "nfe": 4}, bench.teacher, 0):
+        ticked = sample(bench.teacher, 200, noise=bench.noise[0], progress=False, nfe=4, sampler="ddim")
+    assert torch.equal(plain, ticked)
 
 
 def test_distillation_rows_carry_their_profile_and_quality_along_the_run(bench_run, tiny_gmm8_teacher, capsys):

@@ -510,7 +510,9 @@ class Bench:
         batches = -(-self.spec.n_samples // 500)  # `sample` runs batches of 500
         bar = tqdm(total=batches * row["nfe"], desc=f"  {row['key']} seed {seed}: sampling", unit="eval",
                    leave=False, disable=not self.progress)
-        hook = ckpt.denoiser.net.register_forward_hook(lambda *_: bar.update(1))
+        def tick(*_):  # returns None: a forward hook's return value would replace the network's output
+            bar.update(1)
+        hook = ckpt.denoiser.net.register_forward_hook(tick)
         try:
             yield bar
         finally:
