@@ -84,6 +84,16 @@ def test_rerun_reuses_models_and_rows(bench_run, tiny_gmm8_teacher):
     assert {p: p.stat().st_mtime_ns for p in models} == models
 
 
+def test_bench_nfe_flag_sets_the_solvers_and_sfd_alike():
+    import argparse
+    from fewstep.cli_bench import _spec, register
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    spec = _spec(parser.parse_args(["bench", "--preset", "digits", "--nfe", "2,16", "--out", "x"]))
+    assert spec.nfe == [2, 16] and spec.sfd_nfe == [2]
+    assert _spec(parser.parse_args(["bench", "--preset", "digits", "--out", "x"])).sfd_nfe == [2, 3, 4, 5]
+
+
 def test_bad_bench_input_is_named():
     with pytest.raises(FewstepError, match="--preset 'nope'"):
         preset("nope")

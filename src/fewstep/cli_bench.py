@@ -20,7 +20,7 @@ def register(sub):
     b.add_argument("--methods", default=None,
                    help="comma list of teacher, ddim, dpmpp2m, dpmpp3m, heun, ipndm, sfd, sfd-v, sfd-stage2, "
                         "sfddm, progressive")
-    b.add_argument("--nfe", type=_nfe_list, default=None, help="NFEs for solvers and SFD (e.g. 2,4,8)")
+    b.add_argument("--nfe", type=_nfe_list, default=None, help="NFEs for solvers and SFD (SFD: those up to 10), e.g. 2,4,8")
     b.add_argument("--sfddm-steps", type=_nfe_list, default=None, help="student step counts T' for SFDDM")
     b.add_argument("--n", dest="n_samples", type=int, default=None, help="samples per seed")
     b.add_argument("--seeds", default=None, help="sample seeds, e.g. 0,1,2 (default 0,1,2)")
@@ -43,7 +43,9 @@ def _spec(args):
     from fewstep.bench import BenchSpec, preset
     from fewstep.errors import FewstepError
 
+    # --nfe sets SFD's NFEs as well (those SFD distils at: up to 10), or a preset would keep its own
     overrides = dict(teacher=args.teacher, data=args.data, resolution=args.resolution, nfe=args.nfe,
+                     sfd_nfe=[n for n in args.nfe if n <= 10] if args.nfe else None,
                      sfddm_steps=args.sfddm_steps, n_samples=args.n_samples,
                      methods=args.methods.split(",") if args.methods else None,
                      seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None)
