@@ -32,7 +32,7 @@ def register(sub):
                         "(teacher / student forward+backward / optimizer / rest per iteration)")
     b.set_defaults(func=cmd_bench)
 
-    d = sub.add_parser("demo", help="the quick tour on the shipped digits teacher (≈15 min on 2 CPU cores)")
+    d = sub.add_parser("demo", help="the quick tour on the shipped digits teacher (≈20 min on 2 CPU cores)")
     d.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
     d.add_argument("--device", default="auto")
     d.add_argument("--no-progress", action="store_true")
