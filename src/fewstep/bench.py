@@ -111,6 +111,11 @@ PRESETS = {
 }
 
 
+def sfd_nfe_for(nfe: list) -> list:
+    """The NFEs SFD distils at when none are named: the bench's NFEs up to 10 (a few-step method)."""
+    return [n for n in nfe if n <= 10]
+
+
 def preset(name: str, **overrides) -> BenchSpec:
     if name not in PRESETS:
         raise FewstepError(f"--preset {name!r}: expected one of {', '.join(PRESETS)}")
@@ -198,7 +203,7 @@ class Bench:
                 for n in sorted({n + 1 - n % 2 for n in s.nfe}) if name == "heun" else s.nfe:
                     rows.append({"key": f"{name}-{n}", "method": name, "nfe": n, "sampler": name, "model": None})
         if "sfd" in s.methods:
-            sfd_nfe = s.sfd_nfe if s.sfd_nfe is not None else [n for n in s.nfe if n <= 10]
+            sfd_nfe = s.sfd_nfe if s.sfd_nfe is not None else sfd_nfe_for(s.nfe)
             rows += [{"key": f"sfd-{n}", "method": "sfd", "nfe": n, "model": f"sfd-{n}"} for n in sfd_nfe]
         if "sfd-v" in s.methods:
             tag = self.sfdv_model()

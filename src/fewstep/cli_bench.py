@@ -40,12 +40,12 @@ def register(sub):
 
 
 def _spec(args):
-    from fewstep.bench import BenchSpec, preset
+    from fewstep.bench import BenchSpec, preset, sfd_nfe_for
     from fewstep.errors import FewstepError
 
-    # --nfe sets SFD's NFEs as well (those SFD distils at: up to 10), or a preset would keep its own
+    # --nfe sets SFD's NFEs as well, or a preset would keep its own
     overrides = dict(teacher=args.teacher, data=args.data, resolution=args.resolution, nfe=args.nfe,
-                     sfd_nfe=[n for n in args.nfe if n <= 10] if args.nfe else None,
+                     sfd_nfe=sfd_nfe_for(args.nfe) if args.nfe else None,
                      sfddm_steps=args.sfddm_steps, n_samples=args.n_samples,
                      methods=args.methods.split(",") if args.methods else None,
                      seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None)
