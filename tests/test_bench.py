@@ -44,6 +44,9 @@ def test_every_method_gets_a_row_with_quality_and_timing(bench_run):
     assert rows["sfd-2"]["nfe"] == 2 and rows["sfd-stage2-1"]["nfe"] == 1 and rows["heun-3"]["nfe"] == 3
     for key in ("sfd-2", "sfdv-1_3-3", "sfddm-4-trailing-random", "progressive-4"):
         assert rows[key]["distill_wall_s"] > 0 and rows[key]["distill_vs_teacher_training"] > 0, key
+    # SFD's teacher trajectories go to the bench's cache (SFD-v at another NFE reads none of them)
+    assert rows["sfd-2"]["trajectory_cache"]["misses"] == 4 and any((out / "trajectory-cache").glob("*/*.safetensors"))
+    assert rows["sfdv-1_3-1"]["trajectory_cache"]["hits"] == 0
     # the stage-2 cost includes the first stage it started from
     assert rows["sfd-stage2-1"]["distill_wall_s"] > rows["sfdv-1_3-3"]["distill_wall_s"]
     # real samples sit far below a 2-step DDIM on eight separated modes
@@ -230,6 +233,12 @@ def test_results_page_gathers_finished_benches_and_names_the_missing(bench_run, 
             (toy / "figures" / f"{name}.png").read_bytes()
     # the consistency measured by the report is kept in results.json, so the page reads it too
     assert "PSNR of matched pairs" in text
+    # the page keeps the bench's numbers: with its folder gone, the section is written again, not dropped
+    assert json.loads((tmp_path / "docs" / "data" / "toy.json").read_text()) == summary
+    shutil.rmtree(toy)
+    again = write_results_doc({"toy": toy, "mnist": tmp_path / "never-run"}, tmp_path / "docs",
+                              {"mnist": "fewstep bench --preset mnist --out bench/mnist"}).read_text()
+    assert again == text
 
 
 def test_time_to_quality_is_read_off_each_run():

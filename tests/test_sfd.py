@@ -212,3 +212,65 @@ def test_bad_options_are_refused(tiny_gmm8_teacher):
         SFD(teacher, SFDConfig(teacher_solver="rk4"))
     with pytest.raises(FewstepError, match="--stage2 needs a first-stage"):
         SFD(teacher, SFDConfig(stage2=True))
+
+
+def _weights(path):
+    return load_checkpoint(path).denoiser.net.state_dict()
+
+
+def _assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_trajectory_cache_is_exact_and_shared_by_sfd_v(tiny_digits_teacher, tmp_path):
+    """SFD runs at NFE 2 and 3 fill the cache; SFD-v over {2, 3} with the same seed and batch then reads
+    every trajectory from it, and ends bit-identical to an SFD-v run that computed them itself. A rerun
+    with another learning rate hits too. The channels-last UNet teacher is the one the loop runs."""
+    teacher = load_checkpoint(tiny_digits_teacher)
+    cache = tmp_path / "cache"
+
+    def run(name, nfe, lr=1e-4, use_cache=True):
+        method = SFD(teacher, SFDConfig(nfe=nfe), trajectory_cache=cache if use_cache else None)
+        cfg = TrainConfig(steps=3, batch=8, lr=lr, progress=False, n_preview=0, log_every=3)
+        Trainer(method, cfg, tmp_path / name).run()
+        return method
+
+    for n in (2, 3):
+        m = run(f"sfd{n}", [n])
+        assert (m.cache.hits, m.cache.misses) == (0, 3)
+    v = run("sfdv", [2, 3])
+    assert (v.cache.hits, v.cache.misses) == (3, 0)
+    assert load_checkpoint(tmp_path / "sfdv").card["method"]["trajectory_cache"]["hits"] == 3
+    # an iteration that read its trajectories replays no teacher call in its floor
+    assert v.floor_calls()["teacher"] == []
+    run("sfdv-computed", [2, 3], use_cache=False)
+    _assert_same_weights(_weights(tmp_path / "sfdv"), _weights(tmp_path / "sfdv-computed"))
+    again = run("sfd2-other-lr", [2], lr=3e-4)
+    assert (again.cache.hits, again.cache.misses) == (3, 0)
+
+
+def test_trajectory_cache_misses_on_any_other_input(tiny_gmm8_teacher, tmp_path):
+    """Another teacher weight, another noise or another grid is another key; an unreadable entry is
+    recomputed, never trusted."""
+    teacher = load_checkpoint(tiny_gmm8_teacher)
+    method = SFD(teacher, SFDConfig(nfe=[2]), trajectory_cache=tmp_path)
+    s_grid, t_grid = method.grids[2]
+    positions = method.positions[2]
+    x = torch.randn(6, 2) * float(s_grid[0])
+    first, nfe, cached = method._teacher_states(x, t_grid, positions, None)
+    assert not cached
+    again, _, cached = method._teacher_states(x, t_grid, positions, None)
+    assert cached and all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not method._teacher_states(x + 1e-6, t_grid, positions, None)[2]
+    assert not method._teacher_states(x, t_grid * 1.001, positions, None)[2]
+    other = SFD(load_checkpoint(tiny_gmm8_teacher), SFDConfig(nfe=[2]), trajectory_cache=tmp_path)
+    with torch.no_grad():
+        next(other.traj.den.parameters()).view(-1)[0] += 1e-3
+    assert not other._teacher_states(x, t_grid, positions, None)[2]
+    for entry in tmp_path.glob("*/*.safetensors"):
+        entry.write_bytes(b"not a tensor file")
+    states, _, cached = method._teacher_states(x, t_grid, positions, None)
+    assert not cached and all(torch.equal(a, b) for a, b in zip(first, states))
+    assert method._teacher_states(x, t_grid, positions, None)[2]  # rewritten by the recomputation

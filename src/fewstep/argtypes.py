@@ -100,3 +100,13 @@ class Parser(argparse.ArgumentParser):
         where = f"{command}: " if command else ""
         print(f"fewstep: error: {where}{message} (see: {self.prog} --help)", file=sys.stderr)
         raise SystemExit(2)
+
+
+def folder(text: str) -> str:
+    """A folder to create or reuse: anything but an existing file."""
+    import os
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a folder path, got an empty value")
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a file; expected a folder (new or existing)")
+    return text

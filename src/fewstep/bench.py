@@ -260,6 +260,11 @@ class Bench:
     def model_dir(self, name: str) -> Path:
         return self.out / "models" / name
 
+    @property
+    def trajectory_cache(self) -> Path:
+        """SFD's teacher trajectories, shared by the SFD rows and SFD-v (same seed and batch: exact reuse)."""
+        return self.out / "trajectory-cache"
+
     def budget(self, row: dict) -> dict:
         """Training budget of one row's distillation (per fold for progressive distillation)."""
         from fewstep.distill.sfd import iterations_for
@@ -331,13 +336,14 @@ class Bench:
         tref = teacher_reference(s.teacher)
         if row["method"] in ("sfd", "sfd-v"):
             nfe = [row["nfe"]] if row["method"] == "sfd" else list(s.sfdv_nfe)
-            method = SFD(self.teacher, SFDConfig(nfe=nfe), teacher_ref=tref)
+            method = SFD(self.teacher, SFDConfig(nfe=nfe), teacher_ref=tref, trajectory_cache=self.trajectory_cache)
             self._train(method, path, budget, "step")
         elif row["method"] == "sfd-stage2":
             first_row = {"method": "sfd-v", "nfe": max(s.sfdv_nfe), "model": self.sfdv_model()}
             first_path = self.ensure_model(first_row)
             first = load_checkpoint(first_path, device=self.device)
-            method = SFD(first, SFDConfig(stage2=True), teacher_ref=teacher_reference(first_path))
+            method = SFD(first, SFDConfig(stage2=True), teacher_ref=teacher_reference(first_path),
+                         trajectory_cache=self.trajectory_cache)
             self._train(method, path, budget, "step")
         elif row["method"] == "sfddm":
             from fewstep.distill.sfddm import SFDDM, SFDDMConfig
@@ -498,6 +504,7 @@ class Bench:
                   "peak_memory_mb": peak_memory_mb(self.device)}
         if row.get("model"):
             result["distill_profile"] = self.distill_profile(row, ckpt.card)
+            result["trajectory_cache"] = (ckpt.card.get("method") or {}).get("trajectory_cache")
             if self.spec.curve_points or row.get("long"):
                 result["cost_curve"] = self.cost_curve(row, ckpt, kw)
         np.save(self.out / "rows" / f"{row['key']}.npy", preview[:64].numpy())

@@ -44,6 +44,10 @@ def add_sfd(methods):
     p.add_argument("--perceptual", default=None, choices=["classifier"],
                    help="second stage: perceptual term on the last step with fewstep's shipped classifier")
     p.add_argument("--perceptual-weight", type=A.non_negative, default=1.0)
+    p.add_argument("--trajectory-cache", type=A.folder, default=None, metavar="DIR",
+                   help="store the teacher's trajectories in DIR and reuse those computed before for the same "
+                        "teacher, grid and noise (exact): SFD-v after SFD runs at its NFEs with the same seed "
+                        "and batch, a rerun with another --lr, a resume (default: no cache)")
     add_train_args(p, steps=0, batch=128, lr=5e-5, lr_schedule="step")
     p.set_defaults(func=cmd_sfd)
 
@@ -68,7 +72,8 @@ def cmd_sfd(args):
         for q in clf.parameters():
             q.requires_grad_(False)
         perceptual = lambda x: clf.forward_with_features(x)[1]  # noqa: E731
-    method = SFD(teacher, cfg, teacher_ref=teacher_reference(args.teacher), perceptual_net=perceptual)
+    method = SFD(teacher, cfg, teacher_ref=teacher_reference(args.teacher), perceptual_net=perceptual,
+                 trajectory_cache=args.trajectory_cache)
     if args.iters == 0:  # iterations follow from the trajectory budget, as in the paper
         args.iters = iterations_for(args.trajectories, args.batch)
     Trainer(method, train_config(args), args.out, resume=args.resume, run_info=run_info(args)).run()

@@ -314,6 +314,15 @@ def reading(summary: dict, consistency: dict) -> list[str]:
     for r in rows:
         if r.get("long") and r.get("cost_curve"):
             lines.append(long_run_reading(r, rows, key))
+    seen = set()
+    for r in rows:  # one line per model: SFD-v's rows share theirs
+        cache = r.get("trajectory_cache")
+        if cache and cache.get("hits") and r["model"] not in seen:
+            seen.add(r["model"])
+            total = cache["hits"] + cache["misses"]
+            lines.append(f"- {row_label(r)}: {cache['hits']} of its {total} iterations read their teacher "
+                         "trajectories from the bench's trajectory cache (computed by the SFD rows with the same "
+                         "noise; exact), so its distill time has no teacher part for those.")
     lines += time_to_quality_reading(rows, key)
     separation = separation_reading(rows, key)
     if separation:
@@ -457,9 +466,11 @@ def _differs_from_preset(name: str, spec: dict) -> str:
 def write_results_doc(benches: dict, out: Path, commands: dict | None = None) -> Path:
     """One page with each bench's table, profile, reading and figures: ``benches`` maps a title (e.g. the
     preset's name) to a bench output folder. The figures are copied next to the page as
-    ``figures/<title>-<name>.png`` so the page stands alone. A bench without results says how to run it."""
+    ``figures/<title>-<name>.png`` and the bench's results.json as ``data/<title>.json``, so the page stands
+    alone, and a bench whose folder is gone keeps the section it had (rendered again from that copy).
+    A bench measured neither now nor before says how to run it."""
     out = Path(out)
-    figdir = out / "figures"
+    figdir, datadir = out / "figures", out / "data"
     figdir.mkdir(parents=True, exist_ok=True)
     commands = commands or {}
     lines = ["# fewstep results", "",
@@ -470,11 +481,18 @@ def write_results_doc(benches: dict, out: Path, commands: dict | None = None) ->
     for title, bench_dir in benches.items():
         bench_dir = Path(bench_dir)
         lines += [f"## {title}", ""]
-        results = bench_dir / "results.json"
-        if not results.is_file():
+        slug = "".join(c if c.isalnum() else "-" for c in title.lower())
+        results, kept = bench_dir / "results.json", datadir / f"{slug}.json"
+        if results.is_file():
+            atomic_write(kept, lambda p, src=results: shutil.copyfile(src, p))
+            for name in RESULT_FIGURES:
+                src = bench_dir / "figures" / name
+                if src.is_file():
+                    atomic_write(figdir / f"{slug}-{name}", lambda p, src=src: shutil.copyfile(src, p))
+        elif not kept.is_file():
             lines += [f"Not measured yet. Run: `{commands.get(title, f'fewstep bench --preset {title} --out {bench_dir}')}`", ""]
             continue
-        summary = json.loads(results.read_text())
+        summary = json.loads(kept.read_text())
         spec, env, t = summary["spec"], summary["environment"], summary["teacher"]
         lines += [f"Teacher `{Path(t['path']).name}` on {spec['data']}"
                   + (f" at {spec['resolution']}×{spec['resolution']}" if spec.get("resolution") else "")
@@ -495,13 +513,9 @@ def write_results_doc(benches: dict, out: Path, commands: dict | None = None) ->
         if profile:
             lines += ["Distillation time per iteration against its network floor:", "", PROFILE_NOTE, "", profile, ""]
         lines += ["Reading:", "", *reading(summary, summary.get("consistency") or {}), ""]
-        slug = "".join(c if c.isalnum() else "-" for c in title.lower())
         for name in RESULT_FIGURES:
-            src = bench_dir / "figures" / name
-            if src.is_file():
-                dest = figdir / f"{slug}-{name}"
-                atomic_write(dest, lambda p, src=src: shutil.copyfile(src, p))
-                lines += [f"![{title}: {name[:-4].replace('-', ' ')}](figures/{dest.name})", ""]
+            if (figdir / f"{slug}-{name}").is_file():
+                lines += [f"![{title}: {name[:-4].replace('-', ' ')}](figures/{slug}-{name})", ""]
     page = out / "results.md"
     atomic_write(page, lambda p: Path(p).write_text("\n".join(lines)))
     return page

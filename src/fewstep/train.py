@@ -439,7 +439,7 @@ class Trainer:
     RESUMABLE_CHANGES = {"config": {"steps", "progress", "log_every", "sample_every", "ckpt_every", "n_preview",
                                     "device", "log", "profile", "snapshot_every"},
                          "args": {"iters", "no_progress", "log_every", "sample_every", "ckpt_every", "device",
-                                  "resume", "out", "log", "profile", "snapshot_every"}}
+                                  "resume", "out", "log", "profile", "snapshot_every", "trajectory_cache"}}
 
     def _changed_settings(self, st: dict) -> list[str]:
         """'name: now X, was Y' for every loop or command-line setting that differs from the saved run."""

@@ -16,11 +16,13 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from fewstep.checkpoint import Checkpoint
+from fewstep.distill.trajectory_cache import TrajectoryCache, module_digest
 from fewstep.errors import FewstepError
 from fewstep.nets import set_dropout
 from fewstep.sampling import sample_shape
@@ -117,9 +119,12 @@ class SFD(TrainMethod):
     needs_data = False
 
     def __init__(self, teacher: Checkpoint, cfg: SFDConfig, teacher_ref: dict | None = None,
-                 perceptual_net: nn.Module | None = None):
+                 perceptual_net: nn.Module | None = None, trajectory_cache: str | Path | None = None):
         cfg.validate()
         self.cfg = cfg
+        # teacher trajectories stored and reused by content (see fewstep.distill.trajectory_cache)
+        self.cache = TrajectoryCache(trajectory_cache) if trajectory_cache is not None else None
+        self._teacher_digest = None
         self.teacher = teacher
         self.teacher_ref = teacher_ref
         tden = teacher.denoiser.eval()
@@ -191,17 +196,19 @@ class SFD(TrainMethod):
 
     def train_step(self, ctx: StepContext, batch, gen: torch.Generator) -> dict:
         cfg = self.cfg
-        # N is drawn from the iteration's global generator, so all processes pick the same N
-        nfe = cfg.nfe[int(torch.randint(len(cfg.nfe), (1,), generator=gen))] if len(cfg.nfe) > 1 else cfg.nfe[0]
-        s_grid, t_grid = self.grids[nfe]
         B = ctx.world * self._local_batch(ctx)
         eps = ctx.local(torch.randn((B, *self.shape), generator=gen)).to(ctx.device)
         labels = self._labels(ctx, B, gen)
+        # N is drawn from the iteration's global generator, so all processes pick the same N; after the
+        # noise, so SFD-v's iteration k starts where an SFD run at that N does (shared cached trajectories)
+        nfe = cfg.nfe[int(torch.randint(len(cfg.nfe), (1,), generator=gen))] if len(cfg.nfe) > 1 else cfg.nfe[0]
+        s_grid, t_grid = self.grids[nfe]
         x = eps * float(s_grid[0])
 
         with ctx.timed("teacher"), ctx.autocast():
-            targets, teacher_nfe = self.traj(x, t_grid, self.positions[nfe], labels)
-        self._last = (ctx, x, s_grid, t_grid, teacher_nfe, labels)
+            targets, teacher_nfe, cached = self._teacher_states(x, t_grid, self.positions[nfe], labels)
+        # the floor replays the teacher calls the iteration made: none when it read its trajectories
+        self._last = (ctx, x, s_grid, t_grid, 0 if cached else teacher_nfe, labels)
 
         model = self._student_model(len(s_grid), labels)
         losses = []
@@ -224,8 +231,26 @@ class SFD(TrainMethod):
         self.trajectories += B
         logs = {"loss": sum(losses) / len(losses), "nfe": nfe, "teacher_nfe": teacher_nfe,
                 "trajectories": self.trajectories}
+        if self.cache is not None:
+            logs["teacher_cached"] = int(cached)
         logs.update({f"loss_step{i}": v for i, v in enumerate(losses)})
         return logs
+
+    def _teacher_states(self, x, t_grid, positions, labels):
+        """(teacher states at the student timestamps, teacher NFE, whether they came from the cache)."""
+        if self.cache is None:
+            return (*self.traj(x, t_grid, positions, labels), False)
+        if self._teacher_digest is None:  # after use_channels_last: the format is part of the teacher
+            self._teacher_digest = module_digest(self.traj.den)
+        setup = {"solver": self.traj.solver, "afs": self.traj.afs, "clip": self.traj.clip, "step": self.traj.step,
+                 "grid": [float(s) for s in t_grid], "positions": list(positions)}
+        key = self.cache.key(self._teacher_digest, setup, x, labels)
+        found = self.cache.get(key, x.device)
+        if found is not None:
+            return (*found, True)
+        states, teacher_nfe = self.traj(x, t_grid, positions, labels)
+        self.cache.put(key, states, teacher_nfe)
+        return states, teacher_nfe, False
 
     def use_channels_last(self):
         from fewstep.nets import channels_last_copy
@@ -271,10 +296,16 @@ class SFD(TrainMethod):
         return loss
 
     def state_dict(self):
-        return {"trajectories": self.trajectories}
+        state = {"trajectories": self.trajectories}
+        if self.cache is not None:
+            state["cache"] = {"hits": self.cache.hits, "misses": self.cache.misses}
+        return state
 
     def load_state_dict(self, state):
         self.trajectories = int(state.get("trajectories", 0))
+        if self.cache is not None:
+            counts = state.get("cache") or {}
+            self.cache.hits, self.cache.misses = int(counts.get("hits", 0)), int(counts.get("misses", 0))
 
     def sampler_card(self) -> dict:
         cfg = self.cfg
@@ -297,6 +328,8 @@ class SFD(TrainMethod):
             method["first_stage_nfe"] = self.stage2_teacher_nfe
         if self.teacher.denoiser.num_classes:
             method["class_distribution"] = "uniform"
+        if self.cache is not None:
+            method["trajectory_cache"] = self.cache.summary()
         return {"method": method, "sampler": self.sampler_card(), "teacher": self.teacher_ref,
                 "data": self.teacher.card.get("data")}
 
