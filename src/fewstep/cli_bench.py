@@ -6,6 +6,7 @@ from pathlib import Path
 
 
 def register(sub):
+    from fewstep import argtypes as A
     from fewstep.cli import _nfe_list
 
     b = sub.add_parser("bench", help="every method side by side on one teacher: table, plots, report",
@@ -22,6 +23,10 @@ def register(sub):
                         "sfddm, progressive")
     b.add_argument("--nfe", type=_nfe_list, default=None, help="NFEs for solvers and SFD (SFD: those up to 10), e.g. 2,4,8")
     b.add_argument("--sfddm-steps", type=_nfe_list, default=None, help="student step counts T' for SFDDM")
+    b.add_argument("--sfd-batch", type=A.batch, default=None, help="SFD / SFD-v / stage-2 batch (default: the preset's)")
+    b.add_argument("--sfd-lr", type=A.positive, default=None, help="SFD / SFD-v learning rate (default: the preset's)")
+    b.add_argument("--sfd-trajectories", type=A.integer(1, 10**12), default=None,
+                   help="SFD's trajectory budget; iterations = trajectories / batch (default: the preset's)")
     b.add_argument("--n", dest="n_samples", type=int, default=None, help="samples per seed")
     b.add_argument("--seeds", default=None, help="sample seeds, e.g. 0,1,2 (default 0,1,2)")
     b.add_argument("--out", required=True)
@@ -46,7 +51,8 @@ def _spec(args):
     # --nfe sets SFD's NFEs as well, or a preset would keep its own
     overrides = dict(teacher=args.teacher, data=args.data, resolution=args.resolution, nfe=args.nfe,
                      sfd_nfe=sfd_nfe_for(args.nfe) if args.nfe else None,
-                     sfddm_steps=args.sfddm_steps, n_samples=args.n_samples,
+                     sfddm_steps=args.sfddm_steps, n_samples=args.n_samples, sfd_batch=args.sfd_batch,
+                     sfd_lr=args.sfd_lr, sfd_trajectories=args.sfd_trajectories,
                      methods=args.methods.split(",") if args.methods else None,
                      seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None)
     if args.preset:
