@@ -274,3 +274,42 @@ def test_trajectory_cache_misses_on_any_other_input(tiny_gmm8_teacher, tmp_path)
     states, _, cached = method._teacher_states(x, t_grid, positions, None)
     assert not cached and all(torch.equal(a, b) for a, b in zip(first, states))
     assert method._teacher_states(x, t_grid, positions, None)[2]  # rewritten by the recomputation
+
+
+def _losses(run_dir):
+    import json
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_bf16_teacher_is_kept_only_within_its_tolerance(tiny_gmm8_teacher, tmp_path):
+    """--teacher-precision bf16 measures the first batch's trajectories against fp32: within the tolerance
+    the teacher runs in bf16 for the whole run (a resume keeps it); over it the run is the fp32 run, bit
+    for bit."""
+    teacher = load_checkpoint(tiny_gmm8_teacher)
+    cfg = TrainConfig(steps=3, batch=16, lr=1e-3, progress=False, n_preview=0, log_every=1)
+
+    def run(name, **kw):
+        method = SFD(teacher, SFDConfig(nfe=[2], **kw))
+        Trainer(method, cfg, tmp_path / name).run()
+        return method
+
+    fp32 = run("fp32")
+    strict = run("strict", teacher_precision="bf16", teacher_precision_tol=1e-9)
+    assert strict.precision_check["kept"] == "fp32" and strict.traj.precision == "fp32"
+    assert strict.precision_check["deviation"] > 0  # bf16 does round differently
+    _assert_same_weights(_weights(tmp_path / "fp32"), _weights(tmp_path / "strict"))
+    loose = run("loose", teacher_precision="bf16", teacher_precision_tol=0.5)
+    check = load_checkpoint(tmp_path / "loose").card["method"]["teacher_precision_check"]
+    assert check["kept"] == "bf16" and 0 < check["deviation"] <= 0.5 and loose.traj.precision == "bf16"
+    # the loss sees the bf16 targets (the L1 gradient, a sign, may not)
+    assert _losses(tmp_path / "loose") != _losses(tmp_path / "fp32") == _losses(tmp_path / "strict")
+    # the teacher's calls (and the floor's replay of them) run in the precision the run kept
+    with loose.traj.autocast("cpu"):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with strict.traj.autocast("cpu"):
+        assert not torch.is_autocast_enabled("cpu")
+    resumed = SFD(teacher, SFDConfig(nfe=[2], teacher_precision="bf16", teacher_precision_tol=0.5))
+    resumed.load_state_dict(loose.state_dict())
+    assert resumed.traj.precision == "bf16" and resumed.precision_check == loose.precision_check
+    with pytest.raises(FewstepError, match="--teacher-precision"):
+        SFD(teacher, SFDConfig(teacher_precision="fp16"))

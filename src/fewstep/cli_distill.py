@@ -44,6 +44,11 @@ def add_sfd(methods):
     p.add_argument("--perceptual", default=None, choices=["classifier"],
                    help="second stage: perceptual term on the last step with fewstep's shipped classifier")
     p.add_argument("--perceptual-weight", type=A.non_negative, default=1.0)
+    p.add_argument("--teacher-precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: the teacher under bf16 autocast (faster on CPUs with bf16 support), kept only if "
+                        "its trajectories on the first batch stay within --teacher-precision-tol of fp32's")
+    p.add_argument("--teacher-precision-tol", type=A.real(0, 1, lo_open=True, hi_open=True), default=0.02,
+                   help="largest relative RMS deviation from the fp32 trajectory that bf16 may show (default 0.02)")
     p.add_argument("--trajectory-cache", type=A.folder, default=None, metavar="DIR",
                    help="store the teacher's trajectories in DIR and reuse those computed before for the same "
                         "teacher, grid and noise (exact): SFD-v after SFD runs at its NFEs with the same seed "
@@ -63,7 +68,8 @@ def cmd_sfd(args):
     cfg = SFDConfig(nfe=args.nfe, afs=args.afs, m=args.m, teacher_solver=args.teacher_solver, grid=args.grid,
                     rho=args.rho, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
                     loss_reduction=args.loss_reduction, thresholding=args.thresholding, dropout=args.dropout,
-                    stage2=args.stage2, perceptual=args.perceptual, perceptual_weight=args.perceptual_weight)
+                    stage2=args.stage2, perceptual=args.perceptual, perceptual_weight=args.perceptual_weight,
+                    teacher_precision=args.teacher_precision, teacher_precision_tol=args.teacher_precision_tol)
     perceptual = None
     if args.perceptual == "classifier":
         from fewstep.featnet import load_classifier

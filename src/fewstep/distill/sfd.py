@@ -13,8 +13,10 @@ Variants in this module:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from fewstep.solvers import afs_direction, solve
 from fewstep.train import StepContext, TrainMethod
 
 TEACHER_SOLVERS = ("dpmpp3m", "dpmpp2m", "heun", "euler", "ipndm")
+TEACHER_PRECISIONS = ("fp32", "bf16")
 # The paper's grid ends for EDM (continuous) teachers: σ_min = 0.006 rather than EDM's 0.002.
 EDM_SIGMA_MIN, EDM_SIGMA_MAX = 0.006, 80.0
 
@@ -51,6 +54,10 @@ class SFDConfig:
     stage2: bool = False
     perceptual: str | None = None                     # second stage: None or "classifier"
     perceptual_weight: float = 1.0
+    # bf16: the teacher's trajectories under bf16 autocast, kept only if on the first batch every kept state
+    # is within this relative RMS deviation of the fp32 trajectory (else the run stays fp32 and says so)
+    teacher_precision: str = "fp32"
+    teacher_precision_tol: float = 0.02
 
     def validate(self):
         if not self.nfe or min(self.nfe) < 1:
@@ -67,6 +74,12 @@ class SFDConfig:
             raise FewstepError(f"--loss-reduction {self.loss_reduction!r}: expected sum or mean")
         if self.perceptual not in (None, "classifier"):
             raise FewstepError(f"--perceptual {self.perceptual!r}: expected classifier or none")
+        if self.teacher_precision not in TEACHER_PRECISIONS:
+            raise FewstepError(f"--teacher-precision {self.teacher_precision!r}: expected one of "
+                               f"{', '.join(TEACHER_PRECISIONS)}")
+        if not 0 < self.teacher_precision_tol < 1:
+            raise FewstepError(f"--teacher-precision-tol {self.teacher_precision_tol}: expected a relative "
+                               "deviation in (0, 1)")
 
 
 def timestamps_for_nfe(nfe: int, afs: bool) -> int:
@@ -102,15 +115,24 @@ class TeacherTrajectory:
     Euler (and its AFS) on its own grid, whose states at the student timestamps are kept.
     """
 
-    def __init__(self, den, solver: str, afs: bool = False, clip: float | None = None, step: int | None = None):
+    def __init__(self, den, solver: str, afs: bool = False, clip: float | None = None, step: int | None = None,
+                 precision: str = "fp32"):
         self.den, self.solver, self.afs, self.clip, self.step = den, solver, afs, clip, step
+        self.precision = precision
+
+    def autocast(self, device_type: str):
+        """The network's precision: bf16 autocast, or as it is (the solver's own arithmetic stays fp32)."""
+        if self.precision == "bf16":
+            return torch.autocast(device_type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     @torch.no_grad()
     def __call__(self, x_T: torch.Tensor, teacher_grid: torch.Tensor, positions: list[int], class_labels=None):
         kw = {"afs": True} if self.afs else {}
-        r = solve(self.solver, self.den.with_step(self.step, class_labels), x_T, teacher_grid.to(x_T.device),
-                  clip=self.clip, return_trajectory=True, **kw)
-        return [r.trajectory[p] for p in positions], r.nfe
+        with self.autocast(x_T.device.type):
+            r = solve(self.solver, self.den.with_step(self.step, class_labels), x_T, teacher_grid.to(x_T.device),
+                      clip=self.clip, return_trajectory=True, **kw)
+        return [r.trajectory[p].to(x_T.dtype) for p in positions], r.nfe
 
 
 class SFD(TrainMethod):
@@ -125,6 +147,7 @@ class SFD(TrainMethod):
         # teacher trajectories stored and reused by content (see fewstep.distill.trajectory_cache)
         self.cache = TrajectoryCache(trajectory_cache) if trajectory_cache is not None else None
         self._teacher_digest = None
+        self.precision_check = None  # bf16: the first batch's deviation from fp32 and the precision kept
         self.teacher = teacher
         self.teacher_ref = teacher_ref
         tden = teacher.denoiser.eval()
@@ -206,6 +229,8 @@ class SFD(TrainMethod):
         x = eps * float(s_grid[0])
 
         with ctx.timed("teacher"), ctx.autocast():
+            if cfg.teacher_precision == "bf16" and self.precision_check is None:
+                self._check_precision(x, t_grid, self.positions[nfe], labels, nfe)
             targets, teacher_nfe, cached = self._teacher_states(x, t_grid, self.positions[nfe], labels)
         # the floor replays the teacher calls the iteration made: none when it read its trajectories
         self._last = (ctx, x, s_grid, t_grid, 0 if cached else teacher_nfe, labels)
@@ -236,6 +261,27 @@ class SFD(TrainMethod):
         logs.update({f"loss_step{i}": v for i, v in enumerate(losses)})
         return logs
 
+    def _check_precision(self, x, t_grid, positions, labels, nfe):
+        """bf16 teacher: keep it only if its trajectory on this batch stays within the tolerance of fp32's
+        (relative RMS deviation, the largest over the kept states)."""
+        self.traj.precision = "fp32"
+        exact, _ = self.traj(x, t_grid, positions, labels)
+        self.traj.precision = "bf16"
+        fast, _ = self.traj(x, t_grid, positions, labels)
+        deviation = max(float((f - e).square().mean().sqrt() / e.square().mean().sqrt().clamp_min(1e-12))
+                        for f, e in zip(fast[1:], exact[1:]))
+        kept = "bf16" if deviation <= self.cfg.teacher_precision_tol else "fp32"
+        self._set_precision({"deviation": deviation, "tolerance": self.cfg.teacher_precision_tol, "nfe": nfe,
+                             "kept": kept})
+        if kept == "fp32":
+            print(f"fewstep: note: the bf16 teacher's trajectories deviate from fp32 by {deviation:.3g} "
+                  f"(relative RMS) on the first batch, over --teacher-precision-tol {self.cfg.teacher_precision_tol:g}; "
+                  "the teacher runs in fp32", file=sys.stderr)
+
+    def _set_precision(self, check: dict):
+        self.precision_check = check
+        self.traj.precision = check["kept"]
+
     def _teacher_states(self, x, t_grid, positions, labels):
         """(teacher states at the student timestamps, teacher NFE, whether they came from the cache)."""
         if self.cache is None:
@@ -243,7 +289,7 @@ class SFD(TrainMethod):
         if self._teacher_digest is None:  # after use_channels_last: the format is part of the teacher
             self._teacher_digest = module_digest(self.traj.den)
         setup = {"solver": self.traj.solver, "afs": self.traj.afs, "clip": self.traj.clip, "step": self.traj.step,
-                 "grid": [float(s) for s in t_grid], "positions": list(positions)}
+                 "precision": self.traj.precision, "grid": [float(s) for s in t_grid], "positions": list(positions)}
         key = self.cache.key(self._teacher_digest, setup, x, labels)
         found = self.cache.get(key, x.device)
         if found is not None:
@@ -269,7 +315,7 @@ class SFD(TrainMethod):
 
         def teacher_call(sigma):
             def call():
-                with torch.no_grad(), ctx.autocast():
+                with torch.no_grad(), ctx.autocast(), self.traj.autocast(x.device.type):
                     tmodel(x, sigma)
             return call
 
@@ -299,6 +345,8 @@ class SFD(TrainMethod):
         state = {"trajectories": self.trajectories}
         if self.cache is not None:
             state["cache"] = {"hits": self.cache.hits, "misses": self.cache.misses}
+        if self.precision_check is not None:
+            state["precision_check"] = self.precision_check
         return state
 
     def load_state_dict(self, state):
@@ -306,6 +354,8 @@ class SFD(TrainMethod):
         if self.cache is not None:
             counts = state.get("cache") or {}
             self.cache.hits, self.cache.misses = int(counts.get("hits", 0)), int(counts.get("misses", 0))
+        if state.get("precision_check"):  # a resumed run keeps the precision its first batch chose
+            self._set_precision(state["precision_check"])
 
     def sampler_card(self) -> dict:
         cfg = self.cfg
@@ -330,6 +380,8 @@ class SFD(TrainMethod):
             method["class_distribution"] = "uniform"
         if self.cache is not None:
             method["trajectory_cache"] = self.cache.summary()
+        if self.precision_check is not None:
+            method["teacher_precision_check"] = self.precision_check
         return {"method": method, "sampler": self.sampler_card(), "teacher": self.teacher_ref,
                 "data": self.teacher.card.get("data")}
 
