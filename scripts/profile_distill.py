@@ -1,6 +1,7 @@
 """Where distillation time goes, per method, against the network floor; and what a setting changes.
 
     OMP_NUM_THREADS=1 python scripts/profile_distill.py --iters 5 --compare channels_last=off,on
+    python scripts/profile_distill.py --methods sfd,sfd-v --compare teacher_precision=fp32,bf16
     python scripts/profile_distill.py --teacher mnist16-teacher --data mnist --resolution 16 --compare channels_last=auto
 
 Runs SFD (NFE 2), SFD-v (NFE 2-5), SFDDM (T' = 10) and one progressive fold (256 -> 128 steps) on a
@@ -14,22 +15,24 @@ import argparse
 import json
 import statistics
 import tempfile
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
 from fewstep.checkpoint import load_checkpoint
+from fewstep.distill.sfd import SFDConfig
 from fewstep.data import load_dataset
 from fewstep.train import TrainConfig, Trainer
 
 PARTS = ("teacher", "student", "optimizer", "rest", "iter")
 
 
-def method(name: str, teacher):
+def method(name: str, teacher, sfd_setting: dict):
     den = teacher.denoiser
     if name in ("sfd", "sfd-v"):
         from fewstep.distill.sfd import SFD, SFDConfig
-        return SFD(teacher, SFDConfig(nfe=[2] if name == "sfd" else [2, 3, 4, 5])), 128
+        return SFD(teacher, SFDConfig(nfe=[2] if name == "sfd" else [2, 3, 4, 5], **sfd_setting)), 128
     if name == "sfddm":
         from fewstep.distill.sfddm import SFDDM, SFDDMConfig
         return SFDDM(den, SFDDMConfig(steps=10)), 64
@@ -39,9 +42,12 @@ def method(name: str, teacher):
 
 def run(name: str, setting: dict, iters: int, data, teacher_name: str) -> list[dict]:
     teacher = load_checkpoint(teacher_name)
-    m, batch = method(name, teacher)
+    # a setting of SFD's own (teacher_precision) goes to SFD and SFD-v; any other to the training loop
+    sfd_keys = {f.name for f in fields(SFDConfig)}
+    m, batch = method(name, teacher, {k: v for k, v in setting.items() if k in sfd_keys})
+    loop = {k: v for k, v in setting.items() if k not in sfd_keys}
     with tempfile.TemporaryDirectory() as out:
-        cfg = TrainConfig(steps=iters, batch=batch, lr=1e-4, progress=False, log_every=1, n_preview=0, **setting)
+        cfg = TrainConfig(steps=iters, batch=batch, lr=1e-4, progress=False, log_every=1, n_preview=0, **loop)
         Trainer(m, cfg, out, data=data if m.needs_data else None).run()
         recs = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     return recs[1:]  # the first iteration warms up
@@ -55,7 +61,8 @@ def main():
     ap.add_argument("--resolution", type=int, default=None)
     ap.add_argument("--methods", default="sfd,sfd-v,sfddm,progressive")
     ap.add_argument("--compare", default="channels_last=off,on",
-                    help="KEY=V1,V2: a TrainConfig setting to compare (default channels_last=off,on)")
+                    help="KEY=V1,V2: a TrainConfig setting, or SFD's teacher_precision, to compare "
+                         "(default channels_last=off,on)")
     args = ap.parse_args()
     key, values = args.compare.split("=")
     values = values.split(",")
