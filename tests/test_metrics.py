@@ -113,6 +113,25 @@ def test_mmd_same_vs_shifted():
     assert shifted > 0.1
 
 
+def test_a_reference_set_statistics_are_computed_once_and_reused_exactly(monkeypatch):
+    """MMD's self-sum and the k-NN radii of one reference are kept by content: scoring a second sample
+    set against it computes only the sample side, and gives bit for bit what a fresh computation gives."""
+    import fewstep.metrics as M
+    ref, a, b = (sample_toy("gmm8", n, seed=s) for n, s in ((800, 0), (100, 1), (100, 2)))
+    M._SET_STATS.clear()
+    mmd_rbf(a, ref), precision_recall(ref, a)
+    pairs = []  # (rows, columns) of every distance matrix computed
+    monkeypatch.setattr(M.torch, "cdist", lambda x, y, f=torch.cdist: pairs.append((len(x), len(y))) or f(x, y))
+    warm = mmd_rbf(b, ref), precision_recall(ref, b)
+    assert (800, 800) not in pairs  # neither the reference's self-sum nor its radii again
+    assert pairs.count((100, 100)) == 2 and pairs.count((100, 800)) == 2  # b's own, and b against the reference
+    M._SET_STATS.clear()
+    assert (mmd_rbf(b, ref), precision_recall(ref, b)) == warm
+    # another reference is another entry
+    other = ref + 1e-3
+    assert mmd_rbf(b, other) != warm[0]
+
+
 # ----------------------------------------------------------------------------- classifier
 
 
