@@ -477,7 +477,8 @@ def write_results_doc(benches: dict, out: Path, commands: dict | None = None) ->
              "Every number below was measured by `fewstep bench` on the machine named in each section; "
              "regenerate this page (and rerun whatever is missing: finished rows are reused) with "
              "`make results`. Quality is the mean ± std over the sample seeds; lower is better for FCD, "
-             "KID, SWD and MMD.", ""]
+             "KID, SWD and MMD. Each section's raw numbers are in `data/<section>.json` (the bench's "
+             "results.json); a section whose bench is not rerun is written again from that file.", ""]
     for title, bench_dir in benches.items():
         bench_dir = Path(bench_dir)
         lines += [f"## {title}", ""]
