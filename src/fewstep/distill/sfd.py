@@ -270,6 +270,11 @@ class SFD(TrainMethod):
         fast, _ = self.traj(x, t_grid, positions, labels)
         deviation = max(float((f - e).square().mean().sqrt() / e.square().mean().sqrt().clamp_min(1e-12))
                         for f, e in zip(fast[1:], exact[1:]))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # each process checked its own slice: the largest deviation decides for all, so they agree
+            worst = torch.tensor([deviation], dtype=torch.float64, device=x.device)
+            torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MAX)
+            deviation = float(worst)
         kept = "bf16" if deviation <= self.cfg.teacher_precision_tol else "fp32"
         self._set_precision({"deviation": deviation, "tolerance": self.cfg.teacher_precision_tol, "nfe": nfe,
                              "kept": kept})
