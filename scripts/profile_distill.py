@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from fewstep.checkpoint import load_checkpoint
-from fewstep.distill.sfd import SFDConfig
 from fewstep.data import load_dataset
+from fewstep.distill.sfd import SFD, SFDConfig
 from fewstep.train import TrainConfig, Trainer
 
 PARTS = ("teacher", "student", "optimizer", "rest", "iter")
@@ -31,7 +31,6 @@ PARTS = ("teacher", "student", "optimizer", "rest", "iter")
 def method(name: str, teacher, sfd_setting: dict):
     den = teacher.denoiser
     if name in ("sfd", "sfd-v"):
-        from fewstep.distill.sfd import SFD, SFDConfig
         return SFD(teacher, SFDConfig(nfe=[2] if name == "sfd" else [2, 3, 4, 5], **sfd_setting)), 128
     if name == "sfddm":
         from fewstep.distill.sfddm import SFDDM, SFDDMConfig

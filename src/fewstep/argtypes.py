@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 MAX_NFE = 10_000          # more network evaluations per sample than any sampler needs
 MAX_RESOLUTION = 4096
@@ -104,7 +105,6 @@ class Parser(argparse.ArgumentParser):
 
 def folder(text: str) -> str:
     """A folder to create or reuse: anything but an existing file."""
-    import os
     if not text.strip():
         raise argparse.ArgumentTypeError("expected a folder path, got an empty value")
     if os.path.exists(text) and not os.path.isdir(text):
