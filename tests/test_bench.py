@@ -96,10 +96,10 @@ def test_bench_nfe_flag_sets_the_solvers_and_sfd_alike():
     assert spec.nfe == [2, 16] and spec.sfd_nfe == [2]
     assert _spec(parser.parse_args(["bench", "--preset", "digits", "--out", "x"])).sfd_nfe == [2, 3, 4, 5]
     # SFD's recipe can be changed without leaving the preset
-    spec = _spec(parser.parse_args(["bench", "--preset", "demo", "--sfd-batch", "64", "--sfd-lr", "2e-4",
-                                    "--sfd-trajectories", "9600", "--out", "x"]))
-    assert (spec.sfd_batch, spec.sfd_lr, spec.sfd_trajectories, spec.sfd_nfe) == (64, 2e-4, 9600, [2])
-    assert _spec(parser.parse_args(["bench", "--preset", "demo", "--out", "x"])).sfd_batch == 128
+    spec = _spec(parser.parse_args(["bench", "--preset", "demo", "--sfd-batch", "128", "--sfd-lr", "2e-4",
+                                    "--sfd-trajectories", "19200", "--out", "x"]))
+    assert (spec.sfd_batch, spec.sfd_lr, spec.sfd_trajectories, spec.sfd_nfe) == (128, 2e-4, 19200, [2])
+    assert _spec(parser.parse_args(["bench", "--preset", "demo", "--out", "x"])).sfd_batch == 64
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "--preset", "demo", "--sfd-batch", "0", "--out", "x"])
 

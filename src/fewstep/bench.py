@@ -105,9 +105,11 @@ PRESETS = {
                   sfddm_variants=["trailing/random"], n_samples=500, ref_nfe=100, sfd_trajectories=6_400,
                   sfd_lr=1e-4, sfdv_trajectory_factor=1.0, sfd_stage2_trajectories=6_400, sfddm_iters=500,
                   pd_start_steps=256, pd_iters_per_fold=150, curve_points=6, sfddm_long_fraction=0.25),
+    # SFD at batch 64: the same 150 iterations as at 128 on half the trajectories, in 58 % of the time with the
+    # same quality (FCD 47.6 ± 4 in 85 s against 46.9 ± 7 in 147 s, 2 CPU cores)
     "demo": dict(teacher="digits-teacher", data="digits", methods=["data", "teacher", "ddim", "dpmpp3m", "sfd", "sfddm"],
                  nfe=[2, 10], sfd_nfe=[2], sfddm_steps=[10], sfddm_variants=["trailing/random"], n_samples=500, ref_nfe=256,
-                 seeds=[0, 1, 2], sfd_trajectories=19_200, sfd_lr=1e-4, sfddm_iters=1000),
+                 seeds=[0, 1, 2], sfd_trajectories=9_600, sfd_batch=64, sfd_lr=1e-4, sfddm_iters=1000),
 }
 
 
