@@ -234,18 +234,24 @@ def test_results_page_gathers_finished_benches_and_names_the_missing(bench_run, 
     # the fixture is not the toy preset: the page says where it differs
     assert "**Not the whole `toy` preset**: " in text and "n_samples 200 where the preset has 4000" in text
     assert "## mnist\n\nNot measured yet. Run: `fewstep bench --preset mnist --out bench/mnist`" in text
+    figures = tmp_path / "docs" / "figures"
     for name in ("quality-vs-nfe", "quality-vs-cost", "samples"):
         assert f"](figures/toy-{name}.png)" in text
-        assert (tmp_path / "docs" / "figures" / f"toy-{name}.png").read_bytes() == \
-            (toy / "figures" / f"{name}.png").read_bytes()
+        assert (figures / f"toy-{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the sample grid is the bench's own; the plots are drawn again from the numbers
+    assert (figures / "toy-samples.png").read_bytes() == (toy / "figures" / "samples.png").read_bytes()
     # the consistency measured by the report is kept in results.json, so the page reads it too
     assert "PSNR of matched pairs" in text
     # the page keeps the bench's numbers: with its folder gone, the section is written again, not dropped
     assert json.loads((tmp_path / "docs" / "data" / "toy.json").read_text()) == summary
     shutil.rmtree(toy)
+    for name in ("quality-vs-nfe", "quality-vs-cost"):
+        (figures / f"toy-{name}.png").unlink()
     again = write_results_doc({"toy": toy, "mnist": tmp_path / "never-run"}, tmp_path / "docs",
                               {"mnist": "fewstep bench --preset mnist --out bench/mnist"}).read_text()
     assert again == text
+    for name in ("quality-vs-nfe", "quality-vs-cost", "samples"):  # the plots drawn again, the grid kept
+        assert (figures / f"toy-{name}.png").is_file()
 
 
 def test_time_to_quality_is_read_off_each_run():

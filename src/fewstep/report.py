@@ -160,31 +160,42 @@ def plot_quality_vs_nfe(summary: dict, path: Path):
     plt.close(fig)
 
 
+# the cost figure's panels: the trajectory methods apart from the chain methods, so neither crowds the other
+COST_PANELS = (("SFD, SFD-v and the 1-NFE stage", ("sfd", "sfd-v", "sfd-stage2")),
+               ("SFDDM and progressive distillation", ("sfddm", "progressive")))
+
+
 def plot_quality_vs_cost(summary: dict, path: Path):
+    """Quality against distillation wall time: each run's curve (its snapshots along the run) in one colour
+    and marker, ending in its final score (the larger marker)."""
     plt = _plt()
     key = summary["quality_key"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in summary["rows"]:
-        if not r.get("distill_wall_s"):
-            continue
-        ax.scatter(r["distill_wall_s"] / 60, r["quality"][key]["mean"], s=25)
-        ax.annotate(f"{row_label(r)} @{r['nfe']}", (r["distill_wall_s"] / 60, r["quality"][key]["mean"]),
-                    fontsize=6, xytext=(3, 3), textcoords="offset points")
-    for r in summary["rows"]:  # quality along each run: checkpoints against the wall time spent so far
-        curve = r.get("cost_curve") or []
-        pts = [(p["wall_s"] / 60, p["quality"][key]) for p in curve if p.get("wall_s") and key in p["quality"]]
-        if len(pts) > 1:
-            ax.plot(*zip(*pts), marker=".", ms=4, lw=1, label=f"{row_label(r)} @{r['nfe']} along the run")
-    _reference_lines(ax, summary)
+    rows = [r for r in summary["rows"] if r.get("distill_wall_s")]
+    panels = [(title, [r for r in rows if r["method"] in methods]) for title, methods in COST_PANELS]
+    panels = [p for p in panels if p[1]] or [("distillation", rows)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5), sharey=True, squeeze=False)
+    colors = plt.get_cmap("tab20").colors
+    markers = "osD^v<>ph*"
     t_train = summary["teacher"].get("training_wall_s")
-    if t_train:
-        ax.axvline(t_train / 60, color="gray", ls=":", lw=1, label="teacher training time")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("distillation wall time (minutes, log)")
-    ax.set_ylabel(f"{key.upper()} (lower is better)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    for ax, (title, panel_rows) in zip(axes[0], panels):
+        for k, r in enumerate(panel_rows):
+            color, marker = colors[(2 * k) % 20 + (k // 10) % 2], markers[k % len(markers)]
+            curve = r.get("cost_curve") or []
+            pts = [(p["wall_s"] / 60, p["quality"][key]) for p in curve if p.get("wall_s") and key in p["quality"]]
+            if len(pts) > 1:
+                ax.plot(*zip(*pts), marker=marker, ms=3, lw=1, alpha=0.7, color=color)
+            ax.scatter(r["distill_wall_s"] / 60, r["quality"][key]["mean"], s=45, marker=marker, color=color,
+                       edgecolors="k", linewidths=0.6, zorder=3, label=f"{row_label(r)}, NFE {r['nfe']}")
+        _reference_lines(ax, summary)
+        if t_train:
+            ax.axvline(t_train / 60, color="gray", ls="-.", lw=1, label="teacher training time")
+        ax.set_title(title, fontsize=10)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("distillation wall time (minutes, log)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.13))
+    axes[0][0].set_ylabel(f"{key.upper()} (lower is better); small markers: along the run")
     _savefig(fig, path)
     plt.close(fig)
 
@@ -467,7 +478,8 @@ def write_results_doc(benches: dict, out: Path, commands: dict | None = None) ->
     """One page with each bench's table, profile, reading and figures: ``benches`` maps a title (e.g. the
     preset's name) to a bench output folder. The figures are copied next to the page as
     ``figures/<title>-<name>.png`` and the bench's results.json as ``data/<title>.json``, so the page stands
-    alone, and a bench whose folder is gone keeps the section it had (rendered again from that copy).
+    alone, and a bench whose folder is gone keeps the section it had (rendered again from that copy, the
+    plots drawn again from its numbers, the sample grid kept).
     A bench measured neither now nor before says how to run it."""
     out = Path(out)
     figdir, datadir = out / "figures", out / "data"
@@ -486,14 +498,16 @@ def write_results_doc(benches: dict, out: Path, commands: dict | None = None) ->
         results, kept = bench_dir / "results.json", datadir / f"{slug}.json"
         if results.is_file():
             atomic_write(kept, lambda p, src=results: shutil.copyfile(src, p))
-            for name in RESULT_FIGURES:
-                src = bench_dir / "figures" / name
-                if src.is_file():
-                    atomic_write(figdir / f"{slug}-{name}", lambda p, src=src: shutil.copyfile(src, p))
+            samples = bench_dir / "figures" / "samples.png"  # drawn from the bench's sample files
+            if samples.is_file():
+                atomic_write(figdir / f"{slug}-samples.png", lambda p, src=samples: shutil.copyfile(src, p))
         elif not kept.is_file():
             lines += [f"Not measured yet. Run: `{commands.get(title, f'fewstep bench --preset {title} --out {bench_dir}')}`", ""]
             continue
         summary = json.loads(kept.read_text())
+        # the plots are drawn again from the numbers, so they follow the current figure code
+        plot_quality_vs_nfe(summary, figdir / f"{slug}-quality-vs-nfe.png")
+        plot_quality_vs_cost(summary, figdir / f"{slug}-quality-vs-cost.png")
         spec, env, t = summary["spec"], summary["environment"], summary["teacher"]
         lines += [f"Teacher `{Path(t['path']).name}` on {spec['data']}"
                   + (f" at {spec['resolution']}×{spec['resolution']}" if spec.get("resolution") else "")
