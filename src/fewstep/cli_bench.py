@@ -13,7 +13,7 @@ def register(sub):
                        description="Runs the teacher reference, training-free solvers and every distillation "
                                    "method on one teacher with fixed seeds. Finished work in --out is reused.")
     b.add_argument("--preset", default=None, choices=["toy", "digits", "mnist", "demo"],
-                   help="toy: 2-D gmm8 (under an hour on 2 CPU cores); digits: the full table (about 1.5 h); "
+                   help="toy: 2-D gmm8 (about 30 min on 2 CPU cores); digits: the full table (about 1 h); "
                         "mnist: the 16x16 MNIST teacher, with a long SFDDM run (about 2 h); demo: the quick tour")
     b.add_argument("--teacher", default=None, help="teacher checkpoint (overrides the preset's)")
     b.add_argument("--data", default=None, help="data set the teacher models (needed without a preset)")
