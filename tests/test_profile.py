@@ -109,8 +109,9 @@ def test_channels_last_copy_gives_the_same_outputs_and_leaves_the_original():
 
 
 def test_channels_last_teacher_in_a_run_and_its_resume(tiny_digits_teacher, tmp_path):
-    """An SFD run on an image teacher uses the channels-last copy (on CPU by default); a resumed run gives
-    the same bits as an uninterrupted one, and resuming with another setting is refused."""
+    """With channels_last on (or auto, on CPU) an SFD run on an image teacher uses the channels-last copy; a
+    resumed run gives the same bits as an uninterrupted one. A run started under 'auto' (the old default) and
+    resumed with today's default keeps 'auto'; resuming with another explicit setting is refused."""
     from fewstep.errors import FewstepError
 
     def run(out, steps, resume=False, **kw):
@@ -120,15 +121,19 @@ def test_channels_last_teacher_in_a_run_and_its_resume(tiny_digits_teacher, tmp_
         assert method.traj.den is not method.teacher.denoiser
         tr.run()
         return out
-    whole = run(tmp_path / "whole", 4)
-    part = run(tmp_path / "part", 2)
+    whole = run(tmp_path / "whole", 4, channels_last="auto")
+    part = run(tmp_path / "part", 2, channels_last="auto")
     run(part, 4, resume=True)
     assert (whole / WEIGHTS_NAME).read_bytes() == (part / WEIGHTS_NAME).read_bytes()
     with pytest.raises(FewstepError, match="channels_last"):
-        Trainer(_sfd(tiny_digits_teacher, [2]), TrainConfig(steps=6, batch=8, progress=False, channels_last="off"),
+        Trainer(_sfd(tiny_digits_teacher, [2]), TrainConfig(steps=6, batch=8, progress=False, channels_last="on"),
                 part, resume=True)
     with pytest.raises(FewstepError, match="expected auto, on or off"):
         TrainConfig(channels_last="yes").validate()
+    # the default is the teacher as it is
+    method = _sfd(tiny_digits_teacher, [2])
+    Trainer(method, TrainConfig(steps=1, batch=8, progress=False), tmp_path / "default")
+    assert TrainConfig().channels_last == "off" and method.traj.den is method.teacher.denoiser
 
 
 def test_snapshots_along_a_run_survive_a_resume(tiny_gmm8_teacher, tmp_path):

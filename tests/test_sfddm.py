@@ -435,6 +435,24 @@ def test_teacher_init_student_has_exactly_zero_loss_in_train_mode():
     assert old.student.net.config["dropout"] == 0.1 and float(old.losses(x0, s, eps)[0].detach()) > 0.01
 
 
+def test_teacher_init_run_stays_at_zero_loss_with_the_loops_defaults(tmp_path):
+    """Through the training loop: the teacher the loop hands SFDDM must round like the student, or Adam turns
+    the rounding difference into full-size steps and the student leaves the teacher (channels_last on)."""
+    import json
+    from fewstep.train import TrainConfig, Trainer
+    teacher = tiny_unet_teacher(dropout=0.0)
+    data = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
+
+    def losses(**kw):
+        out = tmp_path / str(len(kw))
+        Trainer(SFDDM(teacher, SFDDMConfig(steps=4, init="teacher"), IMG),
+                TrainConfig(steps=3, batch=16, lr=2e-4, progress=False, log_every=1, n_preview=0, **kw),
+                out, data=data).run()
+        return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert losses() == [0.0, 0.0, 0.0]
+    assert max(losses(channels_last="on")) > 0.0  # the check can fail
+
+
 def test_default_iterations_follow_the_teachers_training():
     from fewstep.distill.sfddm import FALLBACK_ITERATIONS, default_iterations
     n, how = default_iterations({"training": {"iterations": 6255, "batch": 128}}, 64)
