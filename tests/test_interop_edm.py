@@ -476,24 +476,28 @@ def test_sfddm_and_progressive_on_an_edm_teacher(edm_teacher, tmp_path):
 
 def test_edm_nets_runs_without_fewstep(monkeypatch):
     """An export copies edm_nets.py beside the weights: with only torch and numpy it builds the same
-    networks (step condition included) and loads fewstep's weights key for key."""
+    networks and loads fewstep's weights key for key; an SFD-v step condition (either kind) arrives
+    folded into the biases, so the copy computes what fewstep's network computes for that N."""
     import importlib.util
+    from fewstep.nets import fold_step_condition
     for name in ("fewstep", "fewstep.errors", "fewstep.nets"):
         monkeypatch.setitem(sys.modules, name, None)  # `import fewstep...` now fails
     spec = importlib.util.spec_from_file_location("edm_nets_copy", edm_nets.__file__)
     alone = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(alone)
-    assert alone.StepCondition is not edm_nets.StepCondition
+    assert alone.StepConditioned is not edm_nets.StepConditioned
     monkeypatch.undo()
     for cls, kw in (("SongUNet", SONG_NCSNPP), ("DhariwalUNet", ADM)):
-        ours = getattr(edm_nets, cls)(resolution=8, in_channels=1, num_classes=K, step_condition=True, **kw)
-        _randomise(ours, 3)
-        theirs = getattr(alone, cls)(resolution=8, in_channels=1, num_classes=K, step_condition=True, **kw)
-        theirs.load_state_dict(ours.state_dict(), strict=True)
-        x, t, lab, n = torch.randn(2, 1, 8, 8), torch.tensor([0.1, -0.7]), torch.tensor([1, 8]), torch.tensor([4, 6])
-        with torch.no_grad():
-            a, fa = ours.eval()(x, t, step=n, class_labels=lab, return_features=True)
-            b, fb = theirs.eval()(x, t, step=n, class_labels=lab, return_features=True)
-        assert torch.equal(a, b) and torch.equal(fa, fb), cls
-        with pytest.raises(ValueError, match="step count"):
-            theirs(x, t, class_labels=lab)
+        for kind in ("zero", "authors"):
+            ours = getattr(edm_nets, cls)(resolution=8, in_channels=1, num_classes=K, step_condition=kind, **kw)
+            _randomise(ours, 3)
+            theirs = getattr(alone, cls)(resolution=8, in_channels=1, num_classes=K, **kw)
+            theirs.load_state_dict(fold_step_condition(ours, 6).state_dict(), strict=True)
+            x, t, lab = torch.randn(2, 1, 8, 8), torch.tensor([0.1, -0.7]), torch.tensor([1, 8])
+            with torch.no_grad():
+                a, fa = ours.eval()(x, t, step=6, class_labels=lab, return_features=True)
+                b, fb = theirs.eval()(x, t, class_labels=lab, return_features=True)
+                other = ours(x, t, step=4, class_labels=lab)
+            scale = a.abs().max()
+            assert (a - b).abs().max() <= 1e-5 * scale and (fa - fb).abs().max() <= 1e-5 * fa.abs().max(), (cls, kind)
+            assert (other - a).abs().max() > 1e-3 * scale  # the condition matters: N = 4 is another function

@@ -150,12 +150,18 @@ def test_sfd_v_samples_at_each_trained_nfe_and_refuses_others(tiny_gmm8_teacher,
         resolve_sampler(model, nfe=5)
 
 
-def test_sfd_v_draws_one_n_per_iteration_and_step_condition_starts_as_teacher(tiny_gmm8_teacher):
+def test_sfd_v_step_conditions(tiny_gmm8_teacher):
+    """The zero kind starts as the teacher exactly; the authors' kind (xavier init) starts off it, differently
+    for each N, as theirs does."""
     teacher = load_checkpoint(tiny_gmm8_teacher)
-    method = SFD(teacher, SFDConfig(nfe=[2, 3]))
     x = torch.randn(4, 2)
     s = torch.tensor(3.0)
-    torch.testing.assert_close(method.student(x, s, step=5), teacher.denoiser(x, s))
+    zero = SFD(teacher, SFDConfig(nfe=[2, 3], step_condition="zero"))
+    torch.testing.assert_close(zero.student(x, s, step=5), teacher.denoiser(x, s))
+    authors = SFD(teacher, SFDConfig(nfe=[2, 3]))
+    assert authors.student.net.step_condition_kind == "authors"
+    a4, a5, t = authors.student(x, s, step=4), authors.student(x, s, step=5), teacher.denoiser(x, s)
+    assert (a5 - t).abs().max() > 1e-4 and (a5 - a4).abs().max() > 1e-4
 
 
 def test_resume_equals_uninterrupted_run(tiny_gmm8_teacher, tmp_path):

@@ -27,6 +27,8 @@ from tqdm.auto import tqdm
 
 import fewstep
 from fewstep.checkpoint import load_checkpoint, read_card, teacher_reference, write_json
+from fewstep.distill.sfd import (SFD, SFD_GRAD_CLIP, SFD_LR, SFDV_TRAJECTORY_FACTOR, STAGE2_LR,
+                                 STAGE2_TRAJECTORY_FACTOR, SFDConfig, iterations_for)
 from fewstep.errors import FewstepError
 from fewstep.metrics import evaluate_samples
 from fewstep.sampling import sample, sample_shape
@@ -42,6 +44,41 @@ SOLVER_ROWS = ("ddim", "dpmpp2m", "dpmpp3m", "heun", "ipndm")
 DISTILL_ROWS = ("sfd", "sfd-v", "sfd-stage2", "sfddm", "progressive")
 # "data": real samples disjoint from the reference scored like a method's, what a perfect sampler scores
 ALL_METHODS = ("data", "teacher") + SOLVER_ROWS + DISTILL_ROWS
+
+
+@dataclass(frozen=True)
+class RecipeSetting:
+    """One setting of SFD's recipe measured both ways: the run with the authors' value is the bench's own
+    row (every default is the authors'), and an ablation row trains the same run again with the other value."""
+    name: str
+    label: str
+    method: str               # the rows it changes: "sfd", "sfd-v" or "sfd-stage2"
+    authors: str              # the authors' value, in words
+    other: str                # the value it is measured against
+    config: tuple = ()        # SFDConfig fields of the other value, as (name, value) pairs
+    grad_clip: float | None = None   # the other value's gradient clip, where that is the setting
+    lr: float | None = None          # ... learning rate
+    factor: float | None = None      # ... budget, in trajectories of one SFD run
+    nfe: int | None = None           # SFD rows: the NFE it is measured at (the smallest where it matters)
+
+
+SFD_RECIPE = {r.name: r for r in (
+    RecipeSetting("grad-clip", "gradient clipping (SFD)", "sfd", "none", "norm 1", grad_clip=1.0, nfe=2),
+    RecipeSetting("grad-clip-sfdv", "gradient clipping (SFD-v)", "sfd-v", "none", "norm 1", grad_clip=1.0),
+    RecipeSetting("final-orders", "teacher's last steps", "sfd", "orders 2 then 1 on every grid",
+                  "lowered on grids under 15 steps only", config=(("teacher_final_orders", "short"),), nfe=3),
+    RecipeSetting("sfdv-budget", "SFD-v budget", "sfd-v", f"{SFDV_TRAJECTORY_FACTOR}x one SFD run", "1x one SFD run",
+                  factor=1),
+    RecipeSetting("step-condition", "SFD-v step condition", "sfd-v", "per-block affine, xavier init",
+                  "one zero-initialised embedding", config=(("step_condition", "zero"),)),
+    RecipeSetting("stage2-lr", "1-NFE stage learning rate", "sfd-stage2", f"{STAGE2_LR:g}", f"{SFD_LR:g}", lr=SFD_LR),
+    RecipeSetting("stage2-budget", "1-NFE stage budget", "sfd-stage2", f"{STAGE2_TRAJECTORY_FACTOR}x one SFD run",
+                  "1x one SFD run", factor=1),
+    RecipeSetting("stage2-perceptual", "1-NFE stage perceptual term", "sfd-stage2",
+                  "on, added to every pixel (weight C·H·W)", "off", config=(("perceptual", None),)),
+    RecipeSetting("stage2-condition", "1-NFE stage step condition", "sfd-stage2", "its own N = 3",
+                  "the first stage's mode, N = 7", config=(("stage2_condition", "teacher"),)),
+)}
 
 
 @dataclass
@@ -61,55 +98,58 @@ class BenchSpec:
     reference: str = "train"                          # split every row is compared with (as FID is measured)
     n_samples: int = 1000
     seeds: list = field(default_factory=lambda: [0, 1, 2])
-    sfd_trajectories: int = 25_600
+    sfd_trajectories: int = 25_600                    # one SFD run's budget; the others are multiples (the authors')
     sfd_batch: int = 128
-    sfd_lr: float = 5e-5
-    sfdv_trajectory_factor: float = 2.0               # SFD-v sees this many times SFD's trajectories
-    sfd_stage2_trajectories: int = 12_800
-    sfd_stage2_lr: float = 5e-4
-    sfddm_iters: int = 2000
+    sfd_lr: float = SFD_LR
+    sfd_grad_clip: float | None = SFD_GRAD_CLIP
+    sfdv_trajectory_factor: float = SFDV_TRAJECTORY_FACTOR        # SFD-v sees this many times SFD's trajectories
+    sfd_stage2_trajectory_factor: float = STAGE2_TRAJECTORY_FACTOR  # ... and the 1-NFE stage this many
+    sfd_stage2_lr: float = STAGE2_LR
+    sfd_recipe: list = field(default_factory=list)    # SFD_RECIPE settings measured against the authors' value
+    sfddm_iters: int | None = None                    # None: the CLI's default (a fifth of the teacher's samples)
     sfddm_batch: int = 64
     sfddm_lr: float = 2e-4
     pd_start_steps: int = 256
-    pd_iters_per_fold: int = 300
+    pd_iters_per_fold: int | None = None              # None: the CLI's default
     pd_batch: int = 64
     pd_lr: float = 1e-4
     seed: int = 0
+    bootstrap: int = 0                                # >0: resamples for 95 % intervals of Fréchet distances
     curve_points: int = 8                             # snapshots along each distillation for quality vs time (0: none)
     sfddm_long_fraction: float = 0.0                  # >0: one more SFDDM run (first T', first variant) of this
                                                       # fraction of the teacher's training iterations
     sfddm_long_curve_points: int = 12                 # ... scored at this many points along it
 
 
+# SFD's budgets follow the authors' ratios (SFD-v 4x one SFD run, the 1-NFE stage 10x) at a scale a CPU can
+# hold; SFDDM and progressive distillation train at their CLI defaults (sfddm_iters / pd_iters_per_fold None)
 PRESETS = {
     "toy": dict(teacher="gmm8-teacher", data="gmm8", nfe=[1, 2, 4, 8], sfdv_nfe=[2, 3, 4, 5], sfddm_steps=[4, 8, 16],
                 sfddm_variants=["trailing/random", "trailing/teacher"], n_samples=4000, ref_nfe=256,
-                sfd_trajectories=64_000, sfd_batch=256, sfd_lr=2e-4, sfd_stage2_trajectories=32_000,
-                sfddm_iters=1500, sfddm_batch=256, sfddm_lr=1e-3, pd_start_steps=128, pd_iters_per_fold=400,
-                pd_batch=256, pd_lr=3e-4),
-    # budgets sized for about two hours on 2 CPU cores (the paper-scale ones take days there); every
-    # SFDDM variant at T' = 10, the default one at 32 and 128
+                sfd_trajectories=64_000, sfd_batch=256, sfd_lr=2e-4, sfddm_batch=256, sfddm_lr=1e-3,
+                pd_start_steps=128, pd_batch=256, pd_lr=3e-4),
+    # SFD at 320 iterations of 128 trajectories (a fifth of the authors' 1,563), every SFD recipe setting measured
+    # both ways; 10,000 samples of one seed, Fréchet distances with bootstrap intervals, paired distances to the
+    # teacher's samples; every SFDDM variant at T' = 10, the default one at 32 and 128
     "digits": dict(teacher="digits-teacher", data="digits", nfe=[2, 3, 4, 5, 10], sfd_nfe=[2, 3, 4, 5],
                    sfdv_nfe=[2, 3, 4, 5], sfddm_steps=[10, 32, 128],
                    sfddm_variants=["trailing/random", "trailing/teacher", "leading/random", "leading/teacher"],
-                   sfddm_variants_at=[10], n_samples=1000, ref_nfe=256, sfd_trajectories=9_600, sfd_lr=1e-4,
-                   sfdv_trajectory_factor=1.0, sfd_stage2_trajectories=6_400, sfddm_iters=500, pd_start_steps=256,
-                   pd_iters_per_fold=150),
-    # the shipped MNIST 16x16 teacher: the rows the issues name, one T' for SFDDM plus its long run. Budgets
-    # from per-iteration costs measured at 16x16 on 2 CPU cores (SFD about 5 s at batch 128, SFDDM and a
-    # progressive fold about 1 s at batch 64, an image evaluation about 3 ms), for about two hours
+                   sfddm_variants_at=[10], n_samples=10_000, seeds=[0], bootstrap=200, ref_nfe=256,
+                   sfd_trajectories=40_960, sfd_recipe=list(SFD_RECIPE), pd_start_steps=256),
+    # the shipped MNIST 16x16 teacher: SFD at 64 iterations of 128 (a 24th of the authors', about 5 s an iteration
+    # here), every recipe setting both ways, one T' for SFDDM plus its long run
     "mnist": dict(teacher="mnist16-teacher", data="mnist", resolution=16,
                   methods=["data", "teacher", "ddim", "dpmpp3m", "ipndm", "sfd", "sfd-v", "sfd-stage2", "sfddm",
                            "progressive"],
                   nfe=[2, 3, 4, 5, 10], sfd_nfe=[2, 3, 4, 5], sfdv_nfe=[2, 3, 4, 5], sfddm_steps=[10],
-                  sfddm_variants=["trailing/random"], n_samples=500, ref_nfe=100, sfd_trajectories=6_400,
-                  sfd_lr=1e-4, sfdv_trajectory_factor=1.0, sfd_stage2_trajectories=6_400, sfddm_iters=500,
-                  pd_start_steps=256, pd_iters_per_fold=150, curve_points=6, sfddm_long_fraction=0.25),
-    # SFD at batch 64: the same 150 iterations as at 128 on half the trajectories, in 58 % of the time with the
+                  sfddm_variants=["trailing/random"], n_samples=10_000, seeds=[0], bootstrap=200, ref_nfe=100,
+                  sfd_trajectories=8_192, sfd_recipe=list(SFD_RECIPE), pd_start_steps=256, curve_points=6,
+                  sfddm_long_fraction=0.25),
+    # SFD at batch 64: the same 150 iterations as batch 128 on half the trajectories, in 58 % of the time with the
     # same quality (FCD 47.6 ± 4 in 85 s against 46.9 ± 7 in 147 s, 2 CPU cores)
     "demo": dict(teacher="digits-teacher", data="digits", methods=["data", "teacher", "ddim", "dpmpp3m", "sfd", "sfddm"],
                  nfe=[2, 10], sfd_nfe=[2], sfddm_steps=[10], sfddm_variants=["trailing/random"], n_samples=500, ref_nfe=256,
-                 seeds=[0, 1, 2], sfd_trajectories=9_600, sfd_batch=64, sfd_lr=1e-4, sfddm_iters=1000),
+                 seeds=[0, 1, 2], sfd_trajectories=9_600, sfd_batch=64, sfd_lr=1e-4),
 }
 
 
@@ -212,6 +252,7 @@ class Bench:
             rows += [{"key": f"{tag}-{n}", "method": "sfd-v", "nfe": n, "model": tag} for n in s.sfdv_nfe]
         if "sfd-stage2" in s.methods:
             rows.append({"key": "sfd-stage2-1", "method": "sfd-stage2", "nfe": 1, "model": "sfd-stage2"})
+        rows += self.recipe_rows()
         for T in s.sfddm_steps:
             if "sfddm" in s.methods:
                 every = s.sfddm_variants_at is None or T in s.sfddm_variants_at
@@ -237,6 +278,29 @@ class Bench:
                 rows.append({"key": f"progressive-{T}", "method": "progressive", "nfe": T,
                              "model": f"{self.progressive_chain()}/fold-{T}"})
                 rows += [r for r in self.ceiling_rows(T, ["trailing"]) if r["key"] not in {x["key"] for x in rows}]
+        return rows
+
+    def recipe_rows(self) -> list[dict]:
+        """For each SFD recipe setting the spec names, the run with the other value: its model is the row's
+        model (key) with `~setting` added. They come after the rows with the authors' values, so they read
+        those runs' teacher trajectories from the cache (and the 1-NFE ablations start from that SFD-v)."""
+        rows = []
+        for name in self.spec.sfd_recipe:
+            if name not in SFD_RECIPE:
+                raise FewstepError(f"sfd_recipe: unknown setting {name!r}; expected some of {', '.join(SFD_RECIPE)}")
+            setting = SFD_RECIPE[name]
+            if setting.method not in self.spec.methods:
+                continue
+            if setting.method == "sfd":
+                rows.append({"key": f"sfd-{setting.nfe}~{name}", "method": "sfd", "nfe": setting.nfe,
+                             "model": f"sfd-{setting.nfe}~{name}", "recipe": name})
+            elif setting.method == "sfd-v":
+                tag = f"{self.sfdv_model()}~{name}"
+                rows += [{"key": f"{tag}-{n}", "method": "sfd-v", "nfe": n, "model": tag, "recipe": name}
+                         for n in self.spec.sfdv_nfe]
+            else:
+                rows.append({"key": f"sfd-stage2~{name}-1", "method": "sfd-stage2", "nfe": 1,
+                             "model": f"sfd-stage2~{name}", "recipe": name})
         return rows
 
     def ceiling_rows(self, T: int, indices: list) -> list[dict]:
@@ -269,23 +333,36 @@ class Bench:
 
     def budget(self, row: dict) -> dict:
         """Training budget of one row's distillation (per fold for progressive distillation)."""
-        from fewstep.distill.sfd import iterations_for
         s, method = self.spec, row["method"]
         if row.get("long"):
             return {"iterations": self.long_iterations(), "batch": s.sfddm_batch, "lr": s.sfddm_lr}
-        if method == "sfd":
-            return {"iterations": iterations_for(s.sfd_trajectories, s.sfd_batch), "batch": s.sfd_batch, "lr": s.sfd_lr}
-        if method == "sfd-v":
-            return {"iterations": iterations_for(s.sfd_trajectories * s.sfdv_trajectory_factor, s.sfd_batch),
-                    "batch": s.sfd_batch, "lr": s.sfd_lr}
-        if method == "sfd-stage2":
-            return {"iterations": iterations_for(s.sfd_stage2_trajectories, s.sfd_batch), "batch": s.sfd_batch,
-                    "lr": s.sfd_stage2_lr}
+        if method in ("sfd", "sfd-v", "sfd-stage2"):
+            setting = SFD_RECIPE.get(row.get("recipe"))
+            factor = {"sfd": 1, "sfd-v": s.sfdv_trajectory_factor, "sfd-stage2": s.sfd_stage2_trajectory_factor}[method]
+            lr = s.sfd_stage2_lr if method == "sfd-stage2" else s.sfd_lr
+            if setting is not None:
+                factor = setting.factor if setting.factor is not None else factor
+                lr = setting.lr if setting.lr is not None else lr
+            return {"iterations": iterations_for(round(s.sfd_trajectories * factor), s.sfd_batch), "batch": s.sfd_batch,
+                    "lr": lr}
         if method == "sfddm":
-            return {"iterations": s.sfddm_iters, "batch": s.sfddm_batch, "lr": s.sfddm_lr}
+            from fewstep.distill.sfddm import default_iterations
+            iters = s.sfddm_iters if s.sfddm_iters is not None else default_iterations(self.teacher_card, s.sfddm_batch)[0]
+            return {"iterations": iters, "batch": s.sfddm_batch, "lr": s.sfddm_lr}
         if method == "progressive":
-            return {"iterations": s.pd_iters_per_fold, "batch": s.pd_batch, "lr": s.pd_lr}
+            from fewstep.distill.progressive import ITERS_PER_FOLD
+            iters = s.pd_iters_per_fold if s.pd_iters_per_fold is not None else ITERS_PER_FOLD
+            return {"iterations": iters, "batch": s.pd_batch, "lr": s.pd_lr}
         raise AssertionError(method)
+
+    def sfd_grad_clip(self, row: dict) -> float | None:
+        setting = SFD_RECIPE.get(row.get("recipe"))
+        return setting.grad_clip if setting is not None and setting.grad_clip is not None else self.spec.sfd_grad_clip
+
+    def sfd_config(self, row: dict, **fields) -> SFDConfig:
+        """An SFD row's config: the authors' recipe (the defaults), with its setting's other value if it has one."""
+        setting = SFD_RECIPE.get(row.get("recipe"))
+        return SFDConfig(**fields, **dict(setting.config if setting else ()))
 
     def long_iterations(self) -> int:
         """The long SFDDM run's length: its fraction of the iterations the teacher's card says it trained."""
@@ -312,7 +389,7 @@ class Bench:
                                "delete that folder to distil it again, or choose another --out")
         return True
 
-    def _train(self, method, path: Path, budget: dict, lr_schedule="constant", data=None, grad_clip=1.0,
+    def _train(self, method, path: Path, budget: dict, lr_schedule="constant", data=None, grad_clip=None,
                curve_points=None):
         steps = budget["iterations"]
         points = self.spec.curve_points if curve_points is None else curve_points
@@ -329,7 +406,6 @@ class Bench:
         return load_dataset(self.spec.data, self.spec.resolution, split="train", seed=self.split_seed)
 
     def ensure_model(self, row: dict) -> Path:
-        from fewstep.distill.sfd import SFD, SFDConfig
         s, name = self.spec, row["model"]
         path = self.model_dir(name)
         budget = self.budget(row)
@@ -338,15 +414,16 @@ class Bench:
         tref = teacher_reference(s.teacher)
         if row["method"] in ("sfd", "sfd-v"):
             nfe = [row["nfe"]] if row["method"] == "sfd" else list(s.sfdv_nfe)
-            method = SFD(self.teacher, SFDConfig(nfe=nfe), teacher_ref=tref, trajectory_cache=self.trajectory_cache)
-            self._train(method, path, budget, "step")
+            method = SFD(self.teacher, self.sfd_config(row, nfe=nfe), teacher_ref=tref,
+                         trajectory_cache=self.trajectory_cache)
+            self._train(method, path, budget, "step", grad_clip=self.sfd_grad_clip(row))
         elif row["method"] == "sfd-stage2":
             first_row = {"method": "sfd-v", "nfe": max(s.sfdv_nfe), "model": self.sfdv_model()}
             first_path = self.ensure_model(first_row)
             first = load_checkpoint(first_path, device=self.device)
-            method = SFD(first, SFDConfig(stage2=True), teacher_ref=teacher_reference(first_path),
+            method = SFD(first, self.sfd_config(row, stage2=True), teacher_ref=teacher_reference(first_path),
                          trajectory_cache=self.trajectory_cache)
-            self._train(method, path, budget, "step")
+            self._train(method, path, budget, "step", grad_clip=self.sfd_grad_clip(row))
         elif row["method"] == "sfddm":
             from fewstep.distill.sfddm import SFDDM, SFDDMConfig
             index, init = row["variant"].split("/")
@@ -354,16 +431,16 @@ class Bench:
             info = {**ds.info, "name": ds.name, "kind": ds.kind, "shape": list(ds.shape)}
             method = SFDDM(self.teacher.denoiser, SFDDMConfig(steps=row["nfe"], index=index, init=init,
                                                               seed=s.seed), data_info=info, teacher_ref=tref)
-            self._train(method, path, budget, data=ds.x, grad_clip=None,  # the authors clip no gradients
+            self._train(method, path, budget, data=ds.x,  # the authors clip no gradients
                         curve_points=s.sfddm_long_curve_points if row.get("long") else None)
         elif row["method"] == "progressive":
-            from fewstep.distill.progressive import progressive_distill
+            from fewstep.distill.progressive import FOLD_LR_SCHEDULE, progressive_distill
             ds = self._data()
             info = {**ds.info, "name": ds.name, "kind": ds.kind, "shape": list(ds.shape)}
             chain = self.model_dir(self.progressive_chain())
-            train = TrainConfig(steps=budget["iterations"], batch=budget["batch"], lr=budget["lr"], seed=s.seed,
-                                device=str(self.device), progress=self.progress, n_preview=0,
-                                log_every=max(10, budget["iterations"] // 20))
+            train = TrainConfig(steps=budget["iterations"], batch=budget["batch"], lr=budget["lr"],
+                                lr_schedule=FOLD_LR_SCHEDULE, seed=s.seed, device=str(self.device),
+                                progress=self.progress, n_preview=0, log_every=max(10, budget["iterations"] // 20))
             # finished folds are reused and an interrupted one continues
             progressive_distill(self.teacher, ds.x, s.pd_start_steps, min(self.progressive_targets()), chain,
                                 train, data_info=info, resume=chain.exists(),
@@ -625,6 +702,17 @@ class Bench:
             (a, c), *_ = np.linalg.lstsq(design, np.asarray(vals[key]), rcond=None)
             out[key] = float(max(a + c / self.spec.n_samples, 0.0))
         return out
+
+    def distill(self) -> list[Path]:
+        """Every model the plan needs, distilled in row order (or found finished); nothing is measured."""
+        done = {}
+        rows = [r for r in self.plan() if r.get("model")]
+        for i, row in enumerate(rows):
+            if row["model"] not in done:
+                if self.progress:
+                    tqdm.write(f"bench model {len(done) + 1}: {row['model']} (row {i + 1}/{len(rows)})")
+                done[row["model"]] = self.ensure_model(row)
+        return list(done.values())
 
     def run(self) -> dict:
         rows = self.plan()

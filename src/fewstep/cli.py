@@ -27,20 +27,23 @@ class DeprecatedAlias(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def add_train_args(p: argparse.ArgumentParser, steps: int, batch: int, lr: float, lr_schedule: str = "constant",
-                   ema: float | None = None):
+def add_train_args(p: argparse.ArgumentParser, steps: int, batch: int, lr: float | None, lr_schedule: str = "constant",
+                   ema: float | None = None, grad_clip: float | None = 1.0, lr_note: str = "", clip_note: str = ""):
+    """The training loop's options. lr / grad_clip None: the command picks them (the notes say how)."""
     g = p.add_argument_group("training loop")
     g.add_argument("--out", required=True, help="run directory (checkpoint, metrics.jsonl, sample pictures)")
     g.add_argument("--iters", type=A.iterations, default=steps, help=f"training iterations (default {steps})" if steps
                    else "training iterations (default: --trajectories / --batch)")
     g.add_argument("--steps", dest="iters", type=A.iterations, action=DeprecatedAlias, help=argparse.SUPPRESS)
     g.add_argument("--batch", type=A.batch, default=batch, help=f"global batch size (default {batch})")
-    g.add_argument("--lr", type=A.positive, default=lr, help=f"Adam learning rate (default {lr:g})")
+    g.add_argument("--lr", type=A.positive, default=lr,
+                   help=f"Adam learning rate (default{lr_note if lr is None else ' ' + format(lr, 'g')})")
     g.add_argument("--lr-schedule", default=lr_schedule, choices=["constant", "step", "cosine"],
                    help=f"'step' divides the rate by 10 at half the run (default {lr_schedule})")
     g.add_argument("--warmup", type=A.integer(0, 10**9), default=0, help="linear warm-up iterations")
     g.add_argument("--ema", type=A.decay, default=ema, help="EMA decay (default: %s)" % ("none" if ema is None else ema))
-    g.add_argument("--grad-clip", type=A.non_negative, default=1.0, help="gradient norm clip (0 for none)")
+    g.add_argument("--grad-clip", type=A.non_negative, default=grad_clip,
+                   help=f"gradient norm clip (0 for none; default{clip_note if grad_clip is None else f' {grad_clip:g}'})")
     g.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="mixed precision (GPU only)")
     g.add_argument("--seed", type=A.seed, default=0)
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if present)")

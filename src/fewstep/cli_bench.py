@@ -32,6 +32,9 @@ def register(sub):
     b.add_argument("--out", required=True)
     b.add_argument("--device", default="auto")
     b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--distill-only", action="store_true",
+                   help="train every model the bench needs (in its row order) and measure nothing; a later run "
+                        "without it measures them")
     b.add_argument("--profile", action="store_true",
                    help="also print where each distillation's time goes against its network floor "
                         "(teacher / student forward+backward / optimizer / rest per iteration)")
@@ -62,13 +65,18 @@ def _spec(args):
     return BenchSpec(**{k: v for k, v in overrides.items() if v is not None})
 
 
-def run_bench(spec, out, device, progress, profile=False):
+def run_bench(spec, out, device, progress, profile=False, distill_only=False):
     from fewstep.bench import Bench
     from fewstep.report import profile_table, results_table
     from fewstep.train import pick_device
 
     t0 = time.perf_counter()
-    summary = Bench(spec, out, device=str(pick_device(device)), progress=progress).run()
+    bench = Bench(spec, out, device=str(pick_device(device)), progress=progress)
+    if distill_only:
+        models = bench.distill()
+        print(f"{len(models)} models distilled or found in {Path(out) / 'models'} in {time.perf_counter() - t0:.0f} s")
+        return None
+    summary = bench.run()
     print()
     print(results_table(summary))
     if profile:
@@ -80,7 +88,8 @@ def run_bench(spec, out, device, progress, profile=False):
 
 
 def cmd_bench(args):
-    run_bench(_spec(args), args.out, args.device, not args.no_progress, profile=args.profile)
+    run_bench(_spec(args), args.out, args.device, not args.no_progress, profile=args.profile,
+              distill_only=args.distill_only)
 
 
 def cmd_demo(args):

@@ -19,31 +19,57 @@ def register(sub):
 # ---- SFD ------------------------------------------------------------------------------------------
 def add_sfd(methods):
     from fewstep.cli import _nfe_list, add_train_args
-    from fewstep.distill.sfd import TEACHER_SOLVERS
+    from fewstep.distill.sfd import (PERCEPTUAL_NETS, SFD_LR, SFD_TRAJECTORIES, SFDV_TRAJECTORY_FACTOR,
+                                     STAGE2_CONDITIONS, STAGE2_LR, STAGE2_TRAJECTORY_FACTOR, TEACHER_SOLVERS)
+    from fewstep.nets import STEP_CONDITIONS
+    from fewstep.solvers import LOWER_ORDER_FINAL
 
     p = methods.add_parser("sfd", help="Simple and Fast Distillation (data-free; SFD, SFD-v, 1-NFE stage)",
                            description="Distil a teacher into a few-step Euler sampler without training data. "
-                                       "One NFE gives SFD; a list (e.g. 2,3,4,5) gives SFD-v, one model for all.")
+                                       "One NFE gives SFD; a list (e.g. 2,3,4,5) gives SFD-v, one model for all. "
+                                       "Every default is the SFD authors' recipe.")
     p.add_argument("--teacher", required=True, help="teacher checkpoint or built-in name (e.g. digits-teacher)")
     p.add_argument("--nfe", type=_nfe_list, default=[2], help="student NFE, or a list for SFD-v (default 2)")
     p.add_argument("--afs", action=argparse.BooleanOptionalAction, default=True,
                    help="analytical first step: saves one network call (default on)")
     p.add_argument("--m", type=A.integer(0, 64), default=3, help="teacher points inserted per student interval (default 3)")
     p.add_argument("--teacher-solver", default="dpmpp3m", choices=TEACHER_SOLVERS)
+    p.add_argument("--teacher-final-orders", default="always", choices=LOWER_ORDER_FINAL,
+                   help="DPM-Solver++ teacher: orders 2 then 1 on the last two steps of every grid (always, the "
+                        "authors'), only on grids under 15 steps (short, diffusers'), or never")
     p.add_argument("--grid", default="polynomial", choices=["polynomial", "logsnr", "uniform", "discrete"])
     p.add_argument("--rho", type=A.positive, default=7.0)
     p.add_argument("--sigma-min", type=A.positive, default=None, help="default: the teacher's (0.006 for EDM teachers)")
     p.add_argument("--sigma-max", type=A.positive, default=None, help="default: the teacher's (80 for EDM teachers)")
-    p.add_argument("--trajectories", type=A.integer(1, 10**12), default=200_000,
-                   help="teacher trajectories to train on (default 200000; iterations = trajectories / batch)")
+    p.add_argument("--trajectories", type=A.integer(1, 10**12), default=None,
+                   help=f"teacher trajectories to train on (iterations = trajectories / batch; default "
+                        f"{SFD_TRAJECTORIES}, {SFDV_TRAJECTORY_FACTOR}x that for SFD-v and "
+                        f"{STAGE2_TRAJECTORY_FACTOR}x for --stage2, the authors' budgets)")
     p.add_argument("--loss-reduction", default="sum", choices=["sum", "mean"],
                    help="L1 summed over pixels (paper) or averaged")
-    p.add_argument("--thresholding", action="store_true", help="clip the teacher's x0 estimate to [-1, 1]")
+    p.add_argument("--thresholding", action="store_true",
+                   help="clip the teacher's x0 estimate to [-1, 1] (a fixed clip; the authors' dynamic "
+                        "thresholding is in effect off, as their fp16 run skips it)")
     p.add_argument("--dropout", type=A.probability, default=None, help="student dropout (default: the teacher's)")
+    p.add_argument("--step-condition", default="authors", choices=STEP_CONDITIONS,
+                   help="SFD-v's step condition: authors (N's embedding as a per-block affine beside each block's "
+                        "time modulation, xavier init; default) or zero (one zero-initialised embedding added to "
+                        "the time embedding, so the student starts as its teacher)")
     p.add_argument("--stage2", action="store_true", help="1-NFE second stage from a first-stage SFD/SFD-v model")
-    p.add_argument("--perceptual", default=None, choices=["classifier"],
-                   help="second stage: perceptual term on the last step with fewstep's shipped classifier")
-    p.add_argument("--perceptual-weight", type=A.non_negative, default=1.0)
+    p.add_argument("--stage2-condition", default="own", choices=STAGE2_CONDITIONS,
+                   help="--stage2 from SFD-v: the step condition the 1-NFE student takes, its own N = 3 (own, the "
+                        "authors') or the first-stage mode it distils (teacher)")
+    p.add_argument("--perceptual", default="auto", choices=["auto", *PERCEPTUAL_NETS, "none"],
+                   help=f"perceptual term on the last step: {', '.join(PERCEPTUAL_NETS)}, none, or auto (default: the "
+                        "authors' for --stage2 where no download is needed: LPIPS with --lpips-weights, else the "
+                        "shipped classifier of built-in digits/MNIST, else none; none in the first stage)")
+    p.add_argument("--perceptual-weight", type=A.non_negative, default=None,
+                   help="weight of the perceptual term (default: the authors', the distance added to every pixel's "
+                        "L1: C*H*W with --loss-reduction sum, 1 with mean)")
+    p.add_argument("--lpips-weights", default=None, metavar="FILE",
+                   help="LPIPS (VGG16) weights converted once by scripts/convert_lpips.py; never downloaded")
+    p.add_argument("--lpips-resolution", type=A.integer(16, 4096), default=224,
+                   help="LPIPS resizes images (bilinear) to this size (default 224, the authors')")
     p.add_argument("--teacher-precision", default="fp32", choices=["fp32", "bf16"],
                    help="bf16: the teacher under bf16 autocast (faster on CPUs with bf16 support), kept only if "
                         "its trajectories on the first batch stay within --teacher-precision-tol of fp32's")
@@ -53,35 +79,36 @@ def add_sfd(methods):
                    help="store the teacher's trajectories in DIR and reuse those computed before for the same "
                         "teacher, grid and noise (exact): SFD-v after SFD runs at its NFEs with the same seed "
                         "and batch, a rerun with another --lr, a resume (default: no cache)")
-    add_train_args(p, steps=0, batch=128, lr=5e-5, lr_schedule="step")
+    add_train_args(p, steps=0, batch=128, lr=None, lr_schedule="step", grad_clip=None,
+                   lr_note=f": the authors', {SFD_LR:g}, or {STAGE2_LR:g} with --stage2", clip_note=": the authors', none")
     p.set_defaults(func=cmd_sfd)
 
 
 def cmd_sfd(args):
     from fewstep.checkpoint import load_checkpoint, teacher_reference
     from fewstep.cli import run_info, train_config
-    from fewstep.distill.sfd import SFD, SFDConfig, iterations_for
+    from fewstep.distill.sfd import SFD, SFDConfig, iterations_for, recipe
     from fewstep.train import Trainer, pick_device
 
     device = pick_device(args.device)
     teacher = load_checkpoint(args.teacher, device=device)
-    cfg = SFDConfig(nfe=args.nfe, afs=args.afs, m=args.m, teacher_solver=args.teacher_solver, grid=args.grid,
+    cfg = SFDConfig(nfe=args.nfe, afs=args.afs, m=args.m, teacher_solver=args.teacher_solver,
+                    teacher_final_orders=args.teacher_final_orders, grid=args.grid,
                     rho=args.rho, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
                     loss_reduction=args.loss_reduction, thresholding=args.thresholding, dropout=args.dropout,
-                    stage2=args.stage2, perceptual=args.perceptual, perceptual_weight=args.perceptual_weight,
+                    step_condition=args.step_condition, stage2=args.stage2, stage2_condition=args.stage2_condition,
+                    perceptual=None if args.perceptual == "none" else args.perceptual,
+                    perceptual_weight=args.perceptual_weight,
+                    lpips_weights=args.lpips_weights, lpips_resolution=args.lpips_resolution,
                     teacher_precision=args.teacher_precision, teacher_precision_tol=args.teacher_precision_tol)
-    perceptual = None
-    if args.perceptual == "classifier":
-        from fewstep.featnet import load_classifier
-        data = teacher.card.get("data") or {}
-        clf = load_classifier(data.get("name", "?"), (data.get("shape") or [0, 0])[-1]).to(device).eval()
-        for q in clf.parameters():
-            q.requires_grad_(False)
-        perceptual = lambda x: clf.forward_with_features(x)[1]  # noqa: E731
-    method = SFD(teacher, cfg, teacher_ref=teacher_reference(args.teacher), perceptual_net=perceptual,
-                 trajectory_cache=args.trajectory_cache)
+    defaults = recipe(args.nfe, args.stage2)
+    if args.lr is None:
+        args.lr = defaults["lr"]
+    if args.grad_clip is None:
+        args.grad_clip = defaults["grad_clip"]
+    method = SFD(teacher, cfg, teacher_ref=teacher_reference(args.teacher), trajectory_cache=args.trajectory_cache)
     if args.iters == 0:  # iterations follow from the trajectory budget, as in the paper
-        args.iters = iterations_for(args.trajectories, args.batch)
+        args.iters = iterations_for(args.trajectories or defaults["trajectories"], args.batch)
     Trainer(method, train_config(args), args.out, resume=args.resume, run_info=run_info(args)).run()
     print(f"{method.name} student saved to {args.out} "
           f"(sample it with: fewstep sample {args.out}{' --nfe N' if len(method.grids) > 1 else ''})")
@@ -230,6 +257,7 @@ def cmd_sfddm(args):
 # ---- progressive distillation -----------------------------------------------------------------------
 def add_progressive(methods):
     from fewstep.cli import add_train_args
+    from fewstep.distill.progressive import FOLD_BATCH, FOLD_LR, FOLD_LR_SCHEDULE, ITERS_PER_FOLD
 
     p = methods.add_parser(
         "progressive", conflict_handler="resolve", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -243,12 +271,13 @@ def add_progressive(methods):
     p.add_argument("--data", required=True, help="training data (built-in name or path)")
     p.add_argument("--resolution", type=A.resolution, default=None, help="image size (default: the teacher's)")
     p.add_argument("--data-seed", type=A.seed, default=None, help="train/held-out split seed (default: the teacher's)")
-    add_train_args(p, steps=1000, batch=64, lr=1e-4, lr_schedule="cosine")
+    add_train_args(p, steps=ITERS_PER_FOLD, batch=FOLD_BATCH, lr=FOLD_LR, lr_schedule=FOLD_LR_SCHEDULE)
     p.add_argument("--steps", type=A.positive_int, default=8, help="the final student's DDIM steps (= NFE; default 8)")
     p.add_argument("--start-steps", type=A.integer(2, 10**6), default=None,
                    help="the first teacher's DDIM steps (default: its T; e.g. 256 starts from a 256-step "
                         "DDIM teacher); start/steps must be a power of two")
-    p.add_argument("--iters", type=A.iterations, default=1000, help="training iterations per fold (default 1000)")
+    p.add_argument("--iters", type=A.iterations, default=ITERS_PER_FOLD,
+                   help=f"training iterations per fold (default {ITERS_PER_FOLD})")
     p.add_argument("--head", default="x0", choices=["x0", "v", "eps"],
                    help="the output the student is compared in, with the paper's weight: x0 with max(SNR,1) "
                         "('truncated SNR', default), v (SNR+1), or eps (SNR, the epsilon-MSE the paper shows "

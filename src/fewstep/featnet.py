@@ -64,15 +64,17 @@ class DigitClassifier(nn.Module):
         self.fc1 = nn.Linear(c3 * 16, feature_dim)
         self.fc2 = nn.Linear(feature_dim, num_classes)
 
+    def feature_maps(self, x: torch.Tensor) -> list:
+        """The three convolutions' (ReLU) maps for images in [-1, 1] (a perceptual distance's features)."""
+        h1 = F.relu(self.conv1(x))
+        h = F.max_pool2d(h1, 2, ceil_mode=True) if h1.shape[-1] > 8 else h1
+        h2 = F.relu(self.conv2(h))
+        h3 = F.relu(self.conv3(F.adaptive_avg_pool2d(h2, 8)))
+        return [h1, h2, h3]
+
     def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (logits, penultimate features) for images in [-1, 1]."""
-        h = F.relu(self.conv1(x))
-        if h.shape[-1] > 8:
-            h = F.max_pool2d(h, 2, ceil_mode=True)
-        h = F.relu(self.conv2(h))
-        h = F.adaptive_avg_pool2d(h, 8)
-        h = F.relu(self.conv3(h))
-        h = F.adaptive_avg_pool2d(h, 4)
+        h = F.adaptive_avg_pool2d(self.feature_maps(x)[-1], 4)
         feats = F.relu(self.fc1(h.flatten(1)))
         return self.fc2(feats), feats
 

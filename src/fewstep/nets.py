@@ -4,11 +4,14 @@ Both nets share one interface:
     net(x, t, step=None, class_labels=None, return_features=False)
 `t` is the time input the Denoiser chose (a table index or a continuous noise code), one per sample.
 `step` is the optional step condition of SFD-v (the student's number of timestamps N, one per
-sample); its layers exist only after `add_step_condition()`, and start as an exact no-op.
+sample); its layers exist only after `add_step_condition(kind)`: "zero" (an embedding of N added to the
+time embedding, zero-initialised, so the network starts as an exact copy) or "authors" (as the SFD
+authors build it: a per-block affine of N's embedding beside each block's time modulation, xavier init).
 `return_features=True` also returns the penultimate feature map (SFDDM's hidden-feature loss).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -42,7 +45,136 @@ class StepCondition(nn.Module):
         return self.fc2(F.silu(self.fc1(timestep_embedding(step, self.freq_dim, max_period=100.0))))
 
 
-class _ConditionedNet(nn.Module):
+class BlockStepCondition(nn.Module):
+    """SFD-v's step condition as the SFD authors build it: N's sinusoidal embedding through two linear
+    layers, each followed by SiLU, then one linear map per residual block whose output is added to that
+    block's projection of the time embedding (its time modulation). Xavier-uniform weights and zero
+    biases, as theirs: the student does not start as an exact copy of its teacher."""
+
+    def __init__(self, emb_dim: int, block_dims: list):
+        super().__init__()
+        self.freq_dim = min(64, emb_dim)
+        self.fc1 = nn.Linear(self.freq_dim, emb_dim)
+        self.fc2 = nn.Linear(emb_dim, emb_dim)
+        self.blocks = nn.ModuleList(nn.Linear(emb_dim, int(d)) for d in block_dims)
+        for layer in (self.fc1, self.fc2, *self.blocks):
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, step: torch.Tensor) -> list:
+        """One (B, d_k) addition per block."""
+        e = F.silu(self.fc2(F.silu(self.fc1(timestep_embedding(step, self.freq_dim, max_period=100.0)))))
+        return [block(e) for block in self.blocks]
+
+
+STEP_CONDITIONS = ("authors", "zero")
+
+
+def _step_kind(value) -> str | None:
+    """A config's `step_condition`: False (none), True (the zero-initialised kind, as cards before the
+    authors' kind said it) or a kind's name."""
+    if value is False or value is None:
+        return None
+    kind = "zero" if value is True else value
+    if kind not in STEP_CONDITIONS:
+        raise FewstepError(f"step_condition {value!r}: expected one of {', '.join(STEP_CONDITIONS)}")
+    return kind
+
+
+@contextlib.contextmanager
+def added_to_outputs(modules: list, values: list):
+    """While active, each module's output gets its value added (per-call hooks: a copied network keeps
+    no hook that points back at the original)."""
+    handles = [m.register_forward_hook(lambda mod, inputs, out, v=v: out + v.to(out.dtype))
+               for m, v in zip(modules, values)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class StepConditioned:
+    """SFD-v's step condition for any fewstep network. A network names two places: the linear layer whose
+    output the "zero" kind's embedding is added to (`_step_embedding_layer`) and each residual block's
+    projection of the time embedding, which the "authors" kind modulates (`_step_block_layers`). For a
+    fixed N both are constant additions to those layers' outputs, so `fold_step_condition` can move
+    them into biases."""
+
+    config: dict
+    step_cond: nn.Module | None
+
+    def _step_embedding_layer(self) -> nn.Linear:
+        raise NotImplementedError
+
+    def _step_block_layers(self) -> list:
+        raise NotImplementedError
+
+    @property
+    def step_condition_kind(self) -> str | None:
+        if self.step_cond is None:
+            return None
+        return "authors" if isinstance(self.step_cond, BlockStepCondition) else "zero"
+
+    def add_step_condition(self, kind: str = "zero"):
+        """Add SFD-v's step-condition layers of one kind (see STEP_CONDITIONS)."""
+        kind = _step_kind(kind)
+        if self.step_cond is not None:
+            if kind != self.step_condition_kind:
+                raise FewstepError(f"this network already has a {self.step_condition_kind!r} step condition")
+            return self
+        device = next(self.parameters()).device
+        emb_dim = self._step_embedding_layer().out_features
+        if kind == "zero":
+            self.step_cond = StepCondition(emb_dim).to(device)
+        else:
+            self.step_cond = BlockStepCondition(emb_dim, [m.out_features for m in self._step_block_layers()]).to(device)
+        self.config["step_condition"] = True if kind == "zero" else kind
+        return self
+
+    def _step_input(self, x, step) -> torch.Tensor | None:
+        if self.step_cond is None:
+            return None
+        if step is None:
+            raise FewstepError("this network has a step condition (SFD-v): pass the step count N")
+        return torch.as_tensor(step, device=x.device).float().reshape(-1).expand(x.shape[0])
+
+    def _step_term(self, step):
+        """The "zero" kind's addition to the embedding layer's output (0 otherwise)."""
+        return self.step_cond(step) if self.step_condition_kind == "zero" else 0
+
+    def _block_step_context(self, step):
+        """Around the network's body: the "authors" kind's per-block additions (nothing otherwise)."""
+        if self.step_condition_kind != "authors":
+            return contextlib.nullcontext()
+        return added_to_outputs(self._step_block_layers(), self.step_cond(step))
+
+
+def fold_step_condition(net: nn.Module, step: int) -> nn.Module:
+    """A copy of a step-conditioned network for one N, without the condition: its additions for that N
+    go into the biases of the layers they are added to, so the copy computes the same function as
+    `net(x, t, step=N)` (up to float rounding) with no step input."""
+    if getattr(net, "step_cond", None) is None:
+        return net
+    net = copy.deepcopy(net)
+    cond, kind = net.step_cond, net.step_condition_kind
+    device = next(net.parameters()).device
+    n = torch.tensor([float(step)], device=device)
+    with torch.no_grad():
+        if kind == "zero":
+            layers, values = [net._step_embedding_layer()], [cond(n)]
+        else:
+            layers, values = net._step_block_layers(), cond(n)
+        for layer, v in zip(layers, values):
+            if layer.bias is None:
+                raise FewstepError(f"cannot fold the step condition: {type(layer).__name__} has no bias")
+            layer.bias.add_(v[0].to(layer.bias.dtype))
+    net.step_cond = None
+    net.config["step_condition"] = False
+    return net
+
+
+class _ConditionedNet(StepConditioned, nn.Module):
     """Time, class and step-condition embeddings shared by UNet and MLP."""
 
     config: dict
@@ -53,12 +185,8 @@ class _ConditionedNet(nn.Module):
         self.class_emb = nn.Embedding(num_classes, emb_dim) if num_classes else None
         self.step_cond = None
 
-    def add_step_condition(self) -> "_ConditionedNet":
-        """Add SFD-v's step-condition layers (zero-initialised output, so outputs are unchanged)."""
-        if self.step_cond is None:
-            self.step_cond = StepCondition(self.emb_dim)
-            self.config["step_condition"] = True
-        return self
+    def _step_embedding_layer(self) -> nn.Linear:
+        return self.time_mlp[2]
 
     def _embed(self, x, t, step, class_labels):
         t = torch.as_tensor(t, device=x.device).float().reshape(-1).expand(x.shape[0])
@@ -67,10 +195,7 @@ class _ConditionedNet(nn.Module):
             if class_labels is None:
                 raise FewstepError("this network is class-conditional: pass class_labels")
             emb = emb + self.class_emb(class_labels)
-        if self.step_cond is not None:
-            if step is None:
-                raise FewstepError("this network has a step condition (SFD-v): pass the step count N")
-            step = torch.as_tensor(step, device=x.device).float().reshape(-1).expand(x.shape[0])
+        if self.step_condition_kind == "zero":
             emb = emb + self.step_cond(step)
         return emb
 
@@ -116,7 +241,7 @@ class UNet(_ConditionedNet):
     def __init__(self, resolution: int, in_channels: int = 1, out_channels: int | None = None,
                  channels: int = 64, channel_mult=(1, 2), num_res_blocks: int = 2,
                  attn_resolutions=(), dropout: float = 0.1, num_classes: int = 0, groups: int = 8,
-                 step_condition: bool = False):
+                 step_condition: bool | str = False):
         super().__init__()
         out_channels = out_channels or in_channels
         self.config = dict(type="unet", resolution=resolution, in_channels=in_channels, out_channels=out_channels,
@@ -159,26 +284,31 @@ class UNet(_ConditionedNet):
         self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
-        if step_condition:
-            self.add_step_condition()
+        if _step_kind(step_condition):
+            self.add_step_condition(_step_kind(step_condition))
+
+    def _step_block_layers(self) -> list:
+        return [b.emb for b in self.modules() if isinstance(b, ResBlock)]
 
     def forward(self, x, t, step=None, class_labels=None, return_features=False):
         if x.ndim != 4 or x.shape[1] != self.config["in_channels"]:
             raise FewstepError(f"UNet input: expected (N, {self.config['in_channels']}, H, W), got {tuple(x.shape)}")
+        step = self._step_input(x, step)
         emb = self._embed(x, t, step, class_labels)
-        h = self.conv_in(x)
-        skips = [h]
-        for blocks in self.down:
-            for b in blocks:
-                h = b(h, emb) if isinstance(b, (ResBlock, Attention)) else b(h)
-            skips.append(h)
-        for b in self.mid:
-            h = b(h, emb)
-        for blocks in self.up:
-            if isinstance(blocks[0], ResBlock):
-                h = torch.cat([h, skips.pop()], dim=1)
-            for b in blocks:
-                h = b(h, emb) if isinstance(b, (ResBlock, Attention)) else b(h)
+        with self._block_step_context(step):
+            h = self.conv_in(x)
+            skips = [h]
+            for blocks in self.down:
+                for b in blocks:
+                    h = b(h, emb) if isinstance(b, (ResBlock, Attention)) else b(h)
+                skips.append(h)
+            for b in self.mid:
+                h = b(h, emb)
+            for blocks in self.up:
+                if isinstance(blocks[0], ResBlock):
+                    h = torch.cat([h, skips.pop()], dim=1)
+                for b in blocks:
+                    h = b(h, emb) if isinstance(b, (ResBlock, Attention)) else b(h)
         features = h  # output of the last residual block: SFDDM's hidden variable
         out = self.conv_out(F.silu(self.norm_out(h)))
         return (out, features) if return_features else out
@@ -188,7 +318,7 @@ class MLP(_ConditionedNet):
     """Residual MLP for 2-D (or any flat) data, with the UNet's interface."""
 
     def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 4, dropout: float = 0.0,
-                 num_classes: int = 0, step_condition: bool = False):
+                 num_classes: int = 0, step_condition: bool | str = False):
         super().__init__()
         self.config = dict(type="mlp", dim=dim, hidden=hidden, depth=depth, dropout=dropout,
                            num_classes=num_classes, step_condition=False)
@@ -204,17 +334,22 @@ class MLP(_ConditionedNet):
         self.out = nn.Linear(hidden, dim)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
-        if step_condition:
-            self.add_step_condition()
+        if _step_kind(step_condition):
+            self.add_step_condition(_step_kind(step_condition))
+
+    def _step_block_layers(self) -> list:
+        return [b["emb"] for b in self.blocks]
 
     def forward(self, x, t, step=None, class_labels=None, return_features=False):
         if x.ndim != 2 or x.shape[1] != self.config["dim"]:
             raise FewstepError(f"MLP input: expected (N, {self.config['dim']}), got {tuple(x.shape)}")
+        step = self._step_input(x, step)
         emb = self._embed(x, t, step, class_labels)
         h = self.inp(x)
-        for b in self.blocks:
-            z = b["fc1"](b["norm"](h)) + b["emb"](F.silu(emb))
-            h = h + b["fc2"](b["drop"](F.silu(z)))
+        with self._block_step_context(step):
+            for b in self.blocks:
+                z = b["fc1"](b["norm"](h)) + b["emb"](F.silu(emb))
+                h = h + b["fc2"](b["drop"](F.silu(z)))
         out = self.out(h)
         return (out, h) if return_features else out
 

@@ -115,22 +115,38 @@ def heun(model: Model, x, sigmas, clip=None, return_trajectory=False) -> SolveRe
     return SolveResult(x, m.nfe, traj)
 
 
-def _dpmpp(model: Model, x, sigmas, order: int, lower_order_final: bool, clip, return_trajectory) -> SolveResult:
+# When DPM-Solver++ lowers its order on the last steps (each then uses only as many earlier estimates as
+# steps remain): "short" on grids of fewer than 15 steps (diffusers' rule), "always" on every grid (the
+# SFD authors' teacher), "never".
+LOWER_ORDER_FINAL = ("short", "always", "never")
+
+
+def _lower_order_final_mode(value) -> str:
+    """True / False are the historical spellings of "short" / "never"."""
+    mode = {True: "short", False: "never"}.get(value, value) if isinstance(value, bool) else value
+    if mode not in LOWER_ORDER_FINAL:
+        raise FewstepError(f"lower_order_final {value!r}: expected one of {', '.join(LOWER_ORDER_FINAL)}")
+    return mode
+
+
+def _dpmpp(model: Model, x, sigmas, order: int, lower_order_final, clip, return_trajectory) -> SolveResult:
     """DPM-Solver++ multistep (data prediction) in λ = −log σ, orders 1..3.
 
-    Order warms up from 1; with lower_order_final and fewer than 15 steps the last steps drop
-    order too (as diffusers does), and a step to σ = 0 is always first order.
+    Order warms up from 1; the last steps drop order as `lower_order_final` says (see LOWER_ORDER_FINAL),
+    and a step to σ = 0 is always first order.
     """
+    mode = _lower_order_final_mode(lower_order_final)
     m, sigmas = _prepare(model, sigmas, x, clip)
     traj = [x] if return_trajectory else None
     n = len(sigmas) - 1
+    lower_final = mode == "always" or (mode == "short" and n < 15)
     hist: list[tuple[torch.Tensor, torch.Tensor]] = []  # (x0 estimate, λ) of earlier steps, newest first
     for i in range(n):
         s, s_next = sigmas[i], sigmas[i + 1]
         x0 = m(x, s)
         lam = -s.log()
         step_order = min(order, i + 1)
-        if lower_order_final and n < 15:
+        if lower_final:
             step_order = min(step_order, n - i)
         if s_next == 0:
             x = x0
@@ -162,11 +178,11 @@ def _dpmpp(model: Model, x, sigmas, order: int, lower_order_final: bool, clip, r
     return SolveResult(x, m.nfe, traj)
 
 
-def dpmpp2m(model: Model, x, sigmas, lower_order_final: bool = True, clip=None, return_trajectory=False):
+def dpmpp2m(model: Model, x, sigmas, lower_order_final="short", clip=None, return_trajectory=False):
     return _dpmpp(model, x, sigmas, 2, lower_order_final, clip, return_trajectory)
 
 
-def dpmpp3m(model: Model, x, sigmas, lower_order_final: bool = True, clip=None, return_trajectory=False):
+def dpmpp3m(model: Model, x, sigmas, lower_order_final="short", clip=None, return_trajectory=False):
     return _dpmpp(model, x, sigmas, 3, lower_order_final, clip, return_trajectory)
 
 

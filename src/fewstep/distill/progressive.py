@@ -47,6 +47,10 @@ from fewstep.solvers import solve
 from fewstep.train import StepContext, TrainConfig, TrainMethod, Trainer, fresh_autocast, pick_device, untimed
 
 
+# each fold's default training: iterations, batch, learning rate and its schedule (the CLI's and the bench's)
+ITERS_PER_FOLD, FOLD_BATCH, FOLD_LR, FOLD_LR_SCHEDULE = 1000, 64, 1e-4, "cosine"
+
+
 # ---- grids and the target -------------------------------------------------------------------------
 
 def teacher_grid(teacher: Denoiser, steps: int) -> torch.Tensor:

@@ -26,16 +26,37 @@ from torch import nn
 from fewstep.checkpoint import Checkpoint
 from fewstep.distill.trajectory_cache import TrajectoryCache, module_digest
 from fewstep.errors import FewstepError
-from fewstep.nets import set_dropout
+from fewstep.featnet import available_classifiers
+from fewstep.nets import STEP_CONDITIONS, set_dropout
+from fewstep.perceptual import perceptual_distance
 from fewstep.sampling import sample_shape
 from fewstep.schedule import GRID_KINDS, check_grid, check_nested, nested_grids
-from fewstep.solvers import afs_direction, solve
+from fewstep.solvers import LOWER_ORDER_FINAL, afs_direction, solve
 from fewstep.train import StepContext, TrainMethod
 
 TEACHER_SOLVERS = ("dpmpp3m", "dpmpp2m", "heun", "euler", "ipndm")
 TEACHER_PRECISIONS = ("fp32", "bf16")
+STAGE2_CONDITIONS = ("own", "teacher")
+PERCEPTUAL_NETS = ("classifier", "lpips")
 # The paper's grid ends for EDM (continuous) teachers: σ_min = 0.006 rather than EDM's 0.002.
 EDM_SIGMA_MIN, EDM_SIGMA_MAX = 0.006, 80.0
+
+# The authors' budgets and optimizer (zju-pi/diff-sampler sfd-main, launch.sh and training_loop.py), the
+# defaults of every mode: trajectories of one SFD run, SFD-v four times that, the 1-NFE stage ten times;
+# Adam 5e-5 (5e-4 for the 1-NFE stage), divided by 10 at half the run; no gradient clipping (their loop
+# only replaces NaN gradients).
+SFD_TRAJECTORIES = 200_000
+SFDV_TRAJECTORY_FACTOR = 4
+STAGE2_TRAJECTORY_FACTOR = 10
+SFD_LR, STAGE2_LR = 5e-5, 5e-4
+SFD_GRAD_CLIP = None
+
+
+def recipe(nfe: list, stage2: bool, trajectories_of_one_run: int = SFD_TRAJECTORIES) -> dict:
+    """A mode's default budget and optimizer: {"trajectories", "lr", "grad_clip"} (see above)."""
+    factor = STAGE2_TRAJECTORY_FACTOR if stage2 else SFDV_TRAJECTORY_FACTOR if len(nfe) > 1 else 1
+    return {"trajectories": trajectories_of_one_run * factor, "lr": STAGE2_LR if stage2 else SFD_LR,
+            "grad_clip": SFD_GRAD_CLIP}
 
 
 @dataclass
@@ -44,16 +65,28 @@ class SFDConfig:
     afs: bool = True
     m: int = 3                                        # teacher points inserted per student interval
     teacher_solver: str = "dpmpp3m"
+    # DPM-Solver++ teachers: orders 2 then 1 on the last two steps of every grid ("always", the authors'),
+    # only on grids under 15 steps ("short", diffusers'), or "never"
+    teacher_final_orders: str = "always"
     grid: str = "polynomial"
     rho: float = 7.0
     sigma_min: float | None = None
     sigma_max: float | None = None
     loss_reduction: str = "sum"                      # sum over pixels (paper) or mean
-    thresholding: bool = False                        # clip the teacher's x0 to the data range
+    thresholding: bool = False                        # clip the teacher's x0 to [-1, 1] (a fixed clip)
     dropout: float | None = None                      # None: keep the teacher's
+    step_condition: str = "authors"                   # SFD-v: "authors" (per-block affine) or "zero"
     stage2: bool = False
-    perceptual: str | None = None                     # second stage: None or "classifier"
-    perceptual_weight: float = 1.0
+    # the 1-NFE student's step condition: "own" (its own N = 3, as the authors train it) or "teacher" (the N of
+    # the first-stage mode it distils)
+    stage2_condition: str = "own"
+    # a perceptual term on the last step: None, "classifier", "lpips", or "auto" (the authors' for the 1-NFE
+    # stage where it needs no download: LPIPS with --lpips-weights, else the shipped classifier of built-in
+    # data, else none; nothing in the first stage)
+    perceptual: str | None = "auto"
+    perceptual_weight: float | None = None            # None: the authors' (the distance added to every pixel)
+    lpips_weights: str | None = None                  # perceptual "lpips": the converted weight file
+    lpips_resolution: int = 224                       # ... and the size images are resized to (the authors')
     # bf16: the teacher's trajectories under bf16 autocast, kept only if on the first batch every kept state
     # is within this relative RMS deviation of the fp32 trajectory (else the run stays fp32 and says so)
     teacher_precision: str = "fp32"
@@ -72,8 +105,21 @@ class SFDConfig:
             raise FewstepError(f"--grid {self.grid!r}: expected one of {', '.join(GRID_KINDS)}")
         if self.loss_reduction not in ("sum", "mean"):
             raise FewstepError(f"--loss-reduction {self.loss_reduction!r}: expected sum or mean")
-        if self.perceptual not in (None, "classifier"):
-            raise FewstepError(f"--perceptual {self.perceptual!r}: expected classifier or none")
+        if self.perceptual not in (None, "auto", *PERCEPTUAL_NETS):
+            raise FewstepError(f"--perceptual {self.perceptual!r}: expected auto, {', '.join(PERCEPTUAL_NETS)} or none")
+        if self.perceptual == "lpips" and not self.lpips_weights:
+            raise FewstepError("--perceptual lpips needs --lpips-weights FILE (convert VGG16 and LPIPS weights once "
+                               "with scripts/convert_lpips.py)")
+        if self.perceptual_weight is not None and self.perceptual_weight < 0:
+            raise FewstepError(f"--perceptual-weight {self.perceptual_weight}: expected a weight >= 0")
+        if self.teacher_final_orders not in LOWER_ORDER_FINAL:
+            raise FewstepError(f"--teacher-final-orders {self.teacher_final_orders!r}: expected one of "
+                               f"{', '.join(LOWER_ORDER_FINAL)}")
+        if self.step_condition not in STEP_CONDITIONS:
+            raise FewstepError(f"--step-condition {self.step_condition!r}: expected one of {', '.join(STEP_CONDITIONS)}")
+        if self.stage2_condition not in STAGE2_CONDITIONS:
+            raise FewstepError(f"--stage2-condition {self.stage2_condition!r}: expected one of "
+                               f"{', '.join(STAGE2_CONDITIONS)}")
         if self.teacher_precision not in TEACHER_PRECISIONS:
             raise FewstepError(f"--teacher-precision {self.teacher_precision!r}: expected one of "
                                f"{', '.join(TEACHER_PRECISIONS)}")
@@ -116,9 +162,17 @@ class TeacherTrajectory:
     """
 
     def __init__(self, den, solver: str, afs: bool = False, clip: float | None = None, step: int | None = None,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", final_orders: str = "always"):
         self.den, self.solver, self.afs, self.clip, self.step = den, solver, afs, clip, step
-        self.precision = precision
+        self.precision, self.final_orders = precision, final_orders
+
+    def setup(self) -> dict:
+        """What, besides the teacher, the grid and the noise, decides the trajectories (the cache key)."""
+        setup = {"solver": self.solver, "afs": self.afs, "clip": self.clip, "step": self.step,
+                 "precision": self.precision}
+        if self.solver in ("dpmpp2m", "dpmpp3m"):
+            setup["final_orders"] = self.final_orders
+        return setup
 
     def autocast(self, device_type: str):
         """The network's precision: bf16 autocast, or as it is (the solver's own arithmetic stays fp32)."""
@@ -129,6 +183,8 @@ class TeacherTrajectory:
     @torch.no_grad()
     def __call__(self, x_T: torch.Tensor, teacher_grid: torch.Tensor, positions: list[int], class_labels=None):
         kw = {"afs": True} if self.afs else {}
+        if self.solver in ("dpmpp2m", "dpmpp3m"):
+            kw["lower_order_final"] = self.final_orders
         with self.autocast(x_T.device.type):
             r = solve(self.solver, self.den.with_step(self.step, class_labels), x_T, teacher_grid.to(x_T.device),
                       clip=self.clip, return_trajectory=True, **kw)
@@ -141,7 +197,7 @@ class SFD(TrainMethod):
     needs_data = False
 
     def __init__(self, teacher: Checkpoint, cfg: SFDConfig, teacher_ref: dict | None = None,
-                 perceptual_net: nn.Module | None = None, trajectory_cache: str | Path | None = None):
+                 trajectory_cache: str | Path | None = None):
         cfg.validate()
         self.cfg = cfg
         # teacher trajectories stored and reused by content (see fewstep.distill.trajectory_cache)
@@ -155,26 +211,51 @@ class SFD(TrainMethod):
             p.requires_grad_(False)
         self.shape = tuple(sample_shape(teacher.card))
         self.clip = 1.0 if cfg.thresholding else None
-        self.perceptual_net = perceptual_net
+        self.perceptual_net = self._perceptual_net(teacher.card.get("data") or {}, next(tden.parameters()).device)
         if cfg.stage2:
             self._init_stage2(teacher)
         else:
             self.name = "sfd-v" if len(cfg.nfe) > 1 else "sfd"
             self.grids = {n: sfd_grids(tden, cfg, n) for n in cfg.nfe}
-            self.traj = TeacherTrajectory(tden, cfg.teacher_solver, clip=self.clip)
+            self.traj = TeacherTrajectory(tden, cfg.teacher_solver, clip=self.clip,
+                                          final_orders=cfg.teacher_final_orders)
             self.student_step_cond = None  # per-iteration N for SFD-v
         self.student = copy.deepcopy(tden)
         if len(cfg.nfe) > 1 and not cfg.stage2:
-            # a fixed seed makes the new layers' (non-zero) input weights independent of RNG history
+            # a fixed seed makes the new layers' (non-zero) weights independent of RNG history
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
-                self.student.net.add_step_condition()
+                self.student.net.add_step_condition(cfg.step_condition)
         for p in self.student.parameters():
             p.requires_grad_(True)
         if cfg.dropout is not None:
             set_dropout(self.student, cfg.dropout)
         self.positions = {n: check_nested(s, t) for n, (s, t) in self.grids.items()}
         self.trajectories = 0
+
+    def _perceptual_net(self, data: dict, device):
+        """The last step's perceptual distance (None: none); resolves "auto" in the config, for the card."""
+        cfg, kind = self.cfg, self.cfg.perceptual
+        if kind == "auto":
+            kind = None
+            if cfg.stage2 and cfg.lpips_weights:
+                kind = "lpips"
+            elif cfg.stage2 and (data.get("name"), (data.get("shape") or [0])[-1]) in available_classifiers():
+                kind = "classifier"
+            elif cfg.stage2:
+                print("fewstep: note: the 1-NFE stage runs without the authors' perceptual term: give "
+                      "--lpips-weights FILE (see scripts/convert_lpips.py) to add LPIPS", file=sys.stderr)
+        cfg.perceptual = kind
+        if kind is None:
+            return None
+        return perceptual_distance(kind, data, device, cfg.lpips_weights, cfg.lpips_resolution)
+
+    def perceptual_weight(self) -> float:
+        """The authors add the perceptual distance to every pixel's L1: C·H·W times it against the summed
+        L1 (once against the mean)."""
+        if self.cfg.perceptual_weight is not None:
+            return self.cfg.perceptual_weight
+        return float(math.prod(self.shape)) if self.cfg.loss_reduction == "sum" else 1.0
 
     def _init_stage2(self, first: Checkpoint):
         """Teacher: the first-stage model on its own Euler grid; student: AFS + 1 step (1 NFE)."""
@@ -200,7 +281,12 @@ class SFD(TrainMethod):
         self.name = "sfd-stage2"
         self.grids = {1: (check_grid(student_grid), check_grid(t_grid))}
         self.traj = TeacherTrajectory(first.denoiser, "euler", afs=True, step=step)
-        self.student_step_cond = step  # keep the mode it was initialised from
+        # a step-conditioned student takes one N for good: its own 3 timestamps (the authors') or the
+        # first-stage mode it distils and starts from
+        if step is None:
+            self.student_step_cond = None
+        else:
+            self.student_step_cond = len(student_grid) if self.cfg.stage2_condition == "own" else step
         self.stage2_teacher_nfe = student_nfe(len(t_grid), True)
 
     # ---- TrainMethod hooks -------------------------------------------------------------------
@@ -293,8 +379,7 @@ class SFD(TrainMethod):
             return (*self.traj(x, t_grid, positions, labels), False)
         if self._teacher_digest is None:  # after use_channels_last: the format is part of the teacher
             self._teacher_digest = module_digest(self.traj.den)
-        setup = {"solver": self.traj.solver, "afs": self.traj.afs, "clip": self.traj.clip, "step": self.traj.step,
-                 "precision": self.traj.precision, "grid": [float(s) for s in t_grid], "positions": list(positions)}
+        setup = {**self.traj.setup(), "grid": [float(s) for s in t_grid], "positions": list(positions)}
         key = self.cache.key(self._teacher_digest, setup, x, labels)
         found = self.cache.get(key, x.device)
         if found is not None:
@@ -342,8 +427,7 @@ class SFD(TrainMethod):
         diff = (x_next - target).abs().reshape(x_next.shape[0], -1)
         loss = diff.sum(1).mean() if self.cfg.loss_reduction == "sum" else diff.mean()
         if last and self.perceptual_net is not None:
-            fa, fb = self.perceptual_net(x_next), self.perceptual_net(target)
-            loss = loss + self.cfg.perceptual_weight * (fa - fb).square().sum(1).mean()
+            loss = loss + self.perceptual_weight() * self.perceptual_net(x_next, target).mean()
         return loss
 
     def state_dict(self):

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from fewstep.errors import FewstepError
-from fewstep.nets import FeatureTap, StepCondition
+from fewstep.nets import FeatureTap, StepConditioned, fold_step_condition
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -95,14 +95,14 @@ def check_unet_config(cfg: dict, where: str = "UNet config") -> dict:
     return out
 
 
-class DiffusersUNet(nn.Module):
+class DiffusersUNet(StepConditioned, nn.Module):
     """A diffusers `UNet2DModel` behind fewstep's network interface
     `net(x, t, step=None, class_labels=None, return_features=False)`.
 
     `t` is the model's (possibly fractional) table index, which is what the UNet takes as its
-    timestep. SFD-v's step condition is a zero-initialised StepCondition whose output is added to the
-    UNet's time embedding (a forward hook on `time_embedding` during the call), so a fresh student
-    equals its teacher exactly. `return_features=True` also returns the output of `feature_layer`
+    timestep. SFD-v's step condition (see fewstep.nets.StepConditioned) is added by forward hooks
+    during the call: the "zero" kind to the UNet's time embedding, the "authors" kind to each resnet
+    block's `time_emb_proj`. `return_features=True` also returns the output of `feature_layer`
     (default: the last up block, the map the output layers read).
     """
 
@@ -140,18 +140,13 @@ class DiffusersUNet(nn.Module):
                            step_condition=False, feature_layer=feature_layer)
         self.step_cond = None
         if step_condition:
-            self.add_step_condition()
+            self.add_step_condition("zero" if step_condition is True else step_condition)
 
-    @property
-    def emb_dim(self) -> int:
-        return self.unet.time_embedding.linear_2.out_features
+    def _step_embedding_layer(self):
+        return self.unet.time_embedding.linear_2
 
-    def add_step_condition(self) -> "DiffusersUNet":
-        """SFD-v's step condition (zero output at first, so the outputs are unchanged)."""
-        if self.step_cond is None:
-            self.step_cond = StepCondition(self.emb_dim).to(next(self.unet.parameters()).device)
-            self.config["step_condition"] = True
-        return self
+    def _step_block_layers(self) -> list:
+        return [m.time_emb_proj for m in self.unet.modules() if getattr(m, "time_emb_proj", None) is not None]
 
     def forward(self, x, t, step=None, class_labels=None, return_features=False):
         c = self.config
@@ -164,18 +159,17 @@ class DiffusersUNet(nn.Module):
             class_labels = torch.as_tensor(class_labels, device=x.device).long().reshape(-1).expand(x.shape[0])
         else:
             class_labels = None
+        step = self._step_input(x, step)
         handles = []
-        if self.step_cond is not None:
-            if step is None:
-                raise FewstepError("this network has a step condition (SFD-v): pass the step count N")
-            step = torch.as_tensor(step, device=x.device).float().reshape(-1).expand(x.shape[0])
+        if self.step_condition_kind == "zero":
             s_emb = self.step_cond(step)
             handles.append(self.unet.time_embedding.register_forward_hook(lambda m, i, o: o + s_emb.to(o.dtype)))
         tap = FeatureTap(self, c["feature_layer"]) if return_features else None
         try:
             if tap is not None:
                 tap.__enter__()
-            out = self.unet(x, t, class_labels=class_labels).sample
+            with self._block_step_context(step):
+                out = self.unet(x, t, class_labels=class_labels).sample
         finally:
             if tap is not None:
                 tap.__exit__(None, None, None)
@@ -356,8 +350,8 @@ _NET_CLASSES = {NET_CLASSES}
 
 
 class FewstepNet(ModelMixin, ConfigMixin):
-    """fewstep's network `net(x, t, step=None, class_labels=None)` as a diffusers model: `t` is the
-    network's time input for σ (see the pipeline's `time_input`), `step` SFD-v's step count."""
+    """fewstep's network `net(x, t, class_labels=None)` as a diffusers model: `t` is the network's time
+    input for σ (see the pipeline's `time_input`); an SFD-v step condition is folded into its biases."""
 
     @register_to_config
     def __init__(self, net_config: dict):
@@ -366,8 +360,8 @@ class FewstepNet(ModelMixin, ConfigMixin):
         kind = cfg.pop("type")
         self.net = globals()[_NET_CLASSES[kind]](**cfg)
 
-    def forward(self, x, t, step=None, class_labels=None):
-        return self.net(x, t, step=step, class_labels=class_labels)
+    def forward(self, x, t, class_labels=None):
+        return self.net(x, t, class_labels=class_labels)
 '''
 
 
@@ -399,22 +393,29 @@ def _write_custom_net(net, kind: str, folder: Path) -> list:
     return ["fewstep_net", "FewstepNet"]
 
 
-def _write_diffusers_unet(net: DiffusersUNet, step: int | None, folder: Path) -> tuple[list, dict | None]:
-    """Save the UNet2DModel; an SFD-v step condition for one N is a constant added to the time
-    embedding's output, so it folds into the bias of time_embedding.linear_2 and the saved model is
-    a plain UNet2DModel."""
-    unet = copy.deepcopy(net.unet).float().cpu().eval()
-    folded = None
-    if net.step_cond is not None:
-        if getattr(unet.time_embedding, "post_act", None) is not None:
-            raise FewstepError("export: this UNet2DModel's time embedding ends in an activation, so its step "
-                               "condition cannot be folded into a bias")
-        with torch.no_grad():
-            c = copy.deepcopy(net.step_cond).cpu().float()(torch.tensor([float(step)]))[0]
-            unet.time_embedding.linear_2.bias.add_(c)
-        folded = {"step": int(step), "folded_into": "unet.time_embedding.linear_2.bias"}
-    unet.save_pretrained(str(folder), safe_serialization=True)
-    return ["diffusers", "UNet2DModel"], folded
+def _write_diffusers_unet(net: DiffusersUNet, folder: Path) -> list:
+    """Save the UNet2DModel (a step condition already folded into its biases: a plain UNet2DModel)."""
+    copy.deepcopy(net.unet).float().cpu().eval().save_pretrained(str(folder), safe_serialization=True)
+    return ["diffusers", "UNet2DModel"]
+
+
+def _fold_for_export(net, step: int | None) -> tuple[nn.Module, dict | None]:
+    """The network an export writes: an SFD-v step condition for the exported N is a constant added to
+    some layers' outputs, so it folds into their biases (fewstep.nets.fold_step_condition) and the
+    exported network takes no step."""
+    if net.step_cond is None:
+        return net, None
+    kind = net.step_condition_kind
+    if kind == "zero" and getattr(getattr(net, "unet", None), "time_embedding", None) is not None \
+            and getattr(net.unet.time_embedding, "post_act", None) is not None:
+        raise FewstepError("export: this UNet2DModel's time embedding ends in an activation, so its step "
+                           "condition cannot be folded into a bias")
+    layers = [net._step_embedding_layer()] if kind == "zero" else net._step_block_layers()
+    names = {id(m): n for n, m in net.named_modules()}
+    folded = fold_step_condition(copy.deepcopy(net).cpu().float(), step)
+    return folded, {"step": int(step), "kind": kind,
+                    "folded_into": (f"{names[id(layers[0])]}.bias" if kind == "zero"
+                                    else f"the biases of the {len(layers)} per-block time projections")}
 
 
 def time_input_spec(den) -> dict:
@@ -468,12 +469,11 @@ def export_diffusers(model, out: Path, nfe: int | None = None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        net, folded = _fold_for_export(den.net, step)
         if kind == "diffusers-unet2d":
-            component, folded = _write_diffusers_unet(den.net, step, tmp / "unet")
-            pass_step = None
+            component = _write_diffusers_unet(net, tmp / "unet")
         else:
-            component, folded = _write_custom_net(den.net, kind, tmp / "unet"), None
-            pass_step = step
+            component = _write_custom_net(net, kind, tmp / "unet")
         shape = list(sample_shape(card))
         data = card.get("data") or {}
         sampler = {
@@ -483,8 +483,7 @@ def export_diffusers(model, out: Path, nfe: int | None = None) -> Path:
             "sigmas": [float(s) for s in plan["sigmas"]], "nfe": int(plan["nfe"]), "afs": bool(plan["afs"]),
             "clip": plan["clip"], "param": den.param, "sigma_data": float(den.schedule.sigma_data),
             "time_input": time_input_spec(den), "time_inputs": _grid_time_inputs(den, plan["sigmas"]),
-            "step": pass_step, "step_condition": folded or (
-                None if step is None else {"step": int(step), "passed_to": "the network's step argument"}),
+            "step_condition": folded,
             "sample_shape": shape, "num_classes": den.num_classes,
             "image": data.get("kind", "image" if len(shape) == 3 else "toy") == "image" and len(shape) == 3,
             "network": {"type": kind, "component": component},
@@ -523,8 +522,8 @@ def _readme(s: dict, src) -> str:
     cond = ""
     if s["step_condition"]:
         sc = s["step_condition"]
-        cond = (f"\nThe SFD-v step condition for N = {sc['step']} timestamps is "
-                + (f"folded into `{sc['folded_into']}`.\n" if "folded_into" in sc else "passed to the network.\n"))
+        cond = (f"\nThe SFD-v step condition ({sc['kind']} kind) for N = {sc['step']} timestamps is folded into "
+                f"{sc['folded_into']}: the network takes no step input.\n")
     labels = (f"\nThe model is class-conditional ({s['num_classes']} classes): pass `class_labels` (an int or one per "
               "image); without them classes are drawn uniformly (from `seed` + 2, as `fewstep sample` does).\n"
               if s["num_classes"] else "")

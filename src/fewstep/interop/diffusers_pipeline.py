@@ -2,10 +2,10 @@
 
 This file is copied into every export as `pipeline.py` and needs only torch and diffusers (fewstep
 itself is not needed). The `sampler` entry of the export's `model_index.json` holds everything it
-uses: the σ grid, solver (euler / ddim / ddpm / dpmpp2m / dpmpp3m), AFS, clip, parameterization, time input and step
-condition. It works in σ-space, x = x0 + σ·ε, and repeats fewstep's arithmetic operation for
-operation (float64 noise levels, float32 states), so for the same initial noise it returns what
-`fewstep sample` returns.
+uses: the σ grid, solver (euler / ddim / ddpm / dpmpp2m / dpmpp3m), AFS, clip, parameterization and
+time input (an SFD-v step condition is folded into the network's biases). It works in σ-space,
+x = x0 + σ·ε, and repeats fewstep's arithmetic operation for operation (float64 noise levels, float32
+states), so for the same initial noise it returns what `fewstep sample` returns.
 
     pipe = DiffusionPipeline.from_pretrained(folder, custom_pipeline=f"{folder}/pipeline.py",
                                              trust_remote_code=True)
@@ -88,8 +88,7 @@ class FewstepPipeline(DiffusionPipeline):
         if spec["network"]["type"] == "diffusers-unet2d":
             raw = self.unet(x_in, t, class_labels=class_labels).sample
         else:
-            step = spec["step"]
-            raw = self.unet(x_in, t, step=step, class_labels=class_labels)
+            raw = self.unet(x_in, t, class_labels=class_labels)
         s = b(sigma)
         if param == "eps":
             out = x - s * raw

@@ -21,25 +21,26 @@ from torch import nn
 
 try:
     from fewstep.errors import FewstepError
-    from fewstep.nets import FeatureTap, StepCondition
+    from fewstep.nets import FeatureTap, StepConditioned
 except ImportError:  # used outside fewstep (an exported model): same names, same parameters
+    import contextlib
+
     class FewstepError(ValueError):
         pass
 
-    class StepCondition(nn.Module):
-        def __init__(self, emb_dim: int):
-            super().__init__()
-            self.freq_dim = min(64, emb_dim)
-            self.fc1 = nn.Linear(self.freq_dim, emb_dim)
-            self.fc2 = nn.Linear(emb_dim, emb_dim)
-            nn.init.zeros_(self.fc2.weight)
-            nn.init.zeros_(self.fc2.bias)
+    class StepConditioned:
+        """An exported network has its step condition folded into its biases: it takes no step."""
 
-        def forward(self, step):
-            half = self.freq_dim // 2
-            freqs = torch.exp(-math.log(100.0) * torch.arange(half, device=step.device, dtype=torch.float32) / half)
-            args = step.float()[:, None] * freqs[None]
-            return self.fc2(F.silu(self.fc1(torch.cat([torch.cos(args), torch.sin(args)], dim=1))))
+        step_cond = None
+
+        def _step_input(self, x, step):
+            return None
+
+        def _step_term(self, step):
+            return 0
+
+        def _block_step_context(self, step):
+            return contextlib.nullcontext()
 
     class FeatureTap:
         def __init__(self, net, layer):
@@ -205,12 +206,12 @@ class FourierEmbedding(nn.Module):
         return torch.cat([x.cos(), x.sin()], dim=1)
 
 
-class _EDMNet(nn.Module):
+class _EDMNet(StepConditioned, nn.Module):
     """The fewstep interface shared by both architectures: labels, step condition, features."""
 
     config: dict
 
-    def _finish(self, step_condition: bool, feature_layer: str | None):
+    def _finish(self, step_condition, feature_layer: str | None):
         self.step_cond = None
         if feature_layer is None:  # the output of the last decoder block, before the output layers
             feature_layer = "dec." + [k for k, b in self.dec.items() if isinstance(b, UNetBlock)][-1]
@@ -219,15 +220,14 @@ class _EDMNet(nn.Module):
                                f"(e.g. {', '.join('dec.' + k for k in list(self.dec)[-3:])})")
         self.config["feature_layer"] = feature_layer
         if step_condition:
-            self.add_step_condition()
+            self.add_step_condition("zero" if step_condition is True else step_condition)
 
-    def add_step_condition(self):
-        """SFD-v's step condition, added to the embedding right after `map_layer1` (before its
-        activation), so for a fixed N it folds into that layer's bias; zero output at first."""
-        if self.step_cond is None:
-            self.step_cond = StepCondition(self.map_layer1.out_features)
-            self.config["step_condition"] = True
-        return self
+    def _step_embedding_layer(self):
+        """The "zero" step condition is added right after `map_layer1` (before its activation)."""
+        return self.map_layer1
+
+    def _step_block_layers(self) -> list:
+        return [b.affine for b in self.modules() if isinstance(b, UNetBlock)]
 
     def _inputs(self, x, t, step, class_labels):
         c = self.config
@@ -240,20 +240,15 @@ class _EDMNet(nn.Module):
                 raise FewstepError(f"this network is class-conditional ({c['num_classes']} classes): pass class_labels")
             labels = torch.as_tensor(class_labels, device=x.device).long().reshape(-1).expand(x.shape[0])
             onehot = F.one_hot(labels, c["num_classes"]).to(torch.float32)
-        if self.step_cond is not None:
-            if step is None:
-                raise FewstepError("this network has a step condition (SFD-v): pass the step count N")
-            step = torch.as_tensor(step, device=x.device).float().reshape(-1).expand(x.shape[0])
-        return t, onehot, step
-
-    def _step_term(self, step):
-        return 0 if self.step_cond is None else self.step_cond(step)
+        return t, onehot, self._step_input(x, step)
 
     def forward(self, x, t, step=None, class_labels=None, return_features=False):
-        if not return_features:
-            return self._forward(x, *self._inputs(x, t, step, class_labels))
-        with FeatureTap(self, self.config["feature_layer"]) as tap:
-            out = self._forward(x, *self._inputs(x, t, step, class_labels))
+        t, onehot, step = self._inputs(x, t, step, class_labels)
+        with self._block_step_context(step):
+            if not return_features:
+                return self._forward(x, t, onehot, step)
+            with FeatureTap(self, self.config["feature_layer"]) as tap:
+                out = self._forward(x, t, onehot, step)
         return out, tap.value
 
 
