@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from fewstep.bench import ALL_METHODS, Bench, BenchSpec, preset
+from fewstep.bench import ALL_METHODS, SOLVER_GRIDS, Bench, BenchSpec, preset
 from fewstep.errors import FewstepError
 from fewstep.report import fmt_time, reading, results_table
 
@@ -16,7 +16,8 @@ def tiny_spec(teacher, **kw):
                 sfddm_steps=[4], sfddm_variants=["trailing/random"], n_samples=200, seeds=[0, 1], ref_nfe=16,
                 sfd_trajectories=512, sfd_batch=128, sfd_lr=1e-3, sfdv_trajectory_factor=1.0,
                 sfd_stage2_trajectory_factor=0.5, sfddm_iters=20, sfddm_batch=64, pd_start_steps=16,
-                pd_iters_per_fold=5, pd_batch=64, curve_points=3, sfddm_long_fraction=0.25, sfddm_long_curve_points=4)
+                pd_iters_per_fold=5, pd_batch=64, curve_points=3, sfddm_long_fraction=0.25, sfddm_long_curve_points=4,
+                sfd_recipe=["grad-clip", "stage2-condition"])
     spec.update(kw)
     return BenchSpec(**spec)
 
@@ -31,17 +32,35 @@ def bench_run(tiny_gmm8_teacher, tmp_path_factory):
 def test_every_method_gets_a_row_with_quality_and_timing(bench_run):
     out, summary = bench_run
     rows = {r["key"]: r for r in summary["rows"]}
-    assert set(rows) == {"data-floor", "teacher-dpmpp2m-16", "ddim-2", "dpmpp2m-2", "dpmpp3m-2", "heun-3", "ipndm-2",
+    assert set(rows) == {"data-floor", "teacher-dpmpp2m-16", "ddim-2", "dpmpp2m-2", "dpmpp3m-2", "heun-2", "ipndm-2",
                          "sfd-2", "sfdv-1_3-1", "sfdv-1_3-3", "sfd-stage2-1", "sfddm-4-trailing-random",
                          "ddim-trailing-4", "progressive-4", "teacher-on-phi-4-trailing-ddpm",
-                         "teacher-on-phi-4-trailing-ddim", "sfddm-4-trailing-random-long"}
+                         "teacher-on-phi-4-trailing-ddim", "sfddm-4-trailing-random-long",
+                         "sfd-2~grad-clip", "sfd-stage2~stage2-condition-1"}
     for key, r in rows.items():
         assert r["quality"]["swd"]["mean"] > 0 and r["quality"]["swd"]["std"] >= 0, key
         assert r["row_wall_s"] > 0, key
         if r["method"] != "data":
             assert r["sample_s_per_1000"] > 0 and r["forward_s_per_1000"] > 0, key
     # NFE is what the sampler really spent, AFS included
-    assert rows["sfd-2"]["nfe"] == 2 and rows["sfd-stage2-1"]["nfe"] == 1 and rows["heun-3"]["nfe"] == 3
+    assert rows["sfd-2"]["nfe"] == 2 and rows["sfd-stage2-1"]["nfe"] == 1 and rows["heun-2"]["nfe"] == 2
+    # the solvers count NFE as the field does (no final denoise), each on its own authors' grid
+    for name in ("ddim", "dpmpp2m", "dpmpp3m", "heun", "ipndm"):
+        r = rows[f"{name}-2"]
+        assert r["final_zero"] is False and r["grid"] == SOLVER_GRIDS[name], name
+    # every row but the references is paired with the teacher's samples from the same noises
+    for key, r in rows.items():
+        if r["method"] in ("data", "teacher"):
+            assert "paired" not in r, key
+        else:
+            p = r["paired"]["rmse"]
+            assert 0 < p["ci_low"] < p["mean"] < p["ci_high"] and r["paired"]["n"] == 400, key
+    # the recipe's other values: the same run with one setting changed
+    assert rows["sfd-2~grad-clip"]["budget"] == rows["sfd-2"]["budget"]
+    clipped = json.loads((out / "models" / "sfd-2~grad-clip" / "config.json").read_text())["train"]
+    assert clipped["grad_clip"] == 1.0
+    assert json.loads((out / "models" / "sfd-2" / "config.json").read_text())["train"]["grad_clip"] is None
+    assert rows["sfd-2~grad-clip"]["trajectory_cache"]["hits"] == 4  # the authors' run's trajectories
     for key in ("sfd-2", "sfdv-1_3-3", "sfddm-4-trailing-random", "progressive-4"):
         assert rows[key]["distill_wall_s"] > 0 and rows[key]["distill_vs_teacher_training"] > 0, key
     # SFD's teacher trajectories go to the bench's cache (SFD-v at another NFE reads none of them)
@@ -65,12 +84,18 @@ def test_outputs_for_people(bench_run):
     assert report.count("4-step chain on the same phi scores DDIM") == 3  # sfddm, its long run, progressive
     table = (out / "results.md").read_text()
     assert table.count("**") == 2 * len({r["nfe"] for r in summary["rows"] if r["method"] not in ("data", "teacher")})
+    assert "~ grad-clip" not in table  # the recipe's other values have their own table
+    assert "## SFD recipe" in report and "| gradient clipping (SFD) | none | norm 1 | 2 |" in report
+    assert "| 1-NFE stage step condition | its own N = 3 | the first stage's mode, N = 7 | 1 |" in report
+    assert (out / "figures" / "sfd-recipe.png").stat().st_size > 1000
+    assert "1-NFE stage / SFD at NFE 2 (SWD; target ≤ 1.3" in report and "SFD at NFE 2 / teacher (SWD" in report
 
 
 def test_rerun_reuses_models_and_rows(bench_run, tiny_gmm8_teacher):
     out, summary = bench_run
     stamps = {p: p.stat().st_mtime_ns for p in list(out.glob("models/**/model.safetensors")) + list(out.glob("rows/*.json"))}
-    assert len(stamps) == 17 + 8  # rows; sfd, sfd-v, stage 2, sfddm and its long run, the progressive chain + 2 folds
+    assert len(stamps) == 19 + 10  # rows; sfd, sfd-v, stage 2, 2 recipe runs, sfddm and its long run, the
+    # progressive chain + 2 folds
     again = Bench(tiny_spec(tiny_gmm8_teacher), out, progress=False).run()
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert [r["quality"] for r in again["rows"]] == [r["quality"] for r in summary["rows"]]

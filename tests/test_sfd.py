@@ -271,6 +271,9 @@ def test_trajectory_cache_misses_on_any_other_input(tiny_gmm8_teacher, tmp_path)
     assert cached and all(torch.equal(a, b) for a, b in zip(first, again))
     assert not method._teacher_states(x + 1e-6, t_grid, positions, None)[2]
     assert not method._teacher_states(x, t_grid * 1.001, positions, None)[2]
+    method.traj.final_orders = "short"  # another rule for the teacher's last steps: another key
+    assert not method._teacher_states(x, t_grid, positions, None)[2]
+    method.traj.final_orders = "always"
     other = SFD(load_checkpoint(tiny_gmm8_teacher), SFDConfig(nfe=[2]), trajectory_cache=tmp_path)
     with torch.no_grad():
         next(other.traj.den.parameters()).view(-1)[0] += 1e-3
@@ -319,3 +322,40 @@ def test_bf16_teacher_is_kept_only_within_its_tolerance(tiny_gmm8_teacher, tmp_p
     assert resumed.traj.precision == "bf16" and resumed.precision_check == loose.precision_check
     with pytest.raises(FewstepError, match="--teacher-precision"):
         SFD(teacher, SFDConfig(teacher_precision="fp16"))
+
+
+def test_teacher_final_orders_follow_the_authors(tiny_gmm8_teacher):
+    """At NFE 3 the teacher's refined grid has 16 steps: the authors' DPM-Solver++(3M) lowers its last two
+    steps there, diffusers' rule does not, so only the last target differs; at NFE 2 (12 steps) both agree."""
+    teacher = load_checkpoint(tiny_gmm8_teacher)
+    x = torch.randn(32, 2)
+    for nfe, last_differs in ((2, False), (3, True)):
+        a, b = (SFD(teacher, SFDConfig(nfe=[nfe], teacher_final_orders=rule)) for rule in ("always", "short"))
+        s_grid, t_grid = a.grids[nfe]
+        ya, _ = a.traj(x * float(s_grid[0]), t_grid, a.positions[nfe])
+        yb, _ = b.traj(x * float(s_grid[0]), t_grid, b.positions[nfe])
+        assert all(torch.equal(u, v) for u, v in zip(ya[:-1], yb[:-1]))
+        assert (not torch.equal(ya[-1], yb[-1])) == last_differs
+
+
+def test_cli_defaults_are_the_authors_recipe(tiny_gmm8_teacher, tmp_path):
+    """No --lr, --grad-clip or --trajectories: Adam 5e-5 (5e-4 for the 1-NFE stage), no clipping, and
+    SFD-v on four times one SFD run's trajectories, the 1-NFE stage on ten times."""
+    import json
+    from fewstep.cli import main
+    from fewstep.distill.sfd import recipe
+
+    assert recipe([2], False) == {"trajectories": 200_000, "lr": 5e-5, "grad_clip": None}
+    assert recipe([2, 3], False)["trajectories"] == 800_000
+    assert recipe([1], True) == {"trajectories": 2_000_000, "lr": 5e-4, "grad_clip": None}
+    main(["distill", "sfd", "--teacher", str(tiny_gmm8_teacher), "--nfe", "1,3", "--iters", "2", "--batch", "8",
+          "--out", str(tmp_path / "v"), "--no-progress"])
+    train = json.loads((tmp_path / "v" / "config.json").read_text())["train"]
+    assert train["lr"] == 5e-5 and train["grad_clip"] is None and train["lr_schedule"] == "step"
+    card = load_checkpoint(tmp_path / "v").card["method"]
+    assert card["step_condition"] == "authors" and card["teacher_final_orders"] == "always"
+    main(["distill", "sfd", "--stage2", "--teacher", str(tmp_path / "v"), "--iters", "1", "--batch", "8",
+          "--out", str(tmp_path / "one"), "--no-progress"])
+    train = json.loads((tmp_path / "one" / "config.json").read_text())["train"]
+    assert train["lr"] == 5e-4 and train["grad_clip"] is None
+    assert load_checkpoint(tmp_path / "one").sampler["step"] == 3  # its own N, as the authors train it

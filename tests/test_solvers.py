@@ -8,7 +8,7 @@ from torch import nn
 from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
 from fewstep.schedule import Schedule, make_grid
-from fewstep.solvers import SOLVERS, afs_direction, solve, steps_for_nfe
+from fewstep.solvers import SOLVERS, afs_direction, dpmpp_orders, solve, steps_for_nfe
 
 MU, S = 0.5, 0.3
 SMAX, SMIN = 80.0, 0.05
@@ -87,6 +87,23 @@ def test_ddpm_is_seeded_and_stochastic(start):
     b = solve("ddpm", exact_denoiser, start.clone(), grid, generator=torch.Generator().manual_seed(1)).x
     c = solve("ddpm", exact_denoiser, start.clone(), grid, generator=torch.Generator().manual_seed(2)).x
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_dpmpp_final_orders(start):
+    """The SFD authors' teacher lowers the last two steps to orders 2 and 1 on every grid; diffusers' rule only
+    on grids of fewer than 15 steps. Below 15 the two are the same solver; at 16 steps only the last two differ."""
+    assert dpmpp_orders(6, 3, "always") == dpmpp_orders(6, 3, "short") == [1, 2, 3, 3, 2, 1]
+    assert dpmpp_orders(16, 3, "always") == [1, 2] + [3] * 12 + [2, 1]
+    assert dpmpp_orders(16, 3, "short") == dpmpp_orders(16, 3, "never") == [1, 2] + [3] * 14
+    assert dpmpp_orders(4, 2, "never") == [1, 2, 2, 2] and dpmpp_orders(4, 2, True) == [1, 2, 2, 1]
+    for n, same in ((12, True), (16, False)):
+        grid = make_grid("polynomial", n + 1, SMIN, SMAX)
+        a = solve("dpmpp3m", exact_denoiser, start.clone(), grid, lower_order_final="always", return_trajectory=True)
+        b = solve("dpmpp3m", exact_denoiser, start.clone(), grid, lower_order_final="short", return_trajectory=True)
+        assert torch.equal(a.x, b.x) == same
+        assert all(torch.equal(u, v) for u, v in zip(a.trajectory[:-2], b.trajectory[:-2]))  # the same until then
+    with pytest.raises(FewstepError, match="lower_order_final"):
+        dpmpp_orders(4, 3, "sometimes")
 
 
 def test_bad_grids_and_names_are_refused(start):

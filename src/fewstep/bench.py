@@ -26,11 +26,11 @@ import torch
 from tqdm.auto import tqdm
 
 import fewstep
-from fewstep.checkpoint import load_checkpoint, read_card, teacher_reference, write_json
+from fewstep.checkpoint import atomic_write, load_checkpoint, read_card, teacher_reference, write_json
 from fewstep.distill.sfd import (SFD, SFD_GRAD_CLIP, SFD_LR, SFDV_TRAJECTORY_FACTOR, STAGE2_LR,
                                  STAGE2_TRAJECTORY_FACTOR, SFDConfig, iterations_for)
 from fewstep.errors import FewstepError
-from fewstep.metrics import evaluate_samples
+from fewstep.metrics import evaluate_samples, mean_interval, paired_values
 from fewstep.sampling import sample, sample_shape
 from fewstep.train import TrainConfig, Trainer
 
@@ -41,6 +41,17 @@ FLOOR_FRACTIONS = (1 / 4, 1 / 3, 1 / 2, 2 / 3, 5 / 6)
 FLOOR_DRAWS = 12
 FLOOR_VERSION = 3
 SOLVER_ROWS = ("ddim", "dpmpp2m", "dpmpp3m", "heun", "ipndm")
+# Each training-free solver on its own authors' grid on a discrete (table) teacher: DDIM uniform in the table
+# index, DPM-Solver++ uniform in logSNR (the DPM-Solver authors' choice for small images), Heun and iPNDM on
+# EDM's rho = 7 grid (as in EDM and the SFD authors' code); a continuous teacher: EDM's grid for all. Like the
+# field's tables they take NFE steps from sigma_max to sigma_min, without a final denoise.
+SOLVER_GRIDS = {"ddim": "uniform", "dpmpp2m": "logsnr", "dpmpp3m": "logsnr", "heun": "polynomial",
+                "ipndm": "polynomial"}
+# bump when a row's measured fields change, so rows cached before are measured again
+ROW_FORMAT = 2
+# along-the-run snapshots are scored on at most this many samples (the first seed's first ones), in the
+# quality metric only: a curve point costs a fraction of a row
+CURVE_SAMPLES = 2000
 DISTILL_ROWS = ("sfd", "sfd-v", "sfd-stage2", "sfddm", "progressive")
 # "data": real samples disjoint from the reference scored like a method's, what a perfect sampler scores
 ALL_METHODS = ("data", "teacher") + SOLVER_ROWS + DISTILL_ROWS
@@ -114,7 +125,7 @@ class BenchSpec:
     pd_batch: int = 64
     pd_lr: float = 1e-4
     seed: int = 0
-    bootstrap: int = 0                                # >0: resamples for 95 % intervals of Fréchet distances
+    fd_intervals: int = 0                             # >0: random halves drawn for 95 % intervals of Fréchet distances
     curve_points: int = 8                             # snapshots along each distillation for quality vs time (0: none)
     sfddm_long_fraction: float = 0.0                  # >0: one more SFDDM run (first T', first variant) of this
                                                       # fraction of the teacher's training iterations
@@ -129,12 +140,12 @@ PRESETS = {
                 sfd_trajectories=64_000, sfd_batch=256, sfd_lr=2e-4, sfddm_batch=256, sfddm_lr=1e-3,
                 pd_start_steps=128, pd_batch=256, pd_lr=3e-4),
     # SFD at 320 iterations of 128 trajectories (a fifth of the authors' 1,563), every SFD recipe setting measured
-    # both ways; 10,000 samples of one seed, Fréchet distances with bootstrap intervals, paired distances to the
+    # both ways; 10,000 samples of one seed, Fréchet distances with 95 % intervals, paired distances to the
     # teacher's samples; every SFDDM variant at T' = 10, the default one at 32 and 128
     "digits": dict(teacher="digits-teacher", data="digits", nfe=[2, 3, 4, 5, 10], sfd_nfe=[2, 3, 4, 5],
                    sfdv_nfe=[2, 3, 4, 5], sfddm_steps=[10, 32, 128],
                    sfddm_variants=["trailing/random", "trailing/teacher", "leading/random", "leading/teacher"],
-                   sfddm_variants_at=[10], n_samples=10_000, seeds=[0], bootstrap=200, ref_nfe=256,
+                   sfddm_variants_at=[10], n_samples=10_000, seeds=[0], fd_intervals=200, ref_nfe=256,
                    sfd_trajectories=40_960, sfd_recipe=list(SFD_RECIPE), pd_start_steps=256),
     # the shipped MNIST 16x16 teacher: SFD at 64 iterations of 128 (a 24th of the authors', about 5 s an iteration
     # here), every recipe setting both ways, one T' for SFDDM plus its long run
@@ -142,7 +153,7 @@ PRESETS = {
                   methods=["data", "teacher", "ddim", "dpmpp3m", "ipndm", "sfd", "sfd-v", "sfd-stage2", "sfddm",
                            "progressive"],
                   nfe=[2, 3, 4, 5, 10], sfd_nfe=[2, 3, 4, 5], sfdv_nfe=[2, 3, 4, 5], sfddm_steps=[10],
-                  sfddm_variants=["trailing/random"], n_samples=10_000, seeds=[0], bootstrap=200, ref_nfe=100,
+                  sfddm_variants=["trailing/random"], n_samples=10_000, seeds=[0], fd_intervals=200, ref_nfe=100,
                   sfd_trajectories=8_192, sfd_recipe=list(SFD_RECIPE), pd_start_steps=256, curve_points=6,
                   sfddm_long_fraction=0.25),
     # SFD at batch 64: the same 150 iterations as batch 128 on half the trajectories, in 58 % of the time with the
@@ -195,6 +206,13 @@ def forward_seconds(den, n: int, nfe: int, batch_size: int, shape: tuple, sigma:
     return (time.perf_counter() - t0) * nfe / rounds
 
 
+def _save_array(path: Path, array: np.ndarray) -> None:
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+    atomic_write(path, write)
+
+
 def _mean_and_spread(per_seed: list[dict]) -> dict:
     """{metric: {mean, std over seeds}} from one metrics dict per sample seed (sizes left out)."""
     quality = {}
@@ -241,9 +259,11 @@ class Bench:
                          "sampler": s.ref_sampler, "model": None})
         for name in SOLVER_ROWS:
             if name in s.methods:
-                # Heun: 2 evaluations a step plus a final denoise, so odd NFEs only (an even one rounds up)
-                for n in sorted({n + 1 - n % 2 for n in s.nfe}) if name == "heun" else s.nfe:
-                    rows.append({"key": f"{name}-{n}", "method": name, "nfe": n, "sampler": name, "model": None})
+                grid = self.solver_grid(name)
+                # Heun: 2 evaluations a step, so even NFEs only (an odd one rounds up)
+                for n in sorted({n + n % 2 for n in s.nfe}) if name == "heun" else s.nfe:
+                    rows.append({"key": f"{name}-{n}", "method": name, "nfe": n, "sampler": name, "grid": grid,
+                                 "final_zero": False, "model": None})
         if "sfd" in s.methods:
             sfd_nfe = s.sfd_nfe if s.sfd_nfe is not None else sfd_nfe_for(s.nfe)
             rows += [{"key": f"sfd-{n}", "method": "sfd", "nfe": n, "model": f"sfd-{n}"} for n in sfd_nfe]
@@ -279,6 +299,9 @@ class Bench:
                              "model": f"{self.progressive_chain()}/fold-{T}"})
                 rows += [r for r in self.ceiling_rows(T, ["trailing"]) if r["key"] not in {x["key"] for x in rows}]
         return rows
+
+    def solver_grid(self, name: str) -> str:
+        return SOLVER_GRIDS[name] if self.teacher.denoiser.schedule.is_discrete else "polynomial"
 
     def recipe_rows(self) -> list[dict]:
         """For each SFD recipe setting the spec names, the run with the other value: its model is the row's
@@ -477,10 +500,12 @@ class Bench:
         return out
 
     def cost_curve(self, row: dict, ckpt, kw: dict) -> list[dict]:
-        """Quality (first sample seed) against distillation wall time along the run: the snapshots the
-        training wrote (SFD, SFD-v at the row's NFE, stage 2, SFDDM) or, for progressive distillation,
-        each fold's final student at its own step count, down to the row's."""
+        """Quality against distillation wall time along the run (the quality metric on the first seed's first
+        CURVE_SAMPLES samples): the snapshots the training wrote (SFD, SFD-v at the row's NFE, stage 2, SFDDM)
+        or, for progressive distillation, each fold's final student at its own step count, down to the row's."""
         seed = self.spec.seeds[0]
+        n = min(self.spec.n_samples, CURVE_SAMPLES)
+        noise = self.noise[seed][:n]
         points = []
         if row["method"] == "progressive":
             chain = self.model_dir(self.progressive_chain())
@@ -490,8 +515,9 @@ class Bench:
                 if f["student_steps"] < row["nfe"]:
                     break
                 fold = load_checkpoint(chain / f.get("dir", f"fold-{f['student_steps']}"), device=self.device)
-                x = sample(fold, self.spec.n_samples, seed=seed, noise=self.noise[seed], progress=False)
-                points.append({"wall_s": wall, "nfe": f["student_steps"], "quality": self._score(x, seed)})
+                x = sample(fold, n, seed=seed, noise=noise, progress=False)
+                points.append({"wall_s": wall, "nfe": f["student_steps"], "n": n,
+                               "quality": self._score_curve_point(x, seed)})
             return points
         from safetensors.torch import load_file
         path = self.model_dir(row["model"])
@@ -504,9 +530,9 @@ class Bench:
         for e in tqdm(entries, desc=f"  {row['key']}: quality along the run", unit="snapshot", leave=False,
                       disable=not self.progress):
             snap.denoiser.net.load_state_dict(load_file(path / "snapshots" / e["file"]))
-            x = sample(snap, self.spec.n_samples, seed=seed, noise=self.noise[seed], progress=False, **kw)
-            points.append({"wall_s": offset + float(e["wall_s"]), "step": e["step"], "nfe": row["nfe"],
-                           "quality": self._score(x, seed)})
+            x = sample(snap, n, seed=seed, noise=noise, progress=False, **kw)
+            points.append({"wall_s": offset + float(e["wall_s"]), "step": e["step"], "nfe": row["nfe"], "n": n,
+                           "quality": self._score_curve_point(x, seed)})
         return points
 
     def distill_seconds(self, row: dict, card: dict) -> float:
@@ -539,6 +565,8 @@ class Bench:
         kw = {"nfe": row["nfe"], "sampler": row["sampler"]}
         if row.get("trailing"):  # DDIM on the teacher's own steps at the SFDDM index set
             kw["grid"] = "discrete"
+        if row.get("grid"):
+            kw.update(grid=row["grid"], final_zero=row["final_zero"])
         return self.teacher, kw, None
 
     def evaluate(self, row: dict) -> dict:
@@ -560,7 +588,7 @@ class Bench:
         if row["method"] == "data":
             return self._evaluate_data(row, cache, made_from, t0)
         ckpt, kw, step = self._sampling_plan(row)
-        per_seed, seconds, preview = [], None, None
+        per_seed, seconds, preview, pairs = [], None, None, {}
         for seed in self.spec.seeds:
             with self._sampling_bar(row, ckpt, seed):
                 x, info = sample(ckpt, self.spec.n_samples, seed=seed, noise=self.noise[seed], progress=False,
@@ -568,6 +596,11 @@ class Bench:
             if preview is None:
                 preview, seconds = x, info["seconds"]
                 nfe, sigma0 = info["nfe"], info["sigmas"][0]
+            if row["method"] == "teacher":  # every other row is paired with these samples
+                _save_array(self._teacher_samples_path(seed), x.numpy())
+            elif "teacher" in self.spec.methods:
+                for k, v in paired_values(x, self.teacher_samples(seed), self._paired_classifier()).items():
+                    pairs.setdefault(k, []).append(v)
             per_seed.append(self._score(x, seed))
         fwd = forward_seconds(ckpt.denoiser, self.spec.n_samples, nfe, 500, self.shape, sigma0, step)
         quality = _mean_and_spread(per_seed)
@@ -581,19 +614,53 @@ class Bench:
                   "distill_vs_teacher_training": (distill_s / self.teacher_train_s
                                                   if distill_s and self.teacher_train_s else None),
                   "peak_memory_mb": peak_memory_mb(self.device)}
+        if pairs:
+            result["paired"] = {k: mean_interval(np.concatenate(v)) for k, v in pairs.items()}
+            result["paired"]["n"] = int(sum(len(v) for v in pairs["rmse"]))
         if row.get("model"):
             result["distill_profile"] = self.distill_profile(row, ckpt.card)
             result["trajectory_cache"] = (ckpt.card.get("method") or {}).get("trajectory_cache")
+            result["budget"] = self.budget(row)
             if self.spec.curve_points or row.get("long"):
                 result["cost_curve"] = self.cost_curve(row, ckpt, kw)
-        np.save(self.out / "rows" / f"{row['key']}.npy", preview[:64].numpy())
+        _save_array(self.out / "rows" / f"{row['key']}.npy", preview[:64].numpy())
         result["row_wall_s"] = time.perf_counter() - t0
         write_json(cache, result)
         return result
 
-    def _score(self, x, seed: int, metrics=None) -> dict:
+    def _teacher_samples_path(self, seed: int) -> Path:
+        return self.out / "rows" / f"teacher-samples-seed{seed}.npy"
+
+    def teacher_samples(self, seed: int) -> torch.Tensor:
+        """The teacher reference row's samples from this seed's noises (sampled again where the file is gone
+        or holds another count)."""
+        path = self._teacher_samples_path(seed)
+        if path.is_file():
+            x = torch.from_numpy(np.load(path))
+            if len(x) == self.spec.n_samples:
+                return x
+        ckpt, kw, _ = self._sampling_plan(next(r for r in self.plan() if r["method"] == "teacher"))
+        x = sample(ckpt, self.spec.n_samples, seed=seed, noise=self.noise[seed], progress=False, **kw)
+        _save_array(path, x.numpy())
+        return x
+
+    def _paired_classifier(self):
+        """The classifier whose features the paired distance uses (the shipped one for this data), or None."""
+        if not hasattr(self, "_pair_clf"):
+            from fewstep.featnet import available_classifiers, load_classifier
+            res = self.spec.resolution or (None if self.is_toy else self.shape[-1])
+            self._pair_clf = (load_classifier(self.spec.data, res) if (self.spec.data, res) in available_classifiers()
+                              else None)
+        return self._pair_clf
+
+    def _score(self, x, seed: int, metrics=None, intervals: int | None = None) -> dict:
         return evaluate_samples(x, self.spec.data, resolution=self.spec.resolution, seed=seed,
-                                split_seed=self.split_seed, reference=self.spec.reference, metrics=metrics)
+                                split_seed=self.split_seed, reference=self.spec.reference, metrics=metrics,
+                                intervals=self.spec.fd_intervals if intervals is None else intervals)
+
+    def _score_curve_point(self, x, seed: int) -> dict:
+        """A point along a run: the quality metric alone, no interval."""
+        return self._score(x[:CURVE_SAMPLES], seed, metrics=self.quality_key.split("_")[0], intervals=0)
 
     @contextlib.contextmanager
     def _sampling_bar(self, row: dict, ckpt, seed: int):
@@ -616,7 +683,11 @@ class Bench:
         if row["method"] == "data":
             return {"data": self.spec.data, "resolution": self.spec.resolution, "reference": self.spec.reference,
                     "floor": FLOOR_VERSION}
-        made = {"teacher": self.teacher_card.get("weights_sha256"), "reference": self.spec.reference}
+        made = {"teacher": self.teacher_card.get("weights_sha256"), "reference": self.spec.reference,
+                "format": ROW_FORMAT, "fd_intervals": self.spec.fd_intervals,
+                "paired": "teacher" in self.spec.methods and row["method"] != "teacher"}
+        if row.get("grid"):
+            made["sampling"] = {"grid": row["grid"], "final_zero": row["final_zero"]}
         if row.get("model"):
             try:
                 made["model"] = read_card(self.model_dir(row["model"])).get("weights_sha256")
@@ -658,7 +729,7 @@ class Bench:
                 x = pool[torch.randperm(len(pool), generator=gen)[:n]]
             else:
                 x = pool
-            q = self._score(x, seed)
+            q = self._score(x, seed, intervals=0)  # an interval of the real samples' own distance says nothing here
             if pool is not None and len(pool) < n:
                 q.update(self._extrapolated_floor(pool, q, seed, gen))
                 floor.update(extrapolated=[k for k in ("fcd", "fid") if k in q], to_n=n,
@@ -674,7 +745,7 @@ class Bench:
                   "seeds": s.seeds, "floor": floor, "sample_s_per_1000": None,
                   "forward_s_per_1000": None, "sampler_overhead": None, "distill_wall_s": None,
                   "distill_vs_teacher_training": None, "peak_memory_mb": None}
-        np.save(self.out / "rows" / f"{row['key']}.npy", preview[:64].numpy())
+        _save_array(self.out / "rows" / f"{row['key']}.npy", preview[:64].numpy())
         result["row_wall_s"] = time.perf_counter() - t0
         write_json(cache, result)
         return result
@@ -692,7 +763,7 @@ class Bench:
         for k in self._floor_sizes(len(pool)):
             for _ in range(1 if k == len(pool) else FLOOR_DRAWS):
                 q = full if k == len(pool) else self._score(pool[torch.randperm(len(pool), generator=gen)[:k]],
-                                                            seed, metrics=",".join(keys))
+                                                            seed, metrics=",".join(keys), intervals=0)
                 ks.append(k)
                 for key in keys:
                     vals[key].append(q[key])
@@ -731,6 +802,9 @@ class Bench:
         summary = {"spec": asdict(self.spec), "environment": env, "teacher": {
             "path": str(self.teacher.path), "training_wall_s": self.teacher_train_s,
             "card_method": self.teacher_card.get("method")}, "quality_key": self.quality_key,
+            "sfd_recipe": {n: {"label": SFD_RECIPE[n].label, "method": SFD_RECIPE[n].method,
+                               "authors": SFD_RECIPE[n].authors, "other": SFD_RECIPE[n].other}
+                           for n in self.spec.sfd_recipe},
             "rows": results, "bench_wall_s": time.perf_counter() - t0}
         write_json(self.out / "results.json", summary)
         from fewstep.report import write_report

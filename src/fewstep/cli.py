@@ -104,7 +104,8 @@ def cmd_sample(args):
 
     ckpt = load_checkpoint(args.model, device=pick_device(args.device))
     x, info = sample(ckpt, args.n, seed=args.seed, nfe=args.nfe, sampler=args.sampler, grid=args.grid,
-                     rho=args.rho, batch_size=args.batch, return_info=True, class_label=args.class_label)
+                     rho=args.rho, batch_size=args.batch, return_info=True, class_label=args.class_label,
+                     final_zero=args.final_denoise)
     if args.out:
         out = Path(args.out)
         from fewstep.checkpoint import atomic_write
@@ -245,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grid", dest="grid", default=None, choices=list(GRID_KINDS),
                    help="σ grid family (default: the card's)")
     s.add_argument("--rho", type=A.positive, default=None)
+    s.add_argument("--final-denoise", action=argparse.BooleanOptionalAction, default=None,
+                   help="end with a denoise from the smallest noise level to 0, one of the NFE (default: the card's; "
+                        "the field's tables count NFE without it)")
     s.add_argument("--out", default=None, help="write samples to this .npz")
     s.add_argument("--png", dest="grid_png", default=None, help="write a picture of the samples (PNG)")
     s.add_argument("--png-n", dest="grid_n", type=A.positive_int, default=64, help="how many samples the picture shows")

@@ -88,6 +88,53 @@ def frechet_distance(feat_a, feat_b) -> float:
     return frechet_from_moments(*feature_moments(feat_a), *feature_moments(feat_b))
 
 
+def frechet_interval(feat, mu_ref, s_ref, resamples: int = 200, seed: int = 0, z: float = 1.96) -> tuple[float, float]:
+    """A 95 % interval of the Fréchet distance of ``feat`` to a fixed reference, from half-samples: the
+    distance is measured on ``resamples`` random halves of the samples (drawn without replacement), whose
+    spread estimates the full set's standard error (for a mean, the variance over halves equals the full
+    set's; Efron's half-sampling), and the interval is the full set's distance ± z of them. The reference's
+    moments stay fixed: its finite size is shared by every set scored against it. A plain bootstrap draws
+    samples twice, which biases a Fréchet distance upwards far enough to leave the estimate outside its
+    own interval at a thousand samples."""
+    f = _as_matrix(feat, "features")
+    if resamples < 2 or len(f) < 4:
+        raise FewstepError(f"a Fréchet interval needs at least 2 resamples of at least 4 samples, got {resamples} "
+                           f"of {len(f)}")
+    rng = np.random.default_rng(seed)
+    half = len(f) // 2
+    vals = [frechet_from_moments(*feature_moments(f[rng.permutation(len(f))[:half]]), mu_ref, s_ref)
+            for _ in range(resamples)]
+    centre = frechet_from_moments(*feature_moments(f), mu_ref, s_ref)
+    se = float(np.std(vals, ddof=1))
+    return centre - z * se, centre + z * se
+
+
+def mean_interval(values, level_z: float = 1.96) -> dict:
+    """Mean of per-item values with a normal 95 % interval (mean ± 1.96·sd/√n)."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    if len(v) < 2:
+        raise FewstepError(f"an interval needs at least 2 values, got {len(v)}")
+    half = level_z * v.std(ddof=1) / math.sqrt(len(v))
+    return {"mean": float(v.mean()), "ci_low": float(v.mean() - half), "ci_high": float(v.mean() + half)}
+
+
+def paired_values(samples: torch.Tensor, reference: torch.Tensor, classifier=None) -> dict:
+    """Per-pair distances between samples and reference samples drawn from the same initial noises (a
+    student and its teacher): ``rmse``, the RMS pixel difference (both clamped to [-1, 1]), and with a
+    classifier ``feature_l2``, the L2 distance of its penultimate features. No reference set is involved,
+    so the spread over pairs is small and a few thousand pairs tell recipes apart."""
+    a, b = _check_samples(samples), _check_samples(reference)
+    if a.shape != b.shape:
+        raise FewstepError(f"paired samples: shapes {tuple(a.shape)} and {tuple(b.shape)} differ; expected the "
+                           "same noises through both models")
+    a, b = a.clamp(-1.0, 1.0), b.clamp(-1.0, 1.0)
+    out = {"rmse": (a - b).double().square().flatten(1).mean(1).sqrt().numpy()}
+    if classifier is not None and a.dim() == 4:
+        fa, fb = classifier_features(a, classifier)[0], classifier_features(b, classifier)[0]
+        out["feature_l2"] = np.linalg.norm(fa.astype(np.float64) - fb.astype(np.float64), axis=1)
+    return out
+
+
 # ----------------------------------------------------------------------------- KID
 
 
@@ -353,10 +400,18 @@ class _Scores:
         self.values[key] = float(value)
         self.about[key] = {"space": space, "n": self.n, "n_ref": self.n_ref, **extra}
 
-    def distribution(self, feats, ref, space: str, suffix: str, wanted, fd_key: str | None = None):
-        """Fréchet distance, KID and k-NN precision/recall of ``feats`` against ``ref`` in one space."""
+    def distribution(self, feats, ref, space: str, suffix: str, wanted, fd_key: str | None = None, intervals: int = 0):
+        """Fréchet distance (with an interval from ``intervals`` random halves when > 0), KID and k-NN precision/recall of
+        ``feats`` against ``ref`` in one space."""
         if fd_key and _want(wanted, fd_key):
-            self.put(fd_key, frechet_distance(feats, ref), space)
+            ref_moments = feature_moments(ref)
+            self.put(fd_key, frechet_from_moments(*feature_moments(feats), *ref_moments), space)
+            if intervals:
+                lo, hi = frechet_interval(feats, *ref_moments, resamples=intervals, seed=self.seed)
+                how = {"resamples": intervals, "level": 0.95, "method": "the distance ± 1.96 standard errors, "
+                       "estimated from random halves of the samples (reference fixed)"}
+                self.put(f"{fd_key}_ci_low", lo, space, **how)
+                self.put(f"{fd_key}_ci_high", hi, space, **how)
         if _want(wanted, "kid"):
             mean, std = kid(ref, feats, seed=self.seed)
             self.put("kid" + suffix, mean, space, unit=KID_UNIT)
@@ -386,6 +441,7 @@ def evaluate_samples(
     reference: str = "train",
     metrics=None,
     inception=None,
+    intervals: int = 0,
 ) -> dict:
     """Score generated samples against a data set. Works for every data shape: some numbers always apply.
 
@@ -400,6 +456,9 @@ def evaluate_samples(
     randomness (KID subsets, SWD directions, the toy reference draw, the ``n_ref`` subset), so repeated
     evaluations with several seeds measure their spread. Compare numbers only at equal ``n`` and
     ``n_ref``: the Fréchet distance is biased upwards by roughly ``c / n``.
+
+    ``intervals`` > 0 adds a 95 % interval to each Fréchet distance (``fcd_ci_low`` / ``fcd_ci_high``, and so
+    for ``fid``) from that many random halves of the samples, the reference fixed (see ``frechet_interval``).
 
     ``metrics``: ``None`` for every metric that applies, or some of ``METRICS`` (a metric asked for
     that cannot be computed is an error saying what it needs). Images (clamped to [-1, 1] first, as
@@ -514,7 +573,7 @@ def evaluate_samples(
         space = f"{where}, penultimate features ({meta['architecture'].get('feature_dim', 128)}-d)"
         feats, probs = classifier_features(x, model)
         ref_feats = ref_features(lambda t: classifier_features(t, model)[0], meta["weights_sha256"][:16])
-        scores.distribution(feats, ref_feats, space, "", wanted, fd_key="fcd")
+        scores.distribution(feats, ref_feats, space, "", wanted, fd_key="fcd", intervals=intervals)
         if _want(wanted, "fcd"):
             p_mean = probs.mean(0)
             scores.put("class_entropy", -(p_mean * np.log(np.clip(p_mean, 1e-300, None))).sum(), space,
@@ -527,7 +586,7 @@ def evaluate_samples(
         space, net_tag = inception_description(weights)
         feats = inception_features(x, weights)
         ref_feats = ref_features(lambda t: inception_features(t, weights), net_tag)
-        scores.distribution(feats, ref_feats, space, "_inception", wanted, fd_key="fid")
+        scores.distribution(feats, ref_feats, space, "_inception", wanted, fd_key="fid", intervals=intervals)
 
     if wanted:
         missing = [m for m in sorted(wanted) if not any(k == m or k.startswith(m + "_") or

@@ -19,17 +19,33 @@ LABELS = {"data": "data floor (real samples)", "teacher": "teacher (reference)",
           "teacher-on-phi": "teacher on phi (ceiling)"}
 
 
+GRID_NAMES = {"uniform": "time-uniform", "logsnr": "logSNR", "polynomial": "EDM ρ=7", "discrete": "the table's steps"}
+
+
 def row_label(r: dict) -> str:
     label = LABELS.get(r["method"], r["method"])
     if r["method"] == "sfddm":
         label += f" ({r['variant']}{', long run' if r.get('long') else ''})"
     if r.get("trailing"):
         label += " (trailing steps)"
+    if r.get("grid"):
+        label += f", {GRID_NAMES.get(r['grid'], r['grid'])} grid"
     if r["method"] == "teacher":
         label += f", {r['sampler']}"
     if r["method"] == "teacher-on-phi":
         label += f" ({r['index']}, {r['sampler']})"
+    if r.get("recipe"):
+        label += f" ~ {r['recipe']}"
     return label
+
+
+def budget_label(r: dict) -> str:
+    """A distillation's training budget: iterations × batch (per fold for progressive distillation)."""
+    b = r.get("budget")
+    if not b:
+        return "–"
+    text = f"{b['iterations']} × {b['batch']}"
+    return text + " a fold" if r["method"] == "progressive" else text
 
 
 REFERENCE_ROWS = ("data", "teacher")  # rows that set a level to compare with, not candidates for "best"
@@ -41,15 +57,41 @@ def fmt(q: dict | None, digits: int = 3) -> str:
     return f"{q['mean']:.{digits}g} ± {q['std']:.1g}" if q["std"] else f"{q['mean']:.{digits}g}"
 
 
+def interval(quality: dict, key: str) -> tuple[float, float] | None:
+    """A metric's 95 % interval where the row has one (Fréchet distances measured with intervals)."""
+    lo, hi = quality.get(f"{key}_ci_low"), quality.get(f"{key}_ci_high")
+    return (lo["mean"], hi["mean"]) if lo and hi else None
+
+
+def fmt_quality(quality: dict, key: str, digits: int = 3) -> str:
+    """mean ± half its 95 % interval where there is one, else mean ± std over the sample seeds."""
+    ci = interval(quality, key)
+    if ci is None:
+        return fmt(quality.get(key), digits)
+    return f"{quality[key]['mean']:.{digits}g} ± {(ci[1] - ci[0]) / 2:.2g}"
+
+
+def fmt_paired(r: dict, name: str = "rmse") -> str:
+    p = (r.get("paired") or {}).get(name)
+    if not p:
+        return "–"
+    return f"{p['mean']:.3g} ± {(p['ci_high'] - p['ci_low']) / 2:.1g}"
+
+
 def fmt_time(s: float | None) -> str:
     if s is None:
         return "–"
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
 
 
+def main_rows(summary: dict) -> list[dict]:
+    """The rows of the main table and plots: every row but the SFD recipe's other values (see recipe_table)."""
+    return [r for r in summary["rows"] if not r.get("recipe")]
+
+
 def results_table(summary: dict) -> str:
     key = summary["quality_key"]
-    rows = summary["rows"]
+    rows = main_rows(summary)
     toy = key == "swd"
     extra = ["mmd"] if toy else ["kid", "precision", "recall"] if key == "fcd" else ["mmd_pixel", "precision_pixel",
                                                                                    "recall_pixel"]
@@ -62,23 +104,125 @@ def results_table(summary: dict) -> str:
             best[r["nfe"]] = v
     # KID in its own unit (not x10^3): in classifier features its values are large and can be negative
     names = {"kid": "KID (raw units)", "precision": "precision", "recall": "recall"}
-    head = ["method", "NFE", key.upper()] + [names.get(e, e.upper()) for e in extra] + \
-        ["distill time", "× teacher training", "distill overhead", "sample s / 1k", "network s / 1k", "overhead"]
+    paired = any(r.get("paired") for r in rows)
+    head = ["method", "NFE", key.upper()] + (["paired RMSE"] if paired else []) + \
+        [names.get(e, e.upper()) for e in extra] + \
+        ["budget", "distill time", "× teacher training", "distill overhead", "sample s / 1k", "network s / 1k",
+         "overhead"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(rows, key=lambda r: (r["nfe"], r["quality"][key]["mean"])):
-        q = fmt(r["quality"][key])
+        q = fmt_quality(r["quality"], key)
         if r["method"] not in REFERENCE_ROWS and r["quality"][key]["mean"] == best.get(r["nfe"]):
             q = f"**{q}**"
         ratio = r.get("distill_vs_teacher_training")
         seconds = [r.get("sample_s_per_1000"), r.get("forward_s_per_1000")]
         cells = [row_label(r), str(r["nfe"]) if r["method"] != "data" else "–", q] + \
+            ([fmt_paired(r)] if paired else []) + \
             [fmt(r["quality"].get(e)) for e in extra] + [
-            fmt_time(r.get("distill_wall_s")), f"{100 * ratio:.1f} %" if ratio else "–",
+            budget_label(r), fmt_time(r.get("distill_wall_s")), f"{100 * ratio:.1f} %" if ratio else "–",
             f"{prof['overhead']:.2f}×" if (prof := r.get("distill_profile") or {}).get("overhead") else "–",
             *(f"{v:.2f}" if v is not None else "–" for v in seconds),
             f"{r['sampler_overhead']:.2f}×" if r.get("sampler_overhead") else "–"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _better(a: tuple, b: tuple) -> int:
+    """-1 where interval a lies wholly below b, 1 where wholly above, 0 where they overlap."""
+    return -1 if a[1] < b[0] else 1 if a[0] > b[1] else 0
+
+
+def recipe_table(summary: dict) -> str:
+    """Each SFD recipe setting measured both ways, one line per NFE: the run with the authors' value (the
+    bench's own row) against the run with the other value, in the paired distance to the teacher's samples
+    and the quality metric, each with its 95 % interval, and which is lower beyond both intervals."""
+    settings = summary.get("sfd_recipe") or {}
+    key = summary["quality_key"]
+    rows = summary["rows"]
+    own = {(r["method"], r["nfe"]): r for r in rows if r["method"] in ("sfd", "sfd-v", "sfd-stage2")
+           and not r.get("recipe")}
+    head = ["setting", "authors' value", "other value", "NFE", "paired RMSE: authors'", "other",
+            f"{key.upper()}: authors'", "other", "distill time: authors'", "other", "lower beyond the intervals"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        setting = settings.get(r.get("recipe"))
+        base = own.get((r["method"], r["nfe"]))
+        if setting is None or base is None:
+            continue
+        verdicts = []
+        pa, pb = (base.get("paired") or {}).get("rmse"), (r.get("paired") or {}).get("rmse")
+        if pa and pb:
+            verdicts.append(("paired RMSE", _better((pa["ci_low"], pa["ci_high"]), (pb["ci_low"], pb["ci_high"]))))
+        qa, qb = interval(base["quality"], key), interval(r["quality"], key)
+        if qa and qb:
+            verdicts.append((key.upper(), _better(qa, qb)))
+        said = [f"{'authors' if v < 0 else 'other'} ({m})" for m, v in verdicts if v]
+        lines.append("| " + " | ".join([
+            setting["label"], setting["authors"], setting["other"], str(r["nfe"]), fmt_paired(base), fmt_paired(r),
+            fmt_quality(base["quality"], key), fmt_quality(r["quality"], key), fmt_time(base.get("distill_wall_s")),
+            fmt_time(r.get("distill_wall_s")), "; ".join(said) if said else "neither"]) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def sfd_family_table(summary: dict) -> str:
+    """The SFD family with the authors' recipe at each NFE, beside the teacher and the data floor."""
+    key = summary["quality_key"]
+    rows = [r for r in main_rows(summary) if r["method"] in ("data", "teacher", "sfd", "sfd-v", "sfd-stage2")]
+    if not any(r["method"].startswith("sfd") for r in rows):
+        return ""
+    head = ["method", "NFE", key.upper(), "paired RMSE", "budget", "distill time"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in sorted(rows, key=lambda r: (r["method"] not in REFERENCE_ROWS, r["nfe"], r["method"])):
+        lines.append("| " + " | ".join([row_label(r), str(r["nfe"]) if r["method"] != "data" else "–",
+                                        fmt_quality(r["quality"], key), fmt_paired(r), budget_label(r),
+                                        fmt_time(r.get("distill_wall_s"))]) + " |")
+    return "\n".join(lines)
+
+
+def plot_recipe(summary: dict, path: Path) -> bool:
+    """Each recipe line as two points with their 95 % intervals: the authors' value and the other, in the
+    paired RMSE (left) and the quality metric (right)."""
+    table = recipe_table(summary)
+    if not table:
+        return False
+    settings, key = summary["sfd_recipe"], summary["quality_key"]
+    own = {(r["method"], r["nfe"]): r for r in summary["rows"] if not r.get("recipe")}
+    lines = [(r, own[(r["method"], r["nfe"])]) for r in summary["rows"]
+             if r.get("recipe") in settings and (r["method"], r["nfe"]) in own]
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.32 * len(lines) + 1.4), sharey=True)
+    labels = [f"{settings[r['recipe']]['label']}, NFE {r['nfe']}" for r, _ in lines]
+    y = np.arange(len(lines))[::-1]
+    for ax, metric in zip(axes, ("paired RMSE", key.upper())):
+        for which, offset, color, name in ((1, 0.15, "tab:blue", "authors' value"), (0, -0.15, "tab:orange", "other value")):
+            vals, errs = [], []
+            for pair in lines:
+                r = pair[which]
+                if metric == "paired RMSE":
+                    p = (r.get("paired") or {}).get("rmse") or {"mean": np.nan, "ci_low": np.nan, "ci_high": np.nan}
+                    lo, mid, hi = p["ci_low"], p["mean"], p["ci_high"]
+                else:
+                    ci = interval(r["quality"], key) or (np.nan, np.nan)
+                    lo, mid, hi = ci[0], r["quality"][key]["mean"], ci[1]
+                vals.append(mid)
+                errs.append((mid - lo, hi - mid))
+            ax.errorbar(vals, y + offset, xerr=np.array(errs).T, fmt="o", ms=4, capsize=2, color=color, label=name)
+        ax.set_xlabel(f"{metric} (lower is better; bars: 95 % intervals)")
+        ax.grid(alpha=0.3)
+    axes[0].set_yticks(y)
+    axes[0].set_yticklabels(labels, fontsize=8)
+    axes[0].legend(fontsize=8)
+    _savefig(fig, path)
+    plt.close(fig)
+    return True
+
+
+RECIPE_NOTE = ("Each line trains one run twice, with the SFD authors' value of one setting (the bench's own row; "
+               "every default is the authors') and with the other value, everything else equal (same seeds, "
+               "same teacher trajectories). Paired RMSE: the RMS pixel difference between a student's sample and "
+               "the teacher reference's sample from the same noise, mean over the pairs with half its 95 % "
+               "interval; the quality metric with half its 95 % interval. The last column names the value whose "
+               "interval lies wholly below the other's.")
 
 
 PROFILE_NOTE = ("Seconds per iteration (means over the iterations whose floor was measured, one in each "
@@ -137,7 +281,7 @@ def plot_quality_vs_nfe(summary: dict, path: Path):
     plt = _plt()
     key = summary["quality_key"]
     series = defaultdict(list)
-    for r in summary["rows"]:
+    for r in main_rows(summary):
         if r["method"] in REFERENCE_ROWS:
             continue
         series[row_label(r)].append((r["nfe"], r["quality"][key]["mean"], r["quality"][key]["std"]))
@@ -170,7 +314,7 @@ def plot_quality_vs_cost(summary: dict, path: Path):
     and marker, ending in its final score (the larger marker)."""
     plt = _plt()
     key = summary["quality_key"]
-    rows = [r for r in summary["rows"] if r.get("distill_wall_s")]
+    rows = [r for r in main_rows(summary) if r.get("distill_wall_s")]
     panels = [(title, [r for r in rows if r["method"] in methods]) for title, methods in COST_PANELS]
     panels = [p for p in panels if p[1]] or [("distillation", rows)]
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5), sharey=True, squeeze=False)
@@ -203,7 +347,7 @@ def plot_quality_vs_cost(summary: dict, path: Path):
 def sample_grids(summary: dict, out: Path, path: Path, per_row: int = 10):
     """Every method's first samples from the same initial noises, one row (or panel) per method."""
     plt = _plt()
-    rows = sorted(summary["rows"], key=lambda r: (r["method"] not in REFERENCE_ROWS, r["nfe"], r["key"]))
+    rows = sorted(main_rows(summary), key=lambda r: (r["method"] not in REFERENCE_ROWS, r["nfe"], r["key"]))
     arrays = [(r, np.load(out / "rows" / f"{r['key']}.npy")) for r in rows if (out / "rows" / f"{r['key']}.npy").is_file()]
     if not arrays:
         return
@@ -266,7 +410,7 @@ def reading(summary: dict, consistency: dict) -> list[str]:
     numbers that share that offset understate every gap.
     """
     key, K = summary["quality_key"], summary["quality_key"].upper()
-    rows = summary["rows"]
+    rows = main_rows(summary)
     ref = next((r for r in rows if r["method"] == "teacher"), None)
     floor_row = next((r for r in rows if r["method"] == "data"), None)
     floor = floor_row["quality"][key]["mean"] if floor_row else None
@@ -281,8 +425,9 @@ def reading(summary: dict, consistency: dict) -> list[str]:
                      "; the 'over the floor' figures below subtract it.")
         if ref:
             gap, spread = ref["quality"][key]["mean"] - floor_row["quality"][key]["mean"], floor_row["quality"][key]["std"]
-            lines.append(f"- The teacher sits {gap:.3g} above the floor, "
-                         f"{'more' if gap > spread else 'not more'} than the floor's spread ({spread:.2g}).")
+            lines.append(f"- The teacher sits {gap:.3g} above the floor" +
+                         (f", {'more' if gap > spread else 'not more'} than the floor's spread over seeds ({spread:.2g})."
+                          if spread else "."))
 
     def versus(q: float, rq: float) -> str:
         text = f"{q:.3g} = {q / rq:.2f}× the teacher's"
@@ -293,7 +438,8 @@ def reading(summary: dict, consistency: dict) -> list[str]:
     by = {(r["method"], r["nfe"]): r for r in rows if r["method"] != "sfddm"}
     if ref:
         rq = ref["quality"][key]["mean"]
-        lines.append(f"- Teacher reference ({ref['sampler']}, NFE {ref['nfe']}): {K} {fmt(ref['quality'][key])}.")
+        lines.append(f"- Teacher reference ({ref['sampler']}, NFE {ref['nfe']}): {K} {fmt_quality(ref['quality'], key)}.")
+        lines += sfd_targets_reading(rows, key)
         for nfe, factor in ((2, 2.0), (4, 1.5)):
             r = by.get(("sfd", nfe))
             if r:
@@ -348,8 +494,38 @@ def reading(summary: dict, consistency: dict) -> list[str]:
                      f"matched pairs {consistency['psnr_matched']:.2f} dB vs shuffled pairs "
                      f"{consistency['psnr_shuffled']:.2f} dB (higher matched PSNR = the same noise gives the same sample). "
                      "The interpolation figure shows slerp (top row) and linear (bottom row) between seeds 3 and 7.")
-    lines.append("- Spreads are the standard deviation over the sample seeds; differences smaller than about "
-                 "twice the spread are within noise.")
+    if any(interval(r["quality"], key) for r in rows):
+        lines.append("- ± is half a 95 % interval: for Fréchet distances the distance ± 1.96 standard errors "
+                     "estimated from random halves of the samples, for paired distances the normal interval of "
+                     "the mean over the pairs; values whose intervals overlap are not told apart.")
+    else:
+        lines.append("- Spreads are the standard deviation over the sample seeds; differences smaller than about "
+                     "twice the spread are within noise.")
+    return lines
+
+
+def sfd_targets_reading(rows: list, key: str) -> list[str]:
+    """The SFD family against the paper's own ratios (CIFAR-10, FID): SFD-v within 10 % of SFD at each NFE it
+    shares (the paper's SFD-v is better), the 1-NFE stage at most 1.3x SFD at NFE 2, SFD at NFE 2 at most
+    2.3x the teacher."""
+    K = key.upper()
+    q = {(r["method"], r["nfe"]): r["quality"][key]["mean"] for r in rows}
+    teacher = next((r["quality"][key]["mean"] for r in rows if r["method"] == "teacher"), None)
+    lines = []
+    shared = sorted(n for (m, n) in q if m == "sfd-v" and ("sfd", n) in q)
+    if shared:
+        ratios = [(n, q[("sfd-v", n)] / q[("sfd", n)]) for n in shared]
+        lines.append(f"- SFD-v / SFD ({K}; target ≤ 1.10 at every NFE, the paper's 0.94–0.97): " +
+                     ", ".join(f"NFE {n} {v:.2f}" for n, v in ratios) +
+                     f" ({'met' if all(v <= 1.10 for _, v in ratios) else 'not met'}).")
+    if ("sfd-stage2", 1) in q and ("sfd", 2) in q:
+        v = q[("sfd-stage2", 1)] / q[("sfd", 2)]
+        lines.append(f"- 1-NFE stage / SFD at NFE 2 ({K}; target ≤ 1.3, the paper's 1.29): {v:.2f} "
+                     f"({'met' if v <= 1.3 else 'not met'}).")
+    if teacher and ("sfd", 2) in q:
+        v = q[("sfd", 2)] / teacher
+        lines.append(f"- SFD at NFE 2 / teacher ({K}; target ≤ 2.3, the paper's 2.3): {v:.2f} "
+                     f"({'met' if v <= 2.3 else 'not met'}).")
     return lines
 
 
@@ -415,12 +591,28 @@ def separation_reading(rows: list, key: str) -> str | None:
     for i in range(len(found)):
         for j in range(i + 1, len(found)):
             a, b = found[i]["quality"][key], found[j]["quality"][key]
-            gap, spread = abs(a["mean"] - b["mean"]), max(a["std"], b["std"])
-            ok &= gap > spread
-            pairs.append(f"{row_label(found[i])} vs {row_label(found[j])} {gap:.3g} apart "
-                         f"({'>' if gap > spread else '≤'} the larger spread {spread:.2g})")
+            gap = abs(a["mean"] - b["mean"])
+            ia, ib = interval(found[i]["quality"], key), interval(found[j]["quality"], key)
+            if ia and ib:
+                apart = _better(ia, ib) != 0
+                how = "intervals apart" if apart else "intervals overlap"
+            else:
+                spread = max(a["std"], b["std"])
+                apart = gap > spread
+                how = f"{'>' if apart else '≤'} the larger spread {spread:.2g}"
+            ok &= apart
+            pairs.append(f"{row_label(found[i])} vs {row_label(found[j])} {gap:.3g} apart ({how})")
     return (f"- Separation ({key.upper()}, teacher / SFD NFE 2 / DPM-Solver++(3M) NFE 5): " + "; ".join(pairs) +
             f". {'All three told apart.' if ok else 'Not all told apart.'}")
+
+
+def quality_note(summary: dict) -> str:
+    spec = summary["spec"]
+    if spec.get("fd_intervals"):
+        return (f"Quality: {spec['n_samples']} samples of seed{'s' if len(spec['seeds']) > 1 else ''} "
+                f"{', '.join(map(str, spec['seeds']))}, ± half the 95 % interval (Fréchet distances: from "
+                f"{spec['fd_intervals']} random halves of the samples).")
+    return f"Quality: mean ± std over seeds {spec['seeds']}, {spec['n_samples']} samples each."
 
 
 def write_report(out: Path, summary: dict, bench=None) -> Path:
@@ -434,14 +626,18 @@ def write_report(out: Path, summary: dict, bench=None) -> Path:
     plot_quality_vs_nfe(summary, fig / "quality-vs-nfe.png")
     plot_quality_vs_cost(summary, fig / "quality-vs-cost.png")
     sample_grids(summary, out, fig / "samples.png")
+    recipe = recipe_table(summary)
+    if recipe:
+        plot_recipe(summary, fig / "sfd-recipe.png")
     consistency = sfddm_figures(summary, bench, fig) if bench is not None else {}
     env = summary["environment"]
     t = summary["teacher"]
     lines = [f"# fewstep benchmark: {Path(t['path']).name} on {summary['spec']['data']}", "",
              f"fewstep {env['fewstep_version']}, torch {env['torch']}, device {env['device']} "
              f"({env['device_name']}), {env['threads']} threads. Teacher training time: "
-             f"{fmt_time(t.get('training_wall_s'))}. Quality: mean ± std over seeds {summary['spec']['seeds']}, "
-             f"{summary['spec']['n_samples']} samples each.", "", "## Results", "", table, "",
+             f"{fmt_time(t.get('training_wall_s'))}. {quality_note(summary)}", "", "## Results", "", table, "",
+             *(["## SFD recipe: the authors' value of each setting against the other", "", RECIPE_NOTE, "",
+                recipe, "", "![SFD recipe](figures/sfd-recipe.png)", ""] if recipe else []),
              *(["## Distillation time against its network floor", "", PROFILE_NOTE, "", profile, ""] if profile else []),
              "## Reading", "", *reading(summary, consistency), "", "## Figures", "",
              "![quality vs NFE](figures/quality-vs-nfe.png)", "",
@@ -474,6 +670,26 @@ def _differs_from_preset(name: str, spec: dict) -> str:
                      if k in spec and spec[k] != v)
 
 
+def recipe_section(recipes: list) -> list[str]:
+    """docs/results.md's "SFD recipe" section: for each bench with recipe rows, the ablation table and figure,
+    the SFD family beside the teacher, and the paper's ratios."""
+    if not recipes:
+        return []
+    lines = ["## SFD recipe", "",
+             "SFD runs its authors' recipe by default (zju-pi/diff-sampler, `sfd-main`): no gradient clipping, "
+             "SFD-v on four times one SFD run's trajectories with the step condition as a per-block affine, the "
+             "1-NFE stage on ten times at learning rate 5e-4 with a perceptual term on its last step, and a "
+             "DPM-Solver++(3M) teacher whose last two steps drop to orders 2 and 1. Each setting was trained both "
+             "ways on the same seeds and teacher trajectories; the tables below are measured by the presets "
+             "named, whose budgets keep the authors' ratios at a scale a CPU can hold.", "", RECIPE_NOTE, ""]
+    for title, slug, summary in recipes:
+        lines += [f"### {title}", "", f"{quality_note(summary)}", "", recipe_table(summary), "",
+                  f"![{title}: SFD recipe](figures/{slug}-sfd-recipe.png)", "",
+                  "The SFD family with the authors' recipe:", "", sfd_family_table(summary), "",
+                  *sfd_targets_reading(main_rows(summary), summary["quality_key"]), ""]
+    return lines
+
+
 def write_results_doc(benches: dict, out: Path, commands: dict | None = None) -> Path:
     """One page with each bench's table, profile, reading and figures: ``benches`` maps a title (e.g. the
     preset's name) to a bench output folder. The figures are copied next to the page as
@@ -485,14 +701,17 @@ def write_results_doc(benches: dict, out: Path, commands: dict | None = None) ->
     figdir, datadir = out / "figures", out / "data"
     figdir.mkdir(parents=True, exist_ok=True)
     commands = commands or {}
-    lines = ["# fewstep results", "",
+    head = ["# fewstep results", "",
              "Every number below was measured by `fewstep bench` on the machine named in each section; "
              "regenerate this page (and rerun whatever is missing: finished rows are reused) with "
              "`make results`. Quality is the mean ± std over the sample seeds; lower is better for FCD, "
              "KID, SWD and MMD. Each section's raw numbers are in `data/<section>.json` (the bench's "
              "results.json); a section whose bench is not rerun is written again from that file.", ""]
+    sections, recipes = [], []
     for title, bench_dir in benches.items():
         bench_dir = Path(bench_dir)
+        lines = []
+        sections.append(lines)
         lines += [f"## {title}", ""]
         slug = "".join(c if c.isalnum() else "-" for c in title.lower())
         results, kept = bench_dir / "results.json", datadir / f"{slug}.json"
@@ -508,12 +727,14 @@ def write_results_doc(benches: dict, out: Path, commands: dict | None = None) ->
         # the plots are drawn again from the numbers, so they follow the current figure code
         plot_quality_vs_nfe(summary, figdir / f"{slug}-quality-vs-nfe.png")
         plot_quality_vs_cost(summary, figdir / f"{slug}-quality-vs-cost.png")
+        if plot_recipe(summary, figdir / f"{slug}-sfd-recipe.png"):
+            recipes.append((title, slug, summary))
         spec, env, t = summary["spec"], summary["environment"], summary["teacher"]
         lines += [f"Teacher `{Path(t['path']).name}` on {spec['data']}"
                   + (f" at {spec['resolution']}×{spec['resolution']}" if spec.get("resolution") else "")
                   + f"; fewstep {env['fewstep_version']}, torch {env['torch']}, {env['device']} "
-                  f"({env['device_name']}, {env['threads']} threads); {spec['n_samples']} samples per seed, seeds "
-                  f"{spec['seeds']}, reference: the {spec.get('reference', 'train')} split. Wall time of the "
+                  f"({env['device_name']}, {env['threads']} threads); {quality_note(summary)} Reference: the "
+                  f"{spec.get('reference', 'train')} split. Wall time of the "
                   f"{len(summary['rows'])} rows: {fmt_time(sum(r.get('row_wall_s') or 0 for r in summary['rows']))} "
                   f"(distillations included, each counted once); teacher training "
                   f"{fmt_time(t.get('training_wall_s'))}."]
@@ -531,6 +752,7 @@ def write_results_doc(benches: dict, out: Path, commands: dict | None = None) ->
         for name in RESULT_FIGURES:
             if (figdir / f"{slug}-{name}").is_file():
                 lines += [f"![{title}: {name[:-4].replace('-', ' ')}](figures/{slug}-{name})", ""]
+    head += recipe_section(recipes)
     page = out / "results.md"
-    atomic_write(page, lambda p: Path(p).write_text("\n".join(lines)))
+    atomic_write(page, lambda p: Path(p).write_text("\n".join(head + [ln for sec in sections for ln in sec])))
     return page

@@ -43,13 +43,19 @@ def grid_for(denoiser, sampler: str, nfe: int, kind: str = "polynomial", rho: fl
 
 
 def resolve_sampler(ckpt: Checkpoint, nfe: int | None = None, sampler: str | None = None,
-                    grid: str | None = None, rho: float | None = None) -> dict:
-    """The concrete plan for a sampling run: solver name, σ grid, NFE, AFS, clip and step condition."""
+                    grid: str | None = None, rho: float | None = None, final_zero: bool | None = None) -> dict:
+    """The concrete plan for a sampling run: solver name, σ grid, NFE, AFS, clip and step condition.
+
+    `final_zero` (teachers' grids only; None: the card's): end with a denoise from σ_min to 0, which costs one
+    of the NFE. The field's tables count NFE without it (n steps from σ_max to σ_min)."""
     spec = dict(ckpt.sampler)
     name = sampler or spec.get("name", "dpmpp2m")
     afs = bool(spec.get("afs", False))
     clip = spec.get("clip")
     step = None
+    if final_zero is not None and ("grids" in spec or "sigmas" in spec):
+        raise FewstepError("--final-denoise / --no-final-denoise: this model samples on the fixed grid it was "
+                           "distilled for")
     if "grids" in spec:  # SFD-v: one model, a grid per trained NFE
         choices = sorted(int(k) for k in spec["grids"])
         nfe = int(nfe if nfe is not None else spec.get("nfe", choices[0]))
@@ -70,8 +76,8 @@ def resolve_sampler(ckpt: Checkpoint, nfe: int | None = None, sampler: str | Non
     else:
         nfe = int(nfe if nfe is not None else spec.get("nfe", 50))
         kind = grid or spec.get("grid", "polynomial")
-        sigmas = grid_for(ckpt.denoiser, name, nfe, kind, rho or spec.get("rho", 7.0),
-                          final_zero=spec.get("final_zero", True), afs=afs)
+        final_zero = spec.get("final_zero", True) if final_zero is None else final_zero
+        sigmas = grid_for(ckpt.denoiser, name, nfe, kind, rho or spec.get("rho", 7.0), final_zero=final_zero, afs=afs)
         if name == "heun":
             # 2 evaluations per step, 1 for a final step to σ = 0: not every NFE is reachable
             used = 2 * (len(sigmas) - 1) - (1 if float(sigmas[-1]) == 0 else 0)
@@ -119,14 +125,14 @@ def class_labels_for(den, n: int, class_label=None, seed: int = 0) -> tuple[torc
 def sample(ckpt: Checkpoint, n: int, seed: int = 0, nfe: int | None = None, sampler: str | None = None,
            grid: str | None = None, rho: float | None = None, batch_size: int = 500,
            noise: torch.Tensor | None = None, progress: bool = True, return_info: bool = False,
-           class_label=None):
+           class_label=None, final_zero: bool | None = None):
     """Draw n samples with the same seed → the same samples (noise is drawn on the CPU at once).
 
     A class-conditional model samples `class_label` (an int or n labels), or uniform classes."""
     if n < 1:
         raise FewstepError(f"n={n}: expected at least one sample")
     check_memory(n, sample_shape(ckpt.card))
-    plan = resolve_sampler(ckpt, nfe, sampler, grid, rho)
+    plan = resolve_sampler(ckpt, nfe, sampler, grid, rho, final_zero)
     den = ckpt.denoiser
     device = next(den.parameters()).device
     sigmas = plan["sigmas"]

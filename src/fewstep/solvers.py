@@ -129,25 +129,27 @@ def _lower_order_final_mode(value) -> str:
     return mode
 
 
-def _dpmpp(model: Model, x, sigmas, order: int, lower_order_final, clip, return_trajectory) -> SolveResult:
-    """DPM-Solver++ multistep (data prediction) in λ = −log σ, orders 1..3.
-
-    Order warms up from 1; the last steps drop order as `lower_order_final` says (see LOWER_ORDER_FINAL),
-    and a step to σ = 0 is always first order.
-    """
+def dpmpp_orders(n: int, order: int, lower_order_final="short") -> list[int]:
+    """The order of each of n DPM-Solver++ steps: warming up from 1 (only as many earlier estimates as
+    exist), and where `lower_order_final` applies, no more than the steps left, e.g. 1, 2, 3, ..., 3, 2, 1."""
     mode = _lower_order_final_mode(lower_order_final)
+    lower_final = mode == "always" or (mode == "short" and n < 15)
+    return [min(order, i + 1, n - i) if lower_final else min(order, i + 1) for i in range(n)]
+
+
+def _dpmpp(model: Model, x, sigmas, order: int, lower_order_final, clip, return_trajectory) -> SolveResult:
+    """DPM-Solver++ multistep (data prediction) in λ = −log σ, orders 1..3, each step's order from
+    `dpmpp_orders`; a step to σ = 0 is always first order."""
     m, sigmas = _prepare(model, sigmas, x, clip)
     traj = [x] if return_trajectory else None
     n = len(sigmas) - 1
-    lower_final = mode == "always" or (mode == "short" and n < 15)
+    orders = dpmpp_orders(n, order, lower_order_final)
     hist: list[tuple[torch.Tensor, torch.Tensor]] = []  # (x0 estimate, λ) of earlier steps, newest first
     for i in range(n):
         s, s_next = sigmas[i], sigmas[i + 1]
         x0 = m(x, s)
         lam = -s.log()
-        step_order = min(order, i + 1)
-        if lower_final:
-            step_order = min(step_order, n - i)
+        step_order = orders[i]
         if s_next == 0:
             x = x0
         else:
