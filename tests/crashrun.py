@@ -3,14 +3,18 @@
     python crashrun.py '{"at": "iteration", "n": 3, "signal": "kill"}' train --data gmm8 ...
 
 `at`: "iteration" (right after the n-th training iteration, before its log or checkpoint),
-"weights" / "card" / "state" (inside the n-th write of model.safetensors / fewstep.json /
-train_state.pt, after the temp file is written and before it is renamed), or "none".
-`signal`: "kill" (SIGKILL: nothing runs after it) or "int" (SIGINT, as Ctrl-C).
+"optimizer" (just before the n-th optimizer step, inside an iteration), "weights" / "card" / "state"
+(inside the n-th write of model.safetensors / fewstep.json / train_state.pt, after the temp file is
+written and before it is renamed), or "none".
+`signal`: "kill" (SIGKILL: nothing runs after it), "int" (SIGINT, as Ctrl-C), "int2" / "term2" (two
+SIGINTs / SIGTERMs at once: a stop request, then a stop at once). `delay`: seconds to sleep after each
+iteration (to keep a run alive while another process tries its folder).
 """
 import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -18,28 +22,43 @@ import torch
 torch.set_num_threads(1)
 spec = json.loads(sys.argv[1])
 at, n = spec.get("at", "none"), int(spec.get("n", 1))
-sig = signal.SIGKILL if spec.get("signal", "kill") == "kill" else signal.SIGINT
+name = spec.get("signal", "kill")
+sig = {"kill": signal.SIGKILL, "int": signal.SIGINT, "int2": signal.SIGINT, "term2": signal.SIGTERM}[name]
 hits = [0]
+delay = float(spec.get("delay", 0))
 
 
 def hit():
     hits[0] += 1
     if hits[0] == n:
         os.kill(os.getpid(), sig)
+        if name.endswith("2"):
+            os.kill(os.getpid(), sig)
 
 
 import fewstep.checkpoint as checkpoint  # noqa: E402
 import fewstep.train as train  # noqa: E402
 
-if at == "iteration":
+if at == "iteration" or delay:
     class Bar(train.tqdm):
         def update(self, k=1):
             out = super().update(k)
-            hit()
+            if delay:
+                time.sleep(delay)
+            if at == "iteration":
+                hit()
             return out
 
     train.tqdm = Bar
-elif at in ("weights", "card", "state"):
+if at == "optimizer":
+    update = train.StepContext._update
+
+    def _update(self, opt):
+        hit()
+        return update(self, opt)
+
+    train.StepContext._update = _update
+if at in ("weights", "card", "state"):
     target = {"weights": checkpoint.WEIGHTS_NAME, "card": checkpoint.CARD_NAME, "state": checkpoint.STATE_NAME}[at]
     original = checkpoint.atomic_write
 
@@ -51,7 +70,7 @@ elif at in ("weights", "card", "state"):
         return original(path, write_then_maybe_die)
 
     checkpoint.atomic_write = atomic_write
-elif at != "none":
+elif at not in ("none", "iteration", "optimizer"):
     raise SystemExit(f"unknown kill point {at!r}")
 
 from fewstep.cli import main  # noqa: E402

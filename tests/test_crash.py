@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,8 +35,12 @@ COMMANDS = {
 # the 2nd write of a file is the checkpoint after iteration 4 (in progressive distillation: a fold's end)
 EVERYWHERE = [("iteration", 3, "kill"), ("state", 2, "kill"), ("weights", 2, "kill"), ("card", 2, "kill"),
               ("iteration", 2, "int")]
+# two interrupts at once inside an iteration (a stop request, then a stop at once): nothing of that iteration
+# is saved. SFD at NFE 2 takes two optimizer steps an iteration: the 5th is iteration 3's first, after the
+# checkpoint of iteration 2; the 1st is iteration 1's, before any checkpoint (the run then starts again)
+TWICE = [("optimizer", 5, "int2"), ("optimizer", 1, "term2"), ("iteration", 3, "term2")]
 CASES = [(cmd, *point) for cmd in COMMANDS for point in
-         (EVERYWHERE if cmd in ("train", "sfd") else EVERYWHERE[:2])]
+         (EVERYWHERE + TWICE if cmd == "sfd" else EVERYWHERE if cmd == "train" else EVERYWHERE[:2])]
 
 
 def run(spec: dict, argv: list[str], out: Path) -> subprocess.CompletedProcess:
@@ -83,13 +88,14 @@ def crash_runs(tmp_path_factory):
         name, at, n, sig = c
         out = root / f"{name}-{at}-{n}-{sig}"
         killed = run({"at": at, "n": n, "signal": sig}, command(name, first), out)
-        visible_ok = None
+        visible_ok, saved = None, None
         try:
             check_visible_files_are_complete(out)
+            saved = load_train_state(out)["step"] if (out / STATE_NAME).exists() else 0
         except Exception as e:  # reported by the test, with the case's name
             visible_ok = repr(e)
         resumed = run({"at": "none"}, [*command(name, first), "--resume"], out)
-        return c, killed, visible_ok, resumed, out
+        return c, killed, visible_ok, saved, resumed, out
 
     with ThreadPoolExecutor(2) as pool:
         refs = dict(pool.map(reference, COMMANDS))
@@ -101,12 +107,15 @@ def crash_runs(tmp_path_factory):
 @pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c)) for c in CASES])
 def test_killed_and_resumed_run_equals_the_uninterrupted_one(crash_runs, case):
     refs, results = crash_runs
-    killed, visible_ok, resumed, out = results[case]
+    killed, visible_ok, saved, resumed, out = results[case]
     name, at, n, sig = case
-    expected = 130 if sig == "int" else -9  # Ctrl-C: state saved, exit 130; SIGKILL: no chance to do anything
+    expected = -9 if sig == "kill" else 130  # Ctrl-C, SIGTERM: exit 130; SIGKILL: no chance to do anything
     assert killed.returncode == expected, (killed.returncode, killed.stderr[-2000:])
-    if sig == "int":
-        assert "continue with --resume" in killed.stdout + killed.stderr
+    if sig != "kill":
+        assert "--resume" in killed.stdout + killed.stderr and "Traceback" not in killed.stderr
+    if at == "optimizer":  # stopped at once inside an iteration: nothing of it on disk
+        assert "nothing of it was saved" in killed.stderr
+        assert saved == (2 if n == 5 else 0)  # the checkpoint of iteration 2, or none
     assert visible_ok is None, visible_ok
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "Traceback" not in resumed.stderr
@@ -121,14 +130,61 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(crash_runs, case):
         assert steps == sorted(set(steps)), f"{log}: iterations repeated or out of order: {steps}"
 
 
-def test_resume_before_the_first_checkpoint_says_so_and_a_fresh_start_works(tmp_path):
+def test_resume_before_the_first_checkpoint_starts_again_and_equals_the_uninterrupted_run(crash_runs, tmp_path):
+    """A run killed before its first checkpoint left only its config.json: --resume starts it again from
+    iteration 0 (with a note), to the uninterrupted run's bytes; other settings are still refused."""
+    refs, _ = crash_runs
     argv = COMMANDS["train"]
     killed = run({"at": "iteration", "n": 1, "signal": "kill"}, argv, tmp_path / "run")
-    assert killed.returncode == -9
+    assert killed.returncode == -9 and not (tmp_path / "run" / STATE_NAME).exists()
+    other = run({"at": "none"}, [*argv, "--lr", "1e-3", "--resume"], tmp_path / "run")
+    assert other.returncode == 2 and "--lr: now 0.001" in other.stderr and "Traceback" not in other.stderr
     resumed = run({"at": "none"}, [*argv, "--resume"], tmp_path / "run")
-    assert resumed.returncode == 2 and "nothing to resume from" in resumed.stderr
-    assert "Traceback" not in resumed.stderr
-    assert run({"at": "none"}, argv, tmp_path / "run").returncode == 0
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "stopped before its first checkpoint" in resumed.stderr
+    assert final_weights(tmp_path / "run") == refs["train"]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))
+
+
+def test_two_runs_on_one_folder_the_second_is_refused(crash_runs, tmp_path):
+    """A run holds its folder's lock for its life: a second process on the same --out is refused at once,
+    without touching anything, and the first finishes as if alone."""
+    refs, _ = crash_runs
+    argv, out = COMMANDS["sfd"], tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FEWSTEP_NO_NETWORK": "1"}
+    first = subprocess.Popen([sys.executable, str(RUNNER), json.dumps({"at": "none", "delay": 2}), *argv,
+                              "--out", str(out), *LOOP], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "config.json").exists():  # the first run holds the lock by then
+            assert first.poll() is None and time.time() < deadline, first.communicate()
+            time.sleep(0.05)
+        second = run({"at": "none"}, argv, out)
+        assert second.returncode == 2 and "in use by another fewstep process" in second.stderr
+        assert f"pid {first.pid}" in second.stderr and "Traceback" not in second.stderr
+        resumed = run({"at": "none"}, [*argv, "--resume"], out)  # resuming it from elsewhere too
+        assert resumed.returncode == 2 and "in use by another fewstep process" in resumed.stderr
+        assert first.poll() is None  # both were refused while the first still ran
+    finally:
+        stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-2000:]
+    assert final_weights(out) == refs["sfd"]
+
+
+def test_a_folder_holding_a_model_is_never_written_over(tmp_path):
+    """--out naming a folder with a model but no training state (a finished model, a copied or imported
+    one) is refused with and without --resume, and nothing in it changes."""
+    import shutil
+    from fewstep.checkpoint import builtin_models
+    out = tmp_path / "model"
+    shutil.copytree(builtin_models()["gmm8-teacher"], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for extra, message in (([], "already holds a model"), (["--resume"], "holds a model but no training state")):
+        r = run({"at": "none"}, [*COMMANDS["sfd"], *extra], out)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".fewstep.lock"} == before
 
 
 def _torchrun(spec: dict, argv: list[str], out: Path, port: int) -> subprocess.CompletedProcess:

@@ -1,5 +1,7 @@
 """Progressive distillation: grids, the two-step target, one fold on an exact Gaussian, the fold runner."""
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -192,7 +194,7 @@ def test_progressive_runs_every_fold_and_resumes_an_interrupted_one(tmp_path, mo
         if self.student_steps == 2:
             calls["n"] += 1
             if calls["n"] == 3:
-                raise KeyboardInterrupt
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: fold 2 stops after this iteration
         return original(self, ctx, batch, gen)
 
     monkeypatch.setattr(ProgressiveFold, "train_step", interrupting)

@@ -1,5 +1,7 @@
 """SFD: invariants, exact-Gaussian teacher trajectories, and short distillation runs on gmm8."""
 import math
+import os
+import signal
 
 import pytest
 import torch
@@ -169,8 +171,8 @@ def test_resume_equals_uninterrupted_run(tiny_gmm8_teacher, tmp_path):
 
     class InterruptedSFD(SFD):
         def train_step(self, ctx, batch, gen):
-            if ctx.t.step == 5:
-                raise KeyboardInterrupt  # as Ctrl-C would, in the middle of the run
+            if ctx.t.step == 4:
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of the run: it stops after iteration 5
             return super().train_step(ctx, batch, gen)
 
     def run(out, method_cls=SFD, resume=False):

@@ -70,9 +70,52 @@ def atomic_write(path: Path, write_fn) -> None:
         raise
 
 
+LOCK_NAME = ".fewstep.lock"
+
+
+class RunLock:
+    """An exclusive lock on a run folder, held for the run's life: a second process on the same folder is
+    refused at once, and the operating system releases the lock when the holder dies (kill -9 included).
+    The lock file itself stays (removing it could let two processes lock two different files)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.file = None
+
+    def acquire(self) -> "RunLock":
+        f = open(self.folder / LOCK_NAME, "a+")
+        try:
+            import fcntl
+        except ImportError:  # no POSIX locks (Windows): runs are not guarded against each other
+            self.file = f
+            return self
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read(64).strip() or "?"
+            f.close()
+            raise FewstepError(f"{self.folder} is in use by another fewstep process (pid {holder}); wait for it "
+                               "to finish or choose another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        self.file = f
+        return self
+
+    def release(self):
+        if self.file is not None:
+            self.file.close()  # closing drops the lock
+            self.file = None
+
+    __del__ = release
+
+
 def remove_stale_temp_files(folder: Path) -> list[str]:
     """Delete the temp files of atomic writes that a killed process left in `folder` (never read:
-    the file they were meant to replace is still the previous complete version)."""
+    the file they were meant to replace is still the previous complete version). Only the holder of the
+    folder's RunLock may call it: another live process's temp file looks the same."""
     removed = []
     for f in Path(folder).glob(".*.tmp"):
         if f.is_file():

@@ -29,6 +29,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -41,8 +42,8 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from fewstep.checkpoint import (atomic_write, load_train_state, remove_stale_temp_files, save_checkpoint,
-                                save_train_state, write_json)
+from fewstep.checkpoint import (CARD_NAME, STATE_NAME, WEIGHTS_NAME, RunLock, atomic_write, load_train_state,
+                                remove_stale_temp_files, save_checkpoint, save_train_state, write_json)
 from fewstep.errors import FewstepError
 
 
@@ -341,12 +342,38 @@ class Trainer:
                  data: torch.Tensor | None = None, resume: bool = False, run_info: dict | None = None,
                  labels: torch.Tensor | None = None):
         config.validate()
-        if resume:
-            config = _keep_saved_channels_last(config, Path(out_dir))
-        self.method, self.config, self.out_dir = method, config, Path(out_dir)
-        self.run_info = run_info or {}
+        self.out_dir = Path(out_dir)
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
+        self.is_main = self.rank == 0
+        self.lock, created = None, False
+        if self.is_main:  # the folder is this run's alone from here on (released by the OS if the process dies)
+            created = not self.out_dir.exists()
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.lock = RunLock(self.out_dir).acquire()
+        try:
+            self._setup(method, config, data, resume, run_info, labels)
+        except BaseException:
+            self._release()
+            if created and not any(p.name != ".fewstep.lock" for p in self.out_dir.iterdir()):
+                shutil.rmtree(self.out_dir, ignore_errors=True)  # a refused run leaves no folder behind
+            raise
+
+    def _release(self):
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _setup(self, method, config, data, resume, run_info, labels):
+        self.fresh_resume = False
+        if self.is_main:
+            resume = self._check_folder(config, resume, run_info or {})
+        elif resume:  # the other processes of a torchrun follow the same rule as process 0
+            resume = (self.out_dir / STATE_NAME).exists()
+        if resume:
+            config = _keep_saved_channels_last(config, self.out_dir)
+        self.method, self.config = method, config
+        self.run_info = run_info or {}
         if self.world > 1 and not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() and config.device != "cpu" else "gloo"
             dist.init_process_group(backend)
@@ -389,15 +416,45 @@ class Trainer:
         self.step = 0
         self.wall = 0.0
         self.profiler = Profiler(self.device)
-        self.is_main = self.rank == 0
         if config.log == "tensorboard":
             tensorboard_writer()  # a missing extra is reported before anything is written
         self.board = None
         if resume:
             self._resume()
-        elif self.is_main and (self.out_dir / "train_state.pt").exists():
-            raise FewstepError(f"{self.out_dir} already holds a run; pass --resume to continue it "
-                               "or choose another --out")
+
+    def _check_folder(self, config: TrainConfig, resume: bool, run_info: dict) -> bool:
+        """Whether there is a state to resume from; refuses a folder that holds another run or a model.
+        A run killed before its first checkpoint left only its config.json: --resume starts it again from
+        iteration 0 (the same bytes as an uninterrupted run) when its settings are the same."""
+        out = self.out_dir
+        has_state = (out / STATE_NAME).exists()
+        has_model = (out / WEIGHTS_NAME).exists() or (out / CARD_NAME).exists()
+        if not resume:
+            if has_state:
+                raise FewstepError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+            if has_model:
+                raise FewstepError(f"{out} already holds a model; choose another --out (fewstep never writes over "
+                                   "a model)")
+            return False
+        if has_state:
+            return True
+        if has_model:
+            raise FewstepError(f"--resume: {out} holds a model but no training state ({STATE_NAME}): nothing to "
+                               "resume; choose another --out to train again")
+        try:
+            saved = json.loads((out / "config.json").read_text())
+            saved = {"config": saved["train"], "args": saved.get("args") or {}}
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
+            raise FewstepError(f"--resume: {out} holds no run (no {STATE_NAME} and no readable config.json): "
+                               "nothing to resume; start without --resume") from None
+        self.config, self.run_info = config, run_info  # what _changed_settings compares
+        differ = self._changed_settings(saved)
+        if differ:
+            raise FewstepError("--resume: settings differ from the interrupted run's: " + "; ".join(differ))
+        print(f"fewstep: note: {out} was stopped before its first checkpoint; its run starts again from "
+              "iteration 0", file=sys.stderr)
+        self.fresh_resume = True
+        return False
 
     # ---- helpers ---------------------------------------------------------------------------------
     def autocast(self):
@@ -593,10 +650,17 @@ class Trainer:
 
     # ---- the loop --------------------------------------------------------------------------------
     def run(self) -> Path:
+        try:
+            return self._run()
+        finally:
+            self._release()
+
+    def _run(self) -> Path:
         c = self.config
         if self.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            remove_stale_temp_files(self.out_dir)
+            remove_stale_temp_files(self.out_dir)  # under the run's lock: no other process writes here
+            if self.fresh_resume:
+                self._drop_logs_after(0)
             write_json(self.out_dir / "config.json", {"train": asdict(c), **self.run_info,
                                                       "method": self.method.name, "processes": self.world})
         ctx = StepContext(self)
@@ -606,8 +670,10 @@ class Trainer:
         interrupted = False
         # Ctrl-C / SIGTERM only request a stop, taken between iterations: an interrupt that landed
         # after the optimizer step but before the step count moved would make --resume repeat an
-        # update. A second request stops at once.
+        # update. A second request stops at once; if that is inside an iteration, whose weights and
+        # optimizer state may be half updated, nothing is saved (the last checkpoint stays).
         stop: list[int] = []
+        in_iteration = False
 
         def request_stop(signum, frame):
             if stop:
@@ -632,6 +698,7 @@ class Trainer:
                 if stop:
                     interrupted = True
                     break
+                in_iteration = True
                 self.profiler.reset()
                 logged = (self.step + 1) % c.log_every == 0 or self.step + 1 == c.steps
                 # CUDA: a logged iteration's parts wait for the device, so they are its own work
@@ -655,6 +722,7 @@ class Trainer:
                         for be, b in zip(self.ema.buffers(), self.model.buffers()):
                             be.copy_(b)
                 self.step += 1
+                in_iteration = False
                 iteration_s = time.perf_counter() - t0
                 self.wall += iteration_s
                 bar.update(1)
@@ -678,6 +746,12 @@ class Trainer:
             bar.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        if interrupted and in_iteration:
+            self._close_board()
+            if self.is_main:
+                print(f"\nstopped at once inside iteration {self.step + 1}; nothing of it was saved, and --resume "
+                      "continues from the last checkpoint", file=sys.stderr)
+            raise SystemExit(130)
         self.save(final=not interrupted)
         if interrupted:
             self._close_board()
