@@ -2,7 +2,7 @@
 
     python scripts/ship_teacher.py RUN_DIR NAME [--nfe 256] [--sampler dpmpp2m] [--n 1000]
 
-The card keeps the exact training command, seed and wall time the run recorded, and gains a
+The card keeps the training command (its --out as runs/NAME), seed and wall time the run recorded, and gains a
 "quality" section: the teacher's own metrics (at --nfe, default 256) against the training split.
 """
 from __future__ import annotations
@@ -37,6 +37,9 @@ def main():
     if not tr.get("finished"):
         tr["note"] = (f"stopped by the user at iteration {tr.get('iterations')} (Ctrl-C / SIGTERM saves state); "
                       "these are the EMA weights at that point")
+    if tr.get("command"):  # the machine it was trained on is nobody's business: the run folder, relative
+        tr["command"] = tr["command"].replace(f"--out {Path(args.run_dir).resolve()}", f"--out runs/{args.name}")
+        tr["command"] = tr["command"].replace(f"--out {args.run_dir}", f"--out runs/{args.name}")
     card["quality"] = {"sampler": args.sampler, "nfe": info["nfe"], "n": args.n, "seed": 0,
                        "reference": metrics["reference"],
                        **{k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()

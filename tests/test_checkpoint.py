@@ -1,4 +1,5 @@
 """Checkpoint format: round trips, integrity checks, clear errors, atomic writes, no unpickling."""
+import errno
 import json
 import re
 import shutil
@@ -140,8 +141,17 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
         Path(p).write_bytes(b"half of the")
         raise RuntimeError("disk full")
 
-    with pytest.raises(RuntimeError, match="disk full"):
+    # a refused write is one clear error naming the file (torch.save reports one as RuntimeError)
+    with pytest.raises(FewstepError, match=r"could not write .*out.bin \(disk full\)"):
         atomic_write(target, bad_writer)
+    assert list(tmp_path.iterdir()) == []
+
+    def no_space(p):
+        Path(p).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(FewstepError, match=r"out.bin \(No space left on device\); its earlier version"):
+        atomic_write(target, no_space)
     assert list(tmp_path.iterdir()) == []
     # an existing file survives a failed rewrite untouched
     target.write_bytes(b"old")
@@ -167,9 +177,16 @@ class _Payload:
 def test_train_state_is_never_unpickled(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"step": 3, "model": {}, "payload": _Payload(str(marker))}, tmp_path / STATE_NAME)
-    with pytest.raises(FewstepError, match="unreadable"):
+    with pytest.raises(FewstepError) as e:
         load_train_state(tmp_path)
+    # one line, naming what it refused, with advice that works (never torch's "retry with weights_only=False")
+    message = str(e.value)
+    assert "it names io.open" in message and "cannot be resumed; train again in another --out" in message
+    assert "weights_only" not in message and len(message.splitlines()) == 1
     assert not marker.exists()
+    (tmp_path / STATE_NAME).write_bytes(b"\x00garbage, not a zip")
+    with pytest.raises(FewstepError, match="cannot be read .*so this run cannot be resumed"):
+        load_train_state(tmp_path)
     # plain tensors and containers load fine
     torch.save({"step": 3, "model": {"w": torch.ones(2)}, "betas": (0.9, 0.99)}, tmp_path / STATE_NAME)
     assert load_train_state(tmp_path)["step"] == 3

@@ -121,11 +121,14 @@ def test_solvers_equal_diffusers_schedulers(folders, imported, name, solver):
 
 
 def test_sfd_v_student_starts_as_its_teacher(imported):
-    """The step condition reaches the UNet's time embedding and starts as an exact no-op."""
+    """The zero kind of step condition reaches the UNet's time embedding and starts as an exact no-op; the
+    authors' kind modulates every resnet block's time projection."""
     from fewstep.distill.sfd import SFD, SFDConfig
 
     teacher = load_checkpoint(imported["v"])
-    method = SFD(teacher, SFDConfig(nfe=[1, 3], m=1))
+    authors = SFD(teacher, SFDConfig(nfe=[1, 3], m=1)).student
+    assert len(authors.net.step_cond.blocks) == len(authors.net._step_block_layers()) > 0
+    method = SFD(teacher, SFDConfig(nfe=[1, 3], m=1, step_condition="zero"))
     student = method.student
     assert student.has_step_condition and student.net.config["step_condition"]
     x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 5
@@ -327,8 +330,8 @@ def test_export_round_trip_in_a_fresh_process(students, name):
                        "teacher-cos": "dpmpp2m", "teacher-digits": "dpmpp2m"}
     if name in expected_solver:
         assert s["solver"] == expected_solver[name] and s["time_input"]["kind"] == "discrete"
-    if name in ("sfdv", "stage2"):
-        assert s["step_condition"]["folded_into"] == "unet.time_embedding.linear_2.bias"
+    if name in ("sfdv", "stage2"):  # the authors' kind (the default), folded for the exported N: a plain UNet2DModel
+        assert s["step_condition"]["kind"] == "authors" and "per-block time projections" in s["step_condition"]["folded_into"]
     if name in ("gmm8-sfdv", "edm-edm"):
         # fewstep's own networks too: the condition for the exported N is folded, the network takes no step
         assert s["step_condition"]["step"] == len(s["sigmas"]) and "bias" in s["step_condition"]["folded_into"]

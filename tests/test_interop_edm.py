@@ -8,6 +8,7 @@ _init_args, _init_kwargs and the module's __dict__ (torch containers pickle norm
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import math
 import os
@@ -325,8 +326,14 @@ def test_embedded_module_source_is_never_run(tmp_path):
     marker.unlink()
     snap = load_snapshot(pkl)
     assert snap["ema"].class_name == "VEPrecond" and snap["loss_fn"].class_name == "EDMLoss"
-    load_checkpoint(import_edm_snapshot(pkl, tmp_path / "ok"))
+    card = load_checkpoint(import_edm_snapshot(pkl, tmp_path / "ok")).card
     assert not marker.exists()
+    # the stored code is recorded by its hash, so a snapshot whose code was changed is told apart
+    stored = card["source"]["stored_source_sha256"]
+    assert stored["VEPrecond"] == hashlib.sha256(src.encode()).hexdigest() and set(stored) == {"VEPrecond", "SongUNet"}
+    plain = write_snapshot(tmp_path / "plain.pkl", build_edm("VEPrecond", **SONG_NCSNPP)[0])
+    other = load_checkpoint(import_edm_snapshot(plain, tmp_path / "plain")).card["source"]["stored_source_sha256"]
+    assert other["VEPrecond"] != stored["VEPrecond"]
 
 
 def test_a_pickle_cannot_modify_the_functions_it_may_call(tmp_path):
@@ -393,9 +400,9 @@ def test_sfd_sfdv_and_stage2_on_an_edm_teacher(edm_teacher, tmp_path, monkeypatc
     assert card["net"]["type"] == "edm-songunet" and card["method"]["name"] == "sfd"
     assert card["sampler"]["sigmas"][0] == 80.0 and card["sampler"]["sigmas"][-1] == pytest.approx(0.006)
     _samples(tmp_path / "sfd")
-    # SFD-v: the step condition reaches the EDM network, and the student starts as its teacher
+    # SFD-v: the step condition reaches the EDM network; the zero kind starts as its teacher
     teacher = load_checkpoint(ckpt)
-    m = SFD(teacher, SFDConfig(nfe=[2, 3]))
+    m = SFD(teacher, SFDConfig(nfe=[2, 3], step_condition="zero"))
     x, lab = torch.randn(3, 1, 8, 8), torch.tensor([0, 4, 9])
     with torch.no_grad():
         for n in (4, 5):
@@ -403,8 +410,13 @@ def test_sfd_sfdv_and_stage2_on_an_edm_teacher(edm_teacher, tmp_path, monkeypatc
         with torch.no_grad():
             m.student.net.step_cond.fc2.weight.normal_(0, 0.5)  # once trained, N changes the output
         assert not torch.equal(m.student(x, 2.5, step=4, class_labels=lab), m.student(x, 2.5, step=5, class_labels=lab))
+    authors = SFD(teacher, SFDConfig(nfe=[2, 3]))  # the authors' kind: a per-block affine of N on each UNetBlock
+    assert len(authors.student.net.step_cond.blocks) == sum(1 for _ in authors.student.net._step_block_layers())
+    with torch.no_grad():
+        assert not torch.equal(authors.student(x, 2.5, step=4, class_labels=lab),
+                               authors.student(x, 2.5, step=5, class_labels=lab))
     main(["distill", "sfd", "--teacher", str(ckpt), "--nfe", "2,3", "--out", str(tmp_path / "sfdv"), *TRAIN])
-    assert read_card(tmp_path / "sfdv")["net"]["step_condition"] is True
+    assert read_card(tmp_path / "sfdv")["net"]["step_condition"] == "authors"
     _samples(tmp_path / "sfdv", nfe=2)
     _samples(tmp_path / "sfdv", nfe=3)
     main(["distill", "sfd", "--teacher", str(tmp_path / "sfdv"), "--stage2", "--out", str(tmp_path / "s2"), *TRAIN])
@@ -416,7 +428,7 @@ def test_sfdv_on_adm_starts_equal_to_the_teacher(tmp_path):
     from fewstep.distill.sfd import SFD, SFDConfig
     pkl = write_snapshot(tmp_path / "adm.pkl", build_edm("EDMPrecond", "DhariwalUNet", label_dim=K)[0])
     teacher = load_checkpoint(import_edm_snapshot(pkl, tmp_path / "ckpt"))
-    m = SFD(teacher, SFDConfig(nfe=[2, 3]))
+    m = SFD(teacher, SFDConfig(nfe=[2, 3], step_condition="zero"))
     x, lab = torch.randn(2, 1, 8, 8), torch.tensor([2, 7])
     with torch.no_grad():
         assert torch.equal(m.student(x, 0.7, step=4, class_labels=lab), teacher.denoiser(x, 0.7, class_labels=lab))

@@ -103,10 +103,22 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def output_path(text: str) -> str:
+    """A path fewstep writes and records in its JSON files: it must be valid UTF-8 (bytes that are not arrive
+    as surrogates, which no JSON file can hold and no later command could open again)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty value")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"{text.encode('utf-8', 'surrogateescape')!r} is not valid UTF-8; "
+                                         "choose a path of UTF-8 characters") from None
+    return text
+
+
 def folder(text: str) -> str:
     """A folder to create or reuse: anything but an existing file."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("expected a folder path, got an empty value")
+    text = output_path(text)
     if os.path.exists(text) and not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text!r} is a file; expected a folder (new or existing)")
     return text

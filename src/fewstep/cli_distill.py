@@ -367,7 +367,7 @@ def add_interpolate(sub):
                    help="slerp (default), linear, or both (two rows: slerp above linear)")
     p.add_argument("--sampler", default=None, help="override the sampler")
     p.add_argument("--nfe", type=A.nfe, default=None, help="override the NFE")
-    p.add_argument("--out", required=True, help="PNG strip")
+    p.add_argument("--out", required=True, type=A.output_path, help="PNG strip")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_interpolate)
 

@@ -12,7 +12,7 @@ def register(sub):
                                    "with an allow-list unpickler (its embedded code is never run) and rebuilt by "
                                    "fewstep's own implementation of EDM's networks.")
     p.add_argument("source", help="a diffusers folder (model_index.json, or unet/ + scheduler/) or an EDM .pkl")
-    p.add_argument("--out", required=True, help="the checkpoint folder to write")
+    p.add_argument("--out", required=True, type=A.folder, help="the checkpoint folder to write")
     p.add_argument("--feature-layer", default=None,
                    help="name of the sub-module whose output is the network's hidden features (SFDDM's "
                         "feature loss); default: the last decoder block of the architecture")
@@ -24,7 +24,7 @@ def register(sub):
     e.add_argument("model", help="checkpoint folder or built-in name")
     e.add_argument("--format", default="diffusers", choices=["diffusers"])
     e.add_argument("--nfe", type=A.nfe, default=None, help="for an SFD-v model: which of its trained NFEs")
-    e.add_argument("--out", required=True, help="the folder to write")
+    e.add_argument("--out", required=True, type=A.folder, help="the folder to write")
     e.set_defaults(func=cmd_export)
 
 

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -317,17 +319,24 @@ def _read_image_folder(folder: Path, resolution) -> tuple[torch.Tensor, dict]:
 
     images, sizes = [], []
     colour = False
+    deep, transparent = 0, 0
     for f in tqdm(files, desc="reading images", unit="img", disable=len(files) < 1000, leave=False):
         try:
             with Image.open(f) as im:
                 im.load()
-                grey = im.mode in ("1", "L", "LA", "I", "I;16", "F")
-                im = im.convert("L" if grey else "RGB")
+                im, was_deep, had_alpha = _normalise_image(im, f)
+        except FewstepError:
+            raise
         except Exception as e:  # Pillow signals damaged files with many exception types
             raise FewstepError(f"cannot read image file {str(f)!r}: {e}") from None
-        colour |= not grey
+        deep += was_deep
+        transparent += had_alpha
+        colour |= im.mode == "RGB"
         sizes.append(im.size)
         images.append(im)
+    if transparent:
+        print(f"fewstep: note: {transparent} image(s) in {str(folder)!r} have transparency; they were composited "
+              "onto a black background (the alpha channel itself is not kept)", file=sys.stderr)
 
     if resolution is None:
         first = sizes[0]
@@ -341,14 +350,17 @@ def _read_image_folder(folder: Path, resolution) -> tuple[torch.Tensor, dict]:
     mode = "RGB" if colour else "L"
     arrays = []
     for im in images:
-        if im.mode != mode:
+        if im.mode == "F":  # a 16-bit grey image, as floats in [0, 1]
+            if colour:
+                im = Image.merge("RGB", [im.point(lambda v: v * 255).convert("L")] * 3)
+        elif im.mode != mode:
             im = im.convert(mode)  # a grey image in a colour folder: replicate its channel
         if resolution is not None:
             im = _centre_crop_resize(im, int(resolution))
-        arr = np.asarray(im, dtype=np.uint8)
+        arr = np.asarray(im, dtype=np.float32) if im.mode == "F" else np.asarray(im, dtype=np.uint8) / np.float32(255)
         arrays.append(arr[:, :, None] if arr.ndim == 2 else arr)
     stack = np.stack(arrays).transpose(0, 3, 1, 2)
-    x = torch.from_numpy(stack.astype(np.float32) / 127.5 - 1.0)
+    x = torch.from_numpy(np.clip(stack.astype(np.float32) * 2.0 - 1.0, -1.0, 1.0))
     h, w = x.shape[-2:]
     info = {
         "source": str(folder),
@@ -358,7 +370,40 @@ def _read_image_folder(folder: Path, resolution) -> tuple[torch.Tensor, dict]:
     }
     if resolution is not None:
         info["resize"] = "centre-crop to square, Lanczos"
+    if deep:
+        info["sixteen_bit"] = f"{deep} image(s): 0..65535 scaled to [-1, 1]"
+    if transparent:
+        info["transparency"] = f"{transparent} image(s) composited onto black"
     return x, info
+
+
+def _normalise_image(im, path):
+    """(image in mode L, RGB or F, 16-bit?, had transparency?): 16-bit grey (I;16*, I) becomes floats in
+    [0, 1] (mode F), so its full range maps to [-1, 1] instead of saturating at 255; an image with an alpha
+    channel or a transparent palette colour is composited onto black."""
+    from PIL import Image
+    mode = im.mode
+    if mode.startswith("I;16") or mode == "I":
+        arr = np.asarray(im, dtype=np.float64)
+        if arr.min() < 0 or arr.max() > 65535:
+            raise FewstepError(f"image file {str(path)!r}: 32-bit integer values in [{arr.min():g}, {arr.max():g}]; "
+                               "expected 8- or 16-bit images")
+        return Image.fromarray((arr / 65535).astype(np.float32), mode="F"), True, False
+    if mode == "F":
+        raise FewstepError(f"image file {str(path)!r} holds 32-bit floats, whose range is not defined; save it as "
+                           "an 8- or 16-bit image")
+    alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in im.info)
+    grey = mode in ("1", "L", "LA", "La") or (mode in ("P", "PA") and _palette_is_grey(im))
+    if alpha:
+        rgba = im.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        im = Image.alpha_composite(black, rgba)
+    return im.convert("L" if grey else "RGB"), False, alpha
+
+
+def _palette_is_grey(im) -> bool:
+    rgb = np.asarray(im.convert("RGB"))
+    return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
 
 
 def _centre_crop_resize(im, resolution: int):
@@ -377,24 +422,68 @@ _ARRAY_KEYS = ("x", "images", "arr_0")
 _ACCEPTED_SHAPES = "(N, 2) points, or images (N, H, W), (N, H, W, C) or (N, C, H, W) with C in {1, 3}"
 
 
-def _read_array_file(path: Path, resolution) -> tuple[torch.Tensor, dict]:
+def available_memory() -> int | None:
+    """Bytes of memory this process can still take (MemAvailable on Linux, else the physical size)."""
     try:
-        loaded = np.load(path, allow_pickle=False)
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+# an array is converted and scored in a few float32 / float64 copies: refuse one whose declared size times
+# this would not fit, before reading it (a compressed .npz can declare far more than its file size)
+ARRAY_WORK_FACTOR = 6
+
+
+def load_array(path, keys=_ARRAY_KEYS, what: str = "array file") -> tuple[np.ndarray, str | None]:
+    """(array, its key in an .npz or None) from a .npy or .npz file, refused with a clear message if its
+    declared size would not fit in memory with the work done on it, or if it cannot be read."""
+    path = Path(path)
+    try:
+        loaded = np.load(path, allow_pickle=False, mmap_mode="r" if path.suffix == ".npy" else None)
     except Exception as e:  # numpy raises several types for a damaged file
-        raise FewstepError(f"cannot read array file {str(path)!r}: {e}") from None
-    key = None
-    if isinstance(loaded, np.lib.npyio.NpzFile):
-        with loaded:
-            keys = list(loaded.files)
-            if not keys:
-                raise FewstepError(f"array file {str(path)!r} holds no arrays")
-            key = next((k for k in _ARRAY_KEYS if k in keys), keys[0])
-            try:
-                arr = loaded[key]
-            except Exception as e:
-                raise FewstepError(f"cannot read array {key!r} in {str(path)!r}: {e}") from None
-    else:
-        arr = loaded
+        raise FewstepError(f"cannot read {what} {str(path)!r}: {e}") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        _check_fits(loaded.shape, loaded.dtype, f"{what} {str(path)!r}")
+        return np.asarray(loaded), None
+    with loaded:
+        names = list(loaded.files)
+        if not names:
+            raise FewstepError(f"{what} {str(path)!r} holds no arrays")
+        key = next((k for k in keys if k in names), names[0])
+        try:
+            with loaded.zip.open(f"{key}.npy") as member:
+                version = np.lib.format.read_magic(member)
+                header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                          else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = header(member)
+        except Exception as e:  # noqa: BLE001 - a damaged member: numpy raises several types
+            raise FewstepError(f"cannot read array {key!r} in {str(path)!r}: {e}") from None
+        _check_fits(shape, dtype, f"array {key!r} in {str(path)!r}")
+        try:
+            return loaded[key], key
+        except Exception as e:  # noqa: BLE001
+            raise FewstepError(f"cannot read array {key!r} in {str(path)!r}: {e}") from None
+
+
+def _check_fits(shape, dtype, where: str) -> None:
+    need = math.prod(shape) * np.dtype(dtype).itemsize
+    have = available_memory()
+    if have is not None and need * ARRAY_WORK_FACTOR > have:
+        raise FewstepError(f"{where} declares shape {tuple(shape)} ({need / 2**30:.2f} GiB of {np.dtype(dtype)}); "
+                           f"working on it needs about {ARRAY_WORK_FACTOR}x that, more than the "
+                           f"{have / 2**30:.1f} GiB this machine has available; use fewer samples")
+
+
+def _read_array_file(path: Path, resolution) -> tuple[torch.Tensor, dict]:
+    arr, key = load_array(path)
     where = f"array {key!r} in {str(path)!r}" if key else f"array in {str(path)!r}"
     x = array_to_tensor(arr, where)
     info = {"source": str(path)}

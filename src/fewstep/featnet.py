@@ -299,8 +299,13 @@ def load_classifier(dataset_name: str, resolution: int | None = None, path=None)
         weights = d / meta["weights_file"]
         expected = meta["weights_sha256"]
         arch = dict(meta["architecture"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise FewstepError(f"cannot read classifier description {str(d / META_FILE)!r}: {e}") from None
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+        raise FewstepError(f"cannot read classifier description {str(d / META_FILE)!r}: "
+                           f"{e if not isinstance(e, RecursionError) else 'nested too deeply'}") from None
+    # every file a model folder names lies inside it
+    if Path(meta["weights_file"]).is_absolute() or d.resolve() not in weights.resolve().parents:
+        raise FewstepError(f"{str(d / META_FILE)!r} names weights_file {meta['weights_file']!r} outside its folder; "
+                           "a classifier folder's files must lie inside it")
     if not weights.is_file():
         raise FewstepError(f"classifier weights {str(weights)!r} are missing")
     actual = sha256_file(weights)

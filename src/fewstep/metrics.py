@@ -20,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from fewstep.checkpoint import atomic_write
 from fewstep.errors import FewstepError
 
 # MMD costs O(n^2) kernel evaluations; 5000 reference points keep a toy evaluation to seconds.
@@ -351,15 +353,17 @@ def _cached_features(tag: str, x: torch.Tensor, compute, cache_dir) -> np.ndarra
                 feats = z["feats"]
             if feats.shape[0] == len(x):
                 return feats.astype(np.float64)
-        except (OSError, ValueError, KeyError):
-            pass  # a damaged cache entry is recomputed below
+        except Exception:  # noqa: BLE001 - a damaged entry (truncated zip, bad header...) is recomputed below
+            pass
     feats = compute(x)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, feats=feats.astype(np.float32))
+
     try:
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, feats=feats.astype(np.float32))
-        os.replace(tmp, path)
-    except OSError:
+        atomic_write(path, write)
+    except (OSError, FewstepError):
         pass  # an unwritable cache only costs recomputation
     return feats.astype(np.float32).astype(np.float64)  # same precision as a cache hit
 
@@ -653,6 +657,12 @@ def inception_description(weights) -> tuple[str, str]:
 
 
 @torch.no_grad()
+def _feature_batches(n: int, batch_size: int):
+    """Batch starts for Inception features, with a progress bar (minutes on a CPU for a few thousand images)."""
+    return tqdm(range(0, n, batch_size), desc="Inception features", unit="batch", leave=False,
+                disable=n <= batch_size)
+
+
 def inception_features(images: torch.Tensor, weights="default", batch_size: int = 64,
                        device: str = "cpu") -> np.ndarray:
     """Inception-v3 features (N, D) of images (N, C, H, W) in [-1, 1], C in {1, 3} (grey is repeated).
@@ -673,7 +683,7 @@ def inception_features(images: torch.Tensor, weights="default", batch_size: int 
             net = torch.jit.load(str(path), map_location=device).eval()
         except Exception as e:
             raise FewstepError(f"cannot load {str(path)!r} as a TorchScript network: {e}") from None
-        for i in range(0, len(x), batch_size):
+        for i in _feature_batches(len(x), batch_size):
             u8 = ((x[i:i + batch_size] + 1) * 127.5).round().to(torch.uint8)
             out.append(torch.as_tensor(net(u8.to(device), return_features=True)).double().cpu().flatten(1))
         return torch.cat(out).numpy()
@@ -687,7 +697,7 @@ def inception_features(images: torch.Tensor, weights="default", batch_size: int 
             "and in classifier features"
         ) from None
     helper = FidHelper(":default_1", INPUT_RANGE_TF, device=device)
-    for i in range(0, len(x), batch_size):
+    for i in _feature_batches(len(x), batch_size):
         f = helper.extract_feats(x[i:i + batch_size], data_range=[-1, 1], resize_hw=helper.resize_hw,
                                  resample_mode=helper.resample_mode, quant=True)
         out.append(torch.as_tensor(np.asarray(f)).double().flatten(1))

@@ -125,10 +125,11 @@ def class_labels_for(den, n: int, class_label=None, seed: int = 0) -> tuple[torc
 def sample(ckpt: Checkpoint, n: int, seed: int = 0, nfe: int | None = None, sampler: str | None = None,
            grid: str | None = None, rho: float | None = None, batch_size: int = 500,
            noise: torch.Tensor | None = None, progress: bool = True, return_info: bool = False,
-           class_label=None, final_zero: bool | None = None):
+           class_label=None, final_zero: bool | None = None, max_seconds: float | None = None):
     """Draw n samples with the same seed → the same samples (noise is drawn on the CPU at once).
 
-    A class-conditional model samples `class_label` (an int or n labels), or uniform classes."""
+    A class-conditional model samples `class_label` (an int or n labels), or uniform classes.
+    `max_seconds`: after the first batch, refuse a run whose projected time exceeds it."""
     if n < 1:
         raise FewstepError(f"n={n}: expected at least one sample")
     check_memory(n, sample_shape(ckpt.card))
@@ -153,6 +154,13 @@ def sample(ckpt: Checkpoint, n: int, seed: int = 0, nfe: int | None = None, samp
             raise RuntimeError(f"internal NFE mismatch: planned {plan['nfe']}, solver used {r.nfe}")
         out.append(r.x.float().cpu())
         bar.update(len(x))
+        if max_seconds is not None and i == 0 and n > len(x):
+            projected = (time.perf_counter() - t0) * n / len(x)
+            if projected > max_seconds:
+                bar.close()
+                raise FewstepError(f"--n {n}: about {projected / 3600:.1f} hours on this machine (the first "
+                                   f"{len(x)} samples took {time.perf_counter() - t0:.2f} s at NFE {plan['nfe']}); "
+                                   "pass --yes to run it anyway, or draw fewer samples")
     bar.close()
     x = torch.cat(out)
     if not torch.isfinite(x).all():

@@ -141,7 +141,7 @@ def _keep_saved_channels_last(config: TrainConfig, out_dir: Path) -> TrainConfig
     against the saved one like every setting."""
     try:
         saved = json.loads((out_dir / "config.json").read_text())["train"]["channels_last"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return config
     if config.channels_last == TrainConfig.channels_last and saved in ("auto", "on"):
         return replace(config, channels_last=saved)
@@ -555,8 +555,8 @@ class Trainer:
             try:
                 if int(json.loads(line).get("step", 0)) <= step:
                     kept.append(line)
-            except (ValueError, AttributeError):
-                pass  # a line cut short by a kill
+            except (ValueError, AttributeError, TypeError, RecursionError):
+                pass  # a line cut short by a kill (or not a record)
         atomic_write(path, lambda p: Path(p).write_text("".join(f"{line}\n" for line in kept)))
 
     def save(self, final: bool = False):
@@ -584,9 +584,11 @@ class Trainer:
         if path.is_file():
             for line in path.read_text().splitlines():
                 try:
-                    records.append(json.loads(line))
-                except ValueError:
-                    pass
+                    record = json.loads(line)
+                except (ValueError, RecursionError):
+                    continue
+                if isinstance(record, dict):
+                    records.append(record)
         return records
 
     def _measure_floor(self) -> dict:
@@ -658,6 +660,7 @@ class Trainer:
     def _run(self) -> Path:
         c = self.config
         if self.is_main:
+            self.lock.sign()
             remove_stale_temp_files(self.out_dir)  # under the run's lock: no other process writes here
             if self.fresh_resume:
                 self._drop_logs_after(0)

@@ -187,6 +187,8 @@ def _read_json(path: Path, what: str) -> dict:
         raise FewstepError(f"{path}: missing ({what})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FewstepError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise FewstepError(f"{path}: JSON nested too deeply to read") from None
     if not isinstance(d, dict):
         raise FewstepError(f"{path}: expected a JSON object ({what})")
     return d

@@ -13,6 +13,7 @@ The σ range is EDM's sampler default 0.002..80 clipped to the preconditioner's 
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -174,7 +175,10 @@ def denoiser_from_snapshot(obj, feature_layer: str | None = None) -> tuple[Denoi
     source = {"precond": rec.class_name, "model_type": model.class_name, "init_kwargs": init,
               "precond_kwargs": {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
                                  for k, v in opts.items()},
-              "sigma_range": [schedule.sigma_min, schedule.sigma_max]}
+              "sigma_range": [schedule.sigma_min, schedule.sigma_max],
+              # the pickle stores these classes' source code; it is never run (fewstep's own classes replace it)
+              "stored_source_sha256": {r.class_name.rsplit(".", 1)[-1]: r.source_sha256 for r in (rec, model)
+                                       if r.source_sha256}}
     return den, source
 
 
@@ -203,6 +207,10 @@ def import_edm_snapshot(src: Path, out: Path, feature_layer: str | None = None) 
     except FewstepError as e:
         raise FewstepError(f"{src}: {e}") from None
     net = den.net.config
+    stored = source.get("stored_source_sha256") or {}
+    if stored:
+        print(f"fewstep: note: {src.name} stores the source code of {' and '.join(stored)}; it is never run: "
+              "fewstep's own implementation replaces it (the stored code's sha256 is on the card)", file=sys.stderr)
     card = {"method": {"name": "imported"},
             "source": {"format": "edm-snapshot", "path": str(src.resolve()), "sha256": sha256_file(src), **source},
             "sampler": default_sampler(), "teacher": None,

@@ -17,6 +17,7 @@ Anything else is refused with a FewstepError naming `module.name`, before it cou
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import pickle
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from fewstep.checkpoint import plain_load_refusal
 from fewstep.errors import FewstepError
 
 PERSISTENT_HOOK = ("torch_utils.persistence", "_reconstruct_persistent_obj")
@@ -39,6 +41,7 @@ class EDMRecord:
     init_kwargs: dict = field(default_factory=dict)
     state: dict = field(default_factory=dict)
     version: int | None = None
+    source_sha256: str | None = None  # of the source code the pickle stores for the class (never run)
 
 
 class ModuleRecord:
@@ -62,7 +65,9 @@ def _persistent_record(meta) -> EDMRecord:
     if not isinstance(state, dict):
         raise FewstepError(f"EDM snapshot: {meta['class_name']} has a malformed state")
     args, kwargs = state.get("_init_args") or (), state.get("_init_kwargs") or {}
-    return EDMRecord(meta["class_name"], tuple(args), dict(kwargs), state, meta.get("version"))
+    src = meta.get("module_src")
+    digest = hashlib.sha256(src.encode("utf-8", "surrogatepass")).hexdigest() if isinstance(src, str) else None
+    return EDMRecord(meta["class_name"], tuple(args), dict(kwargs), state, meta.get("version"), digest)
 
 
 def _storage_from_bytes(data: bytes):
@@ -71,7 +76,8 @@ def _storage_from_bytes(data: bytes):
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # torch's restricted unpickler raises its own error types
-        raise FewstepError(f"EDM snapshot: a tensor storage could not be read safely ({e})") from None
+        raise FewstepError(f"EDM snapshot: a tensor storage is not plain tensor data ({plain_load_refusal(e)}); "
+                           "nothing from it was run") from None
 
 
 def _np_scalar(dtype, data=None):
