@@ -60,7 +60,10 @@ def atomic_write(path: Path, write_fn) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
-        raise FewstepError(f"cannot write {path}: {e.strerror or e}") from None
+        blocking = next((p for p in path.parents if p.exists()), None)
+        reason = (f"{blocking} is a file, not a folder" if blocking is not None and not blocking.is_dir()
+                  else e.strerror or str(e))
+        raise FewstepError(f"cannot write {path}: {reason}") from None
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
