@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from fewstep.checkpoint import load_checkpoint
+from fewstep.models import load_model
 from fewstep.data import load_dataset
 from fewstep.distill.sfd import SFD, SFDConfig
 from fewstep.train import TrainConfig, Trainer
@@ -40,7 +40,7 @@ def method(name: str, teacher, sfd_setting: dict):
 
 
 def run(name: str, setting: dict, iters: int, data, teacher_name: str) -> list[dict]:
-    teacher = load_checkpoint(teacher_name)
+    teacher = load_model(teacher_name)
     # a setting of SFD's own (teacher_precision) goes to SFD and SFD-v; any other to the training loop
     sfd_keys = {f.name for f in fields(SFDConfig)}
     m, batch = method(name, teacher, {k: v for k, v in setting.items() if k in sfd_keys})

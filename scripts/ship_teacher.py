@@ -11,8 +11,9 @@ import argparse
 import shutil
 from pathlib import Path
 
-from fewstep.checkpoint import ASSETS, CARD_NAME, WEIGHTS_NAME, load_checkpoint, write_json
+from fewstep.checkpoint import CARD_NAME, WEIGHTS_NAME, load_checkpoint, write_json
 from fewstep.metrics import evaluate_samples
+from fewstep.models import ASSETS
 from fewstep.sampling import sample
 
 

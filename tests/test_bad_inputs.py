@@ -17,11 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
-from fewstep.checkpoint import STATE_NAME, WEIGHTS_NAME, builtin_models, load_checkpoint
+from fewstep.checkpoint import STATE_NAME, WEIGHTS_NAME
 from fewstep.cli import main
 from fewstep.data import load_dataset
 from fewstep.errors import FewstepError
 from fewstep.metrics import evaluate_samples
+from fewstep.models import builtin_models, load_model
 from fewstep.sampling import sample
 
 TRAIN = ["train", "--data", "gmm8", "--channels", "32", "--iters", "4", "--batch", "16", "--no-progress"]
@@ -240,7 +241,7 @@ def test_ctrl_c_outside_training_prints_one_line(tmp_path, capsys, monkeypatch, 
 
 
 def test_a_run_projected_past_the_limit_asks_for_yes(capsys):
-    ckpt = load_checkpoint("gmm8-teacher")
+    ckpt = load_model("gmm8-teacher")
     with pytest.raises(FewstepError, match=r"--n 5000: about .* hours .*pass --yes"):
         sample(ckpt, 5000, nfe=4, batch_size=500, progress=False, max_seconds=1e-6)
     assert len(sample(ckpt, 5000, nfe=4, batch_size=500, progress=False, max_seconds=3600)) == 5000

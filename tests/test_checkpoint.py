@@ -9,11 +9,12 @@ import pytest
 import torch
 
 import fewstep
-from fewstep.checkpoint import (CARD_NAME, STATE_NAME, WEIGHTS_NAME, Checkpoint, atomic_write, builtin_models,
-                                load_checkpoint, load_train_state, read_card, save_checkpoint, sha256_file,
-                                teacher_reference, write_json)
+from fewstep.checkpoint import (CARD_NAME, STATE_NAME, WEIGHTS_NAME, Checkpoint, atomic_write, load_checkpoint,
+                                load_train_state, read_card, save_checkpoint, sha256_file, teacher_reference,
+                                write_json)
 from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
+from fewstep.models import builtin_models, load_model
 from fewstep.nets import MLP
 from fewstep.sampling import sample
 from fewstep.schedule import Schedule
@@ -101,7 +102,7 @@ def test_weights_of_another_network_are_refused(tiny_gmm8_teacher, tmp_path):
 
 def test_missing_foreign_and_invalid_checkpoints(tiny_gmm8_teacher, tmp_path):
     with pytest.raises(FewstepError, match="no such checkpoint directory"):
-        load_checkpoint(tmp_path / "nope")
+        load_model(tmp_path / "nope")  # a model argument: resolved by fewstep.models
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "model.safetensors").write_bytes(b"x")
@@ -110,7 +111,7 @@ def test_missing_foreign_and_invalid_checkpoints(tiny_gmm8_teacher, tmp_path):
     a_file = tmp_path / "file.txt"
     a_file.write_text("hi")
     with pytest.raises(FewstepError, match="got a file"):
-        load_checkpoint(a_file)
+        load_model(a_file)
 
     ck = _copy(tiny_gmm8_teacher, tmp_path / "ck")
     (ck / CARD_NAME).write_text('{"format": "fewstep-checkpoint", ')

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fewstep.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fewstep.checkpoint import load_checkpoint, save_checkpoint
 from fewstep.cli import main
 from fewstep.data import load_dataset
 from fewstep.denoiser import Denoiser

@@ -177,7 +177,7 @@ def test_a_folder_holding_a_model_is_never_written_over(tmp_path):
     """--out naming a folder with a model but no training state (a finished model, a copied or imported
     one) is refused with and without --resume, and nothing in it changes."""
     import shutil
-    from fewstep.checkpoint import builtin_models
+    from fewstep.models import builtin_models
     out = tmp_path / "model"
     shutil.copytree(builtin_models()["gmm8-teacher"], out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}

@@ -18,7 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fewstep.checkpoint import CARD_NAME, WEIGHTS_NAME, builtin_models
+from fewstep.checkpoint import CARD_NAME, WEIGHTS_NAME
+from fewstep.models import builtin_models
 from fewstep.cli import main
 
 INTS = ["abc", "1.5", "-1", "0", "nan", "", "1e3", "0x10", "99999999999999999999999"]

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +15,8 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import (DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler,  # noqa: E402
                        UNet2DModel)
 
-from fewstep.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from fewstep.checkpoint import save_checkpoint  # noqa: E402
+from fewstep.models import load_model  # noqa: E402
 from fewstep.cli import main  # noqa: E402
 from test_cli import run  # noqa: E402  (cli.main in-process, returning the exit status)
 from fewstep.errors import FewstepError  # noqa: E402
@@ -60,7 +60,7 @@ def test_import_cards_and_outputs(folders, imported):
     for name, param, table, layout in [("eps", "eps", "linear", "pipeline"), ("v", "v", "linear", "unet+scheduler"),
                                        ("cos", "eps", "squaredcos_cap_v2", "unet")]:
         assert foreign_kind(folders / name) == "diffusers"
-        ck = load_checkpoint(imported[name])
+        ck = load_model(imported[name])
         card = ck.card
         assert card["source"]["format"] == "diffusers" and card["source"]["layout"] == layout
         assert len(card["source"]["sha256"]) == 64 and card["source"]["unet_config"]["sample_size"] == 8
@@ -105,7 +105,7 @@ def test_solvers_equal_diffusers_schedulers(folders, imported, name, solver):
         ref.set_timesteps(8)
         kw = {}
     unet = UNet2DModel.from_pretrained(folders / name / ("" if name == "cos" else "unet")).eval()
-    den = load_checkpoint(imported[name]).denoiser
+    den = load_model(imported[name]).denoiser
     labels = torch.tensor([0, 1, 2, 0]) if name == "cos" else None
     y0 = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     y = _diffusers_loop(ref, unet, y0.clone(), labels, **kw)
@@ -125,7 +125,7 @@ def test_sfd_v_student_starts_as_its_teacher(imported):
     authors' kind modulates every resnet block's time projection."""
     from fewstep.distill.sfd import SFD, SFDConfig
 
-    teacher = load_checkpoint(imported["v"])
+    teacher = load_model(imported["v"])
     authors = SFD(teacher, SFDConfig(nfe=[1, 3], m=1)).student
     assert len(authors.net.step_cond.blocks) == len(authors.net._step_block_layers()) > 0
     method = SFD(teacher, SFDConfig(nfe=[1, 3], m=1, step_condition="zero"))
@@ -146,7 +146,7 @@ def test_sfd_v_student_starts_as_its_teacher(imported):
 
 
 def test_features_default_and_named(imported):
-    den = load_checkpoint(imported["eps"]).denoiser
+    den = load_model(imported["eps"]).denoiser
     x, sigma = torch.randn(2, 1, 8, 8), torch.tensor(2.0, dtype=torch.float64)
     with torch.no_grad():
         out, feats = den.raw(x, sigma, return_features=True)
@@ -250,7 +250,7 @@ def students(folders, imported, tmp_path_factory):
         assert run(["export", ck, "--format", "diffusers", "--out", root / "export" / name,
                     *(["--nfe", nfe] if nfe else [])]) == 0
         seed = 10 + i
-        loaded = load_checkpoint(ck)
+        loaded = load_model(ck)
         x = sample(loaded, 5, seed=seed, nfe=nfe, progress=False)
         # and from given noise (the seed then only drives DDPM's per-step noise and the class labels)
         z = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 100))
@@ -266,7 +266,7 @@ def students(folders, imported, tmp_path_factory):
                        env=env, cwd=root, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     diffs = json.loads(r.stdout.strip().splitlines()[-1])
-    return {k: (load_checkpoint(ckpts[k]).path, root / "export" / k, nfes.get(k), diffs[k]) for k in ckpts}
+    return {k: (load_model(ckpts[k]).path, root / "export" / k, nfes.get(k), diffs[k]) for k in ckpts}
 
 
 FRESH_PROCESS = r'''
@@ -311,10 +311,10 @@ def test_export_round_trip_in_a_fresh_process(students, name):
     if name not in students:
         pytest.skip("the EDM import's test helpers are not available")
     ckpt, export, nfe, (diff, scale) = students[name]
-    card = load_checkpoint(ckpt).card
+    card = load_model(ckpt).card
     index = json.loads((export / "model_index.json").read_text())
     s = index["sampler"]
-    plan = resolve_sampler(load_checkpoint(ckpt), nfe)
+    plan = resolve_sampler(load_model(ckpt), nfe)
     print(f"{name}: {s['solver']} NFE {s['nfe']}, export round trip max |diff| = {diff:.3g} (scale {scale:.3g})")
     assert diff <= EXPORT_TOL
     assert s["sigmas"] == [float(v) for v in plan["sigmas"]] and s["solver"] == plan["name"]
@@ -346,8 +346,8 @@ def test_export_round_trip_in_a_fresh_process(students, name):
 
 def test_imported_teacher_card_names_on_the_fly_source(students, folders):
     """`--teacher FOLDER` imported the diffusers folder on the fly; the student's card names it."""
-    card = load_checkpoint(students["sfd"][0]).card
-    teacher = load_checkpoint(card["teacher"]["path"]).card
+    card = load_model(students["sfd"][0]).card
+    teacher = load_model(card["teacher"]["path"]).card
     assert teacher["source"]["path"] == str((folders / "v").resolve())
 
 
@@ -430,7 +430,7 @@ def test_missing_diffusers_is_a_clear_error(folders, tmp_path, monkeypatch):
 
 
 def test_export_refuses_an_unsupported_sampler_and_a_used_folder(imported, tmp_path):
-    ck = load_checkpoint(imported["eps"])
+    ck = load_model(imported["eps"])
     card = {k: ck.card[k] for k in ("method", "teacher", "data")}
     save_checkpoint(tmp_path / "heun", ck.denoiser, {**card, "sampler": {"name": "heun", "nfe": 9}})
     with pytest.raises(FewstepError, match="sampler is 'heun'; the exported pipeline implements"):
@@ -451,7 +451,7 @@ def test_scaled_linear_and_trained_betas(tmp_path, sched):
     tiny_unet(4).save_pretrained(tmp_path / "unet")
     DDPMScheduler(**sched).save_pretrained(tmp_path / "scheduler")
     assert main(["import", str(tmp_path), "--out", str(tmp_path / "ck"), "--feature-layer", "mid_block"]) is None
-    ck = load_checkpoint(tmp_path / "ck")
+    ck = load_model(tmp_path / "ck")
     betas = (torch.tensor(sched["trained_betas"], dtype=torch.float32) if "trained_betas" in sched else
              torch.linspace(sched["beta_start"] ** 0.5, sched["beta_end"] ** 0.5, 1000, dtype=torch.float32) ** 2)
     assert torch.equal(ck.denoiser.schedule.alpha_bar, torch.cumprod(1 - betas, 0).double())
@@ -470,7 +470,7 @@ def test_pipeline_denoiser_follows_the_time_input_rule_off_the_grid(students, na
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     pipe = module.load_pipeline(export)
-    den = load_checkpoint(ckpt).denoiser
+    den = load_model(ckpt).denoiser
     s = pipe.spec
     if s["time_input"]["kind"] == "discrete" and s["time_input"]["exact"]:
         sigmas = torch.tensor(s["sigmas"][:-1], dtype=torch.float64)[[2, 0, 1]]  # an exact table: its own steps
@@ -479,7 +479,7 @@ def test_pipeline_denoiser_follows_the_time_input_rule_off_the_grid(students, na
         sigmas = torch.exp(torch.empty(3, dtype=torch.float64).uniform_(float(torch.tensor(lo).log()),
                                                                          float(torch.tensor(hi).log())))
     labels = torch.tensor([0, 2, 1]) if den.num_classes else None
-    step = plan_step = resolve_sampler(load_checkpoint(ckpt), nfe)["step"]
+    step = plan_step = resolve_sampler(load_model(ckpt), nfe)["step"]
     x = torch.randn(3, *s["sample_shape"], generator=torch.Generator().manual_seed(0)) * 3
     with torch.no_grad():
         for sigma in sigmas:

@@ -532,7 +532,6 @@ def test_per_step_eps_error_is_logged_and_summarised(tmp_path):
 def test_cli_sfddm_defaults_follow_the_authors(gmm8_teacher, tmp_path, capsys):
     import argparse
 
-    from fewstep.cli import train_config
     out = tmp_path / "d"
     main(["distill", "sfddm", "--teacher", str(gmm8_teacher), "--data", "gmm8", "--steps", "4", "--batch", "64",
           "--iters", "3", "--out", str(out), "--no-progress"])

@@ -31,6 +31,7 @@ from fewstep.distill.sfd import (SFD, SFD_GRAD_CLIP, SFD_LR, SFDV_TRAJECTORY_FAC
                                  STAGE2_TRAJECTORY_FACTOR, SFDConfig, iterations_for)
 from fewstep.errors import FewstepError
 from fewstep.metrics import evaluate_samples, mean_interval, paired_values
+from fewstep.models import load_model
 from fewstep.sampling import sample, sample_shape
 from fewstep.train import TrainConfig, Trainer
 
@@ -233,7 +234,7 @@ class Bench:
         unknown = set(spec.methods) - set(ALL_METHODS)
         if unknown:
             raise FewstepError(f"--methods: unknown {sorted(unknown)}; expected some of {', '.join(ALL_METHODS)}")
-        self.teacher = load_checkpoint(spec.teacher, device=self.device)
+        self.teacher = load_model(spec.teacher, device=self.device)
         self.teacher_card = self.teacher.card
         self.teacher_train_s = float((self.teacher_card.get("training") or {}).get("wall_time_s") or 0) or None
         self.shape = sample_shape(self.teacher_card)
@@ -434,7 +435,7 @@ class Bench:
         budget = self.budget(row)
         if self._finished(path, budget):
             return path
-        tref = teacher_reference(s.teacher)
+        tref = teacher_reference(self.teacher.path)
         if row["method"] in ("sfd", "sfd-v"):
             nfe = [row["nfe"]] if row["method"] == "sfd" else list(s.sfdv_nfe)
             method = SFD(self.teacher, self.sfd_config(row, nfe=nfe), teacher_ref=tref,

@@ -32,7 +32,6 @@ WEIGHTS_NAME = "model.safetensors"
 STATE_NAME = "train_state.pt"
 FORMAT = "fewstep-checkpoint"
 FORMAT_VERSION = 1
-ASSETS = Path(__file__).parent / "assets"
 
 
 @dataclass
@@ -178,35 +177,18 @@ def save_checkpoint(out_dir: str | Path, denoiser: Denoiser, card: dict, state_d
     return out_dir
 
 
-def builtin_models() -> dict[str, Path]:
-    """Models shipped inside the package, by name (e.g. `digits-teacher`)."""
-    if not ASSETS.is_dir():
-        return {}
-    return {p.name: p for p in sorted(ASSETS.iterdir()) if (p / CARD_NAME).is_file()}
-
-
-def resolve_model_path(name_or_path: str | Path) -> Path:
-    """A checkpoint folder, a built-in model's folder, or a foreign teacher (an NVlabs/edm .pkl, a
-    diffusers folder) imported on the fly into the cache."""
-    p = Path(name_or_path)
-    from fewstep.interop import foreign_kind, imported_on_the_fly
-    if foreign_kind(p):
-        return imported_on_the_fly(p)
-    if p.is_dir():
-        return p
-    builtins = builtin_models()
-    if str(name_or_path) in builtins:
-        return builtins[str(name_or_path)]
-    if p.exists():
-        raise FewstepError(f"model {str(name_or_path)!r}: expected a checkpoint directory "
-                           f"(with {CARD_NAME} and {WEIGHTS_NAME}), got a file")
-    names = ", ".join(builtins) or "none installed"
-    raise FewstepError(f"model {str(name_or_path)!r}: no such checkpoint directory, and not a built-in model "
-                       f"(built-ins: {names})")
+def checkpoint_folder(path: str | Path) -> Path:
+    """A fewstep checkpoint folder (names of built-in models and foreign files are resolved by
+    `fewstep.models`, above this module)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FewstepError(f"{path}: not a checkpoint folder" + (" (it is a file)" if path.exists() else
+                                                                 " (no such folder)"))
+    return path
 
 
 def read_card(path: str | Path) -> dict:
-    path = resolve_model_path(path)
+    path = checkpoint_folder(path)
     card_path = path / CARD_NAME
     if not card_path.is_file():
         raise FewstepError(f"{path}: not a fewstep checkpoint (no {CARD_NAME} inside)")
@@ -224,8 +206,9 @@ def read_card(path: str | Path) -> dict:
 
 
 def load_checkpoint(name_or_path: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> Checkpoint:
-    """Load a checkpoint directory or built-in model name into a ready Denoiser (eval mode)."""
-    path = resolve_model_path(name_or_path)
+    """Load a checkpoint folder into a ready Denoiser (eval mode); `fewstep.models.load_model` also takes
+    built-in names and foreign teachers."""
+    path = checkpoint_folder(name_or_path)
     card = read_card(path)
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
@@ -265,8 +248,8 @@ def denoiser_from_card(card: dict) -> Denoiser:
 
 
 def teacher_reference(path: Path) -> dict:
-    """How a student names its teacher: path, built-in name if any, and the weights' content hash."""
-    path = resolve_model_path(path)
+    """How a student names its teacher (a checkpoint folder): path, name, and the weights' content hash."""
+    path = checkpoint_folder(path)
     ref = {"path": str(path), "name": path.name, "sha256": sha256_file(path / WEIGHTS_NAME)}
     try:
         source = read_card(path).get("source")

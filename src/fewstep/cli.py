@@ -103,12 +103,12 @@ def cmd_train(args):
 # ---- sample / info / eval -------------------------------------------------------------------------
 
 def cmd_sample(args):
-    from fewstep.checkpoint import load_checkpoint
+    from fewstep.models import load_model
     from fewstep.sampling import sample
     from fewstep.viz import save_samples_picture
     from fewstep.train import pick_device
 
-    ckpt = load_checkpoint(args.model, device=pick_device(args.device))
+    ckpt = load_model(args.model, device=pick_device(args.device))
     x, info = sample(ckpt, args.n, seed=args.seed, nfe=args.nfe, sampler=args.sampler, grid=args.grid,
                      rho=args.rho, batch_size=args.batch, return_info=True, class_label=args.class_label,
                      final_zero=args.final_denoise, max_seconds=None if args.yes else LONG_RUN_S)
@@ -127,10 +127,10 @@ def cmd_sample(args):
 
 
 def cmd_info(args):
-    from fewstep.checkpoint import load_checkpoint
+    from fewstep.models import load_model
     from fewstep.nets import count_parameters
 
-    ckpt = load_checkpoint(args.model)
+    ckpt = load_model(args.model)
     card = ckpt.card
     if args.json:
         print(json.dumps(card, indent=2))

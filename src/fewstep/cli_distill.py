@@ -85,13 +85,14 @@ def add_sfd(methods):
 
 
 def cmd_sfd(args):
-    from fewstep.checkpoint import load_checkpoint, teacher_reference
+    from fewstep.checkpoint import teacher_reference
     from fewstep.cli import run_info, train_config
     from fewstep.distill.sfd import SFD, SFDConfig, iterations_for, recipe
+    from fewstep.models import load_model
     from fewstep.train import Trainer, pick_device
 
     device = pick_device(args.device)
-    teacher = load_checkpoint(args.teacher, device=device)
+    teacher = load_model(args.teacher, device=device)
     cfg = SFDConfig(nfe=args.nfe, afs=args.afs, m=args.m, teacher_solver=args.teacher_solver,
                     teacher_final_orders=args.teacher_final_orders, grid=args.grid,
                     rho=args.rho, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
@@ -106,7 +107,8 @@ def cmd_sfd(args):
         args.lr = defaults["lr"]
     if args.grad_clip is None:
         args.grad_clip = defaults["grad_clip"]
-    method = SFD(teacher, cfg, teacher_ref=teacher_reference(args.teacher), trajectory_cache=args.trajectory_cache)
+    method = SFD(teacher, cfg, teacher_ref=teacher_reference(teacher.path.resolve()),
+                 trajectory_cache=args.trajectory_cache)
     if args.iters == 0:  # iterations follow from the trajectory budget, as in the paper
         args.iters = iterations_for(args.trajectories or defaults["trajectories"], args.batch)
     Trainer(method, train_config(args), args.out, resume=args.resume, run_info=run_info(args)).run()
@@ -227,12 +229,13 @@ def _iters_config(args):
 
 
 def cmd_sfddm(args):
-    from fewstep.checkpoint import load_checkpoint, teacher_reference
+    from fewstep.checkpoint import teacher_reference
+    from fewstep.models import load_model
     from fewstep.cli import run_info
     from fewstep.distill.sfddm import SFDDM, SFDDMConfig, check_resume_phi, default_iterations
     from fewstep.train import Trainer, pick_device
 
-    teacher = load_checkpoint(args.teacher, device=pick_device(args.device))
+    teacher = load_model(args.teacher, device=pick_device(args.device))
     if args.iters is None:
         args.iters, how = default_iterations(teacher.card, args.batch)
         print(f"training iterations: {how}")
@@ -292,12 +295,13 @@ def add_progressive(methods):
 
 
 def cmd_progressive(args):
-    from fewstep.checkpoint import load_checkpoint, read_card
+    from fewstep.checkpoint import read_card
+    from fewstep.models import load_model
     from fewstep.cli import run_info
     from fewstep.distill.progressive import progressive_distill
     from fewstep.train import pick_device
 
-    teacher = load_checkpoint(args.teacher, device=pick_device(args.device))
+    teacher = load_model(args.teacher, device=pick_device(args.device))
     ds, info = _distill_data(args, teacher)
     out = progressive_distill(teacher, ds.x, args.start_steps, args.steps, args.out, _iters_config(args),
                               data_info=info, clip=args.clip, dropout=args.dropout, resume=args.resume,
@@ -334,13 +338,14 @@ def add_compare(sub):
 def cmd_compare(args):
     from pathlib import Path
 
-    from fewstep.checkpoint import load_checkpoint, write_json
+    from fewstep.checkpoint import write_json
+    from fewstep.models import load_model
     from fewstep.distill.sfddm import compare_models
     from fewstep.train import pick_device
     from fewstep.viz import pairs_picture
 
     device = pick_device(args.device)
-    a, b = load_checkpoint(args.a, device=device), load_checkpoint(args.b, device=device)
+    a, b = load_model(args.a, device=device), load_model(args.b, device=device)
     xa, xb, st = compare_models(a, b, args.n, args.seed, args.sampler_a, args.nfe_a, args.sampler_b, args.nfe_b,
                                 batch_size=args.batch)
     print(f"A {args.a}: {st['a']['sampler']} NFE {st['a']['nfe']}")
@@ -375,7 +380,7 @@ def add_interpolate(sub):
 def cmd_interpolate(args):
     import torch
 
-    from fewstep.checkpoint import load_checkpoint
+    from fewstep.models import load_model
     from fewstep.distill.sfddm import interpolation_noises, sample_same_noise
     from fewstep.errors import FewstepError
     from fewstep.sampling import sample_shape
@@ -388,7 +393,7 @@ def cmd_interpolate(args):
         seeds = ()
     if len(seeds) != 2:
         raise FewstepError(f"--seeds {args.seeds!r}: expected two integers a,b")
-    ckpt = load_checkpoint(args.model, device=pick_device(args.device))
+    ckpt = load_model(args.model, device=pick_device(args.device))
     shape = tuple(sample_shape(ckpt.card))
     modes = ["slerp", "linear"] if args.mode == "both" else [args.mode]
     outs, info = {}, None

@@ -38,7 +38,8 @@ def cmd_import(args):
 
 def cmd_export(args):
     from fewstep.interop.diffusers_io import export_diffusers
+    from fewstep.models import resolve_model
 
-    out = export_diffusers(args.model, Path(args.out), nfe=args.nfe)
+    out = export_diffusers(resolve_model(args.model), Path(args.out), nfe=args.nfe)
     print(f"exported {args.model} → {out} (diffusers: DiffusionPipeline.from_pretrained({str(out)!r}, "
           "custom_pipeline=…/pipeline.py, trust_remote_code=True); see its README.md)")

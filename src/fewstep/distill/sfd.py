@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from fewstep.checkpoint import Checkpoint
 from fewstep.distill.trajectory_cache import TrajectoryCache, module_digest

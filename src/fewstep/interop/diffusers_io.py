@@ -26,10 +26,17 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+import fewstep.nets
+from fewstep.checkpoint import load_checkpoint, save_checkpoint, sha256_file
+from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
+from fewstep.interop.sources import source_digest
 from fewstep.nets import FeatureTap, StepConditioned, fold_step_condition
+from fewstep.sampling import resolve_sampler, sample_shape
+from fewstep.schedule import Schedule
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -105,7 +112,6 @@ class DiffusersUNet(StepConditioned, nn.Module):
     block's `time_emb_proj`. `return_features=True` also returns the output of `feature_layer`
     (default: the last up block, the map the output layers read).
     """
-
     def __init__(self, unet: dict, resolution: int | None = None, in_channels: int | None = None,
                  out_channels: int | None = None, num_classes: int | None = None, dropout: float | None = None,
                  step_condition: bool = False, feature_layer: str | None = None):
@@ -280,10 +286,7 @@ def schedule_from_config(cfg: dict, where: str = "scheduler config"):
 def denoiser_from_folder(src: Path, feature_layer: str | None = None):
     """(Denoiser with the UNet's weights loaded key for key, where things were found, both configs)."""
     require_diffusers()
-    from safetensors.torch import load_file
 
-    from fewstep.denoiser import Denoiser
-    from fewstep.schedule import Schedule
 
     where = locate(src)
     unet_cfg = check_unet_config(_read_json(where["unet_dir"] / "config.json", "the UNet config"),
@@ -317,9 +320,6 @@ def default_sampler() -> dict:
 def import_diffusers(src: Path, out: Path, feature_layer: str | None = None) -> Path:
     """Convert a diffusers folder (pipeline, unet/ + scheduler/, or a bare UNet2DModel folder) into a
     fewstep checkpoint folder `out`; the card names the source and its content hash."""
-    from fewstep.checkpoint import save_checkpoint, sha256_file
-    from fewstep.interop import source_digest
-
     src, out = Path(src), Path(out)
     den, where, unet_cfg, sched_cfg = denoiser_from_folder(src, feature_layer)
     net = den.net.config
@@ -354,7 +354,6 @@ _NET_CLASSES = {NET_CLASSES}
 class FewstepNet(ModelMixin, ConfigMixin):
     """fewstep's network `net(x, t, class_labels=None)` as a diffusers model: `t` is the network's time
     input for σ (see the pipeline's `time_input`); an SFD-v step condition is folded into its biases."""
-
     @register_to_config
     def __init__(self, net_config: dict):
         super().__init__()
@@ -372,7 +371,6 @@ def _network_source(kind: str) -> str:
     module, _ = CUSTOM_NETS[kind]
     if module == "edm_nets":
         return (Path(__file__).with_name("edm_nets.py")).read_text()
-    import fewstep.nets
     text = Path(fewstep.nets.__file__).read_text()
     line = "from fewstep.errors import FewstepError\n"
     if line not in text:
@@ -382,7 +380,6 @@ def _network_source(kind: str) -> str:
 
 def _write_custom_net(net, kind: str, folder: Path) -> list:
     import diffusers
-    from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     classes = {k: c for k, (m, c) in CUSTOM_NETS.items() if m == CUSTOM_NETS[kind][0]}
@@ -441,13 +438,11 @@ def _grid_time_inputs(den, sigmas) -> list:
 
 
 def export_diffusers(model, out: Path, nfe: int | None = None) -> Path:
-    """Write `model` (a checkpoint folder or built-in name) as a diffusers pipeline folder `out` whose
+    """Write `model` (a checkpoint folder) as a diffusers pipeline folder `out` whose
     FewstepPipeline reproduces `fewstep sample` (card's sampler, grid, AFS, clip; --nfe for SFD-v)."""
     require_diffusers()
     import diffusers
 
-    from fewstep.checkpoint import load_checkpoint
-    from fewstep.sampling import resolve_sampler, sample_shape
 
     out = Path(out)
     if out.exists() and not out.is_dir():

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from fewstep.checkpoint import save_checkpoint, sha256_file
+from fewstep.checkpoint import CARD_NAME, read_card, save_checkpoint, sha256_file
 from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
-from fewstep.interop.edm_pickle import EDMRecord, load_snapshot, module_state_dict
+from fewstep.interop.edm_pickle import EDMRecord, ModuleRecord, load_snapshot, module_state_dict
+from fewstep.nets import build_net
 from fewstep.schedule import Schedule
 
 # EDM's sampler defaults (generate.py): Heun, ρ = 7, 18 steps from σ = 80 to 0.002, then to 0
@@ -120,8 +121,6 @@ CHECKED_ATTRS = ("in_features", "out_features", "in_channels", "out_channels", "
 def _check_structure(rec, module: torch.nn.Module, path: str = "model") -> None:
     """The snapshot's module tree has the rebuilt network's classes, sub-modules and settings, so the
     weights that load by name also mean what fewstep's implementation computes with them."""
-    from fewstep.interop.edm_pickle import ModuleRecord
-
     want = type(module).__name__
     if not isinstance(rec, (EDMRecord, ModuleRecord)) or rec.class_name != want:
         found = rec.class_name if isinstance(rec, (EDMRecord, ModuleRecord)) else type(rec).__name__
@@ -147,8 +146,6 @@ def _check_structure(rec, module: torch.nn.Module, path: str = "model") -> None:
 
 def denoiser_from_snapshot(obj, feature_layer: str | None = None) -> tuple[Denoiser, dict]:
     """(Denoiser with the snapshot's weights loaded strictly, the card's "source" facts)."""
-    from fewstep.nets import build_net
-
     rec = _precond_record(obj)
     opts = _precond_options(rec)
     cfg, model = _model_config(rec, opts["label_dim"], feature_layer)
@@ -191,8 +188,6 @@ def default_sampler() -> dict:
 def import_edm_snapshot(src: Path, out: Path, feature_layer: str | None = None) -> Path:
     """Read an NVlabs/edm snapshot (its 'ema' network, or a bare preconditioner object) safely and write
     it as a fewstep checkpoint folder `out`."""
-    from fewstep.checkpoint import CARD_NAME, read_card
-
     src, out = Path(src), Path(out)
     if (out / CARD_NAME).is_file():
         try:

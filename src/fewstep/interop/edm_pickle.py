@@ -17,13 +17,16 @@ Anything else is refused with a FewstepError naming `module.name`, before it cou
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch._utils
 
 from fewstep.checkpoint import plain_load_refusal
 from fewstep.errors import FewstepError
@@ -35,7 +38,6 @@ CONTAINERS = {("torch.nn.modules.container", n) for n in ("ModuleDict", "ModuleL
 @dataclass
 class EDMRecord:
     """One persistent EDM object, as data: its class name, constructor arguments and state."""
-
     class_name: str
     init_args: tuple = ()
     init_kwargs: dict = field(default_factory=dict)
@@ -47,7 +49,6 @@ class EDMRecord:
 class ModuleRecord:
     """A plain torch container module (e.g. ModuleDict) from the pickle; only its state is kept.
     The unpickler hands out one subclass per container name, so `cls.__new__(cls)` makes a record."""
-
     class_name = "ModuleRecord"
     state: dict = {}
 
@@ -81,7 +82,6 @@ def _storage_from_bytes(data: bytes):
 
 
 def _np_scalar(dtype, data=None):
-    import numpy as np
 
     # the dtype's pickled state (applied after _np_dtype) could describe fields or objects: accept only
     # plain numbers, and read the bytes with a freshly made dtype of the same kind and byte order
@@ -95,7 +95,6 @@ def _np_scalar(dtype, data=None):
 
 
 def _np_dtype(name, *args):
-    import numpy as np
 
     if not isinstance(name, str):
         raise FewstepError("EDM snapshot: a numpy dtype is not named by a string")
@@ -112,7 +111,6 @@ class _EasyDict(dict):
 class _Call:
     """An allowed function as the unpickler hands it out: callable, but a BUILD opcode aimed at it
     is refused (on the bare function it would set attributes, e.g. __defaults__, for this process)."""
-
     __slots__ = ("fn", "name")
 
     def __init__(self, fn, name: str):
@@ -126,9 +124,7 @@ class _Call:
 
 
 def _allowed():
-    import collections
 
-    import torch._utils
 
     table = {
         PERSISTENT_HOOK: _persistent_record,
