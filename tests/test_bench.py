@@ -114,7 +114,7 @@ def test_rerun_reuses_models_and_rows(bench_run, tiny_gmm8_teacher):
 
 def test_bench_nfe_flag_sets_the_solvers_and_sfd_alike():
     import argparse
-    from fewstep.cli_bench import _spec, register
+    from fewstep.cli.bench import _spec, register
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
     spec = _spec(parser.parse_args(["bench", "--preset", "digits", "--nfe", "2,16", "--out", "x"]))
@@ -207,7 +207,7 @@ def test_distillation_rows_carry_their_profile_and_quality_along_the_run(bench_r
     table = (out / "results.md").read_text()
     assert "distill overhead" in table and "| sfd-2 | " in table and "student fwd+bwd s" in table
     assert "Distillation time against its network floor" in (out / "report.md").read_text()
-    from fewstep.cli_bench import run_bench
+    from fewstep.cli.bench import run_bench
     run_bench(tiny_spec(tiny_gmm8_teacher, methods=["sfd"]), out, "cpu", False, profile=True)
     printed = capsys.readouterr().out
     assert "against its network floor" in printed and "| sfd-2 |" in printed

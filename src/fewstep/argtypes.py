@@ -122,3 +122,16 @@ def folder(text: str) -> str:
     if os.path.exists(text) and not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text!r} is a file; expected a folder (new or existing)")
     return text
+
+
+def clip_bound(text: str):
+    """An x0 clipping bound: a positive number, 'none' (no clip) or 'auto' (the method decides)."""
+    if text in ("auto", "none"):
+        return None if text == "none" else "auto"
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, 'none' or 'auto', got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive clipping bound, got {text!r}")
+    return v

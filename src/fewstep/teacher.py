@@ -1,16 +1,19 @@
 """Teacher training: the DDPM loss on a discrete VP table (ε-, x0- or v-prediction) or EDM's loss
-for a continuous model, as a TrainMethod on the shared loop."""
+for a continuous model, as a TrainMethod on the shared loop; `fewstep train` (METHOD)."""
 from __future__ import annotations
 
 import torch
 
+from fewstep import argtypes as A
+from fewstep.data import load_dataset
 from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
+from fewstep.method import Method
 from fewstep.nets import MLP, UNet
 from fewstep.sampling import grid_for
 from fewstep.schedule import Schedule
 from fewstep.solvers import solve
-from fewstep.train import StepContext, TrainMethod
+from fewstep.train import StepContext, TrainConfig, Trainer, TrainMethod, run_record
 
 # EDM's training noise distribution: ln σ ~ N(P_MEAN, P_STD²)
 P_MEAN, P_STD = -1.2, 1.2
@@ -94,3 +97,36 @@ class TeacherTraining(TrainMethod):
         x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(next(model.parameters()).device)
         grid = grid_for(model, "dpmpp2m", 25, self.sampler.get("grid", "polynomial"), final_zero=True)
         return solve("dpmpp2m", model, x * float(grid[0]), grid.to(x.device)).x
+
+
+# ---- the command line ---------------------------------------------------------------------------------
+
+def add_arguments(p, add_loop_options):
+    p.add_argument("--data", required=True, help="built-in (digits, mnist, moons, gmm8, swissroll, gaussian), "
+                                                 "an image folder, or a .npz/.npy array")
+    p.add_argument("--resolution", type=A.resolution, default=None, help="resize images to this size")
+    p.add_argument("--data-seed", type=A.seed, default=0, help="seed of the train/held-out split")
+    p.add_argument("--param", default="eps", choices=["eps", "x0", "v", "edm"],
+                   help="parameterization; 'edm' trains a continuous EDM model (default eps)")
+    p.add_argument("--schedule", default="linear", choices=["linear", "cosine", "sigmoid"])
+    p.add_argument("--T", type=A.integer(2, 100_000), default=1024, help="steps of the discrete table (default 1024)")
+    p.add_argument("--channels", type=A.integer(1, 4096), default=None, help="base width of the network")
+    p.add_argument("--dropout", type=A.probability, default=None)
+    add_loop_options(steps=20000, batch=128, lr=2e-4, ema=0.999)
+
+
+def run(args):
+    ds = load_dataset(args.data, resolution=args.resolution, split="train", seed=args.data_seed)
+    with torch.random.fork_rng(devices=[]):  # the seed fixes the initial weights too: same command, same model
+        torch.manual_seed(args.seed)
+        net = default_net(tuple(ds.shape), dropout=args.dropout, channels=args.channels)
+    den = make_denoiser(net, args.param, args.schedule, args.T)
+    data_info = {**ds.info, "name": ds.name, "kind": ds.kind, "shape": list(ds.shape), "split_seed": args.data_seed}
+    trainer = Trainer(TeacherTraining(den, data_info), TrainConfig.from_args(args), args.out, data=ds.x,
+                      resume=args.resume, run_info=run_record(args))
+    trainer.run()
+    if trainer.is_main:  # under torchrun every process gets here; one line is enough
+        print(f"teacher saved to {args.out}")
+
+
+METHOD = Method(add_arguments=add_arguments, run=run)

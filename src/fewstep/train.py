@@ -29,6 +29,7 @@ import copy
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -75,6 +76,16 @@ class TrainConfig:
     channels_last: str = "off"
     snapshot_every: int = 0           # >0: weights every so many iterations in snapshots/ (quality vs time)
 
+    @classmethod
+    def from_args(cls, args) -> "TrainConfig":
+        """The loop's settings from the command line's training-loop options (fewstep.cli.common.add_train_args)."""
+        if args.iters < 1:
+            raise FewstepError(f"--iters {args.iters}: expected at least 1 training iteration")
+        return cls(steps=args.iters, batch=args.batch, lr=args.lr, lr_schedule=args.lr_schedule, warmup=args.warmup,
+                   ema=args.ema, grad_clip=args.grad_clip or None, amp=args.amp, seed=args.seed,
+                   log_every=args.log_every, sample_every=args.sample_every, ckpt_every=args.ckpt_every,
+                   device=args.device, progress=not args.no_progress, log=args.log)
+
     def validate(self):
         if self.steps < 1:
             raise FewstepError(f"steps={self.steps}: expected at least 1 training iteration")
@@ -94,6 +105,16 @@ class TrainConfig:
             raise FewstepError(f"snapshot_every={self.snapshot_every}: expected 0 (none) or a positive iteration count")
         if self.channels_last not in ("auto", "on", "off"):
             raise FewstepError(f"channels_last={self.channels_last!r}: expected auto, on or off")
+
+
+def run_record(args) -> dict:
+    """The command line and its parsed arguments, as a run records them (a resume compares them)."""
+    # cli.main(argv) records the arguments it parsed; sys.argv is someone else's when called in-process
+    argv = getattr(args, "_argv", None)
+    argv = sys.argv[1:] if argv is None else argv
+    return {"command": "fewstep " + " ".join(shlex.quote(a) for a in argv), "args": {
+        k: v for k, v in vars(args).items()
+        if k not in ("func", "_argv") and isinstance(v, (int, float, str, bool, list, type(None)))}}
 
 
 class TrainMethod:

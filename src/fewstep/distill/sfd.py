@@ -13,6 +13,7 @@ Variants in this module:
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import math
@@ -22,16 +23,19 @@ from pathlib import Path
 
 import torch
 
-from fewstep.checkpoint import Checkpoint
+from fewstep import argtypes as A
+from fewstep.checkpoint import Checkpoint, teacher_reference
 from fewstep.distill.trajectory_cache import TrajectoryCache, module_digest
 from fewstep.errors import FewstepError
 from fewstep.featnet import available_classifiers
-from fewstep.nets import STEP_CONDITIONS, set_dropout
+from fewstep.method import Method
+from fewstep.models import load_model
+from fewstep.nets import STEP_CONDITIONS, channels_last_copy, set_dropout
 from fewstep.perceptual import perceptual_distance
 from fewstep.sampling import sample_shape
 from fewstep.schedule import GRID_KINDS, check_grid, check_nested, nested_grids
 from fewstep.solvers import LOWER_ORDER_FINAL, afs_direction, solve
-from fewstep.train import StepContext, TrainMethod
+from fewstep.train import StepContext, TrainConfig, Trainer, TrainMethod, pick_device, run_record
 
 TEACHER_SOLVERS = ("dpmpp3m", "dpmpp2m", "heun", "euler", "ipndm")
 TEACHER_PRECISIONS = ("fp32", "bf16")
@@ -159,7 +163,6 @@ class TeacherTrajectory:
     first stage: a strong solver over the refined grid; second stage: a first-stage student with
     Euler (and its AFS) on its own grid, whose states at the student timestamps are kept.
     """
-
     def __init__(self, den, solver: str, afs: bool = False, clip: float | None = None, step: int | None = None,
                  precision: str = "fp32", final_orders: str = "always"):
         self.den, self.solver, self.afs, self.clip, self.step = den, solver, afs, clip, step
@@ -192,7 +195,6 @@ class TeacherTrajectory:
 
 class SFD(TrainMethod):
     """SFD / SFD-v / second stage as one TrainMethod on the shared loop."""
-
     needs_data = False
 
     def __init__(self, teacher: Checkpoint, cfg: SFDConfig, teacher_ref: dict | None = None,
@@ -388,7 +390,6 @@ class SFD(TrainMethod):
         return states, teacher_nfe, False
 
     def use_channels_last(self):
-        from fewstep.nets import channels_last_copy
         self.traj.den = channels_last_copy(self.traj.den)
 
     def floor_calls(self):
@@ -486,3 +487,93 @@ class SFD(TrainMethod):
 
 def iterations_for(trajectories: int, batch: int) -> int:
     return max(1, math.ceil(trajectories / batch))
+
+
+# ---- the command line ---------------------------------------------------------------------------------
+
+def add_arguments(p, add_loop_options):
+    p.add_argument("--teacher", required=True, help="teacher checkpoint or built-in name (e.g. digits-teacher)")
+    p.add_argument("--nfe", type=A.nfe_list, default=[2], help="student NFE, or a list for SFD-v (default 2)")
+    p.add_argument("--afs", action=argparse.BooleanOptionalAction, default=True,
+                   help="analytical first step: saves one network call (default on)")
+    p.add_argument("--m", type=A.integer(0, 64), default=3, help="teacher points inserted per student interval (default 3)")
+    p.add_argument("--teacher-solver", default="dpmpp3m", choices=TEACHER_SOLVERS)
+    p.add_argument("--teacher-final-orders", default="always", choices=LOWER_ORDER_FINAL,
+                   help="DPM-Solver++ teacher: orders 2 then 1 on the last two steps of every grid (always, the "
+                        "authors'), only on grids under 15 steps (short, diffusers'), or never")
+    p.add_argument("--grid", default="polynomial", choices=["polynomial", "logsnr", "uniform", "discrete"])
+    p.add_argument("--rho", type=A.positive, default=7.0)
+    p.add_argument("--sigma-min", type=A.positive, default=None, help="default: the teacher's (0.006 for EDM teachers)")
+    p.add_argument("--sigma-max", type=A.positive, default=None, help="default: the teacher's (80 for EDM teachers)")
+    p.add_argument("--trajectories", type=A.integer(1, 10**12), default=None,
+                   help=f"teacher trajectories to train on (iterations = trajectories / batch; default "
+                        f"{SFD_TRAJECTORIES}, {SFDV_TRAJECTORY_FACTOR}x that for SFD-v and "
+                        f"{STAGE2_TRAJECTORY_FACTOR}x for --stage2, the authors' budgets)")
+    p.add_argument("--loss-reduction", default="sum", choices=["sum", "mean"],
+                   help="L1 summed over pixels (paper) or averaged")
+    p.add_argument("--thresholding", action="store_true",
+                   help="clip the teacher's x0 estimate to [-1, 1] (a fixed clip; the authors' dynamic "
+                        "thresholding is in effect off, as their fp16 run skips it)")
+    p.add_argument("--dropout", type=A.probability, default=None, help="student dropout (default: the teacher's)")
+    p.add_argument("--step-condition", default="authors", choices=STEP_CONDITIONS,
+                   help="SFD-v's step condition: authors (N's embedding as a per-block affine beside each block's "
+                        "time modulation, xavier init; default) or zero (one zero-initialised embedding added to "
+                        "the time embedding, so the student starts as its teacher)")
+    p.add_argument("--stage2", action="store_true", help="1-NFE second stage from a first-stage SFD/SFD-v model")
+    p.add_argument("--stage2-condition", default="own", choices=STAGE2_CONDITIONS,
+                   help="--stage2 from SFD-v: the step condition the 1-NFE student takes, its own N = 3 (own, the "
+                        "authors') or the first-stage mode it distils (teacher)")
+    p.add_argument("--perceptual", default="auto", choices=["auto", *PERCEPTUAL_NETS, "none"],
+                   help=f"perceptual term on the last step: {', '.join(PERCEPTUAL_NETS)}, none, or auto (default: the "
+                        "authors' for --stage2 where no download is needed: LPIPS with --lpips-weights, else the "
+                        "shipped classifier of built-in digits/MNIST, else none; none in the first stage)")
+    p.add_argument("--perceptual-weight", type=A.non_negative, default=None,
+                   help="weight of the perceptual term (default: the authors', the distance added to every pixel's "
+                        "L1: C*H*W with --loss-reduction sum, 1 with mean)")
+    p.add_argument("--lpips-weights", default=None, metavar="FILE",
+                   help="LPIPS (VGG16) weights converted once by scripts/convert_lpips.py; never downloaded")
+    p.add_argument("--lpips-resolution", type=A.integer(16, 4096), default=224,
+                   help="LPIPS resizes images (bilinear) to this size (default 224, the authors')")
+    p.add_argument("--teacher-precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: the teacher under bf16 autocast (faster on CPUs with bf16 support), kept only if "
+                        "its trajectories on the first batch stay within --teacher-precision-tol of fp32's")
+    p.add_argument("--teacher-precision-tol", type=A.real(0, 1, lo_open=True, hi_open=True), default=0.02,
+                   help="largest relative RMS deviation from the fp32 trajectory that bf16 may show (default 0.02)")
+    p.add_argument("--trajectory-cache", type=A.folder, default=None, metavar="DIR",
+                   help="store the teacher's trajectories in DIR and reuse those computed before for the same "
+                        "teacher, grid and noise (exact): SFD-v after SFD runs at its NFEs with the same seed "
+                        "and batch, a rerun with another --lr, a resume (default: no cache)")
+    add_loop_options(steps=0, batch=128, lr=None, lr_schedule="step", grad_clip=None,
+                     lr_note=f": the authors', {SFD_LR:g}, or {STAGE2_LR:g} with --stage2",
+                     clip_note=": the authors', none")
+
+
+def run(args):
+    device = pick_device(args.device)
+    teacher = load_model(args.teacher, device=device)
+    cfg = SFDConfig(nfe=args.nfe, afs=args.afs, m=args.m, teacher_solver=args.teacher_solver,
+                    teacher_final_orders=args.teacher_final_orders, grid=args.grid,
+                    rho=args.rho, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
+                    loss_reduction=args.loss_reduction, thresholding=args.thresholding, dropout=args.dropout,
+                    step_condition=args.step_condition, stage2=args.stage2, stage2_condition=args.stage2_condition,
+                    perceptual=None if args.perceptual == "none" else args.perceptual,
+                    perceptual_weight=args.perceptual_weight,
+                    lpips_weights=args.lpips_weights, lpips_resolution=args.lpips_resolution,
+                    teacher_precision=args.teacher_precision, teacher_precision_tol=args.teacher_precision_tol)
+    defaults = recipe(args.nfe, args.stage2)
+    if args.lr is None:
+        args.lr = defaults["lr"]
+    if args.grad_clip is None:
+        args.grad_clip = defaults["grad_clip"]
+    method = SFD(teacher, cfg, teacher_ref=teacher_reference(teacher.path.resolve()),
+                 trajectory_cache=args.trajectory_cache)
+    if args.iters == 0:  # iterations follow from the trajectory budget, as in the paper
+        args.iters = iterations_for(args.trajectories or defaults["trajectories"], args.batch)
+    Trainer(method, TrainConfig.from_args(args), args.out, resume=args.resume, run_info=run_record(args)).run()
+    print(f"{method.name} student saved to {args.out} "
+          f"(sample it with: fewstep sample {args.out}{' --nfe N' if len(method.grids) > 1 else ''})")
+
+
+METHOD = Method(add_arguments=add_arguments, run=run, parser_options=dict(
+    description="Distil a teacher into a few-step Euler sampler without training data. One NFE gives SFD; a list "
+                "(e.g. 2,3,4,5) gives SFD-v, one model for all. Every default is the SFD authors' recipe."))

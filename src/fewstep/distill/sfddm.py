@@ -32,18 +32,28 @@ pairs of two models fed the same noises, and slerp / linear interpolation betwee
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
+from fewstep import argtypes as A
+from fewstep.checkpoint import Checkpoint, read_card, teacher_reference
 from fewstep.denoiser import Denoiser
+from fewstep.distill.common import distill_data, distill_labels
 from fewstep.errors import FewstepError
-from fewstep.nets import FeatureTap, build_net, set_dropout
+from fewstep.method import Method
+from fewstep.models import load_model
+from fewstep.nets import FeatureTap, build_net, channels_last_copy, set_dropout
+from fewstep.sampling import check_memory, sample, sample_shape
 from fewstep.schedule import Schedule, index_subsequence
 from fewstep.solvers import STOCHASTIC, solve
-from fewstep.train import StepContext, TrainMethod, fresh_autocast, untimed
+from fewstep.train import (StepContext, TrainConfig, Trainer, TrainMethod, fresh_autocast, pick_device, run_record,
+                           untimed)
 
 INITS = ("random", "teacher")
 HIDDEN = ("l1", "kl", "none")
@@ -217,8 +227,6 @@ def teacher_on_phi(teacher_ckpt, phi, sampler: str = "ddpm", clip: float | None 
     """SFDDM's ceiling: the teacher itself sampled on its T'-step chain at φ (DDPM ancestral or DDIM
     η = 0, x̂0 clipped like the student), as a Checkpoint that `sampling.sample` draws from. The
     SFDDM loss is minimised by copying the teacher at φ, so no student can beat this on average."""
-    from fewstep.checkpoint import Checkpoint
-
     if sampler not in SAMPLERS:
         raise FewstepError(f"sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
     table = teacher_table(teacher_ckpt.denoiser)[0]
@@ -240,9 +248,6 @@ def step_bins(T_student: int) -> list[tuple[int, int]]:
 def check_resume_phi(out_dir, phi) -> None:
     """Refuse to resume a run whose saved student was made on another index set (e.g. one made when
     'leading' meant floor(s·T/T'), now 'spread')."""
-    from pathlib import Path
-
-    from fewstep.checkpoint import read_card
     try:
         saved = (read_card(Path(out_dir)).get("method") or {}).get("phi")
     except FewstepError:
@@ -288,7 +293,6 @@ class SFDDMConfig:
 
 class SFDDM(TrainMethod):
     """One fold: a T'-step student matches the teacher's outputs and hidden features at φ."""
-
     name = "sfddm"
     needs_data = True
 
@@ -320,7 +324,6 @@ class SFDDM(TrainMethod):
             self.clip = None if cfg.clip is None else float(cfg.clip)
 
     def _check_shape(self):
-        from fewstep.sampling import sample_shape
         teacher_shape = list(sample_shape({"net": self.teacher.net.config}))
         data_shape = self.data_info.get("shape")
         if data_shape is not None and list(data_shape) != teacher_shape:
@@ -392,7 +395,6 @@ class SFDDM(TrainMethod):
         return logs
 
     def use_channels_last(self):
-        from fewstep.nets import channels_last_copy
         self.teacher = channels_last_copy(self.teacher)
 
     def floor_calls(self):
@@ -421,7 +423,6 @@ class SFDDM(TrainMethod):
         sums = torch.zeros(len(self.bins), dtype=torch.float64).index_add_(0, k, eps_mse.double().cpu())
         counts = torch.zeros(len(self.bins), dtype=torch.float64).index_add_(0, k, torch.ones(len(k), dtype=torch.float64))
         if world > 1:
-            import torch.distributed as dist
             both = torch.cat([sums, counts]).to(eps_mse.device)
             dist.all_reduce(both)
             sums, counts = both.cpu()[:len(self.bins)], both.cpu()[len(self.bins):]
@@ -560,8 +561,6 @@ def interpolation_noises(shape, seeds: tuple[int, int], frames: int, mode: str =
 def sample_same_noise(ckpt, noise: torch.Tensor, seed: int = 0, sampler: str | None = None,
                       nfe: int | None = None, batch_size: int = 500) -> tuple[torch.Tensor, dict]:
     """Samples of a loaded model from given unit noises, with its deterministic sampler by default."""
-    from fewstep.sampling import sample, sample_shape
-
     shape = tuple(sample_shape(ckpt.card))
     if tuple(noise.shape[1:]) != shape:
         raise FewstepError(f"model {ckpt.path}: samples have shape {list(shape)}, the noises {list(noise.shape[1:])}")
@@ -577,8 +576,6 @@ def compare_models(a, b, n: int = 256, seed: int = 0, sampler_a: str | None = No
     Returns (samples_a, samples_b, stats) with PSNR / MSE of matched against shuffled pairs and
     each model's sampler and NFE.
     """
-    from fewstep.sampling import check_memory, sample_shape
-
     sa, sb = tuple(sample_shape(a.card)), tuple(sample_shape(b.card))
     if sa != sb:
         raise FewstepError(f"compare: the models draw different shapes, {list(sa)} and {list(sb)}")
@@ -592,3 +589,80 @@ def compare_models(a, b, n: int = 256, seed: int = 0, sampler_a: str | None = No
     stats.update({"seed": seed, "a": {"model": str(a.path), "sampler": ia["sampler"], "nfe": ia["nfe"]},
                   "b": {"model": str(b.path), "sampler": ib["sampler"], "nfe": ib["nfe"]}})
     return xa, xb, stats
+
+
+# ---- the command line ---------------------------------------------------------------------------------
+
+def add_arguments(p, add_loop_options):
+    p.add_argument("--teacher", required=True, help="discrete VP teacher checkpoint or built-in name")
+    p.add_argument("--data", required=True, help="training data the teacher was trained on (built-in name or path)")
+    p.add_argument("--resolution", type=A.resolution, default=None, help="image size (default: the teacher's)")
+    p.add_argument("--data-seed", type=A.seed, default=None, help="train/held-out split seed (default: the teacher's)")
+    add_loop_options(steps=4000, batch=64, lr=2e-4)
+    # --steps is the student's step count here (as in the paper's T'); iterations move to --iters
+    p.add_argument("--steps", type=A.positive_int, default=None,
+                   help="student steps T' (= NFE); may be left out with an explicit --index list")
+    p.add_argument("--iters", type=A.iterations, default=None,
+                   help="training iterations (default: the authors' schedule, a fifth of the teacher's training "
+                        "samples: its card's iterations x batch / 5 / --batch; 4000 if the card does not say)")
+    # the authors train the student without gradient clipping and without EMA
+    p.add_argument("--grad-clip", type=A.non_negative, default=0.0,
+                   help="gradient norm clip (default 0: none, as the authors; the other commands clip at 1)")
+    p.add_argument("--ema", type=A.decay, default=None,
+                   help="EMA decay of the student's weights, e.g. 0.999 (our deviation: the authors use none; "
+                        "default none)")
+    p.add_argument("--index", default="trailing",
+                   help="index set phi: trailing (default; round((s+1)T/T')-1, the student's noisiest step is the "
+                        "teacher's), leading (the authors' code: s*floor(T/T'), ends short of the noisiest step), "
+                        "spread (floor(s*T/T'), fewstep's 'leading' before), or increasing teacher indices i,j,...")
+    p.add_argument("--init", default="random", choices=["random", "teacher"],
+                   help="student weights: random (authors' choice; time input = own index s) or a copy of "
+                        "the teacher (time input = phi_s). With 'teacher' the loss starts at exactly 0")
+    p.add_argument("--hidden", default="l1", choices=["l1", "kl", "none"],
+                   help="hidden-variable term: l1 on the penultimate feature map (default), kl (closed-form "
+                        "KL of the reverse kernels, a time-weighted eps-MSE) or none")
+    p.add_argument("--loss", default="l1", choices=["l1", "l2"], help="output term (default l1)")
+    p.add_argument("--lam", type=A.non_negative, default=1.0, help="weight of the hidden term (default 1)")
+    p.add_argument("--feature-layer", default=None,
+                   help="sub-module whose output is the hidden variable, e.g. up.3 (default: the network's "
+                        "penultimate map; for imported networks the layer recorded at import)")
+    p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"],
+                   help="the student's default sampler: ddpm ancestral (default) or ddim eta=0")
+    p.add_argument("--clip", type=A.clip_bound, default="auto",
+                   help="x0 clipping when sampling: a bound, or 'none' (default: 1 for images, none for 2-D)")
+    p.add_argument("--dropout", type=A.probability, default=0.0,
+                   help="student dropout rate (default 0: the authors' network has none, and a teacher-initialised "
+                        "student then starts at exactly zero loss)")
+
+
+def run(args):
+    teacher = load_model(args.teacher, device=pick_device(args.device))
+    if args.iters is None:
+        args.iters, how = default_iterations(teacher.card, args.batch)
+        print(f"training iterations: {how}")
+    cfg = SFDDMConfig(steps=args.steps, index=args.index, init=args.init, hidden=args.hidden, loss=args.loss,
+                      lam=args.lam, sampler=args.sampler, clip=args.clip, dropout=args.dropout, seed=args.seed,
+                      feature_layer=args.feature_layer)
+    ds, info = distill_data(args, teacher)
+    method = SFDDM(teacher.denoiser, cfg, info, teacher_ref=teacher_reference(teacher.path.resolve()))
+    if args.resume:
+        check_resume_phi(args.out, method.phi)
+    Trainer(method, TrainConfig.from_args(args), args.out, data=ds.x, resume=args.resume, run_info=run_record(args),
+            labels=distill_labels(teacher, ds)).run()
+    phi = [int(v) for v in method.phi]
+    shown = phi if len(phi) <= 12 else phi[:5] + ["..."] + phi[-5:]
+    print(f"SFDDM student (T'={len(phi)} of T={method.teacher.schedule.T}, phi={shown}) saved to {args.out} "
+          f"(sample it with: fewstep sample {args.out}; NFE {len(phi)})")
+    summary = method.eps_error_summary()
+    if summary:
+        print(summary)
+
+
+METHOD = Method(add_arguments=add_arguments, run=run, parser_options=dict(
+    conflict_handler="resolve", formatter_class=argparse.RawDescriptionHelpFormatter,
+    description="Distil a discrete T-step teacher into a T'-step diffusion model in one fold. The student's\n"
+                "chain is the teacher's read at an index set phi; it samples with its own T' steps (NFE = T').\n"
+                "Note: here --steps is the student's step count T'; training iterations are --iters.",
+    epilog="examples:\n"
+           "  fewstep distill sfddm --teacher digits-teacher --data digits --steps 10 --out runs/sfddm10\n"
+           "  fewstep distill sfddm --teacher T --data D --index 0,99,511,1023 --out runs/sfddm4"))

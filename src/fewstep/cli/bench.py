@@ -4,15 +4,19 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from fewstep import argtypes as A
+from fewstep.bench import PRESETS, Bench, BenchSpec, preset, sfd_nfe_for
+from fewstep.cli.common import COMMAND_HELP
+from fewstep.errors import FewstepError
+from fewstep.report import profile_table, results_table
+from fewstep.train import pick_device
+
 
 def register(sub):
-    from fewstep import argtypes as A
-    from fewstep.cli import _nfe_list
-
-    b = sub.add_parser("bench", help="every method side by side on one teacher: table, plots, report",
+    b = sub.add_parser("bench", help=COMMAND_HELP["bench"],
                        description="Runs the teacher reference, training-free solvers and every distillation "
                                    "method on one teacher with fixed seeds. Finished work in --out is reused.")
-    b.add_argument("--preset", default=None, choices=["toy", "digits", "mnist", "demo"],
+    b.add_argument("--preset", default=None, choices=list(PRESETS),
                    help="toy: 2-D gmm8 (about 30 min on 2 CPU cores); digits: the full table (about 1 h); "
                         "mnist: the 16x16 MNIST teacher, with a long SFDDM run (about 2 h); demo: the quick tour")
     b.add_argument("--teacher", default=None, help="teacher checkpoint (overrides the preset's)")
@@ -21,8 +25,8 @@ def register(sub):
     b.add_argument("--methods", default=None,
                    help="comma list of teacher, ddim, dpmpp2m, dpmpp3m, heun, ipndm, sfd, sfd-v, sfd-stage2, "
                         "sfddm, progressive")
-    b.add_argument("--nfe", type=_nfe_list, default=None, help="NFEs for solvers and SFD (SFD: those up to 10), e.g. 2,4,8")
-    b.add_argument("--sfddm-steps", type=_nfe_list, default=None, help="student step counts T' for SFDDM")
+    b.add_argument("--nfe", type=A.nfe_list, default=None, help="NFEs for solvers and SFD (SFD: those up to 10), e.g. 2,4,8")
+    b.add_argument("--sfddm-steps", type=A.nfe_list, default=None, help="student step counts T' for SFDDM")
     b.add_argument("--sfd-batch", type=A.batch, default=None, help="SFD / SFD-v / stage-2 batch (default: the preset's)")
     b.add_argument("--sfd-lr", type=A.positive, default=None, help="SFD / SFD-v learning rate (default: the preset's)")
     b.add_argument("--sfd-trajectories", type=A.integer(1, 10**12), default=None,
@@ -40,7 +44,7 @@ def register(sub):
                         "(teacher / student forward+backward / optimizer / rest per iteration)")
     b.set_defaults(func=cmd_bench)
 
-    d = sub.add_parser("demo", help="the quick tour on the shipped digits teacher (≈20 min on 2 CPU cores)")
+    d = sub.add_parser("demo", help=COMMAND_HELP["demo"])
     d.add_argument("--out", default="demo-out", type=A.folder, help="output folder (default demo-out)")
     d.add_argument("--device", default="auto")
     d.add_argument("--no-progress", action="store_true")
@@ -48,9 +52,6 @@ def register(sub):
 
 
 def _spec(args):
-    from fewstep.bench import BenchSpec, preset, sfd_nfe_for
-    from fewstep.errors import FewstepError
-
     # --nfe sets SFD's NFEs as well, or a preset would keep its own
     overrides = dict(teacher=args.teacher, data=args.data, resolution=args.resolution, nfe=args.nfe,
                      sfd_nfe=sfd_nfe_for(args.nfe) if args.nfe else None,
@@ -66,10 +67,6 @@ def _spec(args):
 
 
 def run_bench(spec, out, device, progress, profile=False, distill_only=False):
-    from fewstep.bench import Bench
-    from fewstep.report import profile_table, results_table
-    from fewstep.train import pick_device
-
     t0 = time.perf_counter()
     bench = Bench(spec, out, device=str(pick_device(device)), progress=progress)
     if distill_only:
@@ -93,5 +90,4 @@ def cmd_bench(args):
 
 
 def cmd_demo(args):
-    from fewstep.bench import preset
     run_bench(preset("demo"), args.out, args.device, not args.no_progress)

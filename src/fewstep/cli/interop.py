@@ -4,10 +4,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from fewstep import argtypes as A
+from fewstep.cli.common import COMMAND_HELP
+from fewstep.interop import import_model
+from fewstep.interop.diffusers_io import export_diffusers
+from fewstep.models import resolve_model
 
 
 def register(sub):
-    p = sub.add_parser("import", help="convert a diffusers folder or an NVlabs/edm snapshot into a fewstep checkpoint",
+    p = sub.add_parser("import", help=COMMAND_HELP["import"],
                        description="Convert a foreign teacher into a fewstep checkpoint folder. An EDM .pkl is read "
                                    "with an allow-list unpickler (its embedded code is never run) and rebuilt by "
                                    "fewstep's own implementation of EDM's networks.")
@@ -18,7 +22,7 @@ def register(sub):
                         "feature loss); default: the last decoder block of the architecture")
     p.set_defaults(func=cmd_import)
 
-    e = sub.add_parser("export", help="write a student (or teacher) as a folder other tools load",
+    e = sub.add_parser("export", help=COMMAND_HELP["export"],
                        description="Export a fewstep checkpoint as a diffusers pipeline folder whose sampler "
                                    "reproduces `fewstep sample` (grid, AFS, NFE).")
     e.add_argument("model", help="checkpoint folder or built-in name")
@@ -29,17 +33,12 @@ def register(sub):
 
 
 def cmd_import(args):
-    from fewstep.interop import import_model
-
     opts = {"feature_layer": args.feature_layer} if args.feature_layer else {}
     out = import_model(args.source, args.out, **opts)
     print(f"imported {args.source} → {out} (see: fewstep info {out})")
 
 
 def cmd_export(args):
-    from fewstep.interop.diffusers_io import export_diffusers
-    from fewstep.models import resolve_model
-
     out = export_diffusers(resolve_model(args.model), Path(args.out), nfe=args.nfe)
     print(f"exported {args.model} → {out} (diffusers: DiffusionPipeline.from_pretrained({str(out)!r}, "
           "custom_pipeline=…/pipeline.py, trust_remote_code=True); see its README.md)")

