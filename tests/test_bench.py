@@ -5,14 +5,15 @@ import shutil
 import pytest
 import torch
 
-from fewstep.bench import ALL_METHODS, SOLVER_GRIDS, Bench, BenchSpec, preset
+from fewstep.bench import SOLVER_GRIDS, Bench, BenchSpec, bench_methods
+from fewstep.benchspec import preset
 from fewstep.errors import FewstepError
 from fewstep.report import fmt_time, reading, results_table
 
 
 def tiny_spec(teacher, **kw):
     """Every method at toy budgets: seconds, not minutes."""
-    spec = dict(teacher=str(teacher), data="gmm8", methods=list(ALL_METHODS), nfe=[2], sfd_nfe=[2], sfdv_nfe=[1, 3],
+    spec = dict(teacher=str(teacher), data="gmm8", methods=list(bench_methods()), nfe=[2], sfd_nfe=[2], sfdv_nfe=[1, 3],
                 sfddm_steps=[4], sfddm_variants=["trailing/random"], n_samples=200, seeds=[0, 1], ref_nfe=16,
                 sfd_trajectories=512, sfd_batch=128, sfd_lr=1e-3, sfdv_trajectory_factor=1.0,
                 sfd_stage2_trajectory_factor=0.5, sfddm_iters=20, sfddm_batch=64, pd_start_steps=16,
@@ -136,8 +137,14 @@ def test_bad_bench_input_is_named():
         Bench(BenchSpec(teacher="gmm8-teacher", data="gmm8", methods=["sfdd"]), "/nonexistent-never-written")
 
 
+# the labels and roles a bench writes beside each row (see fewstep.bench and the methods' rows)
+LABELS = {"data": "data floor (real samples)", "teacher": "teacher (reference), dpmpp2m", "sfd": "SFD",
+          "ddim": "DDIM", "dpmpp3m": "DPM-Solver++(3M)"}
+
+
 def _row(method, nfe, fcd, **kw):
-    return {"key": f"{method}-{nfe}", "method": method, "nfe": nfe, "quality": {
+    return {"key": f"{method}-{nfe}", "method": method, "nfe": nfe, "label": LABELS[method],
+            "reference": method in ("data", "teacher"), "quality": {
         "fcd": {"mean": fcd, "std": 1.0}, "kid": {"mean": 0.0, "std": 0.0},
         "precision": {"mean": 0.9, "std": 0.0}, "recall": {"mean": 0.9, "std": 0.0}},
         "sample_s_per_1000": None if method == "data" else 1.0, "forward_s_per_1000": None if method == "data" else 0.5,
@@ -149,7 +156,7 @@ def test_reading_measures_gaps_over_the_data_floor():
             _row("sfd", 2, 95.0, distill_wall_s=30.0, distill_vs_teacher_training=0.01),
             _row("ddim", 2, 150.0), _row("sfd", 4, 110.0, distill_wall_s=30.0, distill_vs_teacher_training=0.05)]
     summary = {"quality_key": "fcd", "rows": rows}
-    lines = "\n".join(reading(summary, {}))
+    lines = "\n".join(reading(summary))
     # 95 is 1.19x the teacher's 80, but 25 over the floor of 70 against the teacher's 10: 2.5x
     assert "SFD at NFE 2: FCD 95 = 1.19× the teacher's; over the floor 25 vs the teacher's 10 (2.5×)" in lines
     assert "(target ≤ 2×: met); distillation cost 1.0 % of teacher training (target ≤ 2 %: met)" in lines
@@ -179,7 +186,7 @@ def test_the_row_progress_bar_leaves_the_samples_alone(tiny_gmm8_teacher, tmp_pa
     bench = Bench(tiny_spec(tiny_gmm8_teacher, methods=["ddim"], seeds=[0]), tmp_path, progress=True)
     plain = sample(bench.teacher, 200, noise=bench.noise[0], progress=False, nfe=4, sampler="ddim")
     monkeypatch.setattr(fewstep.bench.tqdm, "update", lambda self, n=1: True)
-    with bench._sampling_bar({"key": "ddim-4", "nfe": 4}, bench.teacher, 0):
+    with bench._sampling_bar(next(r for r in bench.plan() if r.key == "ddim-2"), bench.teacher, 0):
         ticked = sample(bench.teacher, 200, noise=bench.noise[0], progress=False, nfe=4, sampler="ddim")
     assert torch.equal(plain, ticked)
 
@@ -223,7 +230,7 @@ def test_the_long_sfddm_run_is_read_along_the_run_against_its_ceiling(bench_run,
     assert card["training"]["iterations"] == n and long["made_from"] != short["made_from"]
     assert [p["step"] for p in long["cost_curve"]] == [n // 4 * k for k in (1, 2, 3, 4)] + ([n] if n % 4 else [])
     assert long["distill_wall_s"] > short["distill_wall_s"]
-    report = "\n".join(reading(summary, {}))  # (report.md itself is rewritten by the rerun test)
+    report = "\n".join(reading(summary))  # (report.md itself is rewritten by the rerun test)
     ceiling = rows["teacher-on-phi-4-trailing-ddpm"]["quality"]["swd"]["mean"]
     first, last = (long["cost_curve"][i]["quality"]["swd"] for i in (0, -1))
     assert (f"SFDDM (trailing/random, long run), NFE 4: SWD along the run (first sample seed) "
@@ -234,14 +241,14 @@ def test_the_long_sfddm_run_is_read_along_the_run_against_its_ceiling(bench_run,
 
 def test_separation_of_teacher_sfd2_and_dpmpp3m5_is_read_out():
     rows = [_row("teacher", 100, 20.0, sampler="dpmpp2m"), _row("sfd", 2, 40.0), _row("dpmpp3m", 5, 41.5)]
-    lines = "\n".join(reading({"quality_key": "fcd", "rows": rows}, {}))
+    lines = "\n".join(reading({"quality_key": "fcd", "rows": rows}))
     assert "SFD vs DPM-Solver++(3M) 1.5 apart (> the larger spread 1)" in lines
     assert "All three told apart." in lines
     rows[2]["quality"]["fcd"]["std"] = 2.0
-    lines = "\n".join(reading({"quality_key": "fcd", "rows": rows}, {}))
+    lines = "\n".join(reading({"quality_key": "fcd", "rows": rows}))
     assert "SFD vs DPM-Solver++(3M) 1.5 apart (≤ the larger spread 2)" in lines and "Not all told apart." in lines
     # without the three rows there is nothing to read
-    assert "Separation" not in "\n".join(reading({"quality_key": "fcd", "rows": rows[:2]}, {}))
+    assert "Separation" not in "\n".join(reading({"quality_key": "fcd", "rows": rows[:2]}))
 
 
 def test_results_page_gathers_finished_benches_and_names_the_missing(bench_run, tmp_path):
@@ -284,7 +291,7 @@ def test_time_to_quality_is_read_off_each_run():
              {"wall_s": 150.0, "step": 3, "quality": {"fcd": 79.0}}]
     rows = [_row("data", 0, 70.0), _row("teacher", 100, 80.0, sampler="dpmpp2m"),
             _row("sfd", 2, 79.0, cost_curve=curve), _row("sfd", 3, 90.0, cost_curve=curve[:2])]
-    lines = "\n".join(reading({"quality_key": "fcd", "rows": rows}, {}))
+    lines = "\n".join(reading({"quality_key": "fcd", "rows": rows}))
     # 1.5x the teacher's 10 over the floor of 70: 85, first met at the 90 s point
     assert ("SFD, NFE 2, along its run: the teacher's FCD (80) reached after 2.5 min; 1.5× the teacher's gap over "
             "the floor FCD (85) reached after 90 s (best 79 at 2.5 min).") in lines

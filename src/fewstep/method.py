@@ -26,10 +26,11 @@ class Method:
     add_arguments: Callable[[argparse.ArgumentParser, Callable[..., None]], None]
     run: Callable[[argparse.Namespace], None]                 # the command, from its parsed arguments
     parser_options: dict = field(default_factory=dict)        # description, epilog, formatter of its parser
+    bench_methods: tuple = ()                    # the names its rows answer to in a bench's `methods`
     bench_rows: Callable | None = None           # (bench) -> the rows it adds to the plan, in order
-    bench_extras: Callable | None = None         # (bench, summary, figure folder) -> extra measurements
+    bench_extras: Callable | None = None         # (bench, summary, figure folder) -> entries added to the summary
     reading: Callable | None = None              # (summary) -> report lines about its rows
-    report_sections: Callable | None = None      # (summary, figure folder, slug) -> markdown lines of its own
+    report_section: Callable | None = None       # (summary, figure folder, file prefix) -> (title, lines) or None
 
 
 @dataclass
@@ -39,7 +40,8 @@ class Row:
     distilled, what budget it had and what its distillation cost.
 
     `method` is the `--methods` name the row belongs to; `panel` the cost figure's panel it is drawn in;
-    `reference` rows (real data, the teacher) set levels and are never "best"."""
+    `reference` rows (real data, the teacher) set levels and are never "best"; `apart` rows vary another
+    row (an ablation) and are shown in their method's own report section, not in the main table."""
 
     key: str
     method: str
@@ -48,6 +50,7 @@ class Row:
     model: str | None = None
     panel: str | None = None
     reference: bool = False
+    apart: bool = False
 
     def record(self) -> dict:
         """The row's description in results.json (every field; the measured numbers are added beside)."""

@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,12 +43,13 @@ from fewstep import argtypes as A
 from fewstep.checkpoint import (CARD_NAME, Checkpoint, load_checkpoint, read_card, remove_stale_temp_files,
                                 save_checkpoint, teacher_reference)
 from fewstep.denoiser import Denoiser
+from fewstep.distill import sfddm
 from fewstep.distill.common import distill_data, distill_labels
 from fewstep.errors import FewstepError
-from fewstep.method import Method
+from fewstep.method import Method, Row
 from fewstep.models import load_model
 from fewstep.nets import channels_last_copy, set_dropout
-from fewstep.sampling import sample_shape
+from fewstep.sampling import sample, sample_shape
 from fewstep.schedule import check_grid, index_subsequence, make_grid
 from fewstep.solvers import solve
 from fewstep.train import (StepContext, TrainConfig, Trainer, TrainMethod, fresh_autocast, pick_device, run_record,
@@ -370,6 +373,108 @@ def progressive_distill(teacher_ckpt, data: torch.Tensor, start_steps: int | Non
     return out_dir
 
 
+# ---- the bench: one chain of folds, a row per fold the SFDDM step counts name ---------------------------------
+
+def targets(spec) -> list[int]:
+    """Progressive distillation's step counts: each SFDDM T' rounded to the nearest power of two."""
+    return sorted({2 ** round(math.log2(t)) for t in spec.sfddm_steps})
+
+
+def chain_name(spec) -> str:
+    return f"progressive-from-{spec.pd_start_steps}"
+
+
+@dataclass
+class ProgressiveRow(Row):
+    """The fold of one chain (start steps → … → the smallest target) that samples in nfe steps; its cost is the
+    folds up to it."""
+
+    def budget(self, bench) -> dict:
+        s = bench.spec
+        iters = s.pd_iters_per_fold if s.pd_iters_per_fold is not None else ITERS_PER_FOLD
+        return {"iterations": iters, "batch": s.pd_batch, "lr": s.pd_lr, "per_fold": True}
+
+    def ensure_model(self, bench):
+        path, budget = bench.model_dir(self.model), self.budget(bench)
+        if bench.finished(path, budget):
+            return path
+        s = bench.spec
+        ds = bench.data()
+        info = {**ds.info, "name": ds.name, "kind": ds.kind, "shape": list(ds.shape)}
+        chain = bench.model_dir(chain_name(s))
+        train = TrainConfig(steps=budget["iterations"], batch=budget["batch"], lr=budget["lr"],
+                            lr_schedule=FOLD_LR_SCHEDULE, seed=s.seed, device=str(bench.device),
+                            progress=bench.progress, n_preview=0, log_every=max(10, budget["iterations"] // 20))
+        # finished folds are reused and an interrupted one continues
+        progressive_distill(bench.teacher, ds.x, s.pd_start_steps, min(targets(s)), chain, train, data_info=info,
+                            resume=chain.exists(), run_info={"command": "fewstep bench (progressive)"},
+                            log=lambda msg: None)
+        return path
+
+    def _folds(self, bench) -> tuple[Path, list]:
+        chain = bench.model_dir(chain_name(bench.spec))
+        return chain, read_card(chain)["method"]["folds"]
+
+    def distill_seconds(self, bench, card: dict) -> float:
+        return float(sum(f["wall_time_s"] or 0 for f in self._folds(bench)[1] if f["student_steps"] >= self.nfe))
+
+    def distill_profile(self, bench, card: dict) -> dict | None:
+        """The folds down to the row's, iteration-weighted."""
+        chain, folds = self._folds(bench)
+        profs = []
+        for f in (f for f in folds if f["student_steps"] >= self.nfe):
+            try:
+                fc = read_card(chain / f.get("dir", f"fold-{f['student_steps']}"))
+            except FewstepError:
+                return None
+            prof = (fc.get("training") or {}).get("profile")
+            if prof is None:
+                return None
+            profs.append((int(fc["training"]["iterations"]), prof))
+        if not profs:
+            return None
+        n = sum(it for it, _ in profs)
+        out = {k: sum(it * p[k] for it, p in profs) / n for k in profs[0][1]
+               if k not in ("iterations_measured", "overhead")}
+        out["iterations_measured"] = sum(p["iterations_measured"] for _, p in profs)
+        out["overhead"] = out["iter_s"] / out["floor_s"] if out.get("floor_s") else None
+        out["folds"] = len(profs)
+        return out
+
+    def cost_curve(self, bench, ckpt, kw: dict) -> list[dict]:
+        """Each fold's final student at its own step count, down to the row's, against the wall time so far."""
+        seed, noise = bench.curve_noise()
+        chain, folds = self._folds(bench)
+        points, wall = [], 0.0
+        for f in folds:
+            wall += float(f.get("wall_time_s") or 0)
+            if f["student_steps"] < self.nfe:
+                break
+            fold = load_checkpoint(chain / f.get("dir", f"fold-{f['student_steps']}"), device=bench.device)
+            x = sample(fold, len(noise), seed=seed, noise=noise, progress=False)
+            points.append({"wall_s": wall, "nfe": f["student_steps"], "n": len(noise),
+                           "quality": bench.score_curve_point(x, seed)})
+        return points
+
+
+def bench_rows(bench) -> list[Row]:
+    if "progressive" not in bench.spec.methods:
+        return []
+    rows, chain = [], chain_name(bench.spec)
+    for T in targets(bench.spec):
+        rows.append(ProgressiveRow(f"progressive-{T}", "progressive", T, "progressive distillation",
+                                   model=f"{chain}/fold-{T}", panel=sfddm.PANEL))
+        rows += sfddm.ceiling_rows(bench, T, ["trailing"])  # its grids are the trailing phi
+    return rows
+
+
+def reading(summary: dict) -> list[str]:
+    key = summary["quality_key"]
+    rows = [r for r in summary["rows"] if not r.get("apart")]
+    return [line for r in rows if r["method"] == "progressive"
+            for line in [sfddm.ceiling_line(r, rows, key, "trailing")] if line]
+
+
 # ---- the command line ---------------------------------------------------------------------------------
 
 def add_arguments(p, add_loop_options):
@@ -409,7 +514,8 @@ def run(args):
           f"(sample it with: fewstep sample {out}; NFE {m['student_steps']})")
 
 
-METHOD = Method(add_arguments=add_arguments, run=run, parser_options=dict(
+METHOD = Method(add_arguments=add_arguments, run=run, bench_methods=("progressive",), bench_rows=bench_rows,
+                reading=reading, parser_options=dict(
     conflict_handler="resolve", formatter_class=argparse.RawDescriptionHelpFormatter,
     description="Each fold trains a copy of its teacher to do two teacher DDIM steps in one, halving the\n"
                 "steps, until --steps remain. Every fold is kept in OUT/fold-<steps>/; OUT holds the final\n"

@@ -21,19 +21,22 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fewstep import argtypes as A
-from fewstep.checkpoint import Checkpoint, teacher_reference
+from fewstep.checkpoint import Checkpoint, load_checkpoint, read_card, teacher_reference
 from fewstep.distill.trajectory_cache import TrajectoryCache, module_digest
 from fewstep.errors import FewstepError
 from fewstep.featnet import available_classifiers
-from fewstep.method import Method
+from fewstep.method import Method, Row
 from fewstep.models import load_model
 from fewstep.nets import STEP_CONDITIONS, channels_last_copy, set_dropout
 from fewstep.perceptual import perceptual_distance
 from fewstep.sampling import sample_shape
 from fewstep.schedule import GRID_KINDS, check_grid, check_nested, nested_grids
+from fewstep.show import (budget_label, fmt_paired, fmt_quality, fmt_time, interval, lower_beyond, plt,
+                          reference_levels, savefig, versus)
 from fewstep.solvers import LOWER_ORDER_FINAL, afs_direction, solve
 from fewstep.train import StepContext, TrainConfig, Trainer, TrainMethod, pick_device, run_record
 
@@ -489,6 +492,349 @@ def iterations_for(trajectories: int, batch: int) -> int:
     return max(1, math.ceil(trajectories / batch))
 
 
+# ---- the bench: SFD, SFD-v and the 1-NFE stage, and the recipe measured both ways ---------------------------
+
+PANEL = "SFD, SFD-v and the 1-NFE stage"
+LABELS = {"sfd": "SFD", "sfd-v": "SFD-v", "sfd-stage2": "SFD 2nd stage"}
+
+
+@dataclass(frozen=True)
+class RecipeSetting:
+    """One setting of SFD's recipe measured both ways: the run with the authors' value is the bench's own
+    row (every default is the authors'), and an ablation row trains the same run again with the other value."""
+    name: str
+    label: str
+    method: str               # the rows it changes: "sfd", "sfd-v" or "sfd-stage2"
+    authors: str              # the authors' value, in words
+    other: str                # the value it is measured against
+    config: tuple = ()        # SFDConfig fields of the other value, as (name, value) pairs
+    grad_clip: float | None = None   # the other value's gradient clip, where that is the setting
+    lr: float | None = None          # ... learning rate
+    factor: float | None = None      # ... budget, in trajectories of one SFD run
+    nfe: int | None = None           # SFD rows: the NFE it is measured at (the smallest where it matters)
+
+
+SFD_RECIPE = {r.name: r for r in (
+    RecipeSetting("grad-clip", "gradient clipping (SFD)", "sfd", "none", "norm 1", grad_clip=1.0, nfe=2),
+    RecipeSetting("grad-clip-sfdv", "gradient clipping (SFD-v)", "sfd-v", "none", "norm 1", grad_clip=1.0),
+    RecipeSetting("final-orders", "teacher's last steps", "sfd", "orders 2 then 1 on every grid",
+                  "lowered on grids under 15 steps only", config=(("teacher_final_orders", "short"),), nfe=3),
+    RecipeSetting("sfdv-budget", "SFD-v budget", "sfd-v", f"{SFDV_TRAJECTORY_FACTOR}x one SFD run", "1x one SFD run",
+                  factor=1),
+    RecipeSetting("step-condition", "SFD-v step condition", "sfd-v", "per-block affine, xavier init",
+                  "one zero-initialised embedding", config=(("step_condition", "zero"),)),
+    RecipeSetting("stage2-lr", "1-NFE stage learning rate", "sfd-stage2", f"{STAGE2_LR:g}", f"{SFD_LR:g}", lr=SFD_LR),
+    RecipeSetting("stage2-budget", "1-NFE stage budget", "sfd-stage2", f"{STAGE2_TRAJECTORY_FACTOR}x one SFD run",
+                  "1x one SFD run", factor=1),
+    RecipeSetting("stage2-perceptual", "1-NFE stage perceptual term", "sfd-stage2",
+                  "on, added to every pixel (weight C·H·W)", "off", config=(("perceptual", None),)),
+    RecipeSetting("stage2-condition", "1-NFE stage step condition", "sfd-stage2", "its own N = 3",
+                  "the first stage's mode, N = 7", config=(("stage2_condition", "teacher"),)),
+)}
+
+
+def sfd_nfe_for(nfe: list) -> list:
+    """The NFEs SFD distils at when none are named: the bench's NFEs up to 10 (a few-step method)."""
+    return [n for n in nfe if n <= 10]
+
+
+def sfdv_model(spec) -> str:
+    """The SFD-v model's folder name; the 1-NFE second stage starts from it."""
+    return "sfdv-" + "_".join(map(str, spec.sfdv_nfe))
+
+
+@dataclass
+class SFDRow(Row):
+    """A row of SFD (method "sfd"), SFD-v ("sfd-v") or the 1-NFE stage ("sfd-stage2"); with `recipe`, the same
+    run with that recipe setting's other value (drawn apart, in the recipe table)."""
+
+    recipe: str | None = None
+
+    @property
+    def setting(self) -> RecipeSetting | None:
+        return SFD_RECIPE.get(self.recipe)
+
+    def budget(self, bench) -> dict:
+        s, setting = bench.spec, self.setting
+        factor = {"sfd": 1, "sfd-v": s.sfdv_trajectory_factor, "sfd-stage2": s.sfd_stage2_trajectory_factor}[self.method]
+        lr = s.sfd_stage2_lr if self.method == "sfd-stage2" else s.sfd_lr
+        if setting is not None:
+            factor = setting.factor if setting.factor is not None else factor
+            lr = setting.lr if setting.lr is not None else lr
+        return {"iterations": iterations_for(round(s.sfd_trajectories * factor), s.sfd_batch), "batch": s.sfd_batch,
+                "lr": lr}
+
+    def grad_clip(self, bench) -> float | None:
+        setting = self.setting
+        return setting.grad_clip if setting is not None and setting.grad_clip is not None else bench.spec.sfd_grad_clip
+
+    def config(self, **fields) -> SFDConfig:
+        """The authors' recipe (the defaults), with the setting's other value if the row has one."""
+        return SFDConfig(**fields, **dict(self.setting.config if self.setting else ()))
+
+    def ensure_model(self, bench):
+        path, budget = bench.model_dir(self.model), self.budget(bench)
+        if bench.finished(path, budget):
+            return path
+        s = bench.spec
+        if self.method == "sfd-stage2":
+            first_path = first_stage_row(bench).ensure_model(bench)
+            first = load_checkpoint(first_path, device=bench.device)
+            method = SFD(first, self.config(stage2=True), teacher_ref=teacher_reference(first_path),
+                         trajectory_cache=bench.trajectory_cache)
+        else:
+            nfe = [self.nfe] if self.method == "sfd" else list(s.sfdv_nfe)
+            method = SFD(bench.teacher, self.config(nfe=nfe), teacher_ref=teacher_reference(bench.teacher.path),
+                         trajectory_cache=bench.trajectory_cache)
+        bench.train(method, path, budget, "step", grad_clip=self.grad_clip(bench))
+        return path
+
+    def distill_seconds(self, bench, card: dict) -> float:
+        own = float((card.get("training") or {}).get("wall_time_s") or 0)
+        if self.method == "sfd-stage2":  # the first stage it starts from
+            return own + float(read_card(bench.model_dir(sfdv_model(bench.spec)))["training"]["wall_time_s"])
+        return own
+
+
+def _row(method: str, nfe: int, model: str, key: str | None = None, recipe: str | None = None) -> SFDRow:
+    label = LABELS[method] + (f" ~ {recipe}" if recipe else "")
+    return SFDRow(key or model, method, nfe, label, model=model, panel=PANEL, recipe=recipe, apart=recipe is not None)
+
+
+def first_stage_row(bench) -> SFDRow:
+    """The SFD-v run the 1-NFE stage starts from (at its largest NFE)."""
+    return _row("sfd-v", max(bench.spec.sfdv_nfe), sfdv_model(bench.spec))
+
+
+def bench_rows(bench) -> list[SFDRow]:
+    """SFD at each of its NFEs, SFD-v at each of its, the 1-NFE stage, then each recipe setting's other value
+    (after the authors' runs, so they read those runs' teacher trajectories from the cache)."""
+    s, rows = bench.spec, []
+    tag = sfdv_model(s)
+    if "sfd" in s.methods:
+        rows += [_row("sfd", n, f"sfd-{n}") for n in (s.sfd_nfe if s.sfd_nfe is not None else sfd_nfe_for(s.nfe))]
+    if "sfd-v" in s.methods:
+        rows += [_row("sfd-v", n, tag, key=f"{tag}-{n}") for n in s.sfdv_nfe]
+    if "sfd-stage2" in s.methods:
+        rows.append(_row("sfd-stage2", 1, "sfd-stage2", key="sfd-stage2-1"))
+    for name in s.sfd_recipe:
+        if name not in SFD_RECIPE:
+            raise FewstepError(f"sfd_recipe: unknown setting {name!r}; expected some of {', '.join(SFD_RECIPE)}")
+        setting = SFD_RECIPE[name]
+        if setting.method not in s.methods:
+            continue
+        if setting.method == "sfd":
+            rows.append(_row("sfd", setting.nfe, f"sfd-{setting.nfe}~{name}", recipe=name))
+        elif setting.method == "sfd-v":
+            rows += [_row("sfd-v", n, f"{tag}~{name}", key=f"{tag}~{name}-{n}", recipe=name) for n in s.sfdv_nfe]
+        else:
+            rows.append(_row("sfd-stage2", 1, f"sfd-stage2~{name}", key=f"sfd-stage2~{name}-1", recipe=name))
+    return rows
+
+
+def bench_extras(bench, summary: dict, figdir) -> dict:
+    """The recipe settings the bench measured, described for the report."""
+    return {"sfd_recipe": {n: {"label": SFD_RECIPE[n].label, "method": SFD_RECIPE[n].method,
+                               "authors": SFD_RECIPE[n].authors, "other": SFD_RECIPE[n].other}
+                           for n in bench.spec.sfd_recipe}}
+
+
+# ---- the report -----------------------------------------------------------------------------------------
+
+def _own_rows(summary: dict) -> dict:
+    return {(r["method"], r["nfe"]): r for r in summary["rows"] if r["method"] in LABELS and not r.get("recipe")}
+
+
+def recipe_table(summary: dict) -> str:
+    """Each SFD recipe setting measured both ways, one line per NFE: the run with the authors' value (the
+    bench's own row) against the run with the other value, in the paired distance to the teacher's samples
+    and the quality metric, each with its 95 % interval, and which is lower beyond both intervals."""
+    settings = summary.get("sfd_recipe") or {}
+    key = summary["quality_key"]
+    own = _own_rows(summary)
+    head = ["setting", "authors' value", "other value", "NFE", "paired RMSE: authors'", "other",
+            f"{key.upper()}: authors'", "other", "distill time: authors'", "other", "lower beyond the intervals"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in summary["rows"]:
+        setting = settings.get(r.get("recipe"))
+        base = own.get((r["method"], r["nfe"]))
+        if setting is None or base is None:
+            continue
+        verdicts = []
+        pa, pb = (base.get("paired") or {}).get("rmse"), (r.get("paired") or {}).get("rmse")
+        if pa and pb:
+            verdicts.append(("paired RMSE", lower_beyond((pa["ci_low"], pa["ci_high"]), (pb["ci_low"], pb["ci_high"]))))
+        qa, qb = interval(base["quality"], key), interval(r["quality"], key)
+        if qa and qb:
+            verdicts.append((key.upper(), lower_beyond(qa, qb)))
+        said = [f"{'authors' if v < 0 else 'other'} ({m})" for m, v in verdicts if v]
+        lines.append("| " + " | ".join([
+            setting["label"], setting["authors"], setting["other"], str(r["nfe"]), fmt_paired(base), fmt_paired(r),
+            fmt_quality(base["quality"], key), fmt_quality(r["quality"], key), fmt_time(base.get("distill_wall_s")),
+            fmt_time(r.get("distill_wall_s")), "; ".join(said) if said else "neither"]) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def plot_recipe(summary: dict, path: Path) -> bool:
+    """Each recipe line as two points with their 95 % intervals: the authors' value and the other, in the
+    paired RMSE (left) and the quality metric (right)."""
+    if not recipe_table(summary):
+        return False
+    settings, key = summary["sfd_recipe"], summary["quality_key"]
+    own = _own_rows(summary)
+    lines = [(r, own[(r["method"], r["nfe"])]) for r in summary["rows"]
+             if r.get("recipe") in settings and (r["method"], r["nfe"]) in own]
+    pyplot = plt()
+    fig, axes = pyplot.subplots(1, 2, figsize=(11, 0.32 * len(lines) + 1.4), sharey=True)
+    labels = [f"{settings[r['recipe']]['label']}, NFE {r['nfe']}" for r, _ in lines]
+    y = np.arange(len(lines))[::-1]
+    for ax, metric in zip(axes, ("paired RMSE", key.upper())):
+        for which, offset, color, name in ((1, 0.15, "tab:blue", "authors' value"), (0, -0.15, "tab:orange", "other value")):
+            vals, errs = [], []
+            for pair in lines:
+                r = pair[which]
+                if metric == "paired RMSE":
+                    p = (r.get("paired") or {}).get("rmse") or {"mean": np.nan, "ci_low": np.nan, "ci_high": np.nan}
+                    lo, mid, hi = p["ci_low"], p["mean"], p["ci_high"]
+                else:
+                    ci = interval(r["quality"], key) or (np.nan, np.nan)
+                    lo, mid, hi = ci[0], r["quality"][key]["mean"], ci[1]
+                vals.append(mid)
+                errs.append((mid - lo, hi - mid))
+            ax.errorbar(vals, y + offset, xerr=np.array(errs).T, fmt="o", ms=4, capsize=2, color=color, label=name)
+        ax.set_xlabel(f"{metric} (lower is better; bars: 95 % intervals)")
+        ax.grid(alpha=0.3)
+    axes[0].set_yticks(y)
+    axes[0].set_yticklabels(labels, fontsize=8)
+    axes[0].legend(fontsize=8)
+    savefig(fig, path)
+    pyplot.close(fig)
+    return True
+
+
+def family_table(summary: dict) -> str:
+    """The SFD family with the authors' recipe at each NFE, beside the teacher and the data floor."""
+    key = summary["quality_key"]
+    rows = [r for r in summary["rows"] if (r.get("reference") or r["method"] in LABELS) and not r.get("recipe")]
+    if not any(r["method"] in LABELS for r in rows):
+        return ""
+    head = ["method", "NFE", key.upper(), "paired RMSE", "budget", "distill time"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in sorted(rows, key=lambda r: (not r.get("reference"), r["nfe"], r["method"])):
+        lines.append("| " + " | ".join([r["label"], str(r["nfe"]) if r["nfe"] else "–", fmt_quality(r["quality"], key),
+                                        fmt_paired(r), budget_label(r), fmt_time(r.get("distill_wall_s"))]) + " |")
+    return "\n".join(lines)
+
+
+RECIPE_INTRO = ("SFD runs its authors' recipe by default (zju-pi/diff-sampler, `sfd-main`): no gradient clipping, "
+                "SFD-v on four times one SFD run's trajectories with the step condition as a per-block affine, the "
+                "1-NFE stage on ten times at learning rate 5e-4 with a perceptual term on its last step, and a "
+                "DPM-Solver++(3M) teacher whose last two steps drop to orders 2 and 1. Each setting below was also "
+                "trained with its other value, on the same seeds and teacher trajectories, at budgets that keep the "
+                "authors' ratios.")
+RECIPE_NOTE = ("Each line trains one run twice, with the SFD authors' value of one setting (the bench's own row; "
+               "every default is the authors') and with the other value, everything else equal (same seeds, "
+               "same teacher trajectories). Paired RMSE: the RMS pixel difference between a student's sample and "
+               "the teacher reference's sample from the same noise, mean over the pairs with half its 95 % "
+               "interval; the quality metric with half its 95 % interval. The last column names the value whose "
+               "interval lies wholly below the other's.")
+
+
+def targets_reading(summary: dict) -> list[str]:
+    """The SFD family against the paper's own ratios (CIFAR-10, FID): SFD-v within 10 % of SFD at each NFE it
+    shares (the paper's SFD-v is better), the 1-NFE stage at most 1.3x SFD at NFE 2, SFD at NFE 2 at most
+    2.3x the teacher."""
+    key = summary["quality_key"]
+    K = key.upper()
+    q = {k: r["quality"][key]["mean"] for k, r in _own_rows(summary).items()}
+    teacher = reference_levels(summary["rows"], key)[0]
+    lines = []
+    shared = sorted(n for (m, n) in q if m == "sfd-v" and ("sfd", n) in q)
+    if shared:
+        ratios = [(n, q[("sfd-v", n)] / q[("sfd", n)]) for n in shared]
+        lines.append(f"- SFD-v / SFD ({K}; target ≤ 1.10 at every NFE, the paper's 0.94–0.97): " +
+                     ", ".join(f"NFE {n} {v:.2f}" for n, v in ratios) +
+                     f" ({'met' if all(v <= 1.10 for _, v in ratios) else 'not met'}).")
+    if ("sfd-stage2", 1) in q and ("sfd", 2) in q:
+        v = q[("sfd-stage2", 1)] / q[("sfd", 2)]
+        lines.append(f"- 1-NFE stage / SFD at NFE 2 ({K}; target ≤ 1.3, the paper's 1.29): {v:.2f} "
+                     f"({'met' if v <= 1.3 else 'not met'}).")
+    if teacher is not None and ("sfd", 2) in q:
+        v = q[("sfd", 2)] / teacher["quality"][key]["mean"]
+        lines.append(f"- SFD at NFE 2 / teacher ({K}; target ≤ 2.3, the paper's 2.3): {v:.2f} "
+                     f"({'met' if v <= 2.3 else 'not met'}).")
+    return lines
+
+
+def reading(summary: dict) -> list[str]:
+    key, K = summary["quality_key"], summary["quality_key"].upper()
+    rows = [r for r in summary["rows"] if not r.get("recipe")]
+    teacher, floor = reference_levels(rows, key)
+    lines = targets_reading(summary)
+    own = _own_rows(summary)
+    if teacher is not None:
+        rq = teacher["quality"][key]["mean"]
+        for nfe, factor in ((2, 2.0), (4, 1.5)):
+            r = own.get(("sfd", nfe))
+            if r:
+                q = r["quality"][key]["mean"]
+                cost = r.get("distill_vs_teacher_training")
+                lines.append(f"- SFD at NFE {nfe}: {K} {versus(q, rq, floor)} (target ≤ {factor:g}×: "
+                             f"{'met' if q <= factor * rq else 'not met'}); distillation cost "
+                             f"{100 * (cost or float('nan')):.1f} % of teacher training "
+                             f"(target ≤ 2 %: {'met' if cost is not None and cost <= 0.02 else 'not met'}).")
+    seen = set()
+    for r in rows:  # one line per model: SFD-v's rows share theirs
+        cache = r.get("trajectory_cache")
+        if r["method"] in LABELS and cache and cache.get("hits") and r["model"] not in seen:
+            seen.add(r["model"])
+            total = cache["hits"] + cache["misses"]
+            lines.append(f"- {r['label']}: {cache['hits']} of its {total} iterations read their teacher "
+                         "trajectories from the bench's trajectory cache (computed by the SFD rows with the same "
+                         "noise; exact), so its distill time has no teacher part for those.")
+    separation = separation_reading(rows, key)
+    return lines + ([separation] if separation else [])
+
+
+def separation_reading(rows: list, key: str) -> str | None:
+    """Whether the rows that matter most are told apart: the teacher, SFD at NFE 2 and DPM-Solver++(3M) at NFE 5."""
+    teacher = next((r for r in rows if r["method"] == "teacher"), None)
+    sfd2 = next((r for r in rows if r["method"] == "sfd" and r["nfe"] == 2), None)
+    solver = next((r for r in rows if r["method"] == "dpmpp3m" and r["nfe"] == 5), None)
+    found = [teacher, sfd2, solver]
+    if any(f is None for f in found):
+        return None
+    pairs, ok = [], True
+    for i in range(len(found)):
+        for j in range(i + 1, len(found)):
+            a, b = found[i]["quality"][key], found[j]["quality"][key]
+            gap = abs(a["mean"] - b["mean"])
+            ia, ib = interval(found[i]["quality"], key), interval(found[j]["quality"], key)
+            if ia and ib:
+                apart = lower_beyond(ia, ib) != 0
+                how = "intervals apart" if apart else "intervals overlap"
+            else:
+                spread = max(a["std"], b["std"])
+                apart = gap > spread
+                how = f"{'>' if apart else '≤'} the larger spread {spread:.2g}"
+            ok &= apart
+            pairs.append(f"{found[i]['label']} vs {found[j]['label']} {gap:.3g} apart ({how})")
+    return (f"- Separation ({key.upper()}, teacher / SFD NFE 2 / DPM-Solver++(3M) NFE 5): " + "; ".join(pairs) +
+            f". {'All three told apart.' if ok else 'Not all told apart.'}")
+
+
+def report_section(summary: dict, figdir: Path, prefix: str = "") -> tuple[str, list[str]] | None:
+    """("SFD recipe", its lines): the recipe table and figure, the family beside the teacher, the ratios."""
+    table = recipe_table(summary)
+    if not table:
+        return None
+    figure = f"{prefix}sfd-recipe.png"
+    plot_recipe(summary, figdir / figure)
+    return "SFD recipe", [RECIPE_INTRO, "", RECIPE_NOTE, "", table, "",
+                          f"![SFD recipe](figures/{figure})", "", "The SFD family with the authors' recipe:", "",
+                          family_table(summary), "", *targets_reading(summary)]
+
+
 # ---- the command line ---------------------------------------------------------------------------------
 
 def add_arguments(p, add_loop_options):
@@ -574,6 +920,7 @@ def run(args):
           f"(sample it with: fewstep sample {args.out}{' --nfe N' if len(method.grids) > 1 else ''})")
 
 
-METHOD = Method(add_arguments=add_arguments, run=run, parser_options=dict(
+METHOD = Method(add_arguments=add_arguments, run=run, bench_methods=tuple(LABELS), bench_rows=bench_rows,
+                bench_extras=bench_extras, reading=reading, report_section=report_section, parser_options=dict(
     description="Distil a teacher into a few-step Euler sampler without training data. One NFE gives SFD; a list "
                 "(e.g. 2,3,4,5) gives SFD-v, one model for all. Every default is the SFD authors' recipe."))

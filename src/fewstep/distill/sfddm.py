@@ -42,18 +42,20 @@ import torch
 import torch.distributed as dist
 
 from fewstep import argtypes as A
-from fewstep.checkpoint import Checkpoint, read_card, teacher_reference
+from fewstep.checkpoint import Checkpoint, load_checkpoint, read_card, teacher_reference
 from fewstep.denoiser import Denoiser
 from fewstep.distill.common import distill_data, distill_labels
 from fewstep.errors import FewstepError
-from fewstep.method import Method
+from fewstep.method import Method, Row
 from fewstep.models import load_model
 from fewstep.nets import FeatureTap, build_net, channels_last_copy, set_dropout
 from fewstep.sampling import check_memory, sample, sample_shape
 from fewstep.schedule import Schedule, index_subsequence
+from fewstep.show import reference_levels, versus
 from fewstep.solvers import STOCHASTIC, solve
 from fewstep.train import (StepContext, TrainConfig, Trainer, TrainMethod, fresh_autocast, pick_device, run_record,
                            untimed)
+from fewstep.viz import image_grid, pairs_picture, save_png
 
 INITS = ("random", "teacher")
 HIDDEN = ("l1", "kl", "none")
@@ -591,6 +593,197 @@ def compare_models(a, b, n: int = 256, seed: int = 0, sampler_a: str | None = No
     return xa, xb, stats
 
 
+# ---- the bench: SFDDM students, the teacher's own chain on phi (the ceiling), DDIM on the trailing steps ----
+
+PANEL = "SFDDM and progressive distillation"
+
+
+@dataclass
+class SFDDMRow(Row):
+    """An SFDDM student at T' = nfe with one index/init variant; `long`: the run of a fraction of the teacher's
+    training iterations, scored at more points along the way."""
+
+    variant: str = "trailing/random"
+    long: bool = False
+
+    def budget(self, bench) -> dict:
+        s = bench.spec
+        if self.long:
+            return {"iterations": long_iterations(bench), "batch": s.sfddm_batch, "lr": s.sfddm_lr}
+        iters = s.sfddm_iters if s.sfddm_iters is not None else default_iterations(bench.teacher_card, s.sfddm_batch)[0]
+        return {"iterations": iters, "batch": s.sfddm_batch, "lr": s.sfddm_lr}
+
+    def ensure_model(self, bench):
+        path, budget = bench.model_dir(self.model), self.budget(bench)
+        if bench.finished(path, budget):
+            return path
+        s = bench.spec
+        index, init = self.variant.split("/")
+        ds = bench.data()
+        info = {**ds.info, "name": ds.name, "kind": ds.kind, "shape": list(ds.shape)}
+        method = SFDDM(bench.teacher.denoiser, SFDDMConfig(steps=self.nfe, index=index, init=init, seed=s.seed),
+                       data_info=info, teacher_ref=teacher_reference(bench.teacher.path))
+        bench.train(method, path, budget, data=ds.x,  # the authors clip no gradients
+                    curve_points=s.sfddm_long_curve_points if self.long else None)
+        return path
+
+
+@dataclass
+class CeilingRow(Row):
+    """The teacher's own T'-step chain on phi (DDPM ancestral or DDIM): the best an SFDDM student can score,
+    whose loss is minimised by copying the teacher there. Discrete teachers only."""
+
+    sampler: str = "ddpm"
+    index: str = "trailing"
+
+    def sampling(self, bench) -> tuple:
+        phi = index_set(bench.teacher.denoiser, self.nfe, self.index)
+        return teacher_on_phi(bench.teacher, phi, self.sampler, None if bench.is_toy else 1.0), {}, None
+
+
+@dataclass
+class TrailingDDIMRow(Row):
+    """DDIM on the teacher's own steps at T' trailing points: the training-free row beside an SFDDM T'."""
+
+    sampler: str = "ddim"
+    trailing: bool = True
+
+    def sampling(self, bench) -> tuple:
+        return bench.teacher, {"nfe": self.nfe, "sampler": "ddim", "grid": "discrete"}, None
+
+
+def long_iterations(bench) -> int:
+    """The long SFDDM run's length: its fraction of the iterations the teacher's card says it trained."""
+    done = (bench.teacher_card.get("training") or {}).get("iterations")
+    if not done:
+        raise FewstepError(f"sfddm_long_fraction: the teacher {bench.spec.teacher} has no training iterations "
+                           "on its card to take a fraction of")
+    return max(1, round(bench.spec.sfddm_long_fraction * int(done)))
+
+
+def ceiling_rows(bench, T: int, indices: list) -> list[CeilingRow]:
+    """The teacher on its own T'-step chain at each index set (DDPM ancestral and DDIM); progressive
+    distillation's grids are the trailing phi. None for a continuous teacher."""
+    if not bench.teacher.denoiser.schedule.is_discrete:
+        return []
+    return [CeilingRow(f"teacher-on-phi-{T}-{index}-{name}", "teacher-on-phi", T,
+                       f"teacher on phi (ceiling) ({index}, {name})", panel=None, sampler=name, index=index)
+            for index in dict.fromkeys(indices) for name in ("ddpm", "ddim")]
+
+
+def bench_rows(bench) -> list[Row]:
+    s, rows = bench.spec, []
+    for T in s.sfddm_steps:
+        every = s.sfddm_variants_at is None or T in s.sfddm_variants_at
+        variants = s.sfddm_variants if every else s.sfddm_variants[:1]
+        if "sfddm" in s.methods:
+            for variant in variants:
+                index, init = variant.split("/")
+                rows.append(SFDDMRow(f"sfddm-{T}-{index}-{init}", "sfddm", T, f"SFDDM ({variant})",
+                                     model=f"sfddm-{T}-{index}-{init}", panel=PANEL, variant=variant))
+        if "ddim" in s.methods and "sfddm" in s.methods and bench.teacher.denoiser.schedule.is_discrete and T not in s.nfe:
+            rows.append(TrailingDDIMRow(f"ddim-trailing-{T}", "ddim", T, "DDIM (trailing steps)"))
+        if "sfddm" in s.methods:
+            rows += ceiling_rows(bench, T, [v.split("/")[0] for v in variants])
+    if "sfddm" in s.methods and s.sfddm_long_fraction:
+        # does longer training close the gap to the teacher's own chain on phi? (that row is the ceiling)
+        T, variant = s.sfddm_steps[0], s.sfddm_variants[0]
+        index, init = variant.split("/")
+        key = f"sfddm-{T}-{index}-{init}-long"
+        rows.append(SFDDMRow(key, "sfddm", T, f"SFDDM ({variant}, long run)", model=key, panel=PANEL, variant=variant,
+                             long=True))
+    return rows
+
+
+def bench_extras(bench, summary: dict, figdir: Path) -> dict:
+    """Semantic consistency (the teacher and the best SFDDM student at the smallest T' on the same noises, each
+    with its default deterministic sampler) and interpolation strips (slerp and linear) of that student."""
+    rows = [r for r in summary["rows"] if r["method"] == "sfddm"]
+    if not rows:
+        return {}
+    r = min(rows, key=lambda r: (r["nfe"], r["quality"][summary["quality_key"]]["mean"]))
+    student = load_checkpoint(bench.model_dir(r["model"]), device=bench.device)
+    n = 256
+    xa, xb, st = compare_models(bench.teacher, student, n=n, seed=0)
+    pairs_picture(xa[:32], xb[:32], figdir / "sfddm-consistency.png", "teacher", r["key"])
+    out = {"model": r["key"], "n": n, "teacher_sampler": f"{st['a']['sampler']} NFE {st['a']['nfe']}",
+           "student_sampler": f"{st['b']['sampler']} NFE {st['b']['nfe']}",
+           **{k: v for k, v in st.items() if k.startswith(("psnr", "mse"))}}
+    if not bench.is_toy:
+        strips = [sample_same_noise(student, interpolation_noises(bench.shape, (3, 7), 9, mode))[0]
+                  for mode in ("slerp", "linear")]
+        save_png(image_grid(torch.cat(strips), nrow=9), figdir / "sfddm-interpolation.png")
+    return {"consistency": out}
+
+
+# ---- the report -----------------------------------------------------------------------------------------
+
+def ceilings(rows: list, key: str, nfe: int, index: str) -> dict:
+    """{sampler: quality} of the teacher's own nfe-step chain on the index set (the ceiling rows)."""
+    return {x["sampler"]: x["quality"][key]["mean"] for x in rows
+            if x["method"] == "teacher-on-phi" and x["nfe"] == nfe and x["index"] == index}
+
+
+def ceiling_line(r: dict, rows: list, key: str, index: str) -> str | None:
+    """A student row next to the teacher's own chain on the same phi."""
+    ceil = ceilings(rows, key, r["nfe"], index)
+    if not ceil:
+        return None
+    return (f"- {r['label']}, NFE {r['nfe']}: {key.upper()} {r['quality'][key]['mean']:.3g}; the teacher's own "
+            f"{r['nfe']}-step chain on the same phi scores " +
+            ", ".join(f"{n.upper()} {v:.3g}" for n, v in sorted(ceil.items())) + ".")
+
+
+def long_run_reading(r: dict, rows: list, key: str) -> str:
+    """Whether SFDDM's quality keeps improving with training toward the teacher's own chain on phi."""
+    K = key.upper()
+    curve = r["cost_curve"]
+    first, last = curve[0], curve[-1]
+    ceil = ceilings(rows, key, r["nfe"], r["variant"].split("/")[0])
+    text = (f"- {r['label']}, NFE {r['nfe']}: {K} along the run (first sample seed) "
+            + ", ".join(f"{p['quality'][key]:.3g} at iteration {p['step']}" for p in curve) + ".")
+    best = ceil.get("ddpm", min(ceil.values())) if ceil else None
+    if best is not None:
+        gap0, gap1 = first["quality"][key] - best, last["quality"][key] - best
+        text += (f" The gap to the teacher's own {r['nfe']}-step chain on phi ({'DDPM' if 'ddpm' in ceil else 'DDIM'} "
+                 f"{best:.3g}) went from {gap0:.3g} to {gap1:.3g}"
+                 + (f" ({100 * (1 - gap1 / gap0):.0f} % of it closed)." if gap0 > 0 else "."))
+    return text
+
+
+def reading(summary: dict) -> list[str]:
+    key, K = summary["quality_key"], summary["quality_key"].upper()
+    rows = [r for r in summary["rows"] if not r.get("apart")]
+    teacher, floor = reference_levels(rows, key)
+    sfddm = [r for r in rows if r["method"] == "sfddm"]
+    lines = []
+    if teacher is not None:
+        rq = teacher["quality"][key]["mean"]
+        for r in sfddm:
+            if r["nfe"] == min(x["nfe"] for x in sfddm):
+                q = r["quality"][key]["mean"]
+                ddim = next((x for x in rows if x["method"] == "ddim" and x["nfe"] == r["nfe"]), None)
+                msg = (f"- {r['label']}, T'={r['nfe']}: {K} {versus(q, rq, floor)} "
+                       f"(target ≤ 1.5×: {'met' if q <= 1.5 * rq else 'not met'})")
+                if ddim:
+                    dq = ddim["quality"][key]["mean"]
+                    msg += f"; teacher DDIM-{r['nfe']} {dq:.3g} ({'beaten' if q < dq else 'not beaten'})"
+                lines.append(msg + ".")
+    for r in sfddm:  # the SFDDM objective is minimised by copying the teacher at phi: its chain there is the ceiling
+        line = ceiling_line(r, rows, key, r["variant"].split("/")[0])
+        if line:
+            lines.append(line)
+    lines += [long_run_reading(r, rows, key) for r in sfddm if r.get("long") and r.get("cost_curve")]
+    c = summary.get("consistency")
+    if c:
+        lines.append(f"- Semantic consistency ({c['model']} with {c['student_sampler']} against the teacher with "
+                     f"{c['teacher_sampler']}, {c['n']} shared noises): PSNR of matched pairs {c['psnr_matched']:.2f} "
+                     f"dB vs shuffled pairs {c['psnr_shuffled']:.2f} dB (higher matched PSNR = the same noise gives "
+                     "the same sample). The interpolation figure shows slerp (top row) and linear (bottom row) "
+                     "between seeds 3 and 7.")
+    return lines
+
+
 # ---- the command line ---------------------------------------------------------------------------------
 
 def add_arguments(p, add_loop_options):
@@ -658,7 +851,8 @@ def run(args):
         print(summary)
 
 
-METHOD = Method(add_arguments=add_arguments, run=run, parser_options=dict(
+METHOD = Method(add_arguments=add_arguments, run=run, bench_methods=("sfddm",), bench_rows=bench_rows,
+                bench_extras=bench_extras, reading=reading, parser_options=dict(
     conflict_handler="resolve", formatter_class=argparse.RawDescriptionHelpFormatter,
     description="Distil a discrete T-step teacher into a T'-step diffusion model in one fold. The student's\n"
                 "chain is the teacher's read at an index set phi; it samples with its own T' steps (NFE = T').\n"

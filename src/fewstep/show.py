@@ -1,0 +1,84 @@
+"""Numbers and figures for people: how a quality, an interval, a time or a budget is written, and the
+matplotlib setup every figure shares. Used by the report and by the methods' own report sections."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from fewstep.checkpoint import atomic_write
+
+
+def fmt(q: dict | None, digits: int = 3) -> str:
+    """mean ± std (over sample seeds), or the mean alone when there is no spread."""
+    if not q:
+        return "–"
+    return f"{q['mean']:.{digits}g} ± {q['std']:.1g}" if q["std"] else f"{q['mean']:.{digits}g}"
+
+
+def interval(quality: dict, key: str) -> tuple[float, float] | None:
+    """A metric's 95 % interval where the row has one (Fréchet distances measured with intervals)."""
+    lo, hi = quality.get(f"{key}_ci_low"), quality.get(f"{key}_ci_high")
+    return (lo["mean"], hi["mean"]) if lo and hi else None
+
+
+def fmt_quality(quality: dict, key: str, digits: int = 3) -> str:
+    """mean ± half its 95 % interval where there is one, else mean ± std over the sample seeds."""
+    ci = interval(quality, key)
+    if ci is None:
+        return fmt(quality.get(key), digits)
+    return f"{quality[key]['mean']:.{digits}g} ± {(ci[1] - ci[0]) / 2:.2g}"
+
+
+def fmt_paired(r: dict, name: str = "rmse") -> str:
+    """A row's paired distance to the teacher's samples, mean ± half its 95 % interval."""
+    p = (r.get("paired") or {}).get(name)
+    if not p:
+        return "–"
+    return f"{p['mean']:.3g} ± {(p['ci_high'] - p['ci_low']) / 2:.1g}"
+
+
+def fmt_time(s: float | None) -> str:
+    if s is None:
+        return "–"
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+def budget_label(r: dict) -> str:
+    """A distillation's training budget: iterations × batch (per fold where it trains in folds)."""
+    b = r.get("budget")
+    if not b:
+        return "–"
+    return f"{b['iterations']} × {b['batch']}" + (" a fold" if b.get("per_fold") else "")
+
+
+def lower_beyond(a: tuple, b: tuple) -> int:
+    """-1 where interval a lies wholly below b, 1 where wholly above, 0 where they overlap."""
+    return -1 if a[1] < b[0] else 1 if a[0] > b[1] else 0
+
+
+def reference_levels(rows: list, key: str) -> tuple[dict | None, float | None]:
+    """(the teacher reference row, the data floor's value) of a bench's rows, where it has them."""
+    teacher = next((r for r in rows if r["method"] == "teacher"), None)
+    floor = next((r["quality"][key]["mean"] for r in rows if r["method"] == "data"), None)
+    return teacher, floor
+
+
+def versus(q: float, rq: float, floor: float | None) -> str:
+    """A quality against the teacher's, also over the data floor where there is one (a small held-out
+    reference leaves real data far from 0, and plain ratios of numbers sharing that offset hide gaps)."""
+    text = f"{q:.3g} = {q / rq:.2f}× the teacher's"
+    if floor is not None and rq > floor:
+        text += f"; over the floor {q - floor:.3g} vs the teacher's {rq - floor:.3g} ({(q - floor) / (rq - floor):.1f}×)"
+    return text
+
+
+def plt():
+    """matplotlib's pyplot on the Agg backend (chosen at first use, not at import: an importer's own
+    backend is left alone until a figure is drawn here)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as pyplot
+    return pyplot
+
+
+def savefig(fig, path: Path):
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))
