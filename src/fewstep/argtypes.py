@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 
 MAX_NFE = 10_000          # more network evaluations per sample than any sampler needs
 MAX_RESOLUTION = 4096
@@ -96,7 +97,6 @@ class Parser(argparse.ArgumentParser):
     was expected, and exit status 2 (argparse would print the whole usage first)."""
 
     def error(self, message):
-        import sys
         command = self.prog.removeprefix("fewstep").strip()
         where = f"{command}: " if command else ""
         print(f"fewstep: error: {where}{message} (see: {self.prog} --help)", file=sys.stderr)

@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
 
 from fewstep.errors import FewstepError
 
@@ -74,7 +76,6 @@ class Dataset:
     digits and mnist), else None. ``shape`` is the per-sample shape; ``info`` is a JSON-able
     description (source, resolution, split, n, seed).
     """
-
     x: torch.Tensor
     name: str
     kind: str  # "image" or "toy"
@@ -180,7 +181,8 @@ def load_dataset(
 
 @functools.lru_cache(maxsize=None)
 def _raw_builtin(name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Native-resolution images in [-1, 1] as float32 (N, 1, H, W), and int64 labels."""
+    """Native-resolution images in [-1, 1] as float32 (N, 1, H, W), and int64 labels. The libraries that ship
+    the data are imported here, when their data set is first used (scikit-learn alone takes about a second)."""
     if name == "digits":
         from sklearn.datasets import load_digits
 
@@ -304,8 +306,6 @@ def _load_toy(name: str, split: str, seed: int, n_toy: int) -> Dataset:
 
 
 def _read_image_folder(folder: Path, resolution) -> tuple[torch.Tensor, dict]:
-    from PIL import Image
-    from tqdm import tqdm
 
     files = sorted(
         (p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
@@ -381,7 +381,6 @@ def _normalise_image(im, path):
     """(image in mode L, RGB or F, 16-bit?, had transparency?): 16-bit grey (I;16*, I) becomes floats in
     [0, 1] (mode F), so its full range maps to [-1, 1] instead of saturating at 255; an image with an alpha
     channel or a transparent palette colour is composited onto black."""
-    from PIL import Image
     mode = im.mode
     if mode.startswith("I;16") or mode == "I":
         arr = np.asarray(im, dtype=np.float64)
@@ -407,7 +406,6 @@ def _palette_is_grey(im) -> bool:
 
 
 def _centre_crop_resize(im, resolution: int):
-    from PIL import Image
 
     w, h = im.size
     s = min(w, h)

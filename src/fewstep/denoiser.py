@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from fewstep.errors import FewstepError
-from fewstep.schedule import Schedule
+from fewstep.schedule import Schedule, continuous_table
 
 PARAMETERIZATIONS = ("eps", "x0", "v", "edm", "ve")
 # what each parameterization's network predicts (for error messages and cards):
@@ -151,7 +151,6 @@ class Denoiser(nn.Module):
     def discrete_view(self, T: int | None = None) -> tuple["Denoiser", dict]:
         """This continuous model seen through a discrete table read off it (same network, same
         outputs at every table entry), and how the table was made: see schedule.continuous_table."""
-        from fewstep.schedule import continuous_table
 
         table, info = continuous_table(self.schedule, T)
         return Denoiser(self.net, table, self.param, exact_table=False), info

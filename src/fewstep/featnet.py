@@ -24,8 +24,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
+from fewstep import __version__
 from fewstep.checkpoint import atomic_write, sha256_file
+from fewstep.data import NATIVE_RESOLUTION, load_dataset, split_indices
 from fewstep.errors import FewstepError
 
 ASSETS_DIR = Path(__file__).parent / "assets"
@@ -45,7 +49,6 @@ class DigitClassifier(nn.Module):
     The pooling makes one set of weights shapes-compatible with every resolution, and keeps the
     cost at 28x28 close to that at 8x8.
     """
-
     def __init__(self, in_channels: int = 1, widths=(16, 32, 64), feature_dim: int = 128,
                  num_classes: int = 10):
         super().__init__()
@@ -115,8 +118,6 @@ def labelled_folder(folder, resolution=None, seed: int = 0):
     channels. Train and held-out are ``fewstep.data``'s seeded 90 / 10 split of all images.
     Returns ``(x_train, y_train), (x_held, y_held), classes``.
     """
-    from fewstep.data import load_dataset, split_indices
-
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise FewstepError(f"labelled data {str(folder)!r} is not a folder; expected one sub-folder of "
@@ -157,11 +158,7 @@ def train_classifier(
     ``steps`` defaults to ``DEFAULT_STEPS`` (2000 for a folder). Writes
     ``out_dir/model.safetensors`` and ``out_dir/classifier.json``; returns the JSON's content.
     """
-    from safetensors.torch import save_file
-    from tqdm import tqdm
 
-    from fewstep import __version__
-    from fewstep.data import NATIVE_RESOLUTION, load_dataset
 
     if steps is None:
         steps = DEFAULT_STEPS.get(dataset_name, DEFAULT_FOLDER_STEPS)
@@ -272,10 +269,7 @@ def load_classifier(dataset_name: str, resolution: int | None = None, path=None)
     ``dataset_name`` at ``resolution`` (native resolution when None). The weights' sha256 must
     match the one recorded in ``classifier.json``.
     """
-    from safetensors.torch import load_file
-
     if path is None:
-        from fewstep.data import NATIVE_RESOLUTION
 
         if resolution is None:
             resolution = NATIVE_RESOLUTION.get(dataset_name)

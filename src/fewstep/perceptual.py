@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open
 from torch import nn
 
 from fewstep.errors import FewstepError
@@ -47,7 +49,6 @@ def _layer_distances(maps_a: list, maps_b: list, heads=None) -> torch.Tensor:
 
 class LPIPS(nn.Module):
     """LPIPS (VGG16) as the SFD authors compute it: d(a, b) = Σ_layers mean_positions Σ_c w_c·(â_c − b̂_c)²."""
-
     def __init__(self, resolution: int = 224, pooling: str = "avg"):
         super().__init__()
         if pooling not in ("avg", "max"):
@@ -89,9 +90,6 @@ class LPIPS(nn.Module):
 
 def load_lpips(path, resolution: int = 224, device=None) -> LPIPS:
     """LPIPS from a file written by scripts/convert_lpips.py (safetensors: VGG16 features + heads)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
-
     path = Path(path)
     if not path.is_file():
         raise FewstepError(f"--lpips-weights {path}: no such file; convert VGG16 and the LPIPS heads once with "
@@ -120,7 +118,6 @@ def load_lpips(path, resolution: int = 224, device=None) -> LPIPS:
 class ClassifierDistance(nn.Module):
     """LPIPS's construction on a digit classifier's convolution maps, with uniform weights: the mean over
     its three layers of the squared difference of unit-normalised features, averaged over positions."""
-
     def __init__(self, classifier: nn.Module):
         super().__init__()
         self.classifier = classifier.eval().requires_grad_(False)

@@ -19,6 +19,7 @@ from fewstep.checkpoint import atomic_write
 from fewstep.registry import methods as registered_methods
 from fewstep.show import budget_label, fmt, fmt_paired, fmt_quality, fmt_time, interval, plt, savefig
 
+
 def main_rows(summary: dict) -> list[dict]:
     """The rows of the main table and plots: every row but those measured apart (a method's ablations)."""
     return [r for r in summary["rows"] if not r.get("apart")]

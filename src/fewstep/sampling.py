@@ -7,6 +7,8 @@ A card's "sampler" section takes one of three forms:
 """
 from __future__ import annotations
 
+import math
+import os
 import time
 
 import torch
@@ -92,8 +94,6 @@ def resolve_sampler(ckpt: Checkpoint, nfe: int | None = None, sampler: str | Non
 
 def check_memory(n: int, shape: tuple) -> None:
     """Refuse a sample count whose noise and outputs (float32, held at once) exceed this machine's memory."""
-    import math
-    import os
     need = 2 * 4 * n * math.prod(shape)
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

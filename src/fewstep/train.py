@@ -38,14 +38,18 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from fewstep.checkpoint import (CARD_NAME, STATE_NAME, WEIGHTS_NAME, RunLock, atomic_write, load_train_state,
                                 remove_stale_temp_files, save_checkpoint, save_train_state, write_json)
 from fewstep.errors import FewstepError
+from fewstep.viz import save_samples_picture
 
 
 @dataclass
@@ -119,7 +123,6 @@ def run_record(args) -> dict:
 
 class TrainMethod:
     """What a method gives the loop. Subclasses set `name` and implement the hooks."""
-
     name = "method"
     needs_data = False
 
@@ -176,7 +179,6 @@ PROFILE_SECTIONS = ("teacher", "student", "optimizer")
 class Profiler:
     """Seconds spent in named sections of one iteration. On CUDA, with `sync`, each section waits for
     the device at both ends so the time is the work's own (off by default: syncs cost throughput)."""
-
     def __init__(self, device: torch.device, sync: bool = False):
         self.device = device
         self.sync = sync and device.type == "cuda"
@@ -264,7 +266,6 @@ def fresh_autocast(autocast):
 
 class StepContext:
     """Handed to methods: one optimizer step from a loss, with DDP averaging, clipping, AMP."""
-
     def __init__(self, trainer: "Trainer"):
         self.t = trainer
         self.optimizer_steps = 0
@@ -358,7 +359,6 @@ def pick_device(name: str) -> torch.device:
 
 class Trainer:
     """Runs a TrainMethod for config.steps iterations into out_dir."""
-
     def __init__(self, method: TrainMethod, config: TrainConfig, out_dir: str | Path,
                  data: torch.Tensor | None = None, resume: bool = False, run_info: dict | None = None,
                  labels: torch.Tensor | None = None):
@@ -627,7 +627,6 @@ class Trainer:
         the iteration and the training wall time so far: checkpoints along the run, for quality vs time."""
         if not self.is_main:
             return
-        from safetensors.torch import save_file
         folder = self.out_dir / "snapshots"
         folder.mkdir(exist_ok=True)
         net = getattr(self.eval_model(), "net", self.eval_model())
@@ -657,7 +656,6 @@ class Trainer:
     def _preview(self):
         if not self.is_main or not self.config.n_preview:
             return
-        from fewstep.viz import save_samples_picture
         model = self.eval_model()
         was_training = model.training
         model.eval()
@@ -666,8 +664,6 @@ class Trainer:
         model.train(was_training)
         path = save_samples_picture(x, self.out_dir / f"samples-{self.step:07d}.png", title=f"step {self.step}")
         if self.board is not None:
-            import numpy as np
-            from PIL import Image
             with Image.open(path) as im:
                 self.board.add_image("samples", np.asarray(im.convert("RGB")), self.step, dataformats="HWC")
 

@@ -7,8 +7,8 @@ from pathlib import Path
 from fewstep import argtypes as A
 from fewstep.bench import Bench
 from fewstep.benchspec import PRESETS, BenchSpec, preset
-from fewstep.distill.sfd import sfd_nfe_for
 from fewstep.cli.common import COMMAND_HELP
+from fewstep.distill.sfd import sfd_nfe_for
 from fewstep.errors import FewstepError
 from fewstep.report import profile_table, results_table
 from fewstep.train import pick_device

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -505,7 +506,6 @@ def export_diffusers(model, out: Path, nfe: int | None = None) -> Path:
 
 def _share(folder: Path) -> None:
     """mkdtemp and safetensors make private (0700 / 0600) entries; an export is meant to be shared."""
-    import os
     umask = os.umask(0)
     os.umask(umask)
     for p in [folder, *folder.rglob("*")]:
