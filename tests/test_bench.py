@@ -186,7 +186,7 @@ def test_the_row_progress_bar_leaves_the_samples_alone(tiny_gmm8_teacher, tmp_pa
     bench = Bench(tiny_spec(tiny_gmm8_teacher, methods=["ddim"], seeds=[0]), tmp_path, progress=True)
     plain = sample(bench.teacher, 200, noise=bench.noise[0], progress=False, nfe=4, sampler="ddim")
     monkeypatch.setattr(fewstep.bench.tqdm, "update", lambda self, n=1: True)
-    with bench._sampling_bar(next(r for r in bench.plan() if r.key == "ddim-2"), bench.teacher, 0):
+    with fewstep.bench.sampling_bar("ddim-2 seed 0: sampling", bench.teacher, 4, progress=True):
         ticked = sample(bench.teacher, 200, noise=bench.noise[0], progress=False, nfe=4, sampler="ddim")
     assert torch.equal(plain, ticked)
 

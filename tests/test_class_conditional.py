@@ -82,8 +82,8 @@ def test_sfd_teacher_copy_has_zero_loss_only_with_shared_labels(cond_teacher, tm
     # the same step with the student's labels shifted by one class is not free
     shifted = method._labels
     method._labels = lambda ctx, B, gen: (shifted(ctx, B, gen) + 1) % K
-    orig_traj = method.traj
-    method.traj = lambda x, g, pos, labels: orig_traj(x, g, pos, (labels - 1) % K)
+    orig_states = method.traj.states
+    method.traj.states = lambda x, g, pos, labels: orig_states(x, g, pos, (labels - 1) % K)
     logs = method.train_step(StepContext(tr), None, torch.Generator().manual_seed(0))
     assert logs["loss_step0"] > 0
 

@@ -267,24 +267,24 @@ def test_trajectory_cache_misses_on_any_other_input(tiny_gmm8_teacher, tmp_path)
     s_grid, t_grid = method.grids[2]
     positions = method.positions[2]
     x = torch.randn(6, 2) * float(s_grid[0])
-    first, nfe, cached = method._teacher_states(x, t_grid, positions, None)
+    first, nfe, cached = method.traj.states(x, t_grid, positions, None)
     assert not cached
-    again, _, cached = method._teacher_states(x, t_grid, positions, None)
+    again, _, cached = method.traj.states(x, t_grid, positions, None)
     assert cached and all(torch.equal(a, b) for a, b in zip(first, again))
-    assert not method._teacher_states(x + 1e-6, t_grid, positions, None)[2]
-    assert not method._teacher_states(x, t_grid * 1.001, positions, None)[2]
+    assert not method.traj.states(x + 1e-6, t_grid, positions, None)[2]
+    assert not method.traj.states(x, t_grid * 1.001, positions, None)[2]
     method.traj.final_orders = "short"  # another rule for the teacher's last steps: another key
-    assert not method._teacher_states(x, t_grid, positions, None)[2]
+    assert not method.traj.states(x, t_grid, positions, None)[2]
     method.traj.final_orders = "always"
     other = SFD(load_checkpoint(tiny_gmm8_teacher), SFDConfig(nfe=[2]), trajectory_cache=tmp_path)
     with torch.no_grad():
         next(other.traj.den.parameters()).view(-1)[0] += 1e-3
-    assert not other._teacher_states(x, t_grid, positions, None)[2]
+    assert not other.traj.states(x, t_grid, positions, None)[2]
     for entry in tmp_path.glob("*/*.safetensors"):
         entry.write_bytes(b"not a tensor file")
-    states, _, cached = method._teacher_states(x, t_grid, positions, None)
+    states, _, cached = method.traj.states(x, t_grid, positions, None)
     assert not cached and all(torch.equal(a, b) for a, b in zip(first, states))
-    assert method._teacher_states(x, t_grid, positions, None)[2]  # rewritten by the recomputation
+    assert method.traj.states(x, t_grid, positions, None)[2]  # rewritten by the recomputation
 
 
 def _losses(run_dir):
@@ -304,7 +304,7 @@ def test_bf16_teacher_is_kept_only_within_its_tolerance(tiny_gmm8_teacher, tmp_p
         Trainer(method, cfg, tmp_path / name).run()
         return method
 
-    fp32 = run("fp32")
+    run("fp32")
     strict = run("strict", teacher_precision="bf16", teacher_precision_tol=1e-9)
     assert strict.precision_check["kept"] == "fp32" and strict.traj.precision == "fp32"
     assert strict.precision_check["deviation"] > 0  # bf16 does round differently

@@ -10,8 +10,9 @@ from fewstep.checkpoint import load_checkpoint, save_checkpoint
 from fewstep.cli import main
 from fewstep.data import load_dataset, sample_toy
 from fewstep.denoiser import Denoiser
-from fewstep.distill.sfddm import (SFDDM, SFDDMConfig, index_set, interpolation_noises, kl_weight, make_student,
-                                   pair_stats, psnr, raw_and_features, slerp, student_chain, student_grid)
+from fewstep.compare import interpolation_noises, pair_stats, psnr, slerp
+from fewstep.distill.sfddm import (SFDDM, SFDDMConfig, index_set, kl_weight, make_student, raw_and_features,
+                                   student_chain, student_grid)
 from fewstep.errors import FewstepError
 from fewstep.metrics import sliced_wasserstein
 from fewstep.nets import MLP, UNet

@@ -74,6 +74,85 @@ class DataFloorRow(Row):
         s = bench.spec
         return {"data": s.data, "resolution": s.resolution, "reference": s.reference, "floor": FLOOR_VERSION}
 
+    def measure(self, bench, cache: Path, made_from: dict, t0: float) -> dict:
+        """The data floor: real samples disjoint from the reference, scored like a method's samples, i.e.
+        what a perfect sampler scores with the same sample count against the same reference.
+
+        Toys: fresh draws of the true distribution. Images: the split the reference leaves out (held-out
+        for the default training-set reference). Where that split is smaller than the sample count (the
+        180 held-out digits against 1,000 samples), the Fréchet distances are measured on random subsets
+        of several sizes k and extrapolated along FD(k) = a + c/k, the 1/N law of Fréchet distances
+        (Chong & Forsyth 2020), to k = the sample count; the other numbers (unbiased KID, precision and
+        recall, pixel metrics) are those of the whole split and say so in ``floor``.
+        """
+        s, n = bench.spec, bench.spec.n_samples
+        per_seed, preview, floor, about = [], None, {}, {}
+        pool = None
+        if s.data not in TOY_DATASETS:
+            other = {"train": "heldout", "heldout": "train"}.get(s.reference)
+            if other is None:
+                raise FewstepError(f"the data floor needs real samples disjoint from the reference, and reference "
+                                   f"{s.reference!r} leaves none; use reference 'train' or 'heldout'")
+            pool = load_dataset(s.data, s.resolution, split=other, seed=bench.split_seed).x
+            floor = {"samples": f"{other} split ({len(pool)} real samples, disjoint from the {s.reference} reference)"}
+        else:
+            floor = {"samples": "fresh draws of the true distribution, independent of the reference"}
+        bar = tqdm(total=len(s.seeds), desc=f"  {self.key}: scoring real samples", unit="seed", leave=False,
+                   disable=not bench.progress)
+        for seed in s.seeds:
+            gen = torch.Generator().manual_seed(2000 + seed)
+            if pool is None:
+                x = sample_toy(s.data, n, seed=5000 + seed)  # another stream than the reference's draw
+            elif len(pool) >= n:
+                x = pool[torch.randperm(len(pool), generator=gen)[:n]]
+            else:
+                x = pool
+            q = bench._score(x, seed, intervals=0, about=about)  # an interval of the floor's own distance says nothing
+            if pool is not None and len(pool) < n:
+                q.update(self._extrapolated_floor(bench, pool, q, seed, gen))
+                floor.update(extrapolated=[k for k in ("fcd", "fid") if k in q], to_n=n,
+                             method=f"FD(k) = a + c/k fitted on random subsets of k = "
+                                    f"{', '.join(map(str, self._floor_sizes(len(pool))))} of the {len(pool)} "
+                                    f"(x{FLOOR_DRAWS} draws below the full split), evaluated at k = {n}; other numbers "
+                                    f"at k = {len(pool)}")
+            per_seed.append(q)
+            preview = x if preview is None else preview
+            bar.update(1)
+        bar.close()
+        result = {**self.record(), "quality": _mean_and_spread(per_seed), "about": about, "made_from": made_from,
+                  "n_samples": n,
+                  "seeds": s.seeds, "floor": floor, "sample_s_per_1000": None,
+                  "forward_s_per_1000": None, "sampler_overhead": None, "distill_wall_s": None,
+                  "distill_vs_teacher_training": None, "peak_memory_mb": None}
+        _save_array(bench.out / "rows" / f"{self.key}.npy", preview[:64].numpy())
+        result["row_wall_s"] = time.perf_counter() - t0
+        write_json(cache, result)
+        return result
+
+    @staticmethod
+    def _floor_sizes(m: int) -> list[int]:
+        return sorted({max(8, round(f * m)) for f in FLOOR_FRACTIONS} | {m})
+
+    def _extrapolated_floor(self, bench, pool: torch.Tensor, full: dict, seed: int, gen) -> dict:
+        """Fréchet distances of real subsets of several sizes k, fitted by a + c/k and read at the sample count."""
+        keys = [k for k in ("fcd", "fid") if k in full]
+        if not keys:
+            return {}
+        ks, vals = [], {k: [] for k in keys}
+        for k in self._floor_sizes(len(pool)):
+            for _ in range(1 if k == len(pool) else FLOOR_DRAWS):
+                q = full if k == len(pool) else bench._score(pool[torch.randperm(len(pool), generator=gen)[:k]],
+                                                             seed, metrics=",".join(keys), intervals=0)
+                ks.append(k)
+                for key in keys:
+                    vals[key].append(q[key])
+        design = np.stack([np.ones(len(ks)), 1.0 / np.asarray(ks, dtype=np.float64)], axis=1)
+        out = {}
+        for key in keys:
+            (a, c), *_ = np.linalg.lstsq(design, np.asarray(vals[key]), rcond=None)
+            out[key] = float(max(a + c / bench.spec.n_samples, 0.0))
+        return out
+
 
 @dataclass
 class TeacherRow(Row):
@@ -111,6 +190,32 @@ def _save_array(path: Path, array: np.ndarray) -> None:
         with open(tmp, "wb") as f:
             np.save(f, array)
     atomic_write(path, write)
+
+
+def _described_once(results: list[dict]) -> dict:
+    """What the rows' numbers mean, lifted out of each row: {"metrics": {name: feature space, counts, unit},
+    "metric_reference": the data the samples were compared with}."""
+    about = {"metrics": {}}
+    for r in results:
+        row_about = r.pop("about", None) or {}
+        about["metrics"].update(row_about.get("metrics") or {})
+        about.setdefault("metric_reference", row_about.get("reference"))
+    return about
+
+
+@contextlib.contextmanager
+def sampling_bar(desc: str, ckpt, evaluations: int, progress: bool):
+    """A bar inside a row: one tick per network evaluation while it samples (rate and ETA)."""
+    bar = tqdm(total=evaluations, desc=desc, unit="eval", leave=False, disable=not progress)
+
+    def tick(*_):  # returns None: a forward hook's return value would replace the network's output
+        bar.update(1)
+    hook = ckpt.denoiser.net.register_forward_hook(tick)
+    try:
+        yield bar
+    finally:
+        hook.remove()
+        bar.close()
 
 
 def _mean_and_spread(per_seed: list[dict]) -> dict:
@@ -155,6 +260,39 @@ def forward_seconds(den, n: int, nfe: int, batch_size: int, shape: tuple, sigma:
     return (time.perf_counter() - t0) * nfe / rounds
 
 
+class PairedReference:
+    """The teacher reference row's samples, kept per seed, that every other row is paired with (the same
+    noises through both), and the distances of a row's samples to them."""
+
+    def __init__(self, bench: "Bench"):
+        self.bench, self._classifier = bench, None
+
+    def path(self, seed: int) -> Path:
+        return self.bench.out / "rows" / f"teacher-samples-seed{seed}.npy"
+
+    def keep(self, seed: int, x: torch.Tensor):
+        _save_array(self.path(seed), x.numpy())
+
+    def samples(self, seed: int) -> torch.Tensor:
+        """This seed's teacher samples (sampled again where the file is gone or holds another count)."""
+        b = self.bench
+        if self.path(seed).is_file():
+            x = torch.from_numpy(np.load(self.path(seed)))
+            if len(x) == b.spec.n_samples:
+                return x
+        ckpt, kw, _ = next(r for r in b.plan() if isinstance(r, TeacherRow)).sampling(b)
+        x = sample(ckpt, b.spec.n_samples, seed=seed, noise=b.noise[seed], progress=False, **kw)
+        self.keep(seed, x)
+        return x
+
+    def values(self, seed: int, x: torch.Tensor) -> dict:
+        """Per-pair distances (see metrics.paired_values), in the shipped classifier's features where one applies."""
+        b = self.bench
+        if self._classifier is None and (b.spec.data, b.classifier_res) in available_classifiers():
+            self._classifier = load_classifier(b.spec.data, b.classifier_res)
+        return paired_values(x, self.samples(seed), self._classifier)
+
+
 # ---- the benchmark ------------------------------------------------------------------------------------------
 
 class Bench:
@@ -181,7 +319,7 @@ class Bench:
             (self.out / sub).mkdir(parents=True, exist_ok=True)
         self.noise = {s: torch.randn((spec.n_samples, *self.shape), generator=torch.Generator().manual_seed(1000 + s))
                       for s in spec.seeds}
-        self._pair_clf = None
+        self.paired = PairedReference(self)
 
     # ---- plan ---------------------------------------------------------------------------------------------
     def plan(self) -> list[Row]:
@@ -327,27 +465,29 @@ class Bench:
                     and cached.get("made_from") == made_from):
                 return cached
         if isinstance(row, DataFloorRow):
-            return self._evaluate_data(row, cache, made_from, t0)
+            return row.measure(self, cache, made_from, t0)
         ckpt, kw, step = row.sampling(self)
-        per_seed, seconds, preview, pairs = [], None, None, {}
+        per_seed, seconds, preview, pairs, about = [], None, None, {}, {}
         for seed in self.spec.seeds:
-            with self._sampling_bar(row, ckpt, seed):
+            # `sample` runs batches of 500: one network call per batch and evaluation
+            with sampling_bar(f"  {row.key} seed {seed}: sampling", ckpt, -(-self.spec.n_samples // 500) * row.nfe,
+                              self.progress):
                 x, info = sample(ckpt, self.spec.n_samples, seed=seed, noise=self.noise[seed], progress=False,
                                  return_info=True, **kw)
             if preview is None:
                 preview, seconds = x, info["seconds"]
                 nfe, sigma0 = info["nfe"], info["sigmas"][0]
             if isinstance(row, TeacherRow):  # every other row is paired with these samples
-                _save_array(self._teacher_samples_path(seed), x.numpy())
+                self.paired.keep(seed, x)
             elif "teacher" in self.spec.methods:
-                for k, v in paired_values(x, self.teacher_samples(seed), self._paired_classifier()).items():
+                for k, v in self.paired.values(seed, x).items():
                     pairs.setdefault(k, []).append(v)
-            per_seed.append(self._score(x, seed))
+            per_seed.append(self._score(x, seed, about=about))
         fwd = forward_seconds(ckpt.denoiser, self.spec.n_samples, nfe, 500, self.shape, sigma0, step)
         quality = _mean_and_spread(per_seed)
         distill_s = row.distill_seconds(self, ckpt.card) if row.model else None
         scale = 1000 / self.spec.n_samples
-        result = {**row.record(), "nfe": nfe, "quality": quality, "made_from": made_from,
+        result = {**row.record(), "nfe": nfe, "quality": quality, "about": about, "made_from": made_from,
                   "n_samples": self.spec.n_samples, "seeds": self.spec.seeds,
                   "sample_s_per_1000": seconds * scale, "forward_s_per_1000": fwd * scale,
                   "sampler_overhead": seconds / fwd if fwd > 0 else None,
@@ -369,48 +509,18 @@ class Bench:
         write_json(cache, result)
         return result
 
-    def _teacher_samples_path(self, seed: int) -> Path:
-        return self.out / "rows" / f"teacher-samples-seed{seed}.npy"
-
-    def teacher_samples(self, seed: int) -> torch.Tensor:
-        """The teacher reference row's samples from this seed's noises (sampled again where the file is gone
-        or holds another count)."""
-        path = self._teacher_samples_path(seed)
-        if path.is_file():
-            x = torch.from_numpy(np.load(path))
-            if len(x) == self.spec.n_samples:
-                return x
-        ckpt, kw, _ = next(r for r in self.plan() if isinstance(r, TeacherRow)).sampling(self)
-        x = sample(ckpt, self.spec.n_samples, seed=seed, noise=self.noise[seed], progress=False, **kw)
-        _save_array(path, x.numpy())
-        return x
-
-    def _paired_classifier(self):
-        """The classifier whose features the paired distance uses (the shipped one for this data), or None."""
-        if self._pair_clf is None and (self.spec.data, self.classifier_res) in available_classifiers():
-            self._pair_clf = load_classifier(self.spec.data, self.classifier_res)
-        return self._pair_clf
-
-    def _score(self, x, seed: int, metrics=None, intervals: int | None = None) -> dict:
-        return evaluate_samples(x, self.spec.data, resolution=self.spec.resolution, seed=seed,
-                                split_seed=self.split_seed, reference=self.spec.reference, metrics=metrics,
-                                intervals=self.spec.fd_intervals if intervals is None else intervals)
-
-    @contextlib.contextmanager
-    def _sampling_bar(self, row: Row, ckpt, seed: int):
-        """A bar inside a row: one tick per network evaluation while it samples (rate and ETA)."""
-        batches = -(-self.spec.n_samples // 500)  # `sample` runs batches of 500
-        bar = tqdm(total=batches * row.nfe, desc=f"  {row.key} seed {seed}: sampling", unit="eval",
-                   leave=False, disable=not self.progress)
-
-        def tick(*_):  # returns None: a forward hook's return value would replace the network's output
-            bar.update(1)
-        hook = ckpt.denoiser.net.register_forward_hook(tick)
-        try:
-            yield bar
-        finally:
-            hook.remove()
-            bar.close()
+    def _score(self, x, seed: int, metrics=None, intervals: int | None = None, about: dict | None = None) -> dict:
+        """The numbers of one evaluation. What they mean (feature space, reference data) is the same for every
+        row, so it is left out here and kept in ``about`` when given: results.json holds it once."""
+        q = evaluate_samples(x, self.spec.data, resolution=self.spec.resolution, seed=seed,
+                             split_seed=self.split_seed, reference=self.spec.reference, metrics=metrics,
+                             intervals=self.spec.fd_intervals if intervals is None else intervals)
+        described, reference = q.pop("about"), q.pop("reference")
+        if about is not None:
+            about.setdefault("reference", reference)
+            about.setdefault("metrics", {}).update(
+                {k: {f: v for f, v in d.items() if f != "n"} for k, d in described.items()})
+        return q
 
     def _made_from(self, row: Row) -> dict:
         """Content hashes of what a row's numbers depend on: the teacher and, if any, the distilled model,
@@ -426,84 +536,6 @@ class Bench:
             except FewstepError:
                 made["model"] = None  # not distilled yet
         return made
-
-    def _evaluate_data(self, row: DataFloorRow, cache: Path, made_from: dict, t0: float) -> dict:
-        """The data floor: real samples disjoint from the reference, scored like a method's samples, i.e.
-        what a perfect sampler scores with the same sample count against the same reference.
-
-        Toys: fresh draws of the true distribution. Images: the split the reference leaves out (held-out
-        for the default training-set reference). Where that split is smaller than the sample count (the
-        180 held-out digits against 1,000 samples), the Fréchet distances are measured on random subsets
-        of several sizes k and extrapolated along FD(k) = a + c/k, the 1/N law of Fréchet distances
-        (Chong & Forsyth 2020), to k = the sample count; the other numbers (unbiased KID, precision and
-        recall, pixel metrics) are those of the whole split and say so in ``floor``.
-        """
-        s, n = self.spec, self.spec.n_samples
-        per_seed, preview, floor = [], None, {}
-        pool = None
-        if s.data not in TOY_DATASETS:
-            other = {"train": "heldout", "heldout": "train"}.get(s.reference)
-            if other is None:
-                raise FewstepError(f"the data floor needs real samples disjoint from the reference, and reference "
-                                   f"{s.reference!r} leaves none; use reference 'train' or 'heldout'")
-            pool = load_dataset(s.data, s.resolution, split=other, seed=self.split_seed).x
-            floor = {"samples": f"{other} split ({len(pool)} real samples, disjoint from the {s.reference} reference)"}
-        else:
-            floor = {"samples": "fresh draws of the true distribution, independent of the reference"}
-        bar = tqdm(total=len(s.seeds), desc=f"  {row.key}: scoring real samples", unit="seed", leave=False,
-                   disable=not self.progress)
-        for seed in s.seeds:
-            gen = torch.Generator().manual_seed(2000 + seed)
-            if pool is None:
-                x = sample_toy(s.data, n, seed=5000 + seed)  # another stream than the reference's draw
-            elif len(pool) >= n:
-                x = pool[torch.randperm(len(pool), generator=gen)[:n]]
-            else:
-                x = pool
-            q = self._score(x, seed, intervals=0)  # an interval of the real samples' own distance says nothing here
-            if pool is not None and len(pool) < n:
-                q.update(self._extrapolated_floor(pool, q, seed, gen))
-                floor.update(extrapolated=[k for k in ("fcd", "fid") if k in q], to_n=n,
-                             method=f"FD(k) = a + c/k fitted on random subsets of k = "
-                                    f"{', '.join(map(str, self._floor_sizes(len(pool))))} of the {len(pool)} "
-                                    f"(x{FLOOR_DRAWS} draws below the full split), evaluated at k = {n}; other numbers "
-                                    f"at k = {len(pool)}")
-            per_seed.append(q)
-            preview = x if preview is None else preview
-            bar.update(1)
-        bar.close()
-        result = {**row.record(), "quality": _mean_and_spread(per_seed), "made_from": made_from, "n_samples": n,
-                  "seeds": s.seeds, "floor": floor, "sample_s_per_1000": None,
-                  "forward_s_per_1000": None, "sampler_overhead": None, "distill_wall_s": None,
-                  "distill_vs_teacher_training": None, "peak_memory_mb": None}
-        _save_array(self.out / "rows" / f"{row.key}.npy", preview[:64].numpy())
-        result["row_wall_s"] = time.perf_counter() - t0
-        write_json(cache, result)
-        return result
-
-    @staticmethod
-    def _floor_sizes(m: int) -> list[int]:
-        return sorted({max(8, round(f * m)) for f in FLOOR_FRACTIONS} | {m})
-
-    def _extrapolated_floor(self, pool: torch.Tensor, full: dict, seed: int, gen) -> dict:
-        """Fréchet distances of real subsets of several sizes k, fitted by a + c/k and read at the sample count."""
-        keys = [k for k in ("fcd", "fid") if k in full]
-        if not keys:
-            return {}
-        ks, vals = [], {k: [] for k in keys}
-        for k in self._floor_sizes(len(pool)):
-            for _ in range(1 if k == len(pool) else FLOOR_DRAWS):
-                q = full if k == len(pool) else self._score(pool[torch.randperm(len(pool), generator=gen)[:k]],
-                                                            seed, metrics=",".join(keys), intervals=0)
-                ks.append(k)
-                for key in keys:
-                    vals[key].append(q[key])
-        design = np.stack([np.ones(len(ks)), 1.0 / np.asarray(ks, dtype=np.float64)], axis=1)
-        out = {}
-        for key in keys:
-            (a, c), *_ = np.linalg.lstsq(design, np.asarray(vals[key]), rcond=None)
-            out[key] = float(max(a + c / self.spec.n_samples, 0.0))
-        return out
 
     def run(self) -> dict:
         rows = self.plan()
@@ -522,7 +554,7 @@ class Bench:
         summary = {"spec": asdict(self.spec), "environment": env, "teacher": {
             "path": str(self.teacher.path), "training_wall_s": self.teacher_train_s,
             "card_method": self.teacher_card.get("method")}, "quality_key": self.quality_key,
-            "rows": results, "bench_wall_s": time.perf_counter() - t0}
+            "rows": results, "bench_wall_s": time.perf_counter() - t0, **_described_once(results)}
         for method in self.methods:  # what a method measures beyond its rows (figures, consistency)
             if method.bench_extras is not None:
                 summary.update(method.bench_extras(self, summary, self.out / "figures"))

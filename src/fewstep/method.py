@@ -28,7 +28,9 @@ class Method:
     parser_options: dict = field(default_factory=dict)        # description, epilog, formatter of its parser
     bench_methods: tuple = ()                    # the names its rows answer to in a bench's `methods`
     bench_rows: Callable | None = None           # (bench) -> the rows it adds to the plan, in order
-    bench_extras: Callable | None = None         # (bench, summary, figure folder) -> entries added to the summary
+    # (bench, summary, figure folder) -> entries added to the summary; an entry's "figures" (file names in the
+    # figure folder) are shown in the report
+    bench_extras: Callable | None = None
     reading: Callable | None = None              # (summary) -> report lines about its rows
     report_section: Callable | None = None       # (summary, figure folder, file prefix) -> (title, lines) or None
 

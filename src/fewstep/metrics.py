@@ -16,6 +16,7 @@ import hashlib
 import math
 import os
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -493,113 +494,161 @@ def evaluate_samples(
     if reference not in REFERENCES:
         raise FewstepError(f"reference {reference!r}: expected one of {', '.join(REFERENCES)}")
     name = str(dataset_name_or_path)
-
     if name in TOY_DATASETS or samples.dim() == 2:
-        if wanted and wanted & {"fid", "kid", "fcd"}:
-            raise FewstepError(f"metrics {', '.join(sorted(wanted & {'fid', 'kid', 'fcd'}))} need images; "
-                               "2-D points get swd, mmd and pr")
-        if name in TOY_DATASETS:
-            ref = sample_toy(name, n_ref or DEFAULT_TOY_REFERENCE, seed=seed)
-            ref_info = {"data": name, "split": "fresh samples of the true distribution", "n": int(len(ref))}
-        else:
-            ds = load_dataset(name, resolution, split=reference, seed=split_seed)
-            if ds.kind != "toy":
-                raise FewstepError(
-                    f"samples are points {tuple(samples.shape)} but data set {name!r} holds "
-                    f"images {ds.shape}"
-                )
-            ref = ds.x[torch.from_numpy(reference_indices(len(ds), n_ref, f"the {reference} split of {name!r}", seed))]
-            ref_info = {"data": name, "split": reference, "split_seed": split_seed, "n": int(len(ref)),
-                        "split_size": len(ds)}
-        if samples.dim() != 2 or samples.shape[1] != ref.shape[1]:
-            raise FewstepError(
-                f"samples have shape {tuple(samples.shape)}; data set {name!r} expects "
-                f"points (N, {ref.shape[1]})"
-            )
-        scores = _Scores(len(samples), len(ref), seed)
-        space = f"points ({ref.shape[1]}-d, as given)"
-        if _want(wanted, "swd"):
-            scores.put("swd", sliced_wasserstein(samples, ref, seed=seed), space)
-        if _want(wanted, "mmd"):
-            scores.put("mmd", mmd_rbf(samples, ref), space, bandwidths=[0.1, 0.2, 0.5, 1.0, 2.0])
-        if _want(wanted, "pr") and min(len(samples), len(ref)) > 3:
-            scores.distribution(samples, ref, space, "", {"pr"})
-        return scores.result(ref_info)
+        return _score_points(samples, name, resolution, seed, n_ref, split_seed, reference, wanted)
+    job = _ImageJob.prepare(samples, name, resolution, seed, n_ref, split_seed, reference, wanted, cache_dir,
+                            classifier, inception, intervals)
+    for space in IMAGE_SPACES:
+        space(job)
+    job.check_all_computed()
+    return job.scores.result(job.ref_info)
 
-    builtin = name in IMAGE_DATASETS
-    if builtin and resolution is None:
-        resolution = int(samples.shape[-1])  # score at the resolution the model generates
-    ds = load_dataset(name, resolution, split=reference, seed=split_seed)
-    if ds.kind != "image":
-        raise FewstepError(f"samples are images but data set {name!r} holds 2-D points")
-    if tuple(samples.shape[1:]) != ds.shape:
-        raise FewstepError(
-            f"samples have shape {tuple(samples.shape)}; data set {name!r} at this resolution "
-            f"has images of shape {ds.shape}"
-        )
-    if len(samples) < 4:
-        raise FewstepError(f"image metrics need at least 4 samples, got {len(samples)}")
-    idx = reference_indices(len(ds), n_ref, f"the {reference} split of {name!r}", seed)
-    x = samples.clamp(-1.0, 1.0)
-    ref_x = ds.x[torch.from_numpy(idx)]
-    res = int(ds.shape[-1])
-    tag = f"{name}-{res}-{reference}-seed{split_seed}"
-    ref_info = {"data": name, "split": reference, "split_seed": split_seed, "n": int(len(idx)),
-                "split_size": len(ds), "source": ds.info.get("source")}
-    scores = _Scores(len(x), len(idx), seed)
 
-    def ref_features(compute, net_tag):
-        if builtin:  # features of the whole split are cached; n_ref picks from them
-            return _cached_features(f"{tag}-{net_tag}", ds.x, compute, cache_dir)[idx]
-        return compute(ref_x)
-
-    # pixels: every image, whatever its size or channels
-    dim = int(np.prod(ds.shape))
-    flat, ref_flat = x.flatten(1).double(), ref_x.flatten(1).double()
-    pixels = f"pixels, flattened ({dim}-d, values in [-1, 1])"
+def _score_points(samples, name: str, resolution, seed: int, n_ref, split_seed: int, reference: str, wanted) -> dict:
+    """2-D points against fresh samples of a built-in toy, or against a split of a user's point set."""
+    if wanted and wanted & {"fid", "kid", "fcd"}:
+        raise FewstepError(f"metrics {', '.join(sorted(wanted & {'fid', 'kid', 'fcd'}))} need images; "
+                           "2-D points get swd, mmd and pr")
+    if name in TOY_DATASETS:
+        ref = sample_toy(name, n_ref or DEFAULT_TOY_REFERENCE, seed=seed)
+        ref_info = {"data": name, "split": "fresh samples of the true distribution", "n": int(len(ref))}
+    else:
+        ds = load_dataset(name, resolution, split=reference, seed=split_seed)
+        if ds.kind != "toy":
+            raise FewstepError(f"samples are points {tuple(samples.shape)} but data set {name!r} holds "
+                               f"images {ds.shape}")
+        ref = ds.x[torch.from_numpy(reference_indices(len(ds), n_ref, f"the {reference} split of {name!r}", seed))]
+        ref_info = {"data": name, "split": reference, "split_seed": split_seed, "n": int(len(ref)),
+                    "split_size": len(ds)}
+    if samples.dim() != 2 or samples.shape[1] != ref.shape[1]:
+        raise FewstepError(f"samples have shape {tuple(samples.shape)}; data set {name!r} expects "
+                           f"points (N, {ref.shape[1]})")
+    scores = _Scores(len(samples), len(ref), seed)
+    space = f"points ({ref.shape[1]}-d, as given)"
     if _want(wanted, "swd"):
-        scores.put("swd_pixel", sliced_wasserstein(flat, ref_flat, seed=seed), pixels)
+        scores.put("swd", sliced_wasserstein(samples, ref, seed=seed), space)
     if _want(wanted, "mmd"):
-        scores.put("mmd_pixel", mmd_rbf(flat / math.sqrt(dim), ref_flat / math.sqrt(dim), PIXEL_MMD_BANDWIDTHS),
-                   pixels + "; RBF kernel on the RMS per-pixel distance",
-                   bandwidths=list(PIXEL_MMD_BANDWIDTHS))
-    pixel_pr = dim <= PIXEL_PR_MAX_DIM
-    if pixel_pr and _want(wanted, "pr"):
-        scores.distribution(flat, ref_flat, pixels, "_pixel", {"pr"})
+        scores.put("mmd", mmd_rbf(samples, ref), space, bandwidths=[0.1, 0.2, 0.5, 1.0, 2.0])
+    if _want(wanted, "pr") and min(len(samples), len(ref)) > 3:
+        scores.distribution(samples, ref, space, "", {"pr"})
+    return scores.result(ref_info)
 
-    # a classifier's features: the shipped one for a built-in set at this resolution, or the user's
-    model = _pick_classifier(name, res, ds.shape[0], classifier, builtin, needed=bool(wanted and "fcd" in wanted))
-    if model is not None and (wanted is None or wanted & {"fcd", "kid", "pr"}):
-        meta = model.meta
-        where = (f"classifier {meta.get('dataset')}-{meta.get('resolution')}" if classifier is None
-                 else f"classifier {str(classifier)!r} (trained on {meta.get('dataset')})")
-        space = f"{where}, penultimate features ({meta['architecture'].get('feature_dim', 128)}-d)"
-        feats, probs = classifier_features(x, model)
-        ref_feats = ref_features(lambda t: classifier_features(t, model)[0], meta["weights_sha256"][:16])
-        scores.distribution(feats, ref_feats, space, "", wanted, fd_key="fcd", intervals=intervals)
-        if _want(wanted, "fcd"):
-            p_mean = probs.mean(0)
-            scores.put("class_entropy", -(p_mean * np.log(np.clip(p_mean, 1e-300, None))).sum(), space,
-                       unit=f"nats, at most ln {probs.shape[1]} = {math.log(probs.shape[1]):.3f}")
-            scores.put("confidence", probs.max(1).mean(), space, unit="mean max-softmax")
 
-    # Inception-v3: on request only (2,048-d features of 299x299 images cost minutes on a CPU)
-    if inception is not None or (wanted and "fid" in wanted):
-        weights = "default" if inception is None else inception
-        space, net_tag = inception_description(weights)
-        feats = inception_features(x, weights)
-        ref_feats = ref_features(lambda t: inception_features(t, weights), net_tag)
-        scores.distribution(feats, ref_feats, space, "_inception", wanted, fd_key="fid", intervals=intervals)
+@dataclass
+class _ImageJob:
+    """Generated images and their reference, what was asked for, and the scores so far: what each feature
+    space's scorer (IMAGE_SPACES) reads and adds to."""
+    name: str
+    x: torch.Tensor  # the samples, clamped to [-1, 1]
+    ref_x: torch.Tensor
+    ref_index: np.ndarray  # into the reference split
+    split: object  # the loaded split (fewstep.data.Dataset)
+    builtin: bool
+    wanted: set | None
+    seed: int
+    cache_dir: object
+    classifier: object
+    inception: object
+    intervals: int
+    ref_info: dict
+    scores: _Scores
 
-    if wanted:
-        missing = [m for m in sorted(wanted) if not any(k == m or k.startswith(m + "_") or
-                                                        (m == "pr" and k.startswith("precision")) for k in scores.values)]
+    @classmethod
+    def prepare(cls, samples, name, resolution, seed, n_ref, split_seed, reference, wanted, cache_dir, classifier,
+                inception, intervals) -> "_ImageJob":
+        builtin = name in IMAGE_DATASETS
+        if builtin and resolution is None:
+            resolution = int(samples.shape[-1])  # score at the resolution the model generates
+        ds = load_dataset(name, resolution, split=reference, seed=split_seed)
+        if ds.kind != "image":
+            raise FewstepError(f"samples are images but data set {name!r} holds 2-D points")
+        if tuple(samples.shape[1:]) != ds.shape:
+            raise FewstepError(f"samples have shape {tuple(samples.shape)}; data set {name!r} at this resolution "
+                               f"has images of shape {ds.shape}")
+        if len(samples) < 4:
+            raise FewstepError(f"image metrics need at least 4 samples, got {len(samples)}")
+        idx = reference_indices(len(ds), n_ref, f"the {reference} split of {name!r}", seed)
+        ref_info = {"data": name, "split": reference, "split_seed": split_seed, "n": int(len(idx)),
+                    "split_size": len(ds), "source": ds.info.get("source")}
+        return cls(name, samples.clamp(-1.0, 1.0), ds.x[torch.from_numpy(idx)], idx, ds, builtin, wanted, seed,
+                   cache_dir, classifier, inception, intervals, ref_info, _Scores(len(samples), len(idx), seed))
+
+    @property
+    def resolution(self) -> int:
+        return int(self.split.shape[-1])
+
+    @property
+    def dim(self) -> int:
+        return int(np.prod(self.split.shape))
+
+    def ref_features(self, compute, net_tag: str) -> np.ndarray:
+        """A network's features of the reference: of a built-in set the whole split's are cached, and the
+        reference subset picked from them."""
+        if self.builtin:
+            tag = f"{self.name}-{self.resolution}-{self.ref_info['split']}-seed{self.ref_info['split_seed']}"
+            return _cached_features(f"{tag}-{net_tag}", self.split.x, compute, self.cache_dir)[self.ref_index]
+        return compute(self.ref_x)
+
+    def check_all_computed(self):
+        if not self.wanted:
+            return
+        missing = [m for m in sorted(self.wanted) if not any(
+            k == m or k.startswith(m + "_") or (m == "pr" and k.startswith("precision")) for k in self.scores.values)]
         if missing:
             raise FewstepError(
-                f"metrics {', '.join(missing)} cannot be computed for {name!r}: kid needs learned features "
+                f"metrics {', '.join(missing)} cannot be computed for {self.name!r}: kid needs learned features "
                 f"(--classifier DIR or --inception PATH), pr on raw pixels needs images of at most "
-                f"{PIXEL_PR_MAX_DIM} values (these have {dim})")
-    return scores.result(ref_info)
+                f"{PIXEL_PR_MAX_DIM} values (these have {self.dim})")
+
+
+def _pixel_scores(job: _ImageJob):
+    """Pixels: every image, whatever its size or channels."""
+    dim, wanted, scores = job.dim, job.wanted, job.scores
+    flat, ref_flat = job.x.flatten(1).double(), job.ref_x.flatten(1).double()
+    pixels = f"pixels, flattened ({dim}-d, values in [-1, 1])"
+    if _want(wanted, "swd"):
+        scores.put("swd_pixel", sliced_wasserstein(flat, ref_flat, seed=job.seed), pixels)
+    if _want(wanted, "mmd"):
+        scores.put("mmd_pixel", mmd_rbf(flat / math.sqrt(dim), ref_flat / math.sqrt(dim), PIXEL_MMD_BANDWIDTHS),
+                   pixels + "; RBF kernel on the RMS per-pixel distance", bandwidths=list(PIXEL_MMD_BANDWIDTHS))
+    if dim <= PIXEL_PR_MAX_DIM and _want(wanted, "pr"):
+        scores.distribution(flat, ref_flat, pixels, "_pixel", {"pr"})
+
+
+def _classifier_scores(job: _ImageJob):
+    """A classifier's features: the shipped one for a built-in set at this resolution, or the user's."""
+    wanted = job.wanted
+    model = _pick_classifier(job.name, job.resolution, job.split.shape[0], job.classifier, job.builtin,
+                             needed=bool(wanted and "fcd" in wanted))
+    if model is None or not (wanted is None or wanted & {"fcd", "kid", "pr"}):
+        return
+    meta = model.meta
+    where = (f"classifier {meta.get('dataset')}-{meta.get('resolution')}" if job.classifier is None
+             else f"classifier {str(job.classifier)!r} (trained on {meta.get('dataset')})")
+    space = f"{where}, penultimate features ({meta['architecture'].get('feature_dim', 128)}-d)"
+    feats, probs = classifier_features(job.x, model)
+    ref_feats = job.ref_features(lambda t: classifier_features(t, model)[0], meta["weights_sha256"][:16])
+    job.scores.distribution(feats, ref_feats, space, "", wanted, fd_key="fcd", intervals=job.intervals)
+    if _want(wanted, "fcd"):
+        p_mean = probs.mean(0)
+        job.scores.put("class_entropy", -(p_mean * np.log(np.clip(p_mean, 1e-300, None))).sum(), space,
+                       unit=f"nats, at most ln {probs.shape[1]} = {math.log(probs.shape[1]):.3f}")
+        job.scores.put("confidence", probs.max(1).mean(), space, unit="mean max-softmax")
+
+
+def _inception_scores(job: _ImageJob):
+    """Inception-v3: on request only (2,048-d features of 299x299 images cost minutes on a CPU)."""
+    if job.inception is None and not (job.wanted and "fid" in job.wanted):
+        return
+    weights = "default" if job.inception is None else job.inception
+    space, net_tag = inception_description(weights)
+    feats = inception_features(job.x, weights)
+    ref_feats = job.ref_features(lambda t: inception_features(t, weights), net_tag)
+    job.scores.distribution(feats, ref_feats, space, "_inception", job.wanted, fd_key="fid", intervals=job.intervals)
+
+
+# each feature space's scorer, in the order the numbers are computed; a new space is one function and one entry
+IMAGE_SPACES = (_pixel_scores, _classifier_scores, _inception_scores)
 
 
 def _pick_classifier(name: str, res: int, channels: int, classifier, builtin: bool, needed: bool):

@@ -297,6 +297,11 @@ def quality_note(summary: dict) -> str:
     return f"Quality: mean ± std over seeds {spec['seeds']}, {spec['n_samples']} samples each."
 
 
+def extra_figures(summary: dict) -> list[str]:
+    """Figures a method's bench extras drew (each extra lists its own under "figures")."""
+    return [name for extra in summary.values() if isinstance(extra, dict) for name in extra.get("figures") or []]
+
+
 def write_report(out: Path, summary: dict) -> Path:
     out = Path(out)
     fig = out / "figures"
@@ -321,7 +326,7 @@ def write_report(out: Path, summary: dict) -> Path:
               "![quality vs NFE](figures/quality-vs-nfe.png)", "",
               "![quality vs distillation cost](figures/quality-vs-cost.png)", "",
               "![samples from the same noises](figures/samples.png)", ""]
-    for name in ("sfddm-consistency.png", "sfddm-interpolation.png"):
+    for name in extra_figures(summary):
         if (fig / name).is_file():
             lines += [f"![{name[:-4]}](figures/{name})", ""]
     lines += ["Raw numbers: `results.json`; the table alone: `results.md`; models: `models/`."]

@@ -30,7 +30,6 @@ import json
 import math
 import os
 import shlex
-import shutil
 import signal
 import sys
 import threading
@@ -38,18 +37,14 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from fewstep.checkpoint import (CARD_NAME, STATE_NAME, WEIGHTS_NAME, RunLock, atomic_write, load_train_state,
-                                remove_stale_temp_files, save_checkpoint, save_train_state, write_json)
+from fewstep.checkpoint import STATE_NAME, load_train_state, save_checkpoint, save_train_state
 from fewstep.errors import FewstepError
-from fewstep.viz import save_samples_picture
+from fewstep.runfolder import RunFolder, tensorboard_writer
 
 
 @dataclass
@@ -89,6 +84,17 @@ class TrainConfig:
                    ema=args.ema, grad_clip=args.grad_clip or None, amp=args.amp, seed=args.seed,
                    log_every=args.log_every, sample_every=args.sample_every, ckpt_every=args.ckpt_every,
                    device=args.device, progress=not args.no_progress, log=args.log)
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of iteration `step`: the schedule, then the warm-up."""
+        lr = self.lr
+        if self.lr_schedule == "step" and step >= self.steps // 2:
+            lr = self.lr / 10
+        elif self.lr_schedule == "cosine":
+            lr = self.lr * 0.5 * (1 + math.cos(math.pi * step / self.steps))
+        if self.warmup and step < self.warmup:
+            lr *= (step + 1) / self.warmup
+        return lr
 
     def validate(self):
         if self.steps < 1:
@@ -339,13 +345,17 @@ def _seeded(seed: int, step: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + stream) % (2**63 - 1))
 
 
-def tensorboard_writer():
-    """TensorBoard's SummaryWriter class, or a clear error when the optional extra is missing."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise FewstepError("--log tensorboard needs the tensorboard package: pip install 'fewstep[tensorboard]'") from None
-    return SummaryWriter
+def global_batch_indices(n: int, batch: int, seed: int, step: int) -> torch.Tensor:
+    """Indices into n data items of iteration `step`'s whole global batch: epoch-wise seeded permutations,
+    read in order (a batch that crosses an epoch's end takes the rest from the next one)."""
+    parts, pos, remaining = [], step * batch, batch
+    while remaining:
+        epoch, off = divmod(pos, n)
+        take = torch.randperm(n, generator=_seeded(seed, epoch, 1))[off:off + remaining]
+        parts.append(take)
+        pos += len(take)
+        remaining -= len(take)
+    return torch.cat(parts)
 
 
 def pick_device(name: str) -> torch.device:
@@ -357,8 +367,62 @@ def pick_device(name: str) -> torch.device:
         raise FewstepError(f"device {name!r}: expected cpu, cuda or cuda:N") from None
 
 
+# settings a resumed run may change: they do not alter what the finished run computes
+RESUMABLE_CHANGES = {"config": {"steps", "progress", "log_every", "sample_every", "ckpt_every", "n_preview",
+                                "device", "log", "profile", "snapshot_every"},
+                     "args": {"iters", "no_progress", "log_every", "sample_every", "ckpt_every", "device",
+                              "resume", "out", "log", "profile", "snapshot_every", "trajectory_cache"}}
+
+
+def changed_settings(config: TrainConfig, run_info: dict, saved: dict) -> list[str]:
+    """'name: now X, was Y' for every loop or command-line setting that differs from a saved run's
+    ({"config", "args"}, as a training state or a config.json holds them)."""
+    now = {"config": json.loads(json.dumps(asdict(config))), "args": run_info.get("args") or {}}
+    differ = []
+    for section in ("config", "args"):
+        before = saved.get(section) or {}
+        for key, value in now[section].items():
+            if key in RESUMABLE_CHANGES[section] or key not in before:
+                continue
+            if json.loads(json.dumps(before[key])) != value:
+                name = f"--{key.replace('_', '-')}" if section == "args" else key
+                if not any(d.startswith(name + ":") for d in differ):
+                    differ.append(f"{name}: now {value!r}, was {before[key]!r}")
+    return differ
+
+
+class StopRequests:
+    """Ctrl-C / SIGTERM while a loop runs only request a stop, taken between iterations: an interrupt that
+    landed after the optimizer step but before the step count moved would make --resume repeat an update. A
+    second request stops at once (a KeyboardInterrupt where it lands). Handlers are restored on exit."""
+
+    def __init__(self, announce: bool):
+        self.requested, self.announce, self.previous = [], announce, {}
+
+    def _request(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested.append(signum)
+        if self.announce:
+            print("\nstopping after the current iteration (interrupt again to stop at once)", file=sys.stderr,
+                  flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._request)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
 class Trainer:
-    """Runs a TrainMethod for config.steps iterations into out_dir."""
+    """Runs a TrainMethod for config.steps iterations into out_dir (its files: fewstep.runfolder.RunFolder)."""
+
     def __init__(self, method: TrainMethod, config: TrainConfig, out_dir: str | Path,
                  data: torch.Tensor | None = None, resume: bool = False, run_info: dict | None = None,
                  labels: torch.Tensor | None = None):
@@ -367,34 +431,22 @@ class Trainer:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.is_main = self.rank == 0
-        self.lock, created = None, False
-        if self.is_main:  # the folder is this run's alone from here on (released by the OS if the process dies)
-            created = not self.out_dir.exists()
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            self.lock = RunLock(self.out_dir).acquire()
+        self.folder = RunFolder(self.out_dir, self.is_main).open()
         try:
-            self._setup(method, config, data, resume, run_info, labels)
+            self._setup(method, config, data, resume, run_info or {}, labels)
         except BaseException:
-            self._release()
-            if created and not any(p.name != ".fewstep.lock" for p in self.out_dir.iterdir()):
-                shutil.rmtree(self.out_dir, ignore_errors=True)  # a refused run leaves no folder behind
+            self.folder.refused()
             raise
 
-    def _release(self):
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
-
     def _setup(self, method, config, data, resume, run_info, labels):
+        self.method, self.config, self.run_info = method, config, run_info  # what _changed_settings compares
         self.fresh_resume = False
         if self.is_main:
-            resume = self._check_folder(config, resume, run_info or {})
+            resume, self.fresh_resume = self.folder.check(resume, self._changed_settings)
         elif resume:  # the other processes of a torchrun follow the same rule as process 0
             resume = (self.out_dir / STATE_NAME).exists()
         if resume:
-            config = _keep_saved_channels_last(config, self.out_dir)
-        self.method, self.config = method, config
-        self.run_info = run_info or {}
+            self.config = config = _keep_saved_channels_last(config, self.out_dir)
         if self.world > 1 and not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() and config.device != "cpu" else "gloo"
             dist.init_process_group(backend)
@@ -439,43 +491,8 @@ class Trainer:
         self.profiler = Profiler(self.device)
         if config.log == "tensorboard":
             tensorboard_writer()  # a missing extra is reported before anything is written
-        self.board = None
         if resume:
             self._resume()
-
-    def _check_folder(self, config: TrainConfig, resume: bool, run_info: dict) -> bool:
-        """Whether there is a state to resume from; refuses a folder that holds another run or a model.
-        A run killed before its first checkpoint left only its config.json: --resume starts it again from
-        iteration 0 (the same bytes as an uninterrupted run) when its settings are the same."""
-        out = self.out_dir
-        has_state = (out / STATE_NAME).exists()
-        has_model = (out / WEIGHTS_NAME).exists() or (out / CARD_NAME).exists()
-        if not resume:
-            if has_state:
-                raise FewstepError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-            if has_model:
-                raise FewstepError(f"{out} already holds a model; choose another --out (fewstep never writes over "
-                                   "a model)")
-            return False
-        if has_state:
-            return True
-        if has_model:
-            raise FewstepError(f"--resume: {out} holds a model but no training state ({STATE_NAME}): nothing to "
-                               "resume; choose another --out to train again")
-        try:
-            saved = json.loads((out / "config.json").read_text())
-            saved = {"config": saved["train"], "args": saved.get("args") or {}}
-        except (OSError, ValueError, KeyError, TypeError, RecursionError):
-            raise FewstepError(f"--resume: {out} holds no run (no {STATE_NAME} and no readable config.json): "
-                               "nothing to resume; start without --resume") from None
-        self.config, self.run_info = config, run_info  # what _changed_settings compares
-        differ = self._changed_settings(saved)
-        if differ:
-            raise FewstepError("--resume: settings differ from the interrupted run's: " + "; ".join(differ))
-        print(f"fewstep: note: {out} was stopped before its first checkpoint; its run starts again from "
-              "iteration 0", file=sys.stderr)
-        self.fresh_resume = True
-        return False
 
     # ---- helpers ---------------------------------------------------------------------------------
     def autocast(self):
@@ -484,29 +501,7 @@ class Trainer:
         return torch.autocast("cuda", dtype=torch.bfloat16 if self.config.amp == "bf16" else torch.float16)
 
     def lr_at(self, step: int) -> float:
-        c = self.config
-        lr = c.lr
-        if c.lr_schedule == "step" and step >= c.steps // 2:
-            lr = c.lr / 10
-        elif c.lr_schedule == "cosine":
-            lr = c.lr * 0.5 * (1 + math.cos(math.pi * step / c.steps))
-        if c.warmup and step < c.warmup:
-            lr *= (step + 1) / c.warmup
-        return lr
-
-    def global_indices(self, step: int) -> torch.Tensor | None:
-        """Indices of the data of iteration `step` for the whole global batch (epoch-wise permutations)."""
-        if self.data is None or not self.method.needs_data:
-            return None
-        n, b = len(self.data), self.config.batch
-        parts, pos, remaining = [], step * b, b
-        while remaining:
-            epoch, off = divmod(pos, n)
-            take = torch.randperm(n, generator=_seeded(self.config.seed, epoch, 1))[off:off + remaining]
-            parts.append(take)
-            pos += len(take)
-            remaining -= len(take)
-        return torch.cat(parts)
+        return self.config.lr_at(step)
 
     def eval_model(self) -> nn.Module:
         return self.ema if self.ema is not None else self.model
@@ -538,47 +533,9 @@ class Trainer:
                 group["fused"] = None
         self.method.load_state_dict(st.get("method") or {})
         self.step, self.wall = int(st["step"]), float(st.get("wall", 0.0))
-        if self.is_main:
-            self._drop_logs_after(self.step)
 
-    # settings a resumed run may change: they do not alter what the finished run computes
-    RESUMABLE_CHANGES = {"config": {"steps", "progress", "log_every", "sample_every", "ckpt_every", "n_preview",
-                                    "device", "log", "profile", "snapshot_every"},
-                         "args": {"iters", "no_progress", "log_every", "sample_every", "ckpt_every", "device",
-                                  "resume", "out", "log", "profile", "snapshot_every", "trajectory_cache"}}
-
-    def _changed_settings(self, st: dict) -> list[str]:
-        """'name: now X, was Y' for every loop or command-line setting that differs from the saved run."""
-        now = {"config": json.loads(json.dumps(asdict(self.config))), "args": self.run_info.get("args") or {}}
-        differ = []
-        for section in ("config", "args"):
-            saved = st.get(section) or {}
-            for key, value in now[section].items():
-                if key in self.RESUMABLE_CHANGES[section] or key not in saved:
-                    continue
-                if json.loads(json.dumps(saved[key])) != value:
-                    name = f"--{key.replace('_', '-')}" if section == "args" else key
-                    if not any(d.startswith(name + ":") for d in differ):
-                        differ.append(f"{name}: now {value!r}, was {saved[key]!r}")
-        return differ
-
-    def _drop_logs_after(self, step: int):
-        """Forget metrics logged after the saved state: the resumed run logs those iterations again."""
-        for name in ("metrics.jsonl", "snapshots/snapshots.jsonl"):
-            self._drop_lines_after(self.out_dir / name, step)
-
-    @staticmethod
-    def _drop_lines_after(path: Path, step: int):
-        if not path.is_file():
-            return
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                if int(json.loads(line).get("step", 0)) <= step:
-                    kept.append(line)
-            except (ValueError, AttributeError, TypeError, RecursionError):
-                pass  # a line cut short by a kill (or not a record)
-        atomic_write(path, lambda p: Path(p).write_text("".join(f"{line}\n" for line in kept)))
+    def _changed_settings(self, saved: dict) -> list[str]:
+        return changed_settings(self.config, self.run_info, saved)
 
     def save(self, final: bool = False):
         if not self.is_main:
@@ -589,28 +546,13 @@ class Trainer:
                                  "wall_time_s": round(self.wall, 2), "processes": self.world,
                                  "device": str(self.device), "finished": final,
                                  **self.run_info.get("training", {})})
-        profile = profile_summary(self._records())
+        profile = profile_summary(self.folder.records())
         if profile is not None:
             card["training"]["profile"] = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in profile.items()}
         if self.run_info.get("command"):
             card["training"]["command"] = self.run_info["command"]
-        model = self.eval_model()
-        save_checkpoint(self.out_dir, model, card)
+        save_checkpoint(self.out_dir, self.eval_model(), card)
         save_train_state(self.out_dir, self._state())
-
-    def _records(self) -> list[dict]:
-        """The run's metrics.jsonl records (a line cut short by a kill is skipped)."""
-        path = self.out_dir / "metrics.jsonl"
-        records = []
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except (ValueError, RecursionError):
-                    continue
-                if isinstance(record, dict):
-                    records.append(record)
-        return records
 
     def _measure_floor(self) -> dict:
         """The last iteration's network calls timed alone (grads they leave are dropped)."""
@@ -623,35 +565,8 @@ class Trainer:
         return rec
 
     def _snapshot(self):
-        """The eval weights now, in snapshots/step-<step>.safetensors, and a line in snapshots.jsonl with
-        the iteration and the training wall time so far: checkpoints along the run, for quality vs time."""
-        if not self.is_main:
-            return
-        folder = self.out_dir / "snapshots"
-        folder.mkdir(exist_ok=True)
         net = getattr(self.eval_model(), "net", self.eval_model())
-        sd = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
-        name = f"step-{self.step:07d}.safetensors"
-        atomic_write(folder / name, lambda p: save_file(sd, p))
-        with open(folder / "snapshots.jsonl", "a") as f:
-            f.write(json.dumps({"step": self.step, "wall_s": round(self.wall, 3), "file": name}) + "\n")
-
-    def _log(self, record: dict):
-        if not self.is_main:
-            return
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.board is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.board.add_scalar(key, value, record["step"])
-
-    def _open_board(self):
-        """TensorBoard's writer in OUT/tensorboard (on resume, events after the saved iteration are dropped)."""
-        if self.config.log != "tensorboard" or not self.is_main:
-            return None
-        writer_class = tensorboard_writer()
-        return writer_class(str(self.out_dir / "tensorboard"), purge_step=self.step or None)
+        self.folder.snapshot(net.state_dict(), self.step, self.wall)
 
     def _preview(self):
         if not self.is_main or not self.config.n_preview:
@@ -662,130 +577,99 @@ class Trainer:
         with torch.no_grad():
             x = self.method.preview(model, self.config.n_preview, seed=self.config.seed)
         model.train(was_training)
-        path = save_samples_picture(x, self.out_dir / f"samples-{self.step:07d}.png", title=f"step {self.step}")
-        if self.board is not None:
-            with Image.open(path) as im:
-                self.board.add_image("samples", np.asarray(im.convert("RGB")), self.step, dataformats="HWC")
+        self.folder.preview(x, self.step)
 
     # ---- the loop --------------------------------------------------------------------------------
     def run(self) -> Path:
         try:
             return self._run()
         finally:
-            self._release()
+            self.folder.close()
 
     def _run(self) -> Path:
         c = self.config
-        if self.is_main:
-            self.lock.sign()
-            remove_stale_temp_files(self.out_dir)  # under the run's lock: no other process writes here
-            if self.fresh_resume:
-                self._drop_logs_after(0)
-            write_json(self.out_dir / "config.json", {"train": asdict(c), **self.run_info,
-                                                      "method": self.method.name, "processes": self.world})
+        self.folder.start({"train": asdict(c), **self.run_info, "method": self.method.name, "processes": self.world},
+                          drop_logs_after=self.step if self.step or self.fresh_resume else None)
         ctx = StepContext(self)
-        self.board = self._open_board()
+        self.folder.open_board(c.log, self.step)
         bar = tqdm(total=c.steps, initial=self.step, desc=self.method.name, unit="it",
                    disable=not (c.progress and self.is_main), dynamic_ncols=True)
-        interrupted = False
-        # Ctrl-C / SIGTERM only request a stop, taken between iterations: an interrupt that landed
-        # after the optimizer step but before the step count moved would make --resume repeat an
-        # update. A second request stops at once; if that is inside an iteration, whose weights and
-        # optimizer state may be half updated, nothing is saved (the last checkpoint stays).
-        stop: list[int] = []
-        in_iteration = False
-
-        def request_stop(signum, frame):
-            if stop:
-                raise KeyboardInterrupt
-            stop.append(signum)
-            if self.is_main:
-                print("\nstopping after the current iteration (interrupt again to stop at once)",
-                      file=sys.stderr, flush=True)
-
-        previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                previous[sig] = signal.getsignal(sig)
-                signal.signal(sig, request_stop)
+        interrupted, in_iteration = False, False
         try:
-            while self.step < c.steps:
-                if self.world > 1:  # all processes must stop at the same iteration
-                    flag = torch.tensor([float(bool(stop))], device=self.device)
-                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                    if flag.item() and not stop:
-                        stop.append(signal.SIGINT)
-                if stop:
-                    interrupted = True
-                    break
-                in_iteration = True
-                self.profiler.reset()
-                logged = (self.step + 1) % c.log_every == 0 or self.step + 1 == c.steps
-                # CUDA: a logged iteration's parts wait for the device, so they are its own work
-                self.profiler.sync = logged and c.profile and self.device.type == "cuda"
-                t0 = time.perf_counter()
-                for g in self.optimizer.param_groups:
-                    g["lr"] = self.lr_at(self.step)
-                torch.manual_seed((c.seed * 1_000_003 + self.step * 7919 + 101 + self.rank) % (2**63 - 1))
-                gen = _seeded(c.seed, self.step, 2)
-                idx = self.global_indices(self.step)
-                batch = None if idx is None else ctx.local(self.data[idx]).to(self.device)
-                ctx.labels = None if idx is None or self.labels is None else ctx.local(self.labels[idx]).to(self.device)
-                self.model.train()
-                logs = self.method.train_step(ctx, batch, gen)
-                if self.ema is not None:
-                    # warm-up keeps a short run's EMA from lingering at the initial weights
-                    decay = min(c.ema, (1 + self.step) / (10 + self.step))
-                    with torch.no_grad():
-                        for pe, p in zip(self.ema.parameters(), self.model.parameters()):
-                            pe.lerp_(p, 1 - decay)
-                        for be, b in zip(self.ema.buffers(), self.model.buffers()):
-                            be.copy_(b)
-                self.step += 1
-                in_iteration = False
-                iteration_s = time.perf_counter() - t0
-                self.wall += iteration_s
-                bar.update(1)
-                if "loss" in logs:
-                    bar.set_postfix(loss=f"{logs['loss']:.4g}", refresh=False)
-                if logged:
-                    timing = self.profiler.record(iteration_s)
-                    if c.profile:  # after the iteration, outside its wall time
-                        timing.update(self._measure_floor())
-                    self._log({"step": self.step, "lr": self.lr_at(self.step - 1),
-                               "wall_s": round(self.wall, 3), **logs, **timing})
-                if c.snapshot_every and (self.step % c.snapshot_every == 0 or self.step == c.steps):
-                    self._snapshot()
-                if c.ckpt_every and self.step % c.ckpt_every == 0 and self.step < c.steps:
-                    self.save()
-                if c.sample_every and self.step % c.sample_every == 0 and self.step < c.steps:
-                    self._preview()
+            with StopRequests(announce=self.is_main) as stop:
+                while self.step < c.steps:
+                    if self.world > 1:  # all processes must stop at the same iteration
+                        flag = torch.tensor([float(bool(stop.requested))], device=self.device)
+                        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                        if flag.item() and not stop.requested:
+                            stop.requested.append(signal.SIGINT)
+                    if stop.requested:
+                        interrupted = True
+                        break
+                    in_iteration = True
+                    self._iteration(ctx, bar)
+                    in_iteration = False
         except KeyboardInterrupt:
             interrupted = True
         finally:
             bar.close()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-        if interrupted and in_iteration:
-            self._close_board()
+        if interrupted and in_iteration:  # its weights and optimizer state may be half updated: keep none of it
             if self.is_main:
                 print(f"\nstopped at once inside iteration {self.step + 1}; nothing of it was saved, and --resume "
                       "continues from the last checkpoint", file=sys.stderr)
             raise SystemExit(130)
         self.save(final=not interrupted)
         if interrupted:
-            self._close_board()
             if self.is_main:
                 print(f"\ninterrupted at iteration {self.step}; state saved in {self.out_dir} "
                       "(continue with --resume)")
             raise SystemExit(130)
         self._preview()
-        self._close_board()
         if self.world > 1:
             dist.barrier()
         return self.out_dir
 
-    def _close_board(self):
-        if self.board is not None:
-            self.board.close()
-            self.board = None
+    def _iteration(self, ctx: "StepContext", bar):
+        """One iteration (the step count moves at its end), then its log line, snapshot, checkpoint, preview."""
+        c = self.config
+        self.profiler.reset()
+        logged = (self.step + 1) % c.log_every == 0 or self.step + 1 == c.steps
+        # CUDA: a logged iteration's parts wait for the device, so they are its own work
+        self.profiler.sync = logged and c.profile and self.device.type == "cuda"
+        t0 = time.perf_counter()
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.lr_at(self.step)
+        torch.manual_seed((c.seed * 1_000_003 + self.step * 7919 + 101 + self.rank) % (2**63 - 1))
+        gen = _seeded(c.seed, self.step, 2)
+        idx = (global_batch_indices(len(self.data), c.batch, c.seed, self.step)
+               if self.data is not None and self.method.needs_data else None)
+        batch = None if idx is None else ctx.local(self.data[idx]).to(self.device)
+        ctx.labels = None if idx is None or self.labels is None else ctx.local(self.labels[idx]).to(self.device)
+        self.model.train()
+        logs = self.method.train_step(ctx, batch, gen)
+        if self.ema is not None:
+            # warm-up keeps a short run's EMA from lingering at the initial weights
+            decay = min(c.ema, (1 + self.step) / (10 + self.step))
+            with torch.no_grad():
+                for pe, p in zip(self.ema.parameters(), self.model.parameters()):
+                    pe.lerp_(p, 1 - decay)
+                for be, b in zip(self.ema.buffers(), self.model.buffers()):
+                    be.copy_(b)
+        self.step += 1
+        iteration_s = time.perf_counter() - t0
+        self.wall += iteration_s
+        bar.update(1)
+        if "loss" in logs:
+            bar.set_postfix(loss=f"{logs['loss']:.4g}", refresh=False)
+        if logged:
+            timing = self.profiler.record(iteration_s)
+            if c.profile:  # after the iteration, outside its wall time
+                timing.update(self._measure_floor())
+            self.folder.log({"step": self.step, "lr": self.lr_at(self.step - 1), "wall_s": round(self.wall, 3),
+                             **logs, **timing})
+        if c.snapshot_every and (self.step % c.snapshot_every == 0 or self.step == c.steps):
+            self._snapshot()
+        if c.ckpt_every and self.step % c.ckpt_every == 0 and self.step < c.steps:
+            self.save()
+        if c.sample_every and self.step % c.sample_every == 0 and self.step < c.steps:
+            self._preview()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from fewstep import argtypes as A
 from fewstep.bench import Bench
-from fewstep.benchspec import PRESETS, BenchSpec, preset
+from fewstep.benchspec import PRESETS, BenchSpec, bench_methods, preset
 from fewstep.cli.common import COMMAND_HELP
 from fewstep.distill.sfd import sfd_nfe_for
 from fewstep.errors import FewstepError
@@ -25,8 +25,7 @@ def register(sub):
     b.add_argument("--data", default=None, help="data set the teacher models (needed without a preset)")
     b.add_argument("--resolution", type=int, default=None)
     b.add_argument("--methods", default=None,
-                   help="comma list of teacher, ddim, dpmpp2m, dpmpp3m, heun, ipndm, sfd, sfd-v, sfd-stage2, "
-                        "sfddm, progressive")
+                   help=f"comma list of {', '.join(bench_methods())}")
     b.add_argument("--nfe", type=A.nfe_list, default=None, help="NFEs for solvers and SFD (SFD: those up to 10), e.g. 2,4,8")
     b.add_argument("--sfddm-steps", type=A.nfe_list, default=None, help="student step counts T' for SFDDM")
     b.add_argument("--sfd-batch", type=A.batch, default=None, help="SFD / SFD-v / stage-2 batch (default: the preset's)")

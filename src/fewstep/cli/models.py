@@ -13,7 +13,7 @@ from fewstep import argtypes as A
 from fewstep.checkpoint import atomic_write, write_json
 from fewstep.cli.common import COMMAND_HELP
 from fewstep.data import load_array
-from fewstep.distill.sfddm import compare_models, interpolation_noises, sample_same_noise
+from fewstep.compare import compare_models, interpolation_noises, sample_same_noise
 from fewstep.errors import FewstepError
 from fewstep.featnet import train_classifier
 from fewstep.metrics import evaluate_samples

@@ -170,6 +170,9 @@ class TeacherTrajectory:
                  precision: str = "fp32", final_orders: str = "always"):
         self.den, self.solver, self.afs, self.clip, self.step = den, solver, afs, clip, step
         self.precision, self.final_orders = precision, final_orders
+        self.cache: TrajectoryCache | None = None  # states stored and reused by content
+        self._digest = None
+        self.precision_check = None  # bf16: the first batch's deviation from fp32 and the precision kept
 
     def setup(self) -> dict:
         """What, besides the teacher, the grid and the noise, decides the trajectories (the cache key)."""
@@ -195,6 +198,46 @@ class TeacherTrajectory:
                       clip=self.clip, return_trajectory=True, **kw)
         return [r.trajectory[p].to(x_T.dtype) for p in positions], r.nfe
 
+    def check_precision(self, x, t_grid, positions, labels, nfe: int, tolerance: float):
+        """bf16 teacher: keep it only if its trajectory on this batch stays within the tolerance of fp32's
+        (relative RMS deviation, the largest over the kept states)."""
+        self.precision = "fp32"
+        exact, _ = self(x, t_grid, positions, labels)
+        self.precision = "bf16"
+        fast, _ = self(x, t_grid, positions, labels)
+        deviation = max(float((f - e).square().mean().sqrt() / e.square().mean().sqrt().clamp_min(1e-12))
+                        for f, e in zip(fast[1:], exact[1:]))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # each process checked its own slice: the largest deviation decides for all, so they agree
+            worst = torch.tensor([deviation], dtype=torch.float64, device=x.device)
+            torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MAX)
+            deviation = float(worst)
+        kept = "bf16" if deviation <= tolerance else "fp32"
+        self.keep_precision({"deviation": deviation, "tolerance": tolerance, "nfe": nfe, "kept": kept})
+        if kept == "fp32":
+            print(f"fewstep: note: the bf16 teacher's trajectories deviate from fp32 by {deviation:.3g} "
+                  f"(relative RMS) on the first batch, over --teacher-precision-tol {tolerance:g}; "
+                  "the teacher runs in fp32", file=sys.stderr)
+
+    def keep_precision(self, check: dict):
+        self.precision_check = check
+        self.precision = check["kept"]
+
+    def states(self, x, t_grid, positions, labels):
+        """(teacher states at the student timestamps, teacher NFE, whether they came from the cache)."""
+        if self.cache is None:
+            return (*self(x, t_grid, positions, labels), False)
+        if self._digest is None:  # after use_channels_last: the format is part of the teacher
+            self._digest = module_digest(self.den)
+        setup = {**self.setup(), "grid": [float(s) for s in t_grid], "positions": list(positions)}
+        key = self.cache.key(self._digest, setup, x, labels)
+        found = self.cache.get(key, x.device)
+        if found is not None:
+            return (*found, True)
+        states, teacher_nfe = self(x, t_grid, positions, labels)
+        self.cache.put(key, states, teacher_nfe)
+        return states, teacher_nfe, False
+
 
 class SFD(TrainMethod):
     """SFD / SFD-v / second stage as one TrainMethod on the shared loop."""
@@ -206,8 +249,6 @@ class SFD(TrainMethod):
         self.cfg = cfg
         # teacher trajectories stored and reused by content (see fewstep.distill.trajectory_cache)
         self.cache = TrajectoryCache(trajectory_cache) if trajectory_cache is not None else None
-        self._teacher_digest = None
-        self.precision_check = None  # bf16: the first batch's deviation from fp32 and the precision kept
         self.teacher = teacher
         self.teacher_ref = teacher_ref
         tden = teacher.denoiser.eval()
@@ -224,6 +265,7 @@ class SFD(TrainMethod):
             self.traj = TeacherTrajectory(tden, cfg.teacher_solver, clip=self.clip,
                                           final_orders=cfg.teacher_final_orders)
             self.student_step_cond = None  # per-iteration N for SFD-v
+        self.traj.cache = self.cache
         self.student = copy.deepcopy(tden)
         if len(cfg.nfe) > 1 and not cfg.stage2:
             # a fixed seed makes the new layers' (non-zero) weights independent of RNG history
@@ -293,6 +335,10 @@ class SFD(TrainMethod):
             self.student_step_cond = len(student_grid) if self.cfg.stage2_condition == "own" else step
         self.stage2_teacher_nfe = student_nfe(len(t_grid), True)
 
+    @property
+    def precision_check(self) -> dict | None:
+        return self.traj.precision_check
+
     # ---- TrainMethod hooks -------------------------------------------------------------------
     def trainable(self):
         return self.student
@@ -320,8 +366,8 @@ class SFD(TrainMethod):
 
         with ctx.timed("teacher"), ctx.autocast():
             if cfg.teacher_precision == "bf16" and self.precision_check is None:
-                self._check_precision(x, t_grid, self.positions[nfe], labels, nfe)
-            targets, teacher_nfe, cached = self._teacher_states(x, t_grid, self.positions[nfe], labels)
+                self.traj.check_precision(x, t_grid, self.positions[nfe], labels, nfe, cfg.teacher_precision_tol)
+            targets, teacher_nfe, cached = self.traj.states(x, t_grid, self.positions[nfe], labels)
         # the floor replays the teacher calls the iteration made: none when it read its trajectories
         self._last = (ctx, x, s_grid, t_grid, 0 if cached else teacher_nfe, labels)
 
@@ -350,47 +396,6 @@ class SFD(TrainMethod):
             logs["teacher_cached"] = int(cached)
         logs.update({f"loss_step{i}": v for i, v in enumerate(losses)})
         return logs
-
-    def _check_precision(self, x, t_grid, positions, labels, nfe):
-        """bf16 teacher: keep it only if its trajectory on this batch stays within the tolerance of fp32's
-        (relative RMS deviation, the largest over the kept states)."""
-        self.traj.precision = "fp32"
-        exact, _ = self.traj(x, t_grid, positions, labels)
-        self.traj.precision = "bf16"
-        fast, _ = self.traj(x, t_grid, positions, labels)
-        deviation = max(float((f - e).square().mean().sqrt() / e.square().mean().sqrt().clamp_min(1e-12))
-                        for f, e in zip(fast[1:], exact[1:]))
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # each process checked its own slice: the largest deviation decides for all, so they agree
-            worst = torch.tensor([deviation], dtype=torch.float64, device=x.device)
-            torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MAX)
-            deviation = float(worst)
-        kept = "bf16" if deviation <= self.cfg.teacher_precision_tol else "fp32"
-        self._set_precision({"deviation": deviation, "tolerance": self.cfg.teacher_precision_tol, "nfe": nfe,
-                             "kept": kept})
-        if kept == "fp32":
-            print(f"fewstep: note: the bf16 teacher's trajectories deviate from fp32 by {deviation:.3g} "
-                  f"(relative RMS) on the first batch, over --teacher-precision-tol {self.cfg.teacher_precision_tol:g}; "
-                  "the teacher runs in fp32", file=sys.stderr)
-
-    def _set_precision(self, check: dict):
-        self.precision_check = check
-        self.traj.precision = check["kept"]
-
-    def _teacher_states(self, x, t_grid, positions, labels):
-        """(teacher states at the student timestamps, teacher NFE, whether they came from the cache)."""
-        if self.cache is None:
-            return (*self.traj(x, t_grid, positions, labels), False)
-        if self._teacher_digest is None:  # after use_channels_last: the format is part of the teacher
-            self._teacher_digest = module_digest(self.traj.den)
-        setup = {**self.traj.setup(), "grid": [float(s) for s in t_grid], "positions": list(positions)}
-        key = self.cache.key(self._teacher_digest, setup, x, labels)
-        found = self.cache.get(key, x.device)
-        if found is not None:
-            return (*found, True)
-        states, teacher_nfe = self.traj(x, t_grid, positions, labels)
-        self.cache.put(key, states, teacher_nfe)
-        return states, teacher_nfe, False
 
     def use_channels_last(self):
         self.traj.den = channels_last_copy(self.traj.den)
@@ -447,7 +452,7 @@ class SFD(TrainMethod):
             counts = state.get("cache") or {}
             self.cache.hits, self.cache.misses = int(counts.get("hits", 0)), int(counts.get("misses", 0))
         if state.get("precision_check"):  # a resumed run keeps the precision its first batch chose
-            self._set_precision(state["precision_check"])
+            self.traj.keep_precision(state["precision_check"])
 
     def sampler_card(self) -> dict:
         cfg = self.cfg

@@ -1,0 +1,87 @@
+"""The house in layers (docs/architecture.md): every fewstep module imports only modules of its own layer or
+below, at the top of the file or inside a function, and no imports form a circle."""
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "fewstep"
+
+# lowest first; a module may import its own layer and every layer before it
+LAYERS = {
+    "foundations": ["errors", "argtypes", "method", "schedule", "nets", "data"],
+    "models": ["denoiser", "solvers", "checkpoint", "sampling", "viz", "show"],
+    "around a model": ["featnet", "perceptual", "metrics", "compare", "interop", "interop.sources",
+                       "interop.edm_pickle", "interop.edm_nets", "interop.edm", "interop.diffusers_io",
+                       "interop.diffusers_pipeline", "models"],
+    "training loop": ["runfolder", "train"],
+    "methods": ["teacher", "distill", "distill.common", "distill.trajectory_cache", "distill.sfddm", "distill.sfd",
+                "distill.progressive", "registry"],
+    "bench": ["benchspec", "report", "bench"],
+    "command line": ["cli.common", "cli.methods", "cli.models", "cli.interop", "cli.bench", "cli", "__main__"],
+}
+LAYER_OF = {m: i for i, mods in enumerate(LAYERS.values()) for m in mods}
+# the package's own __init__ (version only) is below everything
+LAYER_OF[""] = -1
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(SRC).with_suffix("").parts
+    return ".".join(p for p in parts if p != "__init__")
+
+
+def fewstep_imports(path: Path) -> set[str]:
+    """The fewstep modules a file imports, anywhere in it (a name imported from a package counts when it is
+    one of the package's modules)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "fewstep":
+            base = node.module.removeprefix("fewstep").lstrip(".")
+            found.add(base)
+            found |= {f"{base}.{a.name}".lstrip(".") for a in node.names
+                      if f"{base}.{a.name}".lstrip(".") in LAYER_OF}
+        elif isinstance(node, ast.Import):
+            found |= {a.name.removeprefix("fewstep").lstrip(".") for a in node.names
+                      if a.name.split(".")[0] == "fewstep"}
+    return found
+
+
+MODULES = {module_name(p): p for p in sorted(SRC.rglob("*.py"))}
+
+
+def test_every_module_has_a_layer():
+    assert sorted(set(MODULES) - set(LAYER_OF)) == [], "add new modules to LAYERS and to docs/architecture.md"
+    assert sorted(set(LAYER_OF) - set(MODULES)) == [], "LAYERS names modules that no longer exist"
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_no_upward_import(name):
+    upward = sorted(t for t in fewstep_imports(MODULES[name]) if LAYER_OF[t] > LAYER_OF[name])
+    assert upward == [], f"fewstep.{name} imports {upward} from a layer above its own"
+
+
+def test_no_circles():
+    graph = {name: fewstep_imports(path) - {name, ""} for name, path in MODULES.items()}
+    # a package imports its own modules (interop/__init__ re-exports them); that is not a circle
+    graph = {n: {t for t in ts if not t.startswith(n + ".")} for n, ts in graph.items()}
+    state = {}
+
+    def visit(node, trail):
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                raise AssertionError("import circle: " + " -> ".join(trail[trail.index(nxt):] + [nxt]))
+            if nxt not in state:
+                visit(nxt, trail + [nxt])
+        state[node] = "done"
+
+    for name in graph:
+        if name not in state:
+            visit(name, [name])
+
+
+def test_the_checker_sees_an_upward_import(tmp_path):
+    """The check itself: a low module importing the bench, inside a function, is found."""
+    path = tmp_path / "schedule.py"
+    path.write_text("def f():\n    from fewstep.bench import Bench\n    from fewstep import report\n")
+    assert fewstep_imports(path) == {"bench", "", "report"}
