@@ -237,3 +237,13 @@ def test_a_pickle_inside_an_npz_is_refused_and_never_runs(tmp_path, capsys):
 def test_builtin_models_are_checkpoint_dirs():
     for name, path in builtin_models().items():
         assert (path / CARD_NAME).is_file() and (path / WEIGHTS_NAME).is_file(), name
+
+
+def test_teacher_reference_is_absolute_whatever_the_path_given(tmp_path, monkeypatch):
+    """Every method records its teacher one way: the absolute path, also when named relative to the cwd."""
+    from fewstep.checkpoint import teacher_reference
+    from fewstep.models import resolve_model
+    teacher = resolve_model("gmm8-teacher")
+    monkeypatch.chdir(teacher.parent)
+    ref = teacher_reference(Path(teacher.name))
+    assert ref["path"] == str(teacher.resolve()) and Path(ref["path"]).is_absolute() and ref["name"] == teacher.name

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import (DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler,  # noqa: E402
-                       UNet2DModel)
+from diffusers import (DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler,  # noqa: E402
+                       DPMSolverMultistepScheduler, UNet2DModel)
 
 from fewstep.checkpoint import save_checkpoint  # noqa: E402
 from fewstep.models import load_model  # noqa: E402
@@ -66,7 +66,11 @@ def test_import_cards_and_outputs(folders, imported):
         assert len(card["source"]["sha256"]) == 64 and card["source"]["unet_config"]["sample_size"] == 8
         assert card["denoiser"]["param"] == param and card["denoiser"]["schedule"]["table_name"] == f"diffusers:{table}"
         assert card["data"]["shape"] == [1, 8, 8] and card["data"]["num_classes"] == (3 if name == "cos" else 0)
-        assert card["sampler"]["name"] == "dpmpp2m" and card["sampler"]["nfe"] == 50
+        # the default sampler is the folder's scheduler, as its diffusers pipeline runs it
+        expected = {"eps": ("ddpm", 1000), "v": ("ddim", 50), "cos": ("ddim", 50)}[name]
+        assert (card["sampler"]["name"], card["sampler"]["nfe"]) == expected
+        assert card["sampler"]["grid"] == "leading" and card["sampler"]["scale"] == "vp"
+        assert card["sampler"]["clip"] == 1.0  # clip_sample, on by default in both schedulers
         # the table is diffusers' own (float32 cumprod), and the network is the UNet, weight for weight
         ref = DDIMScheduler.from_config(DDIMScheduler.load_config(folders / name / ("" if name == "cos" else "scheduler")))
         assert torch.equal(ck.denoiser.schedule.alpha_bar, ref.alphas_cumprod.double())
@@ -242,7 +246,7 @@ def students(folders, imported, tmp_path_factory):
     ckpts = {k: root / k for k in ("sfd", "sfdv", "stage2", "sfddm", "progressive", "digits-sfd", "gmm8-sfdv",
                                    *EDM_PKL) if (root / k).is_dir()}
     ckpts.update(_edm_students(root))
-    ckpts.update({"teacher-cos": imported["cos"], "teacher-digits": "digits-teacher"})  # DPM-Solver++(2M) cards
+    ckpts.update({"teacher-cos": imported["cos"], "teacher-digits": "digits-teacher"})  # DDIM, DPM-Solver++(2M)
     jobs, nfes = [], {"sfdv": 1, "gmm8-sfdv": 2, "edm-edm": 2, "teacher-cos": 10, "teacher-digits": 12}
     from safetensors.torch import save_file
     for i, (name, ck) in enumerate(ckpts.items()):
@@ -300,6 +304,13 @@ for job in json.loads(sys.argv[1]):
     if pipe.spec["image"]:
         pil = pipe(batch_size=2, seed=0).images
         assert len(pil) == 2 and pil[0].size == (8, 8)
+    if job["loader"] == "diffusers":  # loaded in bfloat16: the network follows its weights' dtype
+        half = DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder + "/pipeline.py",
+                                                 trust_remote_code=True, torch_dtype=torch.bfloat16)
+        half.set_progress_bar_config(disable=True)
+        assert half.unet.dtype == torch.bfloat16
+        xh = half(noise=ref["z"], seed=job["seed"], output_type="raw").images
+        assert xh.dtype == torch.float32 and torch.isfinite(xh).all() and xh.shape == ref["xz"].shape
 assert not [m for m in sys.modules if m.split(".")[0] == "fewstep" and sys.modules[m] is not None]
 print(json.dumps(out))
 '''
@@ -327,7 +338,7 @@ def test_export_round_trip_in_a_fresh_process(students, name):
     else:
         assert index["unet"] == ["fewstep_net", "FewstepNet"] and (export / "unet" / "fewstep_net.py").is_file()
     expected_solver = {"sfd": "euler", "sfdv": "euler", "stage2": "euler", "sfddm": "ddpm", "progressive": "ddim",
-                       "teacher-cos": "dpmpp2m", "teacher-digits": "dpmpp2m"}
+                       "teacher-cos": "ddim", "teacher-digits": "dpmpp2m"}
     if name in expected_solver:
         assert s["solver"] == expected_solver[name] and s["time_input"]["kind"] == "discrete"
     if name in ("sfdv", "stage2"):  # the authors' kind (the default), folded for the exported N: a plain UNet2DModel
@@ -489,3 +500,121 @@ def test_pipeline_denoiser_follows_the_time_input_rule_off_the_grid(students, na
             got = pipe.denoise(x, sigma, labels)
             assert (got - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item()), (name, float(sigma))
     assert plan_step == (None if not den.has_step_condition else len(s["sigmas"]))
+
+
+# ---- the schedulers' own defaults: spacing, last step, clip, DDPM's variance, the VP-scaled start ----------
+
+@pytest.fixture(scope="module")
+def scheduler_folders(tmp_path_factory):
+    """One UNet under four scheduler configs a diffusers user meets: DDIM as Stable Diffusion ships it
+    (leading, steps_offset 1, set_alpha_to_one false, no clip), DDIM on linspace (steps to t - T//n land
+    between its timesteps), DPM-Solver++ multistep (linspace, its own n + 1 spacing) and DDPM with
+    fixed_large variance."""
+    root = tmp_path_factory.mktemp("schedulers")
+    configs = {
+        "ddim-sd": DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                                 beta_end=0.012, steps_offset=1, set_alpha_to_one=False, clip_sample=False),
+        "ddim-linspace": DDIMScheduler(num_train_timesteps=1000, timestep_spacing="linspace", set_alpha_to_one=False,
+                                       clip_sample=True, clip_sample_range=0.8),
+        "dpm": DPMSolverMultistepScheduler(num_train_timesteps=1000, prediction_type="v_prediction"),
+        "ddpm-large": DDPMScheduler(num_train_timesteps=1000, variance_type="fixed_large", steps_offset=1),
+    }
+    for name, sched in configs.items():
+        DDPMPipeline(unet=tiny_unet(4), scheduler=sched).save_pretrained(root / name)
+    return root
+
+
+def _pipeline_images(folder, cls, n, seed, steps):
+    """What a diffusers user gets: the pipeline with the folder's own scheduler, images in [0, 1]."""
+    pipe = cls.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        out = pipe(batch_size=n, generator=torch.Generator().manual_seed(seed), num_inference_steps=steps,
+                   output_type="np", **({"eta": 0.0} if cls is DDIMPipeline else {})).images
+    return torch.from_numpy(out).permute(0, 3, 1, 2)
+
+
+def _float32_error(folder, scheduler_cls, noise, steps):
+    """How far diffusers' own float32 loop is from the same loop in float64, on images in [0, 1]: the
+    precision a float32 sampler can have on this model."""
+    import copy
+    unet = UNet2DModel.from_pretrained(folder / "unet").eval()
+    images = []
+    for dtype in (torch.float32, torch.float64):
+        sched = scheduler_cls.from_pretrained(folder / "scheduler")
+        sched.set_timesteps(steps)
+        for k, v in list(vars(sched).items()):
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                setattr(sched, k, v.to(dtype))
+        y = _diffusers_loop(sched, copy.deepcopy(unet).to(dtype), noise.to(dtype), None)
+        images.append((y.double() / 2 + 0.5).clamp(0, 1))
+    return (images[0] - images[1]).abs().max().item()
+
+
+@pytest.mark.parametrize("name,pipeline", [("ddim-sd", "ddim"), ("ddim-linspace", "ddim"), ("dpm", "ddpm")])
+def test_sample_with_the_card_default_is_the_pipeline(scheduler_folders, tmp_path, name, pipeline):
+    """`fewstep sample IMPORTED --nfe 10` with the card's default sampler returns what the folder's own
+    pipeline returns for `num_inference_steps=10` and the same seed, to float32 precision: no further from it
+    than diffusers' own float32 loop is from its float64 one (twice that, and at least 2e-6)."""
+    folder = scheduler_folders / name
+    ckpt = load_model(import_model(folder, tmp_path / name))
+    x, info = sample(ckpt, 4, seed=7, nfe=10, progress=False, return_info=True)
+    ref = _pipeline_images(folder, DDIMPipeline if pipeline == "ddim" else DDPMPipeline, 4, 7, 10)
+    ours = (x / 2 + 0.5).clamp(0, 1)
+    cls = {"ddim": DDIMScheduler, "ddpm": DPMSolverMultistepScheduler}[pipeline]
+    expected = cls.from_pretrained(folder / "scheduler")
+    expected.set_timesteps(10)
+    assert info["timesteps"] == expected.timesteps.tolist()
+    diff = (ours - ref).abs().max().item()
+    own = _float32_error(folder, cls, torch.randn((4, 1, 8, 8), generator=torch.Generator().manual_seed(7)), 10)
+    print(f"{name}: max |fewstep - {pipeline} pipeline| = {diff:.3g}; diffusers float32 vs float64: {own:.3g} "
+          "(images in [0, 1])")
+    assert diff <= max(2e-6, 2 * own)
+
+
+def test_ddpm_fixed_large_equals_the_scheduler_step_for_step(scheduler_folders, tmp_path, monkeypatch):
+    """DDPM with the folder's fixed_large variance and steps_offset 1, fed the same per-step noises as
+    DDPMScheduler: the same samples (its last step, from timestep 1, is noisy too)."""
+    import diffusers.schedulers.scheduling_ddpm as ddpm_module
+
+    import fewstep.solvers as solvers
+    folder = scheduler_folders / "ddpm-large"
+    ckpt = load_model(import_model(folder, tmp_path / "ddpm"))
+    plan = resolve_sampler(ckpt, 10)
+    assert plan["solver_options"] == {"variance": "fixed_large", "noise_at_last": True}
+    noises = [torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(50 + i)) for i in range(10)]
+    ref_sched = DDPMScheduler.from_pretrained(folder / "scheduler")
+    ref_sched.set_timesteps(10)
+    unet = UNet2DModel.from_pretrained(folder / "unet").eval()
+    drawn = iter(noises)
+    monkeypatch.setattr(ddpm_module, "randn_tensor", lambda *a, **k: next(drawn))
+    y0 = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    y = _diffusers_loop(ref_sched, unet, y0.clone(), None)
+    ours_drawn = iter(noises)
+    monkeypatch.setattr(solvers.torch, "randn", lambda *a, **k: next(ours_drawn))
+    with torch.no_grad():
+        x = sample(ckpt, 3, noise=y0, nfe=10, progress=False)
+    assert (x - y).abs().max().item() <= 2e-6 * max(1.0, y.abs().max().item())
+
+
+def test_info_names_the_grid_and_a_scheduler_grid_on_any_table_model(scheduler_folders, tmp_path, capsys):
+    imported = import_model(scheduler_folders / "ddim-sd", tmp_path / "sd")
+    assert run(["info", imported]) == 0
+    line = next(s for s in capsys.readouterr().out.splitlines() if s.startswith("sampler"))
+    assert "ddim NFE 50, leading timestep spacing (steps_offset 1), last step to the table's first entry" in line
+    assert "VP scale" in line and "DDIMScheduler" in line
+    # fewstep's own table teachers take the spacings too; the grid is on the table's own entries
+    x, info = sample(load_model("digits-teacher"), 2, nfe=5, sampler="ddim", grid="trailing", progress=False,
+                     return_info=True)
+    assert info["timesteps"] == [1023, 818, 613, 409, 204] and torch.isfinite(x).all()
+    with pytest.raises(FewstepError, match="scheduler spacing is for"):
+        sample(load_model("digits-teacher"), 2, nfe=4, sampler="heun", grid="leading", progress=False)
+    with pytest.raises(FewstepError, match="continuous"):
+        from fewstep.schedule import Schedule, scheduler_grid
+        scheduler_grid(Schedule.continuous(0.002, 80.0, 0.5), "leading", 4)
+
+
+def test_export_refuses_a_scheduler_plan_it_cannot_replay(scheduler_folders, tmp_path):
+    imported = import_model(scheduler_folders / "ddim-linspace", tmp_path / "lin")
+    with pytest.raises(FewstepError, match="targets"):
+        export_diffusers(imported, tmp_path / "out", nfe=10)

@@ -251,3 +251,27 @@ def test_schedule_dict_round_trip_through_json():
     assert "timesteps" not in VP.to_dict()  # default 0..T-1 is implied
     with pytest.raises(FewstepError, match="unknown kind"):
         Schedule.from_dict({"kind": "weird"})
+
+
+@pytest.mark.parametrize("family,cls", [("ddim", "DDIMScheduler"), ("ddim", "DDPMScheduler"),
+                                        ("dpm", "DPMSolverMultistepScheduler")])
+def test_scheduler_timesteps_are_diffusers_own(family, cls):
+    """Every spacing, offset and step count a diffusers scheduler accepts gives its timesteps; the ones that
+    would repeat or leave the table are refused instead."""
+    diffusers = pytest.importorskip("diffusers")
+    from fewstep.schedule import scheduler_timesteps
+    checked = 0
+    for T in (1000, 1024, 97):
+        for n in (1, 2, 3, 7, 10, 25, 50, 96):
+            for spacing in ("leading", "trailing", "linspace"):
+                for offset in (0, 1):
+                    ref = getattr(diffusers, cls)(num_train_timesteps=T, timestep_spacing=spacing, steps_offset=offset)
+                    ref.set_timesteps(n)
+                    want = ref.timesteps.tolist()
+                    if len(set(want)) == n and min(want) >= 0 and max(want) < T:
+                        assert scheduler_timesteps(spacing, n, T, offset, family) == want, (T, n, spacing, offset)
+                        checked += 1
+                    else:
+                        with pytest.raises(FewstepError, match="not .* distinct entries"):
+                            scheduler_timesteps(spacing, n, T, offset, family)
+    assert checked > 100

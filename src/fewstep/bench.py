@@ -161,7 +161,9 @@ class TeacherRow(Row):
     sampler: str = "dpmpp2m"
 
     def sampling(self, bench) -> tuple:
-        return bench.teacher, {"nfe": self.nfe, "sampler": self.sampler}, None
+        # on fewstep's reference grid (a teacher imported from diffusers defaults to its scheduler's spacing,
+        # which at many steps can skip the noisiest levels, as diffusers' "leading" does)
+        return bench.teacher, {"nfe": self.nfe, "sampler": self.sampler, "grid": "logsnr"}, None
 
 
 @dataclass

@@ -248,8 +248,9 @@ def denoiser_from_card(card: dict) -> Denoiser:
 
 
 def teacher_reference(path: Path) -> dict:
-    """How a student names its teacher (a checkpoint folder): path, name, and the weights' content hash."""
-    path = checkpoint_folder(path)
+    """How a student names its teacher (a checkpoint folder): its absolute path (every method records it the
+    same way), name, and the weights' content hash."""
+    path = checkpoint_folder(path).resolve()
     ref = {"path": str(path), "name": path.name, "sha256": sha256_file(path / WEIGHTS_NAME)}
     try:
         source = read_card(path).get("source")

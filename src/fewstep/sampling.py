@@ -4,6 +4,13 @@ A card's "sampler" section takes one of three forms:
   {"name", "nfe", "grid", "rho", "final_zero", "clip"}          grid built on demand (teachers)
   {"name", "nfe", "sigmas": [...], "afs", ...}                   one fixed grid (SFD, SFDDM)
   {"name", "nfe", "grids": {"2": [...], ...}, "afs", ...}        one grid per trained NFE (SFD-v)
+
+A teacher's grid may be a diffusers scheduler's own timestep spacing ("leading", "trailing", "linspace",
+with "steps_offset" and "final_sigma"): the σ of the table entries the scheduler evaluates, every step one
+evaluation. Imported diffusers models default to their scheduler's sampler this way, with the pipelines'
+"scale": "vp": the first state is the noise at the VP scale, x = sqrt(1 + σ²)·ε, where fewstep's own
+convention is σ·ε, and a last state above σ = 0 is returned at the VP scale, x / sqrt(1 + σ²), as diffusers
+returns its latents; for DDPM, the scheduler's "variance".
 """
 from __future__ import annotations
 
@@ -16,8 +23,12 @@ from tqdm.auto import tqdm
 
 from fewstep.checkpoint import Checkpoint
 from fewstep.errors import FewstepError
-from fewstep.schedule import check_grid, make_grid
-from fewstep.solvers import STOCHASTIC, solve, steps_for_nfe
+from fewstep.schedule import SCHEDULER_SPACINGS, check_grid, ddim_targets, make_grid, scheduler_grid
+from fewstep.solvers import DDPM_VARIANCES, STOCHASTIC, solve, steps_for_nfe
+
+SCALES = ("sigma", "vp")
+# solvers a scheduler spacing applies to (Heun's two evaluations per step have no scheduler counterpart here)
+SPACED_SOLVERS = ("ddim", "ddpm", "dpmpp2m", "dpmpp3m", "euler", "ipndm")
 
 
 def sample_shape(card: dict) -> tuple:
@@ -78,6 +89,8 @@ def resolve_sampler(ckpt: Checkpoint, nfe: int | None = None, sampler: str | Non
     else:
         nfe = int(nfe if nfe is not None else spec.get("nfe", 50))
         kind = grid or spec.get("grid", "polynomial")
+        if kind in SCHEDULER_SPACINGS:
+            return _scheduler_plan(ckpt, spec, name, nfe, kind, final_zero)
         final_zero = spec.get("final_zero", True) if final_zero is None else final_zero
         sigmas = grid_for(ckpt.denoiser, name, nfe, kind, rho or spec.get("rho", 7.0), final_zero=final_zero, afs=afs)
         if name == "heun":
@@ -89,7 +102,59 @@ def resolve_sampler(ckpt: Checkpoint, nfe: int | None = None, sampler: str | Non
                                    f"so it cannot use exactly {nfe}; try --nfe {used} or {used + 2}")
     if afs and name != "euler":
         raise FewstepError(f"sampler {name!r}: this model was distilled for Euler with an analytical first step")
-    return {"name": name, "sigmas": check_grid(sigmas), "nfe": nfe, "afs": afs, "clip": clip, "step": step}
+    return {"name": name, "sigmas": check_grid(sigmas), "nfe": nfe, "afs": afs, "clip": clip, "step": step,
+            "scale": _scale(spec), "solver_options": {}}
+
+
+def _scale(spec: dict) -> str:
+    scale = spec.get("scale", "sigma")
+    if scale not in SCALES:
+        raise FewstepError(f"sampler scale {scale!r}: expected one of {', '.join(SCALES)}")
+    return scale
+
+
+def _scheduler_plan(ckpt: Checkpoint, spec: dict, name: str, nfe: int, spacing: str, final_zero) -> dict:
+    """A teacher's plan on a diffusers scheduler's timestep spacing (see the module's docstring)."""
+    if name not in SPACED_SOLVERS:
+        raise FewstepError(f"--grid {spacing}: a scheduler spacing is for {', '.join(SPACED_SOLVERS)}; "
+                           f"sampler {name!r} needs polynomial, logsnr, uniform or discrete")
+    if final_zero is not None:
+        raise FewstepError(f"--final-denoise / --no-final-denoise: grid {spacing!r} ends where its scheduler's "
+                           "last step lands (the card's final_sigma), with no extra denoise")
+    sched = ckpt.denoiser.schedule
+    # DDPMScheduler's last step always lands on ᾱ = 1 (σ = 0)
+    final_sigma = "zero" if name == "ddpm" else spec.get("final_sigma", "zero")
+    family = "dpm" if name.startswith("dpmpp") else "ddim"
+    sigmas, timesteps = scheduler_grid(sched, spacing, nfe, int(spec.get("steps_offset", 0)), final_sigma, family)
+    options = {}
+    if name == "ddim":
+        final = 0.0 if final_sigma == "zero" else float(sched.sigmas[0])
+        targets = ddim_targets(sched, timesteps, final)
+        if targets is not None:
+            options["targets"] = targets
+    if name == "ddpm":
+        variance = spec.get("variance", "fixed_small")
+        if variance not in DDPM_VARIANCES:
+            raise FewstepError(f"sampler variance {variance!r}: expected one of {', '.join(DDPM_VARIANCES)}")
+        # DDPMScheduler adds its fixed_large variance on every step that starts above timestep 0
+        options.update(variance=variance, noise_at_last=variance == "fixed_large" and timesteps[-1] > 0)
+    return {"name": name, "sigmas": check_grid(sigmas), "nfe": nfe, "afs": False, "clip": spec.get("clip"),
+            "step": None, "scale": _scale(spec), "solver_options": options, "timesteps": timesteps}
+
+
+def start_scale(plan: dict) -> float:
+    """What a unit noise is multiplied by to be the first state: σ_max, or sqrt(1 + σ_max²) at the VP scale."""
+    s0 = float(plan["sigmas"][0])
+    return (1 + s0**2) ** 0.5 if plan.get("scale") == "vp" else s0
+
+
+def end_scale(plan: dict) -> float:
+    """What the last state is divided by: 1, or at the VP scale sqrt(1 + σ²) of where the last step landed."""
+    if plan.get("scale") != "vp":
+        return 1.0
+    targets = plan["solver_options"].get("targets")
+    last = float(targets[-1] if targets is not None else plan["sigmas"][-1])
+    return (1 + last**2) ** 0.5
 
 
 def check_memory(n: int, shape: tuple) -> None:
@@ -146,13 +211,13 @@ def sample(ckpt: Checkpoint, n: int, seed: int = 0, nfe: int | None = None, samp
                leave=False)
     for i in range(0, n, batch_size):
         model = den.with_step(plan["step"], None if labels is None else labels[i:i + batch_size].to(device))
-        x = noise[i:i + batch_size].to(device) * float(sigmas[0])
+        x = noise[i:i + batch_size].to(device) * start_scale(plan)
         kw = {"afs": True} if plan["afs"] else {}
         r = solve(plan["name"], model, x, sigmas.to(device), generator=gen if plan["name"] in STOCHASTIC else None,
-                  clip=plan["clip"], **kw)
+                  clip=plan["clip"], **kw, **plan["solver_options"])
         if r.nfe != plan["nfe"]:
             raise RuntimeError(f"internal NFE mismatch: planned {plan['nfe']}, solver used {r.nfe}")
-        out.append(r.x.float().cpu())
+        out.append((r.x / end_scale(plan)).float().cpu())
         bar.update(len(x))
         if max_seconds is not None and i == 0 and n > len(x):
             projected = (time.perf_counter() - t0) * n / len(x)
@@ -167,6 +232,8 @@ def sample(ckpt: Checkpoint, n: int, seed: int = 0, nfe: int | None = None, samp
         raise FewstepError("sampling produced non-finite values; the model or its sampler settings are broken")
     info = {"sampler": plan["name"], "nfe": plan["nfe"], "afs": plan["afs"], "n": n, "seed": seed,
             "sigmas": [float(s) for s in sigmas], "seconds": time.perf_counter() - t0}
+    if "timesteps" in plan:
+        info["timesteps"] = plan["timesteps"]
     if labels is not None:
         info["class"] = classes
         info["labels"] = labels.tolist()

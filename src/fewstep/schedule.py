@@ -10,11 +10,18 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from fewstep.errors import FewstepError
 
+# families of σ grids between two noise levels (make_grid)
 GRID_KINDS = ("polynomial", "logsnr", "uniform", "discrete")
+# diffusers schedulers' timestep spacings (scheduler_timesteps): every point an entry of a table model's steps
+SCHEDULER_SPACINGS = ("leading", "trailing", "linspace")
+# where the last step of a scheduler-spaced grid lands: σ = 0, or the table's least noisy entry
+# (diffusers' set_alpha_to_one=False for DDIM, final_sigmas_type="sigma_min" for DPM-Solver)
+FINAL_SIGMAS = ("zero", "table-min")
 # a continuous model's time input for σ and the parameters it needs (Schedule.continuous_time_input)
 TIME_CODES = {"edm": (), "vp": ("beta_d", "beta_min", "M"), "ve": ()}
 
@@ -328,6 +335,64 @@ def make_grid(kind: str, n: int, sigma_min: float, sigma_max: float, rho: float 
         raise FewstepError(f"grid kind {kind!r}: expected one of {', '.join(GRID_KINDS)}")
     g[0], g[-1] = sigma_max, sigma_min  # exact end points despite the pow round trip
     return g
+
+
+def scheduler_timesteps(spacing: str, n: int, T: int, steps_offset: int = 0, family: str = "ddim") -> list[int]:
+    """The n table indices (noisiest first) a diffusers scheduler evaluates a T-step model at, with its
+    `timestep_spacing` and `steps_offset`, exactly as its set_timesteps computes them. `family` "ddim" is
+    DDIMScheduler's and DDPMScheduler's rule; "dpm" DPMSolverMultistepScheduler's, which spaces n + 1 points
+    and drops the last (so its linspace grid for 10 steps on T = 1000 is 999, 899, ..., 100)."""
+    if spacing not in SCHEDULER_SPACINGS:
+        raise FewstepError(f"timestep spacing {spacing!r}: expected one of {', '.join(SCHEDULER_SPACINGS)}")
+    if not 1 <= n <= T:
+        raise FewstepError(f"{n} steps on a {T}-step table: expected 1 to {T}")
+    if family not in ("ddim", "dpm"):
+        raise FewstepError(f"scheduler family {family!r}: expected ddim or dpm")
+    extra = 1 if family == "dpm" else 0  # DPM-Solver spaces one more point and drops the last
+    # numpy, as the schedulers compute it: its arange accumulates the step, and rounding a point like
+    # 811.5000000000001 differs from torch's value of the same expression
+    if spacing == "linspace":
+        t = np.linspace(0, T - 1, n + extra).round()[::-1]
+    elif spacing == "leading":
+        ratio = T // (n + extra)
+        t = (np.arange(0, n + extra) * ratio).round()[::-1] + steps_offset
+    else:
+        t = np.round(np.arange(T, 0, -T / n)) - 1
+    t = torch.from_numpy(t[:n].astype(np.int64))
+    if (t < 0).any() or (t >= T).any() or len(t.unique()) != n:
+        raise FewstepError(f"{spacing} spacing of {n} steps on a {T}-step table (steps_offset {steps_offset}) "
+                           f"gives timesteps {t.tolist()}: not {n} distinct entries of the table")
+    return t.tolist()
+
+
+def scheduler_grid(schedule: Schedule, spacing: str, n: int, steps_offset: int = 0, final_sigma: str = "zero",
+                   family: str = "ddim") -> tuple[torch.Tensor, list[int]]:
+    """(σ grid of n + 1 points: the table's σ at the scheduler's timesteps, then where the last step lands;
+    the timesteps). Every step of it costs one evaluation: the final point is a target, not a denoise."""
+    if not schedule.is_discrete:
+        raise FewstepError(f"grid {spacing!r} spaces a discrete model's table steps; this model is continuous "
+                           "(use polynomial, logsnr or uniform)")
+    if final_sigma not in FINAL_SIGMAS:
+        raise FewstepError(f"final sigma {final_sigma!r}: expected one of {', '.join(FINAL_SIGMAS)}")
+    t = scheduler_timesteps(spacing, n, schedule.T, steps_offset, family)
+    # a grid ending on entry 0 cannot land there again: its last point is 0, and DDIM's targets
+    # (ddim_targets) carry where DDIMScheduler's last step really lands
+    on_table = final_sigma == "table-min" and t[-1] != 0
+    last = schedule.sigmas[:1] if on_table else torch.zeros(1, dtype=torch.float64)
+    return torch.cat([schedule.sigmas[torch.tensor(t)], last]), t
+
+
+def ddim_targets(schedule: Schedule, timesteps: list[int], final: float) -> torch.Tensor | None:
+    """DDIMScheduler steps from timestep t to t − T//n whatever the next timestep is; where that target
+    differs from the next evaluation point (linspace and trailing spacings), the σ each step lands on, with
+    `final` for targets below the table. None when every step lands on the next point."""
+    step = schedule.T // len(timesteps)
+    targets = [schedule.sigmas[t - step] if t - step >= 0 else torch.tensor(final, dtype=torch.float64)
+               for t in timesteps]
+    nxt = [schedule.sigmas[t] for t in timesteps[1:]] + [torch.tensor(final, dtype=torch.float64)]
+    if all(float(a) == float(b) for a, b in zip(targets, nxt)):
+        return None
+    return torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in targets])
 
 
 def _index_to_sigma(schedule: Schedule, idx: torch.Tensor) -> torch.Tensor:

@@ -30,14 +30,16 @@ class SolveResult:
 
 
 class _Counter:
-    """Wraps the model to count calls and optionally clip the x0 estimate (dynamic thresholding)."""
+    """Wraps the model to count calls and optionally clip the x0 estimate (dynamic thresholding); the last
+    estimate before clipping stays in `unclipped` (DDIM's direction is the network's own ε)."""
 
     def __init__(self, model: Model, clip: float | None):
         self.model, self.clip, self.nfe = model, clip, 0
+        self.unclipped = None
 
     def __call__(self, x, sigma):
         self.nfe += 1
-        d = self.model(x, sigma)
+        d = self.unclipped = self.model(x, sigma)
         return d.clamp(-self.clip, self.clip) if self.clip is not None else d
 
 
@@ -71,20 +73,39 @@ def euler(model: Model, x, sigmas, afs: bool = False, clip=None, return_trajecto
     return SolveResult(x, m.nfe, traj)
 
 
-def ddim(model: Model, x, sigmas, eta: float = 0.0, generator=None, clip=None, return_trajectory=False) -> SolveResult:
+def ddim(model: Model, x, sigmas, eta: float = 0.0, generator=None, clip=None, return_trajectory=False,
+         targets=None, eps_from: str = "model") -> SolveResult:
     """DDIM(η) in σ-space: η = 0 is exactly Euler; η = 1 is DDPM's ancestral sampler.
 
     The stochastic part splits σ_next² into a deterministic σ_down² and fresh noise σ_up², with
     σ_up² = η²·σ_next²·(σ² − σ_next²)/σ², which is DDIM's σ_t²/ᾱ_{t-1} written in σ-space.
+
+    With a clip, the x0 estimate is clipped and the direction is the network's own ε (`eps_from="model"`,
+    as DDIM schedulers do) or the ε of the clipped estimate (`"clipped"`: DDPM's posterior mean). `targets`
+    (one σ per step) lets a step land elsewhere than on the next grid point, as DDIMScheduler's step to
+    t − T//n does: the state is then read at the next point's noise level as a VP model reads it (scaled by
+    sqrt((1 + σ_next²)/(1 + σ_target²))).
     """
+    if eps_from not in ("model", "clipped"):
+        raise FewstepError(f"eps_from {eps_from!r}: expected model or clipped")
     m, sigmas = _prepare(model, sigmas, x, clip)
+    if targets is not None:
+        targets = torch.as_tensor(targets, dtype=torch.float64, device=sigmas.device)
+        if targets.shape != (len(sigmas) - 1,):
+            raise FewstepError(f"targets: expected one per step ({len(sigmas) - 1}), got {tuple(targets.shape)}")
     traj = [x] if return_trajectory else None
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
+        if targets is not None and i > 0 and targets[i - 1] != s:
+            # the last step landed at targets[i - 1]; the network reads the state as if it were at s
+            x = x * _sig(((1 + s**2) / (1 + targets[i - 1] ** 2)).sqrt(), x)
+        if targets is not None:
+            s_next = targets[i]
         x0 = m(x, s)
+        x0_dir = m.unclipped if eps_from == "model" else x0
         s_up = (eta**2 * s_next**2 * (s**2 - s_next**2) / s**2).clamp(min=0).sqrt()
         s_down = (s_next**2 - s_up**2).clamp(min=0).sqrt()
-        x = x0 + _sig(s_down / s, x) * (x - x0)
+        x = x0 + _sig(s_down / s, x) * (x - x0_dir)
         if eta > 0 and s_next > 0:
             x = x + _sig(s_up, x) * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         if traj is not None:
@@ -92,9 +113,33 @@ def ddim(model: Model, x, sigmas, eta: float = 0.0, generator=None, clip=None, r
     return SolveResult(x, m.nfe, traj)
 
 
-def ddpm(model: Model, x, sigmas, generator=None, clip=None, return_trajectory=False) -> SolveResult:
-    """DDPM ancestral sampling (posterior mean plus posterior noise, none at the final step)."""
-    return ddim(model, x, sigmas, eta=1.0, generator=generator, clip=clip, return_trajectory=return_trajectory)
+DDPM_VARIANCES = ("fixed_small", "fixed_large")
+
+
+def ddpm(model: Model, x, sigmas, generator=None, clip=None, return_trajectory=False, variance: str = "fixed_small",
+         noise_at_last: bool = False) -> SolveResult:
+    """DDPM ancestral sampling: the posterior mean plus noise. `fixed_small` is the posterior's own variance
+    (none on a step to σ = 0); `fixed_large` is the forward step's, β_t = 1 − ᾱ_t/ᾱ_{t−1}, which in σ-space
+    is (σ² − σ_next²)(1 + σ_next²)/(1 + σ²), added also on the last step when `noise_at_last` (diffusers'
+    DDPMScheduler adds it whenever the step starts from a timestep above 0)."""
+    if variance == "fixed_small":
+        return ddim(model, x, sigmas, eta=1.0, generator=generator, clip=clip, return_trajectory=return_trajectory,
+                    eps_from="clipped")
+    if variance != "fixed_large":
+        raise FewstepError(f"DDPM variance {variance!r}: expected one of {', '.join(DDPM_VARIANCES)}")
+    m, sigmas = _prepare(model, sigmas, x, clip)
+    traj = [x] if return_trajectory else None
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x0 = m(x, s)
+        mean = x0 + _sig((s_next**2 - s_next**2 * (s**2 - s_next**2) / s**2).clamp(min=0).sqrt() / s, x) * (x - x0)
+        if s_next > 0 or noise_at_last:
+            std = ((s**2 - s_next**2) * (1 + s_next**2) / (1 + s**2)).clamp(min=0).sqrt()
+            mean = mean + _sig(std, x) * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x = mean
+        if traj is not None:
+            traj.append(x)
+    return SolveResult(x, m.nfe, traj)
 
 
 def heun(model: Model, x, sigmas, clip=None, return_trajectory=False) -> SolveResult:
@@ -238,4 +283,6 @@ def solve(name: str, model: Model, x, sigmas, generator=None, return_trajectory=
     fn = get_solver(name)
     if name in ("ddim", "ddpm"):
         kw["generator"] = generator
+    elif kw.get("targets") is not None:
+        raise FewstepError(f"sampler {name!r}: only DDIM steps to targets off its grid")
     return fn(model, x, sigmas, return_trajectory=return_trajectory, **kw)

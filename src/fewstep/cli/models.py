@@ -20,7 +20,7 @@ from fewstep.metrics import evaluate_samples
 from fewstep.models import load_model
 from fewstep.nets import count_parameters
 from fewstep.sampling import sample, sample_shape
-from fewstep.schedule import GRID_KINDS
+from fewstep.schedule import GRID_KINDS, SCHEDULER_SPACINGS
 from fewstep.solvers import SOLVERS
 from fewstep.train import pick_device
 from fewstep.viz import image_grid, pairs_picture, save_png, save_samples_picture, scatter_png
@@ -35,8 +35,10 @@ def register(sub):
     s.add_argument("--seed", type=A.seed, default=0)
     s.add_argument("--nfe", type=A.nfe, default=None, help="network evaluations per sample (default: the card's)")
     s.add_argument("--sampler", default=None, choices=list(SOLVERS), help="the solver (default: the card's)")
-    s.add_argument("--grid", dest="grid", default=None, choices=list(GRID_KINDS),
-                   help="σ grid family (default: the card's)")
+    s.add_argument("--grid", dest="grid", default=None, choices=[*GRID_KINDS, *SCHEDULER_SPACINGS],
+                   help="σ grid family (default: the card's); leading, trailing and linspace are diffusers "
+                        "schedulers' timestep spacings on a table model's own steps (with the card's "
+                        "steps_offset), as DDIMScheduler, DDPMScheduler and DPMSolverMultistepScheduler space them")
     s.add_argument("--rho", type=A.positive, default=None)
     s.add_argument("--final-denoise", action=argparse.BooleanOptionalAction, default=None,
                    help="end with a denoise from the smallest noise level to 0, one of the NFE (default: the card's; "
@@ -140,9 +142,7 @@ def cmd_info(args):
         if src.get("precond"):
             print(f"           {src['precond']}({json.dumps(src.get('precond_kwargs', {}))}) around "
                   f"{src.get('model_type')}({json.dumps(src.get('init_kwargs', {}))})")
-    s = card.get("sampler", {})
-    extra = f", trained NFE {sorted(int(k) for k in s['grids'])}" if "grids" in s else ""
-    print(f"sampler    {s.get('name')} NFE {s.get('nfe')}{' with AFS' if s.get('afs') else ''}{extra}")
+    print(f"sampler    {describe_sampler(card.get('sampler', {}))}")
     if card.get("teacher"):
         t = card["teacher"]
         print(f"teacher    {t.get('path')} (sha256 {t.get('sha256', '')[:12]}…)")
@@ -157,6 +157,32 @@ def cmd_info(args):
             print(f"command    {tr['command']}")
     if card.get("quality"):
         print(f"quality    {json.dumps(card['quality'])}")
+
+
+def describe_sampler(s: dict) -> str:
+    """The card's default sampler in words: solver, NFE and the grid it runs on."""
+    text = f"{s.get('name')} NFE {s.get('nfe')}{' with AFS' if s.get('afs') else ''}"
+    if "grids" in s:
+        return text + f", trained NFE {sorted(int(k) for k in s['grids'])}"
+    if "sigmas" in s:
+        return text + ", its distilled grid"
+    grid = s.get("grid", "polynomial")
+    if grid in SCHEDULER_SPACINGS:
+        lands = "σ = 0" if s.get("final_sigma", "zero") == "zero" or s.get("name") == "ddpm" else "the table's first entry"
+        text += (f", {grid} timestep spacing (steps_offset {s.get('steps_offset', 0)}), last step to {lands}")
+    else:
+        text += f", {grid} grid{' ending in a denoise to σ = 0' if s.get('final_zero', True) else ''}"
+    if s.get("clip") is not None:
+        text += f", x0 clipped to ±{s['clip']:g}"
+    if s.get("variance"):
+        text += f", {s['variance']} variance"
+    if s.get("scale") == "vp":
+        text += ", states at the VP scale"
+    if s.get("scheduler"):
+        text += f" (as its {s['scheduler']})"
+    if s.get("note"):
+        text += f"; {s['note']}"
+    return text
 
 
 def load_samples_file(path: str) -> torch.Tensor:

@@ -321,7 +321,7 @@ def progressive_distill(teacher_ckpt, data: torch.Tensor, start_steps: int | Non
     data_info = data_info or {}
     if clip == "auto":
         clip = 1.0 if data_info.get("kind") == "image" else None
-    root_ref = teacher_reference(Path(root.path).resolve()) if root.path is not None else None
+    root_ref = teacher_reference(root.path) if root.path is not None else None
     if not resume and (out_dir / CARD_NAME).exists():
         raise FewstepError(f"{out_dir} already holds a model; pass --resume to continue it or choose another --out")
     grid = teacher_grid(teacher, start_steps)
@@ -351,7 +351,7 @@ def progressive_distill(teacher_ckpt, data: torch.Tensor, start_steps: int | Non
                       "iterations": tr.get("iterations"), "wall_time_s": tr.get("wall_time_s"),
                       "dir": fold_dir.name})
         teacher, grid = student, halve_grid(grid)
-        teacher_ref = teacher_reference(fold_dir.resolve()) if (fold_dir / CARD_NAME).exists() else None
+        teacher_ref = teacher_reference(fold_dir) if (fold_dir / CARD_NAME).exists() else None
     if int(os.environ.get("RANK", "0")) != 0:
         return out_dir
     total_wall = round(sum(f["wall_time_s"] or 0.0 for f in folds), 2)

@@ -916,7 +916,7 @@ def run(args):
         args.lr = defaults["lr"]
     if args.grad_clip is None:
         args.grad_clip = defaults["grad_clip"]
-    method = SFD(teacher, cfg, teacher_ref=teacher_reference(teacher.path.resolve()),
+    method = SFD(teacher, cfg, teacher_ref=teacher_reference(teacher.path),
                  trajectory_cache=args.trajectory_cache)
     if args.iters == 0:  # iterations follow from the trajectory budget, as in the paper
         args.iters = iterations_for(args.trajectories or defaults["trajectories"], args.batch)

@@ -744,7 +744,7 @@ def run(args):
                       lam=args.lam, sampler=args.sampler, clip=args.clip, dropout=args.dropout, seed=args.seed,
                       feature_layer=args.feature_layer)
     ds, info = distill_data(args, teacher)
-    method = SFDDM(teacher.denoiser, cfg, info, teacher_ref=teacher_reference(teacher.path.resolve()))
+    method = SFDDM(teacher.denoiser, cfg, info, teacher_ref=teacher_reference(teacher.path))
     if args.resume:
         check_resume_phi(args.out, method.phi)
     Trainer(method, TrainConfig.from_args(args), args.out, data=ds.x, resume=args.resume, run_info=run_record(args),

@@ -37,7 +37,8 @@ from fewstep.errors import FewstepError
 from fewstep.interop.sources import source_digest
 from fewstep.nets import FeatureTap, StepConditioned, fold_step_condition
 from fewstep.sampling import resolve_sampler, sample_shape
-from fewstep.schedule import Schedule
+from fewstep.schedule import SCHEDULER_SPACINGS, Schedule
+from fewstep.solvers import DDPM_VARIANCES
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -318,6 +319,42 @@ def default_sampler() -> dict:
     return {"name": "dpmpp2m", "nfe": 50, "grid": "logsnr", "rho": 7.0, "final_zero": True, "clip": None}
 
 
+# diffusers' default timestep_spacing of each scheduler class, where its config does not name one
+DEFAULT_SPACING = {"DDIMScheduler": "leading", "DDPMScheduler": "leading", "PNDMScheduler": "leading",
+                   "DDIMParallelScheduler": "leading", "DDPMParallelScheduler": "leading"}
+
+
+def scheduler_sampler(cfg: dict) -> dict:
+    """The imported model's default sampler: its scheduler's own, as its diffusers pipeline runs it (timestep
+    spacing and offset, where the last step lands, clip_sample, DDPM's variance, the VP-scaled first state,
+    50 steps; DDPMPipeline's 1000 for DDPMScheduler). Schedulers fewstep does not reproduce step for step get
+    fewstep's default (DPM-Solver++(2M), 50 NFE on a logSNR grid), and the card says so."""
+    cls = cfg.get("_class_name")
+    spacing = cfg.get("timestep_spacing") or DEFAULT_SPACING.get(cls, "linspace")
+    base = {"grid": spacing, "steps_offset": int(cfg.get("steps_offset", 0) or 0), "scale": "vp",
+            "scheduler": cls}
+    clip = float(cfg.get("clip_sample_range", 1.0)) if cfg.get("clip_sample", True) else None
+    variance = {"fixed_small_log": "fixed_small"}.get(cfg.get("variance_type"), cfg.get("variance_type"))
+    reproduced = spacing in SCHEDULER_SPACINGS and not cfg.get("thresholding")
+    if cls in ("DDIMScheduler", "DDIMParallelScheduler") and reproduced:
+        return {"name": "ddim", "nfe": 50, **base, "clip": clip,
+                "final_sigma": "zero" if cfg.get("set_alpha_to_one", True) else "table-min"}
+    if cls in ("DDPMScheduler", "DDPMParallelScheduler") and reproduced and variance in (None, *DDPM_VARIANCES):
+        return {"name": "ddpm", "nfe": int(cfg.get("num_train_timesteps", 1000)), **base, "clip": clip,
+                "variance": variance or "fixed_small"}
+    if (cls == "DPMSolverMultistepScheduler" and reproduced and cfg.get("algorithm_type", "dpmsolver++") == "dpmsolver++"
+            and int(cfg.get("solver_order", 2)) in (2, 3) and cfg.get("lower_order_final", True)
+            and not cfg.get("euler_at_final") and not any(cfg.get(k) for k in KARRAS_LIKE)):
+        return {"name": f"dpmpp{int(cfg.get('solver_order', 2))}m", "nfe": 50, **base, "clip": None,
+                "final_sigma": "table-min" if cfg.get("final_sigmas_type") == "sigma_min" else "zero"}
+    return {**default_sampler(), "note": f"{cls or 'the scheduler'} with these settings is not reproduced step for "
+                                         "step; fewstep's default sampler instead"}
+
+
+# DPM-Solver options that replace the table's own σ at the timesteps
+KARRAS_LIKE = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas")
+
+
 def import_diffusers(src: Path, out: Path, feature_layer: str | None = None) -> Path:
     """Convert a diffusers folder (pipeline, unet/ + scheduler/, or a bare UNet2DModel folder) into a
     fewstep checkpoint folder `out`; the card names the source and its content hash."""
@@ -331,7 +368,7 @@ def import_diffusers(src: Path, out: Path, feature_layer: str | None = None) -> 
                        "scheduler_path": str(where["scheduler_config"].resolve()),
                        "scheduler_sha256": sha256_file(where["scheduler_config"]),
                        "unet_config": unet_cfg, "scheduler_config": sched_cfg},
-            "sampler": default_sampler(), "teacher": None,
+            "sampler": scheduler_sampler(sched_cfg), "teacher": None,
             "data": {"kind": "image", "shape": [net["in_channels"], net["resolution"], net["resolution"]],
                      "name": f"diffusers:{src.resolve().name}", "num_classes": net["num_classes"]}}
     return save_checkpoint(out, den, card)
@@ -363,7 +400,12 @@ class FewstepNet(ModelMixin, ConfigMixin):
         self.net = globals()[_NET_CLASSES[kind]](**cfg)
 
     def forward(self, x, t, class_labels=None):
-        return self.net(x, t, class_labels=class_labels)
+        if self.dtype == torch.float32:
+            return self.net(x, t, class_labels=class_labels)
+        # loaded in another dtype (torch_dtype=...): the time embedding is computed in float32 and the
+        # layers run in the weights' dtype
+        with torch.autocast(x.device.type, dtype=self.dtype):
+            return self.net(x.float(), t, class_labels=class_labels).to(self.dtype)
 '''
 
 
@@ -453,6 +495,11 @@ def export_diffusers(model, out: Path, nfe: int | None = None) -> Path:
     ckpt = load_checkpoint(model)
     den, card = ckpt.denoiser, ckpt.card
     plan = resolve_sampler(ckpt, nfe)
+    if plan["solver_options"]:
+        raise FewstepError(f"export: the model's sampler uses {', '.join(sorted(plan['solver_options']))} "
+                           f"({plan['name']} on its scheduler's {plan.get('timesteps') and 'timesteps'}), which the "
+                           "exported pipeline does not implement; the diffusers folder it was imported from already "
+                           "samples this way")
     if plan["name"] not in EXPORT_SOLVERS:
         raise FewstepError(f"export: the model's sampler is {plan['name']!r}; the exported pipeline implements "
                            f"{', '.join(EXPORT_SOLVERS)} (the samplers of SFD, SFDDM and progressive students and "
@@ -479,7 +526,8 @@ def export_diffusers(model, out: Path, nfe: int | None = None) -> Path:
             "solver": plan["name"], "eta": {"ddim": 0.0, "ddpm": 1.0}.get(plan["name"]),
             "lower_order_final": True,  # fewstep's DPM-Solver++ default (only DPM-Solver++ reads it)
             "sigmas": [float(s) for s in plan["sigmas"]], "nfe": int(plan["nfe"]), "afs": bool(plan["afs"]),
-            "clip": plan["clip"], "param": den.param, "sigma_data": float(den.schedule.sigma_data),
+            "clip": plan["clip"], "scale": plan["scale"], "param": den.param,
+            "sigma_data": float(den.schedule.sigma_data),
             "time_input": time_input_spec(den), "time_inputs": _grid_time_inputs(den, plan["sigmas"]),
             "step_condition": folded,
             "sample_shape": shape, "num_classes": den.num_classes,

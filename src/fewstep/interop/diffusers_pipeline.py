@@ -83,12 +83,14 @@ class FewstepPipeline(DiffusionPipeline):
             c_in = torch.ones_like(sigma)
         else:
             c_in = 1 / (sigma**2 + (sd**2 if param == "edm" else 1.0)).sqrt()
-        x_in = x * b(c_in)
+        # the network runs in the dtype it was loaded in (torch_dtype=...); the solver's arithmetic in float32
+        x_in = (x * b(c_in)).to(self.unet.dtype)
         t = self.time_input(sigma) if t is None else torch.full((x.shape[0],), float(t), device=x.device)
         if spec["network"]["type"] == "diffusers-unet2d":
             raw = self.unet(x_in, t, class_labels=class_labels).sample
         else:
             raw = self.unet(x_in, t, class_labels=class_labels)
+        raw = raw.to(x.dtype)
         s = b(sigma)
         if param == "eps":
             out = x - s * raw
@@ -104,6 +106,7 @@ class FewstepPipeline(DiffusionPipeline):
         else:
             raise ValueError(f"unknown parameterization {param!r}")
         clip = spec["clip"]
+        self._unclipped = out  # DDIM's direction is the network's own estimate
         return out.clamp(-clip, clip) if clip is not None else out
 
     # ---- the solvers ------------------------------------------------------------------------------
@@ -124,9 +127,11 @@ class FewstepPipeline(DiffusionPipeline):
             elif solver in ("ddim", "ddpm"):
                 eta = 0.0 if solver == "ddim" else 1.0
                 x0 = self.denoise(x, s, labels, times[i])
+                # with a clip, DDIM keeps the network's own ε; DDPM's posterior mean uses the clipped estimate
+                x0_dir = self._unclipped if solver == "ddim" else x0
                 s_up = (eta**2 * s_next**2 * (s**2 - s_next**2) / s**2).clamp(min=0).sqrt()
                 s_down = (s_next**2 - s_up**2).clamp(min=0).sqrt()
-                x = x0 + (s_down / s).to(x.dtype) * (x - x0)
+                x = x0 + (s_down / s).to(x.dtype) * (x - x0_dir)
                 if eta > 0 and s_next > 0:
                     x = x + s_up.to(x.dtype) * torch.randn(x.shape, generator=generator, device=x.device,
                                                           dtype=x.dtype)
@@ -208,11 +213,15 @@ class FewstepPipeline(DiffusionPipeline):
         if seed is not None:
             step_gen = torch.Generator(device=device).manual_seed(seed + 1)
         sigma_max = float(spec["sigmas"][0])
+        # the first and last states: σ·ε in fewstep's convention, or at the VP scale of diffusers' pipelines
+        vp = spec.get("scale") == "vp"
+        scale = math.sqrt(1 + sigma_max**2) if vp else sigma_max
+        end = math.sqrt(1 + float(spec["sigmas"][-1]) ** 2) if vp else 1.0
         out = []
         for i in range(0, n, chunk_size):
-            x = noise[i:i + chunk_size].to(device) * sigma_max
+            x = noise[i:i + chunk_size].to(device) * scale
             lab = None if labels is None else labels[i:i + chunk_size].to(device)
-            out.append(self._solve(x, lab, step_gen).float().cpu())
+            out.append((self._solve(x, lab, step_gen) / end).float().cpu())
         x = torch.cat(out)
         if output_type == "raw":
             images = x
