@@ -380,11 +380,13 @@ DDPM_CFG = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_s
 
 
 @pytest.mark.parametrize("case,match", [
-    ("conditional", "found UNet2DConditionModel, a text- or latent-conditioned network"),
+    ("conditional", "found UNet2DConditionModel where a UNet2DModel belongs"),
     ("beta", "beta_schedule 'sigmoid' is not supported; expected one of linear, scaled_linear, squaredcos_cap_v2"),
     ("prediction", "prediction_type 'flow': expected one of epsilon, v_prediction, sample"),
     ("no-unet", "DDPMPipeline lists no unet \\(components: scheduler\\)"),
-    ("latent", "LDMPipeline has vqvae: a latent or text-to-image pipeline"),
+    ("sdxl", "text_encoder_2 \\(a second text encoder \\(SDXL\\)\\)"),
+    ("controlnet", "controlnet \\(a ControlNet\\), which fewstep does not run"),
+    ("lora", "LoRA weights alone \\(pytorch_lora_weights.safetensors\\)"),
     ("no-scheduler", "no scheduler config \\(looked for"),
     ("bin", "no diffusion_pytorch_model.safetensors \\(found: diffusion_pytorch_model.bin\\)"),
     ("scheduler-class", "scheduler 'ScoreSdeVeScheduler' is not a discrete VP scheduler"),
@@ -404,12 +406,17 @@ def test_unsupported_folders_are_refused(tmp_path, case, match):
         src.mkdir()
         (src / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline",
                                                           "scheduler": ["diffusers", "DDPMScheduler"]}))
-    elif case == "latent":
+    elif case in ("sdxl", "controlnet"):
         src.mkdir()
-        (src / "model_index.json").write_text(json.dumps({"_class_name": "LDMPipeline",
-                                                          "unet": ["diffusers", "UNet2DModel"],
-                                                          "vqvae": ["diffusers", "VQModel"],
+        extra = {"sdxl": {"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]},
+                 "controlnet": {"controlnet": ["diffusers", "ControlNetModel"]}}[case]
+        (src / "model_index.json").write_text(json.dumps({"_class_name": "SomePipeline",
+                                                          "unet": ["diffusers", "UNet2DConditionModel"],
+                                                          "vae": ["diffusers", "AutoencoderKL"], **extra,
                                                           "scheduler": ["diffusers", "DDIMScheduler"]}))
+    elif case == "lora":
+        src.mkdir()
+        (src / "pytorch_lora_weights.safetensors").write_bytes(b"not read")
     elif case == "no-scheduler":
         _bare(src)
     elif case == "bin":

@@ -7,6 +7,9 @@ import argparse
 import math
 import os
 import sys
+from pathlib import Path
+
+from fewstep.errors import FewstepError
 
 MAX_NFE = 10_000          # more network evaluations per sample than any sampler needs
 MAX_RESOLUTION = 4096
@@ -135,3 +138,33 @@ def clip_bound(text: str):
     if not v > 0:
         raise argparse.ArgumentTypeError(f"expected a positive clipping bound, got {text!r}")
     return v
+
+
+guidance = real(1.0, 1000.0)  # a classifier-free guidance scale: 1 is the prompt alone
+
+
+def add_prompt_args(p: argparse.ArgumentParser, what: str = "the prompt of every sample", many: str = ""):
+    """--prompt, --prompts FILE, --negative-prompt and --guidance for text-conditioned models."""
+    g = p.add_argument_group("text-conditioned models")
+    g.add_argument("--prompt", action="append", default=None, help=f"{what} (repeat for several)")
+    g.add_argument("--prompts", default=None, help=f"a text file, one prompt a line{many}")
+    g.add_argument("--negative-prompt", default=None, help="the prompt guidance steers away from (default: the "
+                                                           "card's, usually empty)")
+    g.add_argument("--guidance", type=guidance, default=None,
+                   help="classifier-free guidance scale (default: the card's, 7.5 for an imported Stable Diffusion)")
+
+
+def read_prompts(prompts: list[str] | None, path: str | None) -> list[str] | None:
+    """The prompts of --prompt (repeated) and --prompts FILE (one a line, blank lines skipped), or None."""
+    out = list(prompts or [])
+    if path is not None:
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except OSError as e:
+            raise FewstepError(f"--prompts {path}: cannot read it ({e.strerror})") from None
+        except UnicodeDecodeError:
+            raise FewstepError(f"--prompts {path}: not UTF-8 text") from None
+        out += [line.strip() for line in lines if line.strip()]
+        if not out:
+            raise FewstepError(f"--prompts {path}: no prompts in it (one a line)")
+    return out or None

@@ -16,7 +16,6 @@ import contextlib
 import json
 import os
 import platform
-import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from fewstep.models import load_model
 from fewstep.registry import methods as registered_methods
 from fewstep.report import write_report
 from fewstep.sampling import sample, sample_shape
-from fewstep.train import TrainConfig, Trainer
+from fewstep.train import TrainConfig, Trainer, peak_memory_mb
 
 # the data floor: subset sizes (fractions of the disjoint split) and draws per size of its 1/k fit; bump
 # FLOOR_VERSION when its method changes, so cached floor rows are measured again
@@ -232,12 +231,6 @@ def _mean_and_spread(per_seed: list[dict]) -> dict:
 
 
 # ---- timing helpers -------------------------------------------------------------------------------------------
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux: the process's peak RSS
-
 
 @torch.no_grad()
 def forward_seconds(den, n: int, nfe: int, batch_size: int, shape: tuple, sigma: float, step=None) -> float:

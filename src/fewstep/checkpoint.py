@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import fewstep
+from fewstep.components import components_from_card, place_components
 from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
 from fewstep.nets import build_net
@@ -173,6 +174,10 @@ def save_checkpoint(out_dir: str | Path, denoiser: Denoiser, card: dict, state_d
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "net": denoiser.net.config, "denoiser": denoiser.describe(), **card,
             "weights_sha256": sha256_file(out_dir / WEIGHTS_NAME)}
+    if denoiser.codec is not None or denoiser.text is not None:
+        full["components"] = place_components(out_dir, denoiser.codec, denoiser.text)
+    if denoiser.text is not None:  # the guidance it samples with by default (a distilled student: 1)
+        full["text"] = {**(card.get("text") or {}), "guidance": denoiser.guidance}
     write_json(out_dir / CARD_NAME, full)
     return out_dir
 
@@ -231,6 +236,9 @@ def load_checkpoint(name_or_path: str | Path, device: str | torch.device = "cpu"
     if missing or unexpected:
         raise FewstepError(f"{weights}: weights do not fit the network in the card "
                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    denoiser.codec, denoiser.text = components_from_card(card, path)
+    if denoiser.text is not None:
+        denoiser.guidance = float((card.get("text") or {}).get("guidance", 1.0))
     denoiser.to(device).eval()
     for p in denoiser.parameters():
         p.requires_grad_(False)

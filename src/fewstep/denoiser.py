@@ -8,6 +8,9 @@ the table is exact; or EDM's continuous noise code). Samplers and losses only ev
 """
 from __future__ import annotations
 
+import hashlib
+import json
+
 import torch
 from torch import nn
 
@@ -36,6 +39,18 @@ class Denoiser(nn.Module):
         self.schedule = schedule
         self.param = param
         self.exact_table = exact_table
+        # a latent model's autoencoder and a text-to-image model's text encoder (fewstep.components): frozen,
+        # shared with every copy of this denoiser; None for a pixel-space, unconditional or class model
+        self.codec = None
+        self.text = None
+        # text models: the prompts their labels index, and classifier-free guidance (1: the prompt alone)
+        self.prompts: list[str] = []
+        self.negative_prompt = ""
+        self.guidance = 1.0
+        # plain attributes, not buffers: they change with every batch of prompts, and an EMA copy's buffers
+        # must stay those of the network
+        self.prompt_embeds: torch.Tensor | None = None
+        self.negative_embeds: torch.Tensor | None = None
 
     # ---- conventions ------------------------------------------------------------------------
     @property
@@ -70,7 +85,9 @@ class Denoiser(nn.Module):
 
     # ---- raw network call -------------------------------------------------------------------
     def raw(self, x: torch.Tensor, sigma, step=None, class_labels=None, return_features=False):
-        """The network's own output (ε, x0, v or EDM's F) for a σ-space input, plus optional features."""
+        """The network's own output (ε, x0, v or EDM's F) for a σ-space input, plus optional features. A text
+        model's labels index its prompts (set_prompts); with guidance W ≠ 1 the output is
+        uncond + W·(cond − uncond), both from one batched call."""
         sigma = self._sigma_batch(x, sigma)
         if self.param == "ve":
             c_in = torch.ones_like(sigma)
@@ -78,8 +95,67 @@ class Denoiser(nn.Module):
             c_in = 1 / (sigma**2 + (self.schedule.sigma_data**2 if self.param == "edm" else 1.0)).sqrt()
         if class_labels is not None:
             class_labels = torch.as_tensor(class_labels, dtype=torch.long, device=x.device).reshape(-1)
-        return self.net(x * self._bcast(c_in, x), self.time_input(sigma), step=step,
-                        class_labels=class_labels, return_features=return_features)
+        x_in, t = x * self._bcast(c_in, x), self.time_input(sigma)
+        if self.text is None:
+            return self.net(x_in, t, step=step, class_labels=class_labels, return_features=return_features)
+        context = self.prompt_context(class_labels, x.shape[0]).to(x.device, x.dtype)
+        if self.guidance == 1.0:
+            return self.net(x_in, t, step=step, context=context, return_features=return_features)
+        if return_features:
+            raise FewstepError("features of a guided text model: set guidance 1 first")
+        negative = self.negative_embeds.to(x.device, x.dtype).expand(x.shape[0], -1, -1)
+        both = self.net(torch.cat([x_in, x_in]), torch.cat([t, t]), step=step, context=torch.cat([negative, context]))
+        uncond, cond = both.chunk(2)
+        return uncond + self.guidance * (cond - uncond)
+
+    def take_components(self, other: "Denoiser") -> "Denoiser":
+        """The autoencoder, text encoder and prompts of `other` (a student built beside its teacher)."""
+        self.codec, self.text = other.codec, other.text
+        self.prompts, self.negative_prompt, self.guidance = list(other.prompts), other.negative_prompt, other.guidance
+        self.prompt_embeds, self.negative_embeds = other.prompt_embeds, other.negative_embeds
+        return self
+
+    # ---- text conditioning --------------------------------------------------------------------
+    def set_prompts(self, prompts: list[str], negative_prompt: str = "", guidance: float | None = None):
+        """Encode the prompts a text model's labels index (once, not per call) and the negative prompt of
+        classifier-free guidance; `guidance` None keeps the current scale."""
+        if self.text is None:
+            raise FewstepError("a prompt was given, but this model is not text-conditioned")
+        prompts = [str(p) for p in prompts]
+        if not prompts:
+            raise FewstepError("expected at least one prompt")
+        device = next(self.net.parameters()).device
+        emb = self.text.to(device).encode(prompts + [str(negative_prompt)])
+        self.prompt_embeds, self.negative_embeds = emb[:-1].to(device), emb[-1:].to(device)
+        self.prompts, self.negative_prompt = prompts, str(negative_prompt)
+        if guidance is not None:
+            if guidance < 1.0:
+                raise FewstepError(f"--guidance {guidance}: expected a scale >= 1 (1: the prompt alone)")
+            self.guidance = float(guidance)
+        return self
+
+    def prompt_context(self, labels: torch.Tensor | None, n: int) -> torch.Tensor:
+        """The prompt embeddings of n samples, from their labels (indices into the prompts)."""
+        if self.prompt_embeds is None:
+            raise FewstepError("this model is text-conditioned: give it a prompt (--prompt or --prompts)")
+        if labels is None:
+            if len(self.prompt_embeds) != 1:
+                raise FewstepError(f"{len(self.prompt_embeds)} prompts are set: each sample needs its prompt's index")
+            return self.prompt_embeds.expand(n, -1, -1)
+        return self.prompt_embeds[labels.to(self.prompt_embeds.device)]
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples as images: a latent model's latents through its autoencoder, anything else as it is."""
+        if self.codec is None:
+            return x
+        return self.codec.to(x.device).decode(x)
+
+    def condition_key(self) -> dict:
+        """What besides the labels decides a text model's outputs (for caches of its trajectories)."""
+        if self.text is None or self.prompt_embeds is None:
+            return {}
+        h = hashlib.sha256(json.dumps(self.prompts + [self.negative_prompt]).encode()).hexdigest()
+        return {"prompts_sha256": h, "guidance": self.guidance}
 
     def raw_to_x0(self, raw: torch.Tensor, x: torch.Tensor, sigma) -> torch.Tensor:
         """Convert a raw network output at (x, σ) into the x0 estimate."""
@@ -113,7 +189,10 @@ class Denoiser(nn.Module):
     # ---- sampler-facing helpers --------------------------------------------------------------
     @property
     def num_classes(self) -> int:
-        """Number of class labels a class-conditional network takes (0: unconditional)."""
+        """Number of class labels a class-conditional network takes (0: unconditional); a text model's labels
+        are indices into its prompts, so it has as many as prompts are set."""
+        if self.text is not None:
+            return 0 if self.prompt_embeds is None else len(self.prompt_embeds)
         return int(getattr(self.net, "config", {}).get("num_classes") or 0)
 
     def check_labels(self, class_labels: torch.Tensor | None, n: int | None = None) -> torch.Tensor | None:
@@ -153,7 +232,7 @@ class Denoiser(nn.Module):
         outputs at every table entry), and how the table was made: see schedule.continuous_table."""
 
         table, info = continuous_table(self.schedule, T)
-        return Denoiser(self.net, table, self.param, exact_table=False), info
+        return Denoiser(self.net, table, self.param, exact_table=False).take_components(self), info
 
     def describe(self) -> dict:
         return {"param": self.param, "exact_table": self.exact_table, "schedule": self.schedule.to_dict()}

@@ -367,6 +367,7 @@ FOREIGN_NETS = {
     "edm-songunet": "fewstep.interop.edm_nets:SongUNet",
     "edm-dhariwalunet": "fewstep.interop.edm_nets:DhariwalUNet",
     "diffusers-unet2d": "fewstep.interop.diffusers_io:DiffusersUNet",
+    "diffusers-unet2d-cond": "fewstep.interop.diffusers_io:DiffusersCondUNet",
 }
 
 

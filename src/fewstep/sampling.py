@@ -122,8 +122,9 @@ def _scheduler_plan(ckpt: Checkpoint, spec: dict, name: str, nfe: int, spacing: 
         raise FewstepError(f"--final-denoise / --no-final-denoise: grid {spacing!r} ends where its scheduler's "
                            "last step lands (the card's final_sigma), with no extra denoise")
     sched = ckpt.denoiser.schedule
-    # DDPMScheduler's last step always lands on ᾱ = 1 (σ = 0)
-    final_sigma = "zero" if name == "ddpm" else spec.get("final_sigma", "zero")
+    # where the last step lands is a setting of the card's own scheduler (set_alpha_to_one, final_sigmas_type);
+    # another solver's scheduler made from the same config lands on σ = 0 by default, DDPMScheduler always
+    final_sigma = spec.get("final_sigma", "zero") if name == spec.get("name") and name != "ddpm" else "zero"
     family = "dpm" if name.startswith("dpmpp") else "ddim"
     sigmas, timesteps = scheduler_grid(sched, spacing, nfe, int(spec.get("steps_offset", 0)), final_sigma, family)
     options = {}
@@ -186,25 +187,48 @@ def class_labels_for(den, n: int, class_label=None, seed: int = 0) -> tuple[torc
     return den.check_labels(class_label, n), "given"
 
 
+def prompt_labels(den, n: int, prompts, negative_prompt: str | None = None, guidance: float | None = None):
+    """A text model's prompts set on it (with the card's guidance and negative prompt unless given) and the
+    label of each of n samples: sample i takes prompt i mod len(prompts)."""
+    if den.text is None:
+        if prompts or negative_prompt is not None or guidance is not None:
+            raise FewstepError("--prompt / --negative-prompt / --guidance: this model is not text-conditioned")
+        return None
+    if not prompts:
+        raise FewstepError("this model is text-conditioned: give --prompt TEXT or --prompts FILE")
+    den.set_prompts(list(prompts), den.negative_prompt if negative_prompt is None else negative_prompt, guidance)
+    return torch.arange(n) % len(den.prompts)
+
+
 @torch.no_grad()
 def sample(ckpt: Checkpoint, n: int, seed: int = 0, nfe: int | None = None, sampler: str | None = None,
            grid: str | None = None, rho: float | None = None, batch_size: int = 500,
            noise: torch.Tensor | None = None, progress: bool = True, return_info: bool = False,
-           class_label=None, final_zero: bool | None = None, max_seconds: float | None = None):
+           class_label=None, final_zero: bool | None = None, max_seconds: float | None = None,
+           prompts: list[str] | None = None, negative_prompt: str | None = None, guidance: float | None = None,
+           decode: bool = True):
     """Draw n samples with the same seed → the same samples (noise is drawn on the CPU at once).
 
-    A class-conditional model samples `class_label` (an int or n labels), or uniform classes.
-    `max_seconds`: after the first batch, refuse a run whose projected time exceeds it."""
+    A class-conditional model samples `class_label` (an int or n labels), or uniform classes. A
+    text-conditioned one samples `prompts` (sample i the prompt i mod their number) with classifier-free
+    guidance (`guidance`, `negative_prompt`; the card's by default). A latent model's samples are decoded
+    into images unless `decode` is False (then latents). `max_seconds`: after the first batch, refuse a run
+    whose projected time exceeds it."""
     if n < 1:
         raise FewstepError(f"n={n}: expected at least one sample")
-    check_memory(n, sample_shape(ckpt.card))
+    latent = (ckpt.card.get("data") or {}).get("latent_shape") is not None
+    check_memory(n, tuple(ckpt.card["data"]["shape"]) if latent and decode else sample_shape(ckpt.card))
     plan = resolve_sampler(ckpt, nfe, sampler, grid, rho, final_zero)
     den = ckpt.denoiser
     device = next(den.parameters()).device
     sigmas = plan["sigmas"]
     if noise is None:
         noise = torch.randn((n, *sample_shape(ckpt.card)), generator=torch.Generator().manual_seed(seed))
-    labels, classes = class_labels_for(den, n, class_label, seed)
+    labels = prompt_labels(den, n, prompts, negative_prompt, guidance)
+    if labels is None:
+        labels, classes = class_labels_for(den, n, class_label, seed)
+    elif class_label is not None:
+        raise FewstepError("--class: this model is text-conditioned (give --prompt)")
     gen = torch.Generator(device=device).manual_seed(seed + 1)
     out, t0 = [], time.perf_counter()
     bar = tqdm(total=n, desc=f"sampling {plan['name']} NFE {plan['nfe']}", unit="img", disable=not progress,
@@ -217,7 +241,8 @@ def sample(ckpt: Checkpoint, n: int, seed: int = 0, nfe: int | None = None, samp
                   clip=plan["clip"], **kw, **plan["solver_options"])
         if r.nfe != plan["nfe"]:
             raise RuntimeError(f"internal NFE mismatch: planned {plan['nfe']}, solver used {r.nfe}")
-        out.append((r.x / end_scale(plan)).float().cpu())
+        x = r.x / end_scale(plan)
+        out.append((den.decode(x) if decode else x).float().cpu())
         bar.update(len(x))
         if max_seconds is not None and i == 0 and n > len(x):
             projected = (time.perf_counter() - t0) * n / len(x)
@@ -234,8 +259,12 @@ def sample(ckpt: Checkpoint, n: int, seed: int = 0, nfe: int | None = None, samp
             "sigmas": [float(s) for s in sigmas], "seconds": time.perf_counter() - t0}
     if "timesteps" in plan:
         info["timesteps"] = plan["timesteps"]
-    if labels is not None:
+    if den.text is not None:
+        info.update(prompts=den.prompts, negative_prompt=den.negative_prompt, guidance=den.guidance)
+    elif labels is not None:
         info["class"] = classes
         info["labels"] = labels.tolist()
+    if den.codec is not None:
+        info["decoded"] = decode
     return (x, info) if return_info else x
 

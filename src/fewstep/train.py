@@ -29,6 +29,7 @@ import copy
 import json
 import math
 import os
+import resource
 import shlex
 import signal
 import sys
@@ -74,6 +75,7 @@ class TrainConfig:
     # into full-size steps (loss 3.8e-7 at the first iteration on the digits teacher, 0.089 at the second)
     channels_last: str = "off"
     snapshot_every: int = 0           # >0: weights every so many iterations in snapshots/ (quality vs time)
+    grad_checkpoint: bool = False     # recompute the trained network's blocks in backward (diffusers networks)
 
     @classmethod
     def from_args(cls, args) -> "TrainConfig":
@@ -83,7 +85,8 @@ class TrainConfig:
         return cls(steps=args.iters, batch=args.batch, lr=args.lr, lr_schedule=args.lr_schedule, warmup=args.warmup,
                    ema=args.ema, grad_clip=args.grad_clip or None, amp=args.amp, seed=args.seed,
                    log_every=args.log_every, sample_every=args.sample_every, ckpt_every=args.ckpt_every,
-                   device=args.device, progress=not args.no_progress, log=args.log)
+                   device=args.device, progress=not args.no_progress, log=args.log,
+                   grad_checkpoint=bool(getattr(args, "grad_checkpoint", False)))
 
     def lr_at(self, step: int) -> float:
         """The learning rate of iteration `step`: the schedule, then the warm-up."""
@@ -345,6 +348,13 @@ def _seeded(seed: int, step: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + stream) % (2**63 - 1))
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """The process's peak memory so far: allocated on a GPU, resident on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux: the process's peak RSS
+
+
 def global_batch_indices(n: int, batch: int, seed: int, step: int) -> torch.Tensor:
     """Indices into n data items of iteration `step`'s whole global batch: epoch-wise seeded permutations,
     read in order (a batch that crosses an epoch's end takes the rest from the next one)."""
@@ -464,6 +474,12 @@ class Trainer:
         self.labels = labels
         self.model = method.trainable().to(self.device)
         self.model.train()
+        if config.grad_checkpoint:
+            net = getattr(self.model, "net", self.model)
+            if not hasattr(net, "set_gradient_checkpointing"):
+                raise FewstepError(f"--grad-checkpoint: the {net.config.get('type')} network has no gradient "
+                                   "checkpointing; it is there for diffusers networks (large UNets)")
+            net.set_gradient_checkpointing(True)
         self.channels_last = config.channels_last == "on" or (config.channels_last == "auto"
                                                               and self.device.type == "cpu")
         if self.channels_last:
@@ -545,6 +561,7 @@ class Trainer:
         card["training"].update({"iterations": self.step, "batch": self.config.batch,
                                  "wall_time_s": round(self.wall, 2), "processes": self.world,
                                  "device": str(self.device), "finished": final,
+                                 "peak_memory_mb": round(peak_memory_mb(self.device), 1),
                                  **self.run_info.get("training", {})})
         profile = profile_summary(self.folder.records())
         if profile is not None:
@@ -576,6 +593,7 @@ class Trainer:
         model.eval()
         with torch.no_grad():
             x = self.method.preview(model, self.config.n_preview, seed=self.config.seed)
+            x = getattr(model, "decode", lambda v: v)(x)  # a latent model's previews are images
         model.train(was_training)
         self.folder.preview(x, self.step)
 

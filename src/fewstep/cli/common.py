@@ -54,6 +54,9 @@ def add_train_args(p: argparse.ArgumentParser, steps: int, batch: int, lr: float
     g.add_argument("--grad-clip", type=A.non_negative, default=grad_clip,
                    help=f"gradient norm clip (0 for none; default{clip_note if grad_clip is None else f' {grad_clip:g}'})")
     g.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="mixed precision (GPU only)")
+    g.add_argument("--grad-checkpoint", action="store_true",
+                   help="recompute the trained network's blocks in the backward pass instead of keeping their "
+                        "activations (less memory, more time; diffusers networks such as Stable Diffusion's UNet)")
     g.add_argument("--seed", type=A.seed, default=0)
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if present)")
     g.add_argument("--log-every", type=A.positive_int, default=50)

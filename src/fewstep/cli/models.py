@@ -50,6 +50,7 @@ def register(sub):
     s.add_argument("--png-n", dest="grid_n", type=A.positive_int, default=64, help="how many samples the picture shows")
     s.add_argument("--class", dest="class_label", type=A.count, default=None,
                    help="class-conditional models: the class to draw (default: uniform over classes)")
+    A.add_prompt_args(s)
     s.add_argument("--batch", type=A.batch, default=500)
     s.add_argument("--device", default="auto")
     s.set_defaults(func=cmd_sample)
@@ -99,7 +100,9 @@ def cmd_sample(args):
     ckpt = load_model(args.model, device=pick_device(args.device))
     x, info = sample(ckpt, args.n, seed=args.seed, nfe=args.nfe, sampler=args.sampler, grid=args.grid,
                      rho=args.rho, batch_size=args.batch, return_info=True, class_label=args.class_label,
-                     final_zero=args.final_denoise, max_seconds=None if args.yes else LONG_RUN_S)
+                     final_zero=args.final_denoise, max_seconds=None if args.yes else LONG_RUN_S,
+                     prompts=A.read_prompts(args.prompt, args.prompts), negative_prompt=args.negative_prompt,
+                     guidance=args.guidance)
     if args.out:
         out = Path(args.out)
         arrays = {"labels": np.asarray(info.pop("labels"), dtype=np.int64)} if "labels" in info else {}
@@ -143,6 +146,17 @@ def cmd_info(args):
             print(f"           {src['precond']}({json.dumps(src.get('precond_kwargs', {}))}) around "
                   f"{src.get('model_type')}({json.dumps(src.get('init_kwargs', {}))})")
     print(f"sampler    {describe_sampler(card.get('sampler', {}))}")
+    comps = card.get("components") or {}
+    if "vae" in comps:
+        v, d = comps["vae"], card.get("data") or {}
+        print(f"latents    {v['class']} in {v['folder']}/ (scaling factor {v['scaling_factor']:g}, sha256 "
+              f"{v['sha256'][:12]}…): latents {d.get('latent_shape')} ↔ images {d.get('shape')}")
+    if "text_encoder" in comps:
+        t, text = comps["text_encoder"], card.get("text") or {}
+        distilled = f", distilled from the teacher guided at {text['distilled_guidance']:g}" \
+            if text.get("distilled_guidance") is not None else ""
+        print(f"text       {t['class']} in {t['folder']}/ (sha256 {t['sha256'][:12]}…), prompts of up to "
+              f"{t['max_length']} tokens; guidance {text.get('guidance', 1):g} by default{distilled}")
     if card.get("teacher"):
         t = card["teacher"]
         print(f"teacher    {t.get('path')} (sha256 {t.get('sha256', '')[:12]}…)")

@@ -2,30 +2,75 @@
 training data at the teacher's resolution and split, and its class labels for a conditional teacher."""
 from __future__ import annotations
 
-from fewstep.checkpoint import Checkpoint
+import hashlib
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from fewstep.checkpoint import Checkpoint, atomic_write
 from fewstep.data import Dataset, load_dataset
 from fewstep.errors import FewstepError
+from fewstep.interop.sources import cache_dir
 from fewstep.sampling import sample_shape
 
 
 def distill_data(args, teacher: Checkpoint) -> tuple[Dataset, dict]:
-    """(data set, its description for the card) from --data / --resolution / --data-seed."""
+    """(data set, its description for the card) from --data / --resolution / --data-seed. A latent
+    teacher's data are images of its autoencoder's size, encoded once into latents (cached by content)."""
     net = teacher.card["net"]
     tdata = teacher.card.get("data") or {}
+    den = teacher.denoiser
+    if den.text is not None:
+        raise FewstepError("--teacher is a text-to-image model: SFDDM and progressive distillation train on data, "
+                           "and each image would need its caption, which fewstep does not read; distil it "
+                           "data-free with `fewstep distill sfd` (prompts from --prompts or the shipped list)")
+    want = list(tdata["shape"]) if den.codec is not None else list(sample_shape(teacher.card))
     resolution = args.resolution
     is_image = "resolution" in net
     if resolution is None and is_image:
-        resolution = net["resolution"]
+        resolution = want[-1]
     seed = args.data_seed if args.data_seed is not None else int(tdata.get("split_seed") or 0)
     ds = load_dataset(args.data, resolution=resolution if is_image or args.resolution else None,
                       split="train", seed=seed)
-    want = list(sample_shape(teacher.card))
     if list(ds.shape) != want:
         hint = f"; pass --resolution {want[-1]}" if len(want) == 3 and len(ds.shape) == 3 else ""
         raise FewstepError(f"--data {args.data}: samples of shape {list(ds.shape)}, but the teacher draws "
-                           f"{want}{hint}")
+                           f"{want}{' images' if den.codec is not None else ''}{hint}")
     info = {**ds.info, "name": ds.name, "kind": ds.kind, "shape": list(ds.shape), "split_seed": seed}
+    if den.codec is not None:
+        latents, info["latents"] = encoded_latents(ds.x, den.codec)
+        ds = Dataset(latents, ds.name, ds.kind, tuple(latents.shape[1:]), ds.info, ds.labels)
     return ds, info
+
+
+def encoded_latents(images: torch.Tensor, codec) -> tuple[torch.Tensor, dict]:
+    """The images' latents under the codec, computed once and kept in fewstep's cache, keyed by the images'
+    and the autoencoder's content."""
+    x = images.contiguous().float()
+    key = hashlib.sha256(x.numpy().tobytes() + str(tuple(x.shape)).encode() + codec.entry["sha256"].encode()).hexdigest()
+    path = cache_dir() / "latents" / f"{key[:32]}.safetensors"
+    about = {"images": len(x), "cache": str(path), "autoencoder_sha256": codec.entry["sha256"]}
+    if path.is_file():
+        try:
+            latents = load_file(str(path))["latents"]
+            return latents, {**about, "shape": list(latents.shape[1:]), "cached": True}
+        except Exception:  # noqa: BLE001 - a damaged cache entry is encoded again
+            pass
+    bar = tqdm(total=len(x), desc="encoding the data into latents", unit="img", leave=False)
+    parts = []
+    for i in range(0, len(x), 256):
+        parts.append(codec.encode(x[i:i + 256]))
+        bar.update(len(parts[-1]))
+    bar.close()
+    latents = torch.cat(parts).contiguous()
+    atomic_write(path, lambda p: save_file({"latents": latents}, p))
+    return latents, {**about, "shape": list(latents.shape[1:]), "cached": False}
+
+
+def trained_shape(data_info: dict):
+    """The shape the network trains on: the data's, or its latents' for a latent teacher."""
+    return (data_info.get("latents") or {}).get("shape") or data_info.get("shape")
 
 
 def distill_labels(teacher: Checkpoint, ds: Dataset):

@@ -44,7 +44,7 @@ from fewstep.checkpoint import (CARD_NAME, Checkpoint, load_checkpoint, read_car
                                 save_checkpoint, teacher_reference)
 from fewstep.denoiser import Denoiser
 from fewstep.distill import sfddm
-from fewstep.distill.common import distill_data, distill_labels
+from fewstep.distill.common import distill_data, distill_labels, trained_shape
 from fewstep.errors import FewstepError
 from fewstep.method import Method, Row
 from fewstep.models import load_model
@@ -192,9 +192,10 @@ class ProgressiveFold(TrainMethod):
         if dropout is not None:
             set_dropout(net, dropout)
         # the student is evaluated on the teacher's own noise levels, so it keeps its time convention
-        self.student = Denoiser(net, teacher.schedule, teacher.param, exact_table=teacher.exact_table)
+        self.student = Denoiser(net, teacher.schedule, teacher.param,
+                                exact_table=teacher.exact_table).take_components(teacher)
         self.shape = _net_shape(teacher.net)
-        shape = self.data_info.get("shape")
+        shape = trained_shape(self.data_info)
         if shape is not None and list(shape) != self.shape:
             hint = f"; pass --resolution {self.shape[-1]}" if len(self.shape) == 3 else ""
             raise FewstepError(f"data shape {list(shape)} does not match the teacher's sample shape {self.shape}{hint}")

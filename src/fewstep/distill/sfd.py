@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import hashlib
 import math
 import sys
 from dataclasses import asdict, dataclass, field
@@ -26,6 +27,7 @@ import torch
 
 from fewstep import argtypes as A
 from fewstep.checkpoint import Checkpoint, load_checkpoint, read_card, teacher_reference
+from fewstep.components import default_prompts
 from fewstep.distill.trajectory_cache import TrajectoryCache, module_digest
 from fewstep.errors import FewstepError
 from fewstep.featnet import available_classifiers
@@ -46,6 +48,7 @@ STAGE2_CONDITIONS = ("own", "teacher")
 PERCEPTUAL_NETS = ("classifier", "lpips")
 # The paper's grid ends for EDM (continuous) teachers: σ_min = 0.006 rather than EDM's 0.002.
 EDM_SIGMA_MIN, EDM_SIGMA_MAX = 0.006, 80.0
+LATENT_SIGMA_MIN, LATENT_TEXT_SIGMA_MIN = 0.006, 0.1
 
 # The authors' budgets and optimizer (zju-pi/diff-sampler sfd-main, launch.sh and training_loop.py), the
 # defaults of every mode: trajectories of one SFD run, SFD-v four times that, the 1-NFE stage ten times;
@@ -155,6 +158,9 @@ def sigma_range(teacher_den, cfg: SFDConfig) -> tuple[float, float]:
     # continuous teachers: the paper's ends, inside the teacher's own range (a VE model stops at 0.02)
     lo = max(EDM_SIGMA_MIN, teacher_den.sigma_min) if continuous else teacher_den.sigma_min
     hi = min(EDM_SIGMA_MAX, teacher_den.sigma_max) if continuous else teacher_den.sigma_max
+    if teacher_den.codec is not None:
+        # latent teachers: the authors' σ_min, 0.1 for Stable Diffusion and 0.006 for an LDM, inside the table
+        lo = max(LATENT_TEXT_SIGMA_MIN if teacher_den.text is not None else LATENT_SIGMA_MIN, teacher_den.sigma_min)
     smin = cfg.sigma_min if cfg.sigma_min is not None else lo
     smax = cfg.sigma_max if cfg.sigma_max is not None else hi
     return smin, smax
@@ -177,7 +183,7 @@ class TeacherTrajectory:
     def setup(self) -> dict:
         """What, besides the teacher, the grid and the noise, decides the trajectories (the cache key)."""
         setup = {"solver": self.solver, "afs": self.afs, "clip": self.clip, "step": self.step,
-                 "precision": self.precision}
+                 "precision": self.precision, **self.den.condition_key()}
         if self.solver in ("dpmpp2m", "dpmpp3m"):
             setup["final_orders"] = self.final_orders
         return setup
@@ -244,7 +250,8 @@ class SFD(TrainMethod):
     needs_data = False
 
     def __init__(self, teacher: Checkpoint, cfg: SFDConfig, teacher_ref: dict | None = None,
-                 trajectory_cache: str | Path | None = None):
+                 trajectory_cache: str | Path | None = None, prompts: list[str] | None = None,
+                 negative_prompt: str | None = None, guidance: float | None = None):
         cfg.validate()
         self.cfg = cfg
         # teacher trajectories stored and reused by content (see fewstep.distill.trajectory_cache)
@@ -278,6 +285,35 @@ class SFD(TrainMethod):
             set_dropout(self.student, cfg.dropout)
         self.positions = {n: check_nested(s, t) for n, (s, t) in self.grids.items()}
         self.trajectories = 0
+        self._init_text(prompts, negative_prompt, guidance)
+
+    def _init_text(self, prompts, negative_prompt, guidance):
+        """A text teacher: trajectories of the guided teacher on prompts drawn uniformly from a list (the given
+        one, else fewstep's shipped list), as the authors distil Stable Diffusion at a fixed guidance scale; the
+        student takes the prompt alone (guidance 1) and its card keeps the scale it learnt."""
+        tden = self.traj.den
+        self.prompts = None
+        if tden.text is None:
+            if prompts or negative_prompt is not None or guidance is not None:
+                raise FewstepError("--prompt / --prompts / --negative-prompt / --guidance: the teacher is not "
+                                   "text-conditioned")
+            return
+        self.prompts = list(prompts) if prompts else default_prompts()
+        self.negative_prompt = tden.negative_prompt if negative_prompt is None else negative_prompt
+        if guidance is not None:
+            tden.guidance = float(guidance)
+        self.guidance = tden.guidance
+        self.distilled_guidance = (self.teacher.card.get("text") or {}).get("distilled_guidance", tden.guidance) \
+            if self.cfg.stage2 else tden.guidance
+        self.student.guidance = 1.0
+
+    def _batch_prompts(self, index: torch.Tensor):
+        """Encode this batch's prompts once, for the teacher and the student alike."""
+        tden = self.traj.den
+        tden.set_prompts([self.prompts[i] for i in index.tolist()], self.negative_prompt)
+        st = self.student
+        st.prompts, st.negative_prompt = tden.prompts, tden.negative_prompt
+        st.prompt_embeds, st.negative_embeds = tden.prompt_embeds, tden.negative_embeds
 
     def _perceptual_net(self, data: dict, device):
         """The last step's perceptual distance (None: none); resolves "auto" in the config, for the card."""
@@ -349,7 +385,11 @@ class SFD(TrainMethod):
 
     def _labels(self, ctx: StepContext, B: int, gen: torch.Generator):
         """Class labels of a conditional teacher's trajectories: uniform over its classes (as the SFD
-        code does), drawn for the global batch and sliced."""
+        code does), drawn for the global batch and sliced. A text teacher's prompts are drawn the same way
+        from the prompt list; the batch's are encoded and its labels index them."""
+        if self.prompts is not None:
+            self._batch_prompts(torch.randint(len(self.prompts), (B,), generator=gen))
+            return ctx.local(torch.arange(B)).to(ctx.device)
         k = self.teacher.denoiser.num_classes
         return ctx.local(torch.randint(k, (B,), generator=gen)).to(ctx.device) if k else None
 
@@ -473,14 +513,21 @@ class SFD(TrainMethod):
                                                  for n, (_, t) in self.grids.items()}}
         if cfg.stage2:
             method["first_stage_nfe"] = self.stage2_teacher_nfe
-        if self.teacher.denoiser.num_classes:
+        if self.prompts is not None:
+            method["prompts"] = {"count": len(self.prompts), "distribution": "uniform",
+                                 "sha256": hashlib.sha256("\n".join(self.prompts).encode()).hexdigest(),
+                                 "negative_prompt": self.negative_prompt, "guidance": self.guidance}
+        elif self.teacher.denoiser.num_classes:
             method["class_distribution"] = "uniform"
         if self.cache is not None:
             method["trajectory_cache"] = self.cache.summary()
         if self.precision_check is not None:
             method["teacher_precision_check"] = self.precision_check
-        return {"method": method, "sampler": self.sampler_card(), "teacher": self.teacher_ref,
+        card = {"method": method, "sampler": self.sampler_card(), "teacher": self.teacher_ref,
                 "data": self.teacher.card.get("data")}
+        if self.prompts is not None:
+            card["text"] = {"distilled_guidance": self.distilled_guidance, "negative_prompt": self.negative_prompt}
+        return card
 
     @torch.no_grad()
     def preview(self, model, n, seed):
@@ -489,6 +536,8 @@ class SFD(TrainMethod):
         x = torch.randn((n, *self.shape), generator=torch.Generator().manual_seed(seed))
         x = x.to(next(model.parameters()).device) * float(s_grid[0])
         step = (self.student_step_cond or len(s_grid)) if model.has_step_condition else None
+        if self.prompts is not None:  # the first prompts of the list, every preview alike
+            model.set_prompts(self.prompts[:n], self.negative_prompt)
         labels = torch.arange(n, device=x.device) % model.num_classes if model.num_classes else None
         return solve("euler", model.with_step(step, labels), x, s_grid.to(x.device), afs=self.cfg.afs).x
 
@@ -854,7 +903,8 @@ def add_arguments(p, add_loop_options):
                         "authors'), only on grids under 15 steps (short, diffusers'), or never")
     p.add_argument("--grid", default="polynomial", choices=["polynomial", "logsnr", "uniform", "discrete"])
     p.add_argument("--rho", type=A.positive, default=7.0)
-    p.add_argument("--sigma-min", type=A.positive, default=None, help="default: the teacher's (0.006 for EDM teachers)")
+    p.add_argument("--sigma-min", type=A.positive, default=None,
+                   help="default: the teacher's (0.006 for EDM teachers and LDMs, 0.1 for Stable Diffusion)")
     p.add_argument("--sigma-max", type=A.positive, default=None, help="default: the teacher's (80 for EDM teachers)")
     p.add_argument("--trajectories", type=A.integer(1, 10**12), default=None,
                    help=f"teacher trajectories to train on (iterations = trajectories / batch; default "
@@ -894,6 +944,8 @@ def add_arguments(p, add_loop_options):
                    help="store the teacher's trajectories in DIR and reuse those computed before for the same "
                         "teacher, grid and noise (exact): SFD-v after SFD runs at its NFEs with the same seed "
                         "and batch, a rerun with another --lr, a resume (default: no cache)")
+    A.add_prompt_args(p, what="a prompt to distil on", many=" to draw each trajectory's prompt from (default: "
+                      "fewstep's shipped list)")
     add_loop_options(steps=0, batch=128, lr=None, lr_schedule="step", grad_clip=None,
                      lr_note=f": the authors', {SFD_LR:g}, or {STAGE2_LR:g} with --stage2",
                      clip_note=": the authors', none")
@@ -916,8 +968,9 @@ def run(args):
         args.lr = defaults["lr"]
     if args.grad_clip is None:
         args.grad_clip = defaults["grad_clip"]
-    method = SFD(teacher, cfg, teacher_ref=teacher_reference(teacher.path),
-                 trajectory_cache=args.trajectory_cache)
+    method = SFD(teacher, cfg, teacher_ref=teacher_reference(teacher.path), trajectory_cache=args.trajectory_cache,
+                 prompts=A.read_prompts(args.prompt, args.prompts), negative_prompt=args.negative_prompt,
+                 guidance=args.guidance)
     if args.iters == 0:  # iterations follow from the trajectory budget, as in the paper
         args.iters = iterations_for(args.trajectories or defaults["trajectories"], args.batch)
     Trainer(method, TrainConfig.from_args(args), args.out, resume=args.resume, run_info=run_record(args)).run()

@@ -45,7 +45,7 @@ from fewstep import argtypes as A
 from fewstep.checkpoint import Checkpoint, load_checkpoint, read_card, teacher_reference
 from fewstep.compare import compare_models, interpolation_noises, sample_same_noise
 from fewstep.denoiser import Denoiser
-from fewstep.distill.common import distill_data, distill_labels
+from fewstep.distill.common import distill_data, distill_labels, trained_shape
 from fewstep.errors import FewstepError
 from fewstep.method import Method, Row
 from fewstep.models import load_model
@@ -190,7 +190,7 @@ def make_student(teacher: Denoiser, phi: torch.Tensor, init: str = "random", see
     name = table_name or f"{teacher.schedule.table_name or 'custom'}[phi]"
     schedule = Schedule.discrete(teacher.schedule.alpha_bar[phi], timesteps=timesteps, table_name=name,
                                  derived_from=teacher.schedule.derived_from, sigma_data=teacher.schedule.sigma_data)
-    return Denoiser(net, schedule, teacher.param, exact_table=True)
+    return Denoiser(net, schedule, teacher.param, exact_table=True).take_components(teacher)
 
 
 def raw_and_features(den: Denoiser, x: torch.Tensor, sigma, class_labels=None,
@@ -328,7 +328,7 @@ class SFDDM(TrainMethod):
 
     def _check_shape(self):
         teacher_shape = list(sample_shape({"net": self.teacher.net.config}))
-        data_shape = self.data_info.get("shape")
+        data_shape = trained_shape(self.data_info)
         if data_shape is not None and list(data_shape) != teacher_shape:
             hint = f"; pass --resolution {teacher_shape[-1]}" if len(teacher_shape) == 3 else ""
             raise FewstepError(f"data shape {list(data_shape)} does not match the teacher's sample shape "

@@ -32,6 +32,7 @@ from torch import nn
 
 import fewstep.nets
 from fewstep.checkpoint import load_checkpoint, save_checkpoint, sha256_file
+from fewstep.components import COMPONENT_BATCH, LatentCodec, TextEncoder, folder_digest
 from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
 from fewstep.interop.sources import source_digest
@@ -49,11 +50,16 @@ VP_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler"
                  "HeunDiscreteScheduler", "LMSDiscreteScheduler", "KDPM2DiscreteScheduler",
                  "KDPM2AncestralDiscreteScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler",
                  "DDPMParallelScheduler", "DDIMParallelScheduler")
-# pipeline components that mark a latent or text-conditioned model
-LATENT_OR_TEXT = ("vae", "vqvae", "vqgan", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "bert",
-                  "image_encoder", "prior", "transformer")
-SUPPORTED = ("supported: pixel-space UNet2DModel models (unconditional or with num_class_embeds) with a discrete "
-             "VP scheduler, e.g. DDPMPipeline / DDIMPipeline folders")
+# pipeline components fewstep does not run, each refused by name (SDXL's second encoder, ControlNet, unCLIP's
+# prior, LDM's BERT text model, IP-Adapter's image encoder, transformer denoisers)
+UNSUPPORTED_COMPONENTS = {"text_encoder_2": "a second text encoder (SDXL)", "tokenizer_2": "a second tokenizer (SDXL)",
+                          "controlnet": "a ControlNet", "prior": "an unCLIP prior", "bert": "LDM's BERT text model",
+                          "image_encoder": "an image encoder (IP-Adapter)", "transformer": "a transformer denoiser",
+                          "vqgan": "a VQGAN", "image_noising_scheduler": "an image-noising scheduler"}
+SUPPORTED = ("supported: UNet2DModel models in pixels (unconditional or with num_class_embeds, e.g. DDPMPipeline / "
+             "DDIMPipeline folders) or in latents (LDMPipeline, with a VQModel or AutoencoderKL), and "
+             "StableDiffusionPipeline folders (UNet2DConditionModel, AutoencoderKL, CLIPTextModel + CLIPTokenizer), "
+             "each with a discrete VP scheduler")
 EXPORT_SOLVERS = ("euler", "ddim", "ddpm", "dpmpp2m", "dpmpp3m")
 PIPELINE_SOURCE = Path(__file__).with_name("diffusers_pipeline.py")
 
@@ -76,14 +82,23 @@ def _plain(v):
     return v
 
 
-def check_unet_config(cfg: dict, where: str = "UNet config") -> dict:
-    """A UNet2DModel config fewstep can run as a Denoiser network, without diffusers' private keys."""
+def check_unet_config(cfg: dict, where: str = "UNet config", conditional: bool = False) -> dict:
+    """A UNet2DModel (or, `conditional`, a text-conditioned UNet2DConditionModel) config fewstep can run as a
+    Denoiser network, without diffusers' private keys."""
     if not isinstance(cfg, dict):
         raise FewstepError(f"{where}: expected a JSON object")
-    cls = cfg.get("_class_name", "UNet2DModel")
-    if cls != "UNet2DModel" or "cross_attention_dim" in cfg:
-        found = cls if cls != "UNet2DModel" else "a UNet with cross_attention_dim (UNet2DConditionModel)"
-        raise FewstepError(f"{where}: found {found}, a text- or latent-conditioned network; {SUPPORTED}")
+    want = "UNet2DConditionModel" if conditional else "UNet2DModel"
+    cls = cfg.get("_class_name", want)
+    if cls != want or ("cross_attention_dim" in cfg) != conditional:
+        found = cls if cls != want else ("a UNet with cross_attention_dim" if not conditional else
+                                         "a UNet without cross_attention_dim")
+        raise FewstepError(f"{where}: found {found} where a {want} belongs; {SUPPORTED}")
+    if conditional:
+        for key, what in (("addition_embed_type", "added conditioning (SDXL's text_time)"),
+                          ("encoder_hid_dim", "a projected encoder input (IP-Adapter, DeepFloyd IF)"),
+                          ("num_class_embeds", "class embeddings beside the text")):
+            if cfg.get(key) is not None:
+                raise FewstepError(f"{where}: {key} {cfg[key]!r}: {what} is not supported; {SUPPORTED}")
     emb = cfg.get("time_embedding_type", "positional")
     if emb != "positional":
         raise FewstepError(f"{where}: time_embedding_type {emb!r} is not supported (fourier nets take σ, not a "
@@ -114,24 +129,27 @@ class DiffusersUNet(StepConditioned, nn.Module):
     block's `time_emb_proj`. `return_features=True` also returns the output of `feature_layer`
     (default: the last up block, the map the output layers read).
     """
+    KIND, CLASS, CONDITIONAL = "diffusers-unet2d", "UNet2DModel", False
+
     def __init__(self, unet: dict, resolution: int | None = None, in_channels: int | None = None,
                  out_channels: int | None = None, num_classes: int | None = None, dropout: float | None = None,
-                 step_condition: bool = False, feature_layer: str | None = None):
+                 step_condition: bool = False, feature_layer: str | None = None, context_dim: int | None = None):
         super().__init__()
         diffusers = require_diffusers()
-        cfg = check_unet_config(dict(unet))
+        cfg = check_unet_config(dict(unet), conditional=self.CONDITIONAL)
         if dropout is not None:
             cfg["dropout"] = float(dropout)
-        self.unet = diffusers.UNet2DModel.from_config(cfg)
-        cfg = check_unet_config(dict(self.unet.config))  # with diffusers' defaults filled in
+        self.unet = getattr(diffusers, self.CLASS).from_config(cfg)
+        # with diffusers' defaults filled in
+        cfg = check_unet_config(dict(self.unet.config), conditional=self.CONDITIONAL)
         given = {"resolution": resolution, "in_channels": in_channels, "out_channels": out_channels}
         have = {"resolution": cfg["sample_size"], "in_channels": cfg["in_channels"],
                 "out_channels": cfg["out_channels"]}
         for k, v in given.items():
             if v is not None and v != have[k]:
-                raise FewstepError(f"diffusers-unet2d config: {k}={v} differs from the UNet's own {have[k]}")
+                raise FewstepError(f"{self.KIND} config: {k}={v} differs from the UNet's own {have[k]}")
         if num_classes is not None and int(num_classes) != int(cfg.get("num_class_embeds") or 0):
-            raise FewstepError(f"diffusers-unet2d config: num_classes={num_classes} differs from the UNet's "
+            raise FewstepError(f"{self.KIND} config: num_classes={num_classes} differs from the UNet's "
                                f"num_class_embeds={cfg.get('num_class_embeds')}")
         modules = dict(self.named_modules())
         if feature_layer is None:
@@ -142,10 +160,12 @@ class DiffusersUNet(StepConditioned, nn.Module):
             names = [n for n in modules if n.count(".") <= 2 and n][:12]
             raise FewstepError(f"feature layer {feature_layer!r}: no such sub-module in this UNet2DModel "
                                f"(some names: {', '.join(names)}, ...)")
-        self.config = dict(type="diffusers-unet2d", unet=cfg, resolution=cfg["sample_size"],
+        self.config = dict(type=self.KIND, unet=cfg, resolution=cfg["sample_size"],
                            in_channels=cfg["in_channels"], out_channels=cfg["out_channels"],
                            num_classes=int(cfg.get("num_class_embeds") or 0), dropout=cfg.get("dropout", 0.0),
                            step_condition=False, feature_layer=feature_layer)
+        if self.CONDITIONAL:
+            self.config["context_dim"] = int(cfg["cross_attention_dim"])
         self.step_cond = None
         if step_condition:
             self.add_step_condition("zero" if step_condition is True else step_condition)
@@ -156,7 +176,19 @@ class DiffusersUNet(StepConditioned, nn.Module):
     def _step_block_layers(self) -> list:
         return [m.time_emb_proj for m in self.unet.modules() if getattr(m, "time_emb_proj", None) is not None]
 
-    def forward(self, x, t, step=None, class_labels=None, return_features=False):
+    def set_gradient_checkpointing(self, on: bool = True):
+        """Recompute the UNet's blocks in the backward pass instead of keeping their activations."""
+        if on:
+            self.unet.enable_gradient_checkpointing()
+        else:
+            self.unet.disable_gradient_checkpointing()
+
+    def _call_unet(self, x, t, class_labels, context):
+        if context is not None:
+            raise FewstepError("this network takes no text: it is not text-conditioned")
+        return self.unet(x, t, class_labels=class_labels).sample
+
+    def forward(self, x, t, step=None, class_labels=None, context=None, return_features=False):
         c = self.config
         if x.ndim != 4 or x.shape[1] != c["in_channels"]:
             raise FewstepError(f"UNet2DModel input: expected (N, {c['in_channels']}, H, W), got {tuple(x.shape)}")
@@ -177,13 +209,25 @@ class DiffusersUNet(StepConditioned, nn.Module):
             if tap is not None:
                 tap.__enter__()
             with self._block_step_context(step):
-                out = self.unet(x, t, class_labels=class_labels).sample
+                out = self._call_unet(x, t, class_labels, context)
         finally:
             if tap is not None:
                 tap.__exit__(None, None, None)
             for h in handles:
                 h.remove()
         return (out, tap.value) if return_features else out
+
+
+class DiffusersCondUNet(DiffusersUNet):
+    """A text-conditioned `UNet2DConditionModel` (Stable Diffusion's) behind the same interface: `context`
+    is the prompt embeddings it attends to (encoder_hidden_states), as fewstep.denoiser passes them."""
+
+    KIND, CLASS, CONDITIONAL = "diffusers-unet2d-cond", "UNet2DConditionModel", True
+
+    def _call_unet(self, x, t, class_labels, context):
+        if context is None:
+            raise FewstepError("this network is text-conditioned: it needs prompt embeddings")
+        return self.unet(x, t, encoder_hidden_states=context.to(x.dtype)).sample
 
 
 # ---- import -------------------------------------------------------------------------------------
@@ -210,21 +254,38 @@ def locate(src: Path) -> dict:
     index = None
     if (src / "model_index.json").is_file():
         index = _read_json(src / "model_index.json", "the pipeline's component list")
-        comps = {k: v for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2}
+        comps = {k: v for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2
+                 and v[0] is not None}
         pipe = index.get("_class_name", "?")
-        latent = [k for k in comps if k in LATENT_OR_TEXT and comps[k][0] is not None]
-        if latent:
-            raise FewstepError(f"{src / 'model_index.json'}: {pipe} has {', '.join(latent)}: a latent or "
-                               f"text-to-image pipeline; {SUPPORTED}")
-        if "unet" not in comps or comps["unet"][0] is None:
-            raise FewstepError(f"{src / 'model_index.json'}: {pipe} lists no unet (components: "
-                               f"{', '.join(comps) or 'none'}); {SUPPORTED}")
-        if comps["unet"][1] != "UNet2DModel":
-            raise FewstepError(f"{src / 'model_index.json'}: its unet is a {comps['unet'][1]}; {SUPPORTED}")
+        where = src / "model_index.json"
+        refused = [f"{k} ({UNSUPPORTED_COMPONENTS[k]})" for k in comps if k in UNSUPPORTED_COMPONENTS]
+        if refused:
+            raise FewstepError(f"{where}: {pipe} has {', '.join(refused)}, which fewstep does not run; {SUPPORTED}")
+        if "unet" not in comps:
+            raise FewstepError(f"{where}: {pipe} lists no unet (components: {', '.join(comps) or 'none'}); {SUPPORTED}")
+        unet_cls = comps["unet"][1]
+        codec = next((k for k in ("vae", "vqvae") if k in comps), None)
+        text = "text_encoder" in comps
+        if text and (unet_cls != "UNet2DConditionModel" or codec is None or "tokenizer" not in comps):
+            raise FewstepError(f"{where}: {pipe} pairs a text encoder with a {unet_cls}"
+                               f"{'' if codec else ' and no autoencoder'}; {SUPPORTED}")
+        if unet_cls == "UNet2DConditionModel" and not text:
+            raise FewstepError(f"{where}: {pipe}'s UNet2DConditionModel has no text encoder beside it; {SUPPORTED}")
+        if unet_cls not in ("UNet2DModel", "UNet2DConditionModel"):
+            raise FewstepError(f"{where}: its unet is a {unet_cls}; {SUPPORTED}")
         layout, unet_dir, sched = "pipeline", src / "unet", [src / "scheduler" / "scheduler_config.json"]
+        latent = {"codec": src / codec} if codec else None
+        if text:
+            latent.update(text_encoder=src / "text_encoder", tokenizer=src / "tokenizer")
     elif (src / "unet").is_dir() and (src / "scheduler").is_dir():
         layout, unet_dir, sched = "unet+scheduler", src / "unet", [src / "scheduler" / "scheduler_config.json"]
+        latent = None
+    elif any(src.glob("*lora*.safetensors")) and not (src / "config.json").is_file():
+        raise FewstepError(f"{src}: LoRA weights alone ({', '.join(p.name for p in src.glob('*lora*.safetensors'))}); "
+                           "fewstep imports whole models: load the LoRA into its base pipeline in diffusers, fuse it "
+                           "(pipe.fuse_lora()) and save_pretrained the result")
     else:
+        latent = None
         layout, unet_dir = "unet", src
         sched = [src / "scheduler_config.json", src / "scheduler" / "scheduler_config.json",
                  src.parent / "scheduler" / "scheduler_config.json"]
@@ -242,7 +303,7 @@ def locate(src: Path) -> dict:
                            "noise schedule a UNet was trained with is in the scheduler_config.json that "
                            "save_pretrained writes for its scheduler")
     return {"layout": layout, "unet_dir": unet_dir, "weights": weights, "scheduler_config": found[0],
-            "pipeline": None if index is None else index.get("_class_name")}
+            "pipeline": None if index is None else index.get("_class_name"), "latent": latent}
 
 
 def schedule_from_config(cfg: dict, where: str = "scheduler config"):
@@ -286,20 +347,24 @@ def schedule_from_config(cfg: dict, where: str = "scheduler config"):
 
 
 def denoiser_from_folder(src: Path, feature_layer: str | None = None):
-    """(Denoiser with the UNet's weights loaded key for key, where things were found, both configs)."""
+    """(Denoiser with the UNet's weights loaded key for key and, for a latent or text-to-image pipeline, its
+    autoencoder and text encoder attached; where things were found; both configs)."""
     require_diffusers()
 
 
     where = locate(src)
+    latent = where["latent"] or {}
+    text = "text_encoder" in latent
     unet_cfg = check_unet_config(_read_json(where["unet_dir"] / "config.json", "the UNet config"),
-                                 str(where["unet_dir"] / "config.json"))
+                                 str(where["unet_dir"] / "config.json"), conditional=text)
     if unet_cfg["out_channels"] != unet_cfg["in_channels"]:
         raise FewstepError(f"{where['unet_dir'] / 'config.json'}: out_channels={unet_cfg['out_channels']} differs "
-                           f"from in_channels={unet_cfg['in_channels']} (a learned-variance output?); supported: "
-                           "networks that predict one image (ε, v or x0)")
+                           f"from in_channels={unet_cfg['in_channels']} (a learned-variance output, or an "
+                           "inpainting UNet's masked-image input?); supported: networks that predict one image or "
+                           "latent (ε, v or x0) from it alone")
     sched_cfg = _read_json(where["scheduler_config"], "the scheduler config")
     alpha_bar, param, table = schedule_from_config(sched_cfg, str(where["scheduler_config"]))
-    net = DiffusersUNet(unet=unet_cfg, feature_layer=feature_layer)
+    net = (DiffusersCondUNet if text else DiffusersUNet)(unet=unet_cfg, feature_layer=feature_layer)
     try:
         sd = load_file(str(where["weights"]), device="cpu")
     except Exception as e:  # safetensors raises its own error types for malformed files
@@ -311,7 +376,25 @@ def denoiser_from_folder(src: Path, feature_layer: str | None = None):
         raise FewstepError(f"{where['weights']}: the weights do not fit the UNet2DModel of its config.json: "
                            f"{str(e).strip().splitlines()[-1][:300]}") from None
     den = Denoiser(net, Schedule.discrete(alpha_bar, table_name=f"diffusers:{table}"), param).eval()
+    if "codec" in latent:
+        entry = LatentCodec.describe(latent["codec"])
+        if entry["latent_channels"] != unet_cfg["in_channels"]:
+            raise FewstepError(f"{latent['codec']}: the autoencoder's {entry['latent_channels']} latent channels do "
+                               f"not match the UNet's in_channels={unet_cfg['in_channels']}")
+        den.codec = LatentCodec(latent["codec"], {**entry, "sha256": folder_digest(latent["codec"])})
+    if text:
+        entry = TextEncoder.describe(latent["text_encoder"], latent["tokenizer"])
+        if entry["hidden_size"] != unet_cfg["cross_attention_dim"]:
+            raise FewstepError(f"{latent['text_encoder']}: its hidden size {entry['hidden_size']} does not match the "
+                               f"UNet's cross_attention_dim={unet_cfg['cross_attention_dim']}")
+        den.text = TextEncoder(latent["text_encoder"], {**entry, "sha256": folder_digest(latent["text_encoder"])},
+                               latent["tokenizer"])
+        den.guidance = DEFAULT_GUIDANCE
     return den, where, unet_cfg, {k: _plain(v) for k, v in sched_cfg.items()}
+
+
+# StableDiffusionPipeline's default classifier-free guidance scale
+DEFAULT_GUIDANCE = 7.5
 
 
 def default_sampler() -> dict:
@@ -371,6 +454,13 @@ def import_diffusers(src: Path, out: Path, feature_layer: str | None = None) -> 
             "sampler": scheduler_sampler(sched_cfg), "teacher": None,
             "data": {"kind": "image", "shape": [net["in_channels"], net["resolution"], net["resolution"]],
                      "name": f"diffusers:{src.resolve().name}", "num_classes": net["num_classes"]}}
+    if den.codec is not None:  # samples are images of the autoencoder's size; the network's are latents
+        e = den.codec.entry
+        size = net["resolution"] * e["downsampling"]
+        card["data"].update(shape=[e["image_channels"], size, size],
+                            latent_shape=[net["in_channels"], net["resolution"], net["resolution"]])
+    if den.text is not None:
+        card["text"] = {"negative_prompt": ""}
     return save_checkpoint(out, den, card)
 
 
@@ -436,9 +526,28 @@ def _write_custom_net(net, kind: str, folder: Path) -> list:
 
 
 def _write_diffusers_unet(net: DiffusersUNet, folder: Path) -> list:
-    """Save the UNet2DModel (a step condition already folded into its biases: a plain UNet2DModel)."""
+    """Save the UNet (a step condition already folded into its biases: a plain UNet2DModel or
+    UNet2DConditionModel)."""
     copy.deepcopy(net.unet).float().cpu().eval().save_pretrained(str(folder), safe_serialization=True)
-    return ["diffusers", "UNet2DModel"]
+    return ["diffusers", net.CLASS]
+
+
+def _write_components(den, folder: Path) -> tuple[dict, dict]:
+    """A latent or text model's frozen parts, copied into the export as diffusers lays them out: (the
+    model_index entries, what the sampler needs of them)."""
+    index, spec = {}, {}
+    if den.codec is not None:
+        shutil.copytree(den.codec.folder, folder / "vae")
+        index["vae"] = ["diffusers", den.codec.entry["class"]]
+        spec["latent"] = {"scaling_factor": den.codec.entry["scaling_factor"], "kind": den.codec.entry["kind"],
+                          "batch": COMPONENT_BATCH}
+    if den.text is not None:
+        shutil.copytree(den.text.folder, folder / "text_encoder")
+        shutil.copytree(den.text.tokenizer_folder, folder / "tokenizer")
+        index.update(text_encoder=["transformers", den.text.entry["class"]],
+                     tokenizer=["transformers", "CLIPTokenizer"])
+        spec["text"] = {"guidance": den.guidance, "negative_prompt": den.negative_prompt, "batch": COMPONENT_BATCH}
+    return index, spec
 
 
 def _fold_for_export(net, step: int | None) -> tuple[nn.Module, dict | None]:
@@ -505,9 +614,10 @@ def export_diffusers(model, out: Path, nfe: int | None = None) -> Path:
                            f"{', '.join(EXPORT_SOLVERS)} (the samplers of SFD, SFDDM and progressive students and "
                            "of fewstep's teachers)")
     kind = den.net.config.get("type")
-    if kind != "diffusers-unet2d" and kind not in CUSTOM_NETS:
+    diffusers_net = kind in ("diffusers-unet2d", "diffusers-unet2d-cond")
+    if not diffusers_net and kind not in CUSTOM_NETS:
         raise FewstepError(f"export: network type {kind!r} cannot be exported; supported: diffusers-unet2d, "
-                           f"{', '.join(CUSTOM_NETS)}")
+                           f"diffusers-unet2d-cond, {', '.join(CUSTOM_NETS)}")
     step = plan["step"] if den.has_step_condition else None
     if den.has_step_condition and step is None:
         step = len(plan["sigmas"])
@@ -515,10 +625,11 @@ def export_diffusers(model, out: Path, nfe: int | None = None) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         net, folded = _fold_for_export(den.net, step)
-        if kind == "diffusers-unet2d":
+        if diffusers_net:
             component = _write_diffusers_unet(net, tmp / "unet")
         else:
             component = _write_custom_net(net, kind, tmp / "unet")
+        parts, part_spec = _write_components(den, tmp)
         shape = list(sample_shape(card))
         data = card.get("data") or {}
         sampler = {
@@ -530,7 +641,8 @@ def export_diffusers(model, out: Path, nfe: int | None = None) -> Path:
             "sigma_data": float(den.schedule.sigma_data),
             "time_input": time_input_spec(den), "time_inputs": _grid_time_inputs(den, plan["sigmas"]),
             "step_condition": folded,
-            "sample_shape": shape, "num_classes": den.num_classes,
+            "sample_shape": shape, "num_classes": 0 if den.text is not None else den.num_classes,
+            "image_shape": list(data.get("shape") or shape), **part_spec,
             "image": data.get("kind", "image" if len(shape) == 3 else "toy") == "image" and len(shape) == 3,
             "network": {"type": kind, "component": component},
             "model": {"method": (card.get("method") or {}).get("name"), "fewstep_version": card.get("fewstep_version"),
@@ -538,7 +650,7 @@ def export_diffusers(model, out: Path, nfe: int | None = None) -> Path:
                       "teacher": card.get("teacher"), "data": data.get("name")},
         }
         index = {"_class_name": ["pipeline", "FewstepPipeline"], "_diffusers_version": diffusers.__version__,
-                 "unet": component, "sampler": sampler}
+                 "unet": component, **parts, "sampler": sampler}
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         shutil.copyfile(PIPELINE_SOURCE, tmp / "pipeline.py")
         (tmp / "README.md").write_text(_readme(sampler, ckpt.path))

@@ -24,10 +24,38 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 
 
 class FewstepPipeline(DiffusionPipeline):
-    def __init__(self, unet, sampler: dict | None = None):
+    # a latent model's autoencoder, a text-to-image model's text encoder and tokenizer; absent otherwise
+    _optional_components = ["vae", "text_encoder", "tokenizer"]
+
+    def __init__(self, unet, sampler: dict | None = None, vae=None, text_encoder=None, tokenizer=None):
         super().__init__()
-        self.register_modules(unet=unet)
+        self.register_modules(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
         self.register_to_config(sampler=sampler)
+        self._context = self._negative = None
+        self._guidance = 1.0
+
+    # ---- text and latents (as fewstep.components and fewstep.denoiser do them) ----------------------------
+    def encode_prompts(self, prompts: list) -> torch.Tensor:
+        """The text encoder's last hidden state of each prompt, padded to the tokenizer's max length, in
+        batches of the export's size."""
+        tok, enc, out = self.tokenizer, self.text_encoder, []
+        step = self.spec["text"]["batch"]
+        for i in range(0, len(prompts), step):
+            ids = tok(list(prompts[i:i + step]), padding="max_length", max_length=tok.model_max_length,
+                      truncation=True, return_tensors="pt")
+            mask = ids.attention_mask.to(self.device) if getattr(enc.config, "use_attention_mask", False) else None
+            out.append(enc(ids.input_ids.to(self.device), attention_mask=mask)[0].float())
+        return torch.cat(out)
+
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        lat = self.spec.get("latent")
+        if lat is None:
+            return z
+        out, step = [], lat["batch"]
+        for i in range(0, len(z), step):
+            part = z[i:i + step].to(self.device, self.vae.dtype) / lat["scaling_factor"]
+            out.append(self.vae.decode(part).sample.float().to(z.device))
+        return torch.cat(out)
 
     # ---- the denoiser D(x, σ) -> x0 ---------------------------------------------------------------
     @property
@@ -86,7 +114,17 @@ class FewstepPipeline(DiffusionPipeline):
         # the network runs in the dtype it was loaded in (torch_dtype=...); the solver's arithmetic in float32
         x_in = (x * b(c_in)).to(self.unet.dtype)
         t = self.time_input(sigma) if t is None else torch.full((x.shape[0],), float(t), device=x.device)
-        if spec["network"]["type"] == "diffusers-unet2d":
+        if spec["network"]["type"] == "diffusers-unet2d-cond":
+            context = self._context[class_labels].to(x.device, self.unet.dtype)
+            if self._guidance == 1.0:
+                raw = self.unet(x_in, t, encoder_hidden_states=context).sample
+            else:  # classifier-free guidance, both halves in one call
+                negative = self._negative.to(x.device, self.unet.dtype).expand(x.shape[0], -1, -1)
+                both = self.unet(torch.cat([x_in, x_in]), torch.cat([t, t]),
+                                 encoder_hidden_states=torch.cat([negative, context])).sample.to(x.dtype)
+                uncond, cond = both.chunk(2)
+                raw = uncond + self._guidance * (cond - uncond)
+        elif spec["network"]["type"] == "diffusers-unet2d":
             raw = self.unet(x_in, t, class_labels=class_labels).sample
         else:
             raw = self.unet(x_in, t, class_labels=class_labels)
@@ -179,8 +217,12 @@ class FewstepPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, seed: int | None = None, generator: torch.Generator | None = None,
                  noise: torch.Tensor | None = None, class_labels=None, output_type: str = "pil",
-                 return_dict: bool = True, chunk_size: int = 500):
+                 return_dict: bool = True, chunk_size: int = 500, prompt=None, negative_prompt: str | None = None,
+                 guidance_scale: float | None = None):
         """Sample `batch_size` images (or `len(noise)`).
+
+        prompt (text-to-image models): one prompt or a list, sample i taking prompt i mod their number;
+        guidance_scale and negative_prompt default to the model's (a distilled student: 1, the prompt alone).
 
         noise: unit Gaussian initial noise of shape (N, *sample_shape); else drawn from `seed` as
         `fewstep sample --seed` draws it, else from `generator`. DDPM's per-step noise comes from
@@ -198,7 +240,18 @@ class FewstepPipeline(DiffusionPipeline):
         n = len(noise)
         labels = None
         k = spec["num_classes"]
-        if k:
+        if "text" in spec:
+            if prompt is None:
+                raise ValueError("this model is text-conditioned: pass prompt=...")
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            text = spec["text"]
+            emb = self.encode_prompts(prompts + [text["negative_prompt"] if negative_prompt is None else negative_prompt])
+            self._context, self._negative = emb[:-1], emb[-1:]
+            self._guidance = float(text["guidance"] if guidance_scale is None else guidance_scale)
+            labels = torch.arange(n) % len(prompts)
+        elif prompt is not None:
+            raise ValueError("prompt was given, but this model is not text-conditioned")
+        elif k:
             if class_labels is None:
                 gen = torch.Generator().manual_seed(seed + 2) if seed is not None else generator
                 labels = torch.randint(k, (n,), generator=gen)
@@ -221,7 +274,7 @@ class FewstepPipeline(DiffusionPipeline):
         for i in range(0, n, chunk_size):
             x = noise[i:i + chunk_size].to(device) * scale
             lab = None if labels is None else labels[i:i + chunk_size].to(device)
-            out.append((self._solve(x, lab, step_gen) / end).float().cpu())
+            out.append(self.decode_latents(self._solve(x, lab, step_gen) / end).float().cpu())
         x = torch.cat(out)
         if output_type == "raw":
             images = x
@@ -249,6 +302,14 @@ def load_pipeline(folder) -> FewstepPipeline:
     """The pipeline of an export folder, without diffusers' dynamic-module loader."""
     folder = Path(folder)
     index = json.loads((folder / "model_index.json").read_text())
+    parts = {}
+    for name in ("vae", "text_encoder", "tokenizer"):
+        if name in index:
+            library, cls = index[name]
+            lib = importlib.import_module(library)
+            parts[name] = getattr(lib, cls).from_pretrained(str(folder / name))
+            if hasattr(parts[name], "eval"):
+                parts[name].eval()
     library, name = index["unet"]
     if library == "diffusers":
         import diffusers
@@ -262,7 +323,7 @@ def load_pipeline(folder) -> FewstepPipeline:
         sys.modules[mod_name] = module
         spec.loader.exec_module(module)
         unet = getattr(module, name).from_pretrained(str(folder / "unet"))
-    return FewstepPipeline(unet=unet.eval(), sampler=index["sampler"])
+    return FewstepPipeline(unet=unet.eval(), sampler=index["sampler"], **parts)
 
 
 __all__ = ["FewstepPipeline", "load_pipeline"]

@@ -18,7 +18,9 @@ def foreign_kind(path: str | Path) -> str | None:
     if p.is_dir() and not (p / "fewstep.json").exists() and (
             (p / "model_index.json").is_file() or ((p / "unet").is_dir() and (p / "scheduler").is_dir())
             # any weights file, so that pickled .bin weights reach the importer's clear refusal
-            or ((p / "config.json").is_file() and any(p.glob("diffusion_pytorch_model*")))):
+            or ((p / "config.json").is_file() and any(p.glob("diffusion_pytorch_model*")))
+            # LoRA weights alone, so that they reach the importer's refusal
+            or any(p.glob("*lora*.safetensors"))):
         return "diffusers"
     return None
 

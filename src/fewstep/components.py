@@ -1,0 +1,271 @@
+"""The frozen parts of a latent or text-conditioned model beside its denoising network: the autoencoder
+between images and latents (a diffusers AutoencoderKL or VQModel) and the text encoder with its tokenizer (a
+transformers CLIPTextModel and CLIPTokenizer).
+
+Each lives in a sub-folder of the checkpoint (`vae/`, `text_encoder/`, `tokenizer/`, as diffusers lays them
+out; safetensors only), is named with its content hash on the card (`components`), is loaded on first use,
+and is never trained: a student shares its teacher's (a deep copy of a denoiser keeps the same component
+object, and saving a student links the folders into its checkpoint, or copies them across file systems).
+
+Latents follow diffusers' pipelines: an image x in [-1, 1] encodes to z = scaling_factor · E(x) (the
+AutoencoderKL posterior's mean, a VQModel's pre-quantisation latents) and a latent decodes as D(z /
+scaling_factor) (a VQModel quantises first, as LDMPipeline decodes). Prompts follow StableDiffusionPipeline:
+padded to the tokenizer's max length, the encoder's last hidden state.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from fewstep.errors import FewstepError
+
+CODEC_KINDS = {"AutoencoderKL": "autoencoderkl", "VQModel": "vqmodel"}
+ENCODER_KINDS = {"CLIPTextModel": "clip"}
+# the batch components run in (their memory, not the model's, bounds it)
+COMPONENT_BATCH = 16
+
+
+def require(package: str, extra: str):
+    """An optional package, or one line naming the extra that installs it."""
+    try:
+        return __import__(package)
+    except ImportError:
+        raise FewstepError(f"this model needs the optional package {package}: pip install 'fewstep[{extra}]'") from None
+
+
+def folder_digest(folder: Path) -> str:
+    """sha256 over a component folder's files (names and contents), in name order."""
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(p.relative_to(folder).as_posix().encode() + b"\0")
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+def check_safetensors_only(folder: Path, what: str):
+    if not any(folder.glob("*.safetensors")):
+        found = ", ".join(sorted(p.name for p in folder.iterdir() if p.is_file())) or "nothing"
+        raise FewstepError(f"{folder}: no safetensors weights for the {what} (found: {found}); fewstep reads "
+                           "safetensors only (pickled .bin files are never loaded; re-save with "
+                           "save_pretrained(..., safe_serialization=True))")
+
+
+class Component:
+    """A frozen part of a model, in a folder, loaded on first use and shared by every copy of the model."""
+
+    def __init__(self, folder: Path, entry: dict):
+        self.folder, self.entry = Path(folder), dict(entry)
+        self._module, self.device, self.dtype = None, torch.device("cpu"), torch.float32
+
+    def __deepcopy__(self, memo):
+        return self  # frozen: a student's copy of its teacher shares it
+
+    @property
+    def module(self):
+        if self._module is None:
+            module = self._load().to(self.device)
+            self._module = (module if self.dtype == torch.float32 else module.to(self.dtype)).eval().requires_grad_(False)
+        return self._module
+
+    def to(self, device=None, dtype=None):
+        self.device = torch.device(device) if device is not None else self.device
+        self.dtype = dtype or self.dtype
+        if self._module is not None:
+            self._module.to(self.device)
+            if self.dtype != torch.float32:
+                self._module.to(self.dtype)
+        return self
+
+    def _load(self):
+        raise NotImplementedError
+
+
+class LatentCodec(Component):
+    """Images ↔ latents (see the module's docstring)."""
+
+    @classmethod
+    def describe(cls, folder: Path, image_resolution: int | None = None) -> dict:
+        """The card entry of an autoencoder folder, checked: kind, scaling factor, channels."""
+        cfg = _read_config(folder / "config.json", "the autoencoder config")
+        kind = CODEC_KINDS.get(cfg.get("_class_name"))
+        if kind is None:
+            raise FewstepError(f"{folder}: autoencoder {cfg.get('_class_name')!r}; supported: {', '.join(CODEC_KINDS)}")
+        check_safetensors_only(folder, "autoencoder")
+        down = len(cfg.get("block_out_channels") or [1]) - 1
+        return {"kind": kind, "class": cfg["_class_name"], "scaling_factor": float(cfg.get("scaling_factor") or 1.0),
+                "latent_channels": int(cfg.get("latent_channels", 4)), "image_channels": int(cfg.get("out_channels", 3)),
+                "downsampling": 2 ** down}
+
+    def _load(self):
+        diffusers = require("diffusers", "diffusers")
+        cls = getattr(diffusers, self.entry["class"])
+        try:
+            return cls.from_pretrained(self.folder, use_safetensors=True, local_files_only=True)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise FewstepError(f"{self.folder}: cannot load the autoencoder ({str(e).splitlines()[0]})") from None
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        vae, s = self.module, self.entry["scaling_factor"]
+        out = []
+        for i in range(0, len(images), COMPONENT_BATCH):
+            x = images[i:i + COMPONENT_BATCH].to(self.device, self.dtype)
+            enc = vae.encode(x)
+            z = enc.latent_dist.mean if self.entry["kind"] == "autoencoderkl" else enc.latents
+            out.append((z * s).float().cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae, s = self.module, self.entry["scaling_factor"]
+        out = []
+        for i in range(0, len(latents), COMPONENT_BATCH):
+            z = latents[i:i + COMPONENT_BATCH].to(self.device, self.dtype) / s
+            out.append(vae.decode(z).sample.float().to(latents.device))
+        return torch.cat(out)
+
+
+class TextEncoder(Component):
+    """Prompts → the conditioning a text-to-image network attends to (see the module's docstring); its
+    folder is the encoder's, `entry["tokenizer"]` names the tokenizer's folder beside it."""
+
+    @classmethod
+    def describe(cls, encoder: Path, tokenizer: Path) -> dict:
+        cfg = _read_config(encoder / "config.json", "the text encoder config")
+        arch = (cfg.get("architectures") or [None])[0]
+        if arch not in ENCODER_KINDS:
+            raise FewstepError(f"{encoder}: text encoder {arch!r}; supported: {', '.join(ENCODER_KINDS)}")
+        check_safetensors_only(encoder, "text encoder")
+        if not tokenizer.is_dir() or not any(tokenizer.iterdir()):
+            raise FewstepError(f"{tokenizer}: the tokenizer's files are missing")
+        return {"kind": ENCODER_KINDS[arch], "class": arch, "hidden_size": int(cfg.get("hidden_size", 768)),
+                "max_length": int(cfg.get("max_position_embeddings", 77))}
+
+    def __init__(self, folder: Path, entry: dict, tokenizer_folder: Path):
+        super().__init__(folder, entry)
+        self.tokenizer_folder = Path(tokenizer_folder)
+        self._tokenizer = None
+
+    def _load(self):
+        transformers = require("transformers", "text")
+        transformers.utils.logging.disable_progress_bar()
+        try:
+            return getattr(transformers, self.entry["class"]).from_pretrained(
+                self.folder, use_safetensors=True, local_files_only=True)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise FewstepError(f"{self.folder}: cannot load the text encoder ({str(e).splitlines()[0]})") from None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            transformers = require("transformers", "text")
+            try:
+                self._tokenizer = transformers.CLIPTokenizer.from_pretrained(self.tokenizer_folder,
+                                                                             local_files_only=True)
+            except (OSError, ValueError) as e:
+                raise FewstepError(f"{self.tokenizer_folder}: cannot load the tokenizer "
+                                   f"({str(e).splitlines()[0]})") from None
+        return self._tokenizer
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """(len(prompts), max length, hidden size), float32 on the component's device."""
+        tok, enc = self.tokenizer, self.module
+        out = []
+        for i in range(0, len(prompts), COMPONENT_BATCH):
+            ids = tok(list(prompts[i:i + COMPONENT_BATCH]), padding="max_length", max_length=tok.model_max_length,
+                      truncation=True, return_tensors="pt")
+            mask = ids.attention_mask.to(self.device) if getattr(enc.config, "use_attention_mask", False) else None
+            out.append(enc(ids.input_ids.to(self.device), attention_mask=mask)[0].float())
+        return torch.cat(out)
+
+
+def _read_config(path: Path, what: str) -> dict:
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FewstepError(f"{path}: missing ({what})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise FewstepError(f"{path}: not a readable JSON object ({what}: {e})") from None
+    if not isinstance(cfg, dict):
+        raise FewstepError(f"{path}: expected a JSON object ({what})")
+    return cfg
+
+
+PROMPTS_FILE = Path(__file__).parent / "assets" / "prompts.txt"
+
+
+def default_prompts() -> list[str]:
+    """fewstep's shipped prompts for distilling a text-to-image teacher: everyday scenes, objects, animals,
+    people, places and styles, one a line."""
+    return [line.strip() for line in PROMPTS_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# ---- in a checkpoint folder -------------------------------------------------------------------------------
+
+FOLDERS = {"vae": "vae", "text_encoder": "text_encoder", "tokenizer": "tokenizer"}
+
+
+def components_from_card(card: dict, path: Path) -> tuple[LatentCodec | None, TextEncoder | None]:
+    """The components a card names, from the checkpoint folder `path` (loaded when first used)."""
+    entries = card.get("components") or {}
+    codec = text = None
+    if "vae" in entries:
+        codec = LatentCodec(path / entries["vae"]["folder"], entries["vae"])
+    if "text_encoder" in entries:
+        text = TextEncoder(path / entries["text_encoder"]["folder"], entries["text_encoder"],
+                           path / entries["tokenizer"]["folder"])
+    for name, entry in entries.items():
+        if not (path / entry["folder"]).is_dir():
+            raise FewstepError(f"{path}: its card names the {name} in {entry['folder']}/, which is missing")
+    return codec, text
+
+
+def place_components(out_dir: Path, codec: LatentCodec | None, text: TextEncoder | None) -> dict:
+    """Put the components' folders into a checkpoint folder (hard links where the file system allows, else
+    copies; a folder already there with the same content is kept) and return the card's `components`."""
+    entries = {}
+    parts = []
+    if codec is not None:
+        parts.append(("vae", codec.folder, codec.entry))
+    if text is not None:
+        parts.append(("text_encoder", text.folder, text.entry))
+        parts.append(("tokenizer", text.tokenizer_folder, {"folder": FOLDERS["tokenizer"]}))
+    for name, src, entry in parts:
+        dst = Path(out_dir) / FOLDERS[name]
+        digest = entry.get("sha256") or folder_digest(src)
+        if src.resolve() != dst.resolve():
+            if dst.exists() and not _same_files(src, dst):
+                shutil.rmtree(dst)
+            if not dst.exists():
+                _link_tree(src, dst)
+        entries[name] = {**entry, "folder": FOLDERS[name], "sha256": digest}
+    return entries
+
+
+def _same_files(a: Path, b: Path) -> bool:
+    """The same file names and sizes (a run's later checkpoints find the folders its first one placed)."""
+    def listing(folder):
+        return sorted((p.relative_to(folder).as_posix(), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
+    return listing(a) == listing(b)
+
+
+def _link_tree(src: Path, dst: Path):
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    def link_or_copy(a, b):
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+    shutil.copytree(src, tmp, copy_function=link_or_copy)
+    os.replace(tmp, dst)
