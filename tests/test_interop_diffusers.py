@@ -15,7 +15,7 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import (DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler,  # noqa: E402
                        DPMSolverMultistepScheduler, UNet2DModel)
 
-from fewstep.checkpoint import save_checkpoint  # noqa: E402
+from fewstep.checkpoint import LOCK_NAME, RunLock, save_checkpoint  # noqa: E402
 from fewstep.models import load_model  # noqa: E402
 from fewstep.cli import main  # noqa: E402
 from test_cli import run  # noqa: E402  (cli.main in-process, returning the exit status)
@@ -460,6 +460,27 @@ def test_export_refuses_an_unsupported_sampler_and_a_used_folder(imported, tmp_p
         export_diffusers(imported["eps"], tmp_path / "used")
     with pytest.raises(FewstepError, match="a file of that name exists"):
         export_diffusers(imported["eps"], tmp_path / "used" / "x")
+
+
+def test_a_killed_exports_leftovers_are_removed_and_a_live_ones_kept(imported, tmp_path):
+    killed = tmp_path / ".out.export-killed"  # as a kill -9 leaves it: half a folder, its lock released
+    killed.mkdir()
+    (killed / LOCK_NAME).write_text("123")
+    (killed / "model_index.json").write_text("{")
+    live = tmp_path / ".out.export-live"
+    live.mkdir()
+    held = RunLock(live).acquire()
+    ck = load_model(imported["eps"])
+    model = tmp_path.parent / f"{tmp_path.name}-model"
+    save_checkpoint(model, ck.denoiser, {**{k: ck.card[k] for k in ("method", "teacher", "data")},
+                                         "sampler": {"name": "dpmpp2m", "nfe": 4}})
+    try:
+        export_diffusers(model, tmp_path / "out")
+        assert not killed.exists() and live.exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".out.export-live", "out"]
+        assert not (tmp_path / "out" / LOCK_NAME).exists()
+    finally:
+        held.release()
 
 
 @pytest.mark.parametrize("sched", [{"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},

@@ -108,7 +108,8 @@ class LatentCodec(Component):
         diffusers = require("diffusers", "diffusers")
         cls = getattr(diffusers, self.entry["class"])
         try:
-            return cls.from_pretrained(self.folder, use_safetensors=True, local_files_only=True)
+            return cls.from_pretrained(self.folder, use_safetensors=True, local_files_only=True,
+                                       low_cpu_mem_usage=False)  # the same without the `accelerate` package
         except (OSError, ValueError, RuntimeError) as e:
             raise FewstepError(f"{self.folder}: cannot load the autoencoder ({str(e).splitlines()[0]})") from None
 

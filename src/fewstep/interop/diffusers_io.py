@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import fewstep.nets
-from fewstep.checkpoint import load_checkpoint, save_checkpoint, sha256_file
+from fewstep.checkpoint import LOCK_NAME, RunLock, load_checkpoint, save_checkpoint, sha256_file
 from fewstep.components import COMPONENT_BATCH, LatentCodec, TextEncoder, folder_digest
 from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
@@ -595,7 +595,6 @@ def export_diffusers(model, out: Path, nfe: int | None = None) -> Path:
     require_diffusers()
     import diffusers
 
-
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FewstepError(f"--out {out}: a file of that name exists; expected a new folder")
@@ -622,7 +621,10 @@ def export_diffusers(model, out: Path, nfe: int | None = None) -> Path:
     if den.has_step_condition and step is None:
         step = len(plan["sigmas"])
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    remove_stale_exports(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    # held while the folder is built, so that another export never takes it for a killed one's leftovers
+    lock = RunLock(tmp).acquire()
     try:
         net, folded = _fold_for_export(den.net, step)
         if diffusers_net:
@@ -658,10 +660,29 @@ def export_diffusers(model, out: Path, nfe: int | None = None) -> Path:
         if out.exists():
             out.rmdir()
         tmp.rename(out)
+        (out / LOCK_NAME).unlink()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        lock.release()
     return out
+
+
+def remove_stale_exports(out: Path) -> list[Path]:
+    """Delete the half-built folders that killed exports to `out` left beside it: those whose lock no live
+    process holds (an export in progress holds its own)."""
+    removed = []
+    for d in out.parent.glob(f".{out.name}.export-*"):
+        if not (d / LOCK_NAME).is_file():
+            continue
+        try:
+            RunLock(d).acquire().release()
+        except (FewstepError, OSError):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
 
 
 def _share(folder: Path) -> None:
