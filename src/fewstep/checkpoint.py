@@ -284,7 +284,10 @@ def plain_load_refusal(e: Exception) -> str:
         return f"it names {m.group(1)}, which is not a tensor or plain container"
     if "Weights only load failed" in text:
         return "it holds objects other than tensors and plain containers"
-    return text.splitlines()[0] if text else type(e).__name__
+    if not text:
+        return type(e).__name__
+    # the first sentence: torch's internal error messages go on with paragraphs of advice
+    return re.split(r"(?<=[a-z0-9)])\. ", text.splitlines()[0])[0].rstrip(".")
 
 
 def load_train_state(out_dir: str | Path) -> dict:
