@@ -19,8 +19,9 @@ def register(sub):
                        description="Runs the teacher reference, training-free solvers and every distillation "
                                    "method on one teacher with fixed seeds. Finished work in --out is reused.")
     b.add_argument("--preset", default=None, choices=list(PRESETS),
-                   help="toy: 2-D gmm8 (about 30 min on 2 CPU cores); digits: the full table (about 1 h); "
-                        "mnist: the 16x16 MNIST teacher, with a long SFDDM run (about 2 h); demo: the quick tour")
+                   help="toy: 2-D gmm8 (about 30 min on 2 CPU cores); digits: the full table with every SFD recipe "
+                        "setting trained both ways (hours); mnist: the same on the 16x16 MNIST teacher, with a long "
+                        "SFDDM run (hours); demo: the quick tour")
     b.add_argument("--teacher", default=None, help="teacher checkpoint (overrides the preset's)")
     b.add_argument("--data", default=None, help="data set the teacher models (needed without a preset)")
     b.add_argument("--resolution", type=int, default=None)
