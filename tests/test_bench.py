@@ -57,7 +57,8 @@ def test_every_method_gets_a_row_with_quality_and_timing(bench_run):
             p = r["paired"]["rmse"]
             assert 0 < p["ci_low"] < p["mean"] < p["ci_high"] and r["paired"]["n"] == 400, key
     # the recipe's other values: the same run with one setting changed
-    assert rows["sfd-2~grad-clip"]["budget"] == rows["sfd-2"]["budget"]
+    assert rows["sfd-2~grad-clip"]["budget"] == {**rows["sfd-2"]["budget"], "grad_clip": 1.0}
+    assert rows["sfd-2"]["budget"]["grad_clip"] is None
     clipped = json.loads((out / "models" / "sfd-2~grad-clip" / "config.json").read_text())["train"]
     assert clipped["grad_clip"] == 1.0
     assert json.loads((out / "models" / "sfd-2" / "config.json").read_text())["train"]["grad_clip"] is None
@@ -110,6 +111,9 @@ def test_rerun_reuses_models_and_rows(bench_run, tiny_gmm8_teacher):
     with pytest.raises(FewstepError, match="sfddm-4-trailing-random was distilled with .*'iterations': 20.* "
                                            "asks for .*'iterations': 21"):
         Bench(tiny_spec(tiny_gmm8_teacher, methods=["sfddm"], sfddm_iters=21), out, progress=False).run()
+    # ... nor one distilled with another gradient clip (SFD's default changing under a finished bench)
+    with pytest.raises(FewstepError, match="sfd-2 was distilled with .*'grad_clip': None.* asks for .*'grad_clip': 0.5"):
+        Bench(tiny_spec(tiny_gmm8_teacher, methods=["sfd"], sfd_grad_clip=0.5), out, progress=False).run()
     assert {p: p.stat().st_mtime_ns for p in models} == models
 
 

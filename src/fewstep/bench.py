@@ -358,8 +358,9 @@ class Bench:
         return load_dataset(self.spec.data, self.spec.resolution, split="train", seed=self.split_seed)
 
     def finished(self, path: Path, budget: dict) -> bool:
-        """A finished model made with this budget. One made with another budget is never reused or
-        overwritten silently: that is an error naming both."""
+        """A finished model made with this budget (iterations, batch, lr, and the gradient clip where the budget
+        names one). One made with another budget is never reused or overwritten silently: that is an error
+        naming both."""
         try:
             card = read_card(path)
         except FewstepError:
@@ -367,9 +368,12 @@ class Bench:
         training = card.get("training") or {}
         if not training.get("finished"):
             return False
-        lr = json.loads((path / "config.json").read_text())["train"]["lr"] if (path / "config.json").is_file() else None
-        made = {"iterations": training.get("iterations"), "batch": training.get("batch"), "lr": lr}
-        asked = {k: budget[k] for k in ("iterations", "batch", "lr")}
+        train = json.loads((path / "config.json").read_text())["train"] if (path / "config.json").is_file() else {}
+        made = {"iterations": training.get("iterations"), "batch": training.get("batch"), "lr": train.get("lr"),
+                "grad_clip": train.get("grad_clip")}
+        # a budget names the gradient clip where the method's rows differ in it (SFD's recipe)
+        asked = {k: budget[k] for k in made if k in budget}
+        made = {k: made[k] for k in asked}
         if made != asked:
             raise FewstepError(f"{path} was distilled with {made}, but this bench asks for {asked}; "
                                "delete that folder to distil it again, or choose another --out")

@@ -616,7 +616,7 @@ class SFDRow(Row):
             factor = setting.factor if setting.factor is not None else factor
             lr = setting.lr if setting.lr is not None else lr
         return {"iterations": iterations_for(round(s.sfd_trajectories * factor), s.sfd_batch), "batch": s.sfd_batch,
-                "lr": lr}
+                "lr": lr, "grad_clip": self.grad_clip(bench)}
 
     def grad_clip(self, bench) -> float | None:
         setting = self.setting
@@ -640,7 +640,7 @@ class SFDRow(Row):
             nfe = [self.nfe] if self.method == "sfd" else list(s.sfdv_nfe)
             method = SFD(bench.teacher, self.config(nfe=nfe), teacher_ref=teacher_reference(bench.teacher.path),
                          trajectory_cache=bench.trajectory_cache)
-        bench.train(method, path, budget, "step", grad_clip=self.grad_clip(bench))
+        bench.train(method, path, budget, "step", grad_clip=budget["grad_clip"])
         return path
 
     def distill_seconds(self, bench, card: dict) -> float:
