@@ -132,6 +132,14 @@ def test_bench_nfe_flag_sets_the_solvers_and_sfd_alike():
     assert _spec(parser.parse_args(["bench", "--preset", "demo", "--out", "x"])).sfd_batch == 64
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "--preset", "demo", "--sfd-batch", "0", "--out", "x"])
+    # a subset of the recipe settings (or none), and no quality-against-time curve
+    spec = _spec(parser.parse_args(["bench", "--preset", "mnist", "--recipe", "grad-clip,sfdv-budget",
+                                    "--curve-points", "0", "--out", "x"]))
+    assert spec.sfd_recipe == ["grad-clip", "sfdv-budget"] and spec.curve_points == 0
+    assert _spec(parser.parse_args(["bench", "--preset", "mnist", "--recipe", "none", "--out", "x"])).sfd_recipe == []
+    assert len(_spec(parser.parse_args(["bench", "--preset", "mnist", "--out", "x"])).sfd_recipe) == 9
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--preset", "mnist", "--recipe", "grad-clip,nope", "--out", "x"])
 
 
 def test_bad_bench_input_is_named():
