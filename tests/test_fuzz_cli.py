@@ -73,7 +73,7 @@ def ws(tmp_path_factory):
     broken("no-weights", lambda d: (d / WEIGHTS_NAME).unlink())
 
     def misfit(d):  # weights of another network under this card (hash updated so only the fit is wrong)
-        from fewstep.checkpoint import sha256_file
+        from fewstep.hashing import sha256_file
         shutil.copy(builtin_models()["digits-teacher"] / WEIGHTS_NAME, d / WEIGHTS_NAME)
         card_edit(lambda c: c.__setitem__("weights_sha256", sha256_file(d / WEIGHTS_NAME)))(d)
 

@@ -9,7 +9,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "fewstep"
 
 # lowest first; a module may import its own layer and every layer before it
 LAYERS = {
-    "foundations": ["errors", "argtypes", "method", "schedule", "nets", "data"],
+    "foundations": ["errors", "hashing", "argtypes", "method", "schedule", "nets", "data"],
     "models": ["denoiser", "solvers", "components", "checkpoint", "sampling", "viz", "show"],
     "around a model": ["featnet", "perceptual", "metrics", "compare", "interop", "interop.*", "models"],
     "training loop": ["runfolder", "train"],

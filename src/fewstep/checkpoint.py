@@ -8,7 +8,6 @@ plain containers. Every file is written atomically (temp file, fsync, rename).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -25,6 +24,7 @@ import fewstep
 from fewstep.components import components_from_card, place_components
 from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
+from fewstep.hashing import sha256_file
 from fewstep.nets import build_net
 from fewstep.schedule import Schedule
 
@@ -151,14 +151,6 @@ def remove_stale_temp_files(folder: Path) -> list[str]:
 
 def write_json(path: Path, obj) -> None:
     atomic_write(path, lambda p: Path(p).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n"))
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---- save / load --------------------------------------------------------------------------------

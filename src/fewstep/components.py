@@ -14,7 +14,6 @@ padded to the tokenizer's max length, the encoder's last hidden state.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 from fewstep.errors import FewstepError
+from fewstep.hashing import folder_digest
 
 CODEC_KINDS = {"AutoencoderKL": "autoencoderkl", "VQModel": "vqmodel"}
 ENCODER_KINDS = {"CLIPTextModel": "clip"}
@@ -36,18 +36,6 @@ def require(package: str, extra: str):
         return __import__(package)
     except ImportError:
         raise FewstepError(f"this model needs the optional package {package}: pip install 'fewstep[{extra}]'") from None
-
-
-def folder_digest(folder: Path) -> str:
-    """sha256 over a component folder's files (names and contents), in name order."""
-    h = hashlib.sha256()
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            h.update(p.relative_to(folder).as_posix().encode() + b"\0")
-            with open(p, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-    return h.hexdigest()
 
 
 def check_safetensors_only(folder: Path, what: str):
@@ -212,9 +200,6 @@ def default_prompts() -> list[str]:
 
 # ---- in a checkpoint folder -------------------------------------------------------------------------------
 
-FOLDERS = {"vae": "vae", "text_encoder": "text_encoder", "tokenizer": "tokenizer"}
-
-
 def components_from_card(card: dict, path: Path) -> tuple[LatentCodec | None, TextEncoder | None]:
     """The components a card names, from the checkpoint folder `path` (loaded when first used)."""
     entries = card.get("components") or {}
@@ -239,16 +224,16 @@ def place_components(out_dir: Path, codec: LatentCodec | None, text: TextEncoder
         parts.append(("vae", codec.folder, codec.entry))
     if text is not None:
         parts.append(("text_encoder", text.folder, text.entry))
-        parts.append(("tokenizer", text.tokenizer_folder, {"folder": FOLDERS["tokenizer"]}))
+        parts.append(("tokenizer", text.tokenizer_folder, {}))
     for name, src, entry in parts:
-        dst = Path(out_dir) / FOLDERS[name]
+        dst = Path(out_dir) / name  # diffusers' layout: each part in a folder of its name
         digest = entry.get("sha256") or folder_digest(src)
         if src.resolve() != dst.resolve():
             if dst.exists() and not _same_files(src, dst):
                 shutil.rmtree(dst)
             if not dst.exists():
                 _link_tree(src, dst)
-        entries[name] = {**entry, "folder": FOLDERS[name], "sha256": digest}
+        entries[name] = {**entry, "folder": name, "sha256": digest}
     return entries
 
 

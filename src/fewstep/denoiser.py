@@ -110,8 +110,12 @@ class Denoiser(nn.Module):
 
     def take_components(self, other: "Denoiser") -> "Denoiser":
         """The autoencoder, text encoder and prompts of `other` (a student built beside its teacher)."""
-        self.codec, self.text = other.codec, other.text
-        self.prompts, self.negative_prompt, self.guidance = list(other.prompts), other.negative_prompt, other.guidance
+        self.codec, self.text, self.guidance = other.codec, other.text, other.guidance
+        return self.take_prompts(other)
+
+    def take_prompts(self, other: "Denoiser") -> "Denoiser":
+        """The prompts `other` has set and their embeddings, shared rather than encoded again."""
+        self.prompts, self.negative_prompt = other.prompts, other.negative_prompt
         self.prompt_embeds, self.negative_embeds = other.prompt_embeds, other.negative_embeds
         return self
 

@@ -28,9 +28,10 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from fewstep import __version__
-from fewstep.checkpoint import atomic_write, sha256_file
+from fewstep.checkpoint import atomic_write
 from fewstep.data import NATIVE_RESOLUTION, load_dataset, split_indices
 from fewstep.errors import FewstepError
+from fewstep.hashing import sha256_file
 
 ASSETS_DIR = Path(__file__).parent / "assets"
 WEIGHTS_FILE = "model.safetensors"

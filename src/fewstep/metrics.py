@@ -23,10 +23,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fewstep.checkpoint import atomic_write, sha256_file
+from fewstep.checkpoint import atomic_write
 from fewstep.data import IMAGE_DATASETS, TOY_DATASETS, load_dataset, sample_toy
 from fewstep.errors import FewstepError
 from fewstep.featnet import available_classifiers, load_classifier
+from fewstep.hashing import sha256_file
 
 # MMD costs O(n^2) kernel evaluations; 5000 reference points keep a toy evaluation to seconds.
 DEFAULT_TOY_REFERENCE = 5000

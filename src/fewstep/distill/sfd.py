@@ -311,9 +311,7 @@ class SFD(TrainMethod):
         """Encode this batch's prompts once, for the teacher and the student alike."""
         tden = self.traj.den
         tden.set_prompts([self.prompts[i] for i in index.tolist()], self.negative_prompt)
-        st = self.student
-        st.prompts, st.negative_prompt = tden.prompts, tden.negative_prompt
-        st.prompt_embeds, st.negative_embeds = tden.prompt_embeds, tden.negative_embeds
+        self.student.take_prompts(tden)
 
     def _perceptual_net(self, data: dict, device):
         """The last step's perceptual distance (None: none); resolves "auto" in the config, for the card."""

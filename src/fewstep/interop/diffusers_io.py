@@ -31,10 +31,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import fewstep.nets
-from fewstep.checkpoint import LOCK_NAME, RunLock, load_checkpoint, save_checkpoint, sha256_file
-from fewstep.components import COMPONENT_BATCH, LatentCodec, TextEncoder, folder_digest
+from fewstep.checkpoint import LOCK_NAME, RunLock, load_checkpoint, save_checkpoint
+from fewstep.components import COMPONENT_BATCH, LatentCodec, TextEncoder, require
 from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
+from fewstep.hashing import folder_digest, sha256_file
 from fewstep.interop.sources import source_digest
 from fewstep.nets import FeatureTap, StepConditioned, fold_step_condition
 from fewstep.sampling import resolve_sampler, sample_shape
@@ -65,12 +66,7 @@ PIPELINE_SOURCE = Path(__file__).with_name("diffusers_pipeline.py")
 
 
 def require_diffusers():
-    try:
-        import diffusers
-    except ImportError:
-        raise FewstepError("diffusers models need the optional dependency diffusers: "
-                           "pip install 'fewstep[diffusers]'") from None
-    return diffusers
+    return require("diffusers", "diffusers")
 
 
 def _plain(v):
@@ -350,8 +346,6 @@ def denoiser_from_folder(src: Path, feature_layer: str | None = None):
     """(Denoiser with the UNet's weights loaded key for key and, for a latent or text-to-image pipeline, its
     autoencoder and text encoder attached; where things were found; both configs)."""
     require_diffusers()
-
-
     where = locate(src)
     latent = where["latent"] or {}
     text = "text_encoder" in latent
@@ -605,7 +599,7 @@ def export_diffusers(model, out: Path, nfe: int | None = None) -> Path:
     plan = resolve_sampler(ckpt, nfe)
     if plan["solver_options"]:
         raise FewstepError(f"export: the model's sampler uses {', '.join(sorted(plan['solver_options']))} "
-                           f"({plan['name']} on its scheduler's {plan.get('timesteps') and 'timesteps'}), which the "
+                           f"({plan['name']} on its scheduler's timesteps), which the "
                            "exported pipeline does not implement; the diffusers folder it was imported from already "
                            "samples this way")
     if plan["name"] not in EXPORT_SOLVERS:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from fewstep.checkpoint import CARD_NAME, read_card, save_checkpoint, sha256_file
+from fewstep.checkpoint import CARD_NAME, read_card, save_checkpoint
+from fewstep.hashing import sha256_file
 from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
 from fewstep.interop.edm_pickle import EDMRecord, ModuleRecord, load_snapshot, module_state_dict

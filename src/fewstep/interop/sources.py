@@ -1,11 +1,10 @@
 """Foreign sources: what kind a path is, where imported copies are cached, and a source's content hash."""
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
-from fewstep.checkpoint import sha256_file
+from fewstep.hashing import folder_digest, sha256_file
 
 EDM_SUFFIXES = (".pkl",)
 
@@ -30,10 +29,5 @@ def cache_dir() -> Path:
 
 
 def source_digest(src: Path) -> str:
-    """sha256 of a file, or of a folder's files (relative names and contents, in sorted order)."""
-    if src.is_file():
-        return sha256_file(src)
-    h = hashlib.sha256()
-    for f in sorted(p for p in src.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(src)).encode() + b"\0" + sha256_file(f).encode())
-    return h.hexdigest()
+    """sha256 of a file, or of a folder's files (fewstep.hashing.folder_digest)."""
+    return sha256_file(src) if src.is_file() else folder_digest(src)
