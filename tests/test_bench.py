@@ -88,6 +88,11 @@ def test_outputs_for_people(bench_run):
     assert table.count("**") == 2 * len({r["nfe"] for r in summary["rows"] if r["method"] not in ("data", "teacher")})
     assert "~ grad-clip" not in table  # the recipe's other values have their own table
     assert "## SFD recipe" in report and "| gradient clipping (SFD) | none | norm 1 | 2 |" in report
+    clip_line = next(line for line in report.splitlines() if line.startswith("| gradient clipping (SFD) |"))
+    assert clip_line.endswith("| norm 1 |")  # fewstep's default: the other value
+    assert next(line for line in report.splitlines() if line.startswith("| 1-NFE stage step condition |")).endswith(
+        "| its own N = 3 |")
+    assert "With fewstep's defaults" not in report  # SFD-v was not clipped in this bench
     assert "| 1-NFE stage step condition | its own N = 3 | the first stage's mode, N = 7 | 1 |" in report
     assert (out / "figures" / "sfd-recipe.png").stat().st_size > 1000
     assert "1-NFE stage / SFD at NFE 2 (SWD; target ≤ 1.3" in report and "SFD at NFE 2 / teacher (SWD" in report
@@ -111,9 +116,10 @@ def test_rerun_reuses_models_and_rows(bench_run, tiny_gmm8_teacher):
     with pytest.raises(FewstepError, match="sfddm-4-trailing-random was distilled with .*'iterations': 20.* "
                                            "asks for .*'iterations': 21"):
         Bench(tiny_spec(tiny_gmm8_teacher, methods=["sfddm"], sfddm_iters=21), out, progress=False).run()
-    # ... nor one distilled with another gradient clip (SFD's default changing under a finished bench)
-    with pytest.raises(FewstepError, match="sfd-2 was distilled with .*'grad_clip': None.* asks for .*'grad_clip': 0.5"):
-        Bench(tiny_spec(tiny_gmm8_teacher, methods=["sfd"], sfd_grad_clip=0.5), out, progress=False).run()
+    # ... nor one distilled with another gradient clip: measuring recipe settings, every SFD row runs the authors'
+    # recipe (no clip); without, fewstep's defaults (SFD clipped at norm 1)
+    with pytest.raises(FewstepError, match="sfd-2 was distilled with .*'grad_clip': None.* asks for .*'grad_clip': 1.0"):
+        Bench(tiny_spec(tiny_gmm8_teacher, methods=["sfd"], sfd_recipe=[]), out, progress=False).run()
     assert {p: p.stat().st_mtime_ns for p in models} == models
 
 
@@ -151,7 +157,7 @@ def test_bad_bench_input_is_named():
 
 # the labels and roles a bench writes beside each row (see fewstep.bench and the methods' rows)
 LABELS = {"data": "data floor (real samples)", "teacher": "teacher (reference), dpmpp2m", "sfd": "SFD",
-          "ddim": "DDIM", "dpmpp3m": "DPM-Solver++(3M)"}
+          "ddim": "DDIM", "dpmpp3m": "DPM-Solver++(3M)", "sfd-v": "SFD-v", "sfd-stage2": "SFD 2nd stage"}
 
 
 def _row(method, nfe, fcd, **kw):
@@ -261,6 +267,20 @@ def test_separation_of_teacher_sfd2_and_dpmpp3m5_is_read_out():
     assert "SFD vs DPM-Solver++(3M) 1.5 apart (≤ the larger spread 2)" in lines and "Not all told apart." in lines
     # without the three rows there is nothing to read
     assert "Separation" not in "\n".join(reading({"quality_key": "fcd", "rows": rows[:2]}))
+
+
+def test_the_sfd_targets_are_read_for_the_authors_recipe_and_for_fewsteps_defaults():
+    from fewstep.distill.sfd import targets_reading
+    rows = [_row("teacher", 100, 20.0, sampler="dpmpp2m"), _row("sfd", 2, 60.0), _row("sfd-v", 2, 90.0),
+            _row("sfd-stage2", 1, 45.0), _row("sfd", 2, 50.0, recipe="grad-clip"),
+            _row("sfd-v", 2, 52.0, recipe="grad-clip-sfdv"), _row("sfd-v", 3, 40.0, recipe="grad-clip-sfdv")]
+    lines = "\n".join(targets_reading({"quality_key": "fcd", "rows": rows}))
+    assert "SFD-v / SFD (FCD; target ≤ 1.10 at every NFE, the paper's 0.94–0.97): NFE 2 1.50 (not met)" in lines
+    assert "1-NFE stage / SFD at NFE 2 (FCD; target ≤ 1.3, the paper's 1.29): 0.75 (met)" in lines
+    assert "SFD at NFE 2 / teacher (FCD; target ≤ 2.3, the paper's 2.3): 3.00 (not met)" in lines
+    # the clipped runs are fewstep's defaults, read at the NFE both were measured at
+    assert "With fewstep's defaults (SFD and SFD-v clipped at norm 1" in lines
+    assert "FCD: SFD-v / SFD at NFE 2 1.04, SFD at NFE 2 / teacher 2.50." in lines and "NFE 3 0." not in lines
 
 
 def test_results_page_gathers_finished_benches_and_names_the_missing(bench_run, tmp_path):

@@ -340,21 +340,25 @@ def test_teacher_final_orders_follow_the_authors(tiny_gmm8_teacher):
         assert (not torch.equal(ya[-1], yb[-1])) == last_differs
 
 
-def test_cli_defaults_are_the_authors_recipe(tiny_gmm8_teacher, tmp_path):
-    """No --lr, --grad-clip or --trajectories: Adam 5e-5 (5e-4 for the 1-NFE stage), no clipping, and
-    SFD-v on four times one SFD run's trajectories, the 1-NFE stage on ten times."""
+def test_cli_defaults_are_the_authors_recipe_but_the_clip(tiny_gmm8_teacher, tmp_path):
+    """No --lr, --grad-clip or --trajectories: Adam 5e-5 (5e-4 for the 1-NFE stage), SFD-v on four times one
+    SFD run's trajectories, the 1-NFE stage on ten times, as the authors train; gradients clipped at norm 1 for
+    SFD and SFD-v (fewstep's measured default), none for the 1-NFE stage (the authors'); --grad-clip 0: none."""
     import json
     from fewstep.cli import main
     from fewstep.distill.sfd import recipe
 
-    assert recipe([2], False) == {"trajectories": 200_000, "lr": 5e-5, "grad_clip": None}
-    assert recipe([2, 3], False)["trajectories"] == 800_000
+    assert recipe([2], False) == {"trajectories": 200_000, "lr": 5e-5, "grad_clip": 1.0}
+    assert recipe([2, 3], False)["trajectories"] == 800_000 and recipe([2, 3], False)["grad_clip"] == 1.0
     assert recipe([1], True) == {"trajectories": 2_000_000, "lr": 5e-4, "grad_clip": None}
     main(["distill", "sfd", "--teacher", str(tiny_gmm8_teacher), "--nfe", "1,3", "--iters", "2", "--batch", "8",
           "--out", str(tmp_path / "v"), "--no-progress"])
     train = json.loads((tmp_path / "v" / "config.json").read_text())["train"]
-    assert train["lr"] == 5e-5 and train["grad_clip"] is None and train["lr_schedule"] == "step"
+    assert train["lr"] == 5e-5 and train["grad_clip"] == 1.0 and train["lr_schedule"] == "step"
     card = load_checkpoint(tmp_path / "v").card["method"]
+    main(["distill", "sfd", "--teacher", str(tiny_gmm8_teacher), "--iters", "1", "--batch", "8", "--grad-clip", "0",
+          "--out", str(tmp_path / "authors"), "--no-progress"])
+    assert not json.loads((tmp_path / "authors" / "config.json").read_text())["train"]["grad_clip"]
     assert card["step_condition"] == "authors" and card["teacher_final_orders"] == "always"
     main(["distill", "sfd", "--stage2", "--teacher", str(tmp_path / "v"), "--iters", "1", "--batch", "8",
           "--out", str(tmp_path / "one"), "--no-progress"])
