@@ -700,8 +700,7 @@ def bench_rows(bench) -> list[SFDRow]:
 def bench_extras(bench, summary: dict, figdir) -> dict:
     """The recipe settings the bench measured, described for the report."""
     return {"sfd_recipe": {n: {"label": SFD_RECIPE[n].label, "method": SFD_RECIPE[n].method,
-                               "authors": SFD_RECIPE[n].authors, "other": SFD_RECIPE[n].other,
-                               "default": SFD_RECIPE[n].default}
+                               "authors": SFD_RECIPE[n].authors, "other": SFD_RECIPE[n].other}
                            for n in bench.spec.sfd_recipe}}
 
 
@@ -739,7 +738,7 @@ def recipe_table(summary: dict) -> str:
             setting["label"], setting["authors"], setting["other"], str(r["nfe"]), fmt_paired(base), fmt_paired(r),
             fmt_quality(base["quality"], key), fmt_quality(r["quality"], key), fmt_time(base.get("distill_wall_s")),
             fmt_time(r.get("distill_wall_s")), "; ".join(said) if said else "neither",
-            setting[setting.get("default", "authors")]]) + " |")
+            setting[SFD_RECIPE[r["recipe"]].default] if r["recipe"] in SFD_RECIPE else "–"]) + " |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
