@@ -28,7 +28,7 @@ demo: venv
 # the benchmark tables and figures of docs/results.md (hours on a CPU; finished rows are reused)
 BENCH_ROOT ?= bench
 results: venv
-	for p in toy digits mnist; do $(VENV)/bin/fewstep bench --preset $$p --out $(BENCH_ROOT)/$$p || exit 1; done
+	for p in toy digits digits-defaults mnist; do $(VENV)/bin/fewstep bench --preset $$p --out $(BENCH_ROOT)/$$p || exit 1; done
 	$(PY) scripts/results_doc.py --bench-root $(BENCH_ROOT) --out docs
 
 clean:

@@ -2,7 +2,7 @@
 
     python scripts/results_doc.py [--bench-root bench] [--out docs]
 
-Reads BENCH_ROOT/{toy,digits,mnist}; a preset not run yet gets the command that runs it. `make results`
+Reads BENCH_ROOT/{toy,digits,digits-defaults,mnist}; a preset not run yet gets the command that runs it. `make results`
 runs the three presets first (finished rows are reused, so a rerun only does what is missing).
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from fewstep.report import write_results_doc
 
-PRESETS = ("toy", "digits", "mnist")
+PRESETS = ("toy", "digits", "digits-defaults", "mnist")
 
 
 def main():

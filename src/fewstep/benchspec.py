@@ -79,6 +79,11 @@ PRESETS = {
                    sfddm_variants=["trailing/random", "trailing/teacher", "leading/random", "leading/teacher"],
                    sfddm_variants_at=[10], n_samples=10_000, seeds=[0], fd_intervals=200, ref_nfe=256,
                    sfd_trajectories=40_960, sfd_recipe=list(SFD_RECIPE), pd_start_steps=256),
+    # the digits preset's SFD family with fewstep's defaults (SFD and SFD-v clipped at norm 1) instead of the
+    # authors' whole recipe, which the digits preset measures every setting from
+    "digits-defaults": dict(teacher="digits-teacher", data="digits", methods=["teacher", "sfd", "sfd-v", "sfd-stage2"],
+                            nfe=[2, 3, 4, 5], sfd_nfe=[2, 3, 4, 5], sfdv_nfe=[2, 3, 4, 5], n_samples=10_000, seeds=[0],
+                            fd_intervals=200, ref_nfe=256, sfd_trajectories=40_960, curve_points=0),
     # the shipped MNIST 16x16 teacher: SFD at 64 iterations of 128 (a 24th of the authors', about 5 s an iteration
     # here), every recipe setting both ways, one T' for SFDDM plus its long run
     "mnist": dict(teacher="mnist16-teacher", data="mnist", resolution=16,

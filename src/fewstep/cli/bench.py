@@ -22,7 +22,8 @@ def register(sub):
     b.add_argument("--preset", default=None, choices=list(PRESETS),
                    help="toy: 2-D gmm8 (about 30 min on 2 CPU cores); digits: the full table with every SFD recipe "
                         "setting trained both ways (hours); mnist: the same on the 16x16 MNIST teacher, with a long "
-                        "SFDDM run (hours); demo: the quick tour")
+                        "SFDDM run (hours); digits-defaults: the digits preset's SFD family with fewstep's defaults in place of "
+                        "the authors' recipe; demo: the quick tour")
     b.add_argument("--teacher", default=None, help="teacher checkpoint (overrides the preset's)")
     b.add_argument("--data", default=None, help="data set the teacher models (needed without a preset)")
     b.add_argument("--resolution", type=int, default=None)
