@@ -316,6 +316,13 @@ def test_results_page_gathers_finished_benches_and_names_the_missing(bench_run, 
     assert again == text
     for name in ("quality-vs-nfe", "quality-vs-cost", "samples"):  # the plots drawn again, the grid kept
         assert (figures / f"toy-{name}.png").is_file()
+    # a kept section of an older row format is named as such, with the command that measures it again
+    old = {**summary, "rows": [{k: v for k, v in r.items() if k != "label"} for r in summary["rows"]]}
+    (tmp_path / "docs" / "data" / "toy.json").write_text(json.dumps(old))
+    stale = write_results_doc({"toy": toy}, tmp_path / "docs", {"toy": "fewstep bench --preset toy --out bench/toy"})
+    assert ("## toy\n\nMeasured by an older fewstep whose rows this page no longer reads (`data/toy.json` keeps "
+            "them; its solver rows counted a final denoise as one NFE). Run: `fewstep bench --preset toy --out "
+            "bench/toy`") in stale.read_text()
 
 
 def test_time_to_quality_is_read_off_each_run():

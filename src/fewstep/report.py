@@ -382,6 +382,11 @@ def write_results_doc(benches: dict, out: Path, commands: dict | None = None) ->
             lines += [f"Not measured yet. Run: `{commands.get(title, f'fewstep bench --preset {title} --out {bench_dir}')}`", ""]
             continue
         summary = json.loads(kept.read_text())
+        if not all("label" in r for r in summary["rows"]):  # rows of an older format, kept but not drawn again
+            lines += [f"Measured by an older fewstep whose rows this page no longer reads (`{kept.relative_to(out)}` "
+                      "keeps them; its solver rows counted a final denoise as one NFE). Run: "
+                      f"`{commands.get(title, f'fewstep bench --preset {title} --out {bench_dir}')}`", ""]
+            continue
         # the plots are drawn again from the numbers, so they follow the current figure code
         plot_quality_vs_nfe(summary, figdir / f"{slug}-quality-vs-nfe.png")
         plot_quality_vs_cost(summary, figdir / f"{slug}-quality-vs-cost.png")

@@ -869,7 +869,8 @@ def reading(summary: dict) -> list[str]:
         if r["method"] in LABELS and cache and cache.get("hits") and r["model"] not in seen:
             seen.add(r["model"])
             total = cache["hits"] + cache["misses"]
-            lines.append(f"- {r['label']}: {cache['hits']} of its {total} iterations read their teacher "
+            name = f"SFD at NFE {r['nfe']}" if r["method"] == "sfd" else r["label"]  # one SFD model per NFE
+            lines.append(f"- {name}: {cache['hits']} of its {total} iterations read their teacher "
                          "trajectories from the bench's trajectory cache (computed by the SFD rows with the same "
                          "noise; exact), so its distill time has no teacher part for those.")
     separation = separation_reading(rows, key)
