@@ -3,7 +3,7 @@
     python scripts/results_doc.py [--bench-root bench] [--out docs]
 
 Reads BENCH_ROOT/{toy,digits,digits-defaults,mnist}; a preset not run yet gets the command that runs it. `make results`
-runs the three presets first (finished rows are reused, so a rerun only does what is missing).
+runs those presets first (finished rows are reused, so a rerun only does what is missing).
 """
 from __future__ import annotations
 
