@@ -14,7 +14,6 @@ fewstep never downloads these files: fetch them yourself where you are allowed t
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 from pathlib import Path
 
@@ -23,15 +22,8 @@ from safetensors.torch import save_file
 
 from fewstep.checkpoint import atomic_write
 from fewstep.errors import FewstepError
+from fewstep.hashing import sha256_file
 from fewstep.perceptual import LPIPS, LPIPS_CHANNELS, LPIPS_FORMAT
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _load(path: Path, what: str):
@@ -73,8 +65,8 @@ def convert(vgg16: Path, heads: Path, out: Path, pooling: str = "avg") -> Path:
             state[k] = vgg[k].detach().float().contiguous()
     for k, t in enumerate(lin):
         state[f"heads.{k}"] = t
-    meta = {"format": LPIPS_FORMAT, "pooling": pooling, "vgg16_sha256": _sha256(vgg16),
-            "heads_sha256": _sha256(heads), "heads_file": heads.name, "vgg16_file": vgg16.name}
+    meta = {"format": LPIPS_FORMAT, "pooling": pooling, "vgg16_sha256": sha256_file(vgg16),
+            "heads_sha256": sha256_file(heads), "heads_file": heads.name, "vgg16_file": vgg16.name}
     atomic_write(out, lambda p: save_file(state, p, metadata=meta))
     return out
 

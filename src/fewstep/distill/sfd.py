@@ -68,7 +68,12 @@ def recipe(nfe: list, stage2: bool, trajectories_of_one_run: int = SFD_TRAJECTOR
     """A mode's default budget and optimizer: {"trajectories", "lr", "grad_clip"} (see above)."""
     factor = STAGE2_TRAJECTORY_FACTOR if stage2 else SFDV_TRAJECTORY_FACTOR if len(nfe) > 1 else 1
     return {"trajectories": trajectories_of_one_run * factor, "lr": STAGE2_LR if stage2 else SFD_LR,
-            "grad_clip": STAGE2_GRAD_CLIP if stage2 else SFD_GRAD_CLIP}
+            "grad_clip": default_grad_clip(stage2)}
+
+
+def default_grad_clip(stage2: bool) -> float | None:
+    """fewstep's gradient clip: SFD and SFD-v at norm 1, the 1-NFE stage none (see above)."""
+    return STAGE2_GRAD_CLIP if stage2 else SFD_GRAD_CLIP
 
 
 @dataclass
@@ -631,7 +636,7 @@ class SFDRow(Row):
             return setting.grad_clip
         if bench.spec.sfd_recipe:
             return AUTHORS_GRAD_CLIP
-        return STAGE2_GRAD_CLIP if self.method == "sfd-stage2" else SFD_GRAD_CLIP
+        return default_grad_clip(self.method == "sfd-stage2")
 
     def config(self, **fields) -> SFDConfig:
         """The authors' recipe (SFDConfig's defaults), with the setting's other value if the row has one."""
