@@ -59,6 +59,8 @@ ROW_FORMAT = 2
 # along-the-run snapshots are scored on at most this many samples (the first seed's first ones), in the
 # quality metric only: a curve point costs a fraction of a row
 CURVE_SAMPLES = 2000
+# a row's network time is timed on at most this many of its samples (same batch size) and scaled
+TIMED_SAMPLES = 2000
 
 __all__ = ["Bench", "BenchSpec", "bench_methods", "SOLVER_ROWS", "SOLVER_GRIDS"]
 
@@ -235,8 +237,9 @@ def _mean_and_spread(per_seed: list[dict]) -> dict:
 @torch.no_grad()
 def forward_seconds(den, n: int, nfe: int, batch_size: int, shape: tuple, sigma: float, step=None) -> float:
     """Pure network time of nfe × n forward passes (same batch sizes as sampling), no solver around it.
-    At most 16 rounds are timed and scaled to nfe, so a 256-NFE reference does not cost a second run.
-    `sigma` must be a noise level the model accepts (an exact-table model refuses others)."""
+    At most 16 rounds on at most TIMED_SAMPLES samples are timed and scaled to nfe × n, so timing a row costs a
+    fraction of sampling it. `sigma` must be a noise level the model accepts (an exact-table model refuses others)."""
+    total, n = n, min(n, TIMED_SAMPLES)
     dev = next(den.parameters()).device
     x = torch.randn((min(n, batch_size), *shape), device=dev)
     sigma = torch.full((len(x),), sigma, device=dev, dtype=torch.float64)
@@ -252,7 +255,7 @@ def forward_seconds(den, n: int, nfe: int, batch_size: int, shape: tuple, sigma:
             model(x[:rest], sigma[:rest])
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    return (time.perf_counter() - t0) * nfe / rounds
+    return (time.perf_counter() - t0) * nfe / rounds * total / n
 
 
 class PairedReference:
