@@ -47,13 +47,11 @@ FLOOR_DRAWS = 12
 FLOOR_VERSION = 3
 # Each training-free solver on a grid its own authors recommend, on a discrete (table) teacher: DDIM uniform in
 # the table index; DPM-Solver++ time-uniform (the same), the DPM-Solver authors' grid for large images and the
-# SFD authors' for discrete-time teachers. Their logSNR grid for small images was worse at every NFE 2-5 on
-# both bench teachers and not monotone in NFE on digits (per-sample RMS to the teacher reference's samples,
-# DPM-Solver++ logSNR against time-uniform: digits, 2M, 1,000 samples, 0.58 / 0.63 / 0.29 / 0.20 against
-# 0.42 / 0.26 / 0.19 / 0.15; MNIST, 3M, 500 samples, 1.42 / 0.85 / 0.49 / 0.34 against 0.62 / 0.22 / 0.15 /
-# 0.14, 95 % intervals under 0.07). Heun and iPNDM on EDM's rho = 7 grid (as in EDM and the SFD authors'
-# code). A continuous teacher: EDM's grid for all. Like the field's tables they take NFE steps from sigma_max
-# to sigma_min, without a final denoise.
+# SFD authors' for discrete-time teachers. Their logSNR grid for small images is not monotone in NFE on either
+# bench teacher (a spike at NFE 3 in FCD) and lands further from the teacher's own samples at every NFE 2-5;
+# in FCD it wins on digits at NFE 2, 4, 5 and loses on MNIST at 3 and 4 (numbers in the README). Heun and
+# iPNDM on EDM's rho = 7 grid (as in EDM and the SFD authors' code). A continuous teacher: EDM's grid for all.
+# Like the field's tables they take NFE steps from sigma_max to sigma_min, without a final denoise.
 SOLVER_GRIDS = {"ddim": "uniform", "dpmpp2m": "uniform", "dpmpp3m": "uniform", "heun": "polynomial",
                 "ipndm": "polynomial"}
 SOLVER_LABELS = {"ddim": "DDIM", "dpmpp2m": "DPM-Solver++(2M)", "dpmpp3m": "DPM-Solver++(3M)", "heun": "Heun",
