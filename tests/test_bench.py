@@ -157,7 +157,7 @@ def test_bad_bench_input_is_named():
 
 # the labels and roles a bench writes beside each row (see fewstep.bench and the methods' rows)
 LABELS = {"data": "data floor (real samples)", "teacher": "teacher (reference), dpmpp2m", "sfd": "SFD",
-          "ddim": "DDIM", "dpmpp3m": "DPM-Solver++(3M)", "sfd-v": "SFD-v", "sfd-stage2": "SFD 2nd stage"}
+          "ddim": "DDIM", "dpmpp3m": "DPM-Solver++(3M)", "heun": "Heun", "sfd-v": "SFD-v", "sfd-stage2": "SFD 2nd stage"}
 
 
 def _row(method, nfe, fcd, **kw):
@@ -186,6 +186,31 @@ def test_reading_measures_gaps_over_the_data_floor():
     assert "| – |" in data_line and "**" not in data_line
     assert next(line for line in table if line.startswith("| SFD | 2 |")).count("**") == 2
     assert "**" not in next(line for line in table if line.startswith("| DDIM | 2 |"))
+
+
+def _with_interval(row: dict, half: float) -> dict:
+    m = row["quality"]["fcd"]["mean"]
+    row["quality"].update(fcd_ci_low={"mean": m - half}, fcd_ci_high={"mean": m + half})
+    return row
+
+
+def test_reading_names_the_solvers_that_get_worse_with_more_nfe():
+    rows = [_row("teacher", 256, 5.0, sampler="dpmpp2m"),
+            *[_with_interval(_row("ddim", n, q, label="DDIM, time-uniform grid"), 30.0)
+              for n, q in ((2, 900.0), (3, 600.0), (4, 620.0), (5, 300.0))],  # 600 -> 620: within the intervals
+            *[_with_interval(_row("heun", n, q, label="Heun, EDM ρ=7 grid"), 30.0)
+              for n, q in ((2, 1844.0), (4, 1971.0), (6, 283.0))]]
+    lines = reading({"quality_key": "fcd", "rows": rows})
+    assert "- DDIM: better at every added NFE, or level within the intervals." in lines
+    heun = next(line for line in lines if line.startswith("- Heun"))
+    assert "is not monotone in NFE (FCD: NFE 4 1.97e+03 ± 30 against NFE 2 1.84e+03 ± 30)" in heun
+    assert "(σ_prev − σ_min) / σ_min" in heun and "NFE 6" not in heun
+    # without intervals, twice the combined spread over seeds decides (std 1 each: 3 apart is beyond it)
+    plain = [_row("ddim", 2, 10.0, label="DDIM"), _row("ddim", 3, 13.0, label="DDIM")]
+    assert any("DDIM is not monotone" in line for line in reading({"quality_key": "fcd", "rows": plain}))
+    plain[1]["quality"]["fcd"]["mean"] = 12.0
+    assert "- DDIM: better at every added NFE, or level within the intervals." in \
+        reading({"quality_key": "fcd", "rows": plain})
 
 
 def test_a_row_shows_its_progress_while_it_runs(tiny_gmm8_teacher, tmp_path, capsys):
