@@ -280,8 +280,6 @@ def solver_order_reading(rows: list, key: str) -> list[str]:
     for r in rows:
         if r["method"] in SOLVER_ROWS and not r.get("reference") and not r.get("trailing"):
             by_solver[r["method"]].append(r)
-    if not by_solver:
-        return []
     K, lines, ordered = key.upper(), [], []
     for name, rs in by_solver.items():
         if len(rs) < 2:
