@@ -17,7 +17,8 @@ import numpy as np
 from fewstep.benchspec import PRESETS, SOLVER_ROWS, preset
 from fewstep.checkpoint import atomic_write
 from fewstep.registry import methods as registered_methods
-from fewstep.show import budget_label, fmt, fmt_paired, fmt_quality, fmt_time, interval, plt, savefig
+from fewstep.show import (budget_label, fmt, fmt_paired, fmt_quality, fmt_time, interval, lower_beyond, plt,
+                           savefig)
 
 
 def main_rows(summary: dict) -> list[dict]:
@@ -268,7 +269,7 @@ def worse_beyond_noise(lower: dict, higher: dict, key: str) -> bool:
     intervals, twice the combined spread over seeds)."""
     a, b = interval(lower["quality"], key), interval(higher["quality"], key)
     if a and b:
-        return b[0] > a[1]
+        return lower_beyond(b, a) == 1
     qa, qb = lower["quality"][key], higher["quality"][key]
     return qb["mean"] - qa["mean"] > 2 * math.hypot(qa.get("std", 0.0), qb.get("std", 0.0))
 
@@ -424,19 +425,20 @@ def write_results_doc(benches: dict, out: Path, commands: dict | None = None) ->
         sections.append(lines)
         slug = "".join(c if c.isalnum() else "-" for c in title.lower())
         results, kept = bench_dir / "results.json", datadir / f"{slug}.json"
+        command = commands.get(title, f"fewstep bench --preset {title} --out {bench_dir}")
         if results.is_file():
             atomic_write(kept, lambda p, src=results: shutil.copyfile(src, p))
             samples = bench_dir / "figures" / "samples.png"  # drawn from the bench's sample files
             if samples.is_file():
                 atomic_write(figdir / f"{slug}-samples.png", lambda p, src=samples: shutil.copyfile(src, p))
         elif not kept.is_file():
-            lines += [f"Not measured yet. Run: `{commands.get(title, f'fewstep bench --preset {title} --out {bench_dir}')}`", ""]
+            lines += [f"Not measured yet. Run: `{command}`", ""]
             continue
         summary = json.loads(kept.read_text())
         if not all("label" in r for r in summary["rows"]):  # rows of an older format, kept but not drawn again
             lines += [f"Measured by an older fewstep whose rows this page no longer reads (`{kept.relative_to(out)}` "
                       "keeps them; its solver rows counted a final denoise as one NFE). Run: "
-                      f"`{commands.get(title, f'fewstep bench --preset {title} --out {bench_dir}')}`", ""]
+                      f"`{command}`", ""]
             continue
         # the plots are drawn again from the numbers, so they follow the current figure code
         plot_quality_vs_nfe(summary, figdir / f"{slug}-quality-vs-nfe.png")
