@@ -168,3 +168,65 @@ def read_prompts(prompts: list[str] | None, path: str | None) -> list[str] | Non
         if not out:
             raise FewstepError(f"--prompts {path}: no prompts in it (one a line)")
     return out or None
+
+
+# ---- the same types for Python callers ----------------------------------------------------------------
+
+def choice(values):
+    """One of `values` (a string)."""
+    def parse(text: str) -> str:
+        if text not in values:
+            raise argparse.ArgumentTypeError(f"expected one of {', '.join(map(str, values))}, got {text!r}")
+        return text
+    parse.__name__ = "choice"
+    parse.choices = tuple(values)
+    return parse
+
+
+def flag(value) -> bool:
+    """True or False (Python callers only; the command line spells a flag as an option without a value)."""
+    if not isinstance(value, bool):
+        raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+    return value
+
+
+def device(text: str) -> str:
+    """A torch device name: auto, cpu, cuda, cuda:N, mps."""
+    name = str(text)
+    kind, _, index = name.partition(":")
+    if kind not in ("auto", "cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or mps, got {text!r}")
+    return name
+
+
+def check(name: str, value, parse):
+    """A Python caller's value through the command line's type `parse`: the same rules and the same message,
+    naming the argument (`nfe=2.5: expected an integer ...`). Lists become the comma lists the command line
+    reads (so nfe=2 and nfe=[2] are both a list of one where a list is expected); booleans pass only where a
+    flag is expected, and strings only where a string is."""
+    if parse is flag:
+        text = value
+    elif isinstance(value, bool) or (isinstance(value, str) and getattr(parse, "__name__", "") in
+                                     ("integer", "number", "list")):
+        return _refuse(name, value, f"expected {_expected(parse)}")
+    elif isinstance(value, (list, tuple)):
+        if getattr(parse, "__name__", "") != "list":
+            return _refuse(name, value, f"expected {_expected(parse)}")
+        text = ",".join(str(v) if isinstance(v, int) and not isinstance(v, bool) else repr(v) for v in value)
+    elif isinstance(value, float) and getattr(parse, "__name__", "") in ("integer", "list"):
+        return _refuse(name, value, f"expected {_expected(parse)}")
+    else:
+        text = str(value)
+    try:
+        return parse(text)
+    except argparse.ArgumentTypeError as e:
+        return _refuse(name, value, str(e))
+
+
+def _expected(parse) -> str:
+    return {"integer": "an integer", "number": "a number", "list": "an integer or a list of integers",
+            "choice": "a string"}.get(getattr(parse, "__name__", ""), "another value")
+
+
+def _refuse(name: str, value, why: str):
+    raise FewstepError(f"{name}={value!r}: {why}")

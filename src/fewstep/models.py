@@ -50,3 +50,13 @@ def load_model(name_or_path: str | Path, device: str | torch.device = "cpu", ver
 
 def model_card(name_or_path: str | Path) -> dict:
     return read_card(resolve_model(name_or_path))
+
+
+def as_model(model, device: str | torch.device = "cpu", what: str = "model") -> Checkpoint:
+    """A model argument of the Python API: a loaded model (used as it is) or anything `load_model` takes."""
+    if isinstance(model, Checkpoint):
+        return model
+    if not isinstance(model, (str, Path)):
+        raise FewstepError(f"{what}={model!r}: expected a loaded model (fewstep.load), a built-in model name or a "
+                           "checkpoint folder")
+    return load_model(model, device=device)

@@ -2,18 +2,23 @@
 for a continuous model, as a TrainMethod on the shared loop; `fewstep train` (METHOD)."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from fewstep import argtypes as A
 from fewstep.data import load_dataset
+from fewstep.checkpoint import Checkpoint, load_checkpoint
 from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
 from fewstep.method import Method
 from fewstep.nets import MLP, UNet
+from fewstep.recipe import check_loop_options, loop_options_from_args, loop_recipe
+from fewstep.recipe import run_info as api_run_info
 from fewstep.sampling import grid_for
 from fewstep.schedule import Schedule
 from fewstep.solvers import solve
-from fewstep.train import StepContext, TrainConfig, Trainer, TrainMethod, run_record
+from fewstep.train import StepContext, TrainConfig, Trainer, TrainMethod, pick_device, run_record
 
 # EDM's training noise distribution: ln σ ~ N(P_MEAN, P_STD²)
 P_MEAN, P_STD = -1.2, 1.2
@@ -99,6 +104,46 @@ class TeacherTraining(TrainMethod):
         return solve("dpmpp2m", model, x * float(grid[0]), grid.to(x.device)).x
 
 
+# ---- the run: one call for Python and the command line -----------------------------------------------
+
+TEACHER_LOOP = loop_recipe(iters=20000, batch=128, lr=2e-4, ema=0.999)
+PARAMS, SCHEDULES = ("eps", "x0", "v", "edm"), ("linear", "cosine", "sigmoid")
+
+
+def train_teacher(data, out, *, resolution: int | None = None, data_seed: int = 0, param: str = "eps",
+                  schedule: str = "linear", T: int = 1024, channels: int | None = None, dropout: float | None = None,
+                  resume: bool = False, run_info: dict | None = None, **options) -> Checkpoint:
+    """Train a teacher diffusion model on `data` (a built-in name such as "digits", an image folder, or a
+    .npz/.npy array) into the folder `out`, and return it, loaded.
+
+    `param`: eps, x0 or v on a discrete VP table of `T` steps with the `schedule`'s betas, or edm (a continuous
+    EDM model). The network is fewstep's U-Net (an MLP for 2-D data) sized for the data, `channels` wide.
+    Training-loop keywords (`fewstep.recipe.LOOP_OPTIONS`) default to 20,000 iterations at batch 128, Adam 2e-4,
+    EMA 0.999, gradients clipped at norm 1."""
+    loop = check_loop_options(options, "train_teacher")
+    param = A.check("param", param, A.choice(PARAMS))
+    schedule = A.check("schedule", schedule, A.choice(SCHEDULES))
+    T = A.check("T", T, A.integer(2, 100_000))
+    data_seed = A.check("data_seed", data_seed, A.seed)
+    resolution = None if resolution is None else A.check("resolution", resolution, A.resolution)
+    channels = None if channels is None else A.check("channels", channels, A.integer(1, 4096))
+    dropout = None if dropout is None else A.check("dropout", dropout, A.probability)
+    resolved = {**TEACHER_LOOP, **loop}
+    if run_info is None:
+        run_info = api_run_info("train_teacher", {
+            "data": data, "out": str(out), "resolution": resolution, "data_seed": data_seed, "param": param,
+            "schedule": schedule, "T": T, "channels": channels, "dropout": dropout, **loop})
+    ds = load_dataset(data, resolution=resolution, split="train", seed=data_seed)
+    with torch.random.fork_rng(devices=[]):  # the seed fixes the initial weights too: same command, same model
+        torch.manual_seed(resolved["seed"])
+        net = default_net(tuple(ds.shape), dropout=dropout, channels=channels)
+    den = make_denoiser(net, param, schedule, T)
+    data_info = {**ds.info, "name": ds.name, "kind": ds.kind, "shape": list(ds.shape), "split_seed": data_seed}
+    Trainer(TeacherTraining(den, data_info), TrainConfig.from_options(resolved, {}), out, data=ds.x,
+            resume=resume, run_info=run_info).run()
+    return load_checkpoint(out, device=pick_device(resolved["device"]))
+
+
 # ---- the command line ---------------------------------------------------------------------------------
 
 def add_arguments(p, add_loop_options):
@@ -106,26 +151,20 @@ def add_arguments(p, add_loop_options):
                                                  "an image folder, or a .npz/.npy array")
     p.add_argument("--resolution", type=A.resolution, default=None, help="resize images to this size")
     p.add_argument("--data-seed", type=A.seed, default=0, help="seed of the train/held-out split")
-    p.add_argument("--param", default="eps", choices=["eps", "x0", "v", "edm"],
+    p.add_argument("--param", default="eps", choices=PARAMS,
                    help="parameterization; 'edm' trains a continuous EDM model (default eps)")
-    p.add_argument("--schedule", default="linear", choices=["linear", "cosine", "sigmoid"])
+    p.add_argument("--schedule", default="linear", choices=SCHEDULES, help="the discrete table's betas (default linear)")
     p.add_argument("--T", type=A.integer(2, 100_000), default=1024, help="steps of the discrete table (default 1024)")
     p.add_argument("--channels", type=A.integer(1, 4096), default=None, help="base width of the network")
     p.add_argument("--dropout", type=A.probability, default=None)
-    add_loop_options(steps=20000, batch=128, lr=2e-4, ema=0.999)
+    add_loop_options(TEACHER_LOOP)
 
 
 def run(args):
-    ds = load_dataset(args.data, resolution=args.resolution, split="train", seed=args.data_seed)
-    with torch.random.fork_rng(devices=[]):  # the seed fixes the initial weights too: same command, same model
-        torch.manual_seed(args.seed)
-        net = default_net(tuple(ds.shape), dropout=args.dropout, channels=args.channels)
-    den = make_denoiser(net, args.param, args.schedule, args.T)
-    data_info = {**ds.info, "name": ds.name, "kind": ds.kind, "shape": list(ds.shape), "split_seed": args.data_seed}
-    trainer = Trainer(TeacherTraining(den, data_info), TrainConfig.from_args(args), args.out, data=ds.x,
-                      resume=args.resume, run_info=run_record(args))
-    trainer.run()
-    if trainer.is_main:  # under torchrun every process gets here; one line is enough
+    train_teacher(args.data, args.out, resolution=args.resolution, data_seed=args.data_seed, param=args.param,
+                  schedule=args.schedule, T=args.T, channels=args.channels, dropout=args.dropout, resume=args.resume,
+                  run_info=run_record(args), **loop_options_from_args(args))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every process gets here; one line is enough
         print(f"teacher saved to {args.out}")
 
 

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from fewstep.checkpoint import STATE_NAME, load_train_state, save_checkpoint, save_train_state
 from fewstep.errors import FewstepError
+from fewstep.recipe import AMP_MODES, LOG_KINDS, LR_SCHEDULES
 from fewstep.runfolder import RunFolder, tensorboard_writer
 
 
@@ -78,15 +79,16 @@ class TrainConfig:
     grad_checkpoint: bool = False     # recompute the trained network's blocks in backward (diffusers networks)
 
     @classmethod
-    def from_args(cls, args) -> "TrainConfig":
-        """The loop's settings from the command line's training-loop options (fewstep.cli.common.add_train_args)."""
-        if args.iters < 1:
-            raise FewstepError(f"--iters {args.iters}: expected at least 1 training iteration")
-        return cls(steps=args.iters, batch=args.batch, lr=args.lr, lr_schedule=args.lr_schedule, warmup=args.warmup,
-                   ema=args.ema, grad_clip=args.grad_clip or None, amp=args.amp, seed=args.seed,
-                   log_every=args.log_every, sample_every=args.sample_every, ckpt_every=args.ckpt_every,
-                   device=args.device, progress=not args.no_progress, log=args.log,
-                   grad_checkpoint=bool(getattr(args, "grad_checkpoint", False)))
+    def from_options(cls, recipe: dict, options: dict) -> "TrainConfig":
+        """The loop's settings: a method's recipe (`loop_recipe`) with the caller's options over it. The method
+        has already replaced the recipe's None for iters and lr by its own values; grad_clip 0 or None is none."""
+        o = {**recipe, **options}
+        if o["iters"] is None or o["lr"] is None:
+            raise FewstepError("the method left its iterations or learning rate undecided")
+        return cls(steps=o["iters"], batch=o["batch"], lr=o["lr"], lr_schedule=o["lr_schedule"], warmup=o["warmup"],
+                   ema=o["ema"], grad_clip=o["grad_clip"] or None, amp=o["amp"], seed=o["seed"],
+                   log_every=o["log_every"], sample_every=o["sample_every"], ckpt_every=o["ckpt_every"],
+                   device=o["device"], progress=o["progress"], log=o["log"], grad_checkpoint=o["grad_checkpoint"])
 
     def lr_at(self, step: int) -> float:
         """The learning rate of iteration `step`: the schedule, then the warm-up."""
@@ -380,7 +382,7 @@ def pick_device(name: str) -> torch.device:
 # settings a resumed run may change: they do not alter what the finished run computes
 RESUMABLE_CHANGES = {"config": {"steps", "progress", "log_every", "sample_every", "ckpt_every", "n_preview",
                                 "device", "log", "profile", "snapshot_every"},
-                     "args": {"iters", "no_progress", "log_every", "sample_every", "ckpt_every", "device",
+                     "args": {"iters", "no_progress", "progress", "log_every", "sample_every", "ckpt_every", "device",
                               "resume", "out", "log", "profile", "snapshot_every", "trajectory_cache"}}
 
 

@@ -7,6 +7,7 @@ import sys
 
 from fewstep import argtypes as A
 from fewstep.registry import METHODS
+from fewstep.recipe import AMP_MODES, LOG_KINDS, LR_SCHEDULES
 
 COMMAND_HELP = {
     **{e.name: e.help for e in METHODS if e.command == "train"},
@@ -34,36 +35,46 @@ class DeprecatedAlias(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def add_train_args(p: argparse.ArgumentParser, steps: int, batch: int, lr: float | None, lr_schedule: str = "constant",
-                   ema: float | None = None, grad_clip: float | None = 1.0, lr_note: str = "", clip_note: str = ""):
-    """The training loop's options (read back by `TrainConfig.from_args`). lr / grad_clip None: the method
-    picks them (the notes say how)."""
+def add_train_args(p: argparse.ArgumentParser, recipe: dict, notes: dict | None = None):
+    """The training loop's options (read back by `fewstep.train.loop_options_from_args`), their defaults the
+    method's recipe (`fewstep.train.loop_recipe`). A default of None is the method's to decide: `notes` says how,
+    by option (iters, lr, grad_clip, ema)."""
+    notes = notes or {}
+
+    def default(key, fmt=str):
+        value = recipe[key]
+        return notes[key] if key in notes else f"default {'none' if value is None else fmt(value)}"
+
     g = p.add_argument_group("training loop")
     g.add_argument("--out", required=True, type=A.folder,
                    help="run directory (checkpoint, metrics.jsonl, sample pictures)")
-    g.add_argument("--iters", type=A.iterations, default=steps, help=f"training iterations (default {steps})" if steps
-                   else "training iterations (default: --trajectories / --batch)")
+    g.add_argument("--iters", type=A.iterations, default=recipe["iters"],
+                   help=f"training iterations ({default('iters')})")
     g.add_argument("--steps", dest="iters", type=A.iterations, action=DeprecatedAlias, help=argparse.SUPPRESS)
-    g.add_argument("--batch", type=A.batch, default=batch, help=f"global batch size (default {batch})")
-    g.add_argument("--lr", type=A.positive, default=lr,
-                   help=f"Adam learning rate (default{lr_note if lr is None else ' ' + format(lr, 'g')})")
-    g.add_argument("--lr-schedule", default=lr_schedule, choices=["constant", "step", "cosine"],
-                   help=f"'step' divides the rate by 10 at half the run (default {lr_schedule})")
-    g.add_argument("--warmup", type=A.integer(0, 10**9), default=0, help="linear warm-up iterations")
-    g.add_argument("--ema", type=A.decay, default=ema, help="EMA decay (default: %s)" % ("none" if ema is None else ema))
-    g.add_argument("--grad-clip", type=A.non_negative, default=grad_clip,
-                   help=f"gradient norm clip (0 for none; default{clip_note if grad_clip is None else f' {grad_clip:g}'})")
-    g.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="mixed precision (GPU only)")
-    g.add_argument("--grad-checkpoint", action="store_true",
+    g.add_argument("--batch", type=A.batch, default=recipe["batch"], help=f"global batch size ({default('batch')})")
+    g.add_argument("--lr", type=A.positive, default=recipe["lr"],
+                   help=f"Adam learning rate ({default('lr', lambda v: format(v, 'g'))})")
+    g.add_argument("--lr-schedule", default=recipe["lr_schedule"], choices=list(LR_SCHEDULES),
+                   help=f"'step' divides the rate by 10 at half the run ({default('lr_schedule')})")
+    g.add_argument("--warmup", type=A.count, default=recipe["warmup"], help="linear warm-up iterations")
+    g.add_argument("--ema", type=A.decay, default=recipe["ema"], help=f"EMA decay of the weights ({default('ema')})")
+    g.add_argument("--grad-clip", type=A.non_negative, default=recipe["grad_clip"],
+                   help=f"gradient norm clip, 0 for none ({default('grad_clip', lambda v: format(v, 'g'))})")
+    g.add_argument("--amp", default=recipe["amp"], choices=list(AMP_MODES), help="mixed precision (GPU only)")
+    g.add_argument("--grad-checkpoint", action="store_true", default=recipe["grad_checkpoint"],
                    help="recompute the trained network's blocks in the backward pass instead of keeping their "
                         "activations (less memory, more time; diffusers networks such as Stable Diffusion's UNet)")
-    g.add_argument("--seed", type=A.seed, default=0)
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if present)")
-    g.add_argument("--log-every", type=A.positive_int, default=50)
-    g.add_argument("--log", default="jsonl", choices=["jsonl", "tensorboard"],
+    g.add_argument("--seed", type=A.seed, default=recipe["seed"], help=f"seed of the run ({default('seed')})")
+    g.add_argument("--device", type=A.device, default=recipe["device"],
+                   help="auto, cpu, cuda, cuda:N (default auto: cuda if present)")
+    g.add_argument("--log-every", type=A.positive_int, default=recipe["log_every"],
+                   help=f"metrics.jsonl cadence in iterations ({default('log_every')})")
+    g.add_argument("--log", default=recipe["log"], choices=list(LOG_KINDS),
                    help="also write the scalars and preview grids for TensorBoard in OUT/tensorboard "
                         "(needs pip install 'fewstep[tensorboard]'); metrics.jsonl is always written")
-    g.add_argument("--sample-every", type=A.count, default=0, help="sample picture cadence (0: at the end only)")
-    g.add_argument("--ckpt-every", type=A.count, default=500, help="checkpoint cadence (0: at the end only)")
+    g.add_argument("--sample-every", type=A.count, default=recipe["sample_every"],
+                   help="sample picture cadence (0: at the end only)")
+    g.add_argument("--ckpt-every", type=A.count, default=recipe["ckpt_every"],
+                   help=f"checkpoint cadence (0: at the end only; {default('ckpt_every')})")
     g.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -15,9 +15,11 @@ from fewstep.interop.sources import cache_dir
 from fewstep.sampling import sample_shape
 
 
-def distill_data(args, teacher: Checkpoint) -> tuple[Dataset, dict]:
-    """(data set, its description for the card) from --data / --resolution / --data-seed. A latent
-    teacher's data are images of its autoencoder's size, encoded once into latents (cached by content)."""
+def distill_data(data, resolution: int | None, data_seed: int | None, teacher: Checkpoint) -> tuple[Dataset, dict]:
+    """(data set, its description for the card) from --data / --resolution / --data-seed (None: the teacher's
+    size and split). A latent teacher's data are images of its autoencoder's size, encoded once into latents
+    (cached by content)."""
+    given_resolution = resolution
     net = teacher.card["net"]
     tdata = teacher.card.get("data") or {}
     den = teacher.denoiser
@@ -26,16 +28,15 @@ def distill_data(args, teacher: Checkpoint) -> tuple[Dataset, dict]:
                            "and each image would need its caption, which fewstep does not read; distil it "
                            "data-free with `fewstep distill sfd` (prompts from --prompts or the shipped list)")
     want = list(tdata["shape"]) if den.codec is not None else list(sample_shape(teacher.card))
-    resolution = args.resolution
     is_image = "resolution" in net
     if resolution is None and is_image:
         resolution = want[-1]
-    seed = args.data_seed if args.data_seed is not None else int(tdata.get("split_seed") or 0)
-    ds = load_dataset(args.data, resolution=resolution if is_image or args.resolution else None,
+    seed = data_seed if data_seed is not None else int(tdata.get("split_seed") or 0)
+    ds = load_dataset(data, resolution=resolution if is_image or given_resolution else None,
                       split="train", seed=seed)
     if list(ds.shape) != want:
         hint = f"; pass --resolution {want[-1]}" if len(want) == 3 and len(ds.shape) == 3 else ""
-        raise FewstepError(f"--data {args.data}: samples of shape {list(ds.shape)}, but the teacher draws "
+        raise FewstepError(f"--data {data}: samples of shape {list(ds.shape)}, but the teacher draws "
                            f"{want}{' images' if den.codec is not None else ''}{hint}")
     info = {**ds.info, "name": ds.name, "kind": ds.kind, "shape": list(ds.shape), "split_seed": seed}
     if den.codec is not None:

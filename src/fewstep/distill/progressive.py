@@ -47,7 +47,9 @@ from fewstep.distill import sfddm
 from fewstep.distill.common import distill_data, distill_labels, trained_shape
 from fewstep.errors import FewstepError
 from fewstep.method import Method, Row
-from fewstep.models import load_model
+from fewstep.models import as_model, load_model
+from fewstep.recipe import check_loop_options, loop_options_from_args, loop_recipe
+from fewstep.recipe import run_info as api_run_info
 from fewstep.nets import channels_last_copy, set_dropout
 from fewstep.sampling import sample, sample_shape
 from fewstep.schedule import check_grid, index_subsequence, make_grid
@@ -478,19 +480,55 @@ def reading(summary: dict) -> list[str]:
 
 # ---- the command line ---------------------------------------------------------------------------------
 
+PROGRESSIVE_LOOP = loop_recipe(iters=ITERS_PER_FOLD, batch=FOLD_BATCH, lr=FOLD_LR, lr_schedule=FOLD_LR_SCHEDULE)
+
+
+def distill_progressive(teacher, data, out, *, steps: int = 8, start_steps: int | None = None, head: str = "x0",
+                        clip="auto", clip_targets: bool = False, dropout: float | None = None,
+                        resolution: int | None = None, data_seed: int | None = None, resume: bool = False,
+                        run_info: dict | None = None, **options) -> Checkpoint:
+    """Progressive distillation (Salimans & Ho) of `teacher` (a loaded model, a built-in name or a checkpoint
+    folder) on `data`, in folds that halve the DDIM steps from `start_steps` (default: the teacher's T) down to
+    `steps`; every fold is kept in out/fold-<steps>/ and the final student, returned, in `out`.
+
+    `head`: the output compared, with the paper's weight (x0 with max(SNR, 1), v or eps); `clip`: x0 clipping
+    when sampling (auto: 1 for images); `clip_targets` also clips the teacher inside the targets. Training-loop
+    keywords (`fewstep.recipe.LOOP_OPTIONS`) apply to each fold: 1,000 iterations at batch 64, Adam 1e-4 with a
+    cosine decay, gradients clipped at norm 1."""
+    loop = check_loop_options(options, "distill_progressive")
+    steps = A.check("steps", steps, A.positive_int)
+    start_steps = None if start_steps is None else A.check("start_steps", start_steps, A.integer(2, 10**6))
+    head = A.check("head", head, A.choice(tuple(HEADS)))
+    resolution = None if resolution is None else A.check("resolution", resolution, A.resolution)
+    data_seed = None if data_seed is None else A.check("data_seed", data_seed, A.seed)
+    dropout = None if dropout is None else A.check("dropout", dropout, A.probability)
+    resolved = {**PROGRESSIVE_LOOP, **loop}
+    teacher = as_model(teacher, device=pick_device(resolved["device"]), what="teacher")
+    if run_info is None:
+        run_info = api_run_info("distill_progressive", {
+            "teacher": teacher, "data": data, "out": str(out), "steps": steps, "start_steps": start_steps,
+            "head": head, "clip": clip, "clip_targets": clip_targets, "dropout": dropout, "resolution": resolution,
+            "data_seed": data_seed, **loop})
+    ds, info = distill_data(data, resolution, data_seed, teacher)
+    out = progressive_distill(teacher, ds.x, start_steps, steps, out, TrainConfig.from_options(resolved, {}),
+                              data_info=info, clip=clip, dropout=dropout, resume=resume, run_info=run_info,
+                              labels=distill_labels(teacher, ds), head=head, clip_targets=clip_targets)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun the final card is process 0's to write
+        return None
+    return load_checkpoint(out, device=next(teacher.denoiser.parameters()).device)
+
+
 def add_arguments(p, add_loop_options):
     p.add_argument("--teacher", required=True, help="teacher checkpoint or built-in name")
     p.add_argument("--data", required=True, help="training data (built-in name or path)")
     p.add_argument("--resolution", type=A.resolution, default=None, help="image size (default: the teacher's)")
     p.add_argument("--data-seed", type=A.seed, default=None, help="train/held-out split seed (default: the teacher's)")
-    add_loop_options(steps=ITERS_PER_FOLD, batch=FOLD_BATCH, lr=FOLD_LR, lr_schedule=FOLD_LR_SCHEDULE)
+    add_loop_options(PROGRESSIVE_LOOP, notes={"iters": f"per fold; default {ITERS_PER_FOLD}"})
     p.add_argument("--steps", type=A.positive_int, default=8, help="the final student's DDIM steps (= NFE; default 8)")
     p.add_argument("--start-steps", type=A.integer(2, 10**6), default=None,
                    help="the first teacher's DDIM steps (default: its T; e.g. 256 starts from a 256-step "
                         "DDIM teacher); start/steps must be a power of two")
-    p.add_argument("--iters", type=A.iterations, default=ITERS_PER_FOLD,
-                   help=f"training iterations per fold (default {ITERS_PER_FOLD})")
-    p.add_argument("--head", default="x0", choices=["x0", "v", "eps"],
+    p.add_argument("--head", default="x0", choices=list(HEADS),
                    help="the output the student is compared in, with the paper's weight: x0 with max(SNR,1) "
                         "('truncated SNR', default), v (SNR+1), or eps (SNR, the epsilon-MSE the paper shows "
                         "failing at few steps). The student starts as the teacher's exact copy either way")
@@ -503,16 +541,14 @@ def add_arguments(p, add_loop_options):
 
 
 def run(args):
-    teacher = load_model(args.teacher, device=pick_device(args.device))
-    ds, info = distill_data(args, teacher)
-    out = progressive_distill(teacher, ds.x, args.start_steps, args.steps, args.out, TrainConfig.from_args(args),
-                              data_info=info, clip=args.clip, dropout=args.dropout, resume=args.resume,
-                              run_info=run_record(args), labels=distill_labels(teacher, ds), head=args.head,
-                              clip_targets=args.clip_targets)
-    m = read_card(out)["method"]
+    student = distill_progressive(args.teacher, args.data, args.out, steps=args.steps, start_steps=args.start_steps,
+                                  head=args.head, clip=args.clip, clip_targets=args.clip_targets,
+                                  dropout=args.dropout, resolution=args.resolution, data_seed=args.data_seed,
+                                  resume=args.resume, run_info=run_record(args), **loop_options_from_args(args))
+    m = student.card["method"]
     print(f"progressive student ({m['teacher_steps']} → {m['student_steps']} steps in {len(m['folds'])} folds, "
-          f"{m['total_iterations']} iterations, {m['total_wall_time_s']:.1f} s) saved to {out} "
-          f"(sample it with: fewstep sample {out}; NFE {m['student_steps']})")
+          f"{m['total_iterations']} iterations, {m['total_wall_time_s']:.1f} s) saved to {args.out} "
+          f"(sample it with: fewstep sample {args.out}; NFE {m['student_steps']})")
 
 
 METHOD = Method(add_arguments=add_arguments, run=run, bench_methods=("progressive",), bench_rows=bench_rows,

@@ -19,7 +19,7 @@ import copy
 import hashlib
 import math
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +32,11 @@ from fewstep.distill.trajectory_cache import TrajectoryCache, module_digest
 from fewstep.errors import FewstepError
 from fewstep.featnet import available_classifiers
 from fewstep.method import Method, Row
-from fewstep.models import load_model
+from fewstep.models import as_model, load_model
 from fewstep.nets import STEP_CONDITIONS, channels_last_copy, set_dropout
 from fewstep.perceptual import perceptual_distance
+from fewstep.recipe import check_loop_options, config_defaults, loop_options_from_args, loop_recipe
+from fewstep.recipe import run_info as api_run_info
 from fewstep.sampling import sample_shape
 from fewstep.schedule import GRID_KINDS, check_grid, check_nested, nested_grids
 from fewstep.show import (budget_label, fmt_paired, fmt_quality, fmt_time, interval, lower_beyond, plt,
@@ -46,6 +48,7 @@ TEACHER_SOLVERS = ("dpmpp3m", "dpmpp2m", "heun", "euler", "ipndm")
 TEACHER_PRECISIONS = ("fp32", "bf16")
 STAGE2_CONDITIONS = ("own", "teacher")
 PERCEPTUAL_NETS = ("classifier", "lpips")
+LOSS_REDUCTIONS = ("sum", "mean")
 # The paper's grid ends for EDM (continuous) teachers: σ_min = 0.006 rather than EDM's 0.002.
 EDM_SIGMA_MIN, EDM_SIGMA_MAX = 0.006, 80.0
 LATENT_SIGMA_MIN, LATENT_TEXT_SIGMA_MIN = 0.006, 0.1
@@ -76,8 +79,11 @@ def default_grad_clip(stage2: bool) -> float | None:
     return STAGE2_GRAD_CLIP if stage2 else SFD_GRAD_CLIP
 
 
-@dataclass
+@dataclass(frozen=True)
 class SFDConfig:
+    """What an SFD run distils (its training budget and optimizer are the loop's options, `SFD_LOOP`). Checked
+    when made; `nfe` may be one int (SFD) or a list (SFD-v). Never changed by a run: what a run resolves
+    ("auto", the 1-NFE stage's NFE) goes into its own copy, the one its card records."""
     nfe: list = field(default_factory=lambda: [2])   # one value: SFD; several: SFD-v
     afs: bool = True
     m: int = 3                                        # teacher points inserted per student interval
@@ -109,6 +115,12 @@ class SFDConfig:
     teacher_precision: str = "fp32"
     teacher_precision_tol: float = 0.02
 
+    def __post_init__(self):
+        object.__setattr__(self, "nfe", A.check("nfe", self.nfe, A.nfe_list))
+        if self.perceptual == "none":  # the command line's spelling of no perceptual term
+            object.__setattr__(self, "perceptual", None)
+        self.validate()
+
     def validate(self):
         if not self.nfe or min(self.nfe) < 1:
             raise FewstepError(f"--nfe {self.nfe}: expected NFE values >= 1")
@@ -120,7 +132,7 @@ class SFDConfig:
             raise FewstepError(f"--teacher-solver {self.teacher_solver!r}: expected one of {', '.join(TEACHER_SOLVERS)}")
         if self.grid not in GRID_KINDS:
             raise FewstepError(f"--grid {self.grid!r}: expected one of {', '.join(GRID_KINDS)}")
-        if self.loss_reduction not in ("sum", "mean"):
+        if self.loss_reduction not in LOSS_REDUCTIONS:
             raise FewstepError(f"--loss-reduction {self.loss_reduction!r}: expected sum or mean")
         if self.perceptual not in (None, "auto", *PERCEPTUAL_NETS):
             raise FewstepError(f"--perceptual {self.perceptual!r}: expected auto, {', '.join(PERCEPTUAL_NETS)} or none")
@@ -260,8 +272,7 @@ class SFD(TrainMethod):
     def __init__(self, teacher: Checkpoint, cfg: SFDConfig, teacher_ref: dict | None = None,
                  trajectory_cache: str | Path | None = None, prompts: list[str] | None = None,
                  negative_prompt: str | None = None, guidance: float | None = None):
-        cfg.validate()
-        self.cfg = cfg
+        self.cfg = cfg  # replaced below by the resolved copy (perceptual term, the 1-NFE stage's NFE)
         # teacher trajectories stored and reused by content (see fewstep.distill.trajectory_cache)
         self.cache = TrajectoryCache(trajectory_cache) if trajectory_cache is not None else None
         self.teacher = teacher
@@ -333,7 +344,7 @@ class SFD(TrainMethod):
             elif cfg.stage2:
                 print("fewstep: note: the 1-NFE stage runs without the authors' perceptual term: give "
                       "--lpips-weights FILE (see scripts/convert_lpips.py) to add LPIPS", file=sys.stderr)
-        cfg.perceptual = kind
+        self.cfg = replace(cfg, perceptual=kind)
         if kind is None:
             return None
         return perceptual_distance(kind, data, device, cfg.lpips_weights, cfg.lpips_resolution)
@@ -364,8 +375,7 @@ class SFD(TrainMethod):
             raise FewstepError(f"--stage2: the first-stage grid has {intervals} intervals; the 3-timestamp student "
                                "needs an even count to sit on teacher timestamps (use a first-stage NFE of 1, 3 or 5)")
         student_grid = t_grid[:: intervals // 2].clone()
-        self.cfg.nfe = [1]
-        self.cfg.afs = True
+        self.cfg = replace(self.cfg, nfe=[1], afs=True)
         self.name = "sfd-stage2"
         self.grids = {1: (check_grid(student_grid), check_grid(t_grid))}
         self.traj = TeacherTrajectory(first.denoiser, "euler", afs=True, step=step)
@@ -550,6 +560,56 @@ class SFD(TrainMethod):
 
 def iterations_for(trajectories: int, batch: int) -> int:
     return max(1, math.ceil(trajectories / batch))
+
+
+SFD_FIELDS = tuple(f.name for f in fields(SFDConfig))
+# the loop's recipe: batch 128 and the authors' step decay; iterations, lr and clip follow from the mode (`recipe`)
+SFD_LOOP = loop_recipe(iters=None, batch=128, lr=None, lr_schedule="step", grad_clip=None)
+
+
+def distill_sfd(teacher, out, config: SFDConfig | None = None, *, trajectories: int | None = None,
+                trajectory_cache=None, prompts: list[str] | None = None, negative_prompt: str | None = None,
+                guidance: float | None = None, resume: bool = False, run_info: dict | None = None,
+                **options) -> Checkpoint:
+    """Distil `teacher` (a loaded model, a built-in name or a checkpoint folder) with SFD into the folder `out`
+    and return the student, loaded.
+
+    SFD's own options come as `config` (an `SFDConfig`) or as keywords (`nfe=2` for SFD, `nfe=[2, 3, 4, 5]` for
+    SFD-v, `stage2=True` for the 1-NFE stage from a first-stage student, ...); the training loop's as keywords
+    too (`fewstep.recipe.LOOP_OPTIONS`: iters, batch, lr, ...). What is not given is the authors' recipe:
+    `trajectories` 200,000 (four times that for SFD-v, ten times for the 1-NFE stage) at batch 128, so
+    iterations = trajectories / batch; Adam at 5e-5 (5e-4 for the 1-NFE stage) divided by 10 at half the run;
+    gradients clipped at norm 1 (none for the 1-NFE stage), fewstep's one departure from the authors.
+
+    `trajectory_cache`: a folder where the teacher's trajectories are kept and reused exactly. A text teacher
+    distils on `prompts` (default: fewstep's shipped list) at its card's guidance and negative prompt unless
+    given. `resume=True` continues an interrupted run in `out`."""
+    sfd_options = {k: options.pop(k) for k in list(options) if k in SFD_FIELDS}
+    if config is None:
+        config = SFDConfig(**sfd_options)
+    elif sfd_options:
+        raise FewstepError(f"distill_sfd: {', '.join(sfd_options)} given beside config=; give SFD's options one way")
+    elif not isinstance(config, SFDConfig):
+        raise FewstepError(f"config={config!r}: expected an SFDConfig")
+    loop = check_loop_options(options, "distill_sfd")
+    if trajectories is not None:
+        trajectories = A.check("trajectories", trajectories, A.integer(1, 10**12))
+    defaults = recipe(config.nfe, config.stage2)
+    resolved = {**SFD_LOOP, **loop}
+    if resolved["lr"] is None:
+        resolved["lr"] = defaults["lr"]
+    if resolved["grad_clip"] is None:
+        resolved["grad_clip"] = defaults["grad_clip"]
+    if resolved["iters"] is None:  # iterations follow from the trajectory budget, as in the paper
+        resolved["iters"] = iterations_for(trajectories or defaults["trajectories"], resolved["batch"])
+    teacher = as_model(teacher, device=pick_device(resolved["device"]), what="teacher")
+    if run_info is None:
+        run_info = api_run_info("distill_sfd", {"teacher": teacher, "out": str(out), **asdict(config),
+                                                "trajectories": trajectories, **loop})
+    method = SFD(teacher, config, teacher_ref=teacher_reference(teacher.path), trajectory_cache=trajectory_cache,
+                 prompts=prompts, negative_prompt=negative_prompt, guidance=guidance)
+    Trainer(method, TrainConfig.from_options(resolved, {}), out, resume=resume, run_info=run_info).run()
+    return load_checkpoint(out, device=next(teacher.denoiser.parameters()).device)
 
 
 # ---- the bench: SFD, SFD-v and the 1-NFE stage, and the recipe measured both ways ---------------------------
@@ -924,90 +984,81 @@ def report_section(summary: dict, figdir: Path, prefix: str = "") -> tuple[str, 
 # ---- the command line ---------------------------------------------------------------------------------
 
 def add_arguments(p, add_loop_options):
+    D = config_defaults(SFDConfig)
     p.add_argument("--teacher", required=True, help="teacher checkpoint or built-in name (e.g. digits-teacher)")
-    p.add_argument("--nfe", type=A.nfe_list, default=[2], help="student NFE, or a list for SFD-v (default 2)")
-    p.add_argument("--afs", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--nfe", type=A.nfe_list, default=D["nfe"],
+                   help=f"student NFE, or a list for SFD-v (default {','.join(map(str, D['nfe']))})")
+    p.add_argument("--afs", action=argparse.BooleanOptionalAction, default=D["afs"],
                    help="analytical first step: saves one network call (default on)")
-    p.add_argument("--m", type=A.integer(0, 64), default=3, help="teacher points inserted per student interval (default 3)")
-    p.add_argument("--teacher-solver", default="dpmpp3m", choices=TEACHER_SOLVERS)
-    p.add_argument("--teacher-final-orders", default="always", choices=LOWER_ORDER_FINAL,
+    p.add_argument("--m", type=A.integer(0, 64), default=D["m"],
+                   help=f"teacher points inserted per student interval (default {D['m']})")
+    p.add_argument("--teacher-solver", default=D["teacher_solver"], choices=TEACHER_SOLVERS,
+                   help=f"the teacher's solver over the refined grid (default {D['teacher_solver']})")
+    p.add_argument("--teacher-final-orders", default=D["teacher_final_orders"], choices=LOWER_ORDER_FINAL,
                    help="DPM-Solver++ teacher: orders 2 then 1 on the last two steps of every grid (always, the "
                         "authors'), only on grids under 15 steps (short, diffusers'), or never")
-    p.add_argument("--grid", default="polynomial", choices=["polynomial", "logsnr", "uniform", "discrete"])
-    p.add_argument("--rho", type=A.positive, default=7.0)
-    p.add_argument("--sigma-min", type=A.positive, default=None,
+    p.add_argument("--grid", default=D["grid"], choices=GRID_KINDS,
+                   help=f"the student's time grid (default {D['grid']})")
+    p.add_argument("--rho", type=A.positive, default=D["rho"], help=f"the polynomial grid's rho (default {D['rho']:g})")
+    p.add_argument("--sigma-min", type=A.positive, default=D["sigma_min"],
                    help="default: the teacher's (0.006 for EDM teachers and LDMs, 0.1 for Stable Diffusion)")
-    p.add_argument("--sigma-max", type=A.positive, default=None, help="default: the teacher's (80 for EDM teachers)")
+    p.add_argument("--sigma-max", type=A.positive, default=D["sigma_max"], help="default: the teacher's (80 for EDM teachers)")
     p.add_argument("--trajectories", type=A.integer(1, 10**12), default=None,
                    help=f"teacher trajectories to train on (iterations = trajectories / batch; default "
                         f"{SFD_TRAJECTORIES}, {SFDV_TRAJECTORY_FACTOR}x that for SFD-v and "
                         f"{STAGE2_TRAJECTORY_FACTOR}x for --stage2, the authors' budgets)")
-    p.add_argument("--loss-reduction", default="sum", choices=["sum", "mean"],
+    p.add_argument("--loss-reduction", default=D["loss_reduction"], choices=LOSS_REDUCTIONS,
                    help="L1 summed over pixels (paper) or averaged")
-    p.add_argument("--thresholding", action="store_true",
+    p.add_argument("--thresholding", action="store_true", default=D["thresholding"],
                    help="clip the teacher's x0 estimate to [-1, 1] (a fixed clip; the authors' dynamic "
                         "thresholding is in effect off, as their fp16 run skips it)")
-    p.add_argument("--dropout", type=A.probability, default=None, help="student dropout (default: the teacher's)")
-    p.add_argument("--step-condition", default="authors", choices=STEP_CONDITIONS,
+    p.add_argument("--dropout", type=A.probability, default=D["dropout"], help="student dropout (default: the teacher's)")
+    p.add_argument("--step-condition", default=D["step_condition"], choices=STEP_CONDITIONS,
                    help="SFD-v's step condition: authors (N's embedding as a per-block affine beside each block's "
                         "time modulation, xavier init; default) or zero (one zero-initialised embedding added to "
                         "the time embedding, so the student starts as its teacher)")
-    p.add_argument("--stage2", action="store_true", help="1-NFE second stage from a first-stage SFD/SFD-v model")
-    p.add_argument("--stage2-condition", default="own", choices=STAGE2_CONDITIONS,
+    p.add_argument("--stage2", action="store_true", default=D["stage2"], help="1-NFE second stage from a first-stage SFD/SFD-v model")
+    p.add_argument("--stage2-condition", default=D["stage2_condition"], choices=STAGE2_CONDITIONS,
                    help="--stage2 from SFD-v: the step condition the 1-NFE student takes, its own N = 3 (own, the "
                         "authors') or the first-stage mode it distils (teacher)")
-    p.add_argument("--perceptual", default="auto", choices=["auto", *PERCEPTUAL_NETS, "none"],
+    p.add_argument("--perceptual", default=D["perceptual"], choices=["auto", *PERCEPTUAL_NETS, "none"],
                    help=f"perceptual term on the last step: {', '.join(PERCEPTUAL_NETS)}, none, or auto (default: the "
                         "authors' for --stage2 where no download is needed: LPIPS with --lpips-weights, else the "
                         "shipped classifier of built-in digits/MNIST, else none; none in the first stage)")
-    p.add_argument("--perceptual-weight", type=A.non_negative, default=None,
+    p.add_argument("--perceptual-weight", type=A.non_negative, default=D["perceptual_weight"],
                    help="weight of the perceptual term (default: the authors', the distance added to every pixel's "
                         "L1: C*H*W with --loss-reduction sum, 1 with mean)")
-    p.add_argument("--lpips-weights", default=None, metavar="FILE",
+    p.add_argument("--lpips-weights", default=D["lpips_weights"], metavar="FILE",
                    help="LPIPS (VGG16) weights converted once by scripts/convert_lpips.py; never downloaded")
-    p.add_argument("--lpips-resolution", type=A.integer(16, 4096), default=224,
-                   help="LPIPS resizes images (bilinear) to this size (default 224, the authors')")
-    p.add_argument("--teacher-precision", default="fp32", choices=["fp32", "bf16"],
+    p.add_argument("--lpips-resolution", type=A.integer(16, 4096), default=D["lpips_resolution"],
+                   help=f"LPIPS resizes images (bilinear) to this size (default {D['lpips_resolution']}, the authors')")
+    p.add_argument("--teacher-precision", default=D["teacher_precision"], choices=TEACHER_PRECISIONS,
                    help="bf16: the teacher under bf16 autocast (faster on CPUs with bf16 support), kept only if "
                         "its trajectories on the first batch stay within --teacher-precision-tol of fp32's")
-    p.add_argument("--teacher-precision-tol", type=A.real(0, 1, lo_open=True, hi_open=True), default=0.02,
-                   help="largest relative RMS deviation from the fp32 trajectory that bf16 may show (default 0.02)")
+    p.add_argument("--teacher-precision-tol", type=A.real(0, 1, lo_open=True, hi_open=True),
+                   default=D["teacher_precision_tol"], help="largest relative RMS deviation from the fp32 trajectory "
+                                                            f"that bf16 may show (default {D['teacher_precision_tol']:g})")
     p.add_argument("--trajectory-cache", type=A.folder, default=None, metavar="DIR",
                    help="store the teacher's trajectories in DIR and reuse those computed before for the same "
                         "teacher, grid and noise (exact): SFD-v after SFD runs at its NFEs with the same seed "
                         "and batch, a rerun with another --lr, a resume (default: no cache)")
     A.add_prompt_args(p, what="a prompt to distil on", many=" to draw each trajectory's prompt from (default: "
                       "fewstep's shipped list)")
-    add_loop_options(steps=0, batch=128, lr=None, lr_schedule="step", grad_clip=None,
-                     lr_note=f": the authors', {SFD_LR:g}, or {STAGE2_LR:g} with --stage2",
-                     clip_note=f" {SFD_GRAD_CLIP:g}, or none with --stage2 (the authors': none)")
+    add_loop_options(SFD_LOOP, notes={
+        "iters": "default: --trajectories / --batch",
+        "lr": f"default: the authors', {SFD_LR:g}, or {STAGE2_LR:g} with --stage2",
+        "grad_clip": f"default {SFD_GRAD_CLIP:g}, or none with --stage2 (the authors': none)"})
 
 
 def run(args):
-    device = pick_device(args.device)
-    teacher = load_model(args.teacher, device=device)
-    cfg = SFDConfig(nfe=args.nfe, afs=args.afs, m=args.m, teacher_solver=args.teacher_solver,
-                    teacher_final_orders=args.teacher_final_orders, grid=args.grid,
-                    rho=args.rho, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
-                    loss_reduction=args.loss_reduction, thresholding=args.thresholding, dropout=args.dropout,
-                    step_condition=args.step_condition, stage2=args.stage2, stage2_condition=args.stage2_condition,
-                    perceptual=None if args.perceptual == "none" else args.perceptual,
-                    perceptual_weight=args.perceptual_weight,
-                    lpips_weights=args.lpips_weights, lpips_resolution=args.lpips_resolution,
-                    teacher_precision=args.teacher_precision, teacher_precision_tol=args.teacher_precision_tol)
-    defaults = recipe(args.nfe, args.stage2)
-    if args.lr is None:
-        args.lr = defaults["lr"]
-    if args.grad_clip is None:
-        args.grad_clip = defaults["grad_clip"]
-    method = SFD(teacher, cfg, teacher_ref=teacher_reference(teacher.path), trajectory_cache=args.trajectory_cache,
-                 prompts=A.read_prompts(args.prompt, args.prompts), negative_prompt=args.negative_prompt,
-                 guidance=args.guidance)
-    if args.iters == 0:  # iterations follow from the trajectory budget, as in the paper
-        args.iters = iterations_for(args.trajectories or defaults["trajectories"], args.batch)
-    Trainer(method, TrainConfig.from_args(args), args.out, resume=args.resume, run_info=run_record(args)).run()
-    print(f"{method.name} student saved to {args.out} "
-          f"(sample it with: fewstep sample {args.out}{' --nfe N' if len(method.grids) > 1 else ''})")
+    config = SFDConfig(**{f: getattr(args, f) for f in SFD_FIELDS})
+    student = distill_sfd(args.teacher, args.out, config, trajectories=args.trajectories,
+                          trajectory_cache=args.trajectory_cache, prompts=A.read_prompts(args.prompt, args.prompts),
+                          negative_prompt=args.negative_prompt, guidance=args.guidance, resume=args.resume,
+                          run_info=run_record(args), **loop_options_from_args(args))
+    name = student.card["method"]["name"]
+    print(f"{name} student saved to {args.out} "
+          f"(sample it with: fewstep sample {args.out}{' --nfe N' if 'grids' in student.sampler else ''})")
 
 
 METHOD = Method(add_arguments=add_arguments, run=run, bench_methods=tuple(LABELS), bench_rows=bench_rows,

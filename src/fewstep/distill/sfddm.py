@@ -35,7 +35,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -48,7 +48,9 @@ from fewstep.denoiser import Denoiser
 from fewstep.distill.common import distill_data, distill_labels, trained_shape
 from fewstep.errors import FewstepError
 from fewstep.method import Method, Row
-from fewstep.models import load_model
+from fewstep.models import as_model
+from fewstep.recipe import check_loop_options, config_defaults, loop_options_from_args, loop_recipe
+from fewstep.recipe import run_info as api_run_info
 from fewstep.nets import FeatureTap, build_net, channels_last_copy, set_dropout
 from fewstep.sampling import sample_shape
 from fewstep.schedule import Schedule, index_subsequence
@@ -264,8 +266,10 @@ def check_resume_phi(out_dir, phi) -> None:
 
 # ---- the method -----------------------------------------------------------------------------------
 
-@dataclass
+@dataclass(frozen=True)
 class SFDDMConfig:
+    """What an SFDDM run distils (its budget and optimizer are the loop's options, `SFDDM_LOOP`); checked when
+    made, never changed by a run."""
     steps: int | None = None          # T'; None with an explicit index list
     index: object = "trailing"        # trailing | leading | "i,j,..." | list of ints
     init: str = "random"
@@ -278,6 +282,11 @@ class SFDDMConfig:
     feature_layer: str | None = None  # sub-module whose output is the hidden variable (None: the net's default)
     seed: int = 0                     # random init
     allow_full: bool = False          # admit T' = T (invariant checks only)
+
+    def __post_init__(self):
+        if self.steps is not None:
+            object.__setattr__(self, "steps", A.check("steps", self.steps, A.positive_int))
+        self.validate()
 
     def validate(self):
         if self.init not in INITS:
@@ -691,71 +700,107 @@ def reading(summary: dict) -> list[str]:
     return lines
 
 
+# ---- the run: one call for Python and the command line -----------------------------------------------
+
+SFDDM_FIELDS = tuple(f.name for f in fields(SFDDMConfig) if f.name != "seed")  # the seed is the loop's
+# the authors train without gradient clipping or EMA; iterations: a fifth of the teacher's samples (default_iterations)
+SFDDM_LOOP = loop_recipe(iters=None, batch=64, lr=2e-4, grad_clip=0.0, ema=None)
+
+
+def distill_sfddm(teacher, data, out, config: SFDDMConfig | None = None, *, resolution: int | None = None,
+                  data_seed: int | None = None, resume: bool = False, run_info: dict | None = None,
+                  **options) -> Checkpoint:
+    """Distil a discrete teacher (a loaded model, a built-in name or a checkpoint folder) into a T'-step SFDDM
+    student trained on `data` (what the teacher was trained on), in the folder `out`; returns the student.
+
+    SFDDM's options come as `config` (an `SFDDMConfig`) or as keywords: `steps` (T', the student's NFE),
+    `index` (trailing, leading, spread or a list of teacher indices), `init` (random or teacher), `hidden`,
+    `loss`, `lam`, `sampler`, `clip`, `dropout`, `feature_layer`. Training-loop keywords
+    (`fewstep.recipe.LOOP_OPTIONS`) default to the authors' schedule: a fifth of the teacher's training samples
+    (its card's iterations x batch / 5 / batch), batch 64, Adam 2e-4, no clipping, no EMA. `resolution` and
+    `data_seed` default to the teacher's."""
+    sfddm_options = {k: options.pop(k) for k in list(options) if k in SFDDM_FIELDS}
+    loop = check_loop_options(options, "distill_sfddm")
+    resolved = {**SFDDM_LOOP, **loop}
+    if config is None:
+        config = SFDDMConfig(**sfddm_options, seed=resolved["seed"])
+    elif sfddm_options:
+        raise FewstepError(f"distill_sfddm: {', '.join(sfddm_options)} given beside config=; give SFDDM's options "
+                           "one way")
+    elif not isinstance(config, SFDDMConfig):
+        raise FewstepError(f"config={config!r}: expected an SFDDMConfig")
+    resolution = None if resolution is None else A.check("resolution", resolution, A.resolution)
+    data_seed = None if data_seed is None else A.check("data_seed", data_seed, A.seed)
+    teacher = as_model(teacher, device=pick_device(resolved["device"]), what="teacher")
+    if resolved["iters"] is None:
+        resolved["iters"], how = default_iterations(teacher.card, resolved["batch"])
+        print(f"training iterations: {how}")
+    if run_info is None:
+        run_info = api_run_info("distill_sfddm", {"teacher": teacher, "data": data, "out": str(out),
+                                                  "resolution": resolution, "data_seed": data_seed,
+                                                  **{k: v for k, v in asdict(config).items() if k != "seed"}, **loop})
+    ds, info = distill_data(data, resolution, data_seed, teacher)
+    method = SFDDM(teacher.denoiser, config, info, teacher_ref=teacher_reference(teacher.path))
+    if resume:
+        check_resume_phi(out, method.phi)
+    Trainer(method, TrainConfig.from_options(resolved, {}), out, data=ds.x, resume=resume, run_info=run_info,
+            labels=distill_labels(teacher, ds)).run()
+    student = load_checkpoint(out, device=next(teacher.denoiser.parameters()).device)
+    student.extra["eps_error_summary"] = method.eps_error_summary()
+    return student
+
+
 # ---- the command line ---------------------------------------------------------------------------------
 
 def add_arguments(p, add_loop_options):
+    D = config_defaults(SFDDMConfig)
     p.add_argument("--teacher", required=True, help="discrete VP teacher checkpoint or built-in name")
     p.add_argument("--data", required=True, help="training data the teacher was trained on (built-in name or path)")
     p.add_argument("--resolution", type=A.resolution, default=None, help="image size (default: the teacher's)")
     p.add_argument("--data-seed", type=A.seed, default=None, help="train/held-out split seed (default: the teacher's)")
-    add_loop_options(steps=4000, batch=64, lr=2e-4)
+    add_loop_options(SFDDM_LOOP, notes={
+        "iters": "default: the authors' schedule, a fifth of the teacher's training samples: its card's "
+                 f"iterations x batch / 5 / --batch; {FALLBACK_ITERATIONS} if the card does not say",
+        "grad_clip": "default 0: none, as the authors; the other commands clip at 1",
+        "ema": "e.g. 0.999, our deviation: the authors use none; default none"})
     # --steps is the student's step count here (as in the paper's T'); iterations move to --iters
-    p.add_argument("--steps", type=A.positive_int, default=None,
+    p.add_argument("--steps", type=A.positive_int, default=D["steps"],
                    help="student steps T' (= NFE); may be left out with an explicit --index list")
-    p.add_argument("--iters", type=A.iterations, default=None,
-                   help="training iterations (default: the authors' schedule, a fifth of the teacher's training "
-                        "samples: its card's iterations x batch / 5 / --batch; 4000 if the card does not say)")
-    # the authors train the student without gradient clipping and without EMA
-    p.add_argument("--grad-clip", type=A.non_negative, default=0.0,
-                   help="gradient norm clip (default 0: none, as the authors; the other commands clip at 1)")
-    p.add_argument("--ema", type=A.decay, default=None,
-                   help="EMA decay of the student's weights, e.g. 0.999 (our deviation: the authors use none; "
-                        "default none)")
-    p.add_argument("--index", default="trailing",
+    p.add_argument("--index", default=D["index"],
                    help="index set phi: trailing (default; round((s+1)T/T')-1, the student's noisiest step is the "
                         "teacher's), leading (the authors' code: s*floor(T/T'), ends short of the noisiest step), "
                         "spread (floor(s*T/T'), fewstep's 'leading' before), or increasing teacher indices i,j,...")
-    p.add_argument("--init", default="random", choices=["random", "teacher"],
+    p.add_argument("--init", default=D["init"], choices=INITS,
                    help="student weights: random (authors' choice; time input = own index s) or a copy of "
                         "the teacher (time input = phi_s). With 'teacher' the loss starts at exactly 0")
-    p.add_argument("--hidden", default="l1", choices=["l1", "kl", "none"],
+    p.add_argument("--hidden", default=D["hidden"], choices=HIDDEN,
                    help="hidden-variable term: l1 on the penultimate feature map (default), kl (closed-form "
                         "KL of the reverse kernels, a time-weighted eps-MSE) or none")
-    p.add_argument("--loss", default="l1", choices=["l1", "l2"], help="output term (default l1)")
-    p.add_argument("--lam", type=A.non_negative, default=1.0, help="weight of the hidden term (default 1)")
-    p.add_argument("--feature-layer", default=None,
+    p.add_argument("--loss", default=D["loss"], choices=LOSSES, help=f"output term (default {D['loss']})")
+    p.add_argument("--lam", type=A.non_negative, default=D["lam"], help=f"weight of the hidden term (default {D['lam']:g})")
+    p.add_argument("--feature-layer", default=D["feature_layer"],
                    help="sub-module whose output is the hidden variable, e.g. up.3 (default: the network's "
                         "penultimate map; for imported networks the layer recorded at import)")
-    p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"],
+    p.add_argument("--sampler", default=D["sampler"], choices=SAMPLERS,
                    help="the student's default sampler: ddpm ancestral (default) or ddim eta=0")
-    p.add_argument("--clip", type=A.clip_bound, default="auto",
+    p.add_argument("--clip", type=A.clip_bound, default=D["clip"],
                    help="x0 clipping when sampling: a bound, or 'none' (default: 1 for images, none for 2-D)")
-    p.add_argument("--dropout", type=A.probability, default=0.0,
+    p.add_argument("--dropout", type=A.probability, default=D["dropout"],
                    help="student dropout rate (default 0: the authors' network has none, and a teacher-initialised "
                         "student then starts at exactly zero loss)")
 
 
 def run(args):
-    teacher = load_model(args.teacher, device=pick_device(args.device))
-    if args.iters is None:
-        args.iters, how = default_iterations(teacher.card, args.batch)
-        print(f"training iterations: {how}")
-    cfg = SFDDMConfig(steps=args.steps, index=args.index, init=args.init, hidden=args.hidden, loss=args.loss,
-                      lam=args.lam, sampler=args.sampler, clip=args.clip, dropout=args.dropout, seed=args.seed,
-                      feature_layer=args.feature_layer)
-    ds, info = distill_data(args, teacher)
-    method = SFDDM(teacher.denoiser, cfg, info, teacher_ref=teacher_reference(teacher.path))
-    if args.resume:
-        check_resume_phi(args.out, method.phi)
-    Trainer(method, TrainConfig.from_args(args), args.out, data=ds.x, resume=args.resume, run_info=run_record(args),
-            labels=distill_labels(teacher, ds)).run()
-    phi = [int(v) for v in method.phi]
+    config = SFDDMConfig(**{f: getattr(args, f) for f in SFDDM_FIELDS if f != "allow_full"}, seed=args.seed)
+    student = distill_sfddm(args.teacher, args.data, args.out, config, resolution=args.resolution,
+                            data_seed=args.data_seed, resume=args.resume, run_info=run_record(args),
+                            **loop_options_from_args(args))
+    phi = student.card["method"]["phi"]
     shown = phi if len(phi) <= 12 else phi[:5] + ["..."] + phi[-5:]
-    print(f"SFDDM student (T'={len(phi)} of T={method.teacher.schedule.T}, phi={shown}) saved to {args.out} "
-          f"(sample it with: fewstep sample {args.out}; NFE {len(phi)})")
-    summary = method.eps_error_summary()
-    if summary:
-        print(summary)
+    print(f"SFDDM student (T'={len(phi)} of T={student.card['method']['teacher_steps']}, phi={shown}) saved to "
+          f"{args.out} (sample it with: fewstep sample {args.out}; NFE {len(phi)})")
+    if student.extra["eps_error_summary"]:
+        print(student.extra["eps_error_summary"])
 
 
 METHOD = Method(add_arguments=add_arguments, run=run, bench_methods=("sfddm",), bench_rows=bench_rows,
