@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -151,14 +152,12 @@ def test_guidance_is_one_batched_call(models):
     den = load_model(models["sd-f"]).denoiser
     calls = []
     hook = den.net.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
-    den.set_prompts(PROMPTS, "", guidance=5.0)
+    text = den.encode_prompts(PROMPTS, "", guidance=5.0)
     x, labels = torch.randn(3, 4, 8, 8), torch.tensor([0, 1, 2])
     with torch.no_grad():
-        guided = den(x, 2.0, class_labels=labels)
-        den.guidance = 1.0
-        cond = den(x, 2.0, class_labels=labels)
-        den.set_prompts([""] * 3, "", guidance=1.0)
-        uncond = den(x, 2.0, class_labels=labels)
+        guided = den(x, 2.0, class_labels=labels, text=text)
+        cond = den(x, 2.0, class_labels=labels, text=text.with_guidance(1.0))
+        uncond = den(x, 2.0, class_labels=labels, text=den.encode_prompts([""] * 3, "", guidance=1.0))
     hook.remove()
     assert calls == [6, 3, 3]
     assert torch.allclose(guided, uncond + 5.0 * (cond - uncond), atol=1e-4)  # float32 rounding of 5·(c − u)
@@ -173,12 +172,14 @@ def test_sfd_on_a_text_teacher(models, tmp_path):
     tr = Trainer(method, TrainConfig(steps=1, batch=4, progress=False), tmp_path / "a")
     logs = method.train_step(StepContext(tr), None, torch.Generator().manual_seed(0))
     assert logs["loss_step0"] == 0.0 and logs["loss_step1"] == 0.0
-    assert set(method.traj.den.prompts) <= set(PROMPTS) and method.student.guidance == 1.0
+    teacher_text, student_text = method._last[6:8]
+    assert set(teacher_text.prompts) <= set(PROMPTS) and student_text.guidance == 1.0
+    assert method.student.guidance == 1.0 and teacher.denoiser.guidance == 7.5  # the loaded teacher is left alone
     guided = SFD(load_model(models["sd-f"]), SFDConfig(nfe=[2], afs=False, m=0, teacher_solver="euler"),
                  prompts=PROMPTS, guidance=7.5)
     tr = Trainer(guided, TrainConfig(steps=1, batch=4, progress=False), tmp_path / "b")
     assert guided.train_step(StepContext(tr), None, torch.Generator().manual_seed(0))["loss_step1"] > 0
-    key = guided.traj.setup()
+    key = guided.traj.setup(guided._last[6])  # the key of the batch's trajectories names its prompts
     assert key["guidance"] == 7.5 and len(key["prompts_sha256"]) == 64
     card = guided.card()
     assert card["text"]["distilled_guidance"] == 7.5 and card["method"]["prompts"]["count"] == 3
@@ -288,4 +289,23 @@ def test_missing_transformers_is_one_line(models, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)
     den = load_model(models["sd-f"]).denoiser
     with pytest.raises(FewstepError, match=r"pip install 'fewstep\[text\]'"):
-        den.set_prompts(["a cat"])
+        den.encode_prompts(["a cat"])
+
+
+def test_sampling_keeps_no_conditioning_between_calls(models, tmp_path):
+    """Prompts, negative prompt and guidance belong to one call: a call with other settings leaves the next
+    call's defaults (the card's) as they were, and a card's negative prompt and guidance are its defaults."""
+    model = load_model(models["sd-f"])
+    kw = dict(n=2, seed=1, nfe=4, progress=False)
+    default = sample(model, prompts=["a cat"], **kw)
+    sample(model, prompts=["a dog"], negative_prompt="a cat", guidance=2.0, **kw)
+    assert torch.equal(sample(model, prompts=["a cat"], **kw), default)
+    assert torch.equal(sample(load_model(models["sd-f"]), prompts=["a cat"], **kw), default)
+    # a card that names a negative prompt and a scale samples with them when the call gives none
+    folder = tmp_path / "card-defaults"
+    shutil.copytree(models["sd-f"], folder)
+    card = json.loads((folder / "fewstep.json").read_text())
+    card["text"] = {**card.get("text", {}), "negative_prompt": "blurry", "guidance": 3.0}
+    (folder / "fewstep.json").write_text(json.dumps(card))
+    assert torch.equal(sample(load_model(folder), prompts=["a cat"], **kw),
+                       sample(model, prompts=["a cat"], negative_prompt="blurry", guidance=3.0, **kw))

@@ -229,8 +229,9 @@ def load_checkpoint(name_or_path: str | Path, device: str | torch.device = "cpu"
         raise FewstepError(f"{weights}: weights do not fit the network in the card "
                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     denoiser.codec, denoiser.text = components_from_card(card, path)
-    if denoiser.text is not None:
+    if denoiser.text is not None:  # the card's defaults of every sampling call that gives none
         denoiser.guidance = float((card.get("text") or {}).get("guidance", 1.0))
+        denoiser.negative_prompt = str((card.get("text") or {}).get("negative_prompt") or "")
     denoiser.to(device).eval()
     for p in denoiser.parameters():
         p.requires_grad_(False)

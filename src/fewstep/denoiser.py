@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -43,14 +44,10 @@ class Denoiser(nn.Module):
         # shared with every copy of this denoiser; None for a pixel-space, unconditional or class model
         self.codec = None
         self.text = None
-        # text models: the prompts their labels index, and classifier-free guidance (1: the prompt alone)
-        self.prompts: list[str] = []
+        # text models: the defaults of classifier-free guidance, from the card (1: the prompt alone). A call's
+        # own prompts, negative prompt and scale come with it (`Prompting`), never stored here
         self.negative_prompt = ""
         self.guidance = 1.0
-        # plain attributes, not buffers: they change with every batch of prompts, and an EMA copy's buffers
-        # must stay those of the network
-        self.prompt_embeds: torch.Tensor | None = None
-        self.negative_embeds: torch.Tensor | None = None
 
     # ---- conventions ------------------------------------------------------------------------
     @property
@@ -84,9 +81,10 @@ class Denoiser(nn.Module):
         return v.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
     # ---- raw network call -------------------------------------------------------------------
-    def raw(self, x: torch.Tensor, sigma, step=None, class_labels=None, return_features=False):
+    def raw(self, x: torch.Tensor, sigma, step=None, class_labels=None, return_features=False,
+            text: "Prompting | None" = None):
         """The network's own output (ε, x0, v or EDM's F) for a σ-space input, plus optional features. A text
-        model's labels index its prompts (set_prompts); with guidance W ≠ 1 the output is
+        model takes `text` (`encode_prompts`), whose prompts its labels index; with guidance W ≠ 1 the output is
         uncond + W·(cond − uncond), both from one batched call."""
         sigma = self._sigma_batch(x, sigma)
         if self.param == "ve":
@@ -97,69 +95,51 @@ class Denoiser(nn.Module):
             class_labels = torch.as_tensor(class_labels, dtype=torch.long, device=x.device).reshape(-1)
         x_in, t = x * self._bcast(c_in, x), self.time_input(sigma)
         if self.text is None:
+            if text is not None:
+                raise FewstepError("a prompt was given, but this model is not text-conditioned")
             return self.net(x_in, t, step=step, class_labels=class_labels, return_features=return_features)
-        context = self.prompt_context(class_labels, x.shape[0]).to(x.device, x.dtype)
-        if self.guidance == 1.0:
+        if text is None:
+            raise FewstepError("this model is text-conditioned: give it a prompt (--prompt or --prompts)")
+        context = text.context(class_labels, x.shape[0]).to(x.device, x.dtype)
+        if text.guidance == 1.0:
             return self.net(x_in, t, step=step, context=context, return_features=return_features)
         if return_features:
             raise FewstepError("features of a guided text model: set guidance 1 first")
-        negative = self.negative_embeds.to(x.device, x.dtype).expand(x.shape[0], -1, -1)
+        negative = text.negative_embeds.to(x.device, x.dtype).expand(x.shape[0], -1, -1)
         both = self.net(torch.cat([x_in, x_in]), torch.cat([t, t]), step=step, context=torch.cat([negative, context]))
         uncond, cond = both.chunk(2)
-        return uncond + self.guidance * (cond - uncond)
+        return uncond + text.guidance * (cond - uncond)
 
     def take_components(self, other: "Denoiser") -> "Denoiser":
-        """The autoencoder, text encoder and prompts of `other` (a student built beside its teacher)."""
-        self.codec, self.text, self.guidance = other.codec, other.text, other.guidance
-        return self.take_prompts(other)
-
-    def take_prompts(self, other: "Denoiser") -> "Denoiser":
-        """The prompts `other` has set and their embeddings, shared rather than encoded again."""
-        self.prompts, self.negative_prompt = other.prompts, other.negative_prompt
-        self.prompt_embeds, self.negative_embeds = other.prompt_embeds, other.negative_embeds
+        """The autoencoder and text encoder of `other`, and its guidance defaults (a student built beside its
+        teacher)."""
+        self.codec, self.text = other.codec, other.text
+        self.guidance, self.negative_prompt = other.guidance, other.negative_prompt
         return self
 
-    # ---- text conditioning --------------------------------------------------------------------
-    def set_prompts(self, prompts: list[str], negative_prompt: str = "", guidance: float | None = None):
-        """Encode the prompts a text model's labels index (once, not per call) and the negative prompt of
-        classifier-free guidance; `guidance` None keeps the current scale."""
+    def encode_prompts(self, prompts: list[str], negative_prompt: str | None = None,
+                       guidance: float | None = None) -> "Prompting":
+        """A text model's conditioning for one run: the prompts (its labels index them), the negative prompt and
+        the guidance scale (None: the card's), encoded once. Nothing is kept on the model."""
         if self.text is None:
             raise FewstepError("a prompt was given, but this model is not text-conditioned")
         prompts = [str(p) for p in prompts]
         if not prompts:
             raise FewstepError("expected at least one prompt")
+        negative_prompt = self.negative_prompt if negative_prompt is None else str(negative_prompt)
+        if guidance is None:
+            guidance = self.guidance
+        elif not 1.0 <= guidance:
+            raise FewstepError(f"--guidance {guidance}: expected a scale >= 1 (1: the prompt alone)")
         device = next(self.net.parameters()).device
-        emb = self.text.to(device).encode(prompts + [str(negative_prompt)])
-        self.prompt_embeds, self.negative_embeds = emb[:-1].to(device), emb[-1:].to(device)
-        self.prompts, self.negative_prompt = prompts, str(negative_prompt)
-        if guidance is not None:
-            if guidance < 1.0:
-                raise FewstepError(f"--guidance {guidance}: expected a scale >= 1 (1: the prompt alone)")
-            self.guidance = float(guidance)
-        return self
-
-    def prompt_context(self, labels: torch.Tensor | None, n: int) -> torch.Tensor:
-        """The prompt embeddings of n samples, from their labels (indices into the prompts)."""
-        if self.prompt_embeds is None:
-            raise FewstepError("this model is text-conditioned: give it a prompt (--prompt or --prompts)")
-        if labels is None:
-            if len(self.prompt_embeds) != 1:
-                raise FewstepError(f"{len(self.prompt_embeds)} prompts are set: each sample needs its prompt's index")
-            return self.prompt_embeds.expand(n, -1, -1)
-        return self.prompt_embeds[labels.to(self.prompt_embeds.device)]
+        emb = self.text.to(device).encode(prompts + [negative_prompt])
+        return Prompting(tuple(prompts), negative_prompt, float(guidance), emb[:-1].to(device), emb[-1:].to(device))
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Samples as images: a latent model's latents through its autoencoder, anything else as it is."""
         if self.codec is None:
             return x
         return self.codec.to(x.device).decode(x)
-
-    def condition_key(self) -> dict:
-        """What besides the labels decides a text model's outputs (for caches of its trajectories)."""
-        if self.text is None or self.prompt_embeds is None:
-            return {}
-        h = hashlib.sha256(json.dumps(self.prompts + [self.negative_prompt]).encode()).hexdigest()
-        return {"prompts_sha256": h, "guidance": self.guidance}
 
     def raw_to_x0(self, raw: torch.Tensor, x: torch.Tensor, sigma) -> torch.Tensor:
         """Convert a raw network output at (x, σ) into the x0 estimate."""
@@ -179,8 +159,8 @@ class Denoiser(nn.Module):
         c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
         return c_skip * x + c_out * raw
 
-    def forward(self, x: torch.Tensor, sigma, step=None, class_labels=None, return_features=False):
-        out = self.raw(x, sigma, step=step, class_labels=class_labels, return_features=return_features)
+    def forward(self, x: torch.Tensor, sigma, step=None, class_labels=None, return_features=False, text=None):
+        out = self.raw(x, sigma, step=step, class_labels=class_labels, return_features=return_features, text=text)
         if return_features:
             raw, feats = out
             return self.raw_to_x0(raw, x, sigma), feats
@@ -193,10 +173,10 @@ class Denoiser(nn.Module):
     # ---- sampler-facing helpers --------------------------------------------------------------
     @property
     def num_classes(self) -> int:
-        """Number of class labels a class-conditional network takes (0: unconditional); a text model's labels
-        are indices into its prompts, so it has as many as prompts are set."""
+        """Number of class labels a class-conditional network takes (0: unconditional, or a text model, whose
+        labels index the prompts of its `Prompting`)."""
         if self.text is not None:
-            return 0 if self.prompt_embeds is None else len(self.prompt_embeds)
+            return 0
         return int(getattr(self.net, "config", {}).get("num_classes") or 0)
 
     def check_labels(self, class_labels: torch.Tensor | None, n: int | None = None) -> torch.Tensor | None:
@@ -215,15 +195,16 @@ class Denoiser(nn.Module):
                                f": expected 0..{self.num_classes - 1}")
         return labels
 
-    def with_step(self, step: int | None, class_labels: torch.Tensor | None = None):
-        """A plain callable D(x, σ) with the step condition (SFD-v) and class labels bound, for the solvers."""
+    def with_step(self, step: int | None, class_labels: torch.Tensor | None = None, text: "Prompting | None" = None):
+        """A plain callable D(x, σ) with the step condition (SFD-v), class labels and a text model's prompts
+        bound, for the solvers."""
         if step is None and self.has_step_condition:
             raise FewstepError("this model is step-conditioned (SFD-v): choose one of its trained NFEs")
         if not self.has_step_condition:
             step = None
-        if step is None and class_labels is None:
+        if step is None and class_labels is None and text is None:
             return self
-        return lambda x, sigma: self(x, sigma, step=step, class_labels=class_labels)
+        return lambda x, sigma: self(x, sigma, step=step, class_labels=class_labels, text=text)
 
     def table_sigmas(self) -> torch.Tensor:
         """The model's own noise levels, noisiest first (discrete only)."""
@@ -240,3 +221,32 @@ class Denoiser(nn.Module):
 
     def describe(self) -> dict:
         return {"param": self.param, "exact_table": self.exact_table, "schedule": self.schedule.to_dict()}
+
+
+@dataclass(frozen=True)
+class Prompting:
+    """A text model's conditioning for one sampling run or one training batch: the prompts its class labels
+    index, the negative prompt, the guidance scale and their embeddings (`Denoiser.encode_prompts`). It travels
+    with each call and is never stored on the model, so one call's prompts cannot reach the next."""
+    prompts: tuple
+    negative_prompt: str
+    guidance: float
+    embeds: torch.Tensor
+    negative_embeds: torch.Tensor
+
+    def context(self, labels: torch.Tensor | None, n: int) -> torch.Tensor:
+        """The prompt embeddings of n samples, from their labels (indices into the prompts)."""
+        if labels is None:
+            if len(self.embeds) != 1:
+                raise FewstepError(f"{len(self.embeds)} prompts are set: each sample needs its prompt's index")
+            return self.embeds.expand(n, -1, -1)
+        return self.embeds[labels.to(self.embeds.device)]
+
+    def with_guidance(self, guidance: float) -> "Prompting":
+        """The same prompts at another scale (a student beside its guided teacher takes the prompt alone)."""
+        return replace(self, guidance=float(guidance))
+
+    def key(self) -> dict:
+        """What besides the labels decides a text model's outputs (for caches of its trajectories)."""
+        h = hashlib.sha256(json.dumps(list(self.prompts) + [self.negative_prompt]).encode()).hexdigest()
+        return {"prompts_sha256": h, "guidance": self.guidance}

@@ -188,16 +188,18 @@ def class_labels_for(den, n: int, class_label=None, seed: int = 0) -> tuple[torc
 
 
 def prompt_labels(den, n: int, prompts, negative_prompt: str | None = None, guidance: float | None = None):
-    """A text model's prompts set on it (with the card's guidance and negative prompt unless given) and the
-    label of each of n samples: sample i takes prompt i mod len(prompts)."""
+    """A text model's conditioning for this run (the card's guidance and negative prompt unless given) and the
+    label of each of n samples: sample i takes prompt i mod len(prompts). (None, None) for other models."""
     if den.text is None:
         if prompts or negative_prompt is not None or guidance is not None:
             raise FewstepError("--prompt / --negative-prompt / --guidance: this model is not text-conditioned")
-        return None
+        return None, None
     if not prompts:
         raise FewstepError("this model is text-conditioned: give --prompt TEXT or --prompts FILE")
-    den.set_prompts(list(prompts), den.negative_prompt if negative_prompt is None else negative_prompt, guidance)
-    return torch.arange(n) % len(den.prompts)
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    text = den.encode_prompts(list(prompts), negative_prompt, guidance)
+    return torch.arange(n) % len(text.prompts), text
 
 
 @torch.no_grad()
@@ -224,7 +226,7 @@ def sample(ckpt: Checkpoint, n: int, seed: int = 0, nfe: int | None = None, samp
     sigmas = plan["sigmas"]
     if noise is None:
         noise = torch.randn((n, *sample_shape(ckpt.card)), generator=torch.Generator().manual_seed(seed))
-    labels = prompt_labels(den, n, prompts, negative_prompt, guidance)
+    labels, text = prompt_labels(den, n, prompts, negative_prompt, guidance)
     if labels is None:
         labels, classes = class_labels_for(den, n, class_label, seed)
     elif class_label is not None:
@@ -234,7 +236,7 @@ def sample(ckpt: Checkpoint, n: int, seed: int = 0, nfe: int | None = None, samp
     bar = tqdm(total=n, desc=f"sampling {plan['name']} NFE {plan['nfe']}", unit="img", disable=not progress,
                leave=False)
     for i in range(0, n, batch_size):
-        model = den.with_step(plan["step"], None if labels is None else labels[i:i + batch_size].to(device))
+        model = den.with_step(plan["step"], None if labels is None else labels[i:i + batch_size].to(device), text)
         x = noise[i:i + batch_size].to(device) * start_scale(plan)
         kw = {"afs": True} if plan["afs"] else {}
         r = solve(plan["name"], model, x, sigmas.to(device), generator=gen if plan["name"] in STOCHASTIC else None,
@@ -260,7 +262,7 @@ def sample(ckpt: Checkpoint, n: int, seed: int = 0, nfe: int | None = None, samp
     if "timesteps" in plan:
         info["timesteps"] = plan["timesteps"]
     if den.text is not None:
-        info.update(prompts=den.prompts, negative_prompt=den.negative_prompt, guidance=den.guidance)
+        info.update(prompts=list(text.prompts), negative_prompt=text.negative_prompt, guidance=text.guidance)
     elif labels is not None:
         info["class"] = classes
         info["labels"] = labels.tolist()

@@ -200,10 +200,10 @@ class TeacherTrajectory:
         self._digest = None
         self.precision_check = None  # bf16: the first batch's deviation from fp32 and the precision kept
 
-    def setup(self) -> dict:
+    def setup(self, text=None) -> dict:
         """What, besides the teacher, the grid and the noise, decides the trajectories (the cache key)."""
         setup = {"solver": self.solver, "afs": self.afs, "clip": self.clip, "step": self.step,
-                 "precision": self.precision, **self.den.condition_key()}
+                 "precision": self.precision, **(text.key() if text is not None else {})}
         if self.solver in ("dpmpp2m", "dpmpp3m"):
             setup["final_orders"] = self.final_orders
         return setup
@@ -215,22 +215,23 @@ class TeacherTrajectory:
         return contextlib.nullcontext()
 
     @torch.no_grad()
-    def __call__(self, x_T: torch.Tensor, teacher_grid: torch.Tensor, positions: list[int], class_labels=None):
+    def __call__(self, x_T: torch.Tensor, teacher_grid: torch.Tensor, positions: list[int], class_labels=None,
+                 text=None):
         kw = {"afs": True} if self.afs else {}
         if self.solver in ("dpmpp2m", "dpmpp3m"):
             kw["lower_order_final"] = self.final_orders
         with self.autocast(x_T.device.type):
-            r = solve(self.solver, self.den.with_step(self.step, class_labels), x_T, teacher_grid.to(x_T.device),
+            r = solve(self.solver, self.den.with_step(self.step, class_labels, text), x_T, teacher_grid.to(x_T.device),
                       clip=self.clip, return_trajectory=True, **kw)
         return [r.trajectory[p].to(x_T.dtype) for p in positions], r.nfe
 
-    def check_precision(self, x, t_grid, positions, labels, nfe: int, tolerance: float):
+    def check_precision(self, x, t_grid, positions, labels, nfe: int, tolerance: float, text=None):
         """bf16 teacher: keep it only if its trajectory on this batch stays within the tolerance of fp32's
         (relative RMS deviation, the largest over the kept states)."""
         self.precision = "fp32"
-        exact, _ = self(x, t_grid, positions, labels)
+        exact, _ = self(x, t_grid, positions, labels, text)
         self.precision = "bf16"
-        fast, _ = self(x, t_grid, positions, labels)
+        fast, _ = self(x, t_grid, positions, labels, text)
         deviation = max(float((f - e).square().mean().sqrt() / e.square().mean().sqrt().clamp_min(1e-12))
                         for f, e in zip(fast[1:], exact[1:]))
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -249,18 +250,18 @@ class TeacherTrajectory:
         self.precision_check = check
         self.precision = check["kept"]
 
-    def states(self, x, t_grid, positions, labels):
+    def states(self, x, t_grid, positions, labels, text=None):
         """(teacher states at the student timestamps, teacher NFE, whether they came from the cache)."""
         if self.cache is None:
-            return (*self(x, t_grid, positions, labels), False)
+            return (*self(x, t_grid, positions, labels, text), False)
         if self._digest is None:  # after use_channels_last: the format is part of the teacher
             self._digest = module_digest(self.den)
-        setup = {**self.setup(), "grid": [float(s) for s in t_grid], "positions": list(positions)}
+        setup = {**self.setup(text), "grid": [float(s) for s in t_grid], "positions": list(positions)}
         key = self.cache.key(self._digest, setup, x, labels)
         found = self.cache.get(key, x.device)
         if found is not None:
             return (*found, True)
-        states, teacher_nfe = self(x, t_grid, positions, labels)
+        states, teacher_nfe = self(x, t_grid, positions, labels, text)
         self.cache.put(key, states, teacher_nfe)
         return states, teacher_nfe, False
 
@@ -319,18 +320,18 @@ class SFD(TrainMethod):
             return
         self.prompts = list(prompts) if prompts else default_prompts()
         self.negative_prompt = tden.negative_prompt if negative_prompt is None else negative_prompt
-        if guidance is not None:
-            tden.guidance = float(guidance)
-        self.guidance = tden.guidance
-        self.distilled_guidance = (self.teacher.card.get("text") or {}).get("distilled_guidance", tden.guidance) \
-            if self.cfg.stage2 else tden.guidance
+        # the teacher's guidance for this run: given, or its card's (the teacher model itself is left as it is)
+        self.guidance = tden.guidance if guidance is None else float(guidance)
+        self.distilled_guidance = (self.teacher.card.get("text") or {}).get("distilled_guidance", self.guidance) \
+            if self.cfg.stage2 else self.guidance
         self.student.guidance = 1.0
 
     def _batch_prompts(self, index: torch.Tensor):
-        """Encode this batch's prompts once, for the teacher and the student alike."""
-        tden = self.traj.den
-        tden.set_prompts([self.prompts[i] for i in index.tolist()], self.negative_prompt)
-        self.student.take_prompts(tden)
+        """This batch's prompts, encoded once: the teacher's conditioning (guided) and the student's (the same
+        prompts alone, guidance 1)."""
+        text = self.traj.den.encode_prompts([self.prompts[i] for i in index.tolist()], self.negative_prompt,
+                                            self.guidance)
+        return text, text.with_guidance(1.0)
 
     def _perceptual_net(self, data: dict, device):
         """The last step's perceptual distance (None: none); resolves "auto" in the config, for the card."""
@@ -395,25 +396,26 @@ class SFD(TrainMethod):
     def trainable(self):
         return self.student
 
-    def _student_model(self, n_timestamps: int, class_labels=None):
+    def _student_model(self, n_timestamps: int, class_labels=None, text=None):
         step = (self.student_step_cond or n_timestamps) if self.student.has_step_condition else None
-        return self.student.with_step(step, class_labels)
+        return self.student.with_step(step, class_labels, text)
 
     def _labels(self, ctx: StepContext, B: int, gen: torch.Generator):
-        """Class labels of a conditional teacher's trajectories: uniform over its classes (as the SFD
-        code does), drawn for the global batch and sliced. A text teacher's prompts are drawn the same way
-        from the prompt list; the batch's are encoded and its labels index them."""
+        """(labels, the teacher's text conditioning, the student's). Class labels of a conditional teacher's
+        trajectories: uniform over its classes (as the SFD code does), drawn for the global batch and sliced. A
+        text teacher's prompts are drawn the same way from the prompt list; the batch's are encoded and its
+        labels index them."""
         if self.prompts is not None:
-            self._batch_prompts(torch.randint(len(self.prompts), (B,), generator=gen))
-            return ctx.local(torch.arange(B)).to(ctx.device)
+            text, student_text = self._batch_prompts(torch.randint(len(self.prompts), (B,), generator=gen))
+            return ctx.local(torch.arange(B)).to(ctx.device), text, student_text
         k = self.teacher.denoiser.num_classes
-        return ctx.local(torch.randint(k, (B,), generator=gen)).to(ctx.device) if k else None
+        return (ctx.local(torch.randint(k, (B,), generator=gen)).to(ctx.device) if k else None), None, None
 
     def train_step(self, ctx: StepContext, batch, gen: torch.Generator) -> dict:
         cfg = self.cfg
         B = ctx.world * self._local_batch(ctx)
         eps = ctx.local(torch.randn((B, *self.shape), generator=gen)).to(ctx.device)
-        labels = self._labels(ctx, B, gen)
+        labels, text, student_text = self._labels(ctx, B, gen)
         # N is drawn from the iteration's global generator, so all processes pick the same N; after the
         # noise, so SFD-v's iteration k starts where an SFD run at that N does (shared cached trajectories)
         nfe = cfg.nfe[int(torch.randint(len(cfg.nfe), (1,), generator=gen))] if len(cfg.nfe) > 1 else cfg.nfe[0]
@@ -422,12 +424,13 @@ class SFD(TrainMethod):
 
         with ctx.timed("teacher"), ctx.autocast():
             if cfg.teacher_precision == "bf16" and self.precision_check is None:
-                self.traj.check_precision(x, t_grid, self.positions[nfe], labels, nfe, cfg.teacher_precision_tol)
-            targets, teacher_nfe, cached = self.traj.states(x, t_grid, self.positions[nfe], labels)
+                self.traj.check_precision(x, t_grid, self.positions[nfe], labels, nfe, cfg.teacher_precision_tol,
+                                          text)
+            targets, teacher_nfe, cached = self.traj.states(x, t_grid, self.positions[nfe], labels, text)
         # the floor replays the teacher calls the iteration made: none when it read its trajectories
-        self._last = (ctx, x, s_grid, t_grid, 0 if cached else teacher_nfe, labels)
+        self._last = (ctx, x, s_grid, t_grid, 0 if cached else teacher_nfe, labels, text, student_text)
 
-        model = self._student_model(len(s_grid), labels)
+        model = self._student_model(len(s_grid), labels, student_text)
         losses = []
         s_grid = s_grid.to(ctx.device)
         for i in range(len(s_grid) - 1):
@@ -462,10 +465,10 @@ class SFD(TrainMethod):
         last = getattr(self, "_last", None)
         if last is None:
             return None
-        ctx, x, s_grid, t_grid, teacher_nfe, labels = last
-        tmodel = self.traj.den.with_step(self.traj.step, labels)
+        ctx, x, s_grid, t_grid, teacher_nfe, labels, text, student_text = last
+        tmodel = self.traj.den.with_step(self.traj.step, labels, text)
         sigmas = t_grid.to(x.device)
-        model = self._student_model(len(s_grid), labels)
+        model = self._student_model(len(s_grid), labels, student_text)
 
         def teacher_call(sigma):
             def call():
@@ -552,10 +555,13 @@ class SFD(TrainMethod):
         x = torch.randn((n, *self.shape), generator=torch.Generator().manual_seed(seed))
         x = x.to(next(model.parameters()).device) * float(s_grid[0])
         step = (self.student_step_cond or len(s_grid)) if model.has_step_condition else None
-        if self.prompts is not None:  # the first prompts of the list, every preview alike
-            model.set_prompts(self.prompts[:n], self.negative_prompt)
-        labels = torch.arange(n, device=x.device) % model.num_classes if model.num_classes else None
-        return solve("euler", model.with_step(step, labels), x, s_grid.to(x.device), afs=self.cfg.afs).x
+        text = None
+        if self.prompts is not None:  # the first prompts of the list, every preview alike, at the model's guidance
+            text = model.encode_prompts(self.prompts[:n], self.negative_prompt)
+            labels = torch.arange(n, device=x.device) % len(text.prompts)
+        else:
+            labels = torch.arange(n, device=x.device) % model.num_classes if model.num_classes else None
+        return solve("euler", model.with_step(step, labels, text), x, s_grid.to(x.device), afs=self.cfg.afs).x
 
 
 def iterations_for(trajectories: int, batch: int) -> int:
