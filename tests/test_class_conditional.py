@@ -81,9 +81,13 @@ def test_sfd_teacher_copy_has_zero_loss_only_with_shared_labels(cond_teacher, tm
     assert method.card()["method"]["class_distribution"] == "uniform"
     # the same step with the student's labels shifted by one class is not free
     shifted = method._labels
-    method._labels = lambda ctx, B, gen: (shifted(ctx, B, gen) + 1) % K
+
+    def shifted_labels(ctx, B, gen):
+        labels, text, student_text = shifted(ctx, B, gen)
+        return (labels + 1) % K, text, student_text
+    method._labels = shifted_labels
     orig_states = method.traj.states
-    method.traj.states = lambda x, g, pos, labels: orig_states(x, g, pos, (labels - 1) % K)
+    method.traj.states = lambda x, g, pos, labels, text=None: orig_states(x, g, pos, (labels - 1) % K, text)
     logs = method.train_step(StepContext(tr), None, torch.Generator().manual_seed(0))
     assert logs["loss_step0"] > 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -439,6 +440,17 @@ def test_cli_import_refusal_is_one_line(tmp_path, capsys):
     assert run(["import", src, "--out", tmp_path / "out"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "beta_schedule 'exp'" in err[0] and "Traceback" not in err[0]
+
+
+def test_import_never_overwrites_a_model(folders, imported, tmp_path, capsys):
+    """`fewstep import` into a folder that holds a fewstep model is refused and leaves it byte for byte."""
+    out = tmp_path / "taken"
+    shutil.copytree(imported["v"], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert run(["import", folders / "eps", "--out", out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a fewstep model" in err[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
 def test_missing_diffusers_is_a_clear_error(folders, tmp_path, monkeypatch):

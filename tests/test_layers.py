@@ -9,12 +9,13 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "fewstep"
 
 # lowest first; a module may import its own layer and every layer before it
 LAYERS = {
-    "foundations": ["errors", "hashing", "argtypes", "method", "schedule", "nets", "data"],
+    "foundations": ["errors", "hashing", "argtypes", "recipe", "method", "schedule", "nets", "data"],
     "models": ["denoiser", "solvers", "components", "checkpoint", "sampling", "viz", "show"],
     "around a model": ["featnet", "perceptual", "metrics", "compare", "interop", "interop.*", "models"],
     "training loop": ["runfolder", "train"],
     "methods": ["teacher", "distill", "distill.*", "registry"],
     "bench": ["benchspec", "report", "bench"],
+    "api": ["api"],
     "command line": ["cli", "cli.*", "__main__"],
 }
 
@@ -29,7 +30,8 @@ MODULES = {module_name(p): p for p in sorted(SRC.rglob("*.py"))}
 
 def layer_of(name: str) -> int | None:
     """A module's layer: named in LAYERS, or inside a package listed as "package.*" (a new method in
-    fewstep/distill/ needs no entry here). The package's own __init__ (version only) is below everything."""
+    fewstep/distill/ needs no entry here). The package's own __init__ is below everything: it holds the version
+    and forwards the API's names by string, on first use (so `import fewstep` loads nothing else)."""
     if name == "":
         return -1
     for i, mods in enumerate(LAYERS.values()):

@@ -184,6 +184,17 @@ def checkpoint_folder(path: str | Path) -> Path:
     return path
 
 
+def refuse_to_overwrite(out: Path) -> None:
+    """Refuse a folder that already holds a readable fewstep model (a broken one, e.g. an interrupted cache
+    entry, may be replaced): writing a new model there would lose it."""
+    if (Path(out) / CARD_NAME).is_file():
+        try:
+            read_card(out)
+        except FewstepError:
+            return
+        raise FewstepError(f"--out {out}: the folder already holds a fewstep model; choose another folder")
+
+
 def read_card(path: str | Path) -> dict:
     path = checkpoint_folder(path)
     card_path = path / CARD_NAME

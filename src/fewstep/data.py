@@ -556,3 +556,18 @@ def array_to_tensor(arr: np.ndarray, where: str = "array") -> torch.Tensor:
             )
         out = np.clip(arr.astype(np.float32) * 2.0 - 1.0, -1.0, 1.0)
     return torch.from_numpy(np.ascontiguousarray(out))
+
+
+def load_samples_file(path) -> torch.Tensor:
+    """Samples written by `fewstep sample --out` (or any array of images or points), checked as samples."""
+    p = Path(path)
+    if not p.is_file():
+        raise FewstepError(f"samples file {path!r} does not exist")
+    arr, _ = load_array(p, keys=("samples",), what="samples file")
+    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise FewstepError(f"{path}: samples have dtype {arr.dtype}; expected float values")
+    if arr.ndim not in (2, 4) or len(arr) == 0:
+        raise FewstepError(f"{path}: samples have shape {arr.shape}; expected images (N, C, H, W) or points (N, D)")
+    if not np.isfinite(arr).all():
+        raise FewstepError(f"{path}: samples contain NaN or infinite values")
+    return torch.from_numpy(np.asarray(arr, dtype=np.float32))

@@ -108,14 +108,14 @@ class TrainConfig:
             raise FewstepError(f"batch={self.batch}: expected a positive batch size")
         if not self.lr > 0:
             raise FewstepError(f"lr={self.lr}: expected a positive learning rate")
-        if self.lr_schedule not in ("constant", "step", "cosine"):
-            raise FewstepError(f"lr schedule {self.lr_schedule!r}: expected constant, step or cosine")
-        if self.amp not in ("none", "bf16", "fp16"):
-            raise FewstepError(f"amp={self.amp!r}: expected none, bf16 or fp16")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise FewstepError(f"lr schedule {self.lr_schedule!r}: expected {', '.join(LR_SCHEDULES)}")
+        if self.amp not in AMP_MODES:
+            raise FewstepError(f"amp={self.amp!r}: expected {', '.join(AMP_MODES)}")
         if self.ema is not None and not 0 < self.ema < 1:
             raise FewstepError(f"ema={self.ema}: expected a decay in (0, 1), or none")
-        if self.log not in ("jsonl", "tensorboard"):
-            raise FewstepError(f"--log {self.log!r}: expected jsonl or tensorboard")
+        if self.log not in LOG_KINDS:
+            raise FewstepError(f"--log {self.log!r}: expected {' or '.join(LOG_KINDS)}")
         if self.snapshot_every < 0:
             raise FewstepError(f"snapshot_every={self.snapshot_every}: expected 0 (none) or a positive iteration count")
         if self.channels_last not in ("auto", "on", "off"):

@@ -5,14 +5,13 @@ import argparse
 import time
 from pathlib import Path
 
+from fewstep import api
 from fewstep import argtypes as A
-from fewstep.bench import Bench
 from fewstep.benchspec import PRESETS, BenchSpec, bench_methods, preset
 from fewstep.cli.common import COMMAND_HELP
 from fewstep.distill.sfd import SFD_RECIPE, sfd_nfe_for
 from fewstep.errors import FewstepError
 from fewstep.report import profile_table, results_table
-from fewstep.train import pick_device
 
 
 def register(sub):
@@ -88,12 +87,10 @@ def recipe_list(text: str) -> list[str]:
 
 def run_bench(spec, out, device, progress, profile=False, distill_only=False):
     t0 = time.perf_counter()
-    bench = Bench(spec, out, device=str(pick_device(device)), progress=progress)
+    summary = api.run_bench(out, spec=spec, device=device, progress=progress, distill_only=distill_only)
     if distill_only:
-        models = bench.distill()
-        print(f"{len(models)} models distilled or found in {Path(out) / 'models'} in {time.perf_counter() - t0:.0f} s")
+        print(f"models distilled or found in {Path(out) / 'models'} in {time.perf_counter() - t0:.0f} s")
         return None
-    summary = bench.run()
     print()
     print(results_table(summary))
     if profile:

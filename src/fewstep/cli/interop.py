@@ -1,13 +1,9 @@
 """`fewstep import` and `fewstep export`: foreign teachers in, students out."""
 from __future__ import annotations
 
-from pathlib import Path
-
+from fewstep import api
 from fewstep import argtypes as A
 from fewstep.cli.common import COMMAND_HELP
-from fewstep.interop import import_model
-from fewstep.interop.diffusers_io import export_diffusers
-from fewstep.models import resolve_model
 
 
 def register(sub):
@@ -33,12 +29,11 @@ def register(sub):
 
 
 def cmd_import(args):
-    opts = {"feature_layer": args.feature_layer} if args.feature_layer else {}
-    out = import_model(args.source, args.out, **opts)
-    print(f"imported {args.source} → {out} (see: fewstep info {out})")
+    model = api.import_model(args.source, args.out, feature_layer=args.feature_layer)
+    print(f"imported {args.source} → {model.path} (see: fewstep info {model.path})")
 
 
 def cmd_export(args):
-    out = export_diffusers(resolve_model(args.model), Path(args.out), nfe=args.nfe)
+    out = api.export_model(args.model, args.out, nfe=args.nfe, format=args.format)
     print(f"exported {args.model} → {out} (diffusers: DiffusionPipeline.from_pretrained({str(out)!r}, "
           "custom_pipeline=…/pipeline.py, trust_remote_code=True); see its README.md)")

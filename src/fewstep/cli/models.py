@@ -6,24 +6,22 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from fewstep import api
 from fewstep import argtypes as A
-from fewstep.checkpoint import atomic_write, write_json
+from fewstep.checkpoint import write_json
 from fewstep.cli.common import COMMAND_HELP
-from fewstep.data import load_array
-from fewstep.compare import compare_models, interpolation_noises, sample_same_noise
+from fewstep.compare import interpolation_noises, sample_same_noise
 from fewstep.errors import FewstepError
 from fewstep.featnet import train_classifier
-from fewstep.metrics import evaluate_samples
 from fewstep.models import load_model
 from fewstep.nets import count_parameters
-from fewstep.sampling import sample, sample_shape
+from fewstep.sampling import sample_shape
 from fewstep.schedule import GRID_KINDS, SCHEDULER_SPACINGS
 from fewstep.solvers import SOLVERS
 from fewstep.train import pick_device
-from fewstep.viz import image_grid, pairs_picture, save_png, save_samples_picture, scatter_png
+from fewstep.viz import image_grid, pairs_picture, save_png, scatter_png
 
 LONG_RUN_S = 3600  # `sample` asks for --yes before a run projected longer than this
 
@@ -97,25 +95,15 @@ def register(sub):
 
 
 def cmd_sample(args):
-    ckpt = load_model(args.model, device=pick_device(args.device))
-    x, info = sample(ckpt, args.n, seed=args.seed, nfe=args.nfe, sampler=args.sampler, grid=args.grid,
-                     rho=args.rho, batch_size=args.batch, return_info=True, class_label=args.class_label,
-                     final_zero=args.final_denoise, max_seconds=None if args.yes else LONG_RUN_S,
-                     prompts=A.read_prompts(args.prompt, args.prompts), negative_prompt=args.negative_prompt,
-                     guidance=args.guidance)
+    s = api.sample(args.model, args.n, seed=args.seed, nfe=args.nfe, sampler=args.sampler, grid=args.grid,
+                   rho=args.rho, final_denoise=args.final_denoise, prompts=A.read_prompts(args.prompt, args.prompts),
+                   negative_prompt=args.negative_prompt, guidance=args.guidance, class_label=args.class_label,
+                   batch_size=args.batch, device=args.device, max_seconds=None if args.yes else LONG_RUN_S)
     if args.out:
-        out = Path(args.out)
-        arrays = {"labels": np.asarray(info.pop("labels"), dtype=np.int64)} if "labels" in info else {}
-
-        def write(tmp):
-            with open(tmp, "wb") as f:
-                np.savez(f, samples=x.numpy(), info=json.dumps(info), **arrays)
-
-        atomic_write(out, write)
-        print(f"{args.n} samples → {out}")
+        print(f"{args.n} samples → {s.save(args.out)}")
     if args.grid_png:
-        save_samples_picture(x[:args.grid_n], args.grid_png, title=f"{info['sampler']} NFE {info['nfe']}")
-        print(f"picture → {args.grid_png}")
+        print(f"picture → {s.picture(args.grid_png, n=args.grid_n)}")
+    info = s.info
     print(f"sampler {info['sampler']}, NFE {info['nfe']}{' (AFS)' if info['afs'] else ''}, "
           f"{info['seconds']:.2f} s for {args.n} samples")
 
@@ -199,25 +187,10 @@ def describe_sampler(s: dict) -> str:
     return text
 
 
-def load_samples_file(path: str) -> torch.Tensor:
-    p = Path(path)
-    if not p.is_file():
-        raise FewstepError(f"samples file {path!r} does not exist")
-    arr, _ = load_array(p, keys=("samples",), what="samples file")
-    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-        raise FewstepError(f"{path}: samples have dtype {arr.dtype}; expected float values")
-    if arr.ndim not in (2, 4) or len(arr) == 0:
-        raise FewstepError(f"{path}: samples have shape {arr.shape}; expected images (N, C, H, W) or points (N, D)")
-    if not np.isfinite(arr).all():
-        raise FewstepError(f"{path}: samples contain NaN or infinite values")
-    return torch.from_numpy(np.asarray(arr, dtype=np.float32))
-
-
 def cmd_eval(args):
-    x = load_samples_file(args.samples)
-    res = evaluate_samples(x, args.data, resolution=args.resolution, seed=args.seed, n_ref=args.n_ref,
-                           classifier=args.classifier, split_seed=args.data_seed, reference=args.reference,
-                           metrics=args.metrics, inception=args.inception)
+    res = api.evaluate(args.samples, args.data, resolution=args.resolution, seed=args.seed, n_ref=args.n_ref,
+                       classifier=args.classifier, data_seed=args.data_seed, reference=args.reference,
+                       metrics=args.metrics, inception=args.inception)
     ref = res["reference"]
     print(f"{res['n']} samples against {ref['n']} reference samples ({ref['split']} of {ref['data']})")
     for k, about in res["about"].items():
@@ -258,10 +231,9 @@ def add_compare(sub):
 
 def cmd_compare(args):
 
-    device = pick_device(args.device)
-    a, b = load_model(args.a, device=device), load_model(args.b, device=device)
-    xa, xb, st = compare_models(a, b, args.n, args.seed, args.sampler_a, args.nfe_a, args.sampler_b, args.nfe_b,
-                                batch_size=args.batch)
+    c = api.compare_models(args.a, args.b, args.n, seed=args.seed, sampler_a=args.sampler_a, nfe_a=args.nfe_a,
+                    sampler_b=args.sampler_b, nfe_b=args.nfe_b, batch_size=args.batch, device=args.device)
+    xa, xb, st = c.a.x, c.b.x, c.stats
     print(f"A {args.a}: {st['a']['sampler']} NFE {st['a']['nfe']}")
     print(f"B {args.b}: {st['b']['sampler']} NFE {st['b']['nfe']}")
     print(f"PSNR matched  {st['psnr_matched']:.2f} dB (± {st['psnr_matched_std']:.2f})   MSE {st['mse_matched']:.4g}")

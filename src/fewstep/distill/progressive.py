@@ -47,7 +47,7 @@ from fewstep.distill import sfddm
 from fewstep.distill.common import distill_data, distill_labels, trained_shape
 from fewstep.errors import FewstepError
 from fewstep.method import Method, Row
-from fewstep.models import as_model, load_model
+from fewstep.models import as_model
 from fewstep.recipe import check_loop_options, loop_options_from_args, loop_recipe
 from fewstep.recipe import run_info as api_run_info
 from fewstep.nets import channels_last_copy, set_dropout

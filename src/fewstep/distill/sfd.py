@@ -32,7 +32,7 @@ from fewstep.distill.trajectory_cache import TrajectoryCache, module_digest
 from fewstep.errors import FewstepError
 from fewstep.featnet import available_classifiers
 from fewstep.method import Method, Row
-from fewstep.models import as_model, load_model
+from fewstep.models import as_model
 from fewstep.nets import STEP_CONDITIONS, channels_last_copy, set_dropout
 from fewstep.perceptual import perceptual_distance
 from fewstep.recipe import check_loop_options, config_defaults, loop_options_from_args, loop_recipe

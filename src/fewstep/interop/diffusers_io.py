@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import fewstep.nets
-from fewstep.checkpoint import LOCK_NAME, RunLock, load_checkpoint, save_checkpoint
+from fewstep.checkpoint import LOCK_NAME, RunLock, load_checkpoint, refuse_to_overwrite, save_checkpoint
 from fewstep.components import COMPONENT_BATCH, LatentCodec, TextEncoder, require
 from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
@@ -436,6 +436,7 @@ def import_diffusers(src: Path, out: Path, feature_layer: str | None = None) -> 
     """Convert a diffusers folder (pipeline, unet/ + scheduler/, or a bare UNet2DModel folder) into a
     fewstep checkpoint folder `out`; the card names the source and its content hash."""
     src, out = Path(src), Path(out)
+    refuse_to_overwrite(out)
     den, where, unet_cfg, sched_cfg = denoiser_from_folder(src, feature_layer)
     net = den.net.config
     card = {"method": {"name": "imported"},

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from fewstep.checkpoint import CARD_NAME, read_card, save_checkpoint
+from fewstep.checkpoint import refuse_to_overwrite, save_checkpoint
 from fewstep.hashing import sha256_file
 from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
@@ -190,13 +190,7 @@ def import_edm_snapshot(src: Path, out: Path, feature_layer: str | None = None) 
     """Read an NVlabs/edm snapshot (its 'ema' network, or a bare preconditioner object) safely and write
     it as a fewstep checkpoint folder `out`."""
     src, out = Path(src), Path(out)
-    if (out / CARD_NAME).is_file():
-        try:
-            read_card(out)
-        except FewstepError:
-            pass  # a broken checkpoint (e.g. an interrupted cache entry) is replaced
-        else:
-            raise FewstepError(f"--out {out}: the folder already holds a fewstep model; choose another folder")
+    refuse_to_overwrite(out)
     snapshot = load_snapshot(src)
     try:
         den, source = denoiser_from_snapshot(snapshot, feature_layer)
