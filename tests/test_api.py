@@ -117,9 +117,10 @@ def test_a_config_is_never_changed_by_a_run(tmp_path):
 def test_arguments_are_checked_up_front(tmp_path):
     assert SFDConfig(nfe=2).nfe == [2] and SFDConfig(nfe=(2, 3)).nfe == [2, 3]
     bad = [
-        (lambda: SFDConfig(nfe=2.5), r"nfe=2\.5: expected"),
-        (lambda: SFDConfig(nfe=[2, 2]), r"nfe=\[2, 2\]: expected distinct"),
-        (lambda: SFDConfig(nfe="2"), r"nfe='2': expected"),
+        (lambda: SFDConfig(nfe=2.5), r"--nfe 2\.5: expected an integer or a list of integers"),
+        (lambda: SFDConfig(nfe=[2, 2]), r"--nfe \[2, 2\]: values must be distinct"),
+        (lambda: SFDConfig(nfe="2"), r"--nfe '2': expected"),
+        (lambda: SFDConfig(nfe=[0]), r"--nfe \[0\]: expected NFE values >= 1"),
         (lambda: fewstep.distill_sfd("gmm8-teacher", tmp_path / "a", batch="64"), r"batch='64': expected an integer"),
         (lambda: fewstep.distill_sfd("gmm8-teacher", tmp_path / "b", bogus=1), "unknown option.*bogus"),
         (lambda: fewstep.distill_sfd("gmm8-teacher", tmp_path / "c", SFDConfig(), nfe=3), "one way"),

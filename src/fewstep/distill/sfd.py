@@ -116,7 +116,11 @@ class SFDConfig:
     teacher_precision_tol: float = 0.02
 
     def __post_init__(self):
-        object.__setattr__(self, "nfe", A.check("nfe", self.nfe, A.nfe_list))
+        # one NFE may come as an int, several as any sequence of ints; the values are checked in validate()
+        nfe = [self.nfe] if isinstance(self.nfe, int) and not isinstance(self.nfe, bool) else self.nfe
+        if not isinstance(nfe, (list, tuple)) or not all(isinstance(n, int) and not isinstance(n, bool) for n in nfe):
+            raise FewstepError(f"--nfe {self.nfe!r}: expected an integer or a list of integers")
+        object.__setattr__(self, "nfe", list(nfe))
         if self.perceptual == "none":  # the command line's spelling of no perceptual term
             object.__setattr__(self, "perceptual", None)
         self.validate()
