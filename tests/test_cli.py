@@ -158,3 +158,23 @@ def test_suite_runs_with_the_network_blocked():
         socket.create_connection(("192.0.2.1", 80), timeout=1)  # an IP: no DNS lookup needed
     with socket.socket() as s, pytest.raises(RuntimeError, match="network access attempted"):
         s.connect(("127.0.0.1", 9))
+
+
+def test_a_killed_writers_temp_file_is_removed_by_the_next_write(tmp_path):
+    """`sample --out` (every atomic write) removes the temp files that killed writers of the same file left,
+    and leaves a live writer's alone."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        orphan = tmp_path / f".s.npz.{gone.pid}.k1ll3d.tmp"
+        busy = tmp_path / f".s.npz.{alive.pid}.wr1t1n.tmp"
+        orphan.write_bytes(b"x" * 1000)
+        busy.write_bytes(b"x")
+        r = subprocess.run([sys.executable, "-m", "fewstep", "sample", "gmm8-teacher", "--n", "8", "--out",
+                            str(tmp_path / "s.npz")], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert not orphan.exists() and busy.exists() and (tmp_path / "s.npz").is_file()
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["s.npz", busy.name])
+    finally:
+        alive.kill()

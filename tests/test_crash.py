@@ -147,6 +147,31 @@ def test_resume_before_the_first_checkpoint_starts_again_and_equals_the_uninterr
     assert steps == sorted(set(steps))
 
 
+def test_resume_of_a_folder_killed_before_its_config_starts_again(crash_runs, tmp_path):
+    """A run killed between making its folder and writing config.json leaves only the lock file: --resume
+    starts it from iteration 0, as it does a folder holding only config.json, to the uninterrupted bytes."""
+    refs, _ = crash_runs
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".fewstep.lock").write_text("12345")
+    resumed = run({"at": "none"}, [*COMMANDS["train"], "--resume"], out)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "starts at iteration 0" in resumed.stderr
+    assert final_weights(out) == refs["train"]
+
+
+def test_ctrl_c_in_the_last_iteration_finishes_the_run_and_stops_the_caller(crash_runs, tmp_path):
+    """Ctrl-C inside the last iteration: the run is saved as finished (the uninterrupted bytes) and the
+    command still stops with 130, so a bench or a script around it stops too."""
+    refs, _ = crash_runs
+    last = int(COMMANDS["train"][COMMANDS["train"].index("--iters") + 1])  # one optimizer step an iteration
+    stopped = run({"at": "optimizer", "n": last, "signal": "int"}, COMMANDS["train"], tmp_path / "run")
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+    assert "the run is finished" in stopped.stderr and "Traceback" not in stopped.stderr
+    assert read_card(tmp_path / "run")["training"]["finished"] is True
+    assert final_weights(tmp_path / "run") == refs["train"]
+
+
 def test_two_runs_on_one_folder_the_second_is_refused(crash_runs, tmp_path):
     """A run holds its folder's lock for its life: a second process on the same --out is refused at once,
     without touching anything, and the first finishes as if alone."""

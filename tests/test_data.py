@@ -236,3 +236,49 @@ def test_bad_options():
         load_dataset("moons", resolution=8)
     with pytest.raises(FewstepError, match="resolution"):
         load_dataset("digits", resolution=0)
+
+
+def _png_header_only(path, width, height):
+    """A PNG that claims a size but holds no pixels: reading its header is cheap, decoding it fails."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+
+
+def test_huge_images_are_refused_before_decoding(tmp_path):
+    """An image's size is read from its header: one too large to decode, or too large to train on at its own
+    size, is refused with what to do, before any pixel is decoded (decoding these headers would fail)."""
+    huge = tmp_path / "huge"
+    huge.mkdir()
+    _png_header_only(huge / "a.png", 12000, 12000)
+    for resolution in (None, 64):
+        with pytest.raises(FewstepError, match="12000x12000 .*larger than fewstep decodes"):
+            load_dataset(str(huge), resolution=resolution, split="all")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    _png_header_only(photos / "a.png", 2048, 1536)
+    with pytest.raises(FewstepError, match="2048x1536: without --resolution .* pass --resolution"):
+        load_dataset(str(photos), split="all")
+
+
+def test_images_are_resized_as_they_are_read(tmp_path):
+    """With a resolution each image is resized when read; the result equals resizing after reading them all."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(folder / "a.png")
+    Image.fromarray(rng.integers(0, 256, (33, 50), dtype=np.uint8)).save(folder / "b.png")  # grey in colour
+    ds = load_dataset(str(folder), resolution=16, split="all")
+    expected = []
+    for name in ("a.png", "b.png"):
+        im = Image.open(folder / name).convert("RGB")
+        s = min(im.size)
+        left, top = (im.size[0] - s) // 2, (im.size[1] - s) // 2
+        im = im.crop((left, top, left + s, top + s)).resize((16, 16), Image.LANCZOS)
+        expected.append(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1) / np.float32(255) * 2 - 1)
+    assert ds.x.shape == (2, 3, 16, 16)
+    assert np.array_equal(ds.x.numpy(), np.clip(np.stack(expected).astype(np.float32), -1, 1))

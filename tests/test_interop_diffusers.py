@@ -474,6 +474,32 @@ def test_export_refuses_an_unsupported_sampler_and_a_used_folder(imported, tmp_p
         export_diffusers(imported["eps"], tmp_path / "used" / "x")
 
 
+def test_two_exports_into_one_folder(imported, tmp_path, monkeypatch, capsys):
+    """Two exports to one --out: the second is refused in one line, whether it sees the first's folder at its
+    check or the first fills the folder while it runs (forced here), and the first's folder stays whole."""
+    out = tmp_path / "out"
+    procs = [subprocess.Popen([sys.executable, "-m", "fewstep", "export", "gmm8-teacher", "--out", str(out)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    assert all("Traceback" not in err for _, err in results)
+    assert json.loads((out / "model_index.json").read_text())["sampler"]["format"] == "fewstep-diffusers-export"
+    # the race itself: another export's folder lands in `out` between the check and the rename
+    import fewstep.interop.diffusers_io as dio
+    raced, share = tmp_path / "raced", dio._share
+
+    def share_then_someone_else_writes(folder):
+        share(folder)
+        raced.mkdir(exist_ok=True)
+        (raced / "model_index.json").write_text("{}")
+    monkeypatch.setattr(dio, "_share", share_then_someone_else_writes)
+    assert run(["export", "gmm8-teacher", "--out", raced]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another process wrote into the folder" in err[0]
+    assert sorted(p.name for p in raced.iterdir()) == ["model_index.json"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".raced.export-")]
+
+
 def test_a_killed_exports_leftovers_are_removed_and_a_live_ones_kept(imported, tmp_path):
     killed = tmp_path / ".out.export-killed"  # as a kill -9 leaves it: half a folder, its lock released
     killed.mkdir()

@@ -8,6 +8,7 @@ plain containers. Every file is written atomically (temp file, fsync, rename).
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -58,7 +59,9 @@ def atomic_write(path: Path, write_fn) -> None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        remove_orphan_temp_files(path)
+        # the writer's pid in the name tells a later writer whether the file is an orphan of a killed process
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         blocking = next((p for p in path.parents if p.exists()), None)
         reason = (f"{blocking} is a file, not a folder" if blocking is not None and not blocking.is_dir()
@@ -81,6 +84,29 @@ def atomic_write(path: Path, write_fn) -> None:
     except BaseException:
         _unlink_quietly(tmp)
         raise
+
+
+def remove_orphan_temp_files(path: Path) -> list[str]:
+    """Delete the temp files that killed writers of `path` left beside it: those named for a process that no
+    longer runs (a live writer's, or one whose process cannot be told, is left alone)."""
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)\.[^.]+\.tmp$")
+    removed = []
+    for f in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        m = pattern.match(f.name)
+        if m and not _process_alive(int(m.group(1))):
+            _unlink_quietly(f)
+            removed.append(f.name)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True
+    return True
 
 
 def _unlink_quietly(path) -> None:

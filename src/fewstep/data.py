@@ -323,8 +323,13 @@ def _read_image_folder(folder: Path, resolution) -> tuple[torch.Tensor, dict]:
     for f in tqdm(files, desc="reading images", unit="img", disable=len(files) < 1000, leave=False):
         try:
             with Image.open(f) as im:
+                _check_image_size(f, im.size, resolution)  # from the header, before anything is decoded
                 im.load()
                 im, was_deep, had_alpha = _normalise_image(im, f)
+                if resolution is not None and im.mode in ("L", "RGB"):
+                    # at once, so that one full-size image at a time is in memory (for L and RGB the result is
+                    # the same as resizing after the folder's mode is known: grey replicates into RGB exactly)
+                    im = _centre_crop_resize(im, int(resolution))
         except FewstepError:
             raise
         except Exception as e:  # Pillow signals damaged files with many exception types
@@ -355,7 +360,7 @@ def _read_image_folder(folder: Path, resolution) -> tuple[torch.Tensor, dict]:
                 im = Image.merge("RGB", [im.point(lambda v: v * 255).convert("L")] * 3)
         elif im.mode != mode:
             im = im.convert(mode)  # a grey image in a colour folder: replicate its channel
-        if resolution is not None:
+        if resolution is not None and im.size != (int(resolution), int(resolution)):
             im = _centre_crop_resize(im, int(resolution))
         arr = np.asarray(im, dtype=np.float32) if im.mode == "F" else np.asarray(im, dtype=np.uint8) / np.float32(255)
         arrays.append(arr[:, :, None] if arr.ndim == 2 else arr)
@@ -375,6 +380,22 @@ def _read_image_folder(folder: Path, resolution) -> tuple[torch.Tensor, dict]:
     if transparent:
         info["transparency"] = f"{transparent} image(s) composited onto black"
     return x, info
+
+
+# images larger than this are refused before decoding (8192 x 8192); without a resolution, the network is built at
+# the images' own size, at most MAX_NATIVE_SIDE on a side
+MAX_DECODE_PIXELS = 2**26
+MAX_NATIVE_SIDE = 1024
+
+
+def _check_image_size(path, size, resolution):
+    w, h = size
+    if w * h > MAX_DECODE_PIXELS:
+        raise FewstepError(f"image file {str(path)!r} is {w}x{h} ({w * h / 1e6:.0f} megapixels): larger than fewstep "
+                           f"decodes ({MAX_DECODE_PIXELS / 1e6:.0f} megapixels); downscale it first")
+    if resolution is None and max(w, h) > MAX_NATIVE_SIDE:
+        raise FewstepError(f"image file {str(path)!r} is {w}x{h}: without --resolution fewstep trains at the images' "
+                           f"own size, at most {MAX_NATIVE_SIDE}; pass --resolution N (e.g. 64) to resize them")
 
 
 def _normalise_image(im, path):

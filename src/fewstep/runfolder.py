@@ -62,9 +62,9 @@ class RunFolder:
     # ---- what the folder holds -----------------------------------------------------------------------------
     def check(self, resume: bool, changed_settings) -> tuple[bool, bool]:
         """(resume from a saved state?, start a stopped run again from iteration 0?). Refuses a folder that
-        holds another run or a model. A run killed before its first checkpoint left only its config.json:
-        --resume starts it again (the same bytes as an uninterrupted run) when `changed_settings(saved)`, given
-        the saved {"config", "args"}, names no difference."""
+        holds another run or a model. A run killed before its first checkpoint left at most its config.json:
+        --resume starts it again (the same bytes as an uninterrupted run), after checking that
+        `changed_settings(saved)`, given a saved {"config", "args"}, names no difference."""
         out = self.path
         has_state = (out / STATE_NAME).exists()
         has_model = (out / WEIGHTS_NAME).exists() or (out / CARD_NAME).exists()
@@ -80,12 +80,16 @@ class RunFolder:
         if has_model:
             raise FewstepError(f"--resume: {out} holds a model but no training state ({STATE_NAME}): nothing to "
                                "resume; choose another --out to train again")
+        if not (out / "config.json").exists():
+            # killed before it wrote its config (or never started): nothing to compare, nothing to keep
+            print(f"fewstep: note: {out} holds no started run; it starts at iteration 0", file=sys.stderr)
+            return False, True
         try:
             saved = json.loads((out / "config.json").read_text())
             saved = {"config": saved["train"], "args": saved.get("args") or {}}
         except (OSError, ValueError, KeyError, TypeError, RecursionError):
-            raise FewstepError(f"--resume: {out} holds no run (no {STATE_NAME} and no readable config.json): "
-                               "nothing to resume; start without --resume") from None
+            raise FewstepError(f"--resume: {out} holds an unreadable config.json and no {STATE_NAME}: nothing to "
+                               "resume; start without --resume in another folder") from None
         differ = changed_settings(saved)
         if differ:
             raise FewstepError("--resume: settings differ from the interrupted run's: " + "; ".join(differ))

@@ -614,7 +614,7 @@ class Trainer:
         self.folder.open_board(c.log, self.step)
         bar = tqdm(total=c.steps, initial=self.step, desc=self.method.name, unit="it",
                    disable=not (c.progress and self.is_main), dynamic_ncols=True)
-        interrupted, in_iteration = False, False
+        interrupted, in_iteration, late_stop = False, False, False
         try:
             with StopRequests(announce=self.is_main) as stop:
                 while self.step < c.steps:
@@ -629,6 +629,8 @@ class Trainer:
                     in_iteration = True
                     self._iteration(ctx, bar)
                     in_iteration = False
+                # a stop asked for during the last iteration: the run is complete, and its caller stops too
+                late_stop = not interrupted and self._agreed_stop(stop)
         except KeyboardInterrupt:
             interrupted = True
         finally:
@@ -644,10 +646,23 @@ class Trainer:
                 print(f"\ninterrupted at iteration {self.step}; state saved in {self.out_dir} "
                       "(continue with --resume)")
             raise SystemExit(130)
+        if late_stop:
+            if self.is_main:
+                print(f"\ninterrupted during the last iteration; the run is finished and saved in {self.out_dir}",
+                      file=sys.stderr)
+            raise SystemExit(130)
         self._preview()
         if self.world > 1:
             dist.barrier()
         return self.out_dir
+
+    def _agreed_stop(self, stop) -> bool:
+        """Whether a stop was requested, the same answer in every process of a torchrun."""
+        if self.world > 1:
+            flag = torch.tensor([float(bool(stop.requested))], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            return bool(flag.item())
+        return bool(stop.requested)
 
     def _iteration(self, ctx: "StepContext", bar):
         """One iteration (the step count moves at its end), then its log line, snapshot, checkpoint, preview."""

@@ -20,6 +20,7 @@ parameterization, time input and clip of the student's card, so the pipeline rep
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import os
 import shutil
@@ -652,9 +653,15 @@ def export_diffusers(model, out: Path, nfe: int | None = None) -> Path:
         shutil.copyfile(PIPELINE_SOURCE, tmp / "pipeline.py")
         (tmp / "README.md").write_text(_readme(sampler, ckpt.path))
         _share(tmp)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
+        try:
+            if out.exists():
+                out.rmdir()
+            tmp.rename(out)
+        except OSError as e:  # another export (or anything) filled `out` after the check above
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            raise FewstepError(f"--out {out}: another process wrote into the folder while this export ran; "
+                               "choose a new folder") from None
         (out / LOCK_NAME).unlink()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
