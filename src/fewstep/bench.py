@@ -49,7 +49,7 @@ FLOOR_VERSION = 3
 # the table index; DPM-Solver++ time-uniform (the same), the DPM-Solver authors' grid for large images and the
 # SFD authors' for discrete-time teachers. Their logSNR grid for small images is not monotone in NFE on either
 # bench teacher (a spike at NFE 3 in FCD) and lands further from the teacher's own samples at every NFE 2-5;
-# in FCD it wins on digits at NFE 2, 4, 5 and loses on MNIST at 3 and 4 (numbers in the README). Heun and
+# in FCD it wins on digits at NFE 2, 4, 5 and loses on MNIST at 3 and 4 (numbers in docs/bench.md). Heun and
 # iPNDM on EDM's rho = 7 grid (as in EDM and the SFD authors' code). A continuous teacher: EDM's grid for all.
 # Like the field's tables they take NFE steps from sigma_max to sigma_min, without a final denoise.
 SOLVER_GRIDS = {"ddim": "uniform", "dpmpp2m": "uniform", "dpmpp3m": "uniform", "heun": "polynomial",

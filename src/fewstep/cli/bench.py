@@ -19,7 +19,7 @@ def register(sub):
                        description="Runs the teacher reference, training-free solvers and every distillation "
                                    "method on one teacher with fixed seeds. Finished work in --out is reused.")
     b.add_argument("--preset", default=None, choices=list(PRESETS),
-                   help="toy: 2-D gmm8 (about 30 min on 2 CPU cores); digits: the full table with every SFD recipe "
+                   help="toy: 2-D gmm8 (its 46 rows took 82 min on one CPU thread); digits: the full table with every SFD recipe "
                         "setting trained both ways (hours); mnist: the same on the 16x16 MNIST teacher, with a long "
                         "SFDDM run (hours); digits-defaults: the digits preset's SFD family with fewstep's defaults in place of "
                         "the authors' recipe; demo: the quick tour")
