@@ -675,6 +675,12 @@ def test_info_names_the_grid_and_a_scheduler_grid_on_any_table_model(scheduler_f
     assert info["timesteps"] == [1023, 818, 613, 409, 204] and torch.isfinite(x).all()
     with pytest.raises(FewstepError, match="scheduler spacing is for"):
         sample(load_model("digits-teacher"), 2, nfe=4, sampler="heun", grid="leading", progress=False)
+    # a sampler that cannot run on the card's spacing, asked for without a grid, takes its own default grid
+    model = load_model(imported)
+    x, info = sample(model, 2, nfe=19, sampler="heun", progress=False, return_info=True)
+    assert info["nfe"] == 19
+    assert torch.equal(x, sample(model, 2, nfe=19, sampler="heun", grid="polynomial", progress=False))
+    assert run(["sample", imported, "--sampler", "heun", "--nfe", 19, "--n", 2]) == 0
     with pytest.raises(FewstepError, match="continuous"):
         from fewstep.schedule import Schedule, scheduler_grid
         scheduler_grid(Schedule.continuous(0.002, 80.0, 0.5), "leading", 4)

@@ -270,6 +270,9 @@ def test_latent_students_export_round_trip(models, tmp_path, name):
                 *(["--nfe", nfe] if nfe else [])]) == 0
     index = json.loads((tmp_path / "export" / "model_index.json").read_text())
     assert index["vae"][0] == "diffusers" and (tmp_path / "export" / "vae").is_dir()
+    # the folder's README shows a call that runs: a text model's takes a prompt
+    assert ('pipe(prompt="a red bicycle", batch_size=16' in (tmp_path / "export" / "README.md").read_text()) \
+        == (name == "sd-sfdv")
     assert ("text_encoder" in index) == (name == "sd-sfdv")
     x = sample(load_model(tmp_path / name), 3, seed=4, nfe=nfe, prompts=prompts, progress=False)
     save_file({"x": x.contiguous()}, str(tmp_path / "expected.safetensors"))
@@ -309,3 +312,14 @@ def test_sampling_keeps_no_conditioning_between_calls(models, tmp_path):
     (folder / "fewstep.json").write_text(json.dumps(card))
     assert torch.equal(sample(load_model(folder), prompts=["a cat"], **kw),
                        sample(model, prompts=["a cat"], negative_prompt="blurry", guidance=3.0, **kw))
+
+
+def test_a_long_prompt_is_cut_with_a_note(models, capsys):
+    """A prompt longer than the tokenizer's limit is cut as diffusers cuts it, and the cut part is named once."""
+    model = load_model(models["sd-f"])
+    long = "a cat on a mat near two green apples"
+    sample(model, 1, nfe=2, prompts=[long], progress=False)
+    err = capsys.readouterr().err
+    assert "cut off" in err and "apples" in err and "Traceback" not in err
+    sample(model, 1, nfe=2, prompts=[long], progress=False)
+    assert "cut off" not in capsys.readouterr().err

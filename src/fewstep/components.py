@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -168,6 +169,7 @@ class TextEncoder(Component):
     def encode(self, prompts: list[str]) -> torch.Tensor:
         """(len(prompts), max length, hidden size), float32 on the component's device."""
         tok, enc = self.tokenizer, self.module
+        self._note_truncated(prompts)
         out = []
         for i in range(0, len(prompts), COMPONENT_BATCH):
             ids = tok(list(prompts[i:i + COMPONENT_BATCH]), padding="max_length", max_length=tok.model_max_length,
@@ -175,6 +177,19 @@ class TextEncoder(Component):
             mask = ids.attention_mask.to(self.device) if getattr(enc.config, "use_attention_mask", False) else None
             out.append(enc(ids.input_ids.to(self.device), attention_mask=mask)[0].float())
         return torch.cat(out)
+
+
+    def _note_truncated(self, prompts: list[str]):
+        """Say, once per prompt, what the tokenizer's limit cuts off (as diffusers' pipelines warn)."""
+        tok = self.tokenizer
+        told = self.__dict__.setdefault("_told_truncated", set())
+        for p in set(prompts) - told:
+            ids = tok(p, truncation=False)["input_ids"]
+            if len(ids) > tok.model_max_length:
+                cut = tok.decode(ids[tok.model_max_length - 1:-1])
+                print(f"fewstep: note: a prompt is longer than the text encoder's {tok.model_max_length} tokens; "
+                      f"this part of it is cut off: {cut!r}", file=sys.stderr)
+            told.add(p)
 
 
 def _read_config(path: Path, what: str) -> dict:

@@ -89,6 +89,9 @@ def resolve_sampler(ckpt: Checkpoint, nfe: int | None = None, sampler: str | Non
     else:
         nfe = int(nfe if nfe is not None else spec.get("nfe", 50))
         kind = grid or spec.get("grid", "polynomial")
+        if grid is None and kind in SCHEDULER_SPACINGS and name not in SPACED_SOLVERS:
+            # the card's spacing is its scheduler's; a sampler that cannot run on it takes its own default grid
+            kind = "polynomial"
         if kind in SCHEDULER_SPACINGS:
             return _scheduler_plan(ckpt, spec, name, nfe, kind, final_zero)
         final_zero = spec.get("final_zero", True) if final_zero is None else final_zero

@@ -707,9 +707,14 @@ def _readme(s: dict, src) -> str:
     labels = (f"\nThe model is class-conditional ({s['num_classes']} classes): pass `class_labels` (an int or one per "
               "image); without them classes are drawn uniformly (from `seed` + 2, as `fewstep sample` does).\n"
               if s["num_classes"] else "")
-    call = ('images = pipe(batch_size=16, seed=0).images            # PIL images (output_type="np" / "pt" / "raw")'
+    # a text model's call needs its prompt: the pipeline refuses one without
+    prompt = 'prompt="a red bicycle", ' if "text" in s else ""
+    call = (f'images = pipe({prompt}batch_size=16, seed=0).images    # PIL images (output_type="np" / "pt" / "raw")'
             if s["image"] else 'x = pipe(batch_size=16, seed=0, output_type="np").images  # (16, '
             + ", ".join(map(str, s["sample_shape"])) + ') samples')
+    if "text" in s:
+        call += (f"\n# sample i takes prompt i mod their number; guidance_scale (default {s['text']['guidance']:g}) and "
+                 "negative_prompt as in diffusers")
     return f"""# A few-step sampler exported by fewstep
 
 Exported from `{src}` ({s['model']['method']}). Network: {net}.
@@ -733,7 +738,7 @@ Without diffusers' loader (still needs diffusers installed):
 import sys; sys.path.insert(0, "THIS_FOLDER")
 from pipeline import load_pipeline
 pipe = load_pipeline("THIS_FOLDER")
-x = pipe(batch_size=16, seed=0, output_type="raw").images   # data range, exactly like `fewstep sample`
+x = pipe({prompt}batch_size=16, seed=0, output_type="raw").images   # data range, exactly like `fewstep sample`
 ```
 
 `trust_remote_code=True` is diffusers' consent to run this folder's code: `pipeline.py`{' and `unet/fewstep_net.py`' if s['network']['type'] != 'diffusers-unet2d' else ''}.
