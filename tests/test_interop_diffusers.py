@@ -125,6 +125,47 @@ def test_solvers_equal_diffusers_schedulers(folders, imported, name, solver):
     assert diff <= 2e-6 * max(1.0, scale)
 
 
+def test_another_sampler_clips_as_its_diffusers_scheduler_would(folders, imported):
+    """A DDPM folder with clip_sample on, sampled with DPM-Solver++(2M): DPMSolverMultistepScheduler made from
+    its config does not clip, and neither does fewstep (float32 agreement); DDIM from the same config clips;
+    `clip` overrides either way."""
+    cfg = DDPMScheduler.load_config(folders / "eps" / "scheduler")
+    assert cfg.get("clip_sample", True)
+    ref = DPMSolverMultistepScheduler.from_config(cfg)
+    ref.set_timesteps(8)
+    unet = UNet2DModel.from_pretrained(folders / "eps" / "unet").eval()
+    y0 = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    y = _diffusers_loop(ref, unet, y0.clone(), None)
+    model = load_model(imported["eps"])
+    x, info = sample(model, 3, noise=y0, nfe=8, sampler="dpmpp2m", progress=False, return_info=True)
+    assert info["clip"] is None
+    assert (x - y).abs().max().item() <= 2e-6 * max(1.0, y.abs().max().item())
+    clipped = sample(model, 3, noise=y0, nfe=8, sampler="dpmpp2m", clip=1.0, progress=False)
+    assert not torch.equal(clipped, x)
+    assert sample(model, 3, noise=y0, nfe=8, sampler="ddim", progress=False, return_info=True)[1]["clip"] == 1.0
+    assert sample(model, 3, noise=y0, nfe=8, sampler="ddim", clip=None, progress=False, return_info=True)[1]["clip"] \
+        is None
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_euler_on_a_scheduler_spacing_equals_euler_discrete(folders, imported, spacing):
+    """Euler on an imported model's timestep spacing is EulerDiscreteScheduler from its config, its first state
+    included (σ_max·noise on trailing, sqrt(1 + σ_max²)·noise on leading). (On linspace EulerDiscreteScheduler
+    steps on unrounded timesteps, which fewstep does not replay: a card's linspace is not carried into Euler.)"""
+    from diffusers import EulerDiscreteScheduler
+    ref = EulerDiscreteScheduler.from_config(DDIMScheduler.load_config(folders / "v" / "scheduler"),
+                                             timestep_spacing=spacing)
+    ref.set_timesteps(6)
+    unet = UNet2DModel.from_pretrained(folders / "v" / "unet").eval()
+    y0 = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    y = y0 * ref.init_noise_sigma
+    with torch.no_grad():
+        for t in ref.timesteps:
+            y = ref.step(unet(ref.scale_model_input(y, t), t).sample, t, y).prev_sample
+    x = sample(load_model(imported["v"]), 3, noise=y0, nfe=6, sampler="euler", grid=spacing, progress=False)
+    assert (x - y).abs().max().item() <= 2e-6 * max(1.0, y.abs().max().item())
+
+
 def test_sfd_v_student_starts_as_its_teacher(imported):
     """The zero kind of step condition reaches the UNet's time embedding and starts as an exact no-op; the
     authors' kind modulates every resnet block's time projection."""

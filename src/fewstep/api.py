@@ -73,14 +73,16 @@ class Samples:
 def sample(model, n: int = 64, *, seed: int = 0, nfe: int | None = None, sampler: str | None = None,
            grid: str | None = None, rho: float | None = None, final_denoise: bool | None = None,
            prompts: list[str] | str | None = None, negative_prompt: str | None = None, guidance: float | None = None,
-           class_label=None, batch_size: int = 500, decode: bool = True, progress: bool = True,
+           class_label=None, clip="auto", batch_size: int = 500, decode: bool = True, progress: bool = True,
            device: str = "cpu", max_seconds: float | None = None) -> Samples:
     """Draw n samples from `model` (loaded, or anything `load` takes); the same seed gives the same samples.
 
     Every setting defaults to the model's card: its sampler, NFE and grid (an SFD-v student: pass one of its
     trained `nfe`), and for a text model its guidance scale and negative prompt. Prompts, negative prompt and
     guidance apply to this call only. A class-conditional model draws `class_label` (one int, or n of them)
-    or uniform classes; a latent model's samples are decoded into images unless `decode=False`. `max_seconds`:
+    or uniform classes; a latent model's samples are decoded into images unless `decode=False`. `clip`: the
+    bound x0 is clipped to while sampling, None for none, or "auto" (the card's; an imported model's other
+    samplers clip as diffusers' schedulers from its config would). `max_seconds`:
     refuse, after the first batch, a run projected to take longer."""
     model = load(model, device=device)
     n = A.check("n", n, A.positive_int)
@@ -90,7 +92,7 @@ def sample(model, n: int = 64, *, seed: int = 0, nfe: int | None = None, sampler
     x, info = _sample(model, n, seed=seed, nfe=nfe, sampler=sampler, grid=grid, rho=rho, batch_size=batch_size,
                       return_info=True, class_label=class_label, final_zero=final_denoise,
                       prompts=[prompts] if isinstance(prompts, str) else prompts, negative_prompt=negative_prompt,
-                      guidance=guidance, decode=decode, progress=progress, max_seconds=max_seconds)
+                      guidance=guidance, decode=decode, progress=progress, max_seconds=max_seconds, clip=clip)
     return Samples(x, info)
 
 

@@ -56,11 +56,26 @@ def grid_for(denoiser, sampler: str, nfe: int, kind: str = "polynomial", rho: fl
 
 
 def resolve_sampler(ckpt: Checkpoint, nfe: int | None = None, sampler: str | None = None,
-                    grid: str | None = None, rho: float | None = None, final_zero: bool | None = None) -> dict:
+                    grid: str | None = None, rho: float | None = None, final_zero: bool | None = None,
+                    clip="auto") -> dict:
     """The concrete plan for a sampling run: solver name, σ grid, NFE, AFS, clip and step condition.
 
     `final_zero` (teachers' grids only; None: the card's): end with a denoise from σ_min to 0, which costs one
-    of the NFE. The field's tables count NFE without it (n steps from σ_max to σ_min)."""
+    of the NFE. The field's tables count NFE without it (n steps from σ_max to σ_min). `clip`: the bound x0 is
+    clipped to, None for none, or "auto": the card's for its own sampler. An imported model's clip is its
+    scheduler's clip_sample, so another sampler clips as its diffusers scheduler made from the same config
+    would: DDIM and DDPM per clip_sample, the others never."""
+    plan = _plan(ckpt, nfe, sampler, grid, rho, final_zero)
+    if clip != "auto":
+        plan["clip"] = None if clip is None else float(clip)
+    elif plan["name"] != ckpt.sampler.get("name") and ckpt.sampler.get("scheduler"):
+        cfg = (ckpt.card.get("source") or {}).get("scheduler_config") or {}
+        clipping = plan["name"] in ("ddim", "ddpm") and cfg.get("clip_sample", True)
+        plan["clip"] = float(cfg.get("clip_sample_range", 1.0)) if clipping else None
+    return plan
+
+
+def _plan(ckpt: Checkpoint, nfe, sampler, grid, rho, final_zero) -> dict:
     spec = dict(ckpt.sampler)
     name = sampler or spec.get("name", "dpmpp2m")
     afs = bool(spec.get("afs", False))
@@ -89,8 +104,9 @@ def resolve_sampler(ckpt: Checkpoint, nfe: int | None = None, sampler: str | Non
     else:
         nfe = int(nfe if nfe is not None else spec.get("nfe", 50))
         kind = grid or spec.get("grid", "polynomial")
-        if grid is None and kind in SCHEDULER_SPACINGS and name not in SPACED_SOLVERS:
-            # the card's spacing is its scheduler's; a sampler that cannot run on it takes its own default grid
+        if grid is None and kind in SCHEDULER_SPACINGS and not replays_spacing(name, kind):
+            # the card's spacing is its scheduler's; a sampler that does not run it as diffusers does takes its
+            # own default grid (asked for by name, the spacing is used as fewstep spaces it)
             kind = "polynomial"
         if kind in SCHEDULER_SPACINGS:
             return _scheduler_plan(ckpt, spec, name, nfe, kind, final_zero)
@@ -107,6 +123,12 @@ def resolve_sampler(ckpt: Checkpoint, nfe: int | None = None, sampler: str | Non
         raise FewstepError(f"sampler {name!r}: this model was distilled for Euler with an analytical first step")
     return {"name": name, "sigmas": check_grid(sigmas), "nfe": nfe, "afs": afs, "clip": clip, "step": step,
             "scale": _scale(spec), "solver_options": {}}
+
+
+def replays_spacing(name: str, spacing: str) -> bool:
+    """Whether solver `name` on a scheduler spacing steps as its diffusers scheduler does (EulerDiscreteScheduler
+    on linspace takes unrounded timesteps, which fewstep does not)."""
+    return name in SPACED_SOLVERS and not (name == "euler" and spacing == "linspace")
 
 
 def _scale(spec: dict) -> str:
@@ -142,8 +164,10 @@ def _scheduler_plan(ckpt: Checkpoint, spec: dict, name: str, nfe: int, spacing: 
             raise FewstepError(f"sampler variance {variance!r}: expected one of {', '.join(DDPM_VARIANCES)}")
         # DDPMScheduler adds its fixed_large variance on every step that starts above timestep 0
         options.update(variance=variance, noise_at_last=variance == "fixed_large" and timesteps[-1] > 0)
+    # EulerDiscreteScheduler starts from σ_max·noise on these spacings (sqrt(1 + σ_max²)·noise on leading)
+    scale = "sigma" if name == "euler" and spacing in ("linspace", "trailing") else _scale(spec)
     return {"name": name, "sigmas": check_grid(sigmas), "nfe": nfe, "afs": False, "clip": spec.get("clip"),
-            "step": None, "scale": _scale(spec), "solver_options": options, "timesteps": timesteps}
+            "step": None, "scale": scale, "solver_options": options, "timesteps": timesteps}
 
 
 def start_scale(plan: dict) -> float:
@@ -211,7 +235,7 @@ def sample(ckpt: Checkpoint, n: int, seed: int = 0, nfe: int | None = None, samp
            noise: torch.Tensor | None = None, progress: bool = True, return_info: bool = False,
            class_label=None, final_zero: bool | None = None, max_seconds: float | None = None,
            prompts: list[str] | None = None, negative_prompt: str | None = None, guidance: float | None = None,
-           decode: bool = True):
+           decode: bool = True, clip="auto"):
     """Draw n samples with the same seed → the same samples (noise is drawn on the CPU at once).
 
     A class-conditional model samples `class_label` (an int or n labels), or uniform classes. A
@@ -223,7 +247,7 @@ def sample(ckpt: Checkpoint, n: int, seed: int = 0, nfe: int | None = None, samp
         raise FewstepError(f"n={n}: expected at least one sample")
     latent = (ckpt.card.get("data") or {}).get("latent_shape") is not None
     check_memory(n, tuple(ckpt.card["data"]["shape"]) if latent and decode else sample_shape(ckpt.card))
-    plan = resolve_sampler(ckpt, nfe, sampler, grid, rho, final_zero)
+    plan = resolve_sampler(ckpt, nfe, sampler, grid, rho, final_zero, clip)
     den = ckpt.denoiser
     device = next(den.parameters()).device
     sigmas = plan["sigmas"]
@@ -260,7 +284,7 @@ def sample(ckpt: Checkpoint, n: int, seed: int = 0, nfe: int | None = None, samp
     x = torch.cat(out)
     if not torch.isfinite(x).all():
         raise FewstepError("sampling produced non-finite values; the model or its sampler settings are broken")
-    info = {"sampler": plan["name"], "nfe": plan["nfe"], "afs": plan["afs"], "n": n, "seed": seed,
+    info = {"sampler": plan["name"], "nfe": plan["nfe"], "afs": plan["afs"], "clip": plan["clip"], "n": n, "seed": seed,
             "sigmas": [float(s) for s in sigmas], "seconds": time.perf_counter() - t0}
     if "timesteps" in plan:
         info["timesteps"] = plan["timesteps"]

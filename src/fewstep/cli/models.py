@@ -29,18 +29,21 @@ LONG_RUN_S = 3600  # `sample` asks for --yes before a run projected longer than 
 def register(sub):
     s = sub.add_parser("sample", help=COMMAND_HELP["sample"])
     s.add_argument("model", help="checkpoint directory or built-in model name (e.g. digits-teacher)")
-    s.add_argument("--n", type=A.positive_int, default=64)
-    s.add_argument("--seed", type=A.seed, default=0)
+    s.add_argument("--n", type=A.positive_int, default=64, help="how many samples (default 64)")
+    s.add_argument("--seed", type=A.seed, default=0, help="the same seed draws the same samples (default 0)")
     s.add_argument("--nfe", type=A.nfe, default=None, help="network evaluations per sample (default: the card's)")
     s.add_argument("--sampler", default=None, choices=list(SOLVERS), help="the solver (default: the card's)")
     s.add_argument("--grid", dest="grid", default=None, choices=[*GRID_KINDS, *SCHEDULER_SPACINGS],
                    help="σ grid family (default: the card's); leading, trailing and linspace are diffusers "
                         "schedulers' timestep spacings on a table model's own steps (with the card's "
                         "steps_offset), as DDIMScheduler, DDPMScheduler and DPMSolverMultistepScheduler space them")
-    s.add_argument("--rho", type=A.positive, default=None)
+    s.add_argument("--rho", type=A.positive, default=None, help="the polynomial grid's rho (default: the card's, else 7)")
     s.add_argument("--final-denoise", action=argparse.BooleanOptionalAction, default=None,
                    help="end with a denoise from the smallest noise level to 0, one of the NFE (default: the card's; "
                         "the field's tables count NFE without it)")
+    s.add_argument("--clip", type=A.clip_bound, default="auto",
+                   help="clip the x0 estimate to this bound while sampling, or none (default auto: the card's; on an "
+                        "imported model another sampler clips as its diffusers scheduler would)")
     s.add_argument("--out", default=None, type=A.output_path, help="write samples to this .npz")
     s.add_argument("--yes", action="store_true",
                    help=f"run even if the first batch projects more than {LONG_RUN_S // 3600} hour (else refused)")
@@ -49,7 +52,7 @@ def register(sub):
     s.add_argument("--class", dest="class_label", type=A.count, default=None,
                    help="class-conditional models: the class to draw (default: uniform over classes)")
     A.add_prompt_args(s)
-    s.add_argument("--batch", type=A.batch, default=500)
+    s.add_argument("--batch", type=A.batch, default=500, help="samples per network call (memory, not results; default 500)")
     s.add_argument("--device", default="auto")
     s.set_defaults(func=cmd_sample)
 
@@ -98,7 +101,8 @@ def cmd_sample(args):
     s = api.sample(args.model, args.n, seed=args.seed, nfe=args.nfe, sampler=args.sampler, grid=args.grid,
                    rho=args.rho, final_denoise=args.final_denoise, prompts=A.read_prompts(args.prompt, args.prompts),
                    negative_prompt=args.negative_prompt, guidance=args.guidance, class_label=args.class_label,
-                   batch_size=args.batch, device=args.device, max_seconds=None if args.yes else LONG_RUN_S)
+                   clip=args.clip, batch_size=args.batch, device=args.device,
+                   max_seconds=None if args.yes else LONG_RUN_S)
     if args.out:
         print(f"{args.n} samples → {s.save(args.out)}")
     if args.grid_png:
