@@ -178,3 +178,14 @@ def test_a_killed_writers_temp_file_is_removed_by_the_next_write(tmp_path):
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["s.npz", busy.name])
     finally:
         alive.kill()
+
+
+def test_out_of_memory_is_one_line(monkeypatch, capsys):
+    import fewstep.api
+
+    def too_big(*a, **k):
+        raise MemoryError("Unable to allocate 4.8 GiB")
+    monkeypatch.setattr(fewstep.api, "sample", too_big)
+    assert run(["sample", "gmm8-teacher", "--n", 10]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "out of memory" in err[0]

@@ -116,3 +116,17 @@ def test_eval_says_what_a_metric_needs(rgb_folder, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["classifier", "train", "--data", str(rgb_folder / "bands-h"), "--out", str(tmp_path / "c")])
     assert "one sub-folder of images per class" in capsys.readouterr().err
+
+
+def test_classifier_train_never_writes_over_a_model(rgb_folder, tmp_path, capsys):
+    """`classifier train --out` on a folder holding a fewstep model (or a classifier) is refused before any
+    training, and the folder is left byte for byte."""
+    import shutil
+    from fewstep.models import resolve_model
+    model = tmp_path / "model"
+    shutil.copytree(resolve_model("gmm8-teacher"), model)
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    with pytest.raises(SystemExit) as e:
+        main(["classifier", "train", "--data", str(rgb_folder), "--out", str(model), "--iters", "5", "--no-progress"])
+    assert e.value.code == 2 and "already holds a fewstep model" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from fewstep import __version__
-from fewstep.checkpoint import atomic_write
+from fewstep.checkpoint import atomic_write, refuse_to_overwrite
 from fewstep.data import NATIVE_RESOLUTION, load_dataset, split_indices
 from fewstep.errors import FewstepError
 from fewstep.hashing import sha256_file
@@ -159,8 +159,10 @@ def train_classifier(
     ``steps`` defaults to ``DEFAULT_STEPS`` (2000 for a folder). Writes
     ``out_dir/model.safetensors`` and ``out_dir/classifier.json``; returns the JSON's content.
     """
-
-
+    # before any training: a folder that holds a model or a classifier is never written over
+    refuse_to_overwrite(Path(out_dir))
+    if (Path(out_dir) / META_FILE).is_file():
+        raise FewstepError(f"--out {out_dir}: the folder already holds a classifier; choose another folder")
     if steps is None:
         steps = DEFAULT_STEPS.get(dataset_name, DEFAULT_FOLDER_STEPS)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:

@@ -23,7 +23,7 @@ GROUPS = {"fewstep.cli.methods": ("train", "distill"),
           "fewstep.cli.interop": ("import", "export")}
 # errors of the user's file system, not of fewstep: one line, not a traceback
 USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOTDIR,
-                  errno.EISDIR, errno.ENAMETOOLONG}
+                  errno.EISDIR, errno.ENAMETOOLONG, errno.ENOTEMPTY, errno.EEXIST}
 
 
 def _command(argv: list[str]) -> str | None:
@@ -59,6 +59,10 @@ def main(argv=None):
     except KeyboardInterrupt:  # Ctrl-C where no training loop turns it into a clean stop (sample, eval, ...)
         print("\nfewstep: interrupted", file=sys.stderr)
         raise SystemExit(130)
+    except MemoryError:  # numpy's and torch's allocation failures on the user's input sizes
+        print("fewstep: error: out of memory; ask for fewer samples, a smaller --batch or a smaller --resolution",
+              file=sys.stderr)
+        raise SystemExit(2)
     except OSError as e:
         if e.errno not in USER_OS_ERRORS:
             raise
