@@ -156,7 +156,7 @@ def test_resume_of_a_folder_killed_before_its_config_starts_again(crash_runs, tm
     (out / ".fewstep.lock").write_text("12345")
     resumed = run({"at": "none"}, [*COMMANDS["train"], "--resume"], out)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "starts at iteration 0" in resumed.stderr
+    assert "stopped before it began; it starts at iteration 0" in resumed.stderr
     assert final_weights(out) == refs["train"]
 
 

@@ -34,6 +34,7 @@ class RunFolder:
     def __init__(self, path: str | Path, is_main: bool = True):
         self.path, self.is_main = Path(path), is_main
         self.lock, self.created, self.board = None, False, None
+        self.started_before = False  # a run opened this folder before (its lock file was there)
 
     # ---- the lock ----------------------------------------------------------------------------------------
     def open(self) -> "RunFolder":
@@ -41,6 +42,7 @@ class RunFolder:
         releases the lock if the process dies)."""
         if self.is_main:
             self.created = not self.path.exists()
+            self.started_before = (self.path / LOCK_NAME).exists()
             self.path.mkdir(parents=True, exist_ok=True)
             self.lock = RunLock(self.path).acquire()
         return self
@@ -62,9 +64,10 @@ class RunFolder:
     # ---- what the folder holds -----------------------------------------------------------------------------
     def check(self, resume: bool, changed_settings) -> tuple[bool, bool]:
         """(resume from a saved state?, start a stopped run again from iteration 0?). Refuses a folder that
-        holds another run or a model. A run killed before its first checkpoint left at most its config.json:
-        --resume starts it again (the same bytes as an uninterrupted run), after checking that
-        `changed_settings(saved)`, given a saved {"config", "args"}, names no difference."""
+        holds another run or a model. A run killed before its first checkpoint left its config.json, or only its
+        lock file if it was killed before writing that: --resume starts it again (the same bytes as an
+        uninterrupted run), after checking that `changed_settings(saved)`, given a saved {"config", "args"},
+        names no difference. A folder no run has opened holds nothing to resume."""
         out = self.path
         has_state = (out / STATE_NAME).exists()
         has_model = (out / WEIGHTS_NAME).exists() or (out / CARD_NAME).exists()
@@ -80,16 +83,17 @@ class RunFolder:
         if has_model:
             raise FewstepError(f"--resume: {out} holds a model but no training state ({STATE_NAME}): nothing to "
                                "resume; choose another --out to train again")
-        if not (out / "config.json").exists():
-            # killed before it wrote its config (or never started): nothing to compare, nothing to keep
-            print(f"fewstep: note: {out} holds no started run; it starts at iteration 0", file=sys.stderr)
+        if not (out / "config.json").exists() and self.started_before:
+            # a run opened the folder and was killed before it wrote its config: nothing to compare or keep
+            print(f"fewstep: note: {out} holds a run stopped before it began; it starts at iteration 0",
+                  file=sys.stderr)
             return False, True
         try:
             saved = json.loads((out / "config.json").read_text())
             saved = {"config": saved["train"], "args": saved.get("args") or {}}
         except (OSError, ValueError, KeyError, TypeError, RecursionError):
-            raise FewstepError(f"--resume: {out} holds an unreadable config.json and no {STATE_NAME}: nothing to "
-                               "resume; start without --resume in another folder") from None
+            raise FewstepError(f"--resume: {out} holds no run (no {STATE_NAME} and no readable config.json): "
+                               "nothing to resume; start without --resume") from None
         differ = changed_settings(saved)
         if differ:
             raise FewstepError("--resume: settings differ from the interrupted run's: " + "; ".join(differ))
