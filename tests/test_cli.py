@@ -189,3 +189,10 @@ def test_out_of_memory_is_one_line(monkeypatch, capsys):
     assert run(["sample", "gmm8-teacher", "--n", 10]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "out of memory" in err[0]
+
+
+def test_a_picture_is_written_in_the_format_its_name_asks_for(tmp_path):
+    for name, fmt in (("s.png", "PNG"), ("s.jpg", "JPEG"), ("s.webp", "WEBP")):
+        assert run(["sample", "digits-teacher", "--n", 4, "--nfe", 4, "--png", tmp_path / name]) == 0
+        with Image.open(tmp_path / name) as im:
+            assert im.format == fmt

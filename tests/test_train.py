@@ -285,3 +285,16 @@ def test_tensorboard_without_the_extra_is_a_clear_error(gmm8, tmp_path, monkeypa
     with pytest.raises(FewstepError, match=r"pip install 'fewstep\[tensorboard\]'"):
         Trainer(make_method(), config(2, log="tensorboard"), tmp_path / "run", data=gmm8)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_long_run_says_its_cost_before_spending_it(gmm8, tmp_path, monkeypatch, capsys):
+    """After its first iterations a run projected past a minute names its iterations and wall time once; a
+    short one says nothing."""
+    from fewstep.train import CostNote
+    Trainer(make_method(), config(8), tmp_path / "short", data=gmm8).run()
+    assert "iterations, about" not in capsys.readouterr().err
+    monkeypatch.setattr(CostNote, "QUIET_BELOW_S", 0.0)
+    monkeypatch.setattr(CostNote, "MIN_SECONDS", 0.0)
+    Trainer(make_method(), config(8), tmp_path / "long", data=gmm8).run()
+    err = [line for line in capsys.readouterr().err.splitlines() if "iterations, about" in line]
+    assert len(err) == 1 and "teacher: 8 iterations, about" in err[0] and "the first 3 took" in err[0]

@@ -25,7 +25,7 @@ from fewstep.compare import compare_models as _compare_models
 from fewstep.data import load_samples_file
 from fewstep.errors import FewstepError
 from fewstep.metrics import evaluate_samples
-from fewstep.models import as_model, load_model
+from fewstep.models import as_model
 from fewstep.sampling import sample as _sample
 from fewstep.train import pick_device
 from fewstep.viz import save_samples_picture
@@ -35,9 +35,7 @@ def load(model, device: str = "cpu") -> Checkpoint:
     """A model, loaded: a built-in name (`digits-teacher`, `mnist16-teacher`, `gmm8-teacher`), a fewstep
     checkpoint folder, a diffusers folder or an NVlabs/edm snapshot (.pkl, imported once into fewstep's cache).
     The result has `.denoiser` (the network behind D(x, σ)), `.card` (everything about it) and `.path`."""
-    if isinstance(model, Checkpoint):
-        return model
-    return load_model(model, device=pick_device(A.check("device", device, A.device)))
+    return as_model(model, pick_device(A.check("device", device, A.device)), "model")
 
 
 @dataclass
@@ -125,14 +123,14 @@ class Comparison:
 
 
 def compare_models(a, b, n: int = 256, *, seed: int = 0, sampler_a: str | None = None, nfe_a: int | None = None,
-            sampler_b: str | None = None, nfe_b: int | None = None, batch_size: int = 500,
-            device: str = "cpu") -> Comparison:
+                   sampler_b: str | None = None, nfe_b: int | None = None, batch_size: int = 500,
+                   device: str = "cpu") -> Comparison:
     """Semantic consistency of two models (loaded, or anything `load` takes): the same n initial noises through
     both, each with its card's sampler unless given."""
     dev = pick_device(A.check("device", device, A.device))
     a, b = as_model(a, dev, "a"), as_model(b, dev, "b")
     xa, xb, stats = _compare_models(a, b, A.check("n", n, A.positive_int), A.check("seed", seed, A.seed),
-                                   sampler_a, nfe_a, sampler_b, nfe_b, batch_size=batch_size)
+                                    sampler_a, nfe_a, sampler_b, nfe_b, batch_size=batch_size)
     return Comparison(Samples(xa, stats["a"]), Samples(xb, stats["b"]), stats)
 
 

@@ -403,6 +403,36 @@ def changed_settings(config: TrainConfig, run_info: dict, saved: dict) -> list[s
     return differ
 
 
+class CostNote:
+    """Says, once, what a long run will cost before most of it is spent: its iterations and the wall time the
+    first ones project (after WARMUP iterations and at least a few seconds). Runs projected under a minute
+    say nothing."""
+    WARMUP, MIN_SECONDS, QUIET_BELOW_S = 3, 2.0, 60.0
+
+    def __init__(self, name: str, start: int, steps: int, announce: bool):
+        self.name, self.start, self.steps, self.announce = name, start, steps, announce
+        self.t0, self.done = time.perf_counter(), not announce
+
+    def after_iteration(self, step: int):
+        if self.done:
+            return
+        k, elapsed = step - self.start, time.perf_counter() - self.t0
+        if k < self.WARMUP or elapsed < self.MIN_SECONDS:
+            return
+        self.done = True
+        remaining = (self.steps - step) * elapsed / k
+        if remaining + elapsed >= self.QUIET_BELOW_S:
+            print(f"fewstep: note: {self.name}: {self.steps - self.start:,} iterations, about "
+                  f"{_duration(remaining + elapsed)} on this machine (the first {k} took {elapsed:.1f} s); "
+                  "--iters N runs fewer", file=sys.stderr, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 5400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
 class StopRequests:
     """Ctrl-C / SIGTERM while a loop runs only request a stop, taken between iterations: an interrupt that
     landed after the optimizer step but before the step count moved would make --resume repeat an update. A
@@ -615,6 +645,7 @@ class Trainer:
         bar = tqdm(total=c.steps, initial=self.step, desc=self.method.name, unit="it",
                    disable=not (c.progress and self.is_main), dynamic_ncols=True)
         interrupted, in_iteration, late_stop = False, False, False
+        cost = CostNote(self.method.name, self.step, c.steps, announce=self.is_main)
         try:
             with StopRequests(announce=self.is_main) as stop:
                 while self.step < c.steps:
@@ -629,6 +660,7 @@ class Trainer:
                     in_iteration = True
                     self._iteration(ctx, bar)
                     in_iteration = False
+                    cost.after_iteration(self.step)
                 # a stop asked for during the last iteration: the run is complete, and its caller stops too
                 late_stop = not interrupted and self._agreed_stop(stop)
         except KeyboardInterrupt:

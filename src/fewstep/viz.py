@@ -35,9 +35,16 @@ def image_grid(x: torch.Tensor, nrow: int | None = None, pad: int = 1, scale: in
     return img
 
 
+def picture_format(path: Path) -> str:
+    """The image format a picture's file name asks for (.png, .jpg, .webp, ...); PNG for a name without a
+    known suffix."""
+    return Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
+
+
 def save_png(img: Image.Image, path: str | Path) -> Path:
+    """Write a picture in the format its name asks for (PNG unless the suffix names another)."""
     path = Path(path)
-    atomic_write(path, lambda p: img.save(p, format="PNG"))
+    atomic_write(path, lambda p: img.save(p, format=picture_format(path)))
     return path
 
 
@@ -61,7 +68,8 @@ def scatter_png(points: dict[str, torch.Tensor], path: str | Path, title: str = 
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = Path(path)
-    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
+    fmt = picture_format(path).lower()
+    atomic_write(path, lambda p: fig.savefig(p, format=fmt if fmt in ("png", "jpeg", "pdf", "svg") else "png", dpi=110))
     plt.close(fig)
     return path
 

@@ -47,7 +47,7 @@ def register(sub):
     s.add_argument("--out", default=None, type=A.output_path, help="write samples to this .npz")
     s.add_argument("--yes", action="store_true",
                    help=f"run even if the first batch projects more than {LONG_RUN_S // 3600} hour (else refused)")
-    s.add_argument("--png", dest="grid_png", default=None, help="write a picture of the samples (PNG)")
+    s.add_argument("--png", dest="grid_png", default=None, help="write a picture of the samples (PNG; .jpg or .webp write those formats)")
     s.add_argument("--png-n", dest="grid_n", type=A.positive_int, default=64, help="how many samples the picture shows")
     s.add_argument("--class", dest="class_label", type=A.count, default=None,
                    help="class-conditional models: the class to draw (default: uniform over classes)")
@@ -121,7 +121,10 @@ def cmd_info(args):
     sch = card["denoiser"]["schedule"]
     net = card["net"]
     print(f"model      {ckpt.path}")
-    print(f"method     {card.get('method', {}).get('name')}  {json.dumps({k: v for k, v in card.get('method', {}).items() if k != 'name'})}")
+    method = card.get("method", {})
+    print(f"method     {method.get('name')}")
+    for line in method_lines(method):
+        print(f"           {line}")
     print(f"network    {net['type']}, {count_parameters(ckpt.denoiser.net) / 1e6:.2f}M parameters"
           f"{', step-conditioned' if net.get('step_condition') else ''}")
     if sch["kind"] == "discrete":
@@ -163,6 +166,22 @@ def cmd_info(args):
             print(f"command    {tr['command']}")
     if card.get("quality"):
         print(f"quality    {json.dumps(card['quality'])}")
+
+
+def method_lines(method: dict, width: int = 100) -> list[str]:
+    """The method's settings as `key value` pairs wrapped into lines (long lists shortened), not one JSON line."""
+    def shown(v):
+        if isinstance(v, list) and len(v) > 8:
+            v = [*v[:4], "...", *v[-3:]]
+        return json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list)) else str(v)
+    pairs = [f"{k} {shown(v)}" for k, v in method.items() if k != "name"]
+    lines, line = [], ""
+    for p in pairs:
+        if line and len(line) + 2 + len(p) > width:
+            lines.append(line)
+            line = ""
+        line = f"{line}, {p}" if line else p
+    return lines + ([line] if line else [])
 
 
 def describe_sampler(s: dict) -> str:
