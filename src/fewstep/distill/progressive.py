@@ -34,7 +34,7 @@ import argparse
 import copy
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -343,7 +343,9 @@ def progressive_distill(teacher_ckpt, data: torch.Tensor, start_steps: int | Non
             method = ProgressiveFold(teacher, grid, data_info, clip, teacher_ref, info, dropout, head, clip_targets)
             cont = resume and (fold_dir / "train_state.pt").exists()
             log(f"fold {k}/{len(plan)}: {len(grid) - 1} → {steps} steps{' (resuming)' if cont else ''}")
-            trainer = Trainer(method, config, fold_dir, data=data, resume=cont, run_info=run_info, labels=labels)
+            # only the last fold draws the end-of-run preview: an early fold samples at hundreds of steps
+            fold_config = config if k == len(plan) else replace(config, n_preview=0)
+            trainer = Trainer(method, fold_config, fold_dir, data=data, resume=cont, run_info=run_info, labels=labels)
             trainer.run()
             student = copy.deepcopy(trainer.eval_model()).eval()
             for p in student.parameters():
