@@ -36,7 +36,7 @@ class DeprecatedAlias(argparse.Action):
 
 
 def add_train_args(p: argparse.ArgumentParser, recipe: dict, notes: dict | None = None):
-    """The training loop's options (read back by `fewstep.train.loop_options_from_args`), their defaults the
+    """The training loop's options (read back by `fewstep.recipe.loop_options_from_args`), their defaults the
     method's recipe (`fewstep.train.loop_recipe`). A default of None is the method's to decide: `notes` says how,
     by option (iters, lr, grad_clip, ema)."""
     notes = notes or {}
