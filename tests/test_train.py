@@ -298,3 +298,13 @@ def test_a_long_run_says_its_cost_before_spending_it(gmm8, tmp_path, monkeypatch
     Trainer(make_method(), config(8), tmp_path / "long", data=gmm8).run()
     err = [line for line in capsys.readouterr().err.splitlines() if "iterations, about" in line]
     assert len(err) == 1 and "teacher: 8 iterations, about" in err[0] and "the first 3 took" in err[0]
+
+
+def test_resuming_a_finished_run_changes_nothing(gmm8, tmp_path, capsys):
+    """--resume of a finished run (same iterations) leaves its files as they were: the card keeps the command
+    that made it."""
+    Trainer(make_method(), config(4), tmp_path, data=gmm8, run_info={"command": "first"}).run()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    Trainer(make_method(), config(4), tmp_path, data=gmm8, resume=True, run_info={"command": "second"}).run()
+    assert "finished run of 4 iterations" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before

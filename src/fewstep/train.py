@@ -43,7 +43,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from fewstep.checkpoint import STATE_NAME, load_train_state, save_checkpoint, save_train_state
+from fewstep.checkpoint import STATE_NAME, load_train_state, read_card, save_checkpoint, save_train_state
 from fewstep.errors import FewstepError
 from fewstep.recipe import AMP_MODES, LOG_KINDS, LR_SCHEDULES
 from fewstep.runfolder import RunFolder, tensorboard_writer
@@ -638,6 +638,12 @@ class Trainer:
 
     def _run(self) -> Path:
         c = self.config
+        if self.step >= c.steps and self._saved_as_finished():
+            # --resume of a finished run: nothing to do, and its card (the command that made it) stays as it is
+            if self.is_main:
+                print(f"fewstep: note: {self.out_dir} is a finished run of {self.step} iterations; nothing to "
+                      "resume (a larger --iters continues it)", file=sys.stderr)
+            return self.out_dir
         self.folder.start({"train": asdict(c), **self.run_info, "method": self.method.name, "processes": self.world},
                           drop_logs_after=self.step if self.step or self.fresh_resume else None)
         ctx = StepContext(self)
@@ -687,6 +693,12 @@ class Trainer:
         if self.world > 1:
             dist.barrier()
         return self.out_dir
+
+    def _saved_as_finished(self) -> bool:
+        try:
+            return bool((read_card(self.out_dir).get("training") or {}).get("finished"))
+        except FewstepError:
+            return False
 
     def _agreed_stop(self, stop) -> bool:
         """Whether a stop was requested, the same answer in every process of a torchrun."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from fewstep.solvers import SOLVERS
 from fewstep.train import pick_device
 from fewstep.viz import image_grid, pairs_picture, save_png, scatter_png
 
+SMALL_SAMPLE = 1000  # `eval` says below this many samples that its numbers are coarse
 LONG_RUN_S = 3600  # `sample` asks for --yes before a run projected longer than this
 
 
@@ -216,6 +218,10 @@ def cmd_eval(args):
                        metrics=args.metrics, inception=args.inception)
     ref = res["reference"]
     print(f"{res['n']} samples against {ref['n']} reference samples ({ref['split']} of {ref['data']})")
+    if res["n"] < SMALL_SAMPLE:
+        print(f"fewstep: note: {res['n']} samples are few: Fréchet distances are biased upwards roughly as 1/n and "
+              f"precision/recall are coarse below about {SMALL_SAMPLE:,}; compare numbers only at equal sample "
+              "counts", file=sys.stderr)
     for k, about in res["about"].items():
         unit = " (raw units, not ×10³)" if k.startswith("kid") else ""
         print(f"{k:20s} {res[k]:<12.5g} {about['space']}{unit}")
