@@ -89,7 +89,7 @@ def sample(model, n: int = 64, *, seed: int = 0, nfe: int | None = None, sampler
     batch_size = A.check("batch_size", batch_size, A.batch)
     x, info = _sample(model, n, seed=seed, nfe=nfe, sampler=sampler, grid=grid, rho=rho, batch_size=batch_size,
                       return_info=True, class_label=class_label, final_zero=final_denoise,
-                      prompts=[prompts] if isinstance(prompts, str) else prompts, negative_prompt=negative_prompt,
+                      prompts=prompts, negative_prompt=negative_prompt,
                       guidance=guidance, decode=decode, progress=progress, max_seconds=max_seconds, clip=clip)
     return Samples(x, info)
 

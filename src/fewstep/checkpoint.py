@@ -104,7 +104,7 @@ def _process_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OverflowError, OSError):
+    except (OSError, OverflowError):  # another user's process (PermissionError), or no such pid to ask about
         return True
     return True
 
@@ -219,6 +219,14 @@ def refuse_to_overwrite(out: Path) -> None:
         except FewstepError:
             return
         raise FewstepError(f"--out {out}: the folder already holds a fewstep model; choose another folder")
+
+
+def finished_run(path: str | Path) -> bool:
+    """Whether `path` holds a model whose card says its training finished."""
+    try:
+        return bool((read_card(path).get("training") or {}).get("finished"))
+    except FewstepError:
+        return False
 
 
 def read_card(path: str | Path) -> dict:

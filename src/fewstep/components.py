@@ -143,6 +143,7 @@ class TextEncoder(Component):
         super().__init__(folder, entry)
         self.tokenizer_folder = Path(tokenizer_folder)
         self._tokenizer = None
+        self._told_truncated = set()  # prompts whose cut part was already named
 
     def _load(self):
         transformers = require("transformers", "text")
@@ -178,18 +179,16 @@ class TextEncoder(Component):
             out.append(enc(ids.input_ids.to(self.device), attention_mask=mask)[0].float())
         return torch.cat(out)
 
-
     def _note_truncated(self, prompts: list[str]):
         """Say, once per prompt, what the tokenizer's limit cuts off (as diffusers' pipelines warn)."""
         tok = self.tokenizer
-        told = self.__dict__.setdefault("_told_truncated", set())
-        for p in set(prompts) - told:
+        for p in set(prompts) - self._told_truncated:
             ids = tok(p, truncation=False)["input_ids"]
             if len(ids) > tok.model_max_length:
                 cut = tok.decode(ids[tok.model_max_length - 1:-1])
                 print(f"fewstep: note: a prompt is longer than the text encoder's {tok.model_max_length} tokens; "
                       f"this part of it is cut off: {cut!r}", file=sys.stderr)
-            told.add(p)
+            self._told_truncated.add(p)
 
 
 def _read_config(path: Path, what: str) -> dict:

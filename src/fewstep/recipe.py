@@ -4,6 +4,8 @@ how a method writes its own recipe over them. Imports nothing heavy: the command
 """
 from __future__ import annotations
 
+from dataclasses import MISSING, fields
+
 from fewstep import argtypes as A
 from fewstep.errors import FewstepError
 
@@ -48,8 +50,6 @@ def loop_options_from_args(args) -> dict:
     return {k: (not args.no_progress) if k == "progress" else getattr(args, k) for k in LOOP_OPTIONS}
 
 
-
-
 def run_info(call: str, options: dict) -> dict:
     """What a run started from Python records (as `fewstep.train.run_record` does for a command line): the call
     and its options, which a resumed run compares with its own."""
@@ -66,5 +66,24 @@ def run_info(call: str, options: dict) -> dict:
 
 def config_defaults(config_class) -> dict:
     """A method config dataclass's defaults by field name: what its command line's options default to."""
-    from dataclasses import MISSING, fields
     return {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(config_class)}
+
+
+def take_config_options(config_class, options: dict, exclude: tuple = ()) -> dict:
+    """The keyword options that are `config_class`'s fields (less `exclude`), taken out of `options`: what is
+    left are the training loop's."""
+    names = {f.name for f in fields(config_class)} - set(exclude)
+    return {k: options.pop(k) for k in list(options) if k in names}
+
+
+def method_config(config_class, config, given: dict, what: str, **fixed):
+    """A method call's config: `config` as the caller made it, or one made from the keyword options `given`
+    (and `fixed`); both at once is refused, as is a config of another class."""
+    if config is None:
+        return config_class(**given, **fixed)
+    if given:
+        raise FewstepError(f"{what}: {', '.join(given)} given beside config=; give {config_class.__name__}'s "
+                           "options one way")
+    if not isinstance(config, config_class):
+        raise FewstepError(f"config={config!r}: expected {config_class.__name__}")
+    return config

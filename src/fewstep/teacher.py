@@ -139,7 +139,7 @@ def train_teacher(data, out, *, resolution: int | None = None, data_seed: int = 
         net = default_net(tuple(ds.shape), dropout=dropout, channels=channels)
     den = make_denoiser(net, param, schedule, T)
     data_info = {**ds.info, "name": ds.name, "kind": ds.kind, "shape": list(ds.shape), "split_seed": data_seed}
-    Trainer(TeacherTraining(den, data_info), TrainConfig.from_options(resolved, {}), out, data=ds.x,
+    Trainer(TeacherTraining(den, data_info), TrainConfig.from_options(resolved), out, data=ds.x,
             resume=resume, run_info=run_info).run()
     return load_checkpoint(out, device=pick_device(resolved["device"]))
 
@@ -153,7 +153,8 @@ def add_arguments(p, add_loop_options):
     p.add_argument("--data-seed", type=A.seed, default=0, help="seed of the train/held-out split")
     p.add_argument("--param", default="eps", choices=PARAMS,
                    help="parameterization; 'edm' trains a continuous EDM model (default eps)")
-    p.add_argument("--schedule", default="linear", choices=SCHEDULES, help="the discrete table's betas (default linear)")
+    p.add_argument("--schedule", default="linear", choices=SCHEDULES,
+                   help="the discrete table's betas (default linear)")
     p.add_argument("--T", type=A.integer(2, 100_000), default=1024, help="steps of the discrete table (default 1024)")
     p.add_argument("--channels", type=A.integer(1, 4096), default=None, help="base width of the network")
     p.add_argument("--dropout", type=A.probability, default=None)

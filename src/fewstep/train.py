@@ -43,7 +43,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from fewstep.checkpoint import STATE_NAME, load_train_state, read_card, save_checkpoint, save_train_state
+from fewstep.checkpoint import STATE_NAME, finished_run, load_train_state, save_checkpoint, save_train_state
 from fewstep.errors import FewstepError
 from fewstep.recipe import AMP_MODES, LOG_KINDS, LR_SCHEDULES
 from fewstep.runfolder import RunFolder, tensorboard_writer
@@ -79,10 +79,9 @@ class TrainConfig:
     grad_checkpoint: bool = False     # recompute the trained network's blocks in backward (diffusers networks)
 
     @classmethod
-    def from_options(cls, recipe: dict, options: dict) -> "TrainConfig":
-        """The loop's settings: a method's recipe (`loop_recipe`) with the caller's options over it. The method
-        has already replaced the recipe's None for iters and lr by its own values; grad_clip 0 or None is none."""
-        o = {**recipe, **options}
+    def from_options(cls, o: dict) -> "TrainConfig":
+        """The loop's settings from a method's resolved options (its recipe, `loop_recipe`, with the caller's over
+        it and its None for iters and lr replaced by the method's own values); grad_clip 0 or None is none."""
         if o["iters"] is None or o["lr"] is None:
             raise FewstepError("the method left its iterations or learning rate undecided")
         return cls(steps=o["iters"], batch=o["batch"], lr=o["lr"], lr_schedule=o["lr_schedule"], warmup=o["warmup"],
@@ -638,7 +637,7 @@ class Trainer:
 
     def _run(self) -> Path:
         c = self.config
-        if self.step >= c.steps and self._saved_as_finished():
+        if self.step >= c.steps and finished_run(self.out_dir):
             # --resume of a finished run: nothing to do, and its card (the command that made it) stays as it is
             if self.is_main:
                 print(f"fewstep: note: {self.out_dir} is a finished run of {self.step} iterations; nothing to "
@@ -655,12 +654,7 @@ class Trainer:
         try:
             with StopRequests(announce=self.is_main) as stop:
                 while self.step < c.steps:
-                    if self.world > 1:  # all processes must stop at the same iteration
-                        flag = torch.tensor([float(bool(stop.requested))], device=self.device)
-                        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                        if flag.item() and not stop.requested:
-                            stop.requested.append(signal.SIGINT)
-                    if stop.requested:
+                    if self._agreed_stop(stop):
                         interrupted = True
                         break
                     in_iteration = True
@@ -694,18 +688,14 @@ class Trainer:
             dist.barrier()
         return self.out_dir
 
-    def _saved_as_finished(self) -> bool:
-        try:
-            return bool((read_card(self.out_dir).get("training") or {}).get("finished"))
-        except FewstepError:
-            return False
-
     def _agreed_stop(self, stop) -> bool:
-        """Whether a stop was requested, the same answer in every process of a torchrun."""
+        """Whether a stop was requested, the same answer in every process of a torchrun (all must stop at the
+        same iteration: a process that was not asked takes the request as its own)."""
         if self.world > 1:
             flag = torch.tensor([float(bool(stop.requested))], device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            return bool(flag.item())
+            if flag.item() and not stop.requested:
+                stop.requested.append(signal.SIGINT)
         return bool(stop.requested)
 
     def _iteration(self, ctx: "StepContext", bar):

@@ -19,18 +19,20 @@ def register(sub):
                        description="Runs the teacher reference, training-free solvers and every distillation "
                                    "method on one teacher with fixed seeds. Finished work in --out is reused.")
     b.add_argument("--preset", default=None, choices=list(PRESETS),
-                   help="toy: 2-D gmm8 (its 46 rows took 82 min on one CPU thread); digits: the full table with every SFD recipe "
-                        "setting trained both ways (hours); mnist: the same on the 16x16 MNIST teacher, with a long "
-                        "SFDDM run (hours); digits-defaults: the digits preset's SFD family with fewstep's defaults in place of "
-                        "the authors' recipe; demo: the quick tour")
+                   help="toy: 2-D gmm8 (its 46 rows took 82 min on one CPU thread); digits: the full table with "
+                        "every SFD recipe setting trained both ways (hours); mnist: the same on the 16x16 MNIST "
+                        "teacher, with a long SFDDM run (hours); digits-defaults: the digits preset's SFD family with "
+                        "fewstep's defaults in place of the authors' recipe; demo: the quick tour")
     b.add_argument("--teacher", default=None, help="teacher checkpoint (overrides the preset's)")
     b.add_argument("--data", default=None, help="data set the teacher models (needed without a preset)")
     b.add_argument("--resolution", type=int, default=None)
     b.add_argument("--methods", default=None,
                    help=f"comma list of {', '.join(bench_methods())}")
-    b.add_argument("--nfe", type=A.nfe_list, default=None, help="NFEs for solvers and SFD (SFD: those up to 10), e.g. 2,4,8")
+    b.add_argument("--nfe", type=A.nfe_list, default=None,
+                   help="NFEs for solvers and SFD (SFD: those up to 10), e.g. 2,4,8")
     b.add_argument("--sfddm-steps", type=A.nfe_list, default=None, help="student step counts T' for SFDDM")
-    b.add_argument("--sfd-batch", type=A.batch, default=None, help="SFD / SFD-v / stage-2 batch (default: the preset's)")
+    b.add_argument("--sfd-batch", type=A.batch, default=None,
+                   help="SFD / SFD-v / stage-2 batch (default: the preset's)")
     b.add_argument("--sfd-lr", type=A.positive, default=None, help="SFD / SFD-v learning rate (default: the preset's)")
     b.add_argument("--sfd-trajectories", type=A.integer(1, 10**12), default=None,
                    help="SFD's trajectory budget; iterations = trajectories / batch (default: the preset's)")

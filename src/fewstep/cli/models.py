@@ -39,7 +39,8 @@ def register(sub):
                    help="σ grid family (default: the card's); leading, trailing and linspace are diffusers "
                         "schedulers' timestep spacings on a table model's own steps (with the card's "
                         "steps_offset), as DDIMScheduler, DDPMScheduler and DPMSolverMultistepScheduler space them")
-    s.add_argument("--rho", type=A.positive, default=None, help="the polynomial grid's rho (default: the card's, else 7)")
+    s.add_argument("--rho", type=A.positive, default=None,
+                   help="the polynomial grid's rho (default: the card's, else 7)")
     s.add_argument("--final-denoise", action=argparse.BooleanOptionalAction, default=None,
                    help="end with a denoise from the smallest noise level to 0, one of the NFE (default: the card's; "
                         "the field's tables count NFE without it)")
@@ -49,12 +50,14 @@ def register(sub):
     s.add_argument("--out", default=None, type=A.output_path, help="write samples to this .npz")
     s.add_argument("--yes", action="store_true",
                    help=f"run even if the first batch projects more than {LONG_RUN_S // 3600} hour (else refused)")
-    s.add_argument("--png", dest="grid_png", default=None, help="write a picture of the samples (PNG; .jpg or .webp write those formats)")
+    s.add_argument("--png", dest="grid_png", default=None,
+                   help="write a picture of the samples (PNG; .jpg or .webp write those formats)")
     s.add_argument("--png-n", dest="grid_n", type=A.positive_int, default=64, help="how many samples the picture shows")
     s.add_argument("--class", dest="class_label", type=A.count, default=None,
                    help="class-conditional models: the class to draw (default: uniform over classes)")
     A.add_prompt_args(s)
-    s.add_argument("--batch", type=A.batch, default=500, help="samples per network call (memory, not results; default 500)")
+    s.add_argument("--batch", type=A.batch, default=500,
+                   help="samples per network call (memory, not results; default 500)")
     s.add_argument("--device", default="auto")
     s.set_defaults(func=cmd_sample)
 

@@ -40,8 +40,8 @@ from pathlib import Path
 import torch
 
 from fewstep import argtypes as A
-from fewstep.checkpoint import (CARD_NAME, Checkpoint, load_checkpoint, read_card, remove_stale_temp_files,
-                                save_checkpoint, teacher_reference)
+from fewstep.checkpoint import (CARD_NAME, Checkpoint, finished_run, load_checkpoint, read_card,
+                                remove_stale_temp_files, save_checkpoint, teacher_reference)
 from fewstep.denoiser import Denoiser
 from fewstep.distill import sfddm
 from fewstep.distill.common import distill_data, distill_labels, trained_shape
@@ -293,13 +293,6 @@ class ProgressiveFold(TrainMethod):
 
 # ---- all folds ----------------------------------------------------------------------------------------
 
-def _finished(fold_dir: Path) -> bool:
-    try:
-        return bool(read_card(fold_dir).get("training", {}).get("finished"))
-    except FewstepError:
-        return False
-
-
 def progressive_distill(teacher_ckpt, data: torch.Tensor, start_steps: int | None, target_steps: int,
                         out_dir, config: TrainConfig, data_info: dict | None = None, clip="auto",
                         dropout: float | None = None, resume: bool = False, run_info: dict | None = None,
@@ -333,7 +326,7 @@ def progressive_distill(teacher_ckpt, data: torch.Tensor, start_steps: int | Non
         fold_dir = out_dir / f"fold-{steps}"
         info = {"fold": k, "folds": len(plan), "start_steps": start_steps, "target_steps": target_steps,
                 "root_teacher": root_ref}
-        if resume and _finished(fold_dir):
+        if resume and finished_run(fold_dir):
             remove_stale_temp_files(fold_dir)  # a kill may have cut the finished fold's last state write
             ck = load_checkpoint(fold_dir, device=device)
             log(f"fold {k}/{len(plan)}: {len(grid) - 1} → {steps} steps already done ({fold_dir})")
@@ -512,7 +505,7 @@ def distill_progressive(teacher, data, out, *, steps: int = 8, start_steps: int 
             "head": head, "clip": clip, "clip_targets": clip_targets, "dropout": dropout, "resolution": resolution,
             "data_seed": data_seed, **loop})
     ds, info = distill_data(data, resolution, data_seed, teacher)
-    out = progressive_distill(teacher, ds.x, start_steps, steps, out, TrainConfig.from_options(resolved, {}),
+    out = progressive_distill(teacher, ds.x, start_steps, steps, out, TrainConfig.from_options(resolved),
                               data_info=info, clip=clip, dropout=dropout, resume=resume, run_info=run_info,
                               labels=distill_labels(teacher, ds), head=head, clip_targets=clip_targets)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun the final card is process 0's to write

@@ -19,7 +19,7 @@ import copy
 import hashlib
 import math
 import sys
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,8 @@ from fewstep.method import Method, Row
 from fewstep.models import as_model
 from fewstep.nets import STEP_CONDITIONS, channels_last_copy, set_dropout
 from fewstep.perceptual import perceptual_distance
-from fewstep.recipe import check_loop_options, config_defaults, loop_options_from_args, loop_recipe
+from fewstep.recipe import (check_loop_options, config_defaults, loop_options_from_args, loop_recipe,
+                            method_config, take_config_options)
 from fewstep.recipe import run_info as api_run_info
 from fewstep.sampling import sample_shape
 from fewstep.schedule import GRID_KINDS, check_grid, check_nested, nested_grids
@@ -572,7 +573,6 @@ def iterations_for(trajectories: int, batch: int) -> int:
     return max(1, math.ceil(trajectories / batch))
 
 
-SFD_FIELDS = tuple(f.name for f in fields(SFDConfig))
 # the loop's recipe: batch 128 and the authors' step decay; iterations, lr and clip follow from the mode (`recipe`)
 SFD_LOOP = loop_recipe(iters=None, batch=128, lr=None, lr_schedule="step", grad_clip=None)
 
@@ -594,13 +594,7 @@ def distill_sfd(teacher, out, config: SFDConfig | None = None, *, trajectories: 
     `trajectory_cache`: a folder where the teacher's trajectories are kept and reused exactly. A text teacher
     distils on `prompts` (default: fewstep's shipped list) at its card's guidance and negative prompt unless
     given. `resume=True` continues an interrupted run in `out`."""
-    sfd_options = {k: options.pop(k) for k in list(options) if k in SFD_FIELDS}
-    if config is None:
-        config = SFDConfig(**sfd_options)
-    elif sfd_options:
-        raise FewstepError(f"distill_sfd: {', '.join(sfd_options)} given beside config=; give SFD's options one way")
-    elif not isinstance(config, SFDConfig):
-        raise FewstepError(f"config={config!r}: expected an SFDConfig")
+    config = method_config(SFDConfig, config, take_config_options(SFDConfig, options), "distill_sfd")
     loop = check_loop_options(options, "distill_sfd")
     if trajectories is not None:
         trajectories = A.check("trajectories", trajectories, A.integer(1, 10**12))
@@ -618,7 +612,7 @@ def distill_sfd(teacher, out, config: SFDConfig | None = None, *, trajectories: 
                                                 "trajectories": trajectories, **loop})
     method = SFD(teacher, config, teacher_ref=teacher_reference(teacher.path), trajectory_cache=trajectory_cache,
                  prompts=prompts, negative_prompt=negative_prompt, guidance=guidance)
-    Trainer(method, TrainConfig.from_options(resolved, {}), out, resume=resume, run_info=run_info).run()
+    Trainer(method, TrainConfig.from_options(resolved), out, resume=resume, run_info=run_info).run()
     return load_checkpoint(out, device=next(teacher.denoiser.parameters()).device)
 
 
@@ -1012,7 +1006,8 @@ def add_arguments(p, add_loop_options):
     p.add_argument("--rho", type=A.positive, default=D["rho"], help=f"the polynomial grid's rho (default {D['rho']:g})")
     p.add_argument("--sigma-min", type=A.positive, default=D["sigma_min"],
                    help="default: the teacher's (0.006 for EDM teachers and LDMs, 0.1 for Stable Diffusion)")
-    p.add_argument("--sigma-max", type=A.positive, default=D["sigma_max"], help="default: the teacher's (80 for EDM teachers)")
+    p.add_argument("--sigma-max", type=A.positive, default=D["sigma_max"],
+                   help="default: the teacher's (80 for EDM teachers)")
     p.add_argument("--trajectories", type=A.integer(1, 10**12), default=None,
                    help=f"teacher trajectories to train on (iterations = trajectories / batch; default "
                         f"{SFD_TRAJECTORIES}, {SFDV_TRAJECTORY_FACTOR}x that for SFD-v and "
@@ -1022,12 +1017,14 @@ def add_arguments(p, add_loop_options):
     p.add_argument("--thresholding", action="store_true", default=D["thresholding"],
                    help="clip the teacher's x0 estimate to [-1, 1] (a fixed clip; the authors' dynamic "
                         "thresholding is in effect off, as their fp16 run skips it)")
-    p.add_argument("--dropout", type=A.probability, default=D["dropout"], help="student dropout (default: the teacher's)")
+    p.add_argument("--dropout", type=A.probability, default=D["dropout"],
+                   help="student dropout (default: the teacher's)")
     p.add_argument("--step-condition", default=D["step_condition"], choices=STEP_CONDITIONS,
                    help="SFD-v's step condition: authors (N's embedding as a per-block affine beside each block's "
                         "time modulation, xavier init; default) or zero (one zero-initialised embedding added to "
                         "the time embedding, so the student starts as its teacher)")
-    p.add_argument("--stage2", action="store_true", default=D["stage2"], help="1-NFE second stage from a first-stage SFD/SFD-v model")
+    p.add_argument("--stage2", action="store_true", default=D["stage2"],
+                   help="1-NFE second stage from a first-stage SFD/SFD-v model")
     p.add_argument("--stage2-condition", default=D["stage2_condition"], choices=STAGE2_CONDITIONS,
                    help="--stage2 from SFD-v: the step condition the 1-NFE student takes, its own N = 3 (own, the "
                         "authors') or the first-stage mode it distils (teacher)")
@@ -1046,8 +1043,9 @@ def add_arguments(p, add_loop_options):
                    help="bf16: the teacher under bf16 autocast (faster on CPUs with bf16 support), kept only if "
                         "its trajectories on the first batch stay within --teacher-precision-tol of fp32's")
     p.add_argument("--teacher-precision-tol", type=A.real(0, 1, lo_open=True, hi_open=True),
-                   default=D["teacher_precision_tol"], help="largest relative RMS deviation from the fp32 trajectory "
-                                                            f"that bf16 may show (default {D['teacher_precision_tol']:g})")
+                   default=D["teacher_precision_tol"],
+                   help="largest relative RMS deviation from the fp32 trajectory that bf16 may show "
+                        f"(default {D['teacher_precision_tol']:g})")
     p.add_argument("--trajectory-cache", type=A.folder, default=None, metavar="DIR",
                    help="store the teacher's trajectories in DIR and reuse those computed before for the same "
                         "teacher, grid and noise (exact): SFD-v after SFD runs at its NFEs with the same seed "
@@ -1061,7 +1059,7 @@ def add_arguments(p, add_loop_options):
 
 
 def run(args):
-    config = SFDConfig(**{f: getattr(args, f) for f in SFD_FIELDS})
+    config = SFDConfig(**take_config_options(SFDConfig, dict(vars(args))))
     student = distill_sfd(args.teacher, args.out, config, trajectories=args.trajectories,
                           trajectory_cache=args.trajectory_cache, prompts=A.read_prompts(args.prompt, args.prompts),
                           negative_prompt=args.negative_prompt, guidance=args.guidance, resume=args.resume,

@@ -35,7 +35,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -49,7 +49,8 @@ from fewstep.distill.common import distill_data, distill_labels, trained_shape
 from fewstep.errors import FewstepError
 from fewstep.method import Method, Row
 from fewstep.models import as_model
-from fewstep.recipe import check_loop_options, config_defaults, loop_options_from_args, loop_recipe
+from fewstep.recipe import (check_loop_options, config_defaults, loop_options_from_args, loop_recipe,
+                            method_config, take_config_options)
 from fewstep.recipe import run_info as api_run_info
 from fewstep.nets import FeatureTap, build_net, channels_last_copy, set_dropout
 from fewstep.sampling import sample_shape
@@ -702,7 +703,6 @@ def reading(summary: dict) -> list[str]:
 
 # ---- the run: one call for Python and the command line -----------------------------------------------
 
-SFDDM_FIELDS = tuple(f.name for f in fields(SFDDMConfig) if f.name != "seed")  # the seed is the loop's
 # the authors train without gradient clipping or EMA; iterations: a fifth of the teacher's samples (default_iterations)
 SFDDM_LOOP = loop_recipe(iters=None, batch=64, lr=2e-4, grad_clip=0.0, ema=None)
 
@@ -719,16 +719,10 @@ def distill_sfddm(teacher, data, out, config: SFDDMConfig | None = None, *, reso
     (`fewstep.recipe.LOOP_OPTIONS`) default to the authors' schedule: a fifth of the teacher's training samples
     (its card's iterations x batch / 5 / batch), batch 64, Adam 2e-4, no clipping, no EMA. `resolution` and
     `data_seed` default to the teacher's."""
-    sfddm_options = {k: options.pop(k) for k in list(options) if k in SFDDM_FIELDS}
+    given = take_config_options(SFDDMConfig, options, exclude=("seed",))
     loop = check_loop_options(options, "distill_sfddm")
     resolved = {**SFDDM_LOOP, **loop}
-    if config is None:
-        config = SFDDMConfig(**sfddm_options, seed=resolved["seed"])
-    elif sfddm_options:
-        raise FewstepError(f"distill_sfddm: {', '.join(sfddm_options)} given beside config=; give SFDDM's options "
-                           "one way")
-    elif not isinstance(config, SFDDMConfig):
-        raise FewstepError(f"config={config!r}: expected an SFDDMConfig")
+    config = method_config(SFDDMConfig, config, given, "distill_sfddm", seed=resolved["seed"])
     resolution = None if resolution is None else A.check("resolution", resolution, A.resolution)
     data_seed = None if data_seed is None else A.check("data_seed", data_seed, A.seed)
     teacher = as_model(teacher, device=pick_device(resolved["device"]), what="teacher")
@@ -743,7 +737,7 @@ def distill_sfddm(teacher, data, out, config: SFDDMConfig | None = None, *, reso
     method = SFDDM(teacher.denoiser, config, info, teacher_ref=teacher_reference(teacher.path))
     if resume:
         check_resume_phi(out, method.phi)
-    Trainer(method, TrainConfig.from_options(resolved, {}), out, data=ds.x, resume=resume, run_info=run_info,
+    Trainer(method, TrainConfig.from_options(resolved), out, data=ds.x, resume=resume, run_info=run_info,
             labels=distill_labels(teacher, ds)).run()
     student = load_checkpoint(out, device=next(teacher.denoiser.parameters()).device)
     student.extra["eps_error_summary"] = method.eps_error_summary()
@@ -777,7 +771,8 @@ def add_arguments(p, add_loop_options):
                    help="hidden-variable term: l1 on the penultimate feature map (default), kl (closed-form "
                         "KL of the reverse kernels, a time-weighted eps-MSE) or none")
     p.add_argument("--loss", default=D["loss"], choices=LOSSES, help=f"output term (default {D['loss']})")
-    p.add_argument("--lam", type=A.non_negative, default=D["lam"], help=f"weight of the hidden term (default {D['lam']:g})")
+    p.add_argument("--lam", type=A.non_negative, default=D["lam"],
+                   help=f"weight of the hidden term (default {D['lam']:g})")
     p.add_argument("--feature-layer", default=D["feature_layer"],
                    help="sub-module whose output is the hidden variable, e.g. up.3 (default: the network's "
                         "penultimate map; for imported networks the layer recorded at import)")
@@ -791,7 +786,8 @@ def add_arguments(p, add_loop_options):
 
 
 def run(args):
-    config = SFDDMConfig(**{f: getattr(args, f) for f in SFDDM_FIELDS if f != "allow_full"}, seed=args.seed)
+    # the config's seed is the loop's (--seed)
+    config = SFDDMConfig(**take_config_options(SFDDMConfig, dict(vars(args)), exclude=("seed",)), seed=args.seed)
     student = distill_sfddm(args.teacher, args.data, args.out, config, resolution=args.resolution,
                             data_seed=args.data_seed, resume=args.resume, run_info=run_record(args),
                             **loop_options_from_args(args))

@@ -713,8 +713,8 @@ def _readme(s: dict, src) -> str:
             if s["image"] else 'x = pipe(batch_size=16, seed=0, output_type="np").images  # (16, '
             + ", ".join(map(str, s["sample_shape"])) + ') samples')
     if "text" in s:
-        call += (f"\n# sample i takes prompt i mod their number; guidance_scale (default {s['text']['guidance']:g}) and "
-                 "negative_prompt as in diffusers")
+        call += ("\n# sample i takes prompt i mod their number; guidance_scale (default "
+                 f"{s['text']['guidance']:g}) and negative_prompt as in diffusers")
     return f"""# A few-step sampler exported by fewstep
 
 Exported from `{src}` ({s['model']['method']}). Network: {net}.
