@@ -22,7 +22,8 @@ import torch
 
 from fewstep.models import load_model
 from fewstep.data import load_dataset
-from fewstep.distill.sfd import SFD, SFDConfig
+from fewstep.sfd.config import SFDConfig
+from fewstep.sfd.method import SFD
 from fewstep.train import TrainConfig, Trainer
 
 PARTS = ("teacher", "student", "optimizer", "rest", "iter")
@@ -33,9 +34,10 @@ def method(name: str, teacher, sfd_setting: dict):
     if name in ("sfd", "sfd-v"):
         return SFD(teacher, SFDConfig(nfe=[2] if name == "sfd" else [2, 3, 4, 5], **sfd_setting)), 128
     if name == "sfddm":
-        from fewstep.distill.sfddm import SFDDM, SFDDMConfig
+        from fewstep.sfddm.config import SFDDMConfig
+        from fewstep.sfddm.method import SFDDM
         return SFDDM(den, SFDDMConfig(steps=10)), 64
-    from fewstep.distill.progressive import ProgressiveFold, teacher_grid
+    from fewstep.progressive.fold import ProgressiveFold, teacher_grid
     return ProgressiveFold(den, teacher_grid(den, 256)), 64
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 import fewstep
-from fewstep.distill.sfd import SFDConfig, sfd_grids
+from fewstep.sfd.config import SFDConfig
+from fewstep.sfd.trajectory import sfd_grids
 from fewstep.sampling import sample_shape
 from fewstep.solvers import solve
 

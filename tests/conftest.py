@@ -45,7 +45,7 @@ def train_tiny_teacher(out_dir, net, data_name: str, steps: int, batch: int, lr:
     from fewstep.data import load_dataset
     from fewstep.denoiser import Denoiser
     from fewstep.schedule import Schedule
-    from fewstep.teacher import TeacherTraining
+    from fewstep.teacher.method import TeacherTraining
     from fewstep.train import TrainConfig, Trainer
 
     ds = load_dataset(data_name)

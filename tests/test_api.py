@@ -13,12 +13,15 @@ import torch
 import fewstep
 from fewstep.checkpoint import WEIGHTS_NAME, load_checkpoint
 from fewstep.cli import build_parser
-from fewstep.distill.progressive import PROGRESSIVE_LOOP
-from fewstep.distill.sfd import SFD, SFD_LOOP, SFDConfig
-from fewstep.distill.sfddm import SFDDM_LOOP, SFDDMConfig
+from fewstep.progressive.recipe import PROGRESSIVE_LOOP
+from fewstep.sfd.config import SFDConfig
+from fewstep.sfd.method import SFD
+from fewstep.sfd.recipe import SFD_LOOP
+from fewstep.sfddm.config import SFDDMConfig
+from fewstep.sfddm.recipe import SFDDM_LOOP
 from fewstep.errors import FewstepError
 from fewstep.recipe import config_defaults
-from fewstep.teacher import TEACHER_LOOP
+from fewstep.teacher.method import TEACHER_LOOP
 from test_cli import run
 
 QUIET = ["--no-progress", "--ckpt-every", 0]

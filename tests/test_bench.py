@@ -20,7 +20,7 @@ def tiny_spec(teacher, **kw):
                 pd_iters_per_fold=5, pd_batch=64, curve_points=3, sfddm_long_fraction=0.25, sfddm_long_curve_points=4,
                 sfd_recipe=["grad-clip", "stage2-condition"])
     spec.update(kw)
-    return BenchSpec(**spec)
+    return BenchSpec.from_fields(**spec)
 
 
 @pytest.fixture(scope="module")
@@ -300,7 +300,7 @@ def test_separation_of_teacher_sfd2_and_dpmpp3m5_is_read_out():
 
 
 def test_the_sfd_targets_are_read_for_the_authors_recipe_and_for_fewsteps_defaults():
-    from fewstep.distill.sfd import targets_reading
+    from fewstep.sfd.report import targets_reading
     rows = [_row("teacher", 100, 20.0, sampler="dpmpp2m"), _row("sfd", 2, 60.0), _row("sfd-v", 2, 90.0),
             _row("sfd-stage2", 1, 45.0), _row("sfd", 2, 50.0, recipe="grad-clip"),
             _row("sfd-v", 2, 52.0, recipe="grad-clip-sfdv"), _row("sfd-v", 3, 40.0, recipe="grad-clip-sfdv")]
@@ -365,3 +365,55 @@ def test_time_to_quality_is_read_off_each_run():
     assert ("SFD, NFE 2, along its run: the teacher's FCD (80) reached after 2.5 min; 1.5× the teacher's gap over "
             "the floor FCD (85) reached after 90 s (best 79 at 2.5 min).") in lines
     assert "SFD, NFE 3, along its run: the teacher's FCD (80) not reached within 90 s; 1.5×" in lines
+
+
+RENDER_DOCS_PAGE = """
+import shutil, sys
+from pathlib import Path
+from fewstep.report import write_results_doc
+docs, out = Path(sys.argv[1]), Path(sys.argv[2])
+shutil.copytree(docs / "data", out / "data")
+shutil.copytree(docs / "figures", out / "figures")
+presets = ("toy", "digits", "digits-defaults", "mnist")
+page = write_results_doc({n: out / "no-bench" / n for n in presets}, out,
+                         {n: f"fewstep bench --preset {n} --out bench/{n}" for n in presets})
+print(sorted(m for m in ("torch", "fewstep.train", "fewstep.bench", "fewstep.sfd.method") if m in sys.modules))
+"""
+
+
+def test_the_results_page_renders_again_byte_for_byte_from_its_data_and_without_torch(tmp_path):
+    """docs/results.md is written again from docs/data/*.json alone (the benches' results.json as they were
+    written, older flat specs included) to the same bytes, by a process that never imports torch or any
+    training code."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    r = subprocess.run([sys.executable, "-c", RENDER_DOCS_PAGE, str(docs), str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", f"rendering the report imported {r.stdout.strip()}"
+    assert (tmp_path / "out" / "results.md").read_bytes() == (docs / "results.md").read_bytes()
+
+
+def test_a_spec_reads_flat_and_nested_settings_and_records_them_flat():
+    """Each method's settings live in its own package; a spec takes them flat (as results.json and run_bench
+    keywords name them) or nested under the method's name, and writes them flat."""
+    from fewstep.sfd.recipe import SFDBench
+    flat = BenchSpec.from_fields(teacher="t", data="d", sfd_batch=32, sfddm_steps=[4], pd_lr=1e-3)
+    nested = BenchSpec.from_fields(teacher="t", data="d", sfd={"sfd_batch": 32}, sfddm={"sfddm_steps": [4]},
+                                   progressive={"pd_lr": 1e-3})
+    assert flat.record() == nested.record()
+    assert isinstance(flat.settings["sfd"], SFDBench) and flat.sfd_batch == 32 and flat.sfddm_steps == [4]
+    assert BenchSpec.from_record(flat.record()).record() == flat.record()
+    # a preset's nested settings, overridden flat
+    assert preset("demo", sfd_batch=16).record() == {**preset("demo").record(), "sfd_batch": 16}
+    with pytest.raises(FewstepError, match="bench: unknown setting 'sfd_bach'"):
+        BenchSpec.from_fields(teacher="t", data="d", sfd_bach=32)
+    with pytest.raises(FewstepError, match="sfd bench settings sfddm_steps"):
+        BenchSpec(teacher="t", data="d", settings={"sfd": {"sfddm_steps": [4]}})
+    # no two methods name a setting alike, and none shadows the spec's own fields
+    from dataclasses import fields
+    from fewstep.benchspec import method_settings
+    names = [n for cls in method_settings().values() for n in cls.field_names()]
+    assert len(names) == len(set(names)) and not set(names) & {f.name for f in fields(BenchSpec)}

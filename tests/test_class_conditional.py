@@ -8,9 +8,11 @@ from fewstep.checkpoint import load_checkpoint, save_checkpoint
 from fewstep.cli import main
 from fewstep.data import load_dataset
 from fewstep.denoiser import Denoiser
-from fewstep.distill.progressive import ProgressiveFold, teacher_grid
-from fewstep.distill.sfd import SFD, SFDConfig
-from fewstep.distill.sfddm import SFDDM, SFDDMConfig
+from fewstep.progressive.fold import ProgressiveFold, teacher_grid
+from fewstep.sfd.config import SFDConfig
+from fewstep.sfd.method import SFD
+from fewstep.sfddm.config import SFDDMConfig
+from fewstep.sfddm.method import SFDDM
 from fewstep.errors import FewstepError
 from fewstep.nets import UNet
 from fewstep.sampling import sample

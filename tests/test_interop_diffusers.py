@@ -169,7 +169,8 @@ def test_euler_on_a_scheduler_spacing_equals_euler_discrete(folders, imported, s
 def test_sfd_v_student_starts_as_its_teacher(imported):
     """The zero kind of step condition reaches the UNet's time embedding and starts as an exact no-op; the
     authors' kind modulates every resnet block's time projection."""
-    from fewstep.distill.sfd import SFD, SFDConfig
+    from fewstep.sfd.config import SFDConfig
+    from fewstep.sfd.method import SFD
 
     teacher = load_model(imported["v"])
     authors = SFD(teacher, SFDConfig(nfe=[1, 3], m=1)).student
@@ -214,7 +215,7 @@ TRAIN = ["--batch", 4, "--ckpt-every", 0, "--no-progress", "--log-every", 1]
 def _edm_students(root):
     """Hand-made SFD-style students of the three EDM preconditionings (continuous schedules)."""
     from fewstep.denoiser import Denoiser
-    from fewstep.distill.sfd import nested_grids
+    from fewstep.schedule import nested_grids
     from fewstep.interop.edm_nets import SongUNet
     from fewstep.schedule import Schedule
 

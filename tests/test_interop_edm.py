@@ -391,7 +391,8 @@ def _samples(model, n=2, **kw):
 
 
 def test_sfd_sfdv_and_stage2_on_an_edm_teacher(edm_teacher, tmp_path, monkeypatch):
-    from fewstep.distill.sfd import SFD, SFDConfig
+    from fewstep.sfd.config import SFDConfig
+    from fewstep.sfd.method import SFD
     pkl, ckpt = edm_teacher
     monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
     main(["distill", "sfd", "--teacher", str(pkl), "--nfe", "2", "--out", str(tmp_path / "sfd"), *TRAIN])
@@ -424,7 +425,8 @@ def test_sfd_sfdv_and_stage2_on_an_edm_teacher(edm_teacher, tmp_path, monkeypatc
 
 
 def test_sfdv_on_adm_starts_equal_to_the_teacher(tmp_path):
-    from fewstep.distill.sfd import SFD, SFDConfig
+    from fewstep.sfd.config import SFDConfig
+    from fewstep.sfd.method import SFD
     pkl = write_snapshot(tmp_path / "adm.pkl", build_edm("EDMPrecond", "DhariwalUNet", label_dim=K)[0])
     teacher = load_checkpoint(import_edm_snapshot(pkl, tmp_path / "ckpt"))
     m = SFD(teacher, SFDConfig(nfe=[2, 3], step_condition="zero"))
@@ -452,7 +454,8 @@ def test_tables_read_off_continuous_teachers_are_exact(tmp_path):
             assert torch.allclose(tab(x, sig), den(x, sig), atol=1e-5, rtol=1e-5), precond
         assert info["table_name"] in tab.schedule.table_name
         # an SFDDM student copied from the teacher starts at exactly zero loss on the table
-        from fewstep.distill.sfddm import SFDDM, SFDDMConfig
+        from fewstep.sfddm.config import SFDDMConfig
+        from fewstep.sfddm.method import SFDDM
         m = SFDDM(den, SFDDMConfig(steps=4, init="teacher"), {"kind": "image", "shape": [1, 8, 8]})
         assert m.student.param == den.param and m.card()["method"]["teacher_table"] == info
         loss, _ = m.losses(torch.rand(4, 1, 8, 8) * 2 - 1, torch.arange(4), torch.randn(4, 1, 8, 8))

@@ -19,7 +19,8 @@ from diffusers import (AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler
                        StableDiffusionPipeline, UNet2DConditionModel, UNet2DModel, VQModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
-from fewstep.distill.sfd import SFD, SFDConfig  # noqa: E402
+from fewstep.sfd.config import SFDConfig  # noqa: E402
+from fewstep.sfd.method import SFD  # noqa: E402
 from fewstep.errors import FewstepError  # noqa: E402
 from fewstep.interop import import_model  # noqa: E402
 from fewstep.models import load_model  # noqa: E402

@@ -5,15 +5,20 @@ from pathlib import Path
 
 import pytest
 
+from fewstep.registry import METHODS
+
 SRC = Path(__file__).resolve().parents[1] / "src" / "fewstep"
 
 # lowest first; a module may import its own layer and every layer before it
 LAYERS = {
-    "foundations": ["errors", "hashing", "argtypes", "recipe", "method", "schedule", "nets", "data"],
+    "foundations": ["errors", "hashing", "files", "argtypes", "recipe", "method", "schedule", "nets", "data"],
     "models": ["denoiser", "solvers", "components", "checkpoint", "sampling", "viz", "show"],
     "around a model": ["featnet", "perceptual", "metrics", "compare", "interop", "interop.*", "models"],
     "training loop": ["runfolder", "train"],
-    "methods": ["teacher", "distill", "distill.*", "registry"],
+    "shared by methods": ["distill", "distill.*"],
+    # and every package fewstep.registry lists (a new method needs no line here)
+    "methods": ["registry"] + [p for e in METHODS for p in (e.package.removeprefix("fewstep."),
+                                                            e.package.removeprefix("fewstep.") + ".*")],
     "bench": ["benchspec", "report", "bench"],
     "api": ["api"],
     "command line": ["cli", "cli.*", "__main__"],
@@ -29,8 +34,8 @@ MODULES = {module_name(p): p for p in sorted(SRC.rglob("*.py"))}
 
 
 def layer_of(name: str) -> int | None:
-    """A module's layer: named in LAYERS, or inside a package listed as "package.*" (a new method in
-    fewstep/distill/ needs no entry here). The package's own __init__ is below everything: it holds the version
+    """A module's layer: named in LAYERS, or inside a package listed as "package.*" (a method's package is
+    listed from the registry). The package's own __init__ is below everything: it holds the version
     and forwards the API's names by string, on first use (so `import fewstep` loads nothing else)."""
     if name == "":
         return -1

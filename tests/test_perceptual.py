@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from fewstep.checkpoint import load_checkpoint
-from fewstep.distill.sfd import SFD, SFDConfig
+from fewstep.sfd.config import SFDConfig
+from fewstep.sfd.method import SFD
 from fewstep.errors import FewstepError
 from fewstep.featnet import load_classifier
 from fewstep.perceptual import LPIPS_CHANNELS, ClassifierDistance, load_lpips

@@ -7,9 +7,11 @@ import torch
 
 from fewstep.checkpoint import WEIGHTS_NAME, load_checkpoint, read_card
 from fewstep.data import sample_toy
-from fewstep.distill.progressive import ProgressiveFold, teacher_grid
-from fewstep.distill.sfd import SFD, SFDConfig
-from fewstep.distill.sfddm import SFDDM, SFDDMConfig
+from fewstep.progressive.fold import ProgressiveFold, teacher_grid
+from fewstep.sfd.config import SFDConfig
+from fewstep.sfd.method import SFD
+from fewstep.sfddm.config import SFDDMConfig
+from fewstep.sfddm.method import SFDDM
 from fewstep.train import PROFILE_SECTIONS, Profiler, TrainConfig, Trainer, profile_summary
 
 

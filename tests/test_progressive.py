@@ -10,9 +10,8 @@ from torch import nn
 from fewstep.checkpoint import load_checkpoint, save_checkpoint
 from fewstep.cli import main
 from fewstep.denoiser import Denoiser
-from fewstep.distill.progressive import (HEADS, ProgressiveFold, ddim_step, fold_plan, halve_grid, head_output,
-                                         head_weight, progressive_distill, teacher_grid, truncated_snr,
-                                         two_step_target)
+from fewstep.progressive.fold import HEADS, ProgressiveFold, ddim_step, fold_plan, halve_grid, head_output, head_weight, teacher_grid, truncated_snr, two_step_target
+from fewstep.progressive.method import progressive_distill
 from fewstep.errors import FewstepError
 from fewstep.nets import MLP
 from fewstep.schedule import Schedule, index_subsequence

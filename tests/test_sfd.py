@@ -9,7 +9,9 @@ import torch
 from fewstep.checkpoint import load_checkpoint
 from fewstep.data import sample_toy
 from fewstep.denoiser import Denoiser
-from fewstep.distill.sfd import SFD, SFDConfig, TeacherTrajectory, sfd_grids, student_nfe, timestamps_for_nfe
+from fewstep.sfd.config import SFDConfig, student_nfe, timestamps_for_nfe
+from fewstep.sfd.method import SFD
+from fewstep.sfd.trajectory import TeacherTrajectory, sfd_grids
 from fewstep.errors import FewstepError
 from fewstep.metrics import sliced_wasserstein
 from fewstep.sampling import resolve_sampler, sample
@@ -346,7 +348,7 @@ def test_cli_defaults_are_the_authors_recipe_but_the_clip(tiny_gmm8_teacher, tmp
     SFD and SFD-v (fewstep's measured default), none for the 1-NFE stage (the authors'); --grad-clip 0: none."""
     import json
     from fewstep.cli import main
-    from fewstep.distill.sfd import recipe
+    from fewstep.sfd.recipe import recipe
 
     assert recipe([2], False) == {"trajectories": 200_000, "lr": 5e-5, "grad_clip": 1.0}
     assert recipe([2, 3], False)["trajectories"] == 800_000 and recipe([2, 3], False)["grad_clip"] == 1.0

@@ -11,15 +11,17 @@ from fewstep.cli import main
 from fewstep.data import load_dataset, sample_toy
 from fewstep.denoiser import Denoiser
 from fewstep.compare import interpolation_noises, pair_stats, psnr, slerp
-from fewstep.distill.sfddm import (SFDDM, SFDDMConfig, index_set, kl_weight, make_student, raw_and_features,
-                                   student_chain, student_grid)
+from fewstep.distill.step_table import index_set
+from fewstep.sfddm.chain import kl_weight, make_student, raw_and_features, student_chain, student_grid
+from fewstep.sfddm.config import SFDDMConfig
+from fewstep.sfddm.method import SFDDM
 from fewstep.errors import FewstepError
 from fewstep.metrics import sliced_wasserstein
 from fewstep.nets import MLP, UNet
 from fewstep.sampling import sample
 from fewstep.schedule import Schedule
 from fewstep.solvers import solve
-from fewstep.teacher import TeacherTraining
+from fewstep.teacher.method import TeacherTraining
 from fewstep.train import TrainConfig, Trainer
 
 GMM8 = {"name": "gmm8", "kind": "toy", "shape": [2], "n": 20000}
@@ -119,7 +121,7 @@ def test_index_set_validation(steps, index, message):
 
 
 def test_continuous_teacher_is_read_as_a_table_and_exact_table_refuses_foreign_sigma():
-    from fewstep.teacher import make_denoiser
+    from fewstep.teacher.method import make_denoiser
     edm = make_denoiser(MLP(2, hidden=16, depth=1), "edm")
     m = SFDDM(edm, SFDDMConfig(steps=4), GMM8)  # distilled on the σ table read off it, named on the card
     assert m.teacher.schedule.T == 1000 and m.card()["method"]["teacher_table"]["table_name"] == "edm-rho7[1000]"
@@ -455,7 +457,7 @@ def test_teacher_init_run_stays_at_zero_loss_with_the_loops_defaults(tmp_path):
 
 
 def test_default_iterations_follow_the_teachers_training():
-    from fewstep.distill.sfddm import FALLBACK_ITERATIONS, default_iterations
+    from fewstep.sfddm.recipe import FALLBACK_ITERATIONS, default_iterations
     n, how = default_iterations({"training": {"iterations": 6255, "batch": 128}}, 64)
     assert n == round(0.2 * 6255 * 128 / 64) == 2502 and "fifth" in how
     assert default_iterations({"training": {"iterations": 1000, "batch": 50}}, 40)[0] == 250
@@ -465,7 +467,7 @@ def test_default_iterations_follow_the_teachers_training():
 
 def test_teacher_on_phi_is_what_a_perfect_student_samples(tmp_path):
     from fewstep.checkpoint import Checkpoint
-    from fewstep.distill.sfddm import teacher_on_phi
+    from fewstep.distill.step_table import teacher_on_phi
     teacher = tiny_unet_teacher(dropout=0.0)
     ckpt = Checkpoint(teacher, {"net": teacher.net.config, "sampler": {"name": "dpmpp2m", "nfe": 8}}, None)
     for index in ("trailing", "leading"):
@@ -482,7 +484,7 @@ def test_teacher_on_phi_is_what_a_perfect_student_samples(tmp_path):
 
 
 def test_models_made_with_the_old_leading_rule_load_and_sample_as_before(tmp_path):
-    from fewstep.distill.sfddm import check_resume_phi
+    from fewstep.sfddm.chain import check_resume_phi
     teacher = tiny_unet_teacher(T=64, dropout=0.0)
     old_phi = [0, 12, 25, 38, 51]  # floor(s·64/5) (T' = 5); the authors' rule gives 0, 12, 24, 36, 48
     method = SFDDM(teacher, SFDDMConfig(steps=5, index="spread", init="teacher"), IMG)
@@ -504,7 +506,7 @@ def test_models_made_with_the_old_leading_rule_load_and_sample_as_before(tmp_pat
 
 
 def test_per_step_eps_error_is_logged_and_summarised(tmp_path):
-    from fewstep.distill.sfddm import step_bins
+    from fewstep.sfddm.chain import step_bins
     assert step_bins(4) == [(0, 0), (1, 1), (2, 2), (3, 3)]
     bins = step_bins(40)
     assert len(bins) == 16 and bins[0][0] == 0 and bins[-1][1] == 39

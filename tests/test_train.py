@@ -15,7 +15,7 @@ from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
 from fewstep.nets import MLP
 from fewstep.schedule import Schedule
-from fewstep.teacher import TeacherTraining
+from fewstep.teacher.method import TeacherTraining
 from fewstep.train import TrainConfig, Trainer
 
 INFO = {"name": "gmm8", "kind": "toy", "shape": [2]}
@@ -213,7 +213,7 @@ DDP_WORKER = textwrap.dedent("""
     from fewstep.denoiser import Denoiser
     from fewstep.nets import MLP
     from fewstep.schedule import Schedule
-    from fewstep.teacher import TeacherTraining
+    from fewstep.teacher.method import TeacherTraining
     from fewstep.train import TrainConfig, Trainer
 
     def run(out):

@@ -15,10 +15,10 @@ _API = {
     "load": "fewstep.api", "sample": "fewstep.api", "Samples": "fewstep.api", "evaluate": "fewstep.api",
     "compare_models": "fewstep.api", "Comparison": "fewstep.api", "import_model": "fewstep.api",
     "export_model": "fewstep.api", "run_bench": "fewstep.api",
-    "train_teacher": "fewstep.teacher",
-    "distill_sfd": "fewstep.distill.sfd", "SFDConfig": "fewstep.distill.sfd",
-    "distill_sfddm": "fewstep.distill.sfddm", "SFDDMConfig": "fewstep.distill.sfddm",
-    "distill_progressive": "fewstep.distill.progressive",
+    "train_teacher": "fewstep.teacher.method",
+    "distill_sfd": "fewstep.sfd.method", "SFDConfig": "fewstep.sfd.config",
+    "distill_sfddm": "fewstep.sfddm.method", "SFDDMConfig": "fewstep.sfddm.config",
+    "distill_progressive": "fewstep.progressive.method",
     "FewstepError": "fewstep.errors",
 }
 __all__ = ["__version__", *_API]

@@ -159,8 +159,9 @@ def run_bench(out, preset: str | None = None, *, spec=None, progress: bool = Tru
           distill_only: bool = False, **fields) -> dict | None:
     """Every method side by side on one teacher, into the folder `out` (finished work there is reused): a
     preset (toy, digits, digits-defaults, mnist, demo) with `fields` of `fewstep.benchspec.BenchSpec` over it
-    (teacher, data, methods, nfe, n_samples, seeds, ...), a spec of your own from `fields` (at least `teacher`
-    and `data`), or a ready `spec`. Writes report.md there and returns the summary it is written from (None
+    (teacher, data, methods, nfe, n_samples, seeds, ..., and each method's settings, flat as `sfd_batch=64` or
+    nested as `sfd={"sfd_batch": 64}`), a spec of your own from `fields` (at least `teacher` and `data`), or a
+    ready `spec`. Writes report.md there and returns the summary it is written from (None
     with `distill_only`, which trains every model the bench needs and measures nothing)."""
     from fewstep.bench import Bench
     from fewstep.benchspec import BenchSpec
@@ -172,7 +173,7 @@ def run_bench(out, preset: str | None = None, *, spec=None, progress: bool = Tru
             elif not fields.get("teacher") or not fields.get("data"):
                 raise FewstepError("bench: pass preset=, or both teacher= and data=")
             else:
-                spec = BenchSpec(**fields)
+                spec = BenchSpec.from_fields(**fields)
         except TypeError as e:  # a field BenchSpec does not have
             raise FewstepError(f"bench: {e}") from None
     elif preset is not None or fields:

@@ -17,7 +17,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -177,7 +177,7 @@ class SolverRow(Row):
     sampler: str = "ddim"
     grid: str | None = None
     final_zero: bool = False
-    trailing: bool = False   # on the teacher's own steps at an SFDDM index set (see fewstep.distill.sfddm)
+    trailing: bool = False   # on the teacher's own steps at an SFDDM index set (see fewstep.distill.step_table)
 
     def sampling(self, bench) -> tuple:
         kw = {"nfe": self.nfe, "sampler": self.sampler}
@@ -340,8 +340,7 @@ class Bench:
                     rows.append(SolverRow(f"{name}-{n}", name, n, f"{SOLVER_LABELS[name]}, {GRID_NAMES[grid]} grid",
                                           sampler=name, grid=grid))
         for method in self.methods:
-            if method.bench_rows is not None:
-                rows += method.bench_rows(self)
+            rows += method.bench_rows(self)
         unique = {}
         for r in rows:
             unique.setdefault(r.key, r)
@@ -556,13 +555,12 @@ class Bench:
                "device_name": (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
                                else platform.processor() or platform.machine()),
                "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "python": platform.python_version()}
-        summary = {"spec": asdict(self.spec), "environment": env, "teacher": {
+        summary = {"spec": self.spec.record(), "environment": env, "teacher": {
             "path": str(self.teacher.path), "training_wall_s": self.teacher_train_s,
             "card_method": self.teacher_card.get("method")}, "quality_key": self.quality_key,
             "rows": results, "bench_wall_s": time.perf_counter() - t0, **_described_once(results)}
         for method in self.methods:  # what a method measures beyond its rows (figures, consistency)
-            if method.bench_extras is not None:
-                summary.update(method.bench_extras(self, summary, self.out / "figures"))
+            summary.update(method.bench_extras(self, summary, self.out / "figures"))
         write_json(self.out / "results.json", summary)
         write_report(self.out, summary)
         return summary

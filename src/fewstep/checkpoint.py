@@ -8,23 +8,22 @@ plain containers. Every file is written atomically (temp file, fsync, rename).
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import fewstep
 from fewstep.components import components_from_card, place_components
 from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
+# re-exported: most writers of fewstep's files import them from here
+from fewstep.files import atomic_write, remove_orphan_temp_files, write_json  # noqa: F401
 from fewstep.hashing import sha256_file
 from fewstep.nets import build_net
 from fewstep.schedule import Schedule
@@ -48,72 +47,6 @@ class Checkpoint:
     @property
     def sampler(self) -> dict:
         return self.card.get("sampler", {})
-
-
-# ---- atomic writes ------------------------------------------------------------------------------
-
-def atomic_write(path: Path, write_fn) -> None:
-    """Write through `write_fn(tmp_path)` to a temp file in the same folder, fsync, then rename. A write the
-    system refuses (no permission, a full disk, a file-size limit) is a FewstepError naming the file; the
-    earlier version of the file, if any, is left as it was."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        remove_orphan_temp_files(path)
-        # the writer's pid in the name tells a later writer whether the file is an orphan of a killed process
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        blocking = next((p for p in path.parents if p.exists()), None)
-        reason = (f"{blocking} is a file, not a folder" if blocking is not None and not blocking.is_dir()
-                  else e.strerror or str(e))
-        raise FewstepError(f"cannot write {path}: {reason}") from None
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        write_fn(tmp)
-        # mkstemp makes 0600 files, and some writers re-create the file: outputs are meant to be shared
-        os.chmod(tmp, 0o666 & ~umask)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, SafetensorError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
-        _unlink_quietly(tmp)
-        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
-        raise FewstepError(f"could not write {path} ({reason}); its earlier version, if any, is unchanged") from None
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-
-
-def remove_orphan_temp_files(path: Path) -> list[str]:
-    """Delete the temp files that killed writers of `path` left beside it: those named for a process that no
-    longer runs (a live writer's, or one whose process cannot be told, is left alone)."""
-    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)\.[^.]+\.tmp$")
-    removed = []
-    for f in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        m = pattern.match(f.name)
-        if m and not _process_alive(int(m.group(1))):
-            _unlink_quietly(f)
-            removed.append(f.name)
-    return removed
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (OSError, OverflowError):  # another user's process (PermissionError), or no such pid to ask about
-        return True
-    return True
-
-
-def _unlink_quietly(path) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 LOCK_NAME = ".fewstep.lock"
@@ -173,10 +106,6 @@ def remove_stale_temp_files(folder: Path) -> list[str]:
             f.unlink()
             removed.append(f.name)
     return removed
-
-
-def write_json(path: Path, obj) -> None:
-    atomic_write(path, lambda p: Path(p).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n"))
 
 
 # ---- save / load --------------------------------------------------------------------------------

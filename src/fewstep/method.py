@@ -1,38 +1,89 @@
-"""What a training method declares once, in its own module, for every part of fewstep that shows it:
+"""What a training method declares once, in its own package, for every part of fewstep that shows it:
 
 - the command line: its sub-command, its own options, and how it runs (the training loop's options are
   added by the CLI, with the method's defaults);
-- the benchmark: the rows it adds to a plan (typed `Row`s that distil, sample and time themselves
-  through the services the bench passes in), and any extra measurement (figures) it makes;
+- the benchmark: its settings (a dataclass the bench spec holds, its fields also `fewstep bench` flags), the
+  rows it adds to a plan (typed `Row`s that distil, sample and time themselves through the services the
+  bench passes in), and any extra measurement (figures) it makes;
 - the report: its lines in the reading, and any section of its own.
 
-`fewstep.registry` lists the methods; nothing outside a method's module names it by string. This
-module imports nothing of fewstep's, so the registry and the command line can read it without loading
-torch.
+A method's package defines `METHOD` in its `__init__`, which loads no torch: the parts that train are named
+by module and imported when first called, so the registry, the report and `fewstep --help` stay light.
+`fewstep.registry` lists the packages; nothing outside a method's package names it by string. This module
+imports nothing of fewstep's.
 """
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass, field
+import importlib
+from dataclasses import asdict, dataclass, fields
 from typing import Callable
 
 
 @dataclass(frozen=True)
 class Method:
-    """A method's hooks (its name, command and help are its entry in fewstep.registry)."""
+    """A method's hooks (its name, command and help are its entry in fewstep.registry).
 
-    # (parser, add_loop_options): its own options; it calls add_loop_options(**its defaults) where the
-    # training loop's options belong (steps, batch, lr, lr_schedule, ema, grad_clip, lr_note, clip_note)
-    add_arguments: Callable[[argparse.ArgumentParser, Callable[..., None]], None]
-    run: Callable[[argparse.Namespace], None]                 # the command, from its parsed arguments
-    parser_options: dict = field(default_factory=dict)        # description, epilog, formatter of its parser
-    bench_methods: tuple = ()                    # the names its rows answer to in a bench's `methods`
-    bench_rows: Callable | None = None           # (bench) -> the rows it adds to the plan, in order
-    # (bench, summary, figure folder) -> entries added to the summary; an entry's "figures" (file names in the
-    # figure folder) are shown in the report
-    bench_extras: Callable | None = None
-    reading: Callable | None = None              # (summary) -> report lines about its rows
-    report_section: Callable | None = None       # (summary, figure folder, file prefix) -> (title, lines) or None
+    `command`: the module of its sub-command, with `add_arguments(parser, add_loop_options)` (its own options;
+    it calls add_loop_options(its recipe, notes=...) where the training loop's belong), `run(args)` and
+    optionally `PARSER_OPTIONS` (description, epilog, formatter). `bench`: the module of its bench rows, with
+    `bench_rows(bench)` and optionally `bench_extras(bench, summary, figure folder)` (entries added to the
+    summary; an entry's "figures" are shown in the report). Both are imported on first use."""
+
+    command: str
+    bench: str | None = None
+    bench_methods: tuple = ()                 # the names its rows answer to in a bench's `methods`
+    settings: type | None = None              # its part of a bench spec (a `BenchSettings` subclass)
+    reading: Callable | None = None           # (summary) -> report lines about its rows
+    report_section: Callable | None = None    # (summary, figure folder, file prefix) -> (title, lines) or None
+
+    def _module(self, name: str | None):
+        return importlib.import_module(name) if name else None
+
+    @property
+    def parser_options(self) -> dict:
+        return dict(getattr(self._module(self.command), "PARSER_OPTIONS", {}))
+
+    def add_arguments(self, parser: argparse.ArgumentParser, add_loop_options: Callable[..., None]) -> None:
+        self._module(self.command).add_arguments(parser, add_loop_options)
+
+    def run(self, args: argparse.Namespace) -> None:
+        self._module(self.command).run(args)
+
+    def bench_rows(self, bench) -> list:
+        return self._module(self.bench).bench_rows(bench) if self.bench else []
+
+    def bench_extras(self, bench, summary: dict, figdir) -> dict:
+        extras = getattr(self._module(self.bench), "bench_extras", None) if self.bench else None
+        return extras(bench, summary, figdir) if extras is not None else {}
+
+
+@dataclass
+class BenchSettings:
+    """A method's part of a bench spec. Its field names are unique across methods and name the same setting
+    everywhere: in a preset, in `fewstep.api.run_bench(...)` keywords, as `fewstep bench --FIELD-NAME`
+    (those in `FLAGS`) and in results.json's flat `spec` (as every bench has written it)."""
+
+    # field name -> (argparse type, help[, other option strings]) for the fields `fewstep bench` offers as flags
+    FLAGS = {}
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def add_bench_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        for name, (kind, text, *aliases) in cls.FLAGS.items():
+            parser.add_argument("--" + name.replace("_", "-"), *(aliases[0] if aliases else ()), dest=name, type=kind,
+                                default=None, help=text)
+
+    @classmethod
+    def overrides(cls, args: argparse.Namespace) -> dict:
+        """The settings given on `fewstep bench`'s command line (None: not given)."""
+        return {name: getattr(args, name) for name in cls.FLAGS if getattr(args, name, None) is not None}
+
+    def record(self) -> dict:
+        return asdict(self)
 
 
 @dataclass

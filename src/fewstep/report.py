@@ -9,13 +9,12 @@ import json
 import math
 import shutil
 from collections import defaultdict
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from fewstep.benchspec import PRESETS, SOLVER_ROWS, preset
-from fewstep.checkpoint import atomic_write
+from fewstep.files import atomic_write
 from fewstep.registry import methods as registered_methods
 from fewstep.show import (budget_label, fmt, fmt_paired, fmt_quality, fmt_time, interval, lower_beyond, plt,
                            savefig)
@@ -250,17 +249,16 @@ def reading(summary: dict) -> list[str]:
 
 
 # why a training-free solver can get worse with more NFE, where the mechanism is known
+# why a solver can get worse with more NFE: mechanisms, not measurements (docs/bench.md has the digits teacher's
+# numbers and the commands that measured them)
 NOT_MONOTONE_WHY = {
     "heun": "Heun corrects every step with the slope at the step's end, (x − D(x)) / σ, so a last step down to "
-            "σ_min multiplies the denoiser's error there by (σ_prev − σ_min) / σ_min, in the hundreds or thousands "
-            "on a ρ = 7 grid of one or two steps (on the digits teacher 15,900 at NFE 2 and 595 at NFE 4, samples "
-            "of mean magnitude 117 and 10 for pixels in [-1, 1]); the SFD authors' Heun takes the same last step. "
-            "Such rows are both far off, not ordered.",
+            "σ_min multiplies the denoiser's error there by (σ_prev − σ_min) / σ_min, which a ρ = 7 grid of one or "
+            "two steps makes large; the SFD authors' Heun takes the same last step. Such rows are both far off, not "
+            "ordered.",
     "ipndm": "iPNDM extrapolates the slope with Adams–Bashforth weights for equal steps (order 4: 55, −59, 37, −9 "
              "over 24), but a ρ = 7 grid of a few steps shrinks each step several-fold, so old slopes are weighted "
-             "as if they were near: on the digits teacher, capping the order at 2 brings NFE 4 from RMS 0.63 to "
-             "0.28 to the teacher's samples (order 3: 0.47) and NFE 3 from 0.37 to 0.29. The SFD authors' iPNDM "
-             "uses the same weights up to order 4.",
+             "as if they were near. The SFD authors' iPNDM uses the same weights up to order 4.",
 }
 
 
@@ -370,7 +368,10 @@ def write_report(out: Path, summary: dict) -> Path:
     lines = [f"# fewstep benchmark: {Path(t['path']).name} on {summary['spec']['data']}", "",
              f"fewstep {env['fewstep_version']}, torch {env['torch']}, device {env['device']} "
              f"({env['device_name']}), {env['threads']} threads. Teacher training time: "
-             f"{fmt_time(t.get('training_wall_s'))}. {quality_note(summary)}", "", "## Results", "", table, ""]
+             f"{fmt_time(t.get('training_wall_s'))}. {quality_note(summary)}", ""]
+    if summary["spec"].get("note"):
+        lines += [f"**{summary['spec']['note']}**", ""]
+    lines += ["## Results", "", table, ""]
     for title, section in method_sections(summary, fig):
         lines += [f"## {title}", "", *section, ""]
     lines += [*(["## Distillation time against its network floor", "", PROFILE_NOTE, "", profile, ""] if profile else []),
@@ -395,7 +396,7 @@ def _differs_from_preset(name: str, spec: dict) -> str:
     """The settings where a bench's spec differs from the preset of that name ('' when none, or no preset)."""
     if name not in PRESETS:
         return ""
-    full = asdict(preset(name))
+    full = preset(name).record()
     return "; ".join(f"{k} {spec.get(k)} where the preset has {v}" for k, v in full.items()
                      if k in spec and spec[k] != v)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fewstep.checkpoint import atomic_write
+from fewstep.files import atomic_write
 
 
 def fmt(q: dict | None, digits: int = 3) -> str:

@@ -1,15 +1,13 @@
 """`fewstep bench` and `fewstep demo`: wiring of the benchmark to the command line."""
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 from fewstep import api
 from fewstep import argtypes as A
-from fewstep.benchspec import PRESETS, BenchSpec, bench_methods, preset
+from fewstep.benchspec import PRESETS, BenchSpec, bench_methods, method_settings, preset
 from fewstep.cli.common import COMMAND_HELP
-from fewstep.distill.sfd import SFD_RECIPE, sfd_nfe_for
 from fewstep.errors import FewstepError
 from fewstep.report import profile_table, results_table
 
@@ -30,20 +28,13 @@ def register(sub):
                    help=f"comma list of {', '.join(bench_methods())}")
     b.add_argument("--nfe", type=A.nfe_list, default=None,
                    help="NFEs for solvers and SFD (SFD: those up to 10), e.g. 2,4,8")
-    b.add_argument("--sfddm-steps", type=A.nfe_list, default=None, help="student step counts T' for SFDDM")
-    b.add_argument("--sfd-batch", type=A.batch, default=None,
-                   help="SFD / SFD-v / stage-2 batch (default: the preset's)")
-    b.add_argument("--sfd-lr", type=A.positive, default=None, help="SFD / SFD-v learning rate (default: the preset's)")
-    b.add_argument("--sfd-trajectories", type=A.integer(1, 10**12), default=None,
-                   help="SFD's trajectory budget; iterations = trajectories / batch (default: the preset's)")
-    b.add_argument("--recipe", type=recipe_list, default=None,
-                   help=f"SFD recipe settings to train both ways, a comma list of {', '.join(SFD_RECIPE)}, or none "
-                        "(default: the preset's)")
     b.add_argument("--curve-points", type=A.integer(0, 1000), default=None,
                    help="snapshots scored along each distillation for the quality-against-time plot (0: none; "
                         "default: the preset's)")
     b.add_argument("--n", dest="n_samples", type=int, default=None, help="samples per seed")
     b.add_argument("--seeds", default=None, help="sample seeds, e.g. 0,1,2 (default 0,1,2)")
+    for settings in method_settings().values():  # each method's own settings (--sfd-batch, --sfddm-steps, ...)
+        settings.add_bench_arguments(b)
     b.add_argument("--out", required=True, type=A.folder)
     b.add_argument("--device", default="auto")
     b.add_argument("--no-progress", action="store_true")
@@ -63,28 +54,17 @@ def register(sub):
 
 
 def _spec(args):
-    # --nfe sets SFD's NFEs as well, or a preset would keep its own
     overrides = dict(teacher=args.teacher, data=args.data, resolution=args.resolution, nfe=args.nfe,
-                     sfd_nfe=sfd_nfe_for(args.nfe) if args.nfe else None,
-                     sfddm_steps=args.sfddm_steps, n_samples=args.n_samples, sfd_batch=args.sfd_batch,
-                     sfd_lr=args.sfd_lr, sfd_trajectories=args.sfd_trajectories,
-                     methods=args.methods.split(",") if args.methods else None,
-                     sfd_recipe=args.recipe, curve_points=args.curve_points,
+                     n_samples=args.n_samples, methods=args.methods.split(",") if args.methods else None,
+                     curve_points=args.curve_points,
                      seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None)
+    for settings in method_settings().values():
+        overrides.update(settings.overrides(args))
     if args.preset:
         return preset(args.preset, **overrides)
     if not args.teacher or not args.data:
         raise FewstepError("bench: pass --preset, or both --teacher and --data")
-    return BenchSpec(**{k: v for k, v in overrides.items() if v is not None})
-
-
-def recipe_list(text: str) -> list[str]:
-    names = [] if text.strip() == "none" else [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in SFD_RECIPE]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown setting(s) {', '.join(unknown)}; expected some of "
-                                         f"{', '.join(SFD_RECIPE)}, or none")
-    return names
+    return BenchSpec.from_fields(**{k: v for k, v in overrides.items() if v is not None})
 
 
 def run_bench(spec, out, device, progress, profile=False, distill_only=False):

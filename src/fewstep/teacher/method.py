@@ -1,8 +1,7 @@
-"""Teacher training: the DDPM loss on a discrete VP table (ε-, x0- or v-prediction) or EDM's loss
-for a continuous model, as a TrainMethod on the shared loop; `fewstep train` (METHOD)."""
+"""Teacher training: the DDPM loss on a discrete VP table (ε-, x0- or v-prediction) or EDM's loss for a continuous
+model, as a TrainMethod on the shared loop, and `train_teacher`, the call `fewstep train` and Python share."""
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -11,14 +10,13 @@ from fewstep.data import load_dataset
 from fewstep.checkpoint import Checkpoint, load_checkpoint
 from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
-from fewstep.method import Method
 from fewstep.nets import MLP, UNet
-from fewstep.recipe import check_loop_options, loop_options_from_args, loop_recipe
+from fewstep.recipe import check_loop_options, loop_recipe
 from fewstep.recipe import run_info as api_run_info
 from fewstep.sampling import grid_for
 from fewstep.schedule import Schedule
 from fewstep.solvers import solve
-from fewstep.train import StepContext, TrainConfig, Trainer, TrainMethod, pick_device, run_record
+from fewstep.train import StepContext, TrainConfig, Trainer, TrainMethod, pick_device
 
 # EDM's training noise distribution: ln σ ~ N(P_MEAN, P_STD²)
 P_MEAN, P_STD = -1.2, 1.2
@@ -142,31 +140,3 @@ def train_teacher(data, out, *, resolution: int | None = None, data_seed: int = 
     Trainer(TeacherTraining(den, data_info), TrainConfig.from_options(resolved), out, data=ds.x,
             resume=resume, run_info=run_info).run()
     return load_checkpoint(out, device=pick_device(resolved["device"]))
-
-
-# ---- the command line ---------------------------------------------------------------------------------
-
-def add_arguments(p, add_loop_options):
-    p.add_argument("--data", required=True, help="built-in (digits, mnist, moons, gmm8, swissroll, gaussian), "
-                                                 "an image folder, or a .npz/.npy array")
-    p.add_argument("--resolution", type=A.resolution, default=None, help="resize images to this size")
-    p.add_argument("--data-seed", type=A.seed, default=0, help="seed of the train/held-out split")
-    p.add_argument("--param", default="eps", choices=PARAMS,
-                   help="parameterization; 'edm' trains a continuous EDM model (default eps)")
-    p.add_argument("--schedule", default="linear", choices=SCHEDULES,
-                   help="the discrete table's betas (default linear)")
-    p.add_argument("--T", type=A.integer(2, 100_000), default=1024, help="steps of the discrete table (default 1024)")
-    p.add_argument("--channels", type=A.integer(1, 4096), default=None, help="base width of the network")
-    p.add_argument("--dropout", type=A.probability, default=None)
-    add_loop_options(TEACHER_LOOP)
-
-
-def run(args):
-    train_teacher(args.data, args.out, resolution=args.resolution, data_seed=args.data_seed, param=args.param,
-                  schedule=args.schedule, T=args.T, channels=args.channels, dropout=args.dropout, resume=args.resume,
-                  run_info=run_record(args), **loop_options_from_args(args))
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every process gets here; one line is enough
-        print(f"teacher saved to {args.out}")
-
-
-METHOD = Method(add_arguments=add_arguments, run=run)
