@@ -22,7 +22,8 @@ from fewstep.cli import main  # noqa: E402
 from test_cli import run  # noqa: E402  (cli.main in-process, returning the exit status)
 from fewstep.errors import FewstepError  # noqa: E402
 from fewstep.interop import foreign_kind, import_model  # noqa: E402
-from fewstep.interop.diffusers_io import DiffusersUNet, export_diffusers  # noqa: E402
+from fewstep.interop.diffusers_export import export_diffusers  # noqa: E402
+from fewstep.interop.diffusers_io import DiffusersUNet  # noqa: E402
 from fewstep.sampling import resolve_sampler, sample  # noqa: E402
 from fewstep.solvers import solve  # noqa: E402
 
@@ -527,7 +528,7 @@ def test_two_exports_into_one_folder(imported, tmp_path, monkeypatch, capsys):
     assert all("Traceback" not in err for _, err in results)
     assert json.loads((out / "model_index.json").read_text())["sampler"]["format"] == "fewstep-diffusers-export"
     # the race itself: another export's folder lands in `out` between the check and the rename
-    import fewstep.interop.diffusers_io as dio
+    import fewstep.interop.diffusers_export as dio
     raced, share = tmp_path / "raced", dio._share
 
     def share_then_someone_else_writes(folder):

@@ -11,15 +11,16 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "fewstep"
 
 # lowest first; a module may import its own layer and every layer before it
 LAYERS = {
-    "foundations": ["errors", "hashing", "files", "argtypes", "recipe", "method", "schedule", "nets", "data"],
+    "foundations": ["errors", "hashing", "files", "argtypes", "recipe", "method", "schedule", "nets", "userdata",
+                    "data"],
     "models": ["denoiser", "solvers", "components", "checkpoint", "sampling", "viz", "show"],
-    "around a model": ["featnet", "perceptual", "metrics", "compare", "interop", "interop.*", "models"],
-    "training loop": ["runfolder", "train"],
+    "around a model": ["featnet", "perceptual", "distances", "metrics", "compare", "interop", "interop.*", "models"],
+    "training loop": ["train_config", "timing", "runfolder", "train"],
     "shared by methods": ["distill", "distill.*"],
     # and every package fewstep.registry lists (a new method needs no line here)
     "methods": ["registry"] + [p for e in METHODS for p in (e.package.removeprefix("fewstep."),
                                                             e.package.removeprefix("fewstep.") + ".*")],
-    "bench": ["benchspec", "report", "bench"],
+    "bench": ["benchspec", "report", "bench_rows", "bench"],
     "api": ["api"],
     "command line": ["cli", "cli.*", "__main__"],
 }

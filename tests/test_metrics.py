@@ -9,16 +9,8 @@ from PIL import Image
 from fewstep.data import GAUSSIAN_MEAN, load_dataset, sample_toy
 from fewstep.errors import FewstepError
 from fewstep.featnet import accuracy, classifier_dir, load_classifier
-from fewstep.metrics import (
-    evaluate_samples,
-    frechet_distance,
-    frechet_from_moments,
-    inception_fid,
-    kid,
-    mmd_rbf,
-    precision_recall,
-    sliced_wasserstein,
-)
+from fewstep.distances import frechet_distance, frechet_from_moments, kid, mmd_rbf, precision_recall, sliced_wasserstein
+from fewstep.metrics import evaluate_samples, inception_fid
 
 
 def _random_spd(rng, d):
@@ -116,7 +108,7 @@ def test_mmd_same_vs_shifted():
 def test_a_reference_set_statistics_are_computed_once_and_reused_exactly(monkeypatch):
     """MMD's self-sum and the k-NN radii of one reference are kept by content: scoring a second sample
     set against it computes only the sample side, and gives bit for bit what a fresh computation gives."""
-    import fewstep.metrics as M
+    import fewstep.distances as M
     ref, a, b = (sample_toy("gmm8", n, seed=s) for n, s in ((800, 0), (100, 1), (100, 2)))
     M._SET_STATS.clear()
     mmd_rbf(a, ref), precision_recall(ref, a)

@@ -12,7 +12,8 @@ from fewstep.sfd.config import SFDConfig
 from fewstep.sfd.method import SFD
 from fewstep.sfddm.config import SFDDMConfig
 from fewstep.sfddm.method import SFDDM
-from fewstep.train import PROFILE_SECTIONS, Profiler, TrainConfig, Trainer, profile_summary
+from fewstep.timing import PROFILE_SECTIONS, Profiler, profile_summary
+from fewstep.train import TrainConfig, Trainer
 
 
 def _records(out):

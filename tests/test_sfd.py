@@ -13,7 +13,7 @@ from fewstep.sfd.config import SFDConfig, student_nfe, timestamps_for_nfe
 from fewstep.sfd.method import SFD
 from fewstep.sfd.trajectory import TeacherTrajectory, sfd_grids
 from fewstep.errors import FewstepError
-from fewstep.metrics import sliced_wasserstein
+from fewstep.distances import sliced_wasserstein
 from fewstep.sampling import resolve_sampler, sample
 from fewstep.schedule import Schedule, check_nested, make_grid, nested_grids
 from fewstep.solvers import afs_direction, solve

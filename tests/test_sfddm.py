@@ -16,7 +16,7 @@ from fewstep.sfddm.chain import kl_weight, make_student, raw_and_features, stude
 from fewstep.sfddm.config import SFDDMConfig
 from fewstep.sfddm.method import SFDDM
 from fewstep.errors import FewstepError
-from fewstep.metrics import sliced_wasserstein
+from fewstep.distances import sliced_wasserstein
 from fewstep.nets import MLP, UNet
 from fewstep.sampling import sample
 from fewstep.schedule import Schedule

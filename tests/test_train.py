@@ -290,7 +290,7 @@ def test_tensorboard_without_the_extra_is_a_clear_error(gmm8, tmp_path, monkeypa
 def test_a_long_run_says_its_cost_before_spending_it(gmm8, tmp_path, monkeypatch, capsys):
     """After its first iterations a run projected past a minute names its iterations and wall time once; a
     short one says nothing."""
-    from fewstep.train import CostNote
+    from fewstep.timing import CostNote
     Trainer(make_method(), config(8), tmp_path / "short", data=gmm8).run()
     assert "iterations, about" not in capsys.readouterr().err
     monkeypatch.setattr(CostNote, "QUIET_BELOW_S", 0.0)

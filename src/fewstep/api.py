@@ -22,7 +22,7 @@ import torch
 from fewstep import argtypes as A
 from fewstep.checkpoint import Checkpoint, atomic_write, load_checkpoint
 from fewstep.compare import compare_models as _compare_models
-from fewstep.data import load_samples_file
+from fewstep.userdata import load_samples_file
 from fewstep.errors import FewstepError
 from fewstep.metrics import evaluate_samples
 from fewstep.models import as_model
@@ -146,7 +146,7 @@ def export_model(model, out, *, nfe: int | None = None, format: str = "diffusers
     """Write `model` (a fewstep folder, a built-in name or a loaded model from a folder) as a diffusers pipeline
     folder `out` whose sampler reproduces `sample` (grid, AFS, NFE; an SFD-v student: one of its trained `nfe`).
     Returns the folder."""
-    from fewstep.interop.diffusers_io import export_diffusers
+    from fewstep.interop.diffusers_export import export_diffusers
     from fewstep.models import resolve_model
     A.check("format", format, A.choice(("diffusers",)))
     path = model.path if isinstance(model, Checkpoint) else resolve_model(model)

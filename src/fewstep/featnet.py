@@ -182,6 +182,9 @@ def train_classifier(
     if len(held_x) == 0:
         raise FewstepError(f"labelled data {dataset_name!r} is too small for a held-out split")
 
+    # Its own short loop, not the Trainer: the classifier sits below the training loop (metrics and the
+    # perceptual term use it), writes no diffusion card, and trains in seconds to a fixed recipe, so resume,
+    # torchrun and AMP would buy nothing; the shipped classifiers are what this exact loop produces.
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
         torch.manual_seed(seed)

@@ -27,15 +27,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 import os
-import resource
-import shlex
 import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -45,90 +42,9 @@ from tqdm.auto import tqdm
 
 from fewstep.checkpoint import STATE_NAME, finished_run, load_train_state, save_checkpoint, save_train_state
 from fewstep.errors import FewstepError
-from fewstep.recipe import AMP_MODES, LOG_KINDS, LR_SCHEDULES
 from fewstep.runfolder import RunFolder, tensorboard_writer
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 1000                 # iterations
-    batch: int = 64                   # global batch (split over processes)
-    lr: float = 2e-4
-    lr_schedule: str = "constant"     # constant | step (÷10 at half, SFD) | cosine
-    warmup: int = 0
-    betas: tuple = (0.9, 0.999)
-    weight_decay: float = 0.0
-    ema: float | None = None          # EMA decay, None for none
-    grad_clip: float | None = 1.0
-    amp: str = "none"                 # none | bf16 | fp16 (GPU only)
-    seed: int = 0
-    log_every: int = 50
-    sample_every: int = 0             # 0: only at the end
-    ckpt_every: int = 0               # 0: only at the end
-    n_preview: int = 64
-    device: str = "auto"
-    progress: bool = True
-    log: str = "jsonl"                # jsonl | tensorboard (metrics.jsonl is always written)
-    profile: bool = True              # time the network floor at each logged iteration (not counted as wall)
-    # frozen teachers in channels-last format: off | on | auto (on for CPU). Off by default: on our 2-core CPU
-    # it made SFD's teacher about 10 % slower, and its rounding differs from the standard-format student's,
-    # so a teacher-initialised SFDDM student no longer starts at zero loss: Adam turns that rounding noise
-    # into full-size steps (loss 3.8e-7 at the first iteration on the digits teacher, 0.089 at the second)
-    channels_last: str = "off"
-    snapshot_every: int = 0           # >0: weights every so many iterations in snapshots/ (quality vs time)
-    grad_checkpoint: bool = False     # recompute the trained network's blocks in backward (diffusers networks)
-
-    @classmethod
-    def from_options(cls, o: dict) -> "TrainConfig":
-        """The loop's settings from a method's resolved options (its recipe, `loop_recipe`, with the caller's over
-        it and its None for iters and lr replaced by the method's own values); grad_clip 0 or None is none."""
-        if o["iters"] is None or o["lr"] is None:
-            raise FewstepError("the method left its iterations or learning rate undecided")
-        return cls(steps=o["iters"], batch=o["batch"], lr=o["lr"], lr_schedule=o["lr_schedule"], warmup=o["warmup"],
-                   ema=o["ema"], grad_clip=o["grad_clip"] or None, amp=o["amp"], seed=o["seed"],
-                   log_every=o["log_every"], sample_every=o["sample_every"], ckpt_every=o["ckpt_every"],
-                   device=o["device"], progress=o["progress"], log=o["log"], grad_checkpoint=o["grad_checkpoint"])
-
-    def lr_at(self, step: int) -> float:
-        """The learning rate of iteration `step`: the schedule, then the warm-up."""
-        lr = self.lr
-        if self.lr_schedule == "step" and step >= self.steps // 2:
-            lr = self.lr / 10
-        elif self.lr_schedule == "cosine":
-            lr = self.lr * 0.5 * (1 + math.cos(math.pi * step / self.steps))
-        if self.warmup and step < self.warmup:
-            lr *= (step + 1) / self.warmup
-        return lr
-
-    def validate(self):
-        if self.steps < 1:
-            raise FewstepError(f"steps={self.steps}: expected at least 1 training iteration")
-        if self.batch < 1:
-            raise FewstepError(f"batch={self.batch}: expected a positive batch size")
-        if not self.lr > 0:
-            raise FewstepError(f"lr={self.lr}: expected a positive learning rate")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise FewstepError(f"lr schedule {self.lr_schedule!r}: expected {', '.join(LR_SCHEDULES)}")
-        if self.amp not in AMP_MODES:
-            raise FewstepError(f"amp={self.amp!r}: expected {', '.join(AMP_MODES)}")
-        if self.ema is not None and not 0 < self.ema < 1:
-            raise FewstepError(f"ema={self.ema}: expected a decay in (0, 1), or none")
-        if self.log not in LOG_KINDS:
-            raise FewstepError(f"--log {self.log!r}: expected {' or '.join(LOG_KINDS)}")
-        if self.snapshot_every < 0:
-            raise FewstepError(f"snapshot_every={self.snapshot_every}: expected 0 (none) or a positive iteration count")
-        if self.channels_last not in ("auto", "on", "off"):
-            raise FewstepError(f"channels_last={self.channels_last!r}: expected auto, on or off")
-
-
-def run_record(args) -> dict:
-    """The command line and its parsed arguments, as a run records them (a resume compares them)."""
-    # cli.main(argv) records the arguments it parsed; sys.argv is someone else's when called in-process
-    argv = getattr(args, "_argv", None)
-    argv = sys.argv[1:] if argv is None else argv
-    return {"command": "fewstep " + " ".join(shlex.quote(a) for a in argv), "args": {
-        k: v for k, v in vars(args).items()
-        if k not in ("func", "_argv") and isinstance(v, (int, float, str, bool, list, type(None)))}}
+from fewstep.timing import CostNote, Profiler, peak_memory_mb, profile_summary
+from fewstep.train_config import TrainConfig, changed_settings
 
 
 class TrainMethod:
@@ -183,97 +99,6 @@ def _keep_saved_channels_last(config: TrainConfig, out_dir: Path) -> TrainConfig
 
 
 FUSED_ADAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-PROFILE_SECTIONS = ("teacher", "student", "optimizer")
-
-
-class Profiler:
-    """Seconds spent in named sections of one iteration. On CUDA, with `sync`, each section waits for
-    the device at both ends so the time is the work's own (off by default: syncs cost throughput)."""
-    def __init__(self, device: torch.device, sync: bool = False):
-        self.device = device
-        self.sync = sync and device.type == "cuda"
-        self.times = dict.fromkeys(PROFILE_SECTIONS, 0.0)
-        self._open = False
-
-    def reset(self):
-        self.times = dict.fromkeys(PROFILE_SECTIONS, 0.0)
-
-    def _wait(self):
-        if self.sync:
-            torch.cuda.synchronize(self.device)
-
-    @contextlib.contextmanager
-    def section(self, name: str):
-        if name not in self.times:
-            raise ValueError(f"profile section {name!r}: expected one of {', '.join(PROFILE_SECTIONS)}")
-        if self._open:  # a section inside another is counted once, by the outer one
-            yield
-            return
-        self._open = True
-        self._wait()
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._wait()
-            self.times[name] += time.perf_counter() - t0
-            self._open = False
-
-    def record(self, wall: float) -> dict:
-        """This iteration's split: time_<section>_s for each section, time_rest_s and time_iter_s (the sum)."""
-        rec = {f"time_{k}_s": round(v, 6) for k, v in self.times.items()}
-        rec["time_rest_s"] = round(max(0.0, wall - sum(self.times.values())), 6)
-        rec["time_iter_s"] = round(sum(rec.values()), 6)
-        return rec
-
-    def floor(self, calls: dict) -> dict:
-        """Times each group of network calls alone: floor_teacher_s, floor_student_s and floor_s."""
-        rec = {}
-        for name in ("teacher", "student"):
-            fns = calls.get(name) or []
-            self._wait_always()
-            t0 = time.perf_counter()
-            for fn in fns:
-                fn()
-            self._wait_always()
-            rec[f"floor_{name}_s"] = round(time.perf_counter() - t0, 6)
-        rec["floor_s"] = round(rec["floor_teacher_s"] + rec["floor_student_s"], 6)
-        return rec
-
-    def _wait_always(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-
-def profile_summary(records: list[dict]) -> dict | None:
-    """The card's `training.profile`: mean seconds per iteration in each part over the iterations whose
-    floor was measured, the floor, and overhead = Σ iteration wall / Σ floor over those iterations."""
-    rows = [r for r in records if r.get("floor_s") is not None and r.get("time_iter_s") is not None]
-    if not rows:
-        return None
-    n = len(rows)
-    out = {"iterations_measured": n}
-    for part in PROFILE_SECTIONS + ("rest", "iter"):
-        out[f"{part}_s"] = sum(float(r.get(f"time_{part}_s") or 0) for r in rows) / n
-    for part in ("floor_teacher", "floor_student", "floor"):
-        out[f"{part}_s"] = sum(float(r.get(f"{part}_s") or 0) for r in rows) / n
-    floor = sum(float(r["floor_s"]) for r in rows)
-    out["overhead"] = sum(float(r["time_iter_s"]) for r in rows) / floor if floor > 0 else None
-    return out
-
-
-def untimed(part):
-    """A stand-in for StepContext.timed where no profile is kept (a method's losses called directly)."""
-    return contextlib.nullcontext()
-
-
-def fresh_autocast(autocast):
-    """A reusable copy of an autocast context (None or a null context: no autocast), for replaying calls."""
-    if autocast is None or isinstance(autocast, contextlib.nullcontext):
-        return contextlib.nullcontext()
-    return torch.autocast(autocast.device, dtype=autocast.fast_dtype, enabled=autocast._enabled)
-
-
 class StepContext:
     """Handed to methods: one optimizer step from a loss, with DDP averaging, clipping, AMP."""
     def __init__(self, trainer: "Trainer"):
@@ -349,13 +174,6 @@ def _seeded(seed: int, step: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + stream) % (2**63 - 1))
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """The process's peak memory so far: allocated on a GPU, resident on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux: the process's peak RSS
-
-
 def global_batch_indices(n: int, batch: int, seed: int, step: int) -> torch.Tensor:
     """Indices into n data items of iteration `step`'s whole global batch: epoch-wise seeded permutations,
     read in order (a batch that crosses an epoch's end takes the rest from the next one)."""
@@ -379,59 +197,6 @@ def pick_device(name: str) -> torch.device:
 
 
 # settings a resumed run may change: they do not alter what the finished run computes
-RESUMABLE_CHANGES = {"config": {"steps", "progress", "log_every", "sample_every", "ckpt_every", "n_preview",
-                                "device", "log", "profile", "snapshot_every"},
-                     "args": {"iters", "no_progress", "progress", "log_every", "sample_every", "ckpt_every", "device",
-                              "resume", "out", "log", "profile", "snapshot_every", "trajectory_cache"}}
-
-
-def changed_settings(config: TrainConfig, run_info: dict, saved: dict) -> list[str]:
-    """'name: now X, was Y' for every loop or command-line setting that differs from a saved run's
-    ({"config", "args"}, as a training state or a config.json holds them)."""
-    now = {"config": json.loads(json.dumps(asdict(config))), "args": run_info.get("args") or {}}
-    differ = []
-    for section in ("config", "args"):
-        before = saved.get(section) or {}
-        for key, value in now[section].items():
-            if key in RESUMABLE_CHANGES[section] or key not in before:
-                continue
-            if json.loads(json.dumps(before[key])) != value:
-                name = f"--{key.replace('_', '-')}" if section == "args" else key
-                if not any(d.startswith(name + ":") for d in differ):
-                    differ.append(f"{name}: now {value!r}, was {before[key]!r}")
-    return differ
-
-
-class CostNote:
-    """Says, once, what a long run will cost before most of it is spent: its iterations and the wall time the
-    first ones project (after WARMUP iterations and at least a few seconds). Runs projected under a minute
-    say nothing."""
-    WARMUP, MIN_SECONDS, QUIET_BELOW_S = 3, 2.0, 60.0
-
-    def __init__(self, name: str, start: int, steps: int, announce: bool):
-        self.name, self.start, self.steps, self.announce = name, start, steps, announce
-        self.t0, self.done = time.perf_counter(), not announce
-
-    def after_iteration(self, step: int):
-        if self.done:
-            return
-        k, elapsed = step - self.start, time.perf_counter() - self.t0
-        if k < self.WARMUP or elapsed < self.MIN_SECONDS:
-            return
-        self.done = True
-        remaining = (self.steps - step) * elapsed / k
-        if remaining + elapsed >= self.QUIET_BELOW_S:
-            print(f"fewstep: note: {self.name}: {self.steps - self.start:,} iterations, about "
-                  f"{_duration(remaining + elapsed)} on this machine (the first {k} took {elapsed:.1f} s); "
-                  "--iters N runs fewer", file=sys.stderr, flush=True)
-
-
-def _duration(seconds: float) -> str:
-    if seconds >= 5400:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
-
-
 class StopRequests:
     """Ctrl-C / SIGTERM while a loop runs only request a stop, taken between iterations: an interrupt that
     landed after the optimizer step but before the step count moved would make --resume repeat an update. A

@@ -8,7 +8,7 @@ from fewstep.progressive.fold import HEADS
 from fewstep.progressive.method import distill_progressive
 from fewstep.progressive.recipe import ITERS_PER_FOLD, PROGRESSIVE_LOOP
 from fewstep.recipe import loop_options_from_args
-from fewstep.train import run_record
+from fewstep.train_config import run_record
 
 PARSER_OPTIONS = dict(
     conflict_handler="resolve", formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -42,7 +42,8 @@ from fewstep.nets import channels_last_copy, set_dropout
 from fewstep.sampling import sample_shape
 from fewstep.schedule import check_grid, index_subsequence, make_grid
 from fewstep.solvers import solve
-from fewstep.train import StepContext, TrainMethod, fresh_autocast, untimed
+from fewstep.timing import fresh_autocast, untimed
+from fewstep.train import StepContext, TrainMethod
 
 # ---- grids and the target -------------------------------------------------------------------------
 

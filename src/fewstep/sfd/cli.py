@@ -13,7 +13,7 @@ from fewstep.sfd.method import distill_sfd
 from fewstep.sfd.recipe import (SFD_GRAD_CLIP, SFD_LOOP, SFD_LR, SFD_TRAJECTORIES, SFDV_TRAJECTORY_FACTOR, STAGE2_LR,
                                 STAGE2_TRAJECTORY_FACTOR)
 from fewstep.solvers import LOWER_ORDER_FINAL
-from fewstep.train import run_record
+from fewstep.train_config import run_record
 
 PARSER_OPTIONS = dict(
     description="Distil a teacher into a few-step Euler sampler without training data. One NFE gives SFD; a list "

@@ -8,7 +8,7 @@ from fewstep.recipe import config_defaults, loop_options_from_args, take_config_
 from fewstep.sfddm.config import HIDDEN, INITS, LOSSES, SAMPLERS, SFDDMConfig
 from fewstep.sfddm.method import distill_sfddm
 from fewstep.sfddm.recipe import FALLBACK_ITERATIONS, SFDDM_LOOP
-from fewstep.train import run_record
+from fewstep.train_config import run_record
 
 PARSER_OPTIONS = dict(
     conflict_handler="resolve", formatter_class=argparse.RawDescriptionHelpFormatter,

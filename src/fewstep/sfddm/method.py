@@ -54,7 +54,8 @@ from fewstep.sfddm.chain import (check_resume_phi, kl_weight, make_student, raw_
 from fewstep.sfddm.config import SFDDMConfig
 from fewstep.sfddm.recipe import SFDDM_LOOP, default_iterations
 from fewstep.solvers import STOCHASTIC, solve
-from fewstep.train import StepContext, TrainConfig, Trainer, TrainMethod, fresh_autocast, pick_device, untimed
+from fewstep.timing import fresh_autocast, untimed
+from fewstep.train import StepContext, TrainConfig, Trainer, TrainMethod, pick_device
 
 
 class SFDDM(TrainMethod):

@@ -6,7 +6,7 @@ import os
 from fewstep import argtypes as A
 from fewstep.recipe import loop_options_from_args
 from fewstep.teacher.method import PARAMS, SCHEDULES, TEACHER_LOOP, train_teacher
-from fewstep.train import run_record
+from fewstep.train_config import run_record
 
 
 def add_arguments(p, add_loop_options):
