@@ -733,3 +733,20 @@ def test_export_refuses_a_scheduler_plan_it_cannot_replay(scheduler_folders, tmp
     imported = import_model(scheduler_folders / "ddim-linspace", tmp_path / "lin")
     with pytest.raises(FewstepError, match="targets"):
         export_diffusers(imported, tmp_path / "out", nfe=10)
+
+
+def test_the_exported_pipelines_progress_bar_counts_network_evaluations(tmp_path):
+    """An NFE-2 SFD student takes three Euler steps, the first analytical: its pipeline's bar shows 2, not 3."""
+    assert run(["distill", "sfd", "--teacher", "gmm8-teacher", "--nfe", 2, "--iters", 1, "--batch", 8,
+                "--out", tmp_path / "sfd", *TRAIN]) == 0
+    assert run(["export", tmp_path / "sfd", "--out", tmp_path / "export"]) == 0
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("pipeline_bar", tmp_path / "export" / "pipeline.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    pipe = mod.load_pipeline(str(tmp_path / "export"))
+    bars = []
+    made = pipe.progress_bar
+    pipe.progress_bar = lambda *a, **kw: bars.append(made(*a, **kw)) or bars[-1]
+    pipe(batch_size=4, seed=0, output_type="raw")
+    assert [(b.total, b.n) for b in bars] == [(2, 2)]

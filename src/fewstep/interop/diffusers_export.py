@@ -137,9 +137,11 @@ def _fold_for_export(net, step: int | None) -> tuple[nn.Module, dict | None]:
 def time_input_spec(den) -> dict:
     s = den.schedule
     if s.is_discrete:
-        return {"kind": "discrete", "alpha_bar": [float(a) for a in s.alpha_bar],
-                "timesteps": [float(t) for t in s.timesteps], "exact": bool(den.exact_table),
+        spec = {"kind": "discrete", "alpha_bar": [float(a) for a in s.alpha_bar], "exact": bool(den.exact_table),
                 "rule": "fractional table index, linear in log σ between entries (exact: the nearest entry)"}
+        if not torch.equal(s.timesteps.double(), torch.arange(len(s.timesteps), dtype=torch.float64)):
+            spec["timesteps"] = [float(t) for t in s.timesteps]  # left out when they are the index 0..T-1
+        return spec
     spec = {"kind": "continuous", "time_code": s.time_code, "time_params": dict(s.time_params or {})}
     spec["rule"] = {"edm": "log(σ)/4", "vp": "(M−1)·t(σ) of the VP-SDE", "ve": "log(σ/2)"}[s.time_code] + \
         " in float32"
@@ -152,6 +154,24 @@ def _grid_time_inputs(den, sigmas) -> list:
     pos = sigmas[sigmas > 0]
     t = den.time_input(pos.to(torch.float64)).float().tolist()
     return t + [None] * (len(sigmas) - len(pos))
+
+
+def index_json(index: dict) -> str:
+    """model_index.json as people read it: indented, but each list of numbers (the σ grid, a 1,000-entry ᾱ
+    table) on one line instead of one number a line."""
+    lists = []
+
+    def inline(v):
+        if isinstance(v, dict):
+            return {k: inline(x) for k, x in v.items()}
+        if isinstance(v, list) and v and all(isinstance(x, (int, float)) or x is None for x in v):
+            lists.append(json.dumps(v))
+            return f"\0{len(lists) - 1}\0"
+        return [inline(x) for x in v] if isinstance(v, list) else v
+    text = json.dumps(inline(index), indent=2)
+    for k, dumped in enumerate(lists):
+        text = text.replace(f'"\\u0000{k}\\u0000"', dumped)
+    return text + "\n"
 
 
 def export_diffusers(model, out: Path, nfe: int | None = None) -> Path:
@@ -218,7 +238,7 @@ def export_diffusers(model, out: Path, nfe: int | None = None) -> Path:
         }
         index = {"_class_name": ["pipeline", "FewstepPipeline"], "_diffusers_version": diffusers.__version__,
                  "unet": component, **parts, "sampler": sampler}
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / "model_index.json").write_text(index_json(index))
         shutil.copyfile(PIPELINE_SOURCE, tmp / "pipeline.py")
         (tmp / "README.md").write_text(_readme(sampler, ckpt.path))
         _share(tmp)

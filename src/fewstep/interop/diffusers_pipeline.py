@@ -80,7 +80,8 @@ class FewstepPipeline(DiffusionPipeline):
             raise ValueError(f"unknown time code {code!r}")
         s = sigma.double().cpu()
         ab = torch.tensor(ti["alpha_bar"], dtype=torch.float64)
-        ts = torch.tensor(ti["timesteps"], dtype=torch.float64)
+        ts = torch.tensor(ti["timesteps"], dtype=torch.float64) if "timesteps" in ti else \
+            torch.arange(len(ab), dtype=torch.float64)  # the table index itself
         table = ((1 - ab) / ab).sqrt()
         if ti["exact"]:
             idx = (s[:, None].log() - table[None].log()).abs().argmin(1)
@@ -154,10 +155,13 @@ class FewstepPipeline(DiffusionPipeline):
         solver = spec["solver"]
         times = spec.get("time_inputs") or [None] * len(sigmas)
         hist = []  # DPM-Solver++'s earlier (x0, λ), newest first
-        for i in self.progress_bar(range(len(sigmas) - 1)):
+        afs = solver == "euler" and spec["afs"]
+        # the bar counts network evaluations (the NFE), not steps: SFD's analytical first step calls none
+        bar = self.progress_bar(total=len(sigmas) - 1 - int(afs))
+        for i in range(len(sigmas) - 1):
             s, s_next = sigmas[i], sigmas[i + 1]
             if solver == "euler":
-                if spec["afs"] and i == 0:
+                if afs and i == 0:
                     d = x / math.sqrt(1 + float(s) ** 2)  # SFD's analytical first step: no network call
                 else:
                     d = (x - self.denoise(x, s, labels, times[i])) / s.to(x.dtype)
@@ -177,6 +181,9 @@ class FewstepPipeline(DiffusionPipeline):
                 x = self._dpmpp_step(x, i, sigmas, labels, hist, 2 if solver == "dpmpp2m" else 3, times[i])
             else:
                 raise ValueError(f"unknown solver {solver!r}")
+            if not (afs and i == 0):
+                bar.update()
+        bar.close()
         return x
 
     def _dpmpp_step(self, x, i, sigmas, labels, hist, order, t):
