@@ -37,7 +37,8 @@ def test_every_method_gets_a_row_with_quality_and_timing(bench_run):
                          "sfd-2", "sfdv-1_3-1", "sfdv-1_3-3", "sfd-stage2-1", "sfddm-4-trailing-random",
                          "ddim-trailing-4", "progressive-4", "teacher-on-phi-4-trailing-ddpm",
                          "teacher-on-phi-4-trailing-ddim", "sfddm-4-trailing-random-long",
-                         "sfd-2~grad-clip", "sfd-stage2~stage2-condition-1"}
+                         "sfd-2~grad-clip", "sfd-stage2~stage2-condition-1", "sfd-ceiling-1", "sfd-ceiling-2",
+                         "sfd-ceiling-3"}
     for key, r in rows.items():
         assert r["quality"]["swd"]["mean"] > 0 and r["quality"]["swd"]["std"] >= 0, key
         assert r["row_wall_s"] > 0, key
@@ -87,7 +88,8 @@ def test_outputs_for_people(bench_run):
     table = (out / "results.md").read_text()
     # the best row at each NFE in bold, every one of them where rows tie (DDIM and DPM-Solver++ share a grid, so at
     # their lowest NFEs, where DPM-Solver++ runs at first order, they are the same sampler)
-    scored = [r for r in summary["rows"] if not r.get("apart") and r["method"] not in ("data", "teacher")]
+    # (reference rows, the teacher and the ceilings, set levels and are never "best")
+    scored = [r for r in summary["rows"] if not r.get("apart") and not r.get("reference")]
     best = {n: min(r["quality"]["swd"]["mean"] for r in scored if r["nfe"] == n) for n in {r["nfe"] for r in scored}}
     assert table.count("**") == 2 * sum(r["quality"]["swd"]["mean"] == best[r["nfe"]] for r in scored)
     assert all(f"| {n} | **" in table for n in best)
@@ -106,7 +108,7 @@ def test_outputs_for_people(bench_run):
 def test_rerun_reuses_models_and_rows(bench_run, tiny_gmm8_teacher):
     out, summary = bench_run
     stamps = {p: p.stat().st_mtime_ns for p in list(out.glob("models/**/model.safetensors")) + list(out.glob("rows/*.json"))}
-    assert len(stamps) == 19 + 10  # rows; sfd, sfd-v, stage 2, 2 recipe runs, sfddm and its long run, the
+    assert len(stamps) == 22 + 10  # rows (3 of them SFD ceilings); sfd, sfd-v, stage 2, 2 recipe runs, sfddm and its long run, the
     # progressive chain + 2 folds
     again = Bench(tiny_spec(tiny_gmm8_teacher), out, progress=False).run()
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
@@ -417,3 +419,27 @@ def test_a_spec_reads_flat_and_nested_settings_and_records_them_flat():
     from fewstep.benchspec import method_settings
     names = [n for cls in method_settings().values() for n in cls.field_names()]
     assert len(names) == len(set(names)) and not set(names) & {f.name for f in fields(BenchSpec)}
+
+
+def test_sfd_rows_are_read_against_their_ceiling(bench_run, tiny_gmm8_teacher):
+    """Each SFD / SFD-v NFE gets the teacher's own trajectory it learns as a reference row: the teacher's solver
+    over SFD's refined grid from the same noises, its last state, at the NFE the teacher spends there."""
+    import numpy as np
+    from fewstep.models import load_model
+    from fewstep.sfd.config import SFDConfig
+    from fewstep.sfd.trajectory import sfd_grids
+    from fewstep.solvers import solve
+    out, summary = bench_run
+    rows = {r["key"]: r for r in summary["rows"]}
+    ceiling = rows["sfd-ceiling-2"]
+    assert ceiling["reference"] and ceiling["student_nfe"] == 2 and ceiling["nfe"] == 12  # (2 + 2 - 1) * (3 + 1)
+    den = load_model(str(tiny_gmm8_teacher)).denoiser
+    _, t_grid = sfd_grids(den, SFDConfig(nfe=2), 2)
+    noise = torch.randn((200, 2), generator=torch.Generator().manual_seed(1000))  # the bench's seed-0 noise
+    with torch.no_grad():
+        expected = solve("dpmpp3m", den, noise * float(t_grid[0]), t_grid, lower_order_final="always").x
+    kept = np.load(out / "rows" / "sfd-ceiling-2.npy")
+    assert np.allclose(kept, expected[:len(kept)].numpy(), atol=1e-5)
+    text = "\n".join(reading(summary))
+    assert "SFD at NFE 2: SWD" in text and "its ceiling (the teacher's 12-NFE trajectory it learns" in text
+    assert "SFD-v at NFE 3" in text and "× the authors' 800,000" in text

@@ -121,8 +121,10 @@ def _plan(ckpt: Checkpoint, nfe, sampler, grid, rho, final_zero) -> dict:
                                    f"so it cannot use exactly {nfe}; try --nfe {used} or {used + 2}")
     if afs and name != "euler":
         raise FewstepError(f"sampler {name!r}: this model was distilled for Euler with an analytical first step")
+    # a fixed grid may name DPM-Solver++'s final orders (SFD's ceiling: the teacher as SFD's targets were solved)
+    options = {"lower_order_final": spec["lower_order_final"]} if "sigmas" in spec and "lower_order_final" in spec else {}
     return {"name": name, "sigmas": check_grid(sigmas), "nfe": nfe, "afs": afs, "clip": clip, "step": step,
-            "scale": _scale(spec), "solver_options": {}}
+            "scale": _scale(spec), "solver_options": options}
 
 
 def replays_spacing(name: str, spacing: str) -> bool:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fewstep.checkpoint import load_checkpoint, read_card, teacher_reference
+from fewstep.checkpoint import Checkpoint, load_checkpoint, read_card, teacher_reference
 from fewstep.errors import FewstepError
 from fewstep.method import Row
-from fewstep.sfd.config import SFDConfig
+from fewstep.sfd.config import SFDConfig, timestamps_for_nfe
 from fewstep.sfd.method import SFD
 from fewstep.sfd.recipe import (AUTHORS_GRAD_CLIP, SFD_RECIPE, RecipeSetting, default_grad_clip, iterations_for,
                                 sfd_nfe_for)
-from fewstep.sfd.report import LABELS, PANEL
+from fewstep.sfd.report import CEILING, LABELS, PANEL
+from fewstep.sfd.trajectory import sfd_grids
 
 
 def sfdv_model(spec) -> str:
@@ -89,8 +90,9 @@ def first_stage_row(bench) -> SFDRow:
 
 
 def bench_rows(bench) -> list[SFDRow]:
-    """SFD at each of its NFEs, SFD-v at each of its, the 1-NFE stage, then each recipe setting's other value
-    (after the authors' runs, so they read those runs' teacher trajectories from the cache)."""
+    """SFD at each of its NFEs, SFD-v at each of its, the 1-NFE stage, the ceiling at each of their NFEs, then
+    each recipe setting's other value (after the authors' runs, so they read those runs' teacher trajectories
+    from the cache)."""
     s, rows = bench.spec, []
     tag = sfdv_model(s)
     if "sfd" in s.methods:
@@ -99,6 +101,7 @@ def bench_rows(bench) -> list[SFDRow]:
         rows += [_row("sfd-v", n, tag, key=f"{tag}-{n}") for n in s.sfdv_nfe]
     if "sfd-stage2" in s.methods:
         rows.append(_row("sfd-stage2", 1, "sfd-stage2", key="sfd-stage2-1"))
+    rows += ceiling_rows([r.nfe for r in rows if r.method in ("sfd", "sfd-v")])
     for name in s.sfd_recipe:
         if name not in SFD_RECIPE:
             raise FewstepError(f"sfd_recipe: unknown setting {name!r}; expected some of {', '.join(SFD_RECIPE)}")
@@ -112,6 +115,33 @@ def bench_rows(bench) -> list[SFDRow]:
         else:
             rows.append(_row("sfd-stage2", 1, f"sfd-stage2~{name}", key=f"sfd-stage2~{name}-1", recipe=name))
     return rows
+
+
+@dataclass
+class SFDCeilingRow(Row):
+    """The teacher's own trajectory that SFD and SFD-v rows at `student_nfe` learn to match: the teacher's solver
+    over SFD's refined grid (the student's timestamps with m points inserted per interval, the final orders the
+    runs used), its last state, from the rows' noises. A student matching its targets exactly would score this,
+    so it is SFD's ceiling; a reference row, at the NFE the teacher spends on that grid."""
+
+    student_nfe: int = 0
+
+    def sampling(self, bench) -> tuple:
+        cfg = SFDConfig(nfe=self.student_nfe)  # the bench's own SFD rows run the config's defaults
+        _, t_grid = sfd_grids(bench.teacher.denoiser, cfg, self.student_nfe)
+        sampler = {"name": cfg.teacher_solver, "nfe": self.nfe, "sigmas": [float(s) for s in t_grid],
+                   "clip": 1.0 if cfg.thresholding else None, "lower_order_final": cfg.teacher_final_orders}
+        teacher = bench.teacher
+        return Checkpoint(teacher.denoiser, {**teacher.card, "sampler": sampler}, teacher.path), {}, None
+
+
+def ceiling_rows(nfes) -> list[SFDCeilingRow]:
+    """A ceiling row for each NFE an SFD or SFD-v row has."""
+    cfg = SFDConfig()
+    per_step = 2 if cfg.teacher_solver == "heun" else 1
+    return [SFDCeilingRow(f"sfd-ceiling-{n}", CEILING, (timestamps_for_nfe(n, cfg.afs) - 1) * (cfg.m + 1) * per_step,
+                          f"teacher on SFD's NFE-{n} grid (ceiling)", reference=True, student_nfe=n)
+            for n in sorted(set(nfes))]
 
 
 def bench_extras(bench, summary: dict, figdir) -> dict:

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
-from fewstep.sfd.recipe import SFD_RECIPE
+from fewstep.sfd.recipe import SFD_RECIPE, SFD_TRAJECTORIES, SFDV_TRAJECTORY_FACTOR, STAGE2_TRAJECTORY_FACTOR
 from fewstep.show import (budget_label, fmt_paired, fmt_quality, fmt_time, interval, lower_beyond, plt,
                           reference_levels, savefig, versus)
 
 PANEL = "SFD, SFD-v and the 1-NFE stage"
 LABELS = {"sfd": "SFD", "sfd-v": "SFD-v", "sfd-stage2": "SFD 2nd stage"}
+CEILING = "sfd-ceiling"   # the teacher's trajectory an SFD row learns (fewstep.sfd.bench.SFDCeilingRow)
 
 
 def _own_rows(summary: dict) -> dict:
@@ -124,7 +125,8 @@ def targets_reading(summary: dict) -> list[str]:
     2.3x the teacher."""
     key = summary["quality_key"]
     K = key.upper()
-    q = {k: r["quality"][key]["mean"] for k, r in _own_rows(summary).items()}
+    own = _own_rows(summary)
+    q = {k: r["quality"][key]["mean"] for k, r in own.items()}
     teacher = reference_levels(summary["rows"], key)[0]
     lines = []
     shared = sorted(n for (m, n) in q if m == "sfd-v" and ("sfd", n) in q)
@@ -132,15 +134,17 @@ def targets_reading(summary: dict) -> list[str]:
         ratios = [(n, q[("sfd-v", n)] / q[("sfd", n)]) for n in shared]
         lines.append(f"- SFD-v / SFD ({K}; target ≤ 1.10 at every NFE, the paper's 0.94–0.97): " +
                      ", ".join(f"NFE {n} {v:.2f}" for n, v in ratios) +
-                     f" ({'met' if all(v <= 1.10 for _, v in ratios) else 'not met'}).")
+                     f" ({'met' if all(v <= 1.10 for _, v in ratios) else 'not met'}"
+                     f"{_said('; SFD-v ', budget_words(own[('sfd-v', shared[0])]))}).")
     if ("sfd-stage2", 1) in q and ("sfd", 2) in q:
         v = q[("sfd-stage2", 1)] / q[("sfd", 2)]
         lines.append(f"- 1-NFE stage / SFD at NFE 2 ({K}; target ≤ 1.3, the paper's 1.29): {v:.2f} "
-                     f"({'met' if v <= 1.3 else 'not met'}).")
+                     f"({'met' if v <= 1.3 else 'not met'}"
+                     f"{_said('; the 1-NFE stage ', budget_words(own[('sfd-stage2', 1)]))}).")
     if teacher is not None and ("sfd", 2) in q:
         v = q[("sfd", 2)] / teacher["quality"][key]["mean"]
         lines.append(f"- SFD at NFE 2 / teacher ({K}; target ≤ 2.3, the paper's 2.3): {v:.2f} "
-                     f"({'met' if v <= 2.3 else 'not met'}).")
+                     f"({'met' if v <= 2.3 else 'not met'}{_said('; ', budget_words(own[('sfd', 2)]))}).")
     # fewstep's defaults differ from the authors' recipe in the clip alone: those runs are the clip settings' rows
     clipped = {(r["method"], r["nfe"]): r["quality"][key]["mean"] for r in summary["rows"]
                if r.get("recipe") in ("grad-clip", "grad-clip-sfdv")}
@@ -155,11 +159,48 @@ def targets_reading(summary: dict) -> list[str]:
     return lines
 
 
+def ceiling_reading(summary: dict) -> list[str]:
+    """Each SFD and SFD-v row against its ceiling (the teacher's own trajectory it learns, at the same NFE)
+    and against the teacher reference."""
+    key, K = summary["quality_key"], summary["quality_key"].upper()
+    ceilings = {r["student_nfe"]: r for r in summary["rows"] if r["method"] == CEILING}
+    teacher = reference_levels(summary["rows"], key)[0]
+    lines = []
+    for (method, nfe), r in sorted(_own_rows(summary).items(), key=lambda item: (item[0][1], item[0][0])):
+        ceiling = ceilings.get(nfe)
+        if ceiling is None or method == "sfd-stage2":
+            continue
+        q, c = r["quality"][key]["mean"], ceiling["quality"][key]["mean"]
+        text = (f"- {LABELS[method]} at NFE {nfe}: {K} {fmt_quality(r['quality'], key)} = {q / c:.2f}× its ceiling "
+                f"(the teacher's {ceiling['nfe']}-NFE trajectory it learns: {fmt_quality(ceiling['quality'], key)})")
+        if teacher is not None:
+            text += f" and {q / teacher['quality'][key]['mean']:.2f}× the teacher"
+        lines.append(text + _said("; ", budget_words(r)) + ".")
+    return lines
+
+
+def _said(prefix: str, words: str) -> str:
+    return prefix + words if words else ""
+
+
+def budget_words(r: dict) -> str:
+    """The row's training budget against the authors' for its mode (trajectories seen)."""
+    b = r.get("budget") or {}
+    if not b.get("iterations") or not b.get("batch"):
+        return ""
+    seen = b["iterations"] * b["batch"]
+    authors = SFD_TRAJECTORIES * {"sfd": 1, "sfd-v": SFDV_TRAJECTORY_FACTOR,
+                                  "sfd-stage2": STAGE2_TRAJECTORY_FACTOR}[r["method"]]
+    if seen >= 0.99 * authors:
+        return f"trained on {seen:,} trajectories, the authors' budget"
+    return f"trained on {seen:,} trajectories, {seen / authors:.2g}× the authors' {authors:,}"
+
+
 def reading(summary: dict) -> list[str]:
     key, K = summary["quality_key"], summary["quality_key"].upper()
     rows = [r for r in summary["rows"] if not r.get("recipe")]
     teacher, floor = reference_levels(rows, key)
-    lines = targets_reading(summary)
+    lines = targets_reading(summary) + ceiling_reading(summary)
     own = _own_rows(summary)
     if teacher is not None:
         rq = teacher["quality"][key]["mean"]
