@@ -20,7 +20,7 @@ def register(sub):
                    help="toy: 2-D gmm8 (its 46 rows took 82 min on one CPU thread); digits: the full table with "
                         "every SFD recipe setting trained both ways (hours); mnist: the same on the 16x16 MNIST "
                         "teacher, with a long SFDDM run (hours); digits-defaults: the digits preset's SFD family with "
-                        "fewstep's defaults in place of the authors' recipe; demo: the quick tour")
+                        "fewstep's defaults in place of the authors' recipe; demo: the quick tour at short budgets (3.7 min)")
     b.add_argument("--teacher", default=None, help="teacher checkpoint (overrides the preset's)")
     b.add_argument("--data", default=None, help="data set the teacher models (needed without a preset)")
     b.add_argument("--resolution", type=int, default=None)
