@@ -51,6 +51,8 @@ class TrainMethod:
     """What a method gives the loop. Subclasses set `name` and implement the hooks."""
     name = "method"
     needs_data = False
+    # the last iteration's inputs, kept by train_step for floor_calls to replay (None before the first)
+    _last = None
 
     def trainable(self) -> nn.Module:
         """The module whose parameters are optimized (a student Denoiser)."""
@@ -81,7 +83,8 @@ class TrainMethod:
     def floor_calls(self) -> dict | None:
         """The network calls of the last iteration, to be timed alone: {"teacher": [fn, ...], "student":
         [fn, ...]}, one callable per call on that iteration's batch (teacher: a forward without grad;
-        student: a forward and a backward). None: the method has no floor."""
+        student: a forward and a backward), built from `self._last`. None: the method has no floor (or has not
+        run an iteration yet)."""
         return None
 
 

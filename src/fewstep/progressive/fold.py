@@ -238,7 +238,7 @@ class ProgressiveFold(TrainMethod):
     def floor_calls(self):
         """The last iteration's calls alone: the teacher's two DDIM evaluations (no grad) and the student's
         forward and backward, on the iteration's batch."""
-        last = getattr(self, "_last", None)
+        last = self._last
         if last is None:
             return None
         x, sigma, sigma_mid, labels, autocast = last

@@ -183,7 +183,7 @@ class SFD(TrainMethod):
     def floor_calls(self):
         """The last iteration's calls alone: the teacher at each of its evaluations on the iteration's
         batch (no grad), the student's forward and backward at each network-using student step."""
-        last = getattr(self, "_last", None)
+        last = self._last
         if last is None:
             return None
         ctx, x, s_grid, t_grid, teacher_nfe, labels, text, student_text = last

@@ -167,7 +167,7 @@ class SFDDM(TrainMethod):
     def floor_calls(self):
         """The last iteration's calls alone: one teacher forward with features (no grad), one student
         forward with features and its backward, on the iteration's batch."""
-        last = getattr(self, "_last", None)
+        last = self._last
         if last is None:
             return None
         x, sigma, labels, autocast = last
