@@ -36,6 +36,7 @@ class Method:
     settings: type | None = None              # its part of a bench spec (a `BenchSettings` subclass)
     reading: Callable | None = None           # (summary) -> report lines about its rows
     report_section: Callable | None = None    # (summary, figure folder, file prefix) -> (title, lines) or None
+    headline: Callable | None = None          # (summary) -> its findings in a phrase or two (results page)
 
     def _module(self, name: str | None):
         return importlib.import_module(name) if name else None

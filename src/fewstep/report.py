@@ -440,7 +440,7 @@ def write_results_doc(benches: dict, out: Path, commands: dict | None = None) ->
             "`make results`. Lower is better for FCD, KID, SWD, MMD and the paired distances; each section says "
             "what its ± is. Each section's raw numbers are in `data/<section>.json` (the bench's results.json); "
             "a section whose bench is not rerun is written again from that file.", ""]
-    sections, gathered = [], {}
+    sections, gathered, found = [], {}, []
     for title, bench_dir in benches.items():
         bench_dir = Path(bench_dir)
         lines = [f"## {title}", ""]
@@ -468,6 +468,9 @@ def write_results_doc(benches: dict, out: Path, commands: dict | None = None) ->
         plot_quality_vs_cost(summary, figdir / f"{slug}-quality-vs-cost.png")
         for name, section in method_sections(summary, figdir, prefix=f"{slug}-"):
             gathered.setdefault(name, []).append((title, summary, section))
+        said = [line for method in registered_methods() if method.headline for line in method.headline(summary)]
+        if said:
+            found.append(f"- **{title}** ({summary['quality_key'].upper()}): " + "; ".join(said) + ".")
         spec, env, t = summary["spec"], summary["environment"], summary["teacher"]
         lines += [f"Teacher `{Path(t['path']).name}` on {spec['data']}"
                   + (f" at {spec['resolution']}×{spec['resolution']}" if spec.get("resolution") else "")
@@ -491,6 +494,13 @@ def write_results_doc(benches: dict, out: Path, commands: dict | None = None) ->
         for name in RESULT_FIGURES:
             if (figdir / f"{slug}-{name}").is_file():
                 lines += [f"![{title}: {name[:-4].replace('-', ' ')}](figures/{slug}-{name})", ""]
+    if found:
+        head += ["## What the benches say", "",
+                 "Each method against the teacher and against its ceiling (what a student that matched its own "
+                 "targets exactly would score; for progressive distillation, the teacher's own DDIM on the same "
+                 "grid), in each bench's quality metric and at that bench's budgets (lower is better); the "
+                 "sections below have every row, and [sfd.md](sfd.md#at-the-authors-budget) SFD at its authors' "
+                 "full budget.", "", *found, ""]
     for name, parts in gathered.items():  # e.g. "SFD recipe", with a sub-section per bench
         head += [f"## {name}", ""]
         for title, summary, section in parts:

@@ -17,3 +17,13 @@ def ceiling_line(r: dict, rows: list, key: str, index: str) -> str | None:
     return (f"- {r['label']}, NFE {r['nfe']}: {key.upper()} {r['quality'][key]['mean']:.3g}; the teacher's own "
             f"{r['nfe']}-step chain on the same phi scores " +
             ", ".join(f"{n.upper()} {v:.3g}" for n, v in sorted(ceil.items())) + ".")
+
+
+def ceiling_ratio(r: dict, rows: list, key: str, index: str, sampler: str, name: str = "its ceiling") -> str | None:
+    """"<label> at T' = n: 1.23× its ceiling": the row against the teacher's own chain on the same phi with the
+    sampler the student samples with (None without that row). For SFDDM that chain is a ceiling (its loss is
+    minimised by copying the teacher there); for progressive distillation only a reference, so it names it."""
+    ceil = ceilings(rows, key, r["nfe"], index).get(sampler)
+    if ceil is None:
+        return None
+    return f"{r['label']} at T' = {r['nfe']}: {r['quality'][key]['mean'] / ceil:.2f}× {name}"

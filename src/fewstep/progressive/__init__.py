@@ -11,7 +11,7 @@ This file loads no torch.
 """
 from fewstep.method import Method
 from fewstep.progressive.recipe import ProgressiveBench
-from fewstep.progressive.report import reading
+from fewstep.progressive.report import headline, reading
 
 METHOD = Method(command="fewstep.progressive.cli", bench="fewstep.progressive.bench", bench_methods=("progressive",),
-                settings=ProgressiveBench, reading=reading)
+                settings=ProgressiveBench, reading=reading, headline=headline)

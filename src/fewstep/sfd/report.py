@@ -179,6 +179,25 @@ def ceiling_reading(summary: dict) -> list[str]:
     return lines
 
 
+def headline(summary: dict) -> list[str]:
+    """SFD at NFE 2 against the teacher (and its ceiling, where measured), with its budget."""
+    key = summary["quality_key"]
+    own = _own_rows(summary)
+    teacher = reference_levels(summary["rows"], key)[0]
+    r = own.get(("sfd", 2))
+    if r is None or teacher is None:
+        return []
+    q = r["quality"][key]["mean"]
+    text = f"SFD at NFE 2: {q / teacher['quality'][key]['mean']:.2f}× the teacher"
+    ceiling = next((c for c in summary["rows"] if c["method"] == CEILING and c.get("student_nfe") == 2), None)
+    if ceiling is not None:
+        text += f", {q / ceiling['quality'][key]['mean']:.2f}× its ceiling"
+    b = r.get("budget") or {}
+    if b.get("iterations") and b.get("batch"):
+        text += f" ({b['iterations'] * b['batch'] / SFD_TRAJECTORIES:.2g}× the authors' budget)"
+    return [text]
+
+
 def _said(prefix: str, words: str) -> str:
     return prefix + words if words else ""
 

@@ -14,7 +14,7 @@ The index set, the teacher's chain on it and the ceiling rows are shared with pr
 """
 from fewstep.method import Method
 from fewstep.sfddm.recipe import SFDDMBench
-from fewstep.sfddm.report import reading
+from fewstep.sfddm.report import headline, reading
 
 METHOD = Method(command="fewstep.sfddm.cli", bench="fewstep.sfddm.bench", bench_methods=("sfddm",),
-                settings=SFDDMBench, reading=reading)
+                settings=SFDDMBench, reading=reading, headline=headline)

@@ -3,7 +3,7 @@ teacher's own chain on phi), the long run's closing of that gap, and semantic co
 rows only; loads no torch."""
 from __future__ import annotations
 
-from fewstep.distill.ceilings import ceiling_line, ceilings
+from fewstep.distill.ceilings import ceiling_line, ceiling_ratio, ceilings
 from fewstep.show import reference_levels, versus
 
 
@@ -55,3 +55,12 @@ def reading(summary: dict) -> list[str]:
                      "the same sample). The interpolation figure shows slerp (top row) and linear (bottom row) "
                      "between seeds 3 and 7.")
     return lines
+
+
+def headline(summary: dict) -> list[str]:
+    """Each SFDDM student of the main table against its ceiling (the long run's too), with DDPM ancestral
+    sampling as the students sample by default."""
+    key = summary["quality_key"]
+    rows = [r for r in summary["rows"] if not r.get("apart")]
+    said = [ceiling_ratio(r, rows, key, r["variant"].split("/")[0], "ddpm") for r in rows if r["method"] == "sfddm"]
+    return [s for s in said if s]
