@@ -111,7 +111,9 @@ class BenchSpec:
         return cls.from_fields(**{k: v for k, v in record.items() if k in own or k in owner})
 
 
-def _settings(cls, value: dict, method: str):
+def _settings(cls, value, method: str):
+    if not isinstance(value, dict):
+        raise FewstepError(f"{method} bench settings {value!r}: expected a dict or a {cls.__name__}")
     names = cls.field_names()
     unknown = sorted(set(value) - set(names))
     if unknown:
