@@ -45,6 +45,28 @@ from fewstep.train import TrainConfig, Trainer
 __all__ = ["Bench", "BenchSpec", "bench_methods", "SOLVER_ROWS", "SOLVER_GRIDS"]
 
 
+def _cached_row(cache: Path, n_samples: int, seeds: list, made_from: dict) -> dict | None:
+    """A row's numbers from its cache file, if they were measured with these sample counts, seeds, teacher and
+    model weights (a damaged file, or one measured otherwise, is measured again)."""
+    if not cache.is_file():
+        return None
+    try:
+        cached = json.loads(cache.read_text())
+    except (ValueError, RecursionError):
+        return None
+    if isinstance(cached, dict) and cached.get("n_samples") == n_samples and cached.get("seeds") == list(seeds) \
+            and cached.get("made_from") == made_from:
+        return cached
+    return None
+
+
+def _environment(device: torch.device) -> dict:
+    return {"fewstep_version": fewstep.__version__, "torch": torch.__version__, "device": str(device),
+            "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                            else platform.processor() or platform.machine()),
+            "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "python": platform.python_version()}
+
+
 # ---- the benchmark ------------------------------------------------------------------------------------------
 
 class Bench:
@@ -209,16 +231,9 @@ class Bench:
         if row.model:
             row.ensure_model(self)  # distils once; checks a finished model's budget
         made_from = self._made_from(row)
-        if cache.is_file():
-            try:
-                cached = json.loads(cache.read_text())
-            except (ValueError, RecursionError):
-                cached = {}  # a damaged row file is measured again
-            cached = cached if isinstance(cached, dict) else {}
-            # rows measured with other sample counts, seeds, teacher or model weights are measured again
-            if (cached.get("n_samples") == self.spec.n_samples and cached.get("seeds") == list(self.spec.seeds)
-                    and cached.get("made_from") == made_from):
-                return cached
+        cached = _cached_row(cache, self.spec.n_samples, self.spec.seeds, made_from)
+        if cached is not None:
+            return cached
         if isinstance(row, DataFloorRow):
             return row.measure(self, cache, made_from, t0)
         ckpt, kw, step = row.sampling(self)
@@ -302,11 +317,7 @@ class Bench:
             if self.progress:
                 tqdm.write(f"bench row {i + 1}/{len(rows)}: {row.key}")
             results.append(self.evaluate(row))
-        env = {"fewstep_version": fewstep.__version__, "torch": torch.__version__, "device": str(self.device),
-               "device_name": (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
-                               else platform.processor() or platform.machine()),
-               "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "python": platform.python_version()}
-        summary = {"spec": self.spec.record(), "environment": env, "teacher": {
+        summary = {"spec": self.spec.record(), "environment": _environment(self.device), "teacher": {
             "path": str(self.teacher.path), "training_wall_s": self.teacher_train_s,
             "card_method": self.teacher_card.get("method")}, "quality_key": self.quality_key,
             "rows": results,
