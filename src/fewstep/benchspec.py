@@ -157,7 +157,7 @@ PRESETS = {
                                        "stage2-lr", "stage2-budget", "stage2-perceptual", "stage2-condition"]),
                   sfddm=dict(sfddm_steps=[10], sfddm_variants=["trailing/random"], sfddm_long_fraction=0.25),
                   progressive=dict(pd_start_steps=256)),
-    # the quick tour, about 5 minutes on 2 CPU cores: every row at a short budget, and the report says so
+    # the quick tour (3.7 min on 2 CPU cores): every row at a short budget, and the report says so (docs/bench.md)
     "demo": dict(teacher="digits-teacher", data="digits", methods=["data", "teacher", "ddim", "dpmpp3m", "sfd", "sfddm"],
                  nfe=[2, 10], n_samples=500, ref_nfe=64, seeds=[0, 1, 2], curve_points=4,
                  note="Demo budgets, to show every part in a few minutes: the teacher reference at 64 NFE, SFD at 150 "
