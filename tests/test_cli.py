@@ -196,3 +196,14 @@ def test_a_picture_is_written_in_the_format_its_name_asks_for(tmp_path):
         assert run(["sample", "digits-teacher", "--n", 4, "--nfe", 4, "--png", tmp_path / name]) == 0
         with Image.open(tmp_path / name) as im:
             assert im.format == fmt
+
+
+def test_info_says_how_a_shipped_teachers_quality_was_measured(capsys):
+    """One FCD story: the card's numbers come with their protocol, in words (samples, sampler, seed, reference
+    split, interval, the command that measured them), and the card's command says what differs."""
+    assert run(["info", "digits-teacher"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "quality FCD 4.56 [3.28, 5.84]" in out
+    assert ("from 10,000 samples (dpmpp2m NFE 256, seed 0) against the digits train split (1,617 samples); "
+            "[95 % interval] from 200 random halves; measured by fewstep bench --preset digits") in out
+    assert "--iters 6255" in out and "stopped by the user at iteration 6,255" in out
