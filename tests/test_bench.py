@@ -16,7 +16,7 @@ def tiny_spec(teacher, **kw):
     spec = dict(teacher=str(teacher), data="gmm8", methods=list(bench_methods()), nfe=[2], sfd_nfe=[2], sfdv_nfe=[1, 3],
                 sfddm_steps=[4], sfddm_variants=["trailing/random"], n_samples=200, seeds=[0, 1], ref_nfe=16,
                 sfd_trajectories=512, sfd_batch=128, sfd_lr=1e-3, sfdv_trajectory_factor=1.0,
-                sfd_stage2_trajectory_factor=0.5, sfddm_iters=20, sfddm_batch=64, pd_start_steps=16,
+                sfd_stage2_trajectory_factor=0.5, sfddm_iters=20, sfddm_batch=64, pd_steps=[4], pd_start_steps=16,
                 pd_iters_per_fold=5, pd_batch=64, curve_points=3, sfddm_long_fraction=0.25, sfddm_long_curve_points=4,
                 sfd_recipe=["grad-clip", "stage2-condition"])
     spec.update(kw)

@@ -126,7 +126,7 @@ PRESETS = {
                 sfd=dict(sfdv_nfe=[2, 3, 4, 5], sfd_trajectories=64_000, sfd_batch=256, sfd_lr=2e-4),
                 sfddm=dict(sfddm_steps=[4, 8, 16], sfddm_variants=["trailing/random", "trailing/teacher"],
                            sfddm_batch=256, sfddm_lr=1e-3),
-                progressive=dict(pd_start_steps=128, pd_batch=256, pd_lr=3e-4)),
+                progressive=dict(pd_steps=[4, 8, 16], pd_start_steps=128, pd_batch=256, pd_lr=3e-4)),
     # SFD at 320 iterations of 128 trajectories (a fifth of the authors' 1,563), every SFD recipe setting measured
     # both ways; 10,000 samples of one seed, Fréchet distances with 95 % intervals, paired distances to the
     # teacher's samples; every SFDDM variant at T' = 10, the default one at 32 (a T' of 128 costs over an hour of
@@ -139,7 +139,7 @@ PRESETS = {
                    sfddm=dict(sfddm_steps=[10, 32], sfddm_variants_at=[10],
                               sfddm_variants=["trailing/random", "trailing/teacher", "leading/random",
                                               "leading/teacher"]),
-                   progressive=dict(pd_start_steps=256)),
+                   progressive=dict(pd_steps=[8, 32], pd_start_steps=256)),
     # the digits preset's SFD family with fewstep's defaults (SFD and SFD-v clipped at norm 1) instead of the
     # authors' whole recipe, which the digits preset measures every setting from
     "digits-defaults": dict(teacher="digits-teacher", data="digits", methods=["teacher", "sfd", "sfd-v", "sfd-stage2"],
@@ -156,7 +156,7 @@ PRESETS = {
                            sfd_recipe=["grad-clip", "grad-clip-sfdv", "final-orders", "sfdv-budget", "step-condition",
                                        "stage2-lr", "stage2-budget", "stage2-perceptual", "stage2-condition"]),
                   sfddm=dict(sfddm_steps=[10], sfddm_variants=["trailing/random"], sfddm_long_fraction=0.25),
-                  progressive=dict(pd_start_steps=256)),
+                  progressive=dict(pd_steps=[8], pd_start_steps=256)),
     # the quick tour (3.7 min on 2 CPU cores): every row at a short budget, and the report says so (docs/bench.md)
     "demo": dict(teacher="digits-teacher", data="digits", methods=["data", "teacher", "ddim", "dpmpp3m", "sfd", "sfddm"],
                  nfe=[2, 10], n_samples=500, ref_nfe=64, seeds=[0, 1, 2], curve_points=4,

@@ -2,7 +2,6 @@
 name, each beside the teacher's own chain on the trailing phi (its grids)."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +16,8 @@ from fewstep.train import TrainConfig
 
 
 def targets(spec) -> list[int]:
-    """Progressive distillation's step counts: each SFDDM T' rounded to the nearest power of two."""
-    return sorted({2 ** round(math.log2(t)) for t in spec.sfddm_steps})
+    """The step counts of the folds with rows (the chain runs down to the smallest)."""
+    return sorted(set(spec.pd_steps))
 
 
 def chain_name(spec) -> str:

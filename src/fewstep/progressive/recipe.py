@@ -2,7 +2,9 @@
 bench's settings. Loads no torch."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from fewstep import argtypes as A
 
 from fewstep.method import BenchSettings
 from fewstep.recipe import loop_recipe
@@ -14,9 +16,14 @@ PROGRESSIVE_LOOP = loop_recipe(iters=ITERS_PER_FOLD, batch=FOLD_BATCH, lr=FOLD_L
 
 @dataclass
 class ProgressiveBench(BenchSettings):
-    """The bench's chain of folds from pd_start_steps teacher steps; a row at each SFDDM T' rounded to a power of
-    two, so the two step-table methods sit side by side."""
+    """The bench's chain of folds from pd_start_steps teacher steps, with a row at each of pd_steps (powers of
+    two below the start; the presets pick SFDDM's T' rounded so, to set the two step-table methods side by
+    side)."""
+    pd_steps: list = field(default_factory=lambda: [8])
     pd_start_steps: int = 256
     pd_iters_per_fold: int | None = None              # None: the CLI's default
     pd_batch: int = 64
     pd_lr: float = 1e-4
+
+    FLAGS = {"pd_steps": (A.nfe_list, "the progressive folds to measure, each a power of two below the start "
+                                      "(default: the preset's)")}
