@@ -167,15 +167,12 @@ def run_bench(out, preset: str | None = None, *, spec=None, progress: bool = Tru
     from fewstep.benchspec import BenchSpec
     from fewstep.benchspec import preset as preset_spec
     if spec is None:
-        try:
-            if preset is not None:
-                spec = preset_spec(preset, **fields)
-            elif not fields.get("teacher") or not fields.get("data"):
-                raise FewstepError("bench: pass preset=, or both teacher= and data=")
-            else:
-                spec = BenchSpec.from_fields(**fields)
-        except TypeError as e:  # a field BenchSpec does not have
-            raise FewstepError(f"bench: {e}") from None
+        if preset is not None:
+            spec = preset_spec(preset, **fields)
+        elif not fields.get("teacher") or not fields.get("data"):
+            raise FewstepError("bench: pass preset=, or both teacher= and data=")
+        else:  # an unknown field is named by from_fields
+            spec = BenchSpec.from_fields(**fields)
     elif preset is not None or fields:
         raise FewstepError("bench: give spec= alone, or a preset and fields")
     b = Bench(spec, out, device=str(pick_device(A.check("device", device, A.device))), progress=progress)

@@ -80,9 +80,7 @@ class BenchSpec:
         """A spec from flat fields (`sfd_batch=64`, as `fewstep.api.run_bench` keywords, presets and older
         results.json files name them) and/or nested ones (`sfd={"sfd_batch": 64}`, a method's name with a dict
         or its settings object)."""
-        own = {f.name for f in fields(cls)} - {"settings"}
-        known = method_settings()
-        owner = {name: method for method, settings in known.items() for name in settings.field_names()}
+        own, known, owner = cls._field_names()
         spec, nested = {}, {}
         for key, value in given.items():
             if key in own:
@@ -106,9 +104,15 @@ class BenchSpec:
     @classmethod
     def from_record(cls, record: dict) -> "BenchSpec":
         """The spec a results.json describes (older files included; settings no longer known are left out)."""
-        owner = {name for settings in method_settings().values() for name in settings.field_names()}
-        own = {f.name for f in fields(cls)} - {"settings"}
+        own, _, owner = cls._field_names()
         return cls.from_fields(**{k: v for k, v in record.items() if k in own or k in owner})
+
+    @classmethod
+    def _field_names(cls) -> tuple[set, dict, dict]:
+        """(the spec's own field names, {method: its settings class}, {setting name: its method})."""
+        known = method_settings()
+        owner = {name: method for method, settings in known.items() for name in settings.field_names()}
+        return {f.name for f in fields(cls)} - {"settings"}, known, owner
 
 
 def _settings(cls, value, method: str):

@@ -83,9 +83,6 @@ class BenchSettings:
         """The settings given on `fewstep bench`'s command line (None: not given)."""
         return {name: getattr(args, name) for name in cls.FLAGS if getattr(args, name, None) is not None}
 
-    def record(self) -> dict:
-        return asdict(self)
-
 
 @dataclass
 class Row:
