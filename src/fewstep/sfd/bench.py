@@ -5,14 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fewstep.checkpoint import Checkpoint, load_checkpoint, read_card, teacher_reference
-from fewstep.errors import FewstepError
 from fewstep.method import Row
-from fewstep.sfd.config import SFDConfig, timestamps_for_nfe
+from fewstep.sfd.config import SFDConfig
 from fewstep.sfd.method import SFD
 from fewstep.sfd.recipe import (AUTHORS_GRAD_CLIP, SFD_RECIPE, RecipeSetting, default_grad_clip, iterations_for,
                                 sfd_nfe_for)
 from fewstep.sfd.report import CEILING, LABELS, PANEL
-from fewstep.sfd.trajectory import sfd_grids
+from fewstep.sfd.trajectory import sfd_grids, teacher_evaluations
 
 
 def sfdv_model(spec) -> str:
@@ -101,10 +100,8 @@ def bench_rows(bench) -> list[SFDRow]:
         rows += [_row("sfd-v", n, tag, key=f"{tag}-{n}") for n in s.sfdv_nfe]
     if "sfd-stage2" in s.methods:
         rows.append(_row("sfd-stage2", 1, "sfd-stage2", key="sfd-stage2-1"))
-    rows += ceiling_rows([r.nfe for r in rows if r.method in ("sfd", "sfd-v")])
-    for name in s.sfd_recipe:
-        if name not in SFD_RECIPE:
-            raise FewstepError(f"sfd_recipe: unknown setting {name!r}; expected some of {', '.join(SFD_RECIPE)}")
+    rows += ceiling_rows(bench, [r.nfe for r in rows if r.method in ("sfd", "sfd-v")])
+    for name in s.sfd_recipe:  # each known: SFDBench refuses others when the spec is made
         setting = SFD_RECIPE[name]
         if setting.method not in s.methods:
             continue
@@ -135,11 +132,11 @@ class SFDCeilingRow(Row):
         return Checkpoint(teacher.denoiser, {**teacher.card, "sampler": sampler}, teacher.path), {}, None
 
 
-def ceiling_rows(nfes) -> list[SFDCeilingRow]:
-    """A ceiling row for each NFE an SFD or SFD-v row has."""
+def ceiling_rows(bench, nfes) -> list[SFDCeilingRow]:
+    """A ceiling row for each NFE an SFD or SFD-v row has, at the NFE the teacher spends on that grid."""
     cfg = SFDConfig()
-    per_step = 2 if cfg.teacher_solver == "heun" else 1
-    return [SFDCeilingRow(f"sfd-ceiling-{n}", CEILING, (timestamps_for_nfe(n, cfg.afs) - 1) * (cfg.m + 1) * per_step,
+    return [SFDCeilingRow(f"sfd-ceiling-{n}", CEILING,
+                          teacher_evaluations(cfg.teacher_solver, sfd_grids(bench.teacher.denoiser, cfg, n)[1]),
                           f"teacher on SFD's NFE-{n} grid (ceiling)", reference=True, student_nfe=n)
             for n in sorted(set(nfes))]
 

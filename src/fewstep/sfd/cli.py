@@ -26,7 +26,7 @@ PARSER_OPTIONS = dict(
            "  fewstep distill sfd --teacher digits-teacher --nfe 2 --iters 20 --out runs/sfd2          # 21 s\n"
            "  fewstep distill sfd --teacher digits-teacher --nfe 2,3,4,5 --iters 20 --out runs/sfdv    # SFD-v, 31 s\n"
            "  fewstep distill sfd --stage2 --teacher runs/sfdv --iters 20 --out runs/sfd1               # 1 NFE, 12 s\n"
-           "  fewstep distill sfd --teacher digits-teacher --nfe 2 --out runs/sfd2-full               # the authors' budget")
+           "  fewstep distill sfd --teacher digits-teacher --nfe 2 --out runs/sfd2-full   # the authors' budget")
 
 
 def add_arguments(p, add_loop_options):

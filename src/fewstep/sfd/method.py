@@ -33,7 +33,7 @@ from fewstep.schedule import check_nested
 from fewstep.sfd.config import SFDConfig
 from fewstep.sfd.loss import match_trajectory, trajectory_loss
 from fewstep.sfd.recipe import SFD_LOOP, iterations_for, recipe
-from fewstep.sfd.trajectory import TeacherTrajectory, sfd_grids, stage2_setup
+from fewstep.sfd.trajectory import TeacherTrajectory, sfd_grids, stage2_setup, teacher_evaluations
 from fewstep.solvers import solve
 from fewstep.train import StepContext, TrainConfig, Trainer, TrainMethod, pick_device
 
@@ -242,7 +242,7 @@ class SFD(TrainMethod):
     def card(self) -> dict:
         cfg = self.cfg
         method = {"name": self.name, **asdict(cfg), "trajectories": self.trajectories,
-                  "teacher_nfe_per_trajectory": {str(n): (len(t) - 1) * (2 if cfg.teacher_solver == "heun" else 1)
+                  "teacher_nfe_per_trajectory": {str(n): teacher_evaluations(cfg.teacher_solver, t)
                                                  for n, (_, t) in self.grids.items()}}
         if cfg.stage2:
             method["first_stage_nfe"] = self.stage2_teacher_nfe

@@ -163,7 +163,7 @@ def ceiling_reading(summary: dict) -> list[str]:
     """Each SFD and SFD-v row against its ceiling (the teacher's own trajectory it learns, at the same NFE)
     and against the teacher reference."""
     key, K = summary["quality_key"], summary["quality_key"].upper()
-    ceilings = {r["student_nfe"]: r for r in summary["rows"] if r["method"] == CEILING}
+    ceilings = _ceilings(summary)
     teacher = reference_levels(summary["rows"], key)[0]
     lines = []
     for (method, nfe), r in sorted(_own_rows(summary).items(), key=lambda item: (item[0][1], item[0][0])):
@@ -189,27 +189,39 @@ def headline(summary: dict) -> list[str]:
         return []
     q = r["quality"][key]["mean"]
     text = f"SFD at NFE 2: {q / teacher['quality'][key]['mean']:.2f}× the teacher"
-    ceiling = next((c for c in summary["rows"] if c["method"] == CEILING and c.get("student_nfe") == 2), None)
+    ceiling = _ceilings(summary).get(2)
     if ceiling is not None:
         text += f", {q / ceiling['quality'][key]['mean']:.2f}× its ceiling"
-    b = r.get("budget") or {}
-    if b.get("iterations") and b.get("batch"):
-        text += f" ({b['iterations'] * b['batch'] / SFD_TRAJECTORIES:.2g}× the authors' budget)"
+    budget = _budget(r)
+    if budget:
+        text += f" ({budget[0] / budget[1]:.2g}× the authors' budget)"
     return [text]
+
+
+def _ceilings(summary: dict) -> dict:
+    """{student NFE: its ceiling row}."""
+    return {r["student_nfe"]: r for r in summary["rows"] if r["method"] == CEILING}
 
 
 def _said(prefix: str, words: str) -> str:
     return prefix + words if words else ""
 
 
-def budget_words(r: dict) -> str:
-    """The row's training budget against the authors' for its mode (trajectories seen)."""
+def _budget(r: dict) -> tuple[int, int] | None:
+    """(trajectories the row trained on, the authors' budget for its mode), or None where it is not recorded."""
     b = r.get("budget") or {}
     if not b.get("iterations") or not b.get("batch"):
+        return None
+    return b["iterations"] * b["batch"], SFD_TRAJECTORIES * {"sfd": 1, "sfd-v": SFDV_TRAJECTORY_FACTOR,
+                                                             "sfd-stage2": STAGE2_TRAJECTORY_FACTOR}[r["method"]]
+
+
+def budget_words(r: dict) -> str:
+    """The row's training budget against the authors' for its mode (trajectories seen)."""
+    budget = _budget(r)
+    if budget is None:
         return ""
-    seen = b["iterations"] * b["batch"]
-    authors = SFD_TRAJECTORIES * {"sfd": 1, "sfd-v": SFDV_TRAJECTORY_FACTOR,
-                                  "sfd-stage2": STAGE2_TRAJECTORY_FACTOR}[r["method"]]
+    seen, authors = budget
     if seen >= 0.99 * authors:
         return f"trained on {seen:,} trajectories, the authors' budget"
     return f"trained on {seen:,} trajectories, {seen / authors:.2g}× the authors' {authors:,}"

@@ -37,6 +37,11 @@ def sigma_range(teacher_den, cfg: SFDConfig) -> tuple[float, float]:
     return smin, smax
 
 
+def teacher_evaluations(solver: str, t_grid) -> int:
+    """The teacher's network evaluations over a refined grid (Heun: two a step)."""
+    return (len(t_grid) - 1) * (2 if solver == "heun" else 1)
+
+
 class TeacherTrajectory:
     """Produces the teacher states y_k at the student timestamps, for a batch of initial noises.
 
