@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fewstep.report import write_results_doc
+from fewstep.results_page import write_results_doc
 
 PRESETS = ("toy", "digits", "digits-defaults", "mnist")
 

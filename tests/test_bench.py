@@ -316,7 +316,7 @@ def test_the_sfd_targets_are_read_for_the_authors_recipe_and_for_fewsteps_defaul
 
 
 def test_results_page_gathers_finished_benches_and_names_the_missing(bench_run, tmp_path):
-    from fewstep.report import write_results_doc
+    from fewstep.results_page import write_results_doc
     out, summary = bench_run
     toy = tmp_path / "toy"  # the fixture's own results (its folder is rerun with other rows by another test)
     shutil.copytree(out / "figures", toy / "figures")
@@ -372,7 +372,7 @@ def test_time_to_quality_is_read_off_each_run():
 RENDER_DOCS_PAGE = """
 import shutil, sys
 from pathlib import Path
-from fewstep.report import write_results_doc
+from fewstep.results_page import write_results_doc
 docs, out = Path(sys.argv[1]), Path(sys.argv[2])
 shutil.copytree(docs / "data", out / "data")
 shutil.copytree(docs / "figures", out / "figures")

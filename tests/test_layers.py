@@ -20,7 +20,7 @@ LAYERS = {
     # and every package fewstep.registry lists (a new method needs no line here)
     "methods": ["registry"] + [p for e in METHODS for p in (e.package.removeprefix("fewstep."),
                                                             e.package.removeprefix("fewstep.") + ".*")],
-    "bench": ["benchspec", "report", "bench_rows", "bench"],
+    "bench": ["benchspec", "report", "results_page", "bench_rows", "bench"],
     "api": ["api"],
     "command line": ["cli", "cli.*", "__main__"],
 }
