@@ -125,6 +125,8 @@ def save_checkpoint(out_dir: str | Path, denoiser: Denoiser, card: dict, state_d
         full["components"] = place_components(out_dir, denoiser.codec, denoiser.text)
     if denoiser.text is not None:  # the guidance it samples with by default (a distilled student: 1)
         full["text"] = {**(card.get("text") or {}), "guidance": denoiser.guidance}
+        if getattr(denoiser.text, "settings", None):  # several encoders, and how their outputs combine
+            full["text"]["encoders"] = denoiser.text.settings
     write_json(out_dir / CARD_NAME, full)
     return out_dir
 

@@ -7,10 +7,12 @@ out; safetensors only), is named with its content hash on the card (`components`
 and is never trained: a student shares its teacher's (a deep copy of a denoiser keeps the same component
 object, and saving a student links the folders into its checkpoint, or copies them across file systems).
 
-Latents follow diffusers' pipelines: an image x in [-1, 1] encodes to z = scaling_factor · E(x) (the
-AutoencoderKL posterior's mean, a VQModel's pre-quantisation latents) and a latent decodes as D(z /
-scaling_factor) (a VQModel quantises first, as LDMPipeline decodes). Prompts follow StableDiffusionPipeline:
-padded to the tokenizer's max length, the encoder's last hidden state.
+Latents follow diffusers' pipelines: an image x in [-1, 1] encodes to z = scaling_factor · (E(x) − shift_factor)
+(the AutoencoderKL posterior's mean, a VQModel's pre-quantisation latents; SD3's and Flux's autoencoders have a
+shift_factor, the others 0) and a latent decodes as D(z / scaling_factor + shift_factor) (a VQModel quantises
+first, as LDMPipeline decodes). Prompts follow StableDiffusionPipeline: padded to the tokenizer's max length,
+the encoder's last hidden state; or StableDiffusion3Pipeline (SD3TextEncoders): two CLIP encoders' penultimate
+hidden states side by side and T5's last, one sequence, with the CLIPs' pooled projections beside it.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ from fewstep.errors import FewstepError
 from fewstep.hashing import folder_digest
 
 CODEC_KINDS = {"AutoencoderKL": "autoencoderkl", "VQModel": "vqmodel"}
-ENCODER_KINDS = {"CLIPTextModel": "clip"}
+ENCODER_KINDS = {"CLIPTextModel": "clip", "CLIPTextModelWithProjection": "clip-projection", "T5EncoderModel": "t5"}
+TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast", "T5Tokenizer", "T5TokenizerFast")
 # the batch components run in (their memory, not the model's, bounds it)
 COMPONENT_BATCH = 16
 
@@ -90,7 +93,7 @@ class LatentCodec(Component):
         check_safetensors_only(folder, "autoencoder")
         down = len(cfg.get("block_out_channels") or [1]) - 1
         return {"kind": kind, "class": cfg["_class_name"], "scaling_factor": float(cfg.get("scaling_factor") or 1.0),
-                "latent_channels": int(cfg.get("latent_channels", 4)), "image_channels": int(cfg.get("out_channels", 3)),
+                "shift_factor": float(cfg.get("shift_factor") or 0.0), "latent_channels": int(cfg.get("latent_channels", 4)), "image_channels": int(cfg.get("out_channels", 3)),
                 "downsampling": 2 ** down}
 
     def _load(self):
@@ -110,7 +113,7 @@ class LatentCodec(Component):
             x = images[i:i + COMPONENT_BATCH].to(self.device, self.dtype)
             enc = vae.encode(x)
             z = enc.latent_dist.mean if self.entry["kind"] == "autoencoderkl" else enc.latents
-            out.append((z * s).float().cpu())
+            out.append(((z - self.entry.get("shift_factor", 0.0)) * s).float().cpu())
         return torch.cat(out)
 
     @torch.no_grad()
@@ -118,7 +121,7 @@ class LatentCodec(Component):
         vae, s = self.module, self.entry["scaling_factor"]
         out = []
         for i in range(0, len(latents), COMPONENT_BATCH):
-            z = latents[i:i + COMPONENT_BATCH].to(self.device, self.dtype) / s
+            z = latents[i:i + COMPONENT_BATCH].to(self.device, self.dtype) / s + self.entry.get("shift_factor", 0.0)
             out.append(vae.decode(z).sample.float().to(latents.device))
         return torch.cat(out)
 
@@ -128,16 +131,20 @@ class TextEncoder(Component):
     folder is the encoder's, `entry["tokenizer"]` names the tokenizer's folder beside it."""
 
     @classmethod
-    def describe(cls, encoder: Path, tokenizer: Path) -> dict:
+    def describe(cls, encoder: Path, tokenizer: Path, tokenizer_class: str = "CLIPTokenizer") -> dict:
         cfg = _read_config(encoder / "config.json", "the text encoder config")
         arch = (cfg.get("architectures") or [None])[0]
         if arch not in ENCODER_KINDS:
             raise FewstepError(f"{encoder}: text encoder {arch!r}; supported: {', '.join(ENCODER_KINDS)}")
+        if tokenizer_class not in TOKENIZER_CLASSES:
+            raise FewstepError(f"{tokenizer}: tokenizer {tokenizer_class!r}; supported: {', '.join(TOKENIZER_CLASSES)}")
         check_safetensors_only(encoder, "text encoder")
         if not tokenizer.is_dir() or not any(tokenizer.iterdir()):
             raise FewstepError(f"{tokenizer}: the tokenizer's files are missing")
-        return {"kind": ENCODER_KINDS[arch], "class": arch, "hidden_size": int(cfg.get("hidden_size", 768)),
-                "max_length": int(cfg.get("max_position_embeddings", 77))}
+        hidden = cfg.get("d_model") if arch == "T5EncoderModel" else cfg.get("hidden_size", 768)
+        return {"kind": ENCODER_KINDS[arch], "class": arch, "hidden_size": int(hidden),
+                "max_length": int(cfg.get("max_position_embeddings", 77)), "tokenizer_class": tokenizer_class,
+                "role": encoder.name}
 
     def __init__(self, folder: Path, entry: dict, tokenizer_folder: Path):
         super().__init__(folder, entry)
@@ -159,8 +166,8 @@ class TextEncoder(Component):
         if self._tokenizer is None:
             transformers = require("transformers", "text")
             try:
-                self._tokenizer = transformers.CLIPTokenizer.from_pretrained(self.tokenizer_folder,
-                                                                             local_files_only=True)
+                cls = getattr(transformers, self.entry.get("tokenizer_class", "CLIPTokenizer"))
+                self._tokenizer = cls.from_pretrained(self.tokenizer_folder, local_files_only=True)
             except (OSError, ValueError) as e:
                 raise FewstepError(f"{self.tokenizer_folder}: cannot load the tokenizer "
                                    f"({str(e).splitlines()[0]})") from None
@@ -168,27 +175,86 @@ class TextEncoder(Component):
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> torch.Tensor:
-        """(len(prompts), max length, hidden size), float32 on the component's device."""
+        """(len(prompts), max length, hidden size), float32 on the component's device: the last hidden state."""
+        return self.hidden_and_pooled(prompts)[0]
+
+    @torch.no_grad()
+    def hidden_and_pooled(self, prompts: list[str], max_length: int | None = None, penultimate: bool = False,
+                          note: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden states, pooled projection or None): the last hidden state (or the one before it), padded to
+        `max_length` tokens (None: the tokenizer's), and a CLIPTextModelWithProjection's text_embeds. `note`:
+        name what the length cuts off (once for encoders that cut alike)."""
         tok, enc = self.tokenizer, self.module
-        self._note_truncated(prompts)
-        out = []
+        max_length = max_length or tok.model_max_length
+        if note:
+            self._note_truncated(prompts, max_length)
+        hidden, pooled = [], []
         for i in range(0, len(prompts), COMPONENT_BATCH):
-            ids = tok(list(prompts[i:i + COMPONENT_BATCH]), padding="max_length", max_length=tok.model_max_length,
+            ids = tok(list(prompts[i:i + COMPONENT_BATCH]), padding="max_length", max_length=max_length,
                       truncation=True, return_tensors="pt")
             mask = ids.attention_mask.to(self.device) if getattr(enc.config, "use_attention_mask", False) else None
-            out.append(enc(ids.input_ids.to(self.device), attention_mask=mask)[0].float())
-        return torch.cat(out)
+            out = enc(ids.input_ids.to(self.device), attention_mask=mask, output_hidden_states=penultimate)
+            hidden.append((out.hidden_states[-2] if penultimate else out[0]).float())
+            if self.entry["kind"] == "clip-projection":
+                pooled.append(out.text_embeds.float())
+        return torch.cat(hidden), torch.cat(pooled) if pooled else None
 
-    def _note_truncated(self, prompts: list[str]):
+    def _note_truncated(self, prompts: list[str], max_length: int):
         """Say, once per prompt, what the tokenizer's limit cuts off (as diffusers' pipelines warn)."""
         tok = self.tokenizer
         for p in set(prompts) - self._told_truncated:
             ids = tok(p, truncation=False)["input_ids"]
-            if len(ids) > tok.model_max_length:
-                cut = tok.decode(ids[tok.model_max_length - 1:-1])
-                print(f"fewstep: note: a prompt is longer than the text encoder's {tok.model_max_length} tokens; "
+            if len(ids) > max_length:
+                cut = tok.decode(ids[max_length - 1:-1])
+                print(f"fewstep: note: a prompt is longer than the {self.entry['role']}'s {max_length} tokens; "
                       f"this part of it is cut off: {cut!r}", file=sys.stderr)
             self._told_truncated.add(p)
+
+    @property
+    def parts(self) -> list:
+        return [self]
+
+
+class SD3TextEncoders:
+    """StableDiffusion3Pipeline's prompt encoding: CLIP-L and CLIP-G (CLIPTextModelWithProjection), each padded to
+    the first tokenizer's length, their penultimate hidden states side by side and zero-padded to the joint
+    width, followed by T5's last hidden state over `max_sequence_length` tokens (zeros where the pipeline has no
+    T5); the two pooled projections side by side. Frozen and shared like every component."""
+
+    def __init__(self, clip_l: TextEncoder, clip_g: TextEncoder, t5: TextEncoder | None, joint_dim: int,
+                 max_sequence_length: int = 256):
+        self.clip_l, self.clip_g, self.t5 = clip_l, clip_g, t5
+        self.joint_dim, self.max_sequence_length = int(joint_dim), int(max_sequence_length)
+
+    def __deepcopy__(self, memo):
+        return self
+
+    @property
+    def parts(self) -> list:
+        return [p for p in (self.clip_l, self.clip_g, self.t5) if p is not None]
+
+    @property
+    def settings(self) -> dict:
+        """What the card keeps to rebuild this encoding (beside each encoder's own entry)."""
+        return {"kind": "sd3", "joint_dim": self.joint_dim, "max_sequence_length": self.max_sequence_length}
+
+    def to(self, device=None, dtype=None):
+        for p in self.parts:
+            p.to(device, dtype)
+        return self
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        length = self.clip_l.tokenizer.model_max_length  # the pipeline pads both CLIPs to the first's length
+        h1, p1 = self.clip_l.hidden_and_pooled(prompts, length, penultimate=True)
+        h2, p2 = self.clip_g.hidden_and_pooled(prompts, length, penultimate=True, note=False)  # cut as the first
+        clip = torch.cat([h1, h2], -1)
+        if self.t5 is None:
+            t5 = torch.zeros(len(prompts), self.max_sequence_length, self.joint_dim, device=clip.device)
+        else:
+            t5 = self.t5.hidden_and_pooled(prompts, self.max_sequence_length)[0]
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return torch.cat([clip, t5], -2), torch.cat([p1, p2], -1)
 
 
 def _read_config(path: Path, what: str) -> dict:
@@ -214,31 +280,46 @@ def default_prompts() -> list[str]:
 
 # ---- in a checkpoint folder -------------------------------------------------------------------------------
 
-def components_from_card(card: dict, path: Path) -> tuple[LatentCodec | None, TextEncoder | None]:
+def tokenizer_role(role: str) -> str:
+    """The tokenizer folder beside a text encoder's: text_encoder_2 → tokenizer_2, as diffusers names them."""
+    return role.replace("text_encoder", "tokenizer")
+
+
+def components_from_card(card: dict, path: Path) -> tuple[LatentCodec | None, TextEncoder | SD3TextEncoders | None]:
     """The components a card names, from the checkpoint folder `path` (loaded when first used)."""
     entries = card.get("components") or {}
-    codec = text = None
-    if "vae" in entries:
-        codec = LatentCodec(path / entries["vae"]["folder"], entries["vae"])
-    if "text_encoder" in entries:
-        text = TextEncoder(path / entries["text_encoder"]["folder"], entries["text_encoder"],
-                           path / entries["tokenizer"]["folder"])
     for name, entry in entries.items():
         if not (path / entry["folder"]).is_dir():
             raise FewstepError(f"{path}: its card names the {name} in {entry['folder']}/, which is missing")
+    codec = text = None
+    if "vae" in entries:
+        codec = LatentCodec(path / entries["vae"]["folder"], entries["vae"])
+    encoders = {role: TextEncoder(path / entries[role]["folder"], entries[role],
+                                  path / entries[tokenizer_role(role)]["folder"])
+                for role in ("text_encoder", "text_encoder_2", "text_encoder_3") if role in entries}
+    settings = (card.get("text") or {}).get("encoders")
+    if settings is not None and settings.get("kind") == "sd3":
+        text = SD3TextEncoders(encoders["text_encoder"], encoders["text_encoder_2"], encoders.get("text_encoder_3"),
+                               settings["joint_dim"], settings["max_sequence_length"])
+    elif settings is not None:
+        raise FewstepError(f"{path}: its card's text encoders are of kind {settings.get('kind')!r}; this fewstep "
+                           "knows 'sd3' (a newer fewstep wrote it?)")
+    elif "text_encoder" in encoders:
+        text = encoders["text_encoder"]
     return codec, text
 
 
-def place_components(out_dir: Path, codec: LatentCodec | None, text: TextEncoder | None) -> dict:
+def place_components(out_dir: Path, codec: LatentCodec | None, text) -> dict:
     """Put the components' folders into a checkpoint folder (hard links where the file system allows, else
     copies; a folder already there with the same content is kept) and return the card's `components`."""
     entries = {}
     parts = []
     if codec is not None:
         parts.append(("vae", codec.folder, codec.entry))
-    if text is not None:
-        parts.append(("text_encoder", text.folder, text.entry))
-        parts.append(("tokenizer", text.tokenizer_folder, {}))
+    for enc in ([] if text is None else text.parts):
+        role = enc.entry.get("role", "text_encoder")
+        parts.append((role, enc.folder, enc.entry))
+        parts.append((tokenizer_role(role), enc.tokenizer_folder, {}))
     for name, src, entry in parts:
         dst = Path(out_dir) / name  # diffusers' layout: each part in a folder of its name
         digest = entry.get("sha256") or folder_digest(src)

@@ -18,10 +18,11 @@ from torch import nn
 from fewstep.errors import FewstepError
 from fewstep.schedule import Schedule, continuous_table
 
-PARAMETERIZATIONS = ("eps", "x0", "v", "edm", "ve")
+PARAMETERIZATIONS = ("eps", "x0", "v", "edm", "ve", "flow")
 # what each parameterization's network predicts (for error messages and cards):
 #   eps: ε, input scaled by 1/sqrt(σ²+1) (VP); x0, v: likewise; edm: EDM's F with c_skip/c_out/c_in;
-#   ve: the VE-SDE's F with D = x + σ·F, input unscaled (NVlabs/edm's VEPrecond)
+#   ve: the VE-SDE's F with D = x + σ·F, input unscaled (NVlabs/edm's VEPrecond);
+#   flow: a rectified flow's velocity v = ε − x0 at x_t = x/(1 + σ) = (1 − t)·x0 + t·ε, t = σ/(1 + σ)
 
 
 class Denoiser(nn.Module):
@@ -32,6 +33,9 @@ class Denoiser(nn.Module):
         if param in ("edm", "ve") and schedule.is_discrete and schedule.derived_from != param:
             # a table read off such a model keeps its preconditioning (schedule.continuous_table)
             raise FewstepError(f"parameterization {param!r} needs a continuous schedule, got a discrete table")
+        if (param == "flow") != (not schedule.is_discrete and schedule.time_code == "flow"):
+            raise FewstepError("parameterization 'flow' (velocity) goes with a flow schedule (Schedule.flow), and "
+                               "a flow schedule with it")
         # continuous ε-prediction is the VP-SDE's (NVlabs/edm's VPPrecond), with its own time code
         if param in ("x0", "v", "eps") and not schedule.is_discrete and not (param == "eps" and schedule.time_code == "vp"):
             raise FewstepError(f"parameterization {param!r} needs a discrete VP table; continuous models use "
@@ -66,6 +70,8 @@ class Denoiser(nn.Module):
         """The network's time input for each σ (float64 in, float32 out)."""
         if self.schedule.is_discrete:
             return self.schedule.time_input(sigma.double().cpu(), exact=self.exact_table).float().to(sigma.device)
+        if self.param == "flow":  # T·t in float64, rounded once, as the flow scheduler's float32 timesteps are
+            return self.schedule.continuous_time_input(sigma.double()).float()
         # in float32, as NVlabs/edm computes its c_noise
         return self.schedule.continuous_time_input(sigma.float())
 
@@ -89,6 +95,8 @@ class Denoiser(nn.Module):
         sigma = self._sigma_batch(x, sigma)
         if self.param == "ve":
             c_in = torch.ones_like(sigma)
+        elif self.param == "flow":
+            c_in = 1 / (1 + sigma)
         else:
             c_in = 1 / (sigma**2 + (self.schedule.sigma_data**2 if self.param == "edm" else 1.0)).sqrt()
         if class_labels is not None:
@@ -101,12 +109,18 @@ class Denoiser(nn.Module):
         if text is None:
             raise FewstepError("this model is text-conditioned: give it a prompt (--prompt or --prompts)")
         context = text.context(class_labels, x.shape[0]).to(x.device, x.dtype)
+        # a pooled prompt embedding beside the tokens (SD3, Flux), where the text encoders give one
+        pooled = {} if text.pooled is None else {"pooled": text.pooled_context(class_labels, x.shape[0]).to(x.device, x.dtype)}
         if text.guidance == 1.0:
-            return self.net(x_in, t, step=step, context=context, return_features=return_features)
+            return self.net(x_in, t, step=step, context=context, return_features=return_features, **pooled)
         if return_features:
             raise FewstepError("features of a guided text model: set guidance 1 first")
         negative = text.negative_embeds.to(x.device, x.dtype).expand(x.shape[0], -1, -1)
-        both = self.net(torch.cat([x_in, x_in]), torch.cat([t, t]), step=step, context=torch.cat([negative, context]))
+        if pooled:
+            neg_pooled = text.negative_pooled.to(x.device, x.dtype).expand(x.shape[0], -1)
+            pooled = {"pooled": torch.cat([neg_pooled, pooled["pooled"]])}
+        both = self.net(torch.cat([x_in, x_in]), torch.cat([t, t]), step=step, context=torch.cat([negative, context]),
+                        **pooled)
         uncond, cond = both.chunk(2)
         return uncond + text.guidance * (cond - uncond)
 
@@ -133,7 +147,10 @@ class Denoiser(nn.Module):
             raise FewstepError(f"--guidance {guidance}: expected a scale >= 1 (1: the prompt alone)")
         device = next(self.net.parameters()).device
         emb = self.text.to(device).encode(prompts + [negative_prompt])
-        return Prompting(tuple(prompts), negative_prompt, float(guidance), emb[:-1].to(device), emb[-1:].to(device))
+        emb, pooled = emb if isinstance(emb, tuple) else (emb, None)
+        pooled = (None, None) if pooled is None else (pooled[:-1].to(device), pooled[-1:].to(device))
+        return Prompting(tuple(prompts), negative_prompt, float(guidance), emb[:-1].to(device), emb[-1:].to(device),
+                         *pooled)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Samples as images: a latent model's latents through its autoencoder, anything else as it is."""
@@ -143,13 +160,18 @@ class Denoiser(nn.Module):
 
     def raw_to_x0(self, raw: torch.Tensor, x: torch.Tensor, sigma) -> torch.Tensor:
         """Convert a raw network output at (x, σ) into the x0 estimate."""
-        sigma = self._bcast(self._sigma_batch(x, sigma), x)
+        sigma_64 = self._sigma_batch(x, sigma)
+        sigma = self._bcast(sigma_64, x)
         if self.param == "eps":
             return x - sigma * raw
         if self.param == "x0":
             return raw
         if self.param == "ve":
             return x + sigma * raw
+        if self.param == "flow":
+            # x_t = x/(1 + σ), x0 = x_t − t·v with t = σ/(1 + σ); the coefficients come in float64
+            a = self._bcast(1 / (1 + sigma_64), x)
+            return a * x - self._bcast(sigma_64 / (1 + sigma_64), x) * raw
         if self.param == "v":
             # VP: x_vp = a·x0 + b·ε, v = a·ε − b·x0, with a = 1/sqrt(1+σ²), b = σ·a  ⇒  x0 = a·x_vp − b·v
             a = 1 / (1 + sigma**2).sqrt()
@@ -233,6 +255,9 @@ class Prompting:
     guidance: float
     embeds: torch.Tensor
     negative_embeds: torch.Tensor
+    # one vector a prompt beside its tokens (SD3's and Flux's pooled CLIP embeddings), or None
+    pooled: torch.Tensor | None = None
+    negative_pooled: torch.Tensor | None = None
 
     def context(self, labels: torch.Tensor | None, n: int) -> torch.Tensor:
         """The prompt embeddings of n samples, from their labels (indices into the prompts)."""
@@ -241,6 +266,12 @@ class Prompting:
                 raise FewstepError(f"{len(self.embeds)} prompts are set: each sample needs its prompt's index")
             return self.embeds.expand(n, -1, -1)
         return self.embeds[labels.to(self.embeds.device)]
+
+    def pooled_context(self, labels: torch.Tensor | None, n: int) -> torch.Tensor:
+        """The pooled prompt embeddings of n samples (text encoders that give one), from their labels."""
+        if labels is None:
+            return self.pooled.expand(n, -1)
+        return self.pooled[labels.to(self.pooled.device)]
 
     def with_guidance(self, guidance: float) -> "Prompting":
         """The same prompts at another scale (a student beside its guided teacher takes the prompt alone)."""

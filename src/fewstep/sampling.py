@@ -11,6 +11,11 @@ evaluation. Imported diffusers models default to their scheduler's sampler this 
 "scale": "vp": the first state is the noise at the VP scale, x = sqrt(1 + σ²)·ε, where fewstep's own
 convention is σ·ε, and a last state above σ = 0 is returned at the VP scale, x / sqrt(1 + σ²), as diffusers
 returns its latents; for DDPM, the scheduler's "variance".
+
+A flow-matching teacher's grid is its FlowMatchEulerDiscreteScheduler's ("grid": "flow", with the card's
+"flow" settings: training steps and shift, or Flux's mu), at "scale": "flow": the first state is the pipeline's
+latents x_t = ε read in σ-space, x = (1 + σ)·x_t, and the last is returned as x_t. DDIM there is the
+scheduler's Euler step x_t' = x_t + (t' − t)·v (both give (1 − t')·x̂0 + t'·ε̂).
 """
 from __future__ import annotations
 
@@ -23,10 +28,14 @@ from tqdm.auto import tqdm
 
 from fewstep.checkpoint import Checkpoint
 from fewstep.errors import FewstepError
-from fewstep.schedule import SCHEDULER_SPACINGS, check_grid, ddim_targets, make_grid, scheduler_grid
+from fewstep.schedule import (SCHEDULER_SPACINGS, check_grid, ddim_targets, flow_scheduler_grid, make_grid,
+                              scheduler_grid)
 from fewstep.solvers import DDPM_VARIANCES, STOCHASTIC, solve, steps_for_nfe
 
-SCALES = ("sigma", "vp")
+SCALES = ("sigma", "vp", "flow")
+# solvers that step from the flow grid's first point (t = 1, σ ≈ 6.7e7) in float32 without cancelling: each
+# step's state is x̂0 + (σ'/σ)·(x − x̂0), so x̂0 is never subtracted from a state of size σ
+FLOW_SOLVERS = ("ddim", "dpmpp2m", "dpmpp3m")
 # solvers a scheduler spacing applies to (Heun's two evaluations per step have no scheduler counterpart here)
 SPACED_SOLVERS = ("ddim", "ddpm", "dpmpp2m", "dpmpp3m", "euler", "ipndm")
 
@@ -68,7 +77,7 @@ def resolve_sampler(ckpt: Checkpoint, nfe: int | None = None, sampler: str | Non
     plan = _plan(ckpt, nfe, sampler, grid, rho, final_zero)
     if clip != "auto":
         plan["clip"] = None if clip is None else float(clip)
-    elif plan["name"] != ckpt.sampler.get("name") and ckpt.sampler.get("scheduler"):
+    elif plan["name"] != ckpt.sampler.get("name") and ckpt.sampler.get("scheduler") and "flow" not in ckpt.sampler:
         cfg = (ckpt.card.get("source") or {}).get("scheduler_config") or {}
         clipping = plan["name"] in ("ddim", "ddpm") and cfg.get("clip_sample", True)
         plan["clip"] = float(cfg.get("clip_sample_range", 1.0)) if clipping else None
@@ -108,8 +117,12 @@ def _plan(ckpt: Checkpoint, nfe, sampler, grid, rho, final_zero) -> dict:
             # the card's spacing is its scheduler's; a sampler that does not run it as diffusers does takes its
             # own default grid (asked for by name, the spacing is used as fewstep spaces it)
             kind = "polynomial"
+        if grid is None and kind == "flow" and name not in FLOW_SOLVERS:
+            kind = "polynomial"  # as for a scheduler spacing: another solver takes fewstep's default grid
         if kind in SCHEDULER_SPACINGS:
             return _scheduler_plan(ckpt, spec, name, nfe, kind, final_zero)
+        if kind == "flow":
+            return _flow_plan(spec, name, nfe, final_zero)
         final_zero = spec.get("final_zero", True) if final_zero is None else final_zero
         sigmas = grid_for(ckpt.denoiser, name, nfe, kind, rho or spec.get("rho", 7.0), final_zero=final_zero, afs=afs)
         if name == "heun":
@@ -172,19 +185,35 @@ def _scheduler_plan(ckpt: Checkpoint, spec: dict, name: str, nfe: int, spacing: 
             "step": None, "scale": scale, "solver_options": options, "timesteps": timesteps}
 
 
+def _flow_plan(spec: dict, name: str, nfe: int, final_zero) -> dict:
+    """A flow-matching teacher's plan on its scheduler's grid (see the module's docstring)."""
+    if name not in FLOW_SOLVERS:
+        raise FewstepError(f"--grid flow starts at pure noise (t = 1), where sampler {name!r} would cancel the "
+                           f"state in float32; use {', '.join(FLOW_SOLVERS)} on it, or --grid polynomial")
+    if final_zero is not None:
+        raise FewstepError("--final-denoise / --no-final-denoise: grid 'flow' ends as its scheduler's does, at t = 0")
+    flow = spec.get("flow") or {}
+    sigmas, t = flow_scheduler_grid(nfe, int(flow.get("T", 1000)), float(flow.get("shift", 1.0)), flow.get("mu"))
+    return {"name": name, "sigmas": check_grid(sigmas), "nfe": nfe, "afs": False, "clip": None, "step": None,
+            "scale": "flow", "solver_options": {}, "timesteps": t}
+
+
 def start_scale(plan: dict) -> float:
-    """What a unit noise is multiplied by to be the first state: σ_max, or sqrt(1 + σ_max²) at the VP scale."""
+    """What a unit noise is multiplied by to be the first state: σ_max, sqrt(1 + σ_max²) at the VP scale, or
+    1 + σ_max at a flow's."""
     s0 = float(plan["sigmas"][0])
-    return (1 + s0**2) ** 0.5 if plan.get("scale") == "vp" else s0
+    scale = plan.get("scale")
+    return (1 + s0**2) ** 0.5 if scale == "vp" else 1 + s0 if scale == "flow" else s0
 
 
 def end_scale(plan: dict) -> float:
-    """What the last state is divided by: 1, or at the VP scale sqrt(1 + σ²) of where the last step landed."""
-    if plan.get("scale") != "vp":
+    """What the last state is divided by: 1, or at the VP scale sqrt(1 + σ²) (a flow's 1 + σ) of where the last
+    step landed."""
+    if plan.get("scale") not in ("vp", "flow"):
         return 1.0
     targets = plan["solver_options"].get("targets")
     last = float(targets[-1] if targets is not None else plan["sigmas"][-1])
-    return (1 + last**2) ** 0.5
+    return 1 + last if plan["scale"] == "flow" else (1 + last**2) ** 0.5
 
 
 def check_memory(n: int, shape: tuple) -> None:

@@ -23,7 +23,10 @@ SCHEDULER_SPACINGS = ("leading", "trailing", "linspace")
 # (diffusers' set_alpha_to_one=False for DDIM, final_sigmas_type="sigma_min" for DPM-Solver)
 FINAL_SIGMAS = ("zero", "table-min")
 # a continuous model's time input for σ and the parameters it needs (Schedule.continuous_time_input)
-TIME_CODES = {"edm": (), "vp": ("beta_d", "beta_min", "M"), "ve": ()}
+TIME_CODES = {"edm": (), "vp": ("beta_d", "beta_min", "M"), "ve": (), "flow": ("T", "shift")}
+# a rectified flow x_t = (1 − t)·x0 + t·ε is x = x_t / (1 − t) = x0 + σ·ε with σ = t / (1 − t); its pure-noise end
+# t = 1 (σ = ∞) is taken at this t, which float32 rounds to 1 (the network sees t = 1 exactly) and whose σ is finite
+FLOW_T_TOP = 1 - 2.0**-26
 
 
 def alpha_bar_to_sigma(alpha_bar: torch.Tensor) -> torch.Tensor:
@@ -119,6 +122,18 @@ class Schedule:
         return cls.continuous(sigma_min, sigma_max, sigma_data)
 
     @classmethod
+    def flow(cls, shift: float = 1.0, T: int = 1000):
+        """A rectified-flow model trained on t ∈ (0, 1] (diffusers' FlowMatchEulerDiscreteScheduler with T
+        training steps and a static `shift`): its noise levels run from the table's least noisy shifted step to
+        its noisiest below t = 1; its time input is T·t (see continuous_time_input)."""
+        if not shift > 0:
+            raise FewstepError(f"flow shift {shift!r}: expected a positive number")
+        if not isinstance(T, int) or T < 2:
+            raise FewstepError(f"flow training steps T={T!r}: expected an integer >= 2")
+        t_lo, t_hi = (flow_shift(torch.tensor([1 / T, (T - 1) / T], dtype=torch.float64), shift)).tolist()
+        return cls.continuous(t_lo / (1 - t_lo), t_hi / (1 - t_hi), 1.0, "flow", {"T": T, "shift": shift})
+
+    @classmethod
     def continuous(cls, sigma_min: float, sigma_max: float, sigma_data: float = 0.5, time_code: str = "edm",
                    time_params: dict | None = None):
         if not 0 < sigma_min < sigma_max:
@@ -192,11 +207,14 @@ class Schedule:
 
     def continuous_time_input(self, sigma: torch.Tensor) -> torch.Tensor:
         """A continuous model's time input for σ (float64): EDM's log(σ)/4, the VP-SDE's (M−1)·t(σ)
-        with σ(t) = sqrt(exp(β_d·t²/2 + β_min·t) − 1), or the VE-SDE's log(σ/2); in σ's precision
-        (float32 reproduces EDM's own numbers, as the Denoiser uses it)."""
+        with σ(t) = sqrt(exp(β_d·t²/2 + β_min·t) − 1), the VE-SDE's log(σ/2), or a flow's T·t with
+        t = σ/(1 + σ); in σ's precision (float32 reproduces EDM's own numbers, as the Denoiser uses it; a flow's
+        t is computed in float64, whose T·t rounds to the scheduler's float32 timestep)."""
         sigma = torch.as_tensor(sigma)
         if not sigma.is_floating_point():
             sigma = sigma.double()
+        if self.time_code == "flow":
+            return self.time_params["T"] * (sigma / (1 + sigma))
         if self.time_code == "vp":
             p = self.time_params
             t = ((p["beta_min"] ** 2 + 2 * p["beta_d"] * (1 + sigma**2).log()).sqrt() - p["beta_min"]) / p["beta_d"]
@@ -251,6 +269,10 @@ def continuous_table(schedule: Schedule, T: int | None = None) -> tuple[Schedule
     if schedule.is_discrete:
         raise FewstepError("continuous_table: the schedule is already a discrete table")
     code = schedule.time_code
+    if code == "flow":
+        raise FewstepError("a flow-matching teacher has no VP step table: its noisiest state is pure noise (t = 1, "
+                           "σ = ∞), which a table of ᾱ > 0 cannot hold; SFDDM and progressive distillation need one, "
+                           "SFD does not (fewstep distill sfd)")
     if code == "vp":
         p = schedule.time_params
         T = int(T or round(p["M"]))
@@ -278,6 +300,37 @@ def continuous_table(schedule: Schedule, T: int | None = None) -> tuple[Schedule
 
 
 # ---- grids ------------------------------------------------------------------------------------
+
+def flow_shift(t, shift: float):
+    """SD3's static time shift t ↦ s·t / (1 + (s − 1)·t) (numpy or torch, in the input's precision)."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def flow_scheduler_grid(n: int, T: int = 1000, shift: float = 1.0, mu: float | None = None) -> tuple[torch.Tensor, list]:
+    """(σ grid of n + 1 points, the scheduler's n float32 t values): FlowMatchEulerDiscreteScheduler's
+    set_timesteps(n) as diffusers computes it. Its training table is shifted by `shift` (static shifting) or not
+    (`mu` given: Flux's resolution-dependent shifting); n points linear between that table's ends, then shifted
+    by `shift` or by exp(mu)/(exp(mu) + 1/t − 1); float32; then σ = 0. The first point, t = 1, is taken at
+    FLOW_T_TOP."""
+    if not isinstance(n, int) or n < 1:
+        raise FewstepError(f"{n} steps: expected at least 1")
+    table = torch.from_numpy(np.linspace(1, T, T, dtype=np.float32)[::-1].copy()) / T
+    if mu is None:
+        table = flow_shift(table, shift)
+    s_max, s_min = table[0].item(), table[-1].item()
+    t = np.linspace(s_max * T, s_min * T, n) / T
+    t = flow_shift(t, shift) if mu is None else math.exp(mu) / (math.exp(mu) + (1 / t - 1))
+    t32 = torch.from_numpy(t).to(torch.float32)
+    t64 = t32.double().clamp(max=FLOW_T_TOP)
+    return torch.cat([t64 / (1 - t64), torch.zeros(1, dtype=torch.float64)]), t32.tolist()
+
+
+def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
+            max_shift: float = 1.15) -> float:
+    """Flux's resolution-dependent shift: mu linear in the number of latent patches (diffusers' calculate_shift)."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * m + (base_shift - m * base_seq_len)
+
 
 def check_grid(sigmas: torch.Tensor, name: str = "sigma grid") -> torch.Tensor:
     """A valid grid: 1-D, at least 2 points, strictly decreasing, positive except a final 0."""

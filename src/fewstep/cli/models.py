@@ -36,10 +36,11 @@ def register(sub):
     s.add_argument("--seed", type=A.seed, default=0, help="the same seed draws the same samples (default 0)")
     s.add_argument("--nfe", type=A.nfe, default=None, help="network evaluations per sample (default: the card's)")
     s.add_argument("--sampler", default=None, choices=list(SOLVERS), help="the solver (default: the card's)")
-    s.add_argument("--grid", dest="grid", default=None, choices=[*GRID_KINDS, *SCHEDULER_SPACINGS],
+    s.add_argument("--grid", dest="grid", default=None, choices=[*GRID_KINDS, *SCHEDULER_SPACINGS, "flow"],
                    help="σ grid family (default: the card's); leading, trailing and linspace are diffusers "
                         "schedulers' timestep spacings on a table model's own steps (with the card's "
-                        "steps_offset), as DDIMScheduler, DDPMScheduler and DPMSolverMultistepScheduler space them")
+                        "steps_offset), as DDIMScheduler, DDPMScheduler and DPMSolverMultistepScheduler space them; "
+                        "flow is a flow-matching model's FlowMatchEulerDiscreteScheduler grid from t = 1 (its shift)")
     s.add_argument("--rho", type=A.positive, default=None,
                    help="the polynomial grid's rho (default: the card's, else 7)")
     s.add_argument("--final-denoise", action=argparse.BooleanOptionalAction, default=None,
@@ -137,7 +138,8 @@ def cmd_info(args):
         print(f"schedule   discrete VP table, T={sch['T']} ({sch.get('table_name') or 'custom'}), "
               f"{card['denoiser']['param']}-prediction{', exact table' if card['denoiser'].get('exact_table') else ''}")
     else:
-        code = {"edm": "EDM log(sigma)/4", "vp": "VP-SDE (M-1)*t(sigma)", "ve": "VE log(sigma/2)"}[sch.get("time_code", "edm")]
+        code = {"edm": "EDM log(sigma)/4", "vp": "VP-SDE (M-1)*t(sigma)", "ve": "VE log(sigma/2)",
+                "flow": "T*t, t = sigma/(1+sigma)"}.get(sch.get("time_code", "edm"), sch.get("time_code"))
         print(f"schedule   continuous, sigma in [{sch['sigma_min']:g}, {sch['sigma_max']:g}], "
               f"{card['denoiser']['param']} parameterization, time input {code}")
     src = card.get("source")
@@ -150,14 +152,21 @@ def cmd_info(args):
     comps = card.get("components") or {}
     if "vae" in comps:
         v, d = comps["vae"], card.get("data") or {}
-        print(f"latents    {v['class']} in {v['folder']}/ (scaling factor {v['scaling_factor']:g}, sha256 "
+        shift = f", shift factor {v['shift_factor']:g}" if v.get("shift_factor") else ""
+        print(f"latents    {v['class']} in {v['folder']}/ (scaling factor {v['scaling_factor']:g}{shift}, sha256 "
               f"{v['sha256'][:12]}…): latents {d.get('latent_shape')} ↔ images {d.get('shape')}")
     if "text_encoder" in comps:
         t, text = comps["text_encoder"], card.get("text") or {}
         distilled = f", distilled from the teacher guided at {text['distilled_guidance']:g}" \
             if text.get("distilled_guidance") is not None else ""
-        print(f"text       {t['class']} in {t['folder']}/ (sha256 {t['sha256'][:12]}…), prompts of up to "
-              f"{t['max_length']} tokens; guidance {text.get('guidance', 1):g} by default{distilled}")
+        if (text.get("encoders") or {}).get("kind") == "sd3":
+            names = [f"{comps[r]['class']} in {r}/" for r in ("text_encoder", "text_encoder_2", "text_encoder_3")
+                     if r in comps]
+            print(f"text       SD3's encoders: {', '.join(names)}{'' if 'text_encoder_3' in comps else ' (no T5)'}; "
+                  f"guidance {text.get('guidance', 1):g} by default{distilled}")
+        else:
+            print(f"text       {t['class']} in {t['folder']}/ (sha256 {t['sha256'][:12]}…), prompts of up to "
+                  f"{t['max_length']} tokens; guidance {text.get('guidance', 1):g} by default{distilled}")
     if card.get("teacher"):
         t = card["teacher"]
         print(f"teacher    {t.get('path')} (sha256 {t.get('sha256', '')[:12]}…)")
@@ -237,6 +246,10 @@ def describe_sampler(s: dict) -> str:
     if grid in SCHEDULER_SPACINGS:
         lands = "σ = 0" if s.get("final_sigma", "zero") == "zero" or s.get("name") == "ddpm" else "the table's first entry"
         text += (f", {grid} timestep spacing (steps_offset {s.get('steps_offset', 0)}), last step to {lands}")
+    elif grid == "flow":
+        flow = s.get("flow") or {}
+        shift = f"shift {flow['shift']:g}" if "shift" in flow else f"resolution shift mu {flow.get('mu', 0):.4g}"
+        text += f", flow grid from pure noise (t = 1) to t = 0, {shift}"
     else:
         text += f", {grid} grid{' ending in a denoise to σ = 0' if s.get('final_zero', True) else ''}"
     if s.get("clip") is not None:
@@ -245,6 +258,8 @@ def describe_sampler(s: dict) -> str:
         text += f", {s['variance']} variance"
     if s.get("scale") == "vp":
         text += ", states at the VP scale"
+    if s.get("scale") == "flow":
+        text += ", states x_t = x/(1 + σ) as the pipeline's latents"
     if s.get("scheduler"):
         text += f" (as its {s['scheduler']})"
     if s.get("note"):

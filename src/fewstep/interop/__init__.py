@@ -1,6 +1,6 @@
-"""Interop with the checkpoints people already have: diffusers pipeline folders and NVlabs/edm
-network snapshots come in as fewstep checkpoints (`fewstep import`), students go back out
-(`fewstep export --format diffusers`).
+"""Interop with the checkpoints people already have: diffusers pipeline folders (flow-matching SD3 ones
+through fewstep.interop.flow_io) and NVlabs/edm network snapshots come in as fewstep checkpoints (`fewstep
+import`), students go back out (`fewstep export --format diffusers`).
 
 Foreign networks are rebuilt by fewstep's own implementations and keep their original parameter
 names, so weights load key for key; nothing from a foreign file is ever executed.
@@ -13,6 +13,7 @@ from fewstep.checkpoint import CARD_NAME, read_card
 from fewstep.errors import FewstepError
 from fewstep.interop.diffusers_io import import_diffusers
 from fewstep.interop.edm import import_edm_snapshot
+from fewstep.interop.flow_io import import_flow_pipeline, is_flow_pipeline
 from fewstep.interop.sources import cache_dir, foreign_kind, source_digest
 
 __all__ = ["cache_dir", "foreign_kind", "import_model", "imported_on_the_fly", "source_digest"]
@@ -24,6 +25,10 @@ def import_model(src: str | Path, out: str | Path, **options) -> Path:
     kind = foreign_kind(src)
     if kind == "edm":
         return import_edm_snapshot(Path(src), Path(out), **options)
+    if kind == "diffusers" and is_flow_pipeline(Path(src)):
+        if options.get("feature_layer") is not None:
+            raise FewstepError("--feature-layer: a flow-matching transformer gives no features (SFDDM's feature loss)")
+        return import_flow_pipeline(Path(src), Path(out))
     if kind == "diffusers":
         return import_diffusers(Path(src), Path(out), **options)
     raise FewstepError(f"import {str(src)!r}: expected an NVlabs/edm network snapshot (.pkl) or a diffusers "

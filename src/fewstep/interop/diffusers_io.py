@@ -42,12 +42,13 @@ VP_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler"
 # prior, LDM's BERT text model, IP-Adapter's image encoder, transformer denoisers)
 UNSUPPORTED_COMPONENTS = {"text_encoder_2": "a second text encoder (SDXL)", "tokenizer_2": "a second tokenizer (SDXL)",
                           "controlnet": "a ControlNet", "prior": "an unCLIP prior", "bert": "LDM's BERT text model",
-                          "image_encoder": "an image encoder (IP-Adapter)", "transformer": "a transformer denoiser",
+                          "image_encoder": "an image encoder (IP-Adapter)",
+                          "transformer": "a transformer denoiser other than SD3's",
                           "vqgan": "a VQGAN", "image_noising_scheduler": "an image-noising scheduler"}
 SUPPORTED = ("supported: UNet2DModel models in pixels (unconditional or with num_class_embeds, e.g. DDPMPipeline / "
              "DDIMPipeline folders) or in latents (LDMPipeline, with a VQModel or AutoencoderKL), and "
              "StableDiffusionPipeline folders (UNet2DConditionModel, AutoencoderKL, CLIPTextModel + CLIPTokenizer), "
-             "each with a discrete VP scheduler")
+             "each with a discrete VP scheduler; and StableDiffusion3Pipeline folders (flow matching)")
 
 
 def require_diffusers():
