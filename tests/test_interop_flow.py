@@ -182,16 +182,19 @@ def test_other_solvers_and_their_refusals(models, capsys):
 
 def test_sfd_on_sd3(models, tmp_path):
     """SFD distils the SD3 teacher (data free, on prompts): the student shares its encoders, samples at its NFE,
-    saves and loads to the same samples; SFDDM is refused with the reason."""
+    saves and loads to the same samples, and goes on to the 1-NFE stage; SFDDM is refused with the reason."""
     import fewstep
 
     teacher = load_model(models["sd3-no-t5-f"])
-    student = fewstep.distill_sfd(teacher, tmp_path / "sfd", nfe=2, prompts=PROMPTS, iters=2, batch=4,
+    student = fewstep.distill_sfd(teacher, tmp_path / "sfd", nfe=3, prompts=PROMPTS, iters=2, batch=4,
                                   progress=False)
-    assert student.card["text"]["encoders"]["kind"] == "sd3" and student.card["sampler"]["nfe"] == 2
+    assert student.card["text"]["encoders"]["kind"] == "sd3" and student.card["sampler"]["nfe"] == 3
     x = sample(student, 3, seed=2, prompts=PROMPTS, progress=False)
     assert x.shape == (3, 3, 16, 16) and torch.isfinite(x).all()
     assert torch.equal(sample(load_model(tmp_path / "sfd"), 3, seed=2, prompts=PROMPTS, progress=False), x)
+    one = fewstep.distill_sfd(student, tmp_path / "one", stage2=True, prompts=PROMPTS, iters=1, batch=4, progress=False)
+    assert one.card["sampler"]["nfe"] == 1
+    assert torch.isfinite(sample(one, 2, prompts=PROMPTS, progress=False)).all()
     with pytest.raises(FewstepError, match="text-to-image model: SFDDM and progressive distillation train on data"):
         fewstep.distill_sfddm(teacher, "digits", tmp_path / "sfddm", steps=4, iters=1, batch=4)
     with pytest.raises(FewstepError, match="flow-matching teacher has no VP step table"):
@@ -211,3 +214,42 @@ def test_refusals_name_what_is_not_run(models, tmp_path, capsys):
     assert run(["import", folder, "--out", tmp_path / "ip-f"]) == 2
     assert "image_encoder (an image encoder (IP-Adapter))" in capsys.readouterr().err
     assert math.isfinite(np.float32(FLOW_T_TOP)) and np.float32(FLOW_T_TOP) == 1.0
+
+
+@pytest.mark.parametrize("which", ["student", "teacher"])
+def test_sd3_exports_round_trip(models, tmp_path, which):
+    """An SD3 SFD-v student (with T5) and the imported teacher itself (the flow grid from t = 1), exported: a process
+    without fewstep loads the folder with diffusers, encodes the prompts with the three encoders, and returns
+    what `fewstep sample` returns for the same seed."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+    from test_interop_latent import FRESH
+
+    import fewstep
+
+    model = load_model(models["sd3-f"])
+    if which == "student":
+        # SFD-v: its step condition (per-block, the authors' kind) folds into the exported transformer's biases
+        model = fewstep.distill_sfd(model, tmp_path / "sfd", nfe=[1, 2], prompts=PROMPTS, iters=2, batch=4,
+                                    progress=False)
+        assert model.card["net"]["step_condition"] == "authors"
+    kw = {"nfe": 2 if which == "student" else 4}
+    fewstep.export_model(model, tmp_path / "export", **kw)
+    index = json.loads((tmp_path / "export" / "model_index.json").read_text())
+    assert index["unet"] == ["diffusers", "SD3Transformer2DModel"] and index["tokenizer_3"][1] in ("T5Tokenizer", "T5TokenizerFast")
+    assert index["sampler"]["param"] == "flow" and index["sampler"]["scale"] == ("sigma" if which == "student" else "flow")
+    x = sample(model, 3, seed=4, prompts=PROMPTS[:2], progress=False, **kw)
+    save_file({"x": x.contiguous()}, str(tmp_path / "expected.safetensors"))
+    job = {"folder": str(tmp_path / "export"), "expected": str(tmp_path / "expected.safetensors"), "seed": 4,
+           "prompts": PROMPTS[:2]}
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": "",
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    r = subprocess.run([sys.executable, "-c", FRESH, json.dumps(job)], capture_output=True, text=True, env=env,
+                       cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    diff, scale = json.loads(r.stdout.strip().splitlines()[-1])
+    print(f"SD3 {which}: export round trip max |diff| = {diff:.3g} (scale {scale:.3g})")
+    assert diff <= 1e-5

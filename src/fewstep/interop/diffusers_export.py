@@ -21,7 +21,7 @@ from torch import nn
 
 import fewstep.nets
 from fewstep.checkpoint import LOCK_NAME, RunLock, load_checkpoint
-from fewstep.components import COMPONENT_BATCH
+from fewstep.components import COMPONENT_BATCH, tokenizer_role
 from fewstep.errors import FewstepError
 from fewstep.interop.diffusers_io import WEIGHTS, DiffusersUNet, require_diffusers
 from fewstep.nets import fold_step_condition
@@ -31,6 +31,8 @@ EXPORT_SOLVERS = ("euler", "ddim", "ddpm", "dpmpp2m", "dpmpp3m")
 PIPELINE_SOURCE = Path(__file__).with_name("diffusers_pipeline.py")
 
 
+# networks an export saves as the diffusers models they are
+DIFFUSERS_NETS = ("diffusers-unet2d", "diffusers-unet2d-cond", "diffusers-sd3-transformer")
 # the network code an export carries for each of fewstep's network types (module, class name)
 CUSTOM_NETS = {"unet": ("nets", "UNet"), "mlp": ("nets", "MLP"),
                "edm-songunet": ("edm_nets", "SongUNet"), "edm-dhariwalunet": ("edm_nets", "DhariwalUNet")}
@@ -91,10 +93,11 @@ def _write_custom_net(net, kind: str, folder: Path) -> list:
 
 
 def _write_diffusers_unet(net: DiffusersUNet, folder: Path) -> list:
-    """Save the UNet (a step condition already folded into its biases: a plain UNet2DModel or
-    UNet2DConditionModel)."""
-    copy.deepcopy(net.unet).float().cpu().eval().save_pretrained(str(folder), safe_serialization=True)
-    return ["diffusers", net.CLASS]
+    """Save the diffusers network (a step condition already folded into its biases: a plain UNet2DModel,
+    UNet2DConditionModel or SD3Transformer2DModel)."""
+    module = net.unet if isinstance(net, DiffusersUNet) else net.transformer
+    copy.deepcopy(module).float().cpu().eval().save_pretrained(str(folder), safe_serialization=True)
+    return ["diffusers", type(module).__name__]
 
 
 def _write_components(den, folder: Path) -> tuple[dict, dict]:
@@ -105,13 +108,17 @@ def _write_components(den, folder: Path) -> tuple[dict, dict]:
         shutil.copytree(den.codec.folder, folder / "vae")
         index["vae"] = ["diffusers", den.codec.entry["class"]]
         spec["latent"] = {"scaling_factor": den.codec.entry["scaling_factor"], "kind": den.codec.entry["kind"],
-                          "batch": COMPONENT_BATCH}
+                          "shift_factor": den.codec.entry.get("shift_factor", 0.0), "batch": COMPONENT_BATCH}
     if den.text is not None:
-        shutil.copytree(den.text.folder, folder / "text_encoder")
-        shutil.copytree(den.text.tokenizer_folder, folder / "tokenizer")
-        index.update(text_encoder=["transformers", den.text.entry["class"]],
-                     tokenizer=["transformers", "CLIPTokenizer"])
+        for enc in den.text.parts:
+            role = enc.entry.get("role", "text_encoder")
+            shutil.copytree(enc.folder, folder / role)
+            shutil.copytree(enc.tokenizer_folder, folder / tokenizer_role(role))
+            index[role] = ["transformers", enc.entry["class"]]
+            index[tokenizer_role(role)] = ["transformers", enc.entry.get("tokenizer_class", "CLIPTokenizer")]
         spec["text"] = {"guidance": den.guidance, "negative_prompt": den.negative_prompt, "batch": COMPONENT_BATCH}
+        if getattr(den.text, "settings", None):
+            spec["text"]["encoders"] = den.text.settings
     return index, spec
 
 
@@ -143,8 +150,9 @@ def time_input_spec(den) -> dict:
             spec["timesteps"] = [float(t) for t in s.timesteps]  # left out when they are the index 0..T-1
         return spec
     spec = {"kind": "continuous", "time_code": s.time_code, "time_params": dict(s.time_params or {})}
-    spec["rule"] = {"edm": "log(σ)/4", "vp": "(M−1)·t(σ) of the VP-SDE", "ve": "log(σ/2)"}[s.time_code] + \
-        " in float32"
+    spec["rule"] = {"edm": "log(σ)/4 in float32", "vp": "(M−1)·t(σ) of the VP-SDE in float32",
+                    "ve": "log(σ/2) in float32", "flow": "T·t with t = σ/(1 + σ), in float64 rounded to float32"
+                    }[s.time_code]
     return spec
 
 
@@ -198,10 +206,10 @@ def export_diffusers(model, out: Path, nfe: int | None = None) -> Path:
                            f"{', '.join(EXPORT_SOLVERS)} (the samplers of SFD, SFDDM and progressive students and "
                            "of fewstep's teachers)")
     kind = den.net.config.get("type")
-    diffusers_net = kind in ("diffusers-unet2d", "diffusers-unet2d-cond")
+    diffusers_net = kind in DIFFUSERS_NETS
     if not diffusers_net and kind not in CUSTOM_NETS:
-        raise FewstepError(f"export: network type {kind!r} cannot be exported; supported: diffusers-unet2d, "
-                           f"diffusers-unet2d-cond, {', '.join(CUSTOM_NETS)}")
+        raise FewstepError(f"export: network type {kind!r} cannot be exported; supported: "
+                           f"{', '.join(DIFFUSERS_NETS)}, {', '.join(CUSTOM_NETS)}")
     step = plan["step"] if den.has_step_condition else None
     if den.has_step_condition and step is None:
         step = len(plan["sigmas"])
@@ -285,7 +293,8 @@ def _share(folder: Path) -> None:
 
 
 def _readme(s: dict, src) -> str:
-    net = ("a plain `UNet2DModel` (`unet/`, saved with `save_pretrained`)" if s["network"]["type"] == "diffusers-unet2d"
+    kind = s["network"]["type"]
+    net = (f"a plain `{s['network']['component'][1]}` (`unet/`, saved with `save_pretrained`)" if kind in DIFFUSERS_NETS
            else f"fewstep's `{s['network']['type']}` network: its standalone source code in `unet/fewstep_net.py` "
                 "(needs only torch, numpy and diffusers) and its weights in `unet/diffusion_pytorch_model.safetensors`")
     cond = ""
@@ -296,6 +305,8 @@ def _readme(s: dict, src) -> str:
     labels = (f"\nThe model is class-conditional ({s['num_classes']} classes): pass `class_labels` (an int or one per "
               "image); without them classes are drawn uniformly (from `seed` + 2, as `fewstep sample` does).\n"
               if s["num_classes"] else "")
+    start = {"vp": "sqrt(1 + σ_max²)·noise", "flow": "(1 + σ_max)·noise, a flow's x_t = noise"}.get(
+        s["scale"], "σ_max·noise")
     # a text model's call needs its prompt: the pipeline refuses one without
     prompt = 'prompt="a red bicycle", ' if "text" in s else ""
     call = (f'images = pipe({prompt}batch_size=16, seed=0).images    # PIL images (output_type="np" / "pt" / "raw")'
@@ -310,7 +321,7 @@ Exported from `{src}` ({s['model']['method']}). Network: {net}.
 Sampler: {s['solver']} on a fixed grid of {len(s['sigmas'])} noise levels, {s['nfe']} network evaluations
 (NFE){', analytical first step (AFS)' if s['afs'] else ''}; parameterization `{s['param']}`; time input:
 {s['time_input']['rule']}; x0 clip: {s['clip']}. Everything the sampler needs is the `sampler` entry of
-`model_index.json` (σ-space: x = x0 + σ·ε; the pipeline starts from σ_max·noise).
+`model_index.json` (σ-space: x = x0 + σ·ε; the pipeline starts from {start}).
 {cond}{labels}
 ## Load and run
 
@@ -330,7 +341,7 @@ pipe = load_pipeline("THIS_FOLDER")
 x = pipe({prompt}batch_size=16, seed=0, output_type="raw").images   # data range, exactly like `fewstep sample`
 ```
 
-`trust_remote_code=True` is diffusers' consent to run this folder's code: `pipeline.py`{' and `unet/fewstep_net.py`' if s['network']['type'] != 'diffusers-unet2d' else ''}.
+`trust_remote_code=True` is diffusers' consent to run this folder's code: `pipeline.py`{' and `unet/fewstep_net.py`' if kind not in DIFFUSERS_NETS else ''}.
 `pipe(noise=z, output_type="raw")` with unit Gaussian noise `z` of shape (N, {', '.join(map(str, s['sample_shape']))})
 returns what `fewstep sample` returns for that noise; `seed=S` draws the noise as `fewstep sample --seed S`
 does{' (and the ancestral noise from S + 1)' if s['solver'] == 'ddpm' else ''}.

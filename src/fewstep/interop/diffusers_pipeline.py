@@ -2,8 +2,8 @@
 
 This file is copied into every export as `pipeline.py` and needs only torch and diffusers (fewstep
 itself is not needed). The `sampler` entry of the export's `model_index.json` holds everything it
-uses: the σ grid, solver (euler / ddim / ddpm / dpmpp2m / dpmpp3m), AFS, clip, parameterization and
-time input (an SFD-v step condition is folded into the network's biases). It works in σ-space,
+uses: the σ grid, solver (euler / ddim / ddpm / dpmpp2m / dpmpp3m), AFS, clip, parameterization (a flow
+model's velocity included) and time input (an SFD-v step condition is folded into the network's biases). It works in σ-space,
 x = x0 + σ·ε, and repeats fewstep's arithmetic operation for operation (float64 noise levels, float32
 states), so for the same initial noise it returns what `fewstep sample` returns.
 
@@ -23,29 +23,57 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 
 
-class FewstepPipeline(DiffusionPipeline):
-    # a latent model's autoencoder, a text-to-image model's text encoder and tokenizer; absent otherwise
-    _optional_components = ["vae", "text_encoder", "tokenizer"]
+TEXT_PARTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
 
-    def __init__(self, unet, sampler: dict | None = None, vae=None, text_encoder=None, tokenizer=None):
+
+class FewstepPipeline(DiffusionPipeline):
+    # a latent model's autoencoder, a text-to-image model's text encoders and tokenizers (SD3 has three of
+    # each); absent otherwise
+    _optional_components = ["vae", *TEXT_PARTS]
+
+    def __init__(self, unet, sampler: dict | None = None, vae=None, text_encoder=None, tokenizer=None,
+                 text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None):
         super().__init__()
-        self.register_modules(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
+        self.register_modules(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                              text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3,
+                              tokenizer_3=tokenizer_3)
         self.register_to_config(sampler=sampler)
-        self._context = self._negative = None
+        self._context = self._negative = self._pooled = self._negative_pooled = None
         self._guidance = 1.0
 
     # ---- text and latents (as fewstep.components and fewstep.denoiser do them) ----------------------------
-    def encode_prompts(self, prompts: list) -> torch.Tensor:
-        """The text encoder's last hidden state of each prompt, padded to the tokenizer's max length, in
-        batches of the export's size."""
-        tok, enc, out = self.tokenizer, self.text_encoder, []
+    def _hidden(self, tok, enc, prompts: list, max_length: int, penultimate: bool = False):
+        """(hidden states, pooled projection or None) of each prompt padded to `max_length` tokens, in batches
+        of the export's size: the last hidden state, or the one before it."""
+        hidden, pooled = [], []
         step = self.spec["text"]["batch"]
         for i in range(0, len(prompts), step):
-            ids = tok(list(prompts[i:i + step]), padding="max_length", max_length=tok.model_max_length,
+            ids = tok(list(prompts[i:i + step]), padding="max_length", max_length=max_length,
                       truncation=True, return_tensors="pt")
             mask = ids.attention_mask.to(self.device) if getattr(enc.config, "use_attention_mask", False) else None
-            out.append(enc(ids.input_ids.to(self.device), attention_mask=mask)[0].float())
-        return torch.cat(out)
+            out = enc(ids.input_ids.to(self.device), attention_mask=mask, output_hidden_states=penultimate)
+            hidden.append((out.hidden_states[-2] if penultimate else out[0]).float())
+            if hasattr(out, "text_embeds"):
+                pooled.append(out.text_embeds.float())
+        return torch.cat(hidden), torch.cat(pooled) if pooled else None
+
+    def encode_prompts(self, prompts: list):
+        """Stable Diffusion: the text encoder's last hidden state of each prompt, padded to the tokenizer's max
+        length. SD3: (CLIP-L's and CLIP-G's penultimate hidden states side by side, zero-padded to the joint
+        width, then T5's last hidden state, or zeros without T5; the two CLIPs' pooled projections)."""
+        settings = self.spec["text"].get("encoders")
+        if settings is None:
+            return self._hidden(self.tokenizer, self.text_encoder, prompts, self.tokenizer.model_max_length)[0]
+        length = self.tokenizer.model_max_length
+        h1, p1 = self._hidden(self.tokenizer, self.text_encoder, prompts, length, penultimate=True)
+        h2, p2 = self._hidden(self.tokenizer_2, self.text_encoder_2, prompts, length, penultimate=True)
+        clip = torch.cat([h1, h2], -1)
+        if self.text_encoder_3 is None:
+            t5 = torch.zeros(len(prompts), settings["max_sequence_length"], settings["joint_dim"], device=clip.device)
+        else:
+            t5 = self._hidden(self.tokenizer_3, self.text_encoder_3, prompts, settings["max_sequence_length"])[0]
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return torch.cat([clip, t5], -2), torch.cat([p1, p2], -1)
 
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
         lat = self.spec.get("latent")
@@ -53,7 +81,7 @@ class FewstepPipeline(DiffusionPipeline):
             return z
         out, step = [], lat["batch"]
         for i in range(0, len(z), step):
-            part = z[i:i + step].to(self.device, self.vae.dtype) / lat["scaling_factor"]
+            part = z[i:i + step].to(self.device, self.vae.dtype) / lat["scaling_factor"] + lat.get("shift_factor", 0.0)
             out.append(self.vae.decode(part).sample.float().to(z.device))
         return torch.cat(out)
 
@@ -68,6 +96,9 @@ class FewstepPipeline(DiffusionPipeline):
     def time_input(self, sigma: torch.Tensor) -> torch.Tensor:
         """The network's time input for each σ (float64 in, float32 out)."""
         ti = self.spec["time_input"]
+        if ti["kind"] == "continuous" and ti["time_code"] == "flow":  # in float64, rounded once
+            s = sigma.double()
+            return (ti["time_params"]["T"] * (s / (1 + s))).float()
         if ti["kind"] == "continuous":  # in float32, as NVlabs/edm computes its c_noise
             code, p, s = ti["time_code"], ti["time_params"], sigma.float()
             if code == "edm":
@@ -110,6 +141,8 @@ class FewstepPipeline(DiffusionPipeline):
 
         if param == "ve":
             c_in = torch.ones_like(sigma)
+        elif param == "flow":
+            c_in = 1 / (1 + sigma)
         else:
             c_in = 1 / (sigma**2 + (sd**2 if param == "edm" else 1.0)).sqrt()
         # the network runs in the dtype it was loaded in (torch_dtype=...); the solver's arithmetic in float32
@@ -123,6 +156,20 @@ class FewstepPipeline(DiffusionPipeline):
                 negative = self._negative.to(x.device, self.unet.dtype).expand(x.shape[0], -1, -1)
                 both = self.unet(torch.cat([x_in, x_in]), torch.cat([t, t]),
                                  encoder_hidden_states=torch.cat([negative, context])).sample.to(x.dtype)
+                uncond, cond = both.chunk(2)
+                raw = uncond + self._guidance * (cond - uncond)
+        elif spec["network"]["type"] == "diffusers-sd3-transformer":
+            context = self._context[class_labels].to(x.device, self.unet.dtype)
+            pooled = self._pooled[class_labels].to(x.device, self.unet.dtype)
+            if self._guidance == 1.0:
+                raw = self.unet(hidden_states=x_in, timestep=t, encoder_hidden_states=context,
+                                pooled_projections=pooled, return_dict=False)[0]
+            else:
+                negative = self._negative.to(x.device, self.unet.dtype).expand(x.shape[0], -1, -1)
+                neg_pooled = self._negative_pooled.to(x.device, self.unet.dtype).expand(x.shape[0], -1)
+                both = self.unet(hidden_states=torch.cat([x_in, x_in]), timestep=torch.cat([t, t]),
+                                 encoder_hidden_states=torch.cat([negative, context]),
+                                 pooled_projections=torch.cat([neg_pooled, pooled]), return_dict=False)[0].to(x.dtype)
                 uncond, cond = both.chunk(2)
                 raw = uncond + self._guidance * (cond - uncond)
         elif spec["network"]["type"] == "diffusers-unet2d":
@@ -142,6 +189,8 @@ class FewstepPipeline(DiffusionPipeline):
             out = a * (a * x) - s * a * raw
         elif param == "edm":
             out = sd**2 / (s**2 + sd**2) * x + s * sd / (s**2 + sd**2).sqrt() * raw
+        elif param == "flow":  # x_t = x/(1 + σ), x0 = x_t − t·v, t = σ/(1 + σ), coefficients from float64
+            out = b(1 / (1 + sigma)) * x - b(sigma / (1 + sigma)) * raw
         else:
             raise ValueError(f"unknown parameterization {param!r}")
         clip = spec["clip"]
@@ -253,7 +302,10 @@ class FewstepPipeline(DiffusionPipeline):
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             text = spec["text"]
             emb = self.encode_prompts(prompts + [text["negative_prompt"] if negative_prompt is None else negative_prompt])
+            emb, pooled = emb if isinstance(emb, tuple) else (emb, None)
             self._context, self._negative = emb[:-1], emb[-1:]
+            if pooled is not None:
+                self._pooled, self._negative_pooled = pooled[:-1], pooled[-1:]
             self._guidance = float(text["guidance"] if guidance_scale is None else guidance_scale)
             labels = torch.arange(n) % len(prompts)
         elif prompt is not None:
@@ -273,10 +325,11 @@ class FewstepPipeline(DiffusionPipeline):
         if seed is not None:
             step_gen = torch.Generator(device=device).manual_seed(seed + 1)
         sigma_max = float(spec["sigmas"][0])
-        # the first and last states: σ·ε in fewstep's convention, or at the VP scale of diffusers' pipelines
-        vp = spec.get("scale") == "vp"
-        scale = math.sqrt(1 + sigma_max**2) if vp else sigma_max
-        end = math.sqrt(1 + float(spec["sigmas"][-1]) ** 2) if vp else 1.0
+        # the first and last states: σ·ε in fewstep's convention, or at the VP scale of diffusers' pipelines, or
+        # at a flow's, x = (1 + σ)·x_t
+        kind, last = spec.get("scale"), float(spec["sigmas"][-1])
+        scale = {"vp": math.sqrt(1 + sigma_max**2), "flow": 1 + sigma_max}.get(kind, sigma_max)
+        end = {"vp": math.sqrt(1 + last**2), "flow": 1 + last}.get(kind, 1.0)
         out = []
         for i in range(0, n, chunk_size):
             x = noise[i:i + chunk_size].to(device) * scale
@@ -310,7 +363,7 @@ def load_pipeline(folder) -> FewstepPipeline:
     folder = Path(folder)
     index = json.loads((folder / "model_index.json").read_text())
     parts = {}
-    for name in ("vae", "text_encoder", "tokenizer"):
+    for name in ("vae", *TEXT_PARTS):
         if name in index:
             library, cls = index[name]
             lib = importlib.import_module(library)
