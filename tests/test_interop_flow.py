@@ -12,9 +12,10 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
-from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,  # noqa: E402
-                       StableDiffusion3Pipeline)
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel  # noqa: E402
+from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline,  # noqa: E402
+                       FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline)
+from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config,  # noqa: E402
+                          T5EncoderModel)
 from transformers import T5TokenizerFast  # noqa: E402
 
 from fewstep.denoiser import Denoiser  # noqa: E402
@@ -58,20 +59,48 @@ def tiny_sd3(folder, seed=0, t5=True, scheduler=None):
                                         attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
                                         joint_attention_dim=64, pooled_projection_dim=48, out_channels=4,
                                         pos_embed_max_size=16).eval()
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), latent_channels=4,
-                        norm_num_groups=8, sample_size=16, shift_factor=0.0609, scaling_factor=1.5035,
-                        use_quant_conv=False, use_post_quant_conv=False).eval()
     StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler or FlowMatchEulerDiscreteScheduler(shift=3.0),
-                             vae=vae, text_encoder=te1, tokenizer=tok1, text_encoder_2=te2, tokenizer_2=tok2,
+                             vae=tiny_vae(), text_encoder=te1, tokenizer=tok1, text_encoder_2=te2, tokenizer_2=tok2,
                              text_encoder_3=te3, tokenizer_3=tok3).save_pretrained(folder)
+    return folder
+
+
+def tiny_vae(channels=4, shift=0.0609, scale=1.5035):
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32),
+                         latent_channels=channels, norm_num_groups=8, sample_size=16, shift_factor=shift,
+                         scaling_factor=scale, use_quant_conv=False, use_post_quant_conv=False).eval()
+
+
+def tiny_flux(folder, seed=2, guidance_embeds=True):
+    """A FluxPipeline as FLUX.1-dev is laid out (guidance-distilled, dynamic shifting), at toy size."""
+    torch.manual_seed(seed)
+    tok1 = byte_level_tokenizer()
+    n = len(tok1)
+    te1 = CLIPTextModel(CLIPTextConfig(vocab_size=n, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                       num_attention_heads=4, max_position_embeddings=16, bos_token_id=n - 2,
+                                       eos_token_id=n - 1, pad_token_id=n - 1)).eval()
+    tok2 = char_t5_tokenizer()
+    te2 = T5EncoderModel(T5Config(vocab_size=len(tok2), d_model=64, d_ff=37, d_kv=8, num_layers=2,
+                                  num_heads=4)).eval()
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64,
+                                         pooled_projection_dim=32, guidance_embeds=guidance_embeds,
+                                         axes_dims_rope=(4, 6, 6)).eval()
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                            base_image_seq_len=256, max_image_seq_len=4096)
+    FluxPipeline(scheduler=sched, vae=tiny_vae(4, 0.1159, 0.3611), text_encoder=te1, tokenizer=tok1,
+                 text_encoder_2=te2, tokenizer_2=tok2, transformer=transformer).save_pretrained(folder)
     return folder
 
 
 def pipeline(folder):
     index = json.loads((folder / "model_index.json").read_text())
-    extra = {} if index["text_encoder_3"][0] else {"text_encoder_3": None, "tokenizer_3": None}
-    pipe = StableDiffusion3Pipeline.from_pretrained(folder, **extra)
+    if index["_class_name"] == "FluxPipeline":
+        pipe = FluxPipeline.from_pretrained(folder)
+    else:
+        extra = {} if index["text_encoder_3"][0] else {"text_encoder_3": None, "tokenizer_3": None}
+        pipe = StableDiffusion3Pipeline.from_pretrained(folder, **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -79,9 +108,10 @@ def pipeline(folder):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("flow")
-    sd3, clip_only = tiny_sd3(root / "sd3"), tiny_sd3(root / "sd3-no-t5", seed=1, t5=False)
+    sd3, clip_only, flux = tiny_sd3(root / "sd3"), tiny_sd3(root / "sd3-no-t5", seed=1, t5=False), tiny_flux(root / "flux")
     return {"root": root, "sd3": sd3, "sd3-no-t5": clip_only, "sd3-f": import_model(sd3, root / "sd3-f"),
-            "sd3-no-t5-f": import_model(clip_only, root / "sd3-no-t5-f")}
+            "sd3-no-t5-f": import_model(clip_only, root / "sd3-no-t5-f"), "flux": flux,
+            "flux-f": import_model(flux, root / "flux-f", resolution=16)}
 
 
 @pytest.mark.parametrize("shift,dynamic", [(3.0, False), (1.0, False), (None, True)])
@@ -131,7 +161,7 @@ def test_import_lists_the_encoders_and_the_flow_sampler(models):
                                        "tokenizer_2", "tokenizer_3"}
     assert card["components"]["vae"]["shift_factor"] == pytest.approx(0.0609)
     assert card["components"]["text_encoder_3"]["class"] == "T5EncoderModel"
-    assert card["sampler"]["grid"] == "flow" and card["sampler"]["flow"] == {"T": 1000, "shift": 3.0}
+    assert card["sampler"]["grid"] == "flow" and card["sampler"]["flow"] == {"T": 1000, "shift": 3.0, "rule": "scheduler"}
     assert card["sampler"]["nfe"] == 28 and card["text"]["guidance"] == 7.0
     assert card["text"]["encoders"] == {"kind": "sd3", "joint_dim": 64, "max_sequence_length": 256}
     assert card["denoiser"]["param"] == "flow" and card["net"]["type"] == "diffusers-sd3-transformer"
@@ -216,40 +246,101 @@ def test_refusals_name_what_is_not_run(models, tmp_path, capsys):
     assert math.isfinite(np.float32(FLOW_T_TOP)) and np.float32(FLOW_T_TOP) == 1.0
 
 
-@pytest.mark.parametrize("which", ["student", "teacher"])
-def test_sd3_exports_round_trip(models, tmp_path, which):
-    """An SD3 SFD-v student (with T5) and the imported teacher itself (the flow grid from t = 1), exported: a process
-    without fewstep loads the folder with diffusers, encodes the prompts with the three encoders, and returns
-    what `fewstep sample` returns for the same seed."""
+FRESH_MANY = r'''
+import json, sys
+sys.modules["fewstep"] = None
+import torch
+from diffusers import DiffusionPipeline
+from safetensors.torch import load_file
+out = []
+for job in json.loads(sys.argv[1]):
+    pipe = DiffusionPipeline.from_pretrained(job["folder"], custom_pipeline=job["folder"] + "/pipeline.py",
+                                             trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    ref = load_file(job["expected"])["x"]
+    x = pipe(batch_size=len(ref), seed=job["seed"], output_type="raw", prompt=job["prompts"]).images
+    out.append([float((x - ref).abs().max()), float(ref.abs().max())])
+print(json.dumps(out))
+'''
+
+
+def test_flow_models_export_round_trip(models, tmp_path):
+    """An SD3 SFD-v student (with T5) and the imported SD3 and Flux teachers themselves (the flow grid from t = 1),
+    exported: a process without fewstep loads each folder with diffusers, encodes the prompts with the pipeline's
+    encoders, and returns what `fewstep sample` returns for the same seed."""
     import os
     import subprocess
     import sys
 
     from safetensors.torch import save_file
-    from test_interop_latent import FRESH
 
     import fewstep
 
-    model = load_model(models["sd3-f"])
-    if which == "student":
-        # SFD-v: its step condition (per-block, the authors' kind) folds into the exported transformer's biases
-        model = fewstep.distill_sfd(model, tmp_path / "sfd", nfe=[1, 2], prompts=PROMPTS, iters=2, batch=4,
-                                    progress=False)
-        assert model.card["net"]["step_condition"] == "authors"
-    kw = {"nfe": 2 if which == "student" else 4}
-    fewstep.export_model(model, tmp_path / "export", **kw)
-    index = json.loads((tmp_path / "export" / "model_index.json").read_text())
-    assert index["unet"] == ["diffusers", "SD3Transformer2DModel"] and index["tokenizer_3"][1] in ("T5Tokenizer", "T5TokenizerFast")
-    assert index["sampler"]["param"] == "flow" and index["sampler"]["scale"] == ("sigma" if which == "student" else "flow")
-    x = sample(model, 3, seed=4, prompts=PROMPTS[:2], progress=False, **kw)
-    save_file({"x": x.contiguous()}, str(tmp_path / "expected.safetensors"))
-    job = {"folder": str(tmp_path / "export"), "expected": str(tmp_path / "expected.safetensors"), "seed": 4,
-           "prompts": PROMPTS[:2]}
+    # SFD-v: its step condition (per-block, the authors' kind) folds into the exported transformer's biases
+    student = fewstep.distill_sfd(load_model(models["sd3-f"]), tmp_path / "sfd", nfe=[1, 2], prompts=PROMPTS,
+                                  iters=2, batch=4, progress=False)
+    assert student.card["net"]["step_condition"] == "authors"
+    cases = {"sd3-student": (student, 2), "sd3-teacher": (load_model(models["sd3-f"]), 4),
+             "flux-teacher": (load_model(models["flux-f"]), 4)}
+    jobs = []
+    for name, (model, nfe) in cases.items():
+        folder = fewstep.export_model(model, tmp_path / name, nfe=nfe)
+        index = json.loads((folder / "model_index.json").read_text())
+        assert index["unet"] == ["diffusers", model.denoiser.net.CLASS]
+        assert index["tokenizer_2" if name.startswith("flux") else "tokenizer_3"][1] in ("T5Tokenizer", "T5TokenizerFast")
+        assert index["sampler"]["param"] == "flow"
+        assert index["sampler"]["scale"] == ("sigma" if name.endswith("student") else "flow")
+        x = sample(model, 3, seed=4, nfe=nfe, prompts=PROMPTS[:2], progress=False)
+        save_file({"x": x.contiguous()}, str(tmp_path / f"{name}.safetensors"))
+        jobs.append({"folder": str(folder), "expected": str(tmp_path / f"{name}.safetensors"), "seed": 4,
+                     "prompts": PROMPTS[:2]})
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": "",
            "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    r = subprocess.run([sys.executable, "-c", FRESH, json.dumps(job)], capture_output=True, text=True, env=env,
-                       cwd=tmp_path, timeout=300)
+    r = subprocess.run([sys.executable, "-c", FRESH_MANY, json.dumps(jobs)], capture_output=True, text=True,
+                       env=env, cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    diff, scale = json.loads(r.stdout.strip().splitlines()[-1])
-    print(f"SD3 {which}: export round trip max |diff| = {diff:.3g} (scale {scale:.3g})")
-    assert diff <= 1e-5
+    for name, (diff, scale) in zip(cases, json.loads(r.stdout.strip().splitlines()[-1])):
+        print(f"{name}: export round trip max |diff| = {diff:.3g} (scale {scale:.3g})")
+        assert diff <= 1e-5
+
+
+def test_flux_equals_its_pipeline(models):
+    """`fewstep sample` on an imported FluxPipeline is the pipeline's default call (28 steps of
+    linspace(1, 1/28) shifted by the resolution's mu, the guidance scale 3.5 as the transformer's input) from the
+    same latents, packed as the pipeline packs them; and again at 4 steps and guidance 5 from a seed."""
+    pipe, model = pipeline(models["flux"]), load_model(models["flux-f"])
+    card = model.card
+    assert card["net"]["type"] == "diffusers-flux-transformer" and card["data"]["latent_shape"] == [4, 8, 8]
+    assert card["sampler"]["flow"]["rule"] == "pipeline" and "mu" in card["sampler"]["flow"]
+    assert card["text"]["encoders"] == {"kind": "flux", "max_sequence_length": 512, "embedded_guidance": True}
+    assert card["text"]["guidance"] == 3.5
+    lat = _latents(5)
+    packed = FluxPipeline._pack_latents(lat.clone(), 3, 4, 8, 8)
+    with torch.no_grad():
+        ref = pipe(PROMPTS, latents=packed, output_type="latent", height=16, width=16).images
+    ref = FluxPipeline._unpack_latents(ref, 16, 16, pipe.vae_scale_factor)
+    x = sample(model, 3, noise=lat, prompts=PROMPTS, progress=False, decode=False)
+    diff, scale = (x - ref).abs().max().item(), ref.abs().max().item()
+    print(f"Flux, 28 steps: max |fewstep - pipeline| = {diff:.3g} on latents of max {scale:.3g}")
+    assert diff <= 1e-5 * scale
+    with torch.no_grad():
+        ref = pipe(PROMPTS[1], num_inference_steps=4, guidance_scale=5.0, output_type="pt", height=16, width=16,
+                   num_images_per_prompt=2, generator=torch.Generator().manual_seed(8)).images
+    x = sample(model, 2, seed=8, nfe=4, prompts=PROMPTS[1:2], guidance=5.0, progress=False)
+    assert ((x / 2 + 0.5).clamp(0, 1) - ref).abs().max().item() <= 5e-6
+
+
+def test_sfd_on_flux_keeps_the_guidance_input(models, tmp_path):
+    """A guidance-distilled teacher takes its scale as an input: SFD's student is given the same scale (not the
+    prompt alone at 1), its card says so, and it samples; the 1-NFE stage keeps it too."""
+    import fewstep
+
+    teacher = load_model(models["flux-f"])
+    student = fewstep.distill_sfd(teacher, tmp_path / "sfd", nfe=3, m=1, prompts=PROMPTS, guidance=4.0, iters=2,
+                                  batch=4, progress=False)
+    assert student.card["text"]["guidance"] == 4.0 and student.denoiser.guidance == 4.0
+    x = sample(student, 3, seed=1, prompts=PROMPTS, progress=False)
+    assert x.shape == (3, 3, 16, 16) and torch.isfinite(x).all()
+    one = fewstep.distill_sfd(student, tmp_path / "one", stage2=True, prompts=PROMPTS, iters=1, batch=4,
+                              progress=False)
+    assert one.card["text"]["guidance"] == 4.0

@@ -134,11 +134,15 @@ def compare_models(a, b, n: int = 256, *, seed: int = 0, sampler_a: str | None =
     return Comparison(Samples(xa, stats["a"]), Samples(xb, stats["b"]), stats)
 
 
-def import_model(source, out, *, feature_layer: str | None = None) -> Checkpoint:
+def import_model(source, out, *, feature_layer: str | None = None, resolution: int | None = None) -> Checkpoint:
     """Convert a diffusers folder or an NVlabs/edm snapshot (.pkl) into a fewstep checkpoint folder `out`
-    (refused if `out` already holds a model) and return it, loaded."""
+    (refused if `out` already holds a model) and return it, loaded. `resolution`: a flow-matching pipeline's
+    image side (Flux has none of its own: default 1024 at an 8× autoencoder; its shift depends on it)."""
     from fewstep.interop import import_model as _import
-    out = _import(source, out, **({"feature_layer": feature_layer} if feature_layer else {}))
+    options = {"feature_layer": feature_layer} if feature_layer else {}
+    if resolution is not None:
+        options["resolution"] = A.check("resolution", resolution, A.resolution)
+    out = _import(source, out, **options)
     return load_checkpoint(out)
 
 

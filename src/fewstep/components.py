@@ -12,7 +12,8 @@ Latents follow diffusers' pipelines: an image x in [-1, 1] encodes to z = scalin
 shift_factor, the others 0) and a latent decodes as D(z / scaling_factor + shift_factor) (a VQModel quantises
 first, as LDMPipeline decodes). Prompts follow StableDiffusionPipeline: padded to the tokenizer's max length,
 the encoder's last hidden state; or StableDiffusion3Pipeline (SD3TextEncoders): two CLIP encoders' penultimate
-hidden states side by side and T5's last, one sequence, with the CLIPs' pooled projections beside it.
+hidden states side by side and T5's last, one sequence, with the CLIPs' pooled projections beside it; or
+FluxPipeline (FluxTextEncoders): T5's last hidden state, with CLIP's pooled output beside it.
 """
 from __future__ import annotations
 
@@ -197,6 +198,8 @@ class TextEncoder(Component):
             hidden.append((out.hidden_states[-2] if penultimate else out[0]).float())
             if self.entry["kind"] == "clip-projection":
                 pooled.append(out.text_embeds.float())
+            elif self.entry["kind"] == "clip":  # CLIPTextModel's pooled output (Flux's pooled embedding)
+                pooled.append(out.pooler_output.float())
         return torch.cat(hidden), torch.cat(pooled) if pooled else None
 
     def _note_truncated(self, prompts: list[str], max_length: int):
@@ -280,12 +283,45 @@ def default_prompts() -> list[str]:
 
 # ---- in a checkpoint folder -------------------------------------------------------------------------------
 
+class FluxTextEncoders:
+    """FluxPipeline's prompt encoding: T5's last hidden state over `max_sequence_length` tokens is the sequence
+    the transformer attends to, CLIP's pooled output the vector beside it. A guidance-distilled Flux takes the
+    guidance scale as an input (`embedded_guidance`) instead of classifier-free guidance."""
+
+    def __init__(self, clip: TextEncoder, t5: TextEncoder, max_sequence_length: int = 512,
+                 embedded_guidance: bool = False):
+        self.clip, self.t5 = clip, t5
+        self.max_sequence_length, self.embedded_guidance = int(max_sequence_length), bool(embedded_guidance)
+
+    def __deepcopy__(self, memo):
+        return self
+
+    @property
+    def parts(self) -> list:
+        return [self.clip, self.t5]
+
+    @property
+    def settings(self) -> dict:
+        return {"kind": "flux", "max_sequence_length": self.max_sequence_length,
+                "embedded_guidance": self.embedded_guidance}
+
+    def to(self, device=None, dtype=None):
+        for p in self.parts:
+            p.to(device, dtype)
+        return self
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = self.clip.hidden_and_pooled(prompts)[1]
+        return self.t5.hidden_and_pooled(prompts, self.max_sequence_length)[0], pooled
+
+
 def tokenizer_role(role: str) -> str:
     """The tokenizer folder beside a text encoder's: text_encoder_2 → tokenizer_2, as diffusers names them."""
     return role.replace("text_encoder", "tokenizer")
 
 
-def components_from_card(card: dict, path: Path) -> tuple[LatentCodec | None, TextEncoder | SD3TextEncoders | None]:
+def components_from_card(card: dict, path: Path) -> tuple[LatentCodec | None, object]:
     """The components a card names, from the checkpoint folder `path` (loaded when first used)."""
     entries = card.get("components") or {}
     for name, entry in entries.items():
@@ -301,9 +337,12 @@ def components_from_card(card: dict, path: Path) -> tuple[LatentCodec | None, Te
     if settings is not None and settings.get("kind") == "sd3":
         text = SD3TextEncoders(encoders["text_encoder"], encoders["text_encoder_2"], encoders.get("text_encoder_3"),
                                settings["joint_dim"], settings["max_sequence_length"])
+    elif settings is not None and settings.get("kind") == "flux":
+        text = FluxTextEncoders(encoders["text_encoder"], encoders["text_encoder_2"], settings["max_sequence_length"],
+                                settings["embedded_guidance"])
     elif settings is not None:
         raise FewstepError(f"{path}: its card's text encoders are of kind {settings.get('kind')!r}; this fewstep "
-                           "knows 'sd3' (a newer fewstep wrote it?)")
+                           "knows 'sd3' and 'flux' (a newer fewstep wrote it?)")
     elif "text_encoder" in encoders:
         text = encoders["text_encoder"]
     return codec, text

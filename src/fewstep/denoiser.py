@@ -111,6 +111,9 @@ class Denoiser(nn.Module):
         context = text.context(class_labels, x.shape[0]).to(x.device, x.dtype)
         # a pooled prompt embedding beside the tokens (SD3, Flux), where the text encoders give one
         pooled = {} if text.pooled is None else {"pooled": text.pooled_context(class_labels, x.shape[0]).to(x.device, x.dtype)}
+        if getattr(self.text, "embedded_guidance", False):  # a guidance-distilled network takes the scale as input
+            return self.net(x_in, t, step=step, context=context, return_features=return_features,
+                            guidance=text.guidance, **pooled)
         if text.guidance == 1.0:
             return self.net(x_in, t, step=step, context=context, return_features=return_features, **pooled)
         if return_features:

@@ -369,6 +369,7 @@ FOREIGN_NETS = {
     "diffusers-unet2d": "fewstep.interop.diffusers_io:DiffusersUNet",
     "diffusers-unet2d-cond": "fewstep.interop.diffusers_io:DiffusersCondUNet",
     "diffusers-sd3-transformer": "fewstep.interop.flow_io:DiffusersSD3Transformer",
+    "diffusers-flux-transformer": "fewstep.interop.flow_io:DiffusersFluxTransformer",
 }
 
 

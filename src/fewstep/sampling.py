@@ -193,7 +193,8 @@ def _flow_plan(spec: dict, name: str, nfe: int, final_zero) -> dict:
     if final_zero is not None:
         raise FewstepError("--final-denoise / --no-final-denoise: grid 'flow' ends as its scheduler's does, at t = 0")
     flow = spec.get("flow") or {}
-    sigmas, t = flow_scheduler_grid(nfe, int(flow.get("T", 1000)), float(flow.get("shift", 1.0)), flow.get("mu"))
+    sigmas, t = flow_scheduler_grid(nfe, int(flow.get("T", 1000)), float(flow.get("shift", 1.0)), flow.get("mu"),
+                                    flow.get("rule", "scheduler"))
     return {"name": name, "sigmas": check_grid(sigmas), "nfe": nfe, "afs": False, "clip": None, "step": None,
             "scale": "flow", "solver_options": {}, "timesteps": t}
 

@@ -306,19 +306,29 @@ def flow_shift(t, shift: float):
     return shift * t / (1 + (shift - 1) * t)
 
 
-def flow_scheduler_grid(n: int, T: int = 1000, shift: float = 1.0, mu: float | None = None) -> tuple[torch.Tensor, list]:
+FLOW_GRIDS = ("scheduler", "pipeline")
+
+
+def flow_scheduler_grid(n: int, T: int = 1000, shift: float = 1.0, mu: float | None = None,
+                        rule: str = "scheduler") -> tuple[torch.Tensor, list]:
     """(σ grid of n + 1 points, the scheduler's n float32 t values): FlowMatchEulerDiscreteScheduler's
-    set_timesteps(n) as diffusers computes it. Its training table is shifted by `shift` (static shifting) or not
-    (`mu` given: Flux's resolution-dependent shifting); n points linear between that table's ends, then shifted
-    by `shift` or by exp(mu)/(exp(mu) + 1/t − 1); float32; then σ = 0. The first point, t = 1, is taken at
-    FLOW_T_TOP."""
+    set_timesteps as diffusers computes it. Rule "scheduler" (SD3's pipeline): n points linear between the
+    ends of the training table, which is shifted by `shift` (static shifting) or not (`mu` given), in float64.
+    Rule "pipeline" (FluxPipeline): the pipeline's own n points linspace(1, 1/n) in float32. Then shifted by
+    `shift` or by exp(mu)/(exp(mu) + 1/t − 1) (Flux's resolution-dependent shifting); float32; then σ = 0. The
+    first point, t = 1, is taken at FLOW_T_TOP."""
     if not isinstance(n, int) or n < 1:
         raise FewstepError(f"{n} steps: expected at least 1")
-    table = torch.from_numpy(np.linspace(1, T, T, dtype=np.float32)[::-1].copy()) / T
-    if mu is None:
-        table = flow_shift(table, shift)
-    s_max, s_min = table[0].item(), table[-1].item()
-    t = np.linspace(s_max * T, s_min * T, n) / T
+    if rule not in FLOW_GRIDS:
+        raise FewstepError(f"flow grid rule {rule!r}: expected one of {', '.join(FLOW_GRIDS)}")
+    if rule == "pipeline":
+        t = np.linspace(1.0, 1 / n, n).astype(np.float32)
+    else:
+        table = torch.from_numpy(np.linspace(1, T, T, dtype=np.float32)[::-1].copy()) / T
+        if mu is None:
+            table = flow_shift(table, shift)
+        s_max, s_min = table[0].item(), table[-1].item()
+        t = np.linspace(s_max * T, s_min * T, n) / T
     t = flow_shift(t, shift) if mu is None else math.exp(mu) / (math.exp(mu) + (1 / t - 1))
     t32 = torch.from_numpy(t).to(torch.float32)
     t64 = t32.double().clamp(max=FLOW_T_TOP)

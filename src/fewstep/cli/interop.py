@@ -16,6 +16,9 @@ def register(sub):
     p.add_argument("--feature-layer", default=None,
                    help="name of the sub-module whose output is the network's hidden features (SFDDM's "
                         "feature loss); default: the last decoder block of the architecture")
+    p.add_argument("--resolution", type=A.resolution, default=None,
+                   help="a flow-matching pipeline's image side in pixels (Flux: default 1024 at an 8x autoencoder, "
+                        "its shift follows it; SD3: its transformer's own)")
     p.set_defaults(func=cmd_import)
 
     e = sub.add_parser("export", help=COMMAND_HELP["export"],
@@ -29,7 +32,7 @@ def register(sub):
 
 
 def cmd_import(args):
-    model = api.import_model(args.source, args.out, feature_layer=args.feature_layer)
+    model = api.import_model(args.source, args.out, feature_layer=args.feature_layer, resolution=args.resolution)
     print(f"imported {args.source} → {model.path} (see: fewstep info {model.path})")
 
 

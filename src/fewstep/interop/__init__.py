@@ -28,7 +28,10 @@ def import_model(src: str | Path, out: str | Path, **options) -> Path:
     if kind == "diffusers" and is_flow_pipeline(Path(src)):
         if options.get("feature_layer") is not None:
             raise FewstepError("--feature-layer: a flow-matching transformer gives no features (SFDDM's feature loss)")
-        return import_flow_pipeline(Path(src), Path(out))
+        return import_flow_pipeline(Path(src), Path(out), resolution=options.get("resolution"))
+    if options.get("resolution") is not None:
+        raise FewstepError("--resolution: only a flow-matching pipeline's size is chosen at import; other models "
+                           "keep their own")
     if kind == "diffusers":
         return import_diffusers(Path(src), Path(out), **options)
     raise FewstepError(f"import {str(src)!r}: expected an NVlabs/edm network snapshot (.pkl) or a diffusers "

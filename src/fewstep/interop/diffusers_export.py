@@ -32,7 +32,7 @@ PIPELINE_SOURCE = Path(__file__).with_name("diffusers_pipeline.py")
 
 
 # networks an export saves as the diffusers models they are
-DIFFUSERS_NETS = ("diffusers-unet2d", "diffusers-unet2d-cond", "diffusers-sd3-transformer")
+DIFFUSERS_NETS = ("diffusers-unet2d", "diffusers-unet2d-cond", "diffusers-sd3-transformer", "diffusers-flux-transformer")
 # the network code an export carries for each of fewstep's network types (module, class name)
 CUSTOM_NETS = {"unet": ("nets", "UNet"), "mlp": ("nets", "MLP"),
                "edm-songunet": ("edm_nets", "SongUNet"), "edm-dhariwalunet": ("edm_nets", "DhariwalUNet")}

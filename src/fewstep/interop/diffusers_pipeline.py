@@ -53,8 +53,10 @@ class FewstepPipeline(DiffusionPipeline):
             mask = ids.attention_mask.to(self.device) if getattr(enc.config, "use_attention_mask", False) else None
             out = enc(ids.input_ids.to(self.device), attention_mask=mask, output_hidden_states=penultimate)
             hidden.append((out.hidden_states[-2] if penultimate else out[0]).float())
-            if hasattr(out, "text_embeds"):
-                pooled.append(out.text_embeds.float())
+            vector = getattr(out, "text_embeds", None)  # CLIP's projection, else CLIP's pooled output (Flux)
+            vector = getattr(out, "pooler_output", None) if vector is None else vector
+            if vector is not None:
+                pooled.append(vector.float())
         return torch.cat(hidden), torch.cat(pooled) if pooled else None
 
     def encode_prompts(self, prompts: list):
@@ -65,6 +67,9 @@ class FewstepPipeline(DiffusionPipeline):
         if settings is None:
             return self._hidden(self.tokenizer, self.text_encoder, prompts, self.tokenizer.model_max_length)[0]
         length = self.tokenizer.model_max_length
+        if settings["kind"] == "flux":  # T5's tokens, CLIP's pooled output
+            pooled = self._hidden(self.tokenizer, self.text_encoder, prompts, length)[1]
+            return self._hidden(self.tokenizer_2, self.text_encoder_2, prompts, settings["max_sequence_length"])[0], pooled
         h1, p1 = self._hidden(self.tokenizer, self.text_encoder, prompts, length, penultimate=True)
         h2, p2 = self._hidden(self.tokenizer_2, self.text_encoder_2, prompts, length, penultimate=True)
         clip = torch.cat([h1, h2], -1)
@@ -172,6 +177,8 @@ class FewstepPipeline(DiffusionPipeline):
                                  pooled_projections=torch.cat([neg_pooled, pooled]), return_dict=False)[0].to(x.dtype)
                 uncond, cond = both.chunk(2)
                 raw = uncond + self._guidance * (cond - uncond)
+        elif spec["network"]["type"] == "diffusers-flux-transformer":
+            raw = self._flux(x_in, t, self._context[class_labels], self._pooled[class_labels])
         elif spec["network"]["type"] == "diffusers-unet2d":
             raw = self.unet(x_in, t, class_labels=class_labels).sample
         else:
@@ -196,6 +203,25 @@ class FewstepPipeline(DiffusionPipeline):
         clip = spec["clip"]
         self._unclipped = out  # DDIM's direction is the network's own estimate
         return out.clamp(-clip, clip) if clip is not None else out
+
+    def _flux(self, x, t, context, pooled):
+        """FluxTransformer2DModel on (N, C, H, W) latents: packed into 2×2 patches with their row and column as
+        position ids, the timestep as t, a guidance-distilled model's scale as its input (FluxPipeline's way)."""
+        n, ch, h, w = x.shape
+        dt = self.unet.dtype
+        packed = x.view(n, ch, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, h * w // 4, ch * 4)
+        img_ids = torch.zeros(h // 2, w // 2, 3, device=x.device)
+        img_ids[..., 1] += torch.arange(h // 2, device=x.device)[:, None]
+        img_ids[..., 2] += torch.arange(w // 2, device=x.device)[None, :]
+        guidance = None
+        if self.unet.config.guidance_embeds:
+            guidance = torch.full((n,), self._guidance, device=x.device, dtype=torch.float32)
+        out = self.unet(hidden_states=packed, timestep=t / 1000, guidance=guidance,
+                        pooled_projections=pooled.to(x.device, dt), encoder_hidden_states=context.to(x.device, dt),
+                        txt_ids=torch.zeros(context.shape[1], 3, device=x.device, dtype=x.dtype),
+                        img_ids=img_ids.reshape(-1, 3).to(x.dtype), return_dict=False)[0]
+        c = out.shape[-1] // 4
+        return out.view(n, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c, h, w)
 
     # ---- the solvers ------------------------------------------------------------------------------
     def _solve(self, x, labels, generator):

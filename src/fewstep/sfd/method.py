@@ -112,14 +112,16 @@ class SFD(TrainMethod):
         self.guidance = tden.guidance if guidance is None else float(guidance)
         self.distilled_guidance = (self.teacher.card.get("text") or {}).get("distilled_guidance", self.guidance) \
             if self.cfg.stage2 else self.guidance
-        self.student.guidance = 1.0
+        # a guidance-distilled teacher (Flux) takes its scale as an input: its student takes the same input
+        self.embedded_guidance = bool(getattr(tden.text, "embedded_guidance", False))
+        self.student.guidance = self.guidance if self.embedded_guidance else 1.0
 
     def _batch_prompts(self, index: torch.Tensor):
         """This batch's prompts, encoded once: the teacher's conditioning (guided) and the student's (the same
-        prompts alone, guidance 1)."""
+        prompts alone, guidance 1; or, for a guidance-distilled teacher, the same scale as an input)."""
         text = self.traj.den.encode_prompts([self.prompts[i] for i in index.tolist()], self.negative_prompt,
                                             self.guidance)
-        return text, text.with_guidance(1.0)
+        return text, text if self.embedded_guidance else text.with_guidance(1.0)
 
     @property
     def perceptual_net(self):
