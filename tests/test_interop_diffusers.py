@@ -428,7 +428,7 @@ DDPM_CFG = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_s
     ("beta", "beta_schedule 'sigmoid' is not supported; expected one of linear, scaled_linear, squaredcos_cap_v2"),
     ("prediction", "prediction_type 'flow': expected one of epsilon, v_prediction, sample"),
     ("no-unet", "DDPMPipeline lists no unet \\(components: scheduler\\)"),
-    ("sdxl", "text_encoder_2 \\(a second text encoder \\(SDXL\\)\\)"),
+    ("sdxl", "text_encoder_2 \\(a second text encoder outside SDXL\\)"),
     ("controlnet", "controlnet \\(a ControlNet\\), which fewstep does not run"),
     ("lora", "LoRA weights alone \\(pytorch_lora_weights.safetensors\\)"),
     ("no-scheduler", "no scheduler config \\(looked for"),

@@ -324,3 +324,73 @@ def test_a_long_prompt_is_cut_with_a_note(models, capsys):
     assert "cut off" in err and "apples" in err and "Traceback" not in err
     sample(model, 1, nfe=2, prompts=[long], progress=False)
     assert "cut off" not in capsys.readouterr().err
+
+
+def tiny_sdxl(folder, seed=4):
+    """A StableDiffusionXLPipeline as SDXL base is laid out (CLIP-L, CLIP-G with projection, text_time added
+    conditioning), at toy size, with a DPM-Solver++ scheduler fewstep reproduces step for step."""
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection
+    torch.manual_seed(seed)
+    tok = byte_level_tokenizer()
+    n = len(tok)
+    common = dict(vocab_size=n, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=16, bos_token_id=n - 2, eos_token_id=n - 1, pad_token_id=n - 1)
+    te1 = CLIPTextModel(CLIPTextConfig(hidden_size=32, **common)).eval()
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, projection_dim=32, **common)).eval()
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
+                                attention_head_dim=8, norm_num_groups=8, addition_embed_type="text_time",
+                                addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
+                                transformer_layers_per_block=1).eval()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), latent_channels=4,
+                        norm_num_groups=8, sample_size=16, scaling_factor=0.13025).eval()
+    sched = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                                        beta_end=0.012, steps_offset=1, timestep_spacing="leading")
+    StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok,
+                              unet=unet, scheduler=sched).save_pretrained(folder)
+    return folder
+
+
+def test_sdxl_equals_its_pipeline(models, tmp_path):
+    """An imported StableDiffusionXLPipeline (two encoders side by side, the pooled embedding and the size ids
+    as added conditioning, zero embeddings for no negative prompt) samples as the pipeline's default call with
+    its scheduler, and with a negative prompt and another scale; SFD distils it and the student exports."""
+    from diffusers import StableDiffusionXLPipeline
+
+    import fewstep
+    folder = tiny_sdxl(tmp_path / "sdxl")
+    model = fewstep.import_model(folder, tmp_path / "sdxl-f")
+    card = model.card
+    assert card["net"]["type"] == "diffusers-unet2d-xl" and card["net"]["time_ids"] == [16, 16, 0, 0, 16, 16]
+    assert card["text"]["encoders"] == {"kind": "sdxl", "zeros_for_empty_prompt": True} and card["text"]["guidance"] == 5
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    lat = _latents(6)
+    for kw in ({}, {"negative_prompt": "blurry", "guidance_scale": 3.0, "num_inference_steps": 8}):
+        with torch.no_grad():
+            ref = pipe(PROMPTS, latents=lat.clone(), output_type="pt", height=16, width=16, **kw).images
+        x = sample(model, 3, noise=lat, prompts=PROMPTS, nfe=kw.get("num_inference_steps"),
+                   negative_prompt=kw.get("negative_prompt"), guidance=kw.get("guidance_scale"), progress=False)
+        diff = ((x / 2 + 0.5).clamp(0, 1) - ref).abs().max().item()
+        print(f"SDXL {kw or 'default call'}: max |fewstep - pipeline| = {diff:.3g} (images in [0, 1])")
+        assert diff <= 5e-6
+    student = fewstep.distill_sfd(model, tmp_path / "sfd", nfe=2, m=1, prompts=PROMPTS, iters=2, batch=4,
+                                  progress=False)
+    assert student.card["text"]["encoders"]["kind"] == "sdxl"
+    x = sample(student, 3, seed=4, prompts=PROMPTS[:2], progress=False)
+    from safetensors.torch import save_file
+    fewstep.export_model(student, tmp_path / "export")
+    save_file({"x": x.contiguous()}, str(tmp_path / "expected.safetensors"))
+    job = {"folder": str(tmp_path / "export"), "expected": str(tmp_path / "expected.safetensors"), "seed": 4,
+           "prompts": PROMPTS[:2]}
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": "",
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    r = subprocess.run([sys.executable, "-c", FRESH, json.dumps(job)], capture_output=True, text=True, env=env,
+                       cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    diff, scale = json.loads(r.stdout.strip().splitlines()[-1])
+    print(f"SDXL student: export round trip max |diff| = {diff:.3g} (scale {scale:.3g})")
+    assert diff <= 1e-5

@@ -283,6 +283,38 @@ def default_prompts() -> list[str]:
 
 # ---- in a checkpoint folder -------------------------------------------------------------------------------
 
+class SDXLTextEncoders:
+    """StableDiffusionXLPipeline's prompt encoding: both CLIP encoders' penultimate hidden states side by side
+    (each padded to its own tokenizer's length), the second's projection as the pooled embedding. With
+    `zeros_for_empty_prompt` (the pipeline's force_zeros_for_empty_prompt), no negative prompt means zero
+    embeddings, not the encoding of ""."""
+
+    def __init__(self, clip_l: TextEncoder, clip_g: TextEncoder, zeros_for_empty_prompt: bool = True):
+        self.clip_l, self.clip_g, self.zeros_for_empty_prompt = clip_l, clip_g, bool(zeros_for_empty_prompt)
+
+    def __deepcopy__(self, memo):
+        return self
+
+    @property
+    def parts(self) -> list:
+        return [self.clip_l, self.clip_g]
+
+    @property
+    def settings(self) -> dict:
+        return {"kind": "sdxl", "zeros_for_empty_prompt": self.zeros_for_empty_prompt}
+
+    def to(self, device=None, dtype=None):
+        for p in self.parts:
+            p.to(device, dtype)
+        return self
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        h1 = self.clip_l.hidden_and_pooled(prompts, penultimate=True)[0]
+        h2, pooled = self.clip_g.hidden_and_pooled(prompts, penultimate=True, note=False)
+        return torch.cat([h1, h2], -1), pooled
+
+
 class FluxTextEncoders:
     """FluxPipeline's prompt encoding: T5's last hidden state over `max_sequence_length` tokens is the sequence
     the transformer attends to, CLIP's pooled output the vector beside it. A guidance-distilled Flux takes the
@@ -337,12 +369,14 @@ def components_from_card(card: dict, path: Path) -> tuple[LatentCodec | None, ob
     if settings is not None and settings.get("kind") == "sd3":
         text = SD3TextEncoders(encoders["text_encoder"], encoders["text_encoder_2"], encoders.get("text_encoder_3"),
                                settings["joint_dim"], settings["max_sequence_length"])
+    elif settings is not None and settings.get("kind") == "sdxl":
+        text = SDXLTextEncoders(encoders["text_encoder"], encoders["text_encoder_2"], settings["zeros_for_empty_prompt"])
     elif settings is not None and settings.get("kind") == "flux":
         text = FluxTextEncoders(encoders["text_encoder"], encoders["text_encoder_2"], settings["max_sequence_length"],
                                 settings["embedded_guidance"])
     elif settings is not None:
         raise FewstepError(f"{path}: its card's text encoders are of kind {settings.get('kind')!r}; this fewstep "
-                           "knows 'sd3' and 'flux' (a newer fewstep wrote it?)")
+                           "knows 'sd3', 'sdxl' and 'flux' (a newer fewstep wrote it?)")
     elif "text_encoder" in encoders:
         text = encoders["text_encoder"]
     return codec, text

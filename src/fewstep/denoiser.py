@@ -151,6 +151,9 @@ class Denoiser(nn.Module):
         device = next(self.net.parameters()).device
         emb = self.text.to(device).encode(prompts + [negative_prompt])
         emb, pooled = emb if isinstance(emb, tuple) else (emb, None)
+        if negative_prompt == "" and getattr(self.text, "zeros_for_empty_prompt", False):
+            # SDXL's pipeline: no negative prompt is zero embeddings, not the encoding of ""
+            emb[-1:], pooled[-1:] = 0.0, 0.0
         pooled = (None, None) if pooled is None else (pooled[:-1].to(device), pooled[-1:].to(device))
         return Prompting(tuple(prompts), negative_prompt, float(guidance), emb[:-1].to(device), emb[-1:].to(device),
                          *pooled)

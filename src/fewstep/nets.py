@@ -368,6 +368,7 @@ FOREIGN_NETS = {
     "edm-dhariwalunet": "fewstep.interop.edm_nets:DhariwalUNet",
     "diffusers-unet2d": "fewstep.interop.diffusers_io:DiffusersUNet",
     "diffusers-unet2d-cond": "fewstep.interop.diffusers_io:DiffusersCondUNet",
+    "diffusers-unet2d-xl": "fewstep.interop.diffusers_io:DiffusersXLUNet",
     "diffusers-sd3-transformer": "fewstep.interop.flow_io:DiffusersSD3Transformer",
     "diffusers-flux-transformer": "fewstep.interop.flow_io:DiffusersFluxTransformer",
 }

@@ -32,7 +32,8 @@ PIPELINE_SOURCE = Path(__file__).with_name("diffusers_pipeline.py")
 
 
 # networks an export saves as the diffusers models they are
-DIFFUSERS_NETS = ("diffusers-unet2d", "diffusers-unet2d-cond", "diffusers-sd3-transformer", "diffusers-flux-transformer")
+DIFFUSERS_NETS = ("diffusers-unet2d", "diffusers-unet2d-cond", "diffusers-unet2d-xl", "diffusers-sd3-transformer",
+                  "diffusers-flux-transformer")
 # the network code an export carries for each of fewstep's network types (module, class name)
 CUSTOM_NETS = {"unet": ("nets", "UNet"), "mlp": ("nets", "MLP"),
                "edm-songunet": ("edm_nets", "SongUNet"), "edm-dhariwalunet": ("edm_nets", "DhariwalUNet")}
@@ -239,7 +240,8 @@ def export_diffusers(model, out: Path, nfe: int | None = None) -> Path:
             "sample_shape": shape, "num_classes": 0 if den.text is not None else den.num_classes,
             "image_shape": list(data.get("shape") or shape), **part_spec,
             "image": data.get("kind", "image" if len(shape) == 3 else "toy") == "image" and len(shape) == 3,
-            "network": {"type": kind, "component": component},
+            "network": {"type": kind, "component": component,
+                        **({"time_ids": den.net.config["time_ids"]} if "time_ids" in den.net.config else {})},
             "model": {"method": (card.get("method") or {}).get("name"), "fewstep_version": card.get("fewstep_version"),
                       "weights_sha256": card.get("weights_sha256"), "source_path": str(ckpt.path),
                       "teacher": card.get("teacher"), "data": data.get("name")},

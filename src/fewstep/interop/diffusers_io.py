@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from fewstep.checkpoint import refuse_to_overwrite, save_checkpoint
-from fewstep.components import LatentCodec, TextEncoder, require
+from fewstep.components import LatentCodec, SDXLTextEncoders, TextEncoder, require
 from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
 from fewstep.hashing import folder_digest, sha256_file
@@ -40,7 +40,8 @@ VP_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler"
                  "DDPMParallelScheduler", "DDIMParallelScheduler")
 # pipeline components fewstep does not run, each refused by name (SDXL's second encoder, ControlNet, unCLIP's
 # prior, LDM's BERT text model, IP-Adapter's image encoder, transformer denoisers)
-UNSUPPORTED_COMPONENTS = {"text_encoder_2": "a second text encoder (SDXL)", "tokenizer_2": "a second tokenizer (SDXL)",
+UNSUPPORTED_COMPONENTS = {"text_encoder_2": "a second text encoder outside SDXL",
+                          "tokenizer_2": "a second tokenizer outside SDXL",
                           "controlnet": "a ControlNet", "prior": "an unCLIP prior", "bert": "LDM's BERT text model",
                           "image_encoder": "an image encoder (IP-Adapter)",
                           "transformer": "a transformer denoiser other than SD3's",
@@ -48,7 +49,8 @@ UNSUPPORTED_COMPONENTS = {"text_encoder_2": "a second text encoder (SDXL)", "tok
 SUPPORTED = ("supported: UNet2DModel models in pixels (unconditional or with num_class_embeds, e.g. DDPMPipeline / "
              "DDIMPipeline folders) or in latents (LDMPipeline, with a VQModel or AutoencoderKL), and "
              "StableDiffusionPipeline folders (UNet2DConditionModel, AutoencoderKL, CLIPTextModel + CLIPTokenizer), "
-             "each with a discrete VP scheduler; and StableDiffusion3Pipeline folders (flow matching)")
+             "and StableDiffusionXLPipeline folders (two text encoders, pooled text and size conditioning), each with a "
+             "discrete VP scheduler; and StableDiffusion3Pipeline and FluxPipeline folders (flow matching)")
 
 
 def require_diffusers():
@@ -64,9 +66,9 @@ def _plain(v):
     return v
 
 
-def check_unet_config(cfg: dict, where: str = "UNet config", conditional: bool = False) -> dict:
-    """A UNet2DModel (or, `conditional`, a text-conditioned UNet2DConditionModel) config fewstep can run as a
-    Denoiser network, without diffusers' private keys."""
+def check_unet_config(cfg: dict, where: str = "UNet config", conditional: bool = False, xl: bool = False) -> dict:
+    """A UNet2DModel (or, `conditional`, a text-conditioned UNet2DConditionModel; `xl`, SDXL's, with its pooled
+    text and size conditioning) config fewstep can run as a Denoiser network, without diffusers' private keys."""
     if not isinstance(cfg, dict):
         raise FewstepError(f"{where}: expected a JSON object")
     want = "UNet2DConditionModel" if conditional else "UNet2DModel"
@@ -76,10 +78,14 @@ def check_unet_config(cfg: dict, where: str = "UNet config", conditional: bool =
                                          "a UNet without cross_attention_dim")
         raise FewstepError(f"{where}: found {found} where a {want} belongs; {SUPPORTED}")
     if conditional:
-        for key, what in (("addition_embed_type", "added conditioning (SDXL's text_time)"),
-                          ("encoder_hid_dim", "a projected encoder input (IP-Adapter, DeepFloyd IF)"),
-                          ("num_class_embeds", "class embeddings beside the text")):
-            if cfg.get(key) is not None:
+        if xl and cfg.get("addition_embed_type") != "text_time":
+            raise FewstepError(f"{where}: addition_embed_type {cfg.get('addition_embed_type')!r}: an SDXL UNet has "
+                               "'text_time' (pooled text and size conditioning)")
+        refused = {"addition_embed_type": "added conditioning (SDXL's text_time)",
+                   "encoder_hid_dim": "a projected encoder input (IP-Adapter, DeepFloyd IF)",
+                   "num_class_embeds": "class embeddings beside the text"}
+        for key, what in refused.items():
+            if cfg.get(key) is not None and not (xl and key == "addition_embed_type"):
                 raise FewstepError(f"{where}: {key} {cfg[key]!r}: {what} is not supported; {SUPPORTED}")
     emb = cfg.get("time_embedding_type", "positional")
     if emb != "positional":
@@ -111,19 +117,20 @@ class DiffusersUNet(StepConditioned, nn.Module):
     block's `time_emb_proj`. `return_features=True` also returns the output of `feature_layer`
     (default: the last up block, the map the output layers read).
     """
-    KIND, CLASS, CONDITIONAL = "diffusers-unet2d", "UNet2DModel", False
+    KIND, CLASS, CONDITIONAL, XL = "diffusers-unet2d", "UNet2DModel", False, False
 
     def __init__(self, unet: dict, resolution: int | None = None, in_channels: int | None = None,
                  out_channels: int | None = None, num_classes: int | None = None, dropout: float | None = None,
-                 step_condition: bool = False, feature_layer: str | None = None, context_dim: int | None = None):
+                 step_condition: bool = False, feature_layer: str | None = None, context_dim: int | None = None,
+                 time_ids: list | None = None):
         super().__init__()
         diffusers = require_diffusers()
-        cfg = check_unet_config(dict(unet), conditional=self.CONDITIONAL)
+        cfg = check_unet_config(dict(unet), conditional=self.CONDITIONAL, xl=self.XL)
         if dropout is not None:
             cfg["dropout"] = float(dropout)
         self.unet = getattr(diffusers, self.CLASS).from_config(cfg)
         # with diffusers' defaults filled in
-        cfg = check_unet_config(dict(self.unet.config), conditional=self.CONDITIONAL)
+        cfg = check_unet_config(dict(self.unet.config), conditional=self.CONDITIONAL, xl=self.XL)
         given = {"resolution": resolution, "in_channels": in_channels, "out_channels": out_channels}
         have = {"resolution": cfg["sample_size"], "in_channels": cfg["in_channels"],
                 "out_channels": cfg["out_channels"]}
@@ -148,6 +155,12 @@ class DiffusersUNet(StepConditioned, nn.Module):
                            step_condition=False, feature_layer=feature_layer)
         if self.CONDITIONAL:
             self.config["context_dim"] = int(cfg["cross_attention_dim"])
+        if self.XL:  # SDXL's size conditioning: original size, crop corner, target size, in pixels
+            if time_ids is None or len(time_ids) != 6:
+                raise FewstepError(f"{self.KIND} config: time_ids {time_ids!r}: expected SDXL's six size values")
+            self.config["time_ids"] = [float(v) for v in time_ids]
+        elif time_ids is not None:
+            raise FewstepError(f"{self.KIND} config: time_ids belong to an SDXL UNet")
         self.step_cond = None
         if step_condition:
             self.add_step_condition("zero" if step_condition is True else step_condition)
@@ -165,12 +178,12 @@ class DiffusersUNet(StepConditioned, nn.Module):
         else:
             self.unet.disable_gradient_checkpointing()
 
-    def _call_unet(self, x, t, class_labels, context):
+    def _call_unet(self, x, t, class_labels, context, pooled):
         if context is not None:
             raise FewstepError("this network takes no text: it is not text-conditioned")
         return self.unet(x, t, class_labels=class_labels).sample
 
-    def forward(self, x, t, step=None, class_labels=None, context=None, return_features=False):
+    def forward(self, x, t, step=None, class_labels=None, context=None, return_features=False, pooled=None):
         c = self.config
         if x.ndim != 4 or x.shape[1] != c["in_channels"]:
             raise FewstepError(f"UNet2DModel input: expected (N, {c['in_channels']}, H, W), got {tuple(x.shape)}")
@@ -191,7 +204,7 @@ class DiffusersUNet(StepConditioned, nn.Module):
             if tap is not None:
                 tap.__enter__()
             with self._block_step_context(step):
-                out = self._call_unet(x, t, class_labels, context)
+                out = self._call_unet(x, t, class_labels, context, pooled)
         finally:
             if tap is not None:
                 tap.__exit__(None, None, None)
@@ -206,10 +219,25 @@ class DiffusersCondUNet(DiffusersUNet):
 
     KIND, CLASS, CONDITIONAL = "diffusers-unet2d-cond", "UNet2DConditionModel", True
 
-    def _call_unet(self, x, t, class_labels, context):
+    def _call_unet(self, x, t, class_labels, context, pooled):
         if context is None:
             raise FewstepError("this network is text-conditioned: it needs prompt embeddings")
         return self.unet(x, t, encoder_hidden_states=context.to(x.dtype)).sample
+
+
+class DiffusersXLUNet(DiffusersCondUNet):
+    """SDXL's `UNet2DConditionModel`: besides the prompt's token embeddings it takes the pooled prompt embedding
+    and the size conditioning (`time_ids`: original size, crop corner, target size), as
+    StableDiffusionXLPipeline passes them (added_cond_kwargs)."""
+
+    KIND, XL = "diffusers-unet2d-xl", True
+
+    def _call_unet(self, x, t, class_labels, context, pooled):
+        if context is None or pooled is None:
+            raise FewstepError("an SDXL UNet is text-conditioned: it needs token and pooled prompt embeddings")
+        ids = torch.tensor(self.config["time_ids"], device=x.device, dtype=x.dtype).expand(x.shape[0], -1)
+        return self.unet(x, t, encoder_hidden_states=context.to(x.dtype),
+                         added_cond_kwargs={"text_embeds": pooled.to(x.dtype), "time_ids": ids}).sample
 
 
 # ---- import -------------------------------------------------------------------------------------
@@ -240,7 +268,9 @@ def locate(src: Path) -> dict:
                  and v[0] is not None}
         pipe = index.get("_class_name", "?")
         where = src / "model_index.json"
-        refused = [f"{k} ({UNSUPPORTED_COMPONENTS[k]})" for k in comps if k in UNSUPPORTED_COMPONENTS]
+        xl = pipe == "StableDiffusionXLPipeline"  # its second text encoder and tokenizer are read, not refused
+        refused = [f"{k} ({UNSUPPORTED_COMPONENTS[k]})" for k in comps if k in UNSUPPORTED_COMPONENTS
+                   and not (xl and k in ("text_encoder_2", "tokenizer_2"))]
         if refused:
             raise FewstepError(f"{where}: {pipe} has {', '.join(refused)}, which fewstep does not run; {SUPPORTED}")
         if "unet" not in comps:
@@ -259,6 +289,13 @@ def locate(src: Path) -> dict:
         latent = {"codec": src / codec} if codec else None
         if text:
             latent.update(text_encoder=src / "text_encoder", tokenizer=src / "tokenizer")
+        if xl:
+            if not all(k in comps for k in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")):
+                raise FewstepError(f"{where}: {pipe} needs text_encoder, tokenizer, text_encoder_2 and tokenizer_2 "
+                                   f"(a refiner without the first encoder is not supported); {SUPPORTED}")
+            latent.update(text_encoder_2=src / "text_encoder_2", tokenizer_2=src / "tokenizer_2",
+                          force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
+                          classes={k: comps[k][1] for k in ("tokenizer", "tokenizer_2")})
     elif (src / "unet").is_dir() and (src / "scheduler").is_dir():
         layout, unet_dir, sched = "unet+scheduler", src / "unet", [src / "scheduler" / "scheduler_config.json"]
         latent = None
@@ -334,9 +371,9 @@ def denoiser_from_folder(src: Path, feature_layer: str | None = None):
     require_diffusers()
     where = locate(src)
     latent = where["latent"] or {}
-    text = "text_encoder" in latent
+    text, xl = "text_encoder" in latent, "text_encoder_2" in latent
     unet_cfg = check_unet_config(_read_json(where["unet_dir"] / "config.json", "the UNet config"),
-                                 str(where["unet_dir"] / "config.json"), conditional=text)
+                                 str(where["unet_dir"] / "config.json"), conditional=text, xl=xl)
     if unet_cfg["out_channels"] != unet_cfg["in_channels"]:
         raise FewstepError(f"{where['unet_dir'] / 'config.json'}: out_channels={unet_cfg['out_channels']} differs "
                            f"from in_channels={unet_cfg['in_channels']} (a learned-variance output, or an "
@@ -344,7 +381,12 @@ def denoiser_from_folder(src: Path, feature_layer: str | None = None):
                            "latent (ε, v or x0) from it alone")
     sched_cfg = _read_json(where["scheduler_config"], "the scheduler config")
     alpha_bar, param, table = schedule_from_config(sched_cfg, str(where["scheduler_config"]))
-    net = (DiffusersCondUNet if text else DiffusersUNet)(unet=unet_cfg, feature_layer=feature_layer)
+    if xl:
+        codec = LatentCodec.describe(latent["codec"])
+        size = unet_cfg["sample_size"] * codec["downsampling"]  # the pipeline's default height and width
+        net = DiffusersXLUNet(unet=unet_cfg, feature_layer=feature_layer, time_ids=[size, size, 0, 0, size, size])
+    else:
+        net = (DiffusersCondUNet if text else DiffusersUNet)(unet=unet_cfg, feature_layer=feature_layer)
     try:
         sd = load_file(str(where["weights"]), device="cpu")
     except Exception as e:  # safetensors raises its own error types for malformed files
@@ -362,7 +404,10 @@ def denoiser_from_folder(src: Path, feature_layer: str | None = None):
             raise FewstepError(f"{latent['codec']}: the autoencoder's {entry['latent_channels']} latent channels do "
                                f"not match the UNet's in_channels={unet_cfg['in_channels']}")
         den.codec = LatentCodec(latent["codec"], {**entry, "sha256": folder_digest(latent["codec"])})
-    if text:
+    if xl:
+        den.text = _sdxl_text(latent, unet_cfg)
+        den.guidance = SDXL_GUIDANCE
+    elif text:
         entry = TextEncoder.describe(latent["text_encoder"], latent["tokenizer"])
         if entry["hidden_size"] != unet_cfg["cross_attention_dim"]:
             raise FewstepError(f"{latent['text_encoder']}: its hidden size {entry['hidden_size']} does not match the "
@@ -373,8 +418,26 @@ def denoiser_from_folder(src: Path, feature_layer: str | None = None):
     return den, where, unet_cfg, {k: _plain(v) for k, v in sched_cfg.items()}
 
 
-# StableDiffusionPipeline's default classifier-free guidance scale
-DEFAULT_GUIDANCE = 7.5
+# StableDiffusionPipeline's and StableDiffusionXLPipeline's default classifier-free guidance scales
+DEFAULT_GUIDANCE, SDXL_GUIDANCE = 7.5, 5.0
+
+
+def _sdxl_text(latent: dict, unet_cfg: dict) -> SDXLTextEncoders:
+    """SDXL's two CLIP encoders, checked against the UNet: their widths side by side are its cross-attention
+    width, the second's projection and the six size values its added embedding's input."""
+    parts = []
+    for role in ("text_encoder", "text_encoder_2"):
+        tok = role.replace("text_encoder", "tokenizer")
+        entry = TextEncoder.describe(latent[role], latent[tok], latent["classes"][tok])
+        parts.append(TextEncoder(latent[role], {**entry, "sha256": folder_digest(latent[role])}, latent[tok]))
+    width = sum(p.entry["hidden_size"] for p in parts)
+    if width != unet_cfg["cross_attention_dim"]:
+        raise FewstepError(f"{latent['text_encoder_2']}: the two encoders' widths side by side ({width}) do not match "
+                           f"the UNet's cross_attention_dim={unet_cfg['cross_attention_dim']}")
+    if parts[1].entry["kind"] != "clip-projection":
+        raise FewstepError(f"{latent['text_encoder_2']}: SDXL's second encoder is a CLIPTextModelWithProjection "
+                           f"(its pooled embedding), found {parts[1].entry['class']}")
+    return SDXLTextEncoders(parts[0], parts[1], latent["force_zeros_for_empty_prompt"])
 
 
 def default_sampler() -> dict:

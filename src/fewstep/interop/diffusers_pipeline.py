@@ -67,6 +67,11 @@ class FewstepPipeline(DiffusionPipeline):
         if settings is None:
             return self._hidden(self.tokenizer, self.text_encoder, prompts, self.tokenizer.model_max_length)[0]
         length = self.tokenizer.model_max_length
+        if settings["kind"] == "sdxl":  # both CLIPs' penultimate states side by side, the second's projection
+            h1 = self._hidden(self.tokenizer, self.text_encoder, prompts, length, penultimate=True)[0]
+            h2, pooled = self._hidden(self.tokenizer_2, self.text_encoder_2, prompts, self.tokenizer_2.model_max_length,
+                                      penultimate=True)
+            return torch.cat([h1, h2], -1), pooled
         if settings["kind"] == "flux":  # T5's tokens, CLIP's pooled output
             pooled = self._hidden(self.tokenizer, self.text_encoder, prompts, length)[1]
             return self._hidden(self.tokenizer_2, self.text_encoder_2, prompts, settings["max_sequence_length"])[0], pooled
@@ -153,14 +158,25 @@ class FewstepPipeline(DiffusionPipeline):
         # the network runs in the dtype it was loaded in (torch_dtype=...); the solver's arithmetic in float32
         x_in = (x * b(c_in)).to(self.unet.dtype)
         t = self.time_input(sigma) if t is None else torch.full((x.shape[0],), float(t), device=x.device)
-        if spec["network"]["type"] == "diffusers-unet2d-cond":
+        if spec["network"]["type"] in ("diffusers-unet2d-cond", "diffusers-unet2d-xl"):
             context = self._context[class_labels].to(x.device, self.unet.dtype)
+            added = {}
+            if "time_ids" in spec["network"]:  # SDXL: the pooled embedding and the size ids beside the tokens
+                ids = torch.tensor(spec["network"]["time_ids"], device=x.device, dtype=self.unet.dtype)
+                added = {"text_embeds": self._pooled[class_labels].to(x.device, self.unet.dtype),
+                         "time_ids": ids.expand(x.shape[0], -1)}
             if self._guidance == 1.0:
-                raw = self.unet(x_in, t, encoder_hidden_states=context).sample
+                raw = self.unet(x_in, t, encoder_hidden_states=context,
+                                **({"added_cond_kwargs": added} if added else {})).sample
             else:  # classifier-free guidance, both halves in one call
                 negative = self._negative.to(x.device, self.unet.dtype).expand(x.shape[0], -1, -1)
+                if added:
+                    neg_pooled = self._negative_pooled.to(x.device, self.unet.dtype).expand(x.shape[0], -1)
+                    added = {"text_embeds": torch.cat([neg_pooled, added["text_embeds"]]),
+                             "time_ids": torch.cat([added["time_ids"]] * 2)}
                 both = self.unet(torch.cat([x_in, x_in]), torch.cat([t, t]),
-                                 encoder_hidden_states=torch.cat([negative, context])).sample.to(x.dtype)
+                                 encoder_hidden_states=torch.cat([negative, context]),
+                                 **({"added_cond_kwargs": added} if added else {})).sample.to(x.dtype)
                 uncond, cond = both.chunk(2)
                 raw = uncond + self._guidance * (cond - uncond)
         elif spec["network"]["type"] == "diffusers-sd3-transformer":
@@ -329,6 +345,9 @@ class FewstepPipeline(DiffusionPipeline):
             text = spec["text"]
             emb = self.encode_prompts(prompts + [text["negative_prompt"] if negative_prompt is None else negative_prompt])
             emb, pooled = emb if isinstance(emb, tuple) else (emb, None)
+            if (negative_prompt is None and text["negative_prompt"] == ""
+                    and (text.get("encoders") or {}).get("zeros_for_empty_prompt")):
+                emb[-1:], pooled[-1:] = 0.0, 0.0  # SDXL: no negative prompt is zero embeddings
             self._context, self._negative = emb[:-1], emb[-1:]
             if pooled is not None:
                 self._pooled, self._negative_pooled = pooled[:-1], pooled[-1:]
