@@ -24,6 +24,7 @@ from fewstep.checkpoint import LOCK_NAME, RunLock, load_checkpoint
 from fewstep.components import COMPONENT_BATCH, tokenizer_role
 from fewstep.errors import FewstepError
 from fewstep.interop.diffusers_io import WEIGHTS, DiffusersUNet, require_diffusers
+from fewstep.lora import PIPELINE_LORA, export_lora, fuse_lora
 from fewstep.nets import fold_step_condition
 from fewstep.sampling import resolve_sampler, sample_shape
 
@@ -221,6 +222,12 @@ def export_diffusers(model, out: Path, nfe: int | None = None) -> Path:
     lock = RunLock(tmp).acquire()
     try:
         net, folded = _fold_for_export(den.net, step)
+        lora = None
+        if "lora" in den.net.config:  # a LoRA student: its adapter as a diffusers LoRA file, and fused for the pipeline
+            lora = {**den.net.config["lora"], "file": None}
+            if den.net.config["type"] in PIPELINE_LORA and den.net.step_cond is None:
+                lora["file"] = str(export_lora(den.net, tmp / "lora").relative_to(tmp))
+            net = fuse_lora(net if net is not den.net else copy.deepcopy(net).cpu().float())
         if diffusers_net:
             component = _write_diffusers_unet(net, tmp / "unet")
         else:
@@ -236,7 +243,7 @@ def export_diffusers(model, out: Path, nfe: int | None = None) -> Path:
             "clip": plan["clip"], "scale": plan["scale"], "param": den.param,
             "sigma_data": float(den.schedule.sigma_data),
             "time_input": time_input_spec(den), "time_inputs": _grid_time_inputs(den, plan["sigmas"]),
-            "step_condition": folded,
+            "step_condition": folded, "lora": lora,
             "sample_shape": shape, "num_classes": 0 if den.text is not None else den.num_classes,
             "image_shape": list(data.get("shape") or shape), **part_spec,
             "image": data.get("kind", "image" if len(shape) == 3 else "toy") == "image" and len(shape) == 3,
@@ -304,6 +311,16 @@ def _readme(s: dict, src) -> str:
         sc = s["step_condition"]
         cond = (f"\nThe SFD-v step condition ({sc['kind']} kind) for N = {sc['step']} timestamps is folded into "
                 f"{sc['folded_into']}: the network takes no step input.\n")
+    if s.get("lora"):
+        lo = s["lora"]
+        cond += (f"\nA LoRA student (rank {lo['rank']}, alpha {lo['alpha']:g}, on {', '.join(lo['targets'])}): `unet/` holds "
+                 "it with the adapter fused into the teacher's weights.")
+        if lo["file"]:
+            cond += (f" The adapter alone is `{lo['file']}`: `pipe.load_lora_weights(\"THIS_FOLDER/lora\")` loads it "
+                     "into the teacher's own diffusers pipeline, whose network then is the student's; sample it on the "
+                     "student's grid (the `sigmas` here, Euler" + (" with the analytical first step" if s["afs"] else "")
+                     + "), which this folder's pipeline does.")
+        cond += "\n"
     labels = (f"\nThe model is class-conditional ({s['num_classes']} classes): pass `class_labels` (an int or one per "
               "image); without them classes are drawn uniformly (from `seed` + 2, as `fewstep sample` does).\n"
               if s["num_classes"] else "")

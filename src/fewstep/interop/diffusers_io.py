@@ -25,6 +25,7 @@ from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
 from fewstep.hashing import folder_digest, sha256_file
 from fewstep.interop.sources import source_digest
+from fewstep.lora import add_lora
 from fewstep.nets import FeatureTap, StepConditioned
 from fewstep.schedule import SCHEDULER_SPACINGS, Schedule
 from fewstep.solvers import DDPM_VARIANCES
@@ -122,7 +123,7 @@ class DiffusersUNet(StepConditioned, nn.Module):
     def __init__(self, unet: dict, resolution: int | None = None, in_channels: int | None = None,
                  out_channels: int | None = None, num_classes: int | None = None, dropout: float | None = None,
                  step_condition: bool = False, feature_layer: str | None = None, context_dim: int | None = None,
-                 time_ids: list | None = None):
+                 time_ids: list | None = None, lora: dict | None = None):
         super().__init__()
         diffusers = require_diffusers()
         cfg = check_unet_config(dict(unet), conditional=self.CONDITIONAL, xl=self.XL)
@@ -164,6 +165,8 @@ class DiffusersUNet(StepConditioned, nn.Module):
         self.step_cond = None
         if step_condition:
             self.add_step_condition("zero" if step_condition is True else step_condition)
+        if lora:  # a LoRA student (fewstep.lora): the adapter's layers, so its weights load key for key
+            add_lora(self, lora)
 
     def _step_embedding_layer(self):
         return self.unet.time_embedding.linear_2

@@ -29,6 +29,7 @@ from fewstep.errors import FewstepError
 from fewstep.hashing import folder_digest, sha256_file
 from fewstep.interop.diffusers_io import WEIGHTS, _plain, _read_json, require_diffusers
 from fewstep.interop.sources import source_digest
+from fewstep.lora import add_lora
 from fewstep.nets import StepConditioned
 from fewstep.schedule import Schedule, flux_mu
 
@@ -57,7 +58,8 @@ class FlowTransformer(StepConditioned, nn.Module):
 
     def __init__(self, transformer: dict, resolution: int | None = None, in_channels: int | None = None,
                  out_channels: int | None = None, num_classes: int | None = None, dropout: float | None = None,
-                 step_condition: bool | str = False, context_dim: int | None = None, pooled_dim: int | None = None):
+                 step_condition: bool | str = False, context_dim: int | None = None, pooled_dim: int | None = None,
+                 lora: dict | None = None):
         super().__init__()
         diffusers = require_diffusers()
         if dropout:
@@ -77,6 +79,8 @@ class FlowTransformer(StepConditioned, nn.Module):
         self.step_cond = None
         if step_condition:
             self.add_step_condition("zero" if step_condition is True else step_condition)
+        if lora:  # a LoRA student (fewstep.lora)
+            add_lora(self, lora)
 
     def _shape(self, cfg: dict, resolution: int | None) -> dict:
         raise NotImplementedError

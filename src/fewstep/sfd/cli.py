@@ -88,6 +88,13 @@ def add_arguments(p, add_loop_options):
                    default=D["teacher_precision_tol"],
                    help="largest relative RMS deviation from the fp32 trajectory that bf16 may show "
                         f"(default {D['teacher_precision_tol']:g})")
+    p.add_argument("--lora", type=A.positive_int, default=D["lora"], metavar="RANK",
+                   help="train a LoRA adapter of this rank on the teacher's own weights instead of a full copy "
+                        "(one set of weights in memory; diffusers teachers; needs peft: pip install 'fewstep[lora]')")
+    p.add_argument("--lora-alpha", type=A.positive, default=D["lora_alpha"],
+                   help="the adapter's alpha (default: its rank, a scale of 1)")
+    p.add_argument("--lora-targets", default=D["lora_targets"], metavar="NAMES",
+                   help="comma-separated module names the adapter adapts (default: to_q,to_k,to_v,to_out.0)")
     p.add_argument("--trajectory-cache", type=A.folder, default=None, metavar="DIR",
                    help="store the teacher's trajectories in DIR and reuse those computed before for the same "
                         "teacher, grid and noise (exact): SFD-v after SFD runs at its NFEs with the same seed "

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fewstep.errors import FewstepError
+from fewstep.lora import lora_spec
 from fewstep.nets import STEP_CONDITIONS
 from fewstep.schedule import GRID_KINDS
 from fewstep.solvers import LOWER_ORDER_FINAL
@@ -54,6 +55,11 @@ class SFDConfig:
     # is within this relative RMS deviation of the fp32 trajectory (else the run stays fp32 and says so)
     teacher_precision: str = "fp32"
     teacher_precision_tol: float = 0.02
+    # a LoRA student (fewstep.lora): the adapter's rank (None: a full copy of the teacher), its alpha (None: the
+    # rank) and the modules it adapts (None: the attention projections)
+    lora: int | None = None
+    lora_alpha: float | None = None
+    lora_targets: tuple | None = None
 
     def __post_init__(self):
         # one NFE may come as an int, several as any sequence of ints; the values are checked in validate()
@@ -61,6 +67,10 @@ class SFDConfig:
         if not isinstance(nfe, (list, tuple)) or not all(isinstance(n, int) and not isinstance(n, bool) for n in nfe):
             raise FewstepError(f"--nfe {self.nfe!r}: expected an integer or a list of integers")
         object.__setattr__(self, "nfe", list(nfe))
+        if isinstance(self.lora_targets, str):  # the command line's comma-separated list
+            object.__setattr__(self, "lora_targets", tuple(t.strip() for t in self.lora_targets.split(",") if t.strip()))
+        elif self.lora_targets is not None:
+            object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         if self.perceptual == "none":  # the command line's spelling of no perceptual term
             object.__setattr__(self, "perceptual", None)
         self.validate()
@@ -96,6 +106,13 @@ class SFDConfig:
         if self.teacher_precision not in TEACHER_PRECISIONS:
             raise FewstepError(f"--teacher-precision {self.teacher_precision!r}: expected one of "
                                f"{', '.join(TEACHER_PRECISIONS)}")
+        if self.lora is not None:
+            lora_spec(self.lora, self.lora_alpha, self.lora_targets)
+            if self.stage2:
+                raise FewstepError("--lora with --stage2: the 1-NFE stage trains a full copy of its first-stage "
+                                   "student (a LoRA first stage included); leave --lora out")
+        elif self.lora_alpha is not None or self.lora_targets:
+            raise FewstepError("--lora-alpha / --lora-targets: give the adapter's rank with --lora RANK")
         if not 0 < self.teacher_precision_tol < 1:
             raise FewstepError(f"--teacher-precision-tol {self.teacher_precision_tol}: expected a relative "
                                "deviation in (0, 1)")

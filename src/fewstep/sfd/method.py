@@ -22,8 +22,10 @@ import torch
 from fewstep import argtypes as A
 from fewstep.checkpoint import Checkpoint, load_checkpoint, teacher_reference
 from fewstep.components import default_prompts
+from fewstep.denoiser import Denoiser
 from fewstep.distill.trajectory_cache import TrajectoryCache
 from fewstep.errors import FewstepError
+from fewstep.lora import TeacherView, add_lora, lora_spec, remove_lora
 from fewstep.models import as_model
 from fewstep.nets import channels_last_copy, set_dropout
 from fewstep.recipe import check_loop_options, method_config, take_config_options
@@ -66,6 +68,15 @@ class SFD(TrainMethod):
         tden = teacher.denoiser.eval()
         for p in tden.parameters():
             p.requires_grad_(False)
+        # a LoRA student is the teacher's own network with an adapter; the teacher is that network with it off
+        self.lora, lora_student = None, None
+        if cfg.lora is not None:
+            self.lora = lora_spec(cfg.lora, cfg.lora_alpha, cfg.lora_targets)
+            with torch.random.fork_rng(devices=[]):  # the adapter's A matrices, independent of RNG history
+                torch.manual_seed(0)
+                add_lora(tden.net, self.lora)
+            lora_student = Denoiser(tden.net, tden.schedule, tden.param, tden.exact_table).take_components(tden)
+            tden = Denoiser(TeacherView(tden.net), tden.schedule, tden.param, tden.exact_table).take_components(tden)
         self.shape = tuple(sample_shape(teacher.card))
         self.clip = 1.0 if cfg.thresholding else None
         self._loss, self.cfg = trajectory_loss(cfg, self.shape, teacher.card.get("data") or {},
@@ -81,14 +92,18 @@ class SFD(TrainMethod):
                                           final_orders=cfg.teacher_final_orders)
             self.student_step_cond = None  # per-iteration N for SFD-v
         self.traj.cache = self.cache
-        self.student = copy.deepcopy(tden)
+        self.student = copy.deepcopy(tden) if lora_student is None else lora_student
         if len(cfg.nfe) > 1 and not cfg.stage2:
             # a fixed seed makes the new layers' (non-zero) weights independent of RNG history
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
                 self.student.net.add_step_condition(cfg.step_condition)
-        for p in self.student.parameters():
-            p.requires_grad_(True)
+        if lora_student is None:
+            for p in self.student.parameters():
+                p.requires_grad_(True)
+        else:  # the adapter and an SFD-v step condition train; the teacher's weights stay as they are
+            for p in self.student.net.step_cond.parameters() if self.student.net.step_cond is not None else []:
+                p.requires_grad_(True)
         if cfg.dropout is not None:
             set_dropout(self.student, cfg.dropout)
         self.positions = {n: check_nested(s, t) for n, (s, t) in self.grids.items()}
@@ -229,6 +244,14 @@ class SFD(TrainMethod):
         if state.get("precision_check"):  # a resumed run keeps the precision its first batch chose
             self.traj.keep_precision(state["precision_check"])
 
+    def release(self) -> None:
+        """Give back what the run borrowed: a LoRA student's adapter and step condition leave the teacher's
+        network, which is then as it was loaded."""
+        if self.lora is not None and "lora" in self.student.net.config:
+            net = self.student.net
+            remove_lora(net)
+            net.step_cond, net.config["step_condition"] = None, False
+
     def sampler_card(self) -> dict:
         cfg = self.cfg
         if len(self.grids) > 1:
@@ -315,5 +338,8 @@ def distill_sfd(teacher, out, config: SFDConfig | None = None, *, trajectories: 
                                                 "trajectories": trajectories, **loop})
     method = SFD(teacher, config, teacher_ref=teacher_reference(teacher.path), trajectory_cache=trajectory_cache,
                  prompts=prompts, negative_prompt=negative_prompt, guidance=guidance)
-    Trainer(method, TrainConfig.from_options(resolved), out, resume=resume, run_info=run_info).run()
+    try:
+        Trainer(method, TrainConfig.from_options(resolved), out, resume=resume, run_info=run_info).run()
+    finally:
+        method.release()
     return load_checkpoint(out, device=next(teacher.denoiser.parameters()).device)
