@@ -211,14 +211,16 @@ def test_other_solvers_and_their_refusals(models, capsys):
 
 
 def test_sfd_on_sd3(models, tmp_path):
-    """SFD distils the SD3 teacher (data free, on prompts): the student shares its encoders, samples at its NFE,
-    saves and loads to the same samples, and goes on to the 1-NFE stage; SFDDM is refused with the reason."""
+    """SFD distils the SD3 teacher (data free, on prompts; the transformer's blocks recomputed in the backward
+    pass): the student shares its encoders, samples at its NFE, saves and loads to the same samples, and goes on
+    to the 1-NFE stage; SFDDM is refused with the reason."""
     import fewstep
 
     teacher = load_model(models["sd3-no-t5-f"])
     student = fewstep.distill_sfd(teacher, tmp_path / "sfd", nfe=3, prompts=PROMPTS, iters=2, batch=4,
-                                  progress=False)
+                                  progress=False, grad_checkpoint=True)
     assert student.card["text"]["encoders"]["kind"] == "sd3" and student.card["sampler"]["nfe"] == 3
+    assert student.card["training"]["peak_memory_mb"] > 0
     x = sample(student, 3, seed=2, prompts=PROMPTS, progress=False)
     assert x.shape == (3, 3, 16, 16) and torch.isfinite(x).all()
     assert torch.equal(sample(load_model(tmp_path / "sfd"), 3, seed=2, prompts=PROMPTS, progress=False), x)
