@@ -130,3 +130,23 @@ def test_lora_refusals_read_as_one_line(sd, tmp_path, capsys):
     with pytest.raises(FewstepError, match="no module named nope"):
         fewstep.distill_sfd(load_model(sd["sd-f"]), tmp_path / "x", nfe=2, lora=2, lora_targets="to_q,nope",
                             prompts=PROMPTS, iters=1, batch=4, progress=False)
+
+
+def test_a_flow_transformer_takes_a_lora_too(tmp_path):
+    """SD3's transformer: the adapter trains on the attention projections and its LoRA file loads into
+    StableDiffusion3Pipeline, whose transformer then computes the student's."""
+    from diffusers import StableDiffusion3Pipeline
+    from test_interop_flow import tiny_sd3
+    folder = tiny_sd3(tmp_path / "sd3", t5=False)
+    student = fewstep.distill_sfd(fewstep.import_model(folder, tmp_path / "sd3-f"), tmp_path / "sfd", nfe=2, lora=2,
+                                  prompts=PROMPTS, iters=2, batch=4, m=1, progress=False)
+    out = fewstep.export_model(student, tmp_path / "export")
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
+    pipe.load_lora_weights(str(out / "lora"))
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([900.0, 300.0])
+    ctx, pooled = torch.randn(2, 272, 64, generator=g), torch.randn(2, 48, generator=g)
+    with torch.no_grad():
+        want = student.denoiser.net.transformer.eval()(x, ctx, pooled, t, return_dict=False)[0]
+        got = pipe.transformer(x, ctx, pooled, t, return_dict=False)[0]
+    assert (got - want).abs().max() <= 1e-5
