@@ -175,20 +175,17 @@ def _latents(seed, n=3):
 @pytest.mark.parametrize("name", ["sd3", "sd3-no-t5"])
 def test_sd3_equals_its_pipeline(models, name):
     """`fewstep sample` with the card's defaults is StableDiffusion3Pipeline's default call (28 Euler steps of its
-    FlowMatchEulerDiscreteScheduler from t = 1, guidance 7) on the same latents and prompts: the latents and the
-    decoded images, and again at 5 steps and guidance 3 from a seed."""
+    FlowMatchEulerDiscreteScheduler from t = 1, guidance 7) on the same latents and prompts; and the decoded
+    images at 5 steps and guidance 3 from a seed."""
     pipe, model = pipeline(models[name]), load_model(models[f"{name}-f"])
     lat = _latents(3)
     with torch.no_grad():
         ref = pipe(PROMPTS, latents=lat.clone(), output_type="latent", height=16, width=16).images
-        images = pipe(PROMPTS, latents=lat.clone(), output_type="pt", height=16, width=16).images
     x = sample(model, 3, noise=lat, prompts=PROMPTS, progress=False, decode=False)
     diff, scale = (x - ref).abs().max().item(), ref.abs().max().item()
     print(f"SD3 ({name}), 28 steps: max |fewstep - pipeline| = {diff:.3g} on latents of max {scale:.3g}")
     assert diff <= 1e-5 * scale
-    x = sample(model, 3, noise=lat, prompts=PROMPTS, progress=False)
-    assert ((x / 2 + 0.5).clamp(0, 1) - images).abs().max().item() <= 5e-6
-    with torch.no_grad():
+    with torch.no_grad():  # decoded images, as the pipeline decodes them (the autoencoder's shift factor)
         ref = pipe(PROMPTS[0], num_inference_steps=5, guidance_scale=3.0, output_type="pt", height=16, width=16,
                    num_images_per_prompt=2, generator=torch.Generator().manual_seed(8)).images
     x = sample(model, 2, seed=8, nfe=5, prompts=PROMPTS[:1], guidance=3.0, progress=False)

@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "fewstep"
 LAYERS = {
     "foundations": ["errors", "hashing", "files", "argtypes", "recipe", "method", "schedule", "nets", "userdata",
                     "data"],
-    "models": ["denoiser", "solvers", "components", "checkpoint", "sampling", "viz", "show"],
+    "models": ["denoiser", "solvers", "components", "lora", "checkpoint", "sampling", "viz", "show"],
     "around a model": ["featnet", "perceptual", "distances", "metrics", "compare", "interop", "interop.*", "models"],
     "training loop": ["train_config", "timing", "runfolder", "train"],
     "shared by methods": ["distill", "distill.*"],

@@ -94,7 +94,8 @@ class LatentCodec(Component):
         check_safetensors_only(folder, "autoencoder")
         down = len(cfg.get("block_out_channels") or [1]) - 1
         return {"kind": kind, "class": cfg["_class_name"], "scaling_factor": float(cfg.get("scaling_factor") or 1.0),
-                "shift_factor": float(cfg.get("shift_factor") or 0.0), "latent_channels": int(cfg.get("latent_channels", 4)), "image_channels": int(cfg.get("out_channels", 3)),
+                "shift_factor": float(cfg.get("shift_factor") or 0.0),
+                "latent_channels": int(cfg.get("latent_channels", 4)), "image_channels": int(cfg.get("out_channels", 3)),
                 "downsampling": 2 ** down}
 
     def _load(self):
@@ -218,19 +219,34 @@ class TextEncoder(Component):
         return [self]
 
 
-class SD3TextEncoders:
+class TextEncoderGroup:
+    """Several text encoders whose outputs a pipeline combines (`encode` → token embeddings, pooled embedding);
+    frozen and shared like every component. `settings` is what the card keeps to rebuild the combination,
+    beside each encoder's own entry."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+    @property
+    def parts(self) -> list:
+        raise NotImplementedError
+
+    def to(self, device=None, dtype=None):
+        for p in self.parts:
+            p.to(device, dtype)
+        return self
+
+
+class SD3TextEncoders(TextEncoderGroup):
     """StableDiffusion3Pipeline's prompt encoding: CLIP-L and CLIP-G (CLIPTextModelWithProjection), each padded to
     the first tokenizer's length, their penultimate hidden states side by side and zero-padded to the joint
     width, followed by T5's last hidden state over `max_sequence_length` tokens (zeros where the pipeline has no
-    T5); the two pooled projections side by side. Frozen and shared like every component."""
+    T5); the two pooled projections side by side."""
 
     def __init__(self, clip_l: TextEncoder, clip_g: TextEncoder, t5: TextEncoder | None, joint_dim: int,
                  max_sequence_length: int = 256):
         self.clip_l, self.clip_g, self.t5 = clip_l, clip_g, t5
         self.joint_dim, self.max_sequence_length = int(joint_dim), int(max_sequence_length)
-
-    def __deepcopy__(self, memo):
-        return self
 
     @property
     def parts(self) -> list:
@@ -238,13 +254,7 @@ class SD3TextEncoders:
 
     @property
     def settings(self) -> dict:
-        """What the card keeps to rebuild this encoding (beside each encoder's own entry)."""
         return {"kind": "sd3", "joint_dim": self.joint_dim, "max_sequence_length": self.max_sequence_length}
-
-    def to(self, device=None, dtype=None):
-        for p in self.parts:
-            p.to(device, dtype)
-        return self
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -283,7 +293,7 @@ def default_prompts() -> list[str]:
 
 # ---- in a checkpoint folder -------------------------------------------------------------------------------
 
-class SDXLTextEncoders:
+class SDXLTextEncoders(TextEncoderGroup):
     """StableDiffusionXLPipeline's prompt encoding: both CLIP encoders' penultimate hidden states side by side
     (each padded to its own tokenizer's length), the second's projection as the pooled embedding. With
     `zeros_for_empty_prompt` (the pipeline's force_zeros_for_empty_prompt), no negative prompt means zero
@@ -291,9 +301,6 @@ class SDXLTextEncoders:
 
     def __init__(self, clip_l: TextEncoder, clip_g: TextEncoder, zeros_for_empty_prompt: bool = True):
         self.clip_l, self.clip_g, self.zeros_for_empty_prompt = clip_l, clip_g, bool(zeros_for_empty_prompt)
-
-    def __deepcopy__(self, memo):
-        return self
 
     @property
     def parts(self) -> list:
@@ -303,11 +310,6 @@ class SDXLTextEncoders:
     def settings(self) -> dict:
         return {"kind": "sdxl", "zeros_for_empty_prompt": self.zeros_for_empty_prompt}
 
-    def to(self, device=None, dtype=None):
-        for p in self.parts:
-            p.to(device, dtype)
-        return self
-
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         h1 = self.clip_l.hidden_and_pooled(prompts, penultimate=True)[0]
@@ -315,7 +317,7 @@ class SDXLTextEncoders:
         return torch.cat([h1, h2], -1), pooled
 
 
-class FluxTextEncoders:
+class FluxTextEncoders(TextEncoderGroup):
     """FluxPipeline's prompt encoding: T5's last hidden state over `max_sequence_length` tokens is the sequence
     the transformer attends to, CLIP's pooled output the vector beside it. A guidance-distilled Flux takes the
     guidance scale as an input (`embedded_guidance`) instead of classifier-free guidance."""
@@ -325,9 +327,6 @@ class FluxTextEncoders:
         self.clip, self.t5 = clip, t5
         self.max_sequence_length, self.embedded_guidance = int(max_sequence_length), bool(embedded_guidance)
 
-    def __deepcopy__(self, memo):
-        return self
-
     @property
     def parts(self) -> list:
         return [self.clip, self.t5]
@@ -336,11 +335,6 @@ class FluxTextEncoders:
     def settings(self) -> dict:
         return {"kind": "flux", "max_sequence_length": self.max_sequence_length,
                 "embedded_guidance": self.embedded_guidance}
-
-    def to(self, device=None, dtype=None):
-        for p in self.parts:
-            p.to(device, dtype)
-        return self
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
