@@ -243,6 +243,10 @@ def test_refusals_name_what_is_not_run(models, tmp_path, capsys):
     assert run(["import", folder, "--out", tmp_path / "ip-f"]) == 2
     assert "image_encoder (an image encoder (IP-Adapter))" in capsys.readouterr().err
     assert math.isfinite(np.float32(FLOW_T_TOP)) and np.float32(FLOW_T_TOP) == 1.0
+    assert run(["info", models["flux-f"]]) == 0
+    out = capsys.readouterr().out
+    assert "FLUX's encoders: CLIPTextModel in text_encoder/, T5EncoderModel in text_encoder_2/" in out
+    assert "guidance 3.5 as the transformer's input" in out and "flow grid from pure noise" in out
 
 
 FRESH_MANY = r'''

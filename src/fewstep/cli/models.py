@@ -159,11 +159,14 @@ def cmd_info(args):
         t, text = comps["text_encoder"], card.get("text") or {}
         distilled = f", distilled from the teacher guided at {text['distilled_guidance']:g}" \
             if text.get("distilled_guidance") is not None else ""
-        if (text.get("encoders") or {}).get("kind") == "sd3":
+        kind = (text.get("encoders") or {}).get("kind")
+        if kind:  # several encoders, combined as the pipeline combines them
             names = [f"{comps[r]['class']} in {r}/" for r in ("text_encoder", "text_encoder_2", "text_encoder_3")
                      if r in comps]
-            print(f"text       SD3's encoders: {', '.join(names)}{'' if 'text_encoder_3' in comps else ' (no T5)'}; "
-                  f"guidance {text.get('guidance', 1):g} by default{distilled}")
+            no_t5 = " (no T5)" if kind == "sd3" and "text_encoder_3" not in comps else ""
+            how = "as the transformer's input" if text["encoders"].get("embedded_guidance") else "by default"
+            print(f"text       {kind.upper()}'s encoders: {', '.join(names)}{no_t5}; "
+                  f"guidance {text.get('guidance', 1):g} {how}{distilled}")
         else:
             print(f"text       {t['class']} in {t['folder']}/ (sha256 {t['sha256'][:12]}…), prompts of up to "
                   f"{t['max_length']} tokens; guidance {text.get('guidance', 1):g} by default{distilled}")
