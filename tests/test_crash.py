@@ -147,6 +147,22 @@ def test_resume_before_the_first_checkpoint_starts_again_and_equals_the_uninterr
     assert steps == sorted(set(steps))
 
 
+def test_a_fresh_start_over_a_run_killed_before_its_first_checkpoint_keeps_none_of_its_logs(crash_runs, tmp_path):
+    """Started again without --resume (as the bench starts a row with no saved state), a folder a killed run left
+    keeps none of that run's log lines (nor snapshot entries, the same code): each iteration is logged once,
+    and the run is the uninterrupted one."""
+    refs, _ = crash_runs
+    argv = COMMANDS["train"]
+    killed = run({"at": "iteration", "n": 2, "signal": "kill"}, argv, tmp_path / "run")
+    assert killed.returncode == -9 and not (tmp_path / "run" / STATE_NAME).exists()
+    assert (tmp_path / "run" / "metrics.jsonl").read_text()
+    again = run({"at": "none"}, argv, tmp_path / "run")
+    assert again.returncode == 0, again.stderr[-2000:]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)), f"iterations repeated: {steps}"
+    assert final_weights(tmp_path / "run") == refs["train"]
+
+
 def test_resume_of_a_folder_killed_before_its_config_starts_again(crash_runs, tmp_path):
     """A run killed between making its folder and writing config.json leaves only the lock file: --resume
     starts it from iteration 0, as it does a folder holding only config.json, to the uninterrupted bytes."""

@@ -102,8 +102,8 @@ class RunFolder:
         return False, True
 
     def start(self, config: dict, drop_logs_after: int | None = None):
-        """The run begins: sign the lock, clear what killed writers left, drop the log lines a resumed run
-        repeats, and write config.json."""
+        """The run begins: sign the lock, clear what killed writers left, drop the log lines (and snapshot
+        entries) after the iteration it starts from, and write config.json."""
         if not self.is_main:
             return
         self.lock.sign()

@@ -421,8 +421,10 @@ class Trainer:
                 print(f"fewstep: note: {self.out_dir} is a finished run of {self.step} iterations; nothing to "
                       "resume (a larger --iters continues it)", file=sys.stderr)
             return self.out_dir
+        # the logs keep what this run's saved state covers: nothing for a run from iteration 0, which also clears
+        # the lines and snapshots a run killed before its first checkpoint left in the folder
         self.folder.start({"train": asdict(c), **self.run_info, "method": self.method.name, "processes": self.world},
-                          drop_logs_after=self.step if self.step or self.fresh_resume else None)
+                          drop_logs_after=self.step)
         ctx = StepContext(self)
         self.folder.open_board(c.log, self.step)
         bar = tqdm(total=c.steps, initial=self.step, desc=self.method.name, unit="it",
