@@ -1,7 +1,8 @@
 """A LoRA student against a full copy, on one Stable Diffusion teacher built here (random weights, nothing
-downloaded): peak memory and time per SFD iteration, each run in its own process, and each student's paired
-RMSE to the teacher's own trajectory from the same noises after the same budget. Then the memory of the
-weights, gradients and Adam states each way for SD 1.5, SDXL and Flux from their parameter counts.
+downloaded): the memory a run holds (weights, gradients, Adam states: each tensor counted once), the process's
+peak memory and the time per SFD iteration, each run in its own process, and each student's paired RMSE to the
+teacher's own trajectory from the same noises after the same budget. Then the same held memory each way for
+SD 1.5, SDXL and Flux from their parameter counts.
 
     python scripts/bench_lora.py --out bench/lora [--iters 100] [--rank 8]
 
@@ -32,6 +33,26 @@ tr = student.card["training"]
 trained = sum(p.numel() for n, p in student.denoiser.net.named_parameters() if not job["rank"] or "lora_" in n)
 print(json.dumps({"peak_mb": tr["peak_memory_mb"], "s_per_iter": tr["wall_time_s"] / job["iters"],
                   "trained_params": trained}))
+'''
+
+
+HELD = r'''
+import json, sys, torch
+from fewstep.models import load_model
+from fewstep.sfd.config import SFDConfig
+from fewstep.sfd.method import SFD
+from fewstep.train import TrainConfig, Trainer
+job = json.loads(sys.argv[1])
+method = SFD(load_model(job["teacher"]), SFDConfig(nfe=[2], lora=job["rank"] or None), prompts=job["prompts"])
+trainer = Trainer(method, TrainConfig(steps=2, batch=4, lr=5e-5, progress=False, profile=False), job["out"])
+trainer.run()
+# every tensor the run holds between iterations, each storage counted once: teacher and student weights,
+# the student's gradients and Adam's moments
+tensors = [*method.traj.den.parameters(), *method.student.parameters()]
+tensors += [p.grad for p in trainer.params if p.grad is not None]
+tensors += [v for st in trainer.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+print(json.dumps({"held_mb": sum(seen.values()) / 2**20}))
 '''
 
 
@@ -108,6 +129,11 @@ def main():
             sys.exit(r.stderr[-3000:])
         rows[name] = {**json.loads(r.stdout.strip().splitlines()[-1]), "process_s": time.perf_counter() - t0,
                       "paired_rmse": paired_rmse(out, teacher, prompts)}
+        job = {**job, "out": str(out) + "-held"}
+        r = subprocess.run([sys.executable, "-c", HELD, json.dumps(job)], capture_output=True, text=True)
+        if r.returncode:
+            sys.exit(r.stderr[-3000:])
+        rows[name].update(json.loads(r.stdout.strip().splitlines()[-1]))
     from fewstep.models import load_model
     params = sum(p.numel() for p in load_model(teacher).denoiser.net.parameters())
     lora_share = rows[f"LoRA rank {args.rank}"]["trained_params"] / params
@@ -119,10 +145,12 @@ def main():
               "projection_fp32_weights_and_optimizer": projection}
     (root / "lora.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"teacher UNet {params / 1e6:.1f}M parameters; SFD NFE 2, {args.iters} iterations of 4, 2 CPU threads")
-    print(f"{'student':<14} {'trained':>10} {'peak MB':>8} {'s/iter':>7} {'paired RMSE':>12}")
+    print(f"{'student':<14} {'trained':>10} {'held MB':>8} {'peak MB':>8} {'s/iter':>7} {'paired RMSE':>12}")
     for name, r in rows.items():
-        print(f"{name:<14} {r['trained_params'] / 1e6:>9.2f}M {r['peak_mb']:>8.0f} {r['s_per_iter']:>7.3f} "
-              f"{r['paired_rmse']:>12.4f}")
+        print(f"{name:<14} {r['trained_params'] / 1e6:>9.2f}M {r['held_mb']:>8.0f} {r['peak_mb']:>8.0f} "
+              f"{r['s_per_iter']:>7.3f} {r['paired_rmse']:>12.4f}")
+    print("held: weights, gradients and Adam states the run keeps between iterations (each storage once); peak: "
+          "the process's peak resident memory, activations and libraries included")
     print("weights + gradients + Adam in fp32 (no activations), the same adapter share "
           f"({100 * lora_share:.2f} % of the network):")
     for name, p in projection.items():
