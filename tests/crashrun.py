@@ -7,8 +7,8 @@
 (inside the n-th write of model.safetensors / fewstep.json / train_state.pt, after the temp file is
 written and before it is renamed), or "none".
 `signal`: "kill" (SIGKILL: nothing runs after it), "int" (SIGINT, as Ctrl-C), "int2" / "term2" (two
-SIGINTs / SIGTERMs at once: a stop request, then a stop at once). `delay`: seconds to sleep after each
-iteration (to keep a run alive while another process tries its folder).
+SIGINTs / SIGTERMs at once: a stop request, then a stop at once). `hold`: a file; after each iteration the
+run waits while it exists (to keep a run alive while another process tries its folder).
 """
 import json
 import os
@@ -25,7 +25,7 @@ at, n = spec.get("at", "none"), int(spec.get("n", 1))
 name = spec.get("signal", "kill")
 sig = {"kill": signal.SIGKILL, "int": signal.SIGINT, "int2": signal.SIGINT, "term2": signal.SIGTERM}[name]
 hits = [0]
-delay = float(spec.get("delay", 0))
+hold = spec.get("hold")
 
 
 def hit():
@@ -39,12 +39,12 @@ def hit():
 import fewstep.checkpoint as checkpoint  # noqa: E402
 import fewstep.train as train  # noqa: E402
 
-if at == "iteration" or delay:
+if at == "iteration" or hold:
     class Bar(train.tqdm):
         def update(self, k=1):
             out = super().update(k)
-            if delay:
-                time.sleep(delay)
+            while hold and os.path.exists(hold):
+                time.sleep(0.02)
             if at == "iteration":
                 hit()
             return out
