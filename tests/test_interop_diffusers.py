@@ -432,7 +432,7 @@ DDPM_CFG = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_s
     ("controlnet", "controlnet \\(a ControlNet\\), which fewstep does not run"),
     ("lora", "LoRA weights alone \\(pytorch_lora_weights.safetensors\\)"),
     ("no-scheduler", "no scheduler config \\(looked for"),
-    ("bin", "no diffusion_pytorch_model.safetensors \\(found: diffusion_pytorch_model.bin\\)"),
+    ("bin", "no diffusion_pytorch_model.safetensors nor .*index.json \\(found: diffusion_pytorch_model.bin\\)"),
     ("scheduler-class", "scheduler 'ScoreSdeVeScheduler' is not a discrete VP scheduler"),
     ("zero-snr", "rescale_betas_zero_snr"),
     ("fourier", "time_embedding_type 'fourier' is not supported"),

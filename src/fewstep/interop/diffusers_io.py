@@ -12,6 +12,7 @@ parameters under `unet.*`), and the scheduler's training table becomes a discret
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -56,6 +57,48 @@ SUPPORTED = ("supported: UNet2DModel models in pixels (unconditional or with num
 
 def require_diffusers():
     return require("diffusers", "diffusers")
+
+
+# a model saved in several files (diffusers' max_shard_size): an index names the file of every tensor
+SHARD_INDEX = WEIGHTS + ".index.json"
+
+
+def weights_file(folder: Path) -> Path:
+    """A diffusers model folder's weights: its safetensors file, or the index of its shards."""
+    for name in (WEIGHTS, SHARD_INDEX):
+        if (folder / name).is_file():
+            return folder / name
+    found = sorted(p.name for p in folder.glob("diffusion_pytorch_model*"))
+    raise FewstepError(f"{folder}: no {WEIGHTS} nor {SHARD_INDEX} (found: {', '.join(found) or 'nothing'}); fewstep "
+                       "reads float32/float16/bfloat16 safetensors weights only (pickled .bin files are never loaded; "
+                       "re-save with save_pretrained(..., safe_serialization=True))")
+
+
+def _shards(index: Path) -> list[Path]:
+    data = _read_json(index, "the index of the weights' shards")
+    names = sorted(set((data.get("weight_map") or {}).values()))
+    if not names or not all(isinstance(n, str) and "/" not in n and "\\" not in n for n in names):
+        raise FewstepError(f"{index}: expected a weight_map from tensor names to shard files in its folder")
+    return [index.parent / n for n in names]
+
+
+def read_weights(path: Path) -> dict:
+    """The tensors of a weights file or of every shard an index names, on the CPU."""
+    files = _shards(path) if path.name == SHARD_INDEX else [path]
+    sd = {}
+    for f in files:
+        try:
+            sd.update(load_file(str(f), device="cpu"))
+        except Exception as e:  # safetensors raises its own error types for malformed files
+            raise FewstepError(f"{f}: not a readable safetensors file ({e})") from None
+    return sd
+
+
+def weights_digest(path: Path) -> str:
+    """sha256 of a weights file, or of the index and every shard (their hashes in order)."""
+    if path.name != SHARD_INDEX:
+        return sha256_file(path)
+    return hashlib.sha256("".join(sha256_file(f) for f in [path, *_shards(path)]).encode()).hexdigest()
 
 
 def _plain(v):
@@ -313,12 +356,7 @@ def locate(src: Path) -> dict:
                  src.parent / "scheduler" / "scheduler_config.json"]
     if not (unet_dir / "config.json").is_file():
         raise FewstepError(f"{unet_dir}: no config.json (expected a UNet2DModel saved with save_pretrained)")
-    weights = unet_dir / WEIGHTS
-    if not weights.is_file():
-        found = sorted(p.name for p in unet_dir.glob("diffusion_pytorch_model*"))
-        raise FewstepError(f"{unet_dir}: no {WEIGHTS} (found: {', '.join(found) or 'nothing'}); fewstep reads "
-                           "float32/float16 safetensors weights only (pickled .bin files are never loaded; "
-                           "re-save with save_pretrained(..., safe_serialization=True))")
+    weights = weights_file(unet_dir)
     found = [p for p in sched if p.is_file()]
     if not found:
         raise FewstepError(f"{src}: no scheduler config (looked for {', '.join(str(p) for p in sched)}); the "
@@ -390,11 +428,7 @@ def denoiser_from_folder(src: Path, feature_layer: str | None = None):
         net = DiffusersXLUNet(unet=unet_cfg, feature_layer=feature_layer, time_ids=[size, size, 0, 0, size, size])
     else:
         net = (DiffusersCondUNet if text else DiffusersUNet)(unet=unet_cfg, feature_layer=feature_layer)
-    try:
-        sd = load_file(str(where["weights"]), device="cpu")
-    except Exception as e:  # safetensors raises its own error types for malformed files
-        raise FewstepError(f"{where['weights']}: not a readable safetensors file ({e})") from None
-    sd = {f"unet.{k}": v.float() for k, v in sd.items()}
+    sd = {f"unet.{k}": v.float() for k, v in read_weights(where["weights"]).items()}
     try:
         net.load_state_dict(sd, strict=True)
     except RuntimeError as e:
@@ -494,7 +528,7 @@ def import_diffusers(src: Path, out: Path, feature_layer: str | None = None) -> 
     card = {"method": {"name": "imported"},
             "source": {"format": "diffusers", "layout": where["layout"], "path": str(src.resolve()),
                        "sha256": source_digest(src), "pipeline": where["pipeline"],
-                       "weights": str(where["weights"].resolve()), "weights_sha256": sha256_file(where["weights"]),
+                       "weights": str(where["weights"].resolve()), "weights_sha256": weights_digest(where["weights"]),
                        "scheduler_path": str(where["scheduler_config"].resolve()),
                        "scheduler_sha256": sha256_file(where["scheduler_config"]),
                        "unet_config": unet_cfg, "scheduler_config": sched_cfg},

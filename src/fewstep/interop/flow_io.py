@@ -19,15 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from fewstep.checkpoint import refuse_to_overwrite, save_checkpoint
 from fewstep.components import FluxTextEncoders, LatentCodec, SD3TextEncoders, TextEncoder, tokenizer_role
 from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
-from fewstep.hashing import folder_digest, sha256_file
-from fewstep.interop.diffusers_io import WEIGHTS, _plain, _read_json, require_diffusers
+from fewstep.hashing import folder_digest
+from fewstep.interop.diffusers_io import (_plain, _read_json, read_weights, require_diffusers, weights_digest,
+                                          weights_file)
 from fewstep.interop.sources import source_digest
 from fewstep.lora import add_lora
 from fewstep.nets import StepConditioned
@@ -277,11 +277,7 @@ def denoiser_from_flow_pipeline(src: Path, resolution: int | None = None) -> tup
     name, pipe, comps = _components(src)
     tdir = src / "transformer"
     tcfg = _read_json(tdir / "config.json", "the transformer config")
-    weights = tdir / WEIGHTS
-    if not weights.is_file():
-        raise FewstepError(f"{tdir}: no {WEIGHTS} (fewstep reads safetensors weights in one file; sharded or "
-                           "pickled weights: re-save with save_pretrained(..., safe_serialization=True, "
-                           "max_shard_size='100GB'))")
+    weights = weights_file(tdir)
     codec_entry = LatentCodec.describe(src / "vae")
     scale = codec_entry["downsampling"]
     latent = None
@@ -300,10 +296,7 @@ def denoiser_from_flow_pipeline(src: Path, resolution: int | None = None) -> tup
     if net.config["out_channels"] != net.config["in_channels"]:
         raise FewstepError(f"{tdir / 'config.json'}: out_channels={cfg['out_channels']} differs from in_channels="
                            f"{cfg['in_channels']}; supported: a transformer that predicts one velocity from its input")
-    try:
-        sd = load_file(str(weights), device="cpu")
-    except Exception as e:  # safetensors raises its own error types for malformed files
-        raise FewstepError(f"{weights}: not a readable safetensors file ({e})") from None
+    sd = read_weights(weights)
     try:
         net.load_state_dict({f"transformer.{k}": v.float() for k, v in sd.items()}, strict=True)
     except RuntimeError as e:
@@ -357,13 +350,13 @@ def import_flow_pipeline(src: Path, out: Path, resolution: int | None = None) ->
     refuse_to_overwrite(out)
     den, name, tcfg, sched_cfg, sampler = denoiser_from_flow_pipeline(src, resolution)
     net = den.net.config
-    weights = src / "transformer" / WEIGHTS
+    weights = weights_file(src / "transformer")
     e = den.codec.entry
     size = net["resolution"] * e["downsampling"]
     card = {"method": {"name": "imported"},
             "source": {"format": "diffusers", "layout": "pipeline", "path": str(src.resolve()),
                        "sha256": source_digest(src), "pipeline": name,
-                       "weights": str(weights.resolve()), "weights_sha256": sha256_file(weights),
+                       "weights": str(weights.resolve()), "weights_sha256": weights_digest(weights),
                        "scheduler_path": str((src / "scheduler" / "scheduler_config.json").resolve()),
                        "transformer_config": tcfg, "scheduler_config": sched_cfg},
             "sampler": sampler, "teacher": None,
