@@ -23,7 +23,8 @@ import fewstep.nets
 from fewstep.checkpoint import LOCK_NAME, RunLock, load_checkpoint
 from fewstep.components import COMPONENT_BATCH, tokenizer_role
 from fewstep.errors import FewstepError
-from fewstep.interop.diffusers_io import WEIGHTS, DiffusersUNet, require_diffusers
+from fewstep.interop.diffusers_io import DiffusersUNet, require_diffusers
+from fewstep.interop.sources import WEIGHTS
 from fewstep.lora import PIPELINE_LORA, export_lora, fuse_lora
 from fewstep.nets import fold_step_condition
 from fewstep.sampling import resolve_sampler, sample_shape

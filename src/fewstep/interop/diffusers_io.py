@@ -12,12 +12,9 @@ parameters under `unet.*`), and the scheduler's training table becomes a discret
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from fewstep.checkpoint import refuse_to_overwrite, save_checkpoint
@@ -25,13 +22,12 @@ from fewstep.components import LatentCodec, SDXLTextEncoders, TextEncoder, requi
 from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
 from fewstep.hashing import folder_digest, sha256_file
-from fewstep.interop.sources import source_digest
+from fewstep.interop.sources import read_json, read_weights, source_digest, weights_digest, weights_file
 from fewstep.lora import add_lora
 from fewstep.nets import FeatureTap, StepConditioned
 from fewstep.schedule import SCHEDULER_SPACINGS, Schedule
 from fewstep.solvers import DDPM_VARIANCES
 
-WEIGHTS = "diffusion_pytorch_model.safetensors"
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 # schedulers whose config describes a discrete VP training table (beta_* and num_train_timesteps)
@@ -57,48 +53,6 @@ SUPPORTED = ("supported: UNet2DModel models in pixels (unconditional or with num
 
 def require_diffusers():
     return require("diffusers", "diffusers")
-
-
-# a model saved in several files (diffusers' max_shard_size): an index names the file of every tensor
-SHARD_INDEX = WEIGHTS + ".index.json"
-
-
-def weights_file(folder: Path) -> Path:
-    """A diffusers model folder's weights: its safetensors file, or the index of its shards."""
-    for name in (WEIGHTS, SHARD_INDEX):
-        if (folder / name).is_file():
-            return folder / name
-    found = sorted(p.name for p in folder.glob("diffusion_pytorch_model*"))
-    raise FewstepError(f"{folder}: no {WEIGHTS} nor {SHARD_INDEX} (found: {', '.join(found) or 'nothing'}); fewstep "
-                       "reads float32/float16/bfloat16 safetensors weights only (pickled .bin files are never loaded; "
-                       "re-save with save_pretrained(..., safe_serialization=True))")
-
-
-def _shards(index: Path) -> list[Path]:
-    data = _read_json(index, "the index of the weights' shards")
-    names = sorted(set((data.get("weight_map") or {}).values()))
-    if not names or not all(isinstance(n, str) and "/" not in n and "\\" not in n for n in names):
-        raise FewstepError(f"{index}: expected a weight_map from tensor names to shard files in its folder")
-    return [index.parent / n for n in names]
-
-
-def read_weights(path: Path) -> dict:
-    """The tensors of a weights file or of every shard an index names, on the CPU."""
-    files = _shards(path) if path.name == SHARD_INDEX else [path]
-    sd = {}
-    for f in files:
-        try:
-            sd.update(load_file(str(f), device="cpu"))
-        except Exception as e:  # safetensors raises its own error types for malformed files
-            raise FewstepError(f"{f}: not a readable safetensors file ({e})") from None
-    return sd
-
-
-def weights_digest(path: Path) -> str:
-    """sha256 of a weights file, or of the index and every shard (their hashes in order)."""
-    if path.name != SHARD_INDEX:
-        return sha256_file(path)
-    return hashlib.sha256("".join(sha256_file(f) for f in [path, *_shards(path)]).encode()).hexdigest()
 
 
 def _plain(v):
@@ -288,20 +242,6 @@ class DiffusersXLUNet(DiffusersCondUNet):
 
 # ---- import -------------------------------------------------------------------------------------
 
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        d = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FewstepError(f"{path}: missing ({what})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FewstepError(f"{path}: not valid JSON ({e})") from None
-    except RecursionError:
-        raise FewstepError(f"{path}: JSON nested too deeply to read") from None
-    if not isinstance(d, dict):
-        raise FewstepError(f"{path}: expected a JSON object ({what})")
-    return d
-
-
 def locate(src: Path) -> dict:
     """Where a diffusers folder keeps its UNet and its scheduler config, and how it is laid out."""
     src = Path(src)
@@ -309,7 +249,7 @@ def locate(src: Path) -> dict:
         raise FewstepError(f"diffusers folder {str(src)!r}: not a directory")
     index = None
     if (src / "model_index.json").is_file():
-        index = _read_json(src / "model_index.json", "the pipeline's component list")
+        index = read_json(src / "model_index.json", "the pipeline's component list")
         comps = {k: v for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2
                  and v[0] is not None}
         pipe = index.get("_class_name", "?")
@@ -413,14 +353,14 @@ def denoiser_from_folder(src: Path, feature_layer: str | None = None):
     where = locate(src)
     latent = where["latent"] or {}
     text, xl = "text_encoder" in latent, "text_encoder_2" in latent
-    unet_cfg = check_unet_config(_read_json(where["unet_dir"] / "config.json", "the UNet config"),
+    unet_cfg = check_unet_config(read_json(where["unet_dir"] / "config.json", "the UNet config"),
                                  str(where["unet_dir"] / "config.json"), conditional=text, xl=xl)
     if unet_cfg["out_channels"] != unet_cfg["in_channels"]:
         raise FewstepError(f"{where['unet_dir'] / 'config.json'}: out_channels={unet_cfg['out_channels']} differs "
                            f"from in_channels={unet_cfg['in_channels']} (a learned-variance output, or an "
                            "inpainting UNet's masked-image input?); supported: networks that predict one image or "
                            "latent (ε, v or x0) from it alone")
-    sched_cfg = _read_json(where["scheduler_config"], "the scheduler config")
+    sched_cfg = read_json(where["scheduler_config"], "the scheduler config")
     alpha_bar, param, table = schedule_from_config(sched_cfg, str(where["scheduler_config"]))
     if xl:
         codec = LatentCodec.describe(latent["codec"])

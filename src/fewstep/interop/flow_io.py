@@ -26,8 +26,8 @@ from fewstep.components import FluxTextEncoders, LatentCodec, SD3TextEncoders, T
 from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
 from fewstep.hashing import folder_digest
-from fewstep.interop.diffusers_io import (_plain, _read_json, read_weights, require_diffusers, weights_digest,
-                                          weights_file)
+from fewstep.interop.diffusers_io import _plain, require_diffusers
+from fewstep.interop.sources import read_json, read_weights, weights_digest, weights_file
 from fewstep.interop.sources import source_digest
 from fewstep.lora import add_lora
 from fewstep.nets import StepConditioned
@@ -45,7 +45,7 @@ SUPPORTED = ("supported flow-matching pipelines: StableDiffusion3Pipeline (SD3Tr
 
 def is_flow_pipeline(src: Path) -> bool:
     index = Path(src) / "model_index.json"
-    return index.is_file() and _read_json(index, "the pipeline's component list").get("_class_name") in PIPELINES
+    return index.is_file() and read_json(index, "the pipeline's component list").get("_class_name") in PIPELINES
 
 
 class FlowTransformer(StepConditioned, nn.Module):
@@ -210,7 +210,7 @@ FLUX_DEFAULT_LATENT = 128
 
 
 def _components(src: Path) -> tuple[str, FlowPipeline, dict]:
-    index = _read_json(src / "model_index.json", "the pipeline's component list")
+    index = read_json(src / "model_index.json", "the pipeline's component list")
     name = index.get("_class_name")
     pipe = PIPELINES[name]
     comps = {k: v[1] for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2
@@ -276,7 +276,7 @@ def denoiser_from_flow_pipeline(src: Path, resolution: int | None = None) -> tup
     src = Path(src)
     name, pipe, comps = _components(src)
     tdir = src / "transformer"
-    tcfg = _read_json(tdir / "config.json", "the transformer config")
+    tcfg = read_json(tdir / "config.json", "the transformer config")
     weights = weights_file(tdir)
     codec_entry = LatentCodec.describe(src / "vae")
     scale = codec_entry["downsampling"]
@@ -303,7 +303,7 @@ def denoiser_from_flow_pipeline(src: Path, resolution: int | None = None) -> tup
         raise FewstepError(f"{weights}: the weights do not fit the {pipe.net.CLASS} of its config.json: "
                            f"{str(e).strip().splitlines()[-1][:300]}") from None
     sched_path = src / "scheduler" / "scheduler_config.json"
-    sched_cfg = _read_json(sched_path, "the scheduler config")
+    sched_cfg = read_json(sched_path, "the scheduler config")
     side = net.config["resolution"]
     patches = (side // 2) ** 2 if name == "FluxPipeline" else (side // cfg["patch_size"]) ** 2
     sampler, shift, T = flow_sampler(sched_cfg, str(sched_path), patches, pipe)
