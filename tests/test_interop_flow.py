@@ -338,7 +338,8 @@ def test_flux_equals_its_pipeline(models):
 
 def test_sfd_on_flux_keeps_the_guidance_input(models, tmp_path):
     """A guidance-distilled teacher takes its scale as an input: SFD's student is given the same scale (not the
-    prompt alone at 1), its card says so, and it samples; the 1-NFE stage keeps it too."""
+    prompt alone at 1), its card says so, it samples, and its export does the same; the 1-NFE stage keeps it
+    too."""
     import fewstep
 
     teacher = load_model(models["flux-f"])
@@ -347,6 +348,12 @@ def test_sfd_on_flux_keeps_the_guidance_input(models, tmp_path):
     assert student.card["text"]["guidance"] == 4.0 and student.denoiser.guidance == 4.0
     x = sample(student, 3, seed=1, prompts=PROMPTS, progress=False)
     assert x.shape == (3, 3, 16, 16) and torch.isfinite(x).all()
+    # exported, the student's pipeline gives its transformer the same guidance input
+    from fewstep.interop.diffusers_pipeline import load_pipeline
+    exported = load_pipeline(fewstep.export_model(student, tmp_path / "export"))
+    exported.set_progress_bar_config(disable=True)
+    raw = exported(batch_size=3, seed=1, prompt=PROMPTS, output_type="raw").images
+    assert (raw - x).abs().max() <= 1e-5
     one = fewstep.distill_sfd(student, tmp_path / "one", stage2=True, prompts=PROMPTS, iters=1, batch=4,
                               progress=False)
     assert one.card["text"]["guidance"] == 4.0
