@@ -150,6 +150,14 @@ class StepConditioned:
             return contextlib.nullcontext()
         return added_to_outputs(self._step_block_layers(), self.step_cond(step))
 
+    def _step_context(self, step, embedding: nn.Module):
+        """Around a foreign network's body, which takes no step: either kind as additions to module outputs,
+        the "zero" kind's to `embedding` (the module that outputs the time embedding), the "authors" kind's
+        to each block's projection of it."""
+        if self.step_condition_kind == "zero":
+            return added_to_outputs([embedding], [self.step_cond(step)])
+        return self._block_step_context(step)
+
 
 def fold_step_condition(net: nn.Module, step: int) -> nn.Module:
     """A copy of a step-conditioned network for one N, without the condition: its additions for that N

@@ -12,6 +12,7 @@ parameters under `unet.*`), and the scheduler's training table becomes a discret
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -195,21 +196,10 @@ class DiffusersUNet(StepConditioned, nn.Module):
         else:
             class_labels = None
         step = self._step_input(x, step)
-        handles = []
-        if self.step_condition_kind == "zero":
-            s_emb = self.step_cond(step)
-            handles.append(self.unet.time_embedding.register_forward_hook(lambda m, i, o: o + s_emb.to(o.dtype)))
-        tap = FeatureTap(self, c["feature_layer"]) if return_features else None
-        try:
-            if tap is not None:
-                tap.__enter__()
-            with self._block_step_context(step):
-                out = self._call_unet(x, t, class_labels, context, pooled)
-        finally:
-            if tap is not None:
-                tap.__exit__(None, None, None)
-            for h in handles:
-                h.remove()
+        with contextlib.ExitStack() as stack:
+            tap = stack.enter_context(FeatureTap(self, c["feature_layer"])) if return_features else None
+            stack.enter_context(self._step_context(step, self.unet.time_embedding))
+            out = self._call_unet(x, t, class_labels, context, pooled)
         return (out, tap.value) if return_features else out
 
 

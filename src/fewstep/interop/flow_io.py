@@ -115,18 +115,8 @@ class FlowTransformer(StepConditioned, nn.Module):
         if x.ndim != 4 or x.shape[1] != c["in_channels"]:
             raise FewstepError(f"{self.CLASS} input: expected (N, {c['in_channels']}, H, W), got {tuple(x.shape)}")
         t = torch.as_tensor(t, device=x.device).float().reshape(-1).expand(x.shape[0])
-        step = self._step_input(x, step)
-        handles = []
-        if self.step_condition_kind == "zero":
-            s_emb = self.step_cond(step)
-            handles.append(self.transformer.time_text_embed.register_forward_hook(
-                lambda m, i, o: o + s_emb.to(o.dtype)))
-        try:
-            with self._block_step_context(step):
-                return self._call(x, t, context.to(x.dtype), pooled.to(x.dtype), guidance)
-        finally:
-            for h in handles:
-                h.remove()
+        with self._step_context(self._step_input(x, step), self.transformer.time_text_embed):
+            return self._call(x, t, context.to(x.dtype), pooled.to(x.dtype), guidance)
 
 
 class DiffusersSD3Transformer(FlowTransformer):
