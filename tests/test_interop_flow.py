@@ -23,7 +23,8 @@ from fewstep.errors import FewstepError  # noqa: E402
 from fewstep.interop import import_model  # noqa: E402
 from fewstep.models import load_model  # noqa: E402
 from fewstep.sampling import sample  # noqa: E402
-from fewstep.schedule import FLOW_T_TOP, Schedule, flow_scheduler_grid  # noqa: E402
+from fewstep.flow_grid import FLOW_T_TOP, flow_scheduler_grid  # noqa: E402
+from fewstep.schedule import Schedule  # noqa: E402
 from test_cli import run  # noqa: E402
 from test_interop_latent import byte_level_tokenizer  # noqa: E402
 

@@ -11,8 +11,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "fewstep"
 
 # lowest first; a module may import its own layer and every layer before it
 LAYERS = {
-    "foundations": ["errors", "hashing", "files", "argtypes", "recipe", "method", "schedule", "nets", "userdata",
-                    "data"],
+    "foundations": ["errors", "hashing", "files", "argtypes", "recipe", "method", "flow_grid", "schedule", "nets",
+                    "userdata", "data"],
     "models": ["denoiser", "solvers", "components", "lora", "checkpoint", "sampling", "viz", "show"],
     "around a model": ["featnet", "perceptual", "distances", "metrics", "compare", "interop", "interop.*", "models"],
     "training loop": ["train_config", "timing", "runfolder", "train"],

@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 
 from fewstep.checkpoint import Checkpoint
 from fewstep.errors import FewstepError
-from fewstep.schedule import (SCHEDULER_SPACINGS, check_grid, ddim_targets, flow_scheduler_grid, make_grid,
-                              scheduler_grid)
+from fewstep.flow_grid import flow_scheduler_grid
+from fewstep.schedule import SCHEDULER_SPACINGS, check_grid, ddim_targets, make_grid, scheduler_grid
 from fewstep.solvers import DDPM_VARIANCES, STOCHASTIC, solve, steps_for_nfe
 
 SCALES = ("sigma", "vp", "flow")

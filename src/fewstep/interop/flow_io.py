@@ -31,7 +31,8 @@ from fewstep.interop.sources import read_json, read_weights, weights_digest, wei
 from fewstep.interop.sources import source_digest
 from fewstep.lora import add_lora
 from fewstep.nets import StepConditioned
-from fewstep.schedule import Schedule, flux_mu
+from fewstep.flow_grid import flux_mu
+from fewstep.schedule import Schedule
 
 # FlowMatchEulerDiscreteScheduler settings whose sampler fewstep does not reproduce, each with what it does
 UNSUPPORTED_SCHEDULER = {"use_karras_sigmas": "Karras sigmas", "use_exponential_sigmas": "exponential sigmas",
