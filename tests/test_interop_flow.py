@@ -14,8 +14,7 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline,  # noqa: E402
                        FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline)
-from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config,  # noqa: E402
-                          T5EncoderModel)
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel  # noqa: E402
 from transformers import T5TokenizerFast  # noqa: E402
 
 from fewstep.denoiser import Denoiser  # noqa: E402
@@ -26,7 +25,7 @@ from fewstep.sampling import sample  # noqa: E402
 from fewstep.flow_grid import FLOW_T_TOP, flow_scheduler_grid  # noqa: E402
 from fewstep.schedule import Schedule  # noqa: E402
 from test_cli import run  # noqa: E402
-from test_interop_latent import byte_level_tokenizer  # noqa: E402
+from test_interop_latent import byte_level_tokenizer, tiny_clip_config  # noqa: E402
 
 PROMPTS = ["a red bicycle", "a cat on a mat", "two green apples"]
 
@@ -39,12 +38,7 @@ def char_t5_tokenizer() -> T5TokenizerFast:
 
 def tiny_clip(hidden: int, projection: int):
     tok = byte_level_tokenizer()
-    n = len(tok)
-    enc = CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=n, hidden_size=hidden, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=16, bos_token_id=n - 2, eos_token_id=n - 1, pad_token_id=n - 1,
-        projection_dim=projection)).eval()
-    return tok, enc
+    return tok, CLIPTextModelWithProjection(tiny_clip_config(tok, hidden, projection_dim=projection)).eval()
 
 
 def tiny_sd3(folder, seed=0, t5=True, scheduler=None, max_shard_size=None):
@@ -78,10 +72,7 @@ def tiny_flux(folder, seed=2, guidance_embeds=True):
     """A FluxPipeline as FLUX.1-dev is laid out (guidance-distilled, dynamic shifting), at toy size."""
     torch.manual_seed(seed)
     tok1 = byte_level_tokenizer()
-    n = len(tok1)
-    te1 = CLIPTextModel(CLIPTextConfig(vocab_size=n, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                                       num_attention_heads=4, max_position_embeddings=16, bos_token_id=n - 2,
-                                       eos_token_id=n - 1, pad_token_id=n - 1)).eval()
+    te1 = CLIPTextModel(tiny_clip_config(tok1)).eval()
     tok2 = char_t5_tokenizer()
     te2 = T5EncoderModel(T5Config(vocab_size=len(tok2), d_model=64, d_ff=37, d_kv=8, num_layers=2,
                                   num_heads=4)).eval()

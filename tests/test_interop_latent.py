@@ -48,13 +48,18 @@ def byte_level_tokenizer(max_length: int = 16) -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
 
 
+def tiny_clip_config(tok: CLIPTokenizer, hidden_size: int = 32, **extra) -> CLIPTextConfig:
+    """A two-layer CLIP text encoder's config over the tokenizer's vocabulary, as every tiny pipeline here has."""
+    n = len(tok)
+    return CLIPTextConfig(vocab_size=n, hidden_size=hidden_size, intermediate_size=37, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=16, bos_token_id=n - 2, eos_token_id=n - 1,
+                          pad_token_id=n - 1, **extra)
+
+
 def tiny_sd(folder, seed=0, scheduler=None, in_channels=4):
     torch.manual_seed(seed)
     tok = byte_level_tokenizer()
-    n = len(tok)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=n, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                                        num_attention_heads=4, max_position_embeddings=16, bos_token_id=n - 2,
-                                        eos_token_id=n - 1, pad_token_id=n - 1)).eval()
+    text = CLIPTextModel(tiny_clip_config(tok)).eval()
     unet = UNet2DConditionModel(sample_size=8, in_channels=in_channels, out_channels=4, block_out_channels=(32, 64),
                                 layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
@@ -333,11 +338,8 @@ def tiny_sdxl(folder, seed=4):
     from transformers import CLIPTextModelWithProjection
     torch.manual_seed(seed)
     tok = byte_level_tokenizer()
-    n = len(tok)
-    common = dict(vocab_size=n, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                  max_position_embeddings=16, bos_token_id=n - 2, eos_token_id=n - 1, pad_token_id=n - 1)
-    te1 = CLIPTextModel(CLIPTextConfig(hidden_size=32, **common)).eval()
-    te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, projection_dim=32, **common)).eval()
+    te1 = CLIPTextModel(tiny_clip_config(tok)).eval()
+    te2 = CLIPTextModelWithProjection(tiny_clip_config(tok, projection_dim=32)).eval()
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
                                 layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
