@@ -54,8 +54,8 @@ def add_lora(net: nn.Module, spec: dict) -> nn.Module:
     """Add the adapter `spec` to `net` (in place) and record it on its config; only the adapter trains."""
     peft = require("peft", "lora")
     module = diffusers_module(net)
-    names = {n.rsplit(".", 1)[-1] for n, _ in module.named_modules()} | {n for n, _ in module.named_modules()}
-    missing = [t for t in spec["targets"] if t not in names and not any(n.endswith("." + t) for n in names)]
+    names = [n for n, _ in module.named_modules()]
+    missing = [t for t in spec["targets"] if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
         raise FewstepError(f"--lora-targets: no module named {', '.join(missing)} in this "
                            f"{type(module).__name__}")
@@ -123,10 +123,8 @@ def remove_lora(net: nn.Module) -> None:
 def fuse_lora(net: nn.Module) -> nn.Module:
     """`net` (a copy, changed in place) with the adapter merged into the weights it adapts and removed: a plain
     network computing the same function (up to float rounding)."""
-    module = diffusers_module(net)
-    module.fuse_lora(adapter_names=[ADAPTER])
-    module.unload_lora()
-    net.config.pop("lora", None)
+    diffusers_module(net).fuse_lora(adapter_names=[ADAPTER])
+    remove_lora(net)
     return net
 
 

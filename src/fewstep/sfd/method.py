@@ -99,11 +99,9 @@ class SFD(TrainMethod):
                 torch.manual_seed(0)
                 self.student.net.add_step_condition(cfg.step_condition)
         if lora_student is None:
-            for p in self.student.parameters():
-                p.requires_grad_(True)
-        else:  # the adapter and an SFD-v step condition train; the teacher's weights stay as they are
-            for p in self.student.net.step_cond.parameters() if self.student.net.step_cond is not None else []:
-                p.requires_grad_(True)
+            self.student.requires_grad_(True)
+        elif self.student.net.step_cond is not None:  # the adapter and an SFD-v step condition train, nothing else
+            self.student.net.step_cond.requires_grad_(True)
         if cfg.dropout is not None:
             set_dropout(self.student, cfg.dropout)
         self.positions = {n: check_nested(s, t) for n, (s, t) in self.grids.items()}
