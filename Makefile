@@ -28,7 +28,8 @@ demo: venv
 # the benchmark tables and figures of docs/results.md (hours on a CPU; finished rows are reused)
 BENCH_ROOT ?= bench
 results: venv
-	for p in toy digits digits-defaults mnist; do $(VENV)/bin/fewstep bench --preset $$p --out $(BENCH_ROOT)/$$p || exit 1; done
+	$(PY) -c 'from fewstep.results_page import RESULT_PRESETS, bench_command; print(*(bench_command(p, "$(BENCH_ROOT)") for p in RESULT_PRESETS), sep="\n")' \
+		| while read -r cmd; do $(VENV)/bin/$$cmd </dev/null || exit 1; done
 	$(PY) scripts/results_doc.py --bench-root $(BENCH_ROOT) --out docs
 
 clean:

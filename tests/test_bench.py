@@ -372,13 +372,12 @@ def test_time_to_quality_is_read_off_each_run():
 RENDER_DOCS_PAGE = """
 import shutil, sys
 from pathlib import Path
-from fewstep.results_page import write_results_doc
+from fewstep.results_page import RESULT_PRESETS, bench_command, write_results_doc
 docs, out = Path(sys.argv[1]), Path(sys.argv[2])
 shutil.copytree(docs / "data", out / "data")
 shutil.copytree(docs / "figures", out / "figures")
-presets = ("toy", "digits", "digits-defaults", "mnist")
-page = write_results_doc({n: out / "no-bench" / n for n in presets}, out,
-                         {n: f"fewstep bench --preset {n} --out bench/{n}" for n in presets})
+page = write_results_doc({n: out / "no-bench" / n for n in RESULT_PRESETS}, out,
+                         {n: bench_command(n) for n in RESULT_PRESETS})
 print(sorted(m for m in ("torch", "fewstep.train", "fewstep.bench", "fewstep.sfd.method") if m in sys.modules))
 """
 
@@ -443,3 +442,37 @@ def test_sfd_rows_are_read_against_their_ceiling(bench_run, tiny_gmm8_teacher):
     text = "\n".join(reading(summary))
     assert "SFD at NFE 2: SWD" in text and "its ceiling (the teacher's 12-NFE trajectory it learns" in text
     assert "SFD-v at NFE 3" in text and "× the authors' 800,000" in text
+    # along the run, against the ceiling scored on the points' own samples (the first seed's first ones)
+    assert ceiling["curve_quality"]["swd"] > 0
+    assert (f"  - along its run (4 snapshots, 200 samples each; its ceiling on the same samples "
+            f"{ceiling['curve_quality']['swd']:.3g}): ") in text
+
+
+def test_an_sfd_run_is_read_against_its_ceiling_along_the_way():
+    """From the snapshots: the budget at which a run first comes within 1.5x and 1.2x its ceiling (scored on the
+    same samples as the points) and from which it stays there."""
+    from fewstep.sfd.report import milestones
+    points = [(1, 30.0), (2, 14.0), (3, 25.0), (4, 11.0), (5, 13.0), (6, 11.5)]
+    row = {"nfe": 2, "budget": {"batch": 100}, "cost_curve": [
+        {"step": s, "wall_s": 60.0 * s, "nfe": 2, "n": 2000, "quality": {"fcd": q}} for s, q in points]}
+    ceiling = {"quality": {"fcd": {"mean": 9.0}}, "curve_quality": {"fcd": 10.0}}
+    assert milestones(row, ceiling, "fcd") == (
+        "  - along its run (6 snapshots, 2,000 samples each; its ceiling on the same samples 10): within 1.5× "
+        "from 200 trajectories (2.0 min), and at every point from 400 trajectories (4.0 min); within 1.2× from "
+        "400 trajectories (4.0 min), and at every point from 600 trajectories (6.0 min).")
+    row["cost_curve"][-1]["quality"]["fcd"] = 12.5
+    assert "within 1.2× from 400 trajectories (4.0 min), but not at its last point" in milestones(row, ceiling, "fcd")
+    assert milestones(row, {"quality": ceiling["quality"]}, "fcd") is None  # no level on the points' samples
+
+
+def test_the_opening_gives_the_sfd_family_against_teacher_and_ceiling_with_its_budget():
+    from fewstep.sfd.report import headline
+    rows = [_row("teacher", 256, 4.0, sampler="dpmpp2m"),
+            _row("sfd", 2, 10.0, budget={"iterations": 1563, "batch": 128}),
+            _row("sfd-v", 2, 12.0, budget={"iterations": 3000, "batch": 128, "planned_iterations": 6250}),
+            _row("sfd-stage2", 1, 14.0, budget={"iterations": 1563, "batch": 128}),
+            {**_row("teacher", 12, 8.0), "method": "sfd-ceiling", "student_nfe": 2}]
+    assert headline({"quality_key": "fcd", "rows": rows}) == [
+        "SFD at NFE 2: 2.50× the teacher, 1.25× its ceiling (1× the authors' budget)",
+        "SFD-v at NFE 2: 3.00× the teacher, 1.50× its ceiling (0.48× the authors' budget, still training)",
+        "SFD 2nd stage at NFE 1: 3.50× the teacher (0.1× the authors' budget)"]

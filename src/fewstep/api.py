@@ -160,13 +160,16 @@ def export_model(model, out, *, nfe: int | None = None, format: str = "diffusers
 
 
 def run_bench(out, preset: str | None = None, *, spec=None, progress: bool = True, device: str = "auto",
-          distill_only: bool = False, **fields) -> dict | None:
+          distill_only: bool = False, as_reached: bool = False, **fields) -> dict | None:
     """Every method side by side on one teacher, into the folder `out` (finished work there is reused): a
     preset (toy, digits, digits-defaults, mnist, demo) with `fields` of `fewstep.benchspec.BenchSpec` over it
     (teacher, data, methods, nfe, n_samples, seeds, ..., and each method's settings, flat as `sfd_batch=64` or
     nested as `sfd={"sfd_batch": 64}`), a spec of your own from `fields` (at least `teacher` and `data`), or a
     ready `spec`. Writes report.md there and returns the summary it is written from (None
-    with `distill_only`, which trains every model the bench needs and measures nothing)."""
+    with `distill_only`, which trains every model the bench needs and measures nothing). `as_reached` trains
+    nothing and measures each distillation as far as it has got (its latest snapshot; another process may
+    still be training it): its rows name the iterations reached, and rows whose run has not started are left
+    out (the summary's `not_started`)."""
     from fewstep.bench import Bench
     from fewstep.benchspec import BenchSpec
     from fewstep.benchspec import preset as preset_spec
@@ -179,7 +182,10 @@ def run_bench(out, preset: str | None = None, *, spec=None, progress: bool = Tru
             spec = BenchSpec.from_fields(**fields)
     elif preset is not None or fields:
         raise FewstepError("bench: give spec= alone, or a preset and fields")
-    b = Bench(spec, out, device=str(pick_device(A.check("device", device, A.device))), progress=progress)
+    if distill_only and as_reached:
+        raise FewstepError("bench: distill_only trains and as_reached measures without training; pass one")
+    b = Bench(spec, out, device=str(pick_device(A.check("device", device, A.device))), progress=progress,
+              as_reached=as_reached)
     if distill_only:
         b.distill()
         return None

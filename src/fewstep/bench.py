@@ -69,9 +69,18 @@ def _environment(device: torch.device) -> dict:
 
 # ---- the benchmark ------------------------------------------------------------------------------------------
 
+class NotStarted(FewstepError):
+    """A row whose distillation has no checkpoint yet, met by a bench that measures runs as reached."""
+
+
 class Bench:
-    def __init__(self, spec: BenchSpec, out: str | Path, device: str = "cpu", progress: bool = True):
-        self.spec, self.out, self.progress = spec, Path(out), progress
+    def __init__(self, spec: BenchSpec, out: str | Path, device: str = "cpu", progress: bool = True,
+                 as_reached: bool = False):
+        """`as_reached`: measure each distillation as far as it has trained (its latest snapshot or
+        checkpoint, while another process may still be training it) and train none; a row whose run has not
+        started is left out. Its budget then says how far it got."""
+        self.spec, self.out, self.progress, self.as_reached = spec, Path(out), progress, as_reached
+        self._reached = {}  # model -> how far its run was when first looked at (a training run goes on)
         self.device = torch.device(device)
         self.methods = registered_methods()
         known = bench_methods()
@@ -138,16 +147,23 @@ class Bench:
     def finished(self, path: Path, budget: dict) -> bool:
         """A finished model made with this budget (iterations, batch, lr, and the gradient clip where the budget
         names one). One made with another budget is never reused or overwritten silently: that is an error
-        naming both."""
+        naming both. Measuring as reached, a run on its way to this budget counts as finished, and one with no
+        checkpoint is NotStarted."""
         try:
             card = read_card(path)
         except FewstepError:
+            if self.as_reached:
+                raise NotStarted(f"{path}: not started") from None
             return False
         training = card.get("training") or {}
-        if not training.get("finished"):
-            return False
         train = json.loads((path / "config.json").read_text())["train"] if (path / "config.json").is_file() else {}
-        made = {"iterations": training.get("iterations"), "batch": training.get("batch"), "lr": train.get("lr"),
+        if training.get("finished"):
+            iterations = training.get("iterations")
+        elif self.as_reached:
+            iterations = train.get("steps")  # the budget the run is on its way to
+        else:
+            return False
+        made = {"iterations": iterations, "batch": training.get("batch"), "lr": train.get("lr"),
                 "grad_clip": train.get("grad_clip")}
         # a budget names the gradient clip where the method's rows differ in it (SFD's recipe)
         asked = {k: budget[k] for k in made if k in budget}
@@ -171,10 +187,41 @@ class Bench:
         Trainer(method, cfg, path, data=data, resume=resume,
                 run_info={"command": f"fewstep bench ({method.name})"}).run()
 
+    def reached(self, row: Row) -> dict | None:
+        """How far an unfinished run of the row's model has trained, measuring as reached: {"iterations",
+        "wall_s", "snapshot": its latest snapshot's file, or None where the checkpoint is as far}; None for a
+        finished model or a row without one."""
+        if not (self.as_reached and row.model):
+            return None
+        if row.model not in self._reached:
+            self._reached[row.model] = self._latest(self.model_dir(row.model))
+        return self._reached[row.model]
+
+    @staticmethod
+    def _latest(path: Path) -> dict | None:
+        """How far the run in `path` is (None: finished)."""
+        training = read_card(path).get("training") or {}
+        if training.get("finished"):
+            return None
+        at = {"iterations": int(training.get("iterations") or 0), "wall_s": float(training.get("wall_time_s") or 0),
+              "snapshot": None}
+        log = path / "snapshots" / "snapshots.jsonl"
+        entries = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+        newer = [e for e in entries if e["step"] > at["iterations"] and (path / "snapshots" / e["file"]).is_file()]
+        if newer:
+            last = max(newer, key=lambda e: e["step"])
+            at = {"iterations": int(last["step"]), "wall_s": float(last["wall_s"]), "snapshot": last["file"]}
+        return at
+
     def model_sampling(self, row: Row) -> tuple:
         """(checkpoint, sample kwargs, step condition) of a row's distilled model (an SFD-v model at the
-        row's NFE, a step-conditioned one with the step it keeps)."""
-        ckpt = load_checkpoint(row.ensure_model(self), device=self.device)
+        row's NFE, a step-conditioned one with the step it keeps); measuring as reached, with the weights of
+        the run's latest snapshot."""
+        path = row.ensure_model(self)
+        ckpt = load_checkpoint(path, device=self.device)
+        reached = self.reached(row)
+        if reached and reached["snapshot"]:
+            ckpt.denoiser.net.load_state_dict(load_file(path / "snapshots" / reached["snapshot"]))
         kw = {"nfe": row.nfe} if "grids" in ckpt.sampler else {}
         step = None
         if "grids" in ckpt.sampler:
@@ -202,6 +249,9 @@ class Bench:
         offset = row.distill_seconds(self, ckpt.card) - float((ckpt.card.get("training") or {}).get("wall_time_s") or 0)
         snap = load_checkpoint(path, device=self.device)
         entries = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        reached = self.reached(row)
+        if reached:  # not the snapshots a run still training wrote after the weights measured
+            entries = [e for e in entries if e["step"] <= reached["iterations"]]
         points = []
         for e in tqdm(entries, desc=f"  {row.key}: quality along the run", unit="snapshot", leave=False,
                       disable=not self.progress):
@@ -256,6 +306,9 @@ class Bench:
         fwd = forward_seconds(ckpt.denoiser, self.spec.n_samples, nfe, 500, self.shape, sigma0, step)
         quality = mean_and_spread(per_seed)
         distill_s = row.distill_seconds(self, ckpt.card) if row.model else None
+        reached = self.reached(row)
+        if reached:  # the run's time up to the weights measured, not to its checkpoint
+            distill_s += reached["wall_s"] - float((ckpt.card.get("training") or {}).get("wall_time_s") or 0)
         scale = 1000 / self.spec.n_samples
         result = {**row.record(), "nfe": nfe, "quality": quality, "about": about, "made_from": made_from,
                   "n_samples": self.spec.n_samples, "seeds": self.spec.seeds,
@@ -265,6 +318,10 @@ class Bench:
                   "distill_vs_teacher_training": (distill_s / self.teacher_train_s
                                                   if distill_s and self.teacher_train_s else None),
                   "peak_memory_mb": peak_memory_mb(self.device)}
+        if row.reference and self.spec.curve_points:
+            # the reference level on the samples a point along a run is scored on (Fréchet distances depend on n)
+            seed, noise = self.curve_noise()
+            result["curve_quality"] = self.score_curve_point(preview[:len(noise)], seed)
         if pairs:
             result["paired"] = {k: mean_interval(np.concatenate(v)) for k, v in pairs.items()}
             result["paired"]["n"] = int(sum(len(v) for v in pairs["rmse"]))
@@ -272,6 +329,9 @@ class Bench:
             result["distill_profile"] = row.distill_profile(self, ckpt.card)
             result["trajectory_cache"] = (ckpt.card.get("method") or {}).get("trajectory_cache")
             result["budget"] = row.budget(self)
+            if reached:
+                result["budget"] = {**result["budget"], "iterations": reached["iterations"],
+                                    "planned_iterations": result["budget"]["iterations"]}
             if self.spec.curve_points or getattr(row, "long", False):
                 result["cost_curve"] = row.cost_curve(self, ckpt, kw)
         save_array(self.out / "rows" / f"{row.key}.npy", preview[:64].numpy())
@@ -305,18 +365,24 @@ class Bench:
                 made["model"] = read_card(self.model_dir(row.model)).get("weights_sha256")
             except FewstepError:
                 made["model"] = None  # not distilled yet
+            reached = self.reached(row) if made["model"] else None
+            if reached:
+                made["reached"] = reached["iterations"]  # a later snapshot of the same run is measured again
         return made
 
     def run(self) -> dict:
         rows = self.plan()
         t0 = time.perf_counter()
-        results = []
+        results, not_started = [], []
         bar = tqdm(rows, desc="bench", unit="row", disable=not self.progress)
         for i, row in enumerate(bar):
             bar.set_postfix_str(row.key)
             if self.progress:
                 tqdm.write(f"bench row {i + 1}/{len(rows)}: {row.key}")
-            results.append(self.evaluate(row))
+            try:
+                results.append(self.evaluate(row))
+            except NotStarted:
+                not_started.append(row.key)
         summary = {"spec": self.spec.record(), "environment": _environment(self.device), "teacher": {
             "path": str(self.teacher.path), "training_wall_s": self.teacher_train_s,
             "card_method": self.teacher_card.get("method")}, "quality_key": self.quality_key,
@@ -325,6 +391,8 @@ class Bench:
             # distillations counted once); run_wall_s: this invocation's
             "bench_wall_s": sum(float(r.get("row_wall_s") or 0) for r in results),
             "run_wall_s": time.perf_counter() - t0, **described_once(results)}
+        if self.as_reached:
+            summary["not_started"] = not_started
         for method in self.methods:  # what a method measures beyond its rows (figures, consistency)
             summary.update(method.bench_extras(self, summary, self.out / "figures"))
         write_json(self.out / "results.json", summary)

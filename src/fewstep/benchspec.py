@@ -125,6 +125,11 @@ def _settings(cls, value, method: str):
     return cls(**value)
 
 
+LONG_NOTE = ("The SFD family at the authors' budgets: SFD on 200,000 teacher trajectories (1,563 iterations of 128) "
+             "at each NFE, SFD-v on four times and the 1-NFE stage on ten times that, with fewstep's defaults. Days "
+             "on one CPU thread: `--distill-only` trains the runs (split by --methods / --nfe to train several side "
+             "by side into the same --out) and `--as-reached` measures each as far as it has got.")
+
 PRESETS = {
     "toy": dict(teacher="gmm8-teacher", data="gmm8", nfe=[1, 2, 4, 8], n_samples=4000, ref_nfe=256,
                 sfd=dict(sfdv_nfe=[2, 3, 4, 5], sfd_trajectories=64_000, sfd_batch=256, sfd_lr=2e-4),
@@ -161,6 +166,17 @@ PRESETS = {
                                        "stage2-lr", "stage2-budget", "stage2-perceptual", "stage2-condition"]),
                   sfddm=dict(sfddm_steps=[10], sfddm_variants=["trailing/random"], sfddm_long_fraction=0.25),
                   progressive=dict(pd_steps=[8], pd_start_steps=256)),
+    # the SFD family at the authors' budgets (SFD 1,563 iterations of 128 at every NFE, SFD-v 4x, the 1-NFE stage
+    # 10x) with fewstep's defaults, each scored along its run against its ceiling: days on one CPU thread, so its
+    # runs are trained apart (--distill-only, one process each) and measured as they get there (--as-reached)
+    "digits-authors": dict(teacher="digits-teacher", data="digits", methods=["teacher", "sfd", "sfd-v", "sfd-stage2"],
+                           nfe=[2, 3, 4, 5], n_samples=10_000, seeds=[0], fd_intervals=200, ref_nfe=256,
+                           curve_points=25, note=LONG_NOTE,
+                           sfd=dict(sfd_nfe=[2, 3, 4, 5], sfdv_nfe=[2, 3, 4, 5], sfd_trajectories=200_000)),
+    # SFD at NFE 2 and SFD-v on the MNIST 16x16 teacher at the authors' budgets
+    "mnist-authors": dict(teacher="mnist16-teacher", data="mnist", resolution=16, methods=["teacher", "sfd", "sfd-v"],
+                          nfe=[2], n_samples=10_000, seeds=[0], fd_intervals=200, ref_nfe=100, curve_points=25,
+                          note=LONG_NOTE, sfd=dict(sfd_nfe=[2], sfdv_nfe=[2, 3, 4, 5], sfd_trajectories=200_000)),
     # the quick tour (3.7 min on 2 CPU cores): every row at a short budget, and the report says so (docs/bench.md)
     "demo": dict(teacher="digits-teacher", data="digits", methods=["data", "teacher", "ddim", "dpmpp3m", "sfd", "sfddm"],
                  nfe=[2, 10], n_samples=500, ref_nfe=64, seeds=[0, 1, 2], curve_points=4,

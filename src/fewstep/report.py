@@ -346,6 +346,24 @@ def quality_note(summary: dict) -> str:
     return f"Quality: mean ± std over seeds {spec['seeds']}, {spec['n_samples']} samples each."
 
 
+def reached_note(summary: dict) -> str | None:
+    """What a bench measured as reached (`--as-reached`) holds: the rows still training, at the iterations
+    measured, and the rows not started."""
+    if "not_started" not in summary:
+        return None
+    going = {}
+    for r in summary["rows"]:
+        b = r.get("budget") or {}
+        if b.get("planned_iterations"):
+            going.setdefault(r["model"], f"`{r['model']}` at {b['iterations']:,} of {b['planned_iterations']:,} "
+                                         "iterations")
+    parts = [f"still training: {', '.join(going.values())}" if going else "every run it measured had finished"]
+    if summary["not_started"]:
+        parts.append(f"not started, so not in the table: {', '.join(summary['not_started'])}")
+    return ("Measured as reached (`--as-reached`): each distillation as far as it had trained, from its latest "
+            "snapshot; " + "; ".join(parts) + ".")
+
+
 def extra_figures(summary: dict) -> list[str]:
     """Figures a method's bench extras drew (each extra lists its own under "figures")."""
     return [name for extra in summary.values() if isinstance(extra, dict) for name in extra.get("figures") or []]
@@ -370,6 +388,8 @@ def write_report(out: Path, summary: dict) -> Path:
              f"{fmt_time(t.get('training_wall_s'))}. {quality_note(summary)}", ""]
     if summary["spec"].get("note"):
         lines += [f"**{summary['spec']['note']}**", ""]
+    if reached_note(summary):
+        lines += [reached_note(summary), ""]
     lines += ["## Results", "", table, ""]
     for title, section in method_sections(summary, fig):
         lines += [f"## {title}", "", *section, ""]

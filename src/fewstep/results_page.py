@@ -12,10 +12,19 @@ from fewstep.benchspec import PRESETS, preset
 from fewstep.files import atomic_write, write_json
 from fewstep.registry import methods as registered_methods
 from fewstep.report import (PROFILE_NOTE, method_sections, plot_quality_vs_cost, plot_quality_vs_nfe, profile_table,
-                            quality_note, reading, results_table)
+                            quality_note, reached_note, reading, results_table)
 from fewstep.show import fmt_time
 
 RESULT_FIGURES = ("quality-vs-nfe.png", "quality-vs-cost.png", "samples.png")
+# the page's sections in order: the SFD family at the authors' budgets first (runs that take days, trained apart
+# and measured as far as they have got), then the presets' shorter budgets
+RESULT_PRESETS = ("digits-authors", "mnist-authors", "toy", "digits", "digits-defaults", "mnist")
+AS_REACHED = ("digits-authors", "mnist-authors")
+
+
+def bench_command(name: str, root: str | Path = "bench") -> str:
+    """The command that measures a section of the page."""
+    return f"fewstep bench --preset {name}{' --as-reached' if name in AS_REACHED else ''} --out {Path(root) / name}"
 
 
 def _differs_from_preset(name: str, spec: dict) -> str:
@@ -106,10 +115,14 @@ def write_results_doc(benches: dict, out: Path, commands: dict | None = None) ->
                   f"{fmt_time(t.get('training_wall_s'))}."]
         if commands.get(title):
             lines += ["", f"Command: `{commands[title]}`"]
+        if spec.get("note"):
+            lines += ["", spec["note"]]
         partial = _differs_from_preset(title, spec)
         if partial:
             lines += ["", f"**Not the whole `{title}` preset**: {partial}. The preset's command runs the rest "
                           "and reuses the rows measured with the same settings."]
+        if reached_note(summary):
+            lines += ["", reached_note(summary)]
         lines += ["", results_table(summary), ""]
         profile = profile_table(summary)
         if profile:

@@ -47,7 +47,10 @@ def budget_label(r: dict) -> str:
     b = r.get("budget")
     if not b:
         return "–"
-    return f"{b['iterations']} × {b['batch']}" + (" a fold" if b.get("per_fold") else "")
+    text = f"{b['iterations']} × {b['batch']}" + (" a fold" if b.get("per_fold") else "")
+    if b.get("planned_iterations"):  # measured as reached, on its way
+        text += f" of {b['planned_iterations']} (training)"
+    return text
 
 
 def lower_beyond(a: tuple, b: tuple) -> int:

@@ -20,7 +20,9 @@ def register(sub):
                    help="toy: 2-D gmm8 (its 46 rows took 82 min on one CPU thread); digits: the full table with "
                         "every SFD recipe setting trained both ways (hours); mnist: the same on the 16x16 MNIST "
                         "teacher, with a long SFDDM run (hours); digits-defaults: the digits preset's SFD family with "
-                        "fewstep's defaults in place of the authors' recipe; demo: the quick tour at short budgets (3.7 min)")
+                        "fewstep's defaults in place of the authors' recipe; digits-authors, mnist-authors: the SFD family "
+                        "at the authors' budgets (days; train with --distill-only, measure with --as-reached); demo: "
+                        "the quick tour at short budgets (3.7 min)")
     b.add_argument("--teacher", default=None, help="teacher checkpoint (overrides the preset's)")
     b.add_argument("--data", default=None, help="data set the teacher models (needed without a preset)")
     b.add_argument("--resolution", type=int, default=None)
@@ -41,6 +43,10 @@ def register(sub):
     b.add_argument("--distill-only", action="store_true",
                    help="train every model the bench needs (in its row order) and measure nothing; a later run "
                         "without it measures them")
+    b.add_argument("--as-reached", action="store_true",
+                   help="train nothing: measure each distillation as far as it has got (its latest snapshot, "
+                        "while another process may still train it); rows name the iterations reached, and rows "
+                        "whose run has not started are left out")
     b.add_argument("--profile", action="store_true",
                    help="also print where each distillation's time goes against its network floor "
                         "(teacher / student forward+backward / optimizer / rest per iteration)")
@@ -67,9 +73,10 @@ def _spec(args):
     return BenchSpec.from_fields(**{k: v for k, v in overrides.items() if v is not None})
 
 
-def run_bench(spec, out, device, progress, profile=False, distill_only=False):
+def run_bench(spec, out, device, progress, profile=False, distill_only=False, as_reached=False):
     t0 = time.perf_counter()
-    summary = api.run_bench(out, spec=spec, device=device, progress=progress, distill_only=distill_only)
+    summary = api.run_bench(out, spec=spec, device=device, progress=progress, distill_only=distill_only,
+                            as_reached=as_reached)
     if distill_only:
         print(f"models distilled or found in {Path(out) / 'models'} in {time.perf_counter() - t0:.0f} s")
         return None
@@ -85,7 +92,7 @@ def run_bench(spec, out, device, progress, profile=False, distill_only=False):
 
 def cmd_bench(args):
     run_bench(_spec(args), args.out, args.device, not args.no_progress, profile=args.profile,
-              distill_only=args.distill_only)
+              distill_only=args.distill_only, as_reached=args.as_reached)
 
 
 def cmd_demo(args):

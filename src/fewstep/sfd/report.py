@@ -176,26 +176,67 @@ def ceiling_reading(summary: dict) -> list[str]:
         if teacher is not None:
             text += f" and {q / teacher['quality'][key]['mean']:.2f}× the teacher"
         lines.append(text + _said("; ", budget_words(r)) + ".")
+        along = milestones(r, ceiling, key)
+        if along:
+            lines.append(along)
     return lines
 
 
+def milestones(r: dict, ceiling: dict, key: str, levels=(1.5, 1.2)) -> str | None:
+    """Along an SFD / SFD-v run (its snapshots), against its ceiling scored on the same samples: the budget at
+    which it first comes within each level of the ceiling, and from which on it stays there."""
+    curve = [p for p in r.get("cost_curve") or [] if p.get("nfe", r["nfe"]) == r["nfe"] and key in p["quality"]]
+    level = (ceiling.get("curve_quality") or {}).get(key)
+    if len(curve) < 2 or level is None or not (r.get("budget") or {}).get("batch"):
+        return None
+    batch = r["budget"]["batch"]
+
+    def at(p):
+        return f"{p['step'] * batch:,} trajectories ({fmt_time(p['wall_s'])})"
+
+    parts = []
+    for factor in levels:
+        inside = [p["quality"][key] <= factor * level for p in curve]
+        if not any(inside):
+            parts.append(f"never within {factor:g}×")
+            continue
+        first = curve[inside.index(True)]
+        held = next((i for i in range(len(curve)) if all(inside[i:])), None)
+        text = f"within {factor:g}× from {at(first)}"
+        if held is None:
+            text += ", but not at its last point"
+        elif curve[held] is not first:
+            text += f", and at every point from {at(curve[held])}"
+        parts.append(text)
+    n = curve[0].get("n")
+    return (f"  - along its run ({len(curve)} snapshots{f', {n:,} samples each' if n else ''}; its ceiling on "
+            f"the same samples {level:.3g}): " + "; ".join(parts) + ".")
+
+
 def headline(summary: dict) -> list[str]:
-    """SFD at NFE 2 against the teacher (and its ceiling, where measured), with its budget."""
+    """SFD and SFD-v at NFE 2 and the 1-NFE stage against the teacher (and their ceiling, where measured), each
+    with its budget."""
     key = summary["quality_key"]
     own = _own_rows(summary)
     teacher = reference_levels(summary["rows"], key)[0]
-    r = own.get(("sfd", 2))
-    if r is None or teacher is None:
+    if teacher is None:
         return []
-    q = r["quality"][key]["mean"]
-    text = f"SFD at NFE 2: {q / teacher['quality'][key]['mean']:.2f}× the teacher"
-    ceiling = _ceilings(summary).get(2)
-    if ceiling is not None:
-        text += f", {q / ceiling['quality'][key]['mean']:.2f}× its ceiling"
-    budget = _budget(r)
-    if budget:
-        text += f" ({budget[0] / budget[1]:.2g}× the authors' budget)"
-    return [text]
+    out = []
+    for method, nfe in (("sfd", 2), ("sfd-v", 2), ("sfd-stage2", 1)):
+        r = own.get((method, nfe))
+        if r is None:
+            continue
+        q = r["quality"][key]["mean"]
+        text = f"{LABELS[method]} at NFE {nfe}: {q / teacher['quality'][key]['mean']:.2f}× the teacher"
+        ceiling = _ceilings(summary).get(nfe)
+        if ceiling is not None:
+            text += f", {q / ceiling['quality'][key]['mean']:.2f}× its ceiling"
+        budget = _budget(r)
+        if budget:
+            so_far = ", still training" if r["budget"].get("planned_iterations") else ""
+            text += f" ({budget[0] / budget[1]:.2g}× the authors' budget{so_far})"
+        out.append(text)
+    return out
 
 
 def _ceilings(summary: dict) -> dict:
@@ -222,9 +263,10 @@ def budget_words(r: dict) -> str:
     if budget is None:
         return ""
     seen, authors = budget
+    so_far = " so far, still training" if (r.get("budget") or {}).get("planned_iterations") else ""
     if seen >= 0.99 * authors:
         return f"trained on {seen:,} trajectories, the authors' budget"
-    return f"trained on {seen:,} trajectories, {seen / authors:.2g}× the authors' {authors:,}"
+    return f"trained on {seen:,} trajectories{so_far}, {seen / authors:.2g}× the authors' {authors:,}"
 
 
 def reading(summary: dict) -> list[str]:
