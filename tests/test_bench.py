@@ -448,21 +448,20 @@ def test_sfd_rows_are_read_against_their_ceiling(bench_run, tiny_gmm8_teacher):
             f"{ceiling['curve_quality']['swd']:.3g}): ") in text
 
 
-def test_an_sfd_run_is_read_against_its_ceiling_along_the_way():
+def test_a_run_is_read_against_its_ceiling_along_the_way():
     """From the snapshots: the budget at which a run first comes within 1.5x and 1.2x its ceiling (scored on the
     same samples as the points) and from which it stays there."""
-    from fewstep.sfd.report import milestones
+    from fewstep.show import along_the_run
     points = [(1, 30.0), (2, 14.0), (3, 25.0), (4, 11.0), (5, 13.0), (6, 11.5)]
-    row = {"nfe": 2, "budget": {"batch": 100}, "cost_curve": [
+    row = {"nfe": 2, "cost_curve": [
         {"step": s, "wall_s": 60.0 * s, "nfe": 2, "n": 2000, "quality": {"fcd": q}} for s, q in points]}
-    ceiling = {"quality": {"fcd": {"mean": 9.0}}, "curve_quality": {"fcd": 10.0}}
-    assert milestones(row, ceiling, "fcd") == (
+    assert along_the_run(row, 10.0, "fcd", per_step=100, unit="trajectories") == (
         "  - along its run (6 snapshots, 2,000 samples each; its ceiling on the same samples 10): within 1.5× "
         "from 200 trajectories (2.0 min), and at every point from 400 trajectories (4.0 min); within 1.2× from "
         "400 trajectories (4.0 min), and at every point from 600 trajectories (6.0 min).")
     row["cost_curve"][-1]["quality"]["fcd"] = 12.5
-    assert "within 1.2× from 400 trajectories (4.0 min), but not at its last point" in milestones(row, ceiling, "fcd")
-    assert milestones(row, {"quality": ceiling["quality"]}, "fcd") is None  # no level on the points' samples
+    assert "within 1.2× from iteration 4 (4.0 min), but not at its last point" in along_the_run(row, 10.0, "fcd")
+    assert along_the_run(row, None, "fcd") is None  # no level on the points' samples
 
 
 def test_the_opening_gives_the_sfd_family_against_teacher_and_ceiling_with_its_budget():

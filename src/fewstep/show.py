@@ -53,6 +53,38 @@ def budget_label(r: dict) -> str:
     return text
 
 
+def along_the_run(r: dict, level: float | None, key: str, per_step: int | None = None, unit: str = "iterations",
+                  factors=(1.5, 1.2)) -> str | None:
+    """A distillation row's quality along its run (its snapshots) against a ceiling `level` scored on the same
+    samples as the points: where it first comes within each factor of it, and from where it stays there. The
+    budget is the iteration, or `per_step` `unit`s an iteration (e.g. 128 trajectories)."""
+    curve = [p for p in r.get("cost_curve") or [] if p.get("nfe", r["nfe"]) == r["nfe"] and key in p["quality"]]
+    if len(curve) < 2 or level is None:
+        return None
+
+    def at(p):
+        amount = f"{p['step'] * per_step:,} {unit}" if per_step else f"iteration {p['step']:,}"
+        return f"{amount} ({fmt_time(p['wall_s'])})"
+
+    parts = []
+    for factor in factors:
+        inside = [p["quality"][key] <= factor * level for p in curve]
+        if not any(inside):
+            parts.append(f"never within {factor:g}×")
+            continue
+        first = curve[inside.index(True)]
+        held = next((i for i in range(len(curve)) if all(inside[i:])), None)
+        text = f"within {factor:g}× from {at(first)}"
+        if held is None:
+            text += ", but not at its last point"
+        elif curve[held] is not first:
+            text += f", and at every point from {at(curve[held])}"
+        parts.append(text)
+    n = curve[0].get("n")
+    return (f"  - along its run ({len(curve)} snapshots{f', {n:,} samples each' if n else ''}; its ceiling on "
+            f"the same samples {level:.3g}): " + "; ".join(parts) + ".")
+
+
 def lower_beyond(a: tuple, b: tuple) -> int:
     """-1 where interval a lies wholly below b, 1 where wholly above, 0 where they overlap."""
     return -1 if a[1] < b[0] else 1 if a[0] > b[1] else 0

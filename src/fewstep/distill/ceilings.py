@@ -9,6 +9,12 @@ def ceilings(rows: list, key: str, nfe: int, index: str) -> dict:
             if x["method"] == "teacher-on-phi" and x["nfe"] == nfe and x["index"] == index}
 
 
+def ceiling_row(rows: list, nfe: int, index: str, sampler: str) -> dict | None:
+    """The teacher's own nfe-step chain on the index set with `sampler`, as a row (None without it)."""
+    return next((x for x in rows if x["method"] == "teacher-on-phi" and x["nfe"] == nfe and x["index"] == index
+                 and x["sampler"] == sampler), None)
+
+
 def ceiling_line(r: dict, rows: list, key: str, index: str) -> str | None:
     """A student row next to the teacher's own chain on the same phi."""
     ceil = ceilings(rows, key, r["nfe"], index)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from fewstep.sfd.recipe import SFD_RECIPE, SFD_TRAJECTORIES, SFDV_TRAJECTORY_FACTOR, STAGE2_TRAJECTORY_FACTOR
-from fewstep.show import (budget_label, fmt_paired, fmt_quality, fmt_time, interval, lower_beyond, plt,
+from fewstep.show import (along_the_run, budget_label, fmt_paired, fmt_quality, fmt_time, interval, lower_beyond, plt,
                           reference_levels, savefig, versus)
 
 PANEL = "SFD, SFD-v and the 1-NFE stage"
@@ -176,41 +176,11 @@ def ceiling_reading(summary: dict) -> list[str]:
         if teacher is not None:
             text += f" and {q / teacher['quality'][key]['mean']:.2f}× the teacher"
         lines.append(text + _said("; ", budget_words(r)) + ".")
-        along = milestones(r, ceiling, key)
+        level = (ceiling.get("curve_quality") or {}).get(key)
+        along = along_the_run(r, level, key, per_step=(r.get("budget") or {}).get("batch"), unit="trajectories")
         if along:
             lines.append(along)
     return lines
-
-
-def milestones(r: dict, ceiling: dict, key: str, levels=(1.5, 1.2)) -> str | None:
-    """Along an SFD / SFD-v run (its snapshots), against its ceiling scored on the same samples: the budget at
-    which it first comes within each level of the ceiling, and from which on it stays there."""
-    curve = [p for p in r.get("cost_curve") or [] if p.get("nfe", r["nfe"]) == r["nfe"] and key in p["quality"]]
-    level = (ceiling.get("curve_quality") or {}).get(key)
-    if len(curve) < 2 or level is None or not (r.get("budget") or {}).get("batch"):
-        return None
-    batch = r["budget"]["batch"]
-
-    def at(p):
-        return f"{p['step'] * batch:,} trajectories ({fmt_time(p['wall_s'])})"
-
-    parts = []
-    for factor in levels:
-        inside = [p["quality"][key] <= factor * level for p in curve]
-        if not any(inside):
-            parts.append(f"never within {factor:g}×")
-            continue
-        first = curve[inside.index(True)]
-        held = next((i for i in range(len(curve)) if all(inside[i:])), None)
-        text = f"within {factor:g}× from {at(first)}"
-        if held is None:
-            text += ", but not at its last point"
-        elif curve[held] is not first:
-            text += f", and at every point from {at(curve[held])}"
-        parts.append(text)
-    n = curve[0].get("n")
-    return (f"  - along its run ({len(curve)} snapshots{f', {n:,} samples each' if n else ''}; its ceiling on "
-            f"the same samples {level:.3g}): " + "; ".join(parts) + ".")
 
 
 def headline(summary: dict) -> list[str]:

@@ -3,8 +3,8 @@ teacher's own chain on phi), the long run's closing of that gap, and semantic co
 rows only; loads no torch."""
 from __future__ import annotations
 
-from fewstep.distill.ceilings import ceiling_line, ceiling_ratio, ceilings
-from fewstep.show import reference_levels, versus
+from fewstep.distill.ceilings import ceiling_line, ceiling_ratio, ceiling_row, ceilings
+from fewstep.show import along_the_run, reference_levels, versus
 
 
 def long_run_reading(r: dict, rows: list, key: str) -> str:
@@ -46,6 +46,10 @@ def reading(summary: dict) -> list[str]:
         line = ceiling_line(r, rows, key, r["variant"].split("/")[0])
         if line:
             lines.append(line)
+            ceiling = ceiling_row(rows, r["nfe"], r["variant"].split("/")[0], "ddpm") or {}
+            along = along_the_run(r, (ceiling.get("curve_quality") or {}).get(key), key)
+            if along:
+                lines.append(along)
     lines += [long_run_reading(r, rows, key) for r in sfddm if r.get("long") and r.get("cost_curve")]
     c = summary.get("consistency")
     if c:
