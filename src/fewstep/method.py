@@ -37,6 +37,8 @@ class Method:
     reading: Callable | None = None           # (summary) -> report lines about its rows
     report_section: Callable | None = None    # (summary, figure folder, file prefix) -> (title, lines) or None
     headline: Callable | None = None          # (summary) -> its findings in a phrase or two (results page)
+    across: Callable | None = None            # ({bench title: summary}) -> lines setting its rows of several
+                                              # benches side by side (results page)
 
     def _module(self, name: str | None):
         return importlib.import_module(name) if name else None

@@ -74,7 +74,7 @@ def write_results_doc(benches: dict, out: Path, commands: dict | None = None) ->
             "`make results`. Lower is better for FCD, KID, SWD, MMD and the paired distances; each section says "
             "what its ± is. Each section's raw numbers are in `data/<section>.json` (the bench's results.json); "
             "a section whose bench is not rerun is written again from that file.", ""]
-    sections, gathered, found = [], {}, []
+    sections, gathered, found, measured = [], {}, [], {}
     for title, bench_dir in benches.items():
         bench_dir = Path(bench_dir)
         lines = [f"## {title}", ""]
@@ -91,6 +91,7 @@ def write_results_doc(benches: dict, out: Path, commands: dict | None = None) ->
             lines += [f"Not measured yet. Run: `{command}`", ""]
             continue
         summary = json.loads(kept.read_text())
+        measured[title] = summary
         if not all("label" in r for r in summary["rows"]):  # rows of an older format, kept but not drawn again
             lines += [f"Measured by an older fewstep whose rows this page no longer reads (`{kept.relative_to(out)}` "
                       "keeps them; its solver rows counted a final denoise as one NFE). Run: "
@@ -135,9 +136,13 @@ def write_results_doc(benches: dict, out: Path, commands: dict | None = None) ->
         head += ["## What the benches say", "",
                  "Each method against the teacher and against its ceiling (what a student that matched its own "
                  "targets exactly would score; for progressive distillation, the teacher's own DDIM on the same "
-                 "grid), in each bench's quality metric and at that bench's budgets (lower is better); the "
-                 "sections below have every row, and [sfd.md](sfd.md#at-the-authors-budget) SFD at its authors' "
-                 "full budget.", "", *found, ""]
+                 "grid), in each bench's quality metric and at that bench's budgets (lower is better). The "
+                 "`-authors` benches train the SFD family at its authors' budgets (a run still training is named "
+                 "with the budget it has reached); the others at the presets' shorter ones. The sections below "
+                 "have every row.", "", *found, ""]
+        side_by_side = [ln for method in registered_methods() if method.across for ln in method.across(measured)]
+        if side_by_side:
+            head += [*side_by_side, ""]
     for name, parts in gathered.items():  # e.g. "SFD recipe", with a sub-section per bench
         head += [f"## {name}", ""]
         for title, summary, section in parts:

@@ -14,7 +14,7 @@ This file loads no torch: `METHOD` names the modules that train, imported when t
 """
 from fewstep.method import Method
 from fewstep.sfd.recipe import SFDBench
-from fewstep.sfd.report import LABELS, headline, reading, report_section
+from fewstep.sfd.report import LABELS, across, headline, reading, report_section
 
 METHOD = Method(command="fewstep.sfd.cli", bench="fewstep.sfd.bench", bench_methods=tuple(LABELS), settings=SFDBench,
-                reading=reading, report_section=report_section, headline=headline)
+                reading=reading, report_section=report_section, headline=headline, across=across)

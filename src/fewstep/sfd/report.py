@@ -209,6 +209,36 @@ def headline(summary: dict) -> list[str]:
     return out
 
 
+def across(summaries: dict) -> list[str]:
+    """SFD at NFE 2 in every bench that has it, by budget: what more trajectories buy, against the teacher and
+    the ceiling of each bench."""
+    lines = []
+    for title, summary in summaries.items():
+        key = summary["quality_key"]
+        r = _own_rows(summary).get(("sfd", 2))
+        teacher = reference_levels(summary["rows"], key)[0]
+        if r is None or teacher is None:
+            continue
+        q = r["quality"][key]["mean"]
+        ceiling = _ceilings(summary).get(2)
+        to_ceiling = f"{q / ceiling['quality'][key]['mean']:.2f}×" if ceiling else "–"
+        budget = _budget(r)
+        spent = "–"
+        if budget:
+            training = ", still training" if r["budget"].get("planned_iterations") else ""
+            spent = f"{budget[0]:,} ({budget[0] / budget[1]:.2g}×{training})"
+        clip = (r.get("budget") or {}).get("grad_clip")
+        lines.append(f"| {title} | {Path(summary['teacher']['path']).name} | {spent} | "
+                     f"{f'norm {clip:g}' if clip else 'none'} | {key.upper()} {fmt_quality(r['quality'], key)} | "
+                     f"{q / teacher['quality'][key]['mean']:.2f}× | {to_ceiling} | "
+                     f"{fmt_time(r.get('distill_wall_s'))} |")
+    if len(lines) < 2:
+        return []
+    return ["SFD at NFE 2 in each bench, by the trajectories it trained on (the authors' budget: 200,000):", "",
+            "| bench | teacher | trajectories (× the authors') | gradient clip | quality | × teacher | × ceiling | "
+            "distill time |", "|---|---|---|---|---|---|---|---|", *lines]
+
+
 def _ceilings(summary: dict) -> dict:
     """{student NFE: its ceiling row}."""
     return {r["student_nfe"]: r for r in summary["rows"] if r["method"] == CEILING}
