@@ -313,6 +313,13 @@ def test_the_sfd_targets_are_read_for_the_authors_recipe_and_for_fewsteps_defaul
     # the clipped runs are fewstep's defaults, read at the NFE both were measured at
     assert "With fewstep's defaults (SFD and SFD-v clipped at norm 1" in lines
     assert "FCD: SFD-v / SFD at NFE 2 1.04, SFD at NFE 2 / teacher 2.50." in lines and "NFE 3 0." not in lines
+    # the paper's ratios are for the authors' budgets: a shorter run is named as no test of them
+    rows[1]["budget"] = {"iterations": 320, "batch": 128}
+    lines = "\n".join(targets_reading({"quality_key": "fcd", "rows": rows}))
+    assert ("SFD at NFE 2 / teacher (FCD; target ≤ 2.3, the paper's 2.3): 3.00 (outside the target at a shorter "
+            "budget than the paper's, so not a test of it; trained on 40,960 trajectories, 0.2× the authors' "
+            "200,000)") in lines
+    assert "1-NFE stage / SFD at NFE 2 (FCD; target ≤ 1.3, the paper's 1.29): 0.75 (within the target at a" in lines
 
 
 def test_results_page_gathers_finished_benches_and_names_the_missing(bench_run, tmp_path):

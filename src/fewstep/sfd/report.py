@@ -132,19 +132,20 @@ def targets_reading(summary: dict) -> list[str]:
     shared = sorted(n for (m, n) in q if m == "sfd-v" and ("sfd", n) in q)
     if shared:
         ratios = [(n, q[("sfd-v", n)] / q[("sfd", n)]) for n in shared]
+        compared = [own[(m, n)] for n in shared for m in ("sfd", "sfd-v")]
         lines.append(f"- SFD-v / SFD ({K}; target ≤ 1.10 at every NFE, the paper's 0.94–0.97): " +
                      ", ".join(f"NFE {n} {v:.2f}" for n, v in ratios) +
-                     f" ({'met' if all(v <= 1.10 for _, v in ratios) else 'not met'}"
+                     f" ({_verdict(all(v <= 1.10 for _, v in ratios), compared)}"
                      f"{_said('; SFD-v ', budget_words(own[('sfd-v', shared[0])]))}).")
     if ("sfd-stage2", 1) in q and ("sfd", 2) in q:
         v = q[("sfd-stage2", 1)] / q[("sfd", 2)]
         lines.append(f"- 1-NFE stage / SFD at NFE 2 ({K}; target ≤ 1.3, the paper's 1.29): {v:.2f} "
-                     f"({'met' if v <= 1.3 else 'not met'}"
+                     f"({_verdict(v <= 1.3, [own[('sfd-stage2', 1)], own[('sfd', 2)]])}"
                      f"{_said('; the 1-NFE stage ', budget_words(own[('sfd-stage2', 1)]))}).")
     if teacher is not None and ("sfd", 2) in q:
         v = q[("sfd", 2)] / teacher["quality"][key]["mean"]
         lines.append(f"- SFD at NFE 2 / teacher ({K}; target ≤ 2.3, the paper's 2.3): {v:.2f} "
-                     f"({'met' if v <= 2.3 else 'not met'}{_said('; ', budget_words(own[('sfd', 2)]))}).")
+                     f"({_verdict(v <= 2.3, [own[('sfd', 2)]])}{_said('; ', budget_words(own[('sfd', 2)]))}).")
     # fewstep's defaults differ from the authors' recipe in the clip alone: those runs are the clip settings' rows
     clipped = {(r["method"], r["nfe"]): r["quality"][key]["mean"] for r in summary["rows"]
                if r.get("recipe") in ("grad-clip", "grad-clip-sfdv")}
@@ -242,6 +243,16 @@ def across(summaries: dict) -> list[str]:
 def _ceilings(summary: dict) -> dict:
     """{student NFE: its ceiling row}."""
     return {r["student_nfe"]: r for r in summary["rows"] if r["method"] == CEILING}
+
+
+def _verdict(ok: bool, rows: list) -> str:
+    """"met" / "not met" where every row compared trained on the authors' budget (the paper's ratios are for
+    those); at a shorter budget the comparison is named as not like for like (a row without a recorded budget
+    is taken at its word)."""
+    budgets = [_budget(r) for r in rows]
+    if all(b is None or b[0] >= 0.99 * b[1] for b in budgets):
+        return "met" if ok else "not met"
+    return f"{'within' if ok else 'outside'} the target at a shorter budget than the paper's, so not a test of it"
 
 
 def _said(prefix: str, words: str) -> str:
