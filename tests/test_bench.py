@@ -287,6 +287,9 @@ def test_the_long_sfddm_run_is_read_along_the_run_against_its_ceiling(bench_run,
             f"{first:.3g} at iteration {n // 4}, ") in report
     assert (f"The gap to the teacher's own 4-step chain on phi (DDPM {ceiling:.3g}) went from "
             f"{first - ceiling:.3g} to {last - ceiling:.3g}") in report
+    # and read against that chain scored on the points' own samples
+    level = rows["teacher-on-phi-4-trailing-ddpm"]["curve_quality"]["swd"]
+    assert f"  - along its run (5 snapshots, 200 samples each; its ceiling on the same samples {level:.3g}): " in report
 
 
 def test_separation_of_teacher_sfd2_and_dpmpp3m5_is_read_out():

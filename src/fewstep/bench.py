@@ -318,8 +318,9 @@ class Bench:
                   "distill_vs_teacher_training": (distill_s / self.teacher_train_s
                                                   if distill_s and self.teacher_train_s else None),
                   "peak_memory_mb": peak_memory_mb(self.device)}
-        if row.reference and self.spec.curve_points:
-            # the reference level on the samples a point along a run is scored on (Fréchet distances depend on n)
+        if not row.model and self.spec.curve_points:
+            # a training-free row (the teacher, a ceiling) on the samples a point along a run is scored on, the
+            # level that run is read against (Fréchet distances depend on n)
             seed, noise = self.curve_noise()
             result["curve_quality"] = self.score_curve_point(preview[:len(noise)], seed)
         if pairs:
