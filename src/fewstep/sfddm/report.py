@@ -47,7 +47,7 @@ def reading(summary: dict) -> list[str]:
         if line:
             lines.append(line)
             ceiling = ceiling_row(rows, r["nfe"], r["variant"].split("/")[0], "ddpm") or {}
-            along = along_the_run(r, (ceiling.get("curve_quality") or {}).get(key), key)
+            along = along_the_run(r, (ceiling.get("curve_quality") or {}).get(key), key, factors=(1.2, 1.1))
             if along:
                 lines.append(along)
     lines += [long_run_reading(r, rows, key) for r in sfddm if r.get("long") and r.get("cost_curve")]
