@@ -77,7 +77,9 @@ def along_the_run(r: dict, level: float | None, key: str, per_step: int | None =
         text = f"within {factor:g}× from {at(first)}"
         if held is None:
             text += ", but not at its last point"
-        elif curve[held] is not first:
+        elif curve[held] is first:
+            text += ", and at every point since"
+        else:
             text += f", and at every point from {at(curve[held])}"
         parts.append(text)
     n = curve[0].get("n")
