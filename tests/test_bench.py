@@ -471,7 +471,7 @@ def test_a_run_is_read_against_its_ceiling_along_the_way():
         "400 trajectories (4.0 min), and at every point from 600 trajectories (6.0 min).")
     row["cost_curve"][-1]["quality"]["fcd"] = 12.5
     assert "within 1.2× from iteration 4 (4.0 min), but not at its last point" in along_the_run(row, 10.0, "fcd")
-    assert "within 1.5× from iteration 4 (4.0 min), and at every point since" in along_the_run(row, 8.0, "fcd")
+    assert "within 1.5× from iteration 4 (4.0 min), and at every point since" in along_the_run(row, 9.0, "fcd")
     assert along_the_run(row, None, "fcd") is None  # no level on the points' samples
 
 
