@@ -249,6 +249,8 @@ class Bench:
         offset = row.distill_seconds(self, ckpt.card) - float((ckpt.card.get("training") or {}).get("wall_time_s") or 0)
         snap = load_checkpoint(path, device=self.device)
         entries = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        # one point a step: the last line of each (a log an older fewstep wrote may hold a restarted run's twice)
+        entries = sorted({e["step"]: e for e in entries}.values(), key=lambda e: e["step"])
         reached = self.reached(row)
         if reached:  # not the snapshots a run still training wrote after the weights measured
             entries = [e for e in entries if e["step"] <= reached["iterations"]]
