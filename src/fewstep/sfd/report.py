@@ -202,10 +202,9 @@ def headline(summary: dict) -> list[str]:
         ceiling = _ceilings(summary).get(nfe)
         if ceiling is not None:
             text += f", {q / ceiling['quality'][key]['mean']:.2f}× its ceiling"
-        budget = _budget(r)
-        if budget:
-            so_far = ", still training" if r["budget"].get("planned_iterations") else ""
-            text += f" ({budget[0] / budget[1]:.2g}× the authors' budget{so_far})"
+        share = _share(r)
+        if share:
+            text += f" ({share[0]} the authors' budget{share[1]})"
         out.append(text)
     return out
 
@@ -223,11 +222,8 @@ def across(summaries: dict) -> list[str]:
         q = r["quality"][key]["mean"]
         ceiling = _ceilings(summary).get(2)
         to_ceiling = f"{q / ceiling['quality'][key]['mean']:.2f}×" if ceiling else "–"
-        budget = _budget(r)
-        spent = "–"
-        if budget:
-            training = ", still training" if r["budget"].get("planned_iterations") else ""
-            spent = f"{budget[0]:,} ({budget[0] / budget[1]:.2g}×{training})"
+        share = _share(r)
+        spent = f"{_budget(r)[0]:,} ({share[0]}{share[1]})" if share else "–"
         clip = (r.get("budget") or {}).get("grad_clip")
         lines.append(f"| {title} | {Path(summary['teacher']['path']).name} | {spent} | "
                      f"{f'norm {clip:g}' if clip else 'none'} | {key.upper()} {fmt_quality(r['quality'], key)} | "
@@ -266,6 +262,15 @@ def _budget(r: dict) -> tuple[int, int] | None:
         return None
     return b["iterations"] * b["batch"], SFD_TRAJECTORIES * {"sfd": 1, "sfd-v": SFDV_TRAJECTORY_FACTOR,
                                                              "sfd-stage2": STAGE2_TRAJECTORY_FACTOR}[r["method"]]
+
+
+def _share(r: dict) -> tuple[str, str] | None:
+    """("0.48×", ", still training"): the row's trajectories as a share of the authors' budget, and whether its
+    run was measured on the way (None where its budget is not recorded)."""
+    budget = _budget(r)
+    if budget is None:
+        return None
+    return f"{budget[0] / budget[1]:.2g}×", ", still training" if r["budget"].get("planned_iterations") else ""
 
 
 def budget_words(r: dict) -> str:
