@@ -59,7 +59,7 @@ def test_a_run_is_measured_as_far_as_it_has_got_and_nothing_is_trained(tiny_gmm8
     assert "| 5 × 128 of 8 (training) |" in results_table(summary)
     assert reached_note(summary) == (
         "Measured as reached (`--as-reached`): each distillation as far as it had trained, from its latest "
-        "snapshot; still training: `sfd-2` at 5 of 8 iterations; not started, so not in the table: sfdv-2_3-2, "
+        "snapshot; still training: `sfd-2` at 5 of 8 iterations; no checkpoint yet, so not in the table: sfdv-2_3-2, "
         "sfdv-2_3-3.")
     assert "Measured as reached (`--as-reached`)" in (out / "report.md").read_text()
 
@@ -81,7 +81,7 @@ def test_a_run_is_measured_as_far_as_it_has_got_and_nothing_is_trained(tiny_gmm8
     summary = Bench(spec, out, progress=False, as_reached=True).run()
     sfd = {r["key"]: r for r in summary["rows"]}["sfd-2"]
     assert sfd["budget"]["iterations"] == 8 and "planned_iterations" not in sfd["budget"]
-    assert "every run it measured had finished; not started, so not in the table: sfdv-2_3-2" in reached_note(summary)
+    assert "every run it measured had finished; no checkpoint yet, so not in the table: sfdv-2_3-2" in reached_note(summary)
 
 
 def test_measuring_as_reached_refuses_to_train_too(tiny_gmm8_teacher, tmp_path):

@@ -359,7 +359,7 @@ def reached_note(summary: dict) -> str | None:
                                          "iterations")
     parts = [f"still training: {', '.join(going.values())}" if going else "every run it measured had finished"]
     if summary["not_started"]:
-        parts.append(f"not started, so not in the table: {', '.join(summary['not_started'])}")
+        parts.append(f"no checkpoint yet, so not in the table: {', '.join(summary['not_started'])}")
     return ("Measured as reached (`--as-reached`): each distillation as far as it had trained, from its latest "
             "snapshot; " + "; ".join(parts) + ".")
 
