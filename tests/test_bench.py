@@ -279,7 +279,7 @@ def test_the_long_sfddm_run_is_read_along_the_run_against_its_ceiling(bench_run,
     n = round(teacher_iters / 4)  # a quarter of the teacher's training
     assert card["training"]["iterations"] == n and long["made_from"] != short["made_from"]
     assert [p["step"] for p in long["cost_curve"]] == [n // 4 * k for k in (1, 2, 3, 4)] + ([n] if n % 4 else [])
-    assert long["distill_wall_s"] > short["distill_wall_s"]
+    assert long["budget"]["iterations"] > short["budget"]["iterations"]  # (wall times depend on the machine's load)
     report = "\n".join(reading(summary))  # (report.md itself is rewritten by the rerun test)
     ceiling = rows["teacher-on-phi-4-trailing-ddpm"]["quality"]["swd"]["mean"]
     first, last = (long["cost_curve"][i]["quality"]["swd"] for i in (0, -1))
