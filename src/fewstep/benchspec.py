@@ -177,7 +177,7 @@ PRESETS = {
     "mnist-authors": dict(teacher="mnist16-teacher", data="mnist", resolution=16, methods=["teacher", "sfd", "sfd-v"],
                           nfe=[2], n_samples=10_000, seeds=[0], fd_intervals=200, ref_nfe=100, curve_points=25,
                           note=LONG_NOTE, sfd=dict(sfd_nfe=[2], sfdv_nfe=[2, 3, 4, 5], sfd_trajectories=200_000)),
-    # the quick tour (3.7 min on 2 CPU cores): every row at a short budget, and the report says so (docs/bench.md)
+    # the quick tour (4-5 min on 2 CPU cores): every row at a short budget, and the report says so (docs/bench.md)
     "demo": dict(teacher="digits-teacher", data="digits", methods=["data", "teacher", "ddim", "dpmpp3m", "sfd", "sfddm"],
                  nfe=[2, 10], n_samples=500, ref_nfe=64, seeds=[0, 1, 2], curve_points=4,
                  note="Demo budgets, to show every part in a few minutes: the teacher reference at 64 NFE, SFD at 150 "

@@ -22,7 +22,7 @@ def register(sub):
                         "teacher, with a long SFDDM run (hours); digits-defaults: the digits preset's SFD family with "
                         "fewstep's defaults in place of the authors' recipe; digits-authors, mnist-authors: the SFD family "
                         "at the authors' budgets (days; train with --distill-only, measure with --as-reached); demo: "
-                        "the quick tour at short budgets (3.7 min)")
+                        "the quick tour at short budgets (4-5 min)")
     b.add_argument("--teacher", default=None, help="teacher checkpoint (overrides the preset's)")
     b.add_argument("--data", default=None, help="data set the teacher models (needed without a preset)")
     b.add_argument("--resolution", type=int, default=None)

@@ -19,7 +19,7 @@ COMMAND_HELP = {
     "compare": "semantic consistency: the same noises through two models (PSNR of pairs)",
     "interpolate": "frames between two seeds' noises (slerp or linear) as one strip",
     "bench": "every method side by side on one teacher: table, plots, report",
-    "demo": "the quick tour on the shipped digits teacher at short budgets (3.7 min on 2 CPU cores): SFD and "
+    "demo": "the quick tour on the shipped digits teacher at short budgets (4-5 min on 2 CPU cores): SFD and "
             "SFDDM against the teacher and two solvers",
     "import": "convert a diffusers folder or an NVlabs/edm snapshot into a fewstep checkpoint",
     "export": "write a student (or teacher) as a folder other tools load",
