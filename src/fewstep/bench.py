@@ -38,6 +38,7 @@ from fewstep.metrics import evaluate_samples
 from fewstep.models import load_model
 from fewstep.registry import methods as registered_methods
 from fewstep.report import write_report
+from fewstep.runfolder import read_snapshots
 from fewstep.sampling import sample, sample_shape
 from fewstep.timing import peak_memory_mb
 from fewstep.train import TrainConfig, Trainer
@@ -205,11 +206,10 @@ class Bench:
             return None
         at = {"iterations": int(training.get("iterations") or 0), "wall_s": float(training.get("wall_time_s") or 0),
               "snapshot": None}
-        log = path / "snapshots" / "snapshots.jsonl"
-        entries = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
-        newer = [e for e in entries if e["step"] > at["iterations"] and (path / "snapshots" / e["file"]).is_file()]
+        newer = [e for e in read_snapshots(path)
+                 if e["step"] > at["iterations"] and (path / "snapshots" / e["file"]).is_file()]
         if newer:
-            last = max(newer, key=lambda e: e["step"])
+            last = newer[-1]
             at = {"iterations": int(last["step"]), "wall_s": float(last["wall_s"]), "snapshot": last["file"]}
         return at
 
@@ -243,14 +243,11 @@ class Bench:
         """Quality against distillation wall time at the snapshots the row's training wrote."""
         seed, noise = self.curve_noise()
         path = self.model_dir(row.model)
-        log = path / "snapshots" / "snapshots.jsonl"
-        if not log.is_file():
+        entries = read_snapshots(path)
+        if not entries:
             return []
         offset = row.distill_seconds(self, ckpt.card) - float((ckpt.card.get("training") or {}).get("wall_time_s") or 0)
         snap = load_checkpoint(path, device=self.device)
-        entries = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        # one point a step: the last line of each (a log an older fewstep wrote may hold a restarted run's twice)
-        entries = sorted({e["step"]: e for e in entries}.values(), key=lambda e: e["step"])
         reached = self.reached(row)
         if reached:  # not the snapshots a run still training wrote after the weights measured
             entries = [e for e in entries if e["step"] <= reached["iterations"]]

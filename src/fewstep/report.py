@@ -388,8 +388,9 @@ def write_report(out: Path, summary: dict) -> Path:
              f"{fmt_time(t.get('training_wall_s'))}. {quality_note(summary)}", ""]
     if summary["spec"].get("note"):
         lines += [f"**{summary['spec']['note']}**", ""]
-    if reached_note(summary):
-        lines += [reached_note(summary), ""]
+    reached = reached_note(summary)
+    if reached:
+        lines += [reached, ""]
     lines += ["## Results", "", table, ""]
     for title, section in method_sections(summary, fig):
         lines += [f"## {title}", "", *section, ""]

@@ -122,8 +122,9 @@ def write_results_doc(benches: dict, out: Path, commands: dict | None = None) ->
         if partial:
             lines += ["", f"**Not the whole `{title}` preset**: {partial}. The preset's command runs the rest "
                           "and reuses the rows measured with the same settings."]
-        if reached_note(summary):
-            lines += ["", reached_note(summary)]
+        reached = reached_note(summary)
+        if reached:
+            lines += ["", reached]
         lines += ["", results_table(summary), ""]
         profile = profile_table(summary)
         if profile:

@@ -21,6 +21,27 @@ from fewstep.viz import save_samples_picture
 LOGS = ("metrics.jsonl", "snapshots/snapshots.jsonl")
 
 
+def read_log(path: Path) -> list[dict]:
+    """The records of one of a run's JSONL logs (a line cut short by a kill, or being written, is skipped)."""
+    records = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError):
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
+def read_snapshots(run_dir: Path) -> list[dict]:
+    """The snapshots along a run ({"step", "wall_s", "file"}), one a step in step order: the last line of each
+    (a log an older fewstep wrote may hold a restarted run's steps twice)."""
+    entries = read_log(Path(run_dir) / "snapshots" / "snapshots.jsonl")
+    return sorted({e["step"]: e for e in entries}.values(), key=lambda e: e["step"])
+
+
 def tensorboard_writer():
     """TensorBoard's SummaryWriter class, or a clear error when the optional extra is missing."""
     try:
@@ -146,17 +167,7 @@ class RunFolder:
 
     def records(self) -> list[dict]:
         """The run's metrics.jsonl records (a line cut short by a kill is skipped)."""
-        path = self.path / "metrics.jsonl"
-        records = []
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except (ValueError, RecursionError):
-                    continue
-                if isinstance(record, dict):
-                    records.append(record)
-        return records
+        return read_log(self.path / "metrics.jsonl")
 
     def snapshot(self, state_dict: dict, step: int, wall: float):
         """Weights now, in snapshots/step-<step>.safetensors, and a line in snapshots.jsonl with the iteration
