@@ -166,13 +166,6 @@ PRESETS = {
                                        "stage2-lr", "stage2-budget", "stage2-perceptual", "stage2-condition"]),
                   sfddm=dict(sfddm_steps=[10], sfddm_variants=["trailing/random"], sfddm_long_fraction=0.25),
                   progressive=dict(pd_steps=[8], pd_start_steps=256)),
-    # the SFD family at the authors' budgets (SFD 1,563 iterations of 128 at every NFE, SFD-v 4x, the 1-NFE stage
-    # 10x) with fewstep's defaults, each scored along its run against its ceiling: days on one CPU thread, so its
-    # runs are trained apart (--distill-only, one process each) and measured as they get there (--as-reached)
-    "digits-authors": dict(teacher="digits-teacher", data="digits", methods=["teacher", "sfd", "sfd-v", "sfd-stage2"],
-                           nfe=[2, 3, 4, 5], n_samples=10_000, seeds=[0], fd_intervals=200, ref_nfe=256,
-                           curve_points=25, note=LONG_NOTE,
-                           sfd=dict(sfd_nfe=[2, 3, 4, 5], sfdv_nfe=[2, 3, 4, 5], sfd_trajectories=200_000)),
     # SFD at NFE 2 and SFD-v on the MNIST 16x16 teacher at the authors' budgets
     "mnist-authors": dict(teacher="mnist16-teacher", data="mnist", resolution=16, methods=["teacher", "sfd", "sfd-v"],
                           nfe=[2], n_samples=10_000, seeds=[0], fd_intervals=200, ref_nfe=100, curve_points=25,
@@ -188,6 +181,12 @@ PRESETS = {
                  sfd=dict(sfd_nfe=[2], sfd_trajectories=9_600, sfd_batch=64, sfd_lr=1e-4),
                  sfddm=dict(sfddm_steps=[10], sfddm_variants=["trailing/teacher"], sfddm_iters=200)),
 }
+
+# the digits-defaults preset at the authors' budgets (SFD 1,563 iterations of 128 at every NFE, SFD-v 4x, the 1-NFE
+# stage 10x), each scored along its run against its ceiling: days on one CPU thread, so its runs are trained apart
+# (--distill-only, one process each) and measured as they get there (--as-reached)
+PRESETS["digits-authors"] = {**PRESETS["digits-defaults"], "curve_points": 25, "note": LONG_NOTE,
+                             "sfd": {**PRESETS["digits-defaults"]["sfd"], "sfd_trajectories": 200_000}}
 
 
 def preset(name: str, **overrides) -> BenchSpec:
