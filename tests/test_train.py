@@ -183,6 +183,29 @@ def test_interrupt_saves_state_and_resume_continues_exactly(gmm8, tmp_path, caps
     assert_same_weights(a["ema"], b["ema"])
 
 
+class CrashAt11(TeacherTraining):
+    """A process dying inside iteration 11 (an error no handler sees, as when the machine goes)."""
+
+    def train_step(self, ctx, batch, gen):
+        if ctx.t.step == 10:
+            raise RuntimeError("the machine went")
+        return super().train_step(ctx, batch, gen)
+
+
+def test_time_based_checkpoint_bounds_what_a_dead_run_loses(gmm8, tmp_path):
+    """With no iteration cadence, ckpt_minutes alone checkpoints once that much training time passed since the
+    last save (here any: every iteration), so the dead run keeps its 10 iterations and resumes to the
+    uninterrupted run's weights; with it off the same death leaves nothing to resume."""
+    for minutes, kept in ((0.0, None), (1e-9, 10)):
+        out = tmp_path / f"m{minutes}"
+        with pytest.raises(RuntimeError, match="the machine went"):
+            Trainer(make_method(CrashAt11), config(15, ckpt_minutes=minutes), out, data=gmm8).run()
+        assert (state(out)["step"] if (out / "train_state.pt").exists() else None) == kept
+    Trainer(make_method(), config(15, ckpt_minutes=1e-9), out, data=gmm8, resume=True).run()
+    Trainer(make_method(), config(15), tmp_path / "whole", data=gmm8).run()
+    assert_same_weights(state(out)["model"], state(tmp_path / "whole")["model"])
+
+
 class RecordLR(TeacherTraining):
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)

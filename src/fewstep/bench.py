@@ -182,7 +182,8 @@ class Bench:
         points = self.spec.curve_points if curve_points is None else curve_points
         cfg = TrainConfig(steps=steps, batch=budget["batch"], lr=budget["lr"], lr_schedule=lr_schedule,
                           seed=self.spec.seed, device=str(self.device), progress=self.progress,
-                          ckpt_every=max(100, steps // 5), log_every=max(10, steps // 50), grad_clip=grad_clip,
+                          ckpt_every=max(100, steps // 5), ckpt_minutes=10, log_every=max(10, steps // 50),
+                          grad_clip=grad_clip,
                           snapshot_every=max(1, steps // points) if points else 0)
         resume = (path / "train_state.pt").exists()
         Trainer(method, cfg, path, data=data, resume=resume,

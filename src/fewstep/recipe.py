@@ -22,7 +22,7 @@ LOOP_OPTIONS = {
     "grad_clip": (A.non_negative, 1.0), "amp": (A.choice(AMP_MODES), "none"), "grad_checkpoint": (A.flag, False),
     "seed": (A.seed, 0), "device": (A.device, "auto"), "log_every": (A.positive_int, 50),
     "log": (A.choice(LOG_KINDS), "jsonl"), "sample_every": (A.count, 0), "ckpt_every": (A.count, 500),
-    "progress": (A.flag, True),
+    "ckpt_minutes": (A.non_negative, 30.0), "progress": (A.flag, True),
 }
 
 

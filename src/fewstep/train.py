@@ -313,6 +313,7 @@ class Trainer:
             self.scaler = torch.amp.GradScaler("cuda")
         self.step = 0
         self.wall = 0.0
+        self.saved_wall = 0.0  # training time at the last checkpoint (ckpt_minutes counts from it)
         self.profiler = Profiler(self.device)
         if config.log == "tensorboard":
             tensorboard_writer()  # a missing extra is reported before anything is written
@@ -358,11 +359,13 @@ class Trainer:
                 group["fused"] = None
         self.method.load_state_dict(st.get("method") or {})
         self.step, self.wall = int(st["step"]), float(st.get("wall", 0.0))
+        self.saved_wall = self.wall
 
     def _changed_settings(self, saved: dict) -> list[str]:
         return changed_settings(self.config, self.run_info, saved)
 
     def save(self, final: bool = False):
+        self.saved_wall = self.wall
         if not self.is_main:
             return
         card = self.method.card()
@@ -518,7 +521,10 @@ class Trainer:
                              **logs, **timing})
         if c.snapshot_every and (self.step % c.snapshot_every == 0 or self.step == c.steps):
             self._snapshot()
-        if c.ckpt_every and self.step % c.ckpt_every == 0 and self.step < c.steps:
+        # only the main process writes, so the time-based checkpoint needs no agreement between processes
+        on_cadence = c.ckpt_every and self.step % c.ckpt_every == 0
+        on_time = c.ckpt_minutes and self.wall - self.saved_wall >= 60 * c.ckpt_minutes
+        if (on_cadence or on_time) and self.step < c.steps:
             self.save()
         if c.sample_every and self.step % c.sample_every == 0 and self.step < c.steps:
             self._preview()

@@ -27,6 +27,9 @@ class TrainConfig:
     log_every: int = 50
     sample_every: int = 0             # 0: only at the end
     ckpt_every: int = 0               # 0: only at the end
+    # also a checkpoint once this many minutes of training passed since the last one (0: off), so a long run on
+    # a slow machine loses at most that much when its process dies, whatever its iteration cadence
+    ckpt_minutes: float = 0.0
     n_preview: int = 64
     device: str = "auto"
     progress: bool = True
@@ -49,7 +52,8 @@ class TrainConfig:
         return cls(steps=o["iters"], batch=o["batch"], lr=o["lr"], lr_schedule=o["lr_schedule"], warmup=o["warmup"],
                    ema=o["ema"], grad_clip=o["grad_clip"] or None, amp=o["amp"], seed=o["seed"],
                    log_every=o["log_every"], sample_every=o["sample_every"], ckpt_every=o["ckpt_every"],
-                   device=o["device"], progress=o["progress"], log=o["log"], grad_checkpoint=o["grad_checkpoint"])
+                   ckpt_minutes=o["ckpt_minutes"], device=o["device"], progress=o["progress"], log=o["log"],
+                   grad_checkpoint=o["grad_checkpoint"])
 
     def lr_at(self, step: int) -> float:
         """The learning rate of iteration `step`: the schedule, then the warm-up."""
@@ -77,6 +81,8 @@ class TrainConfig:
             raise FewstepError(f"ema={self.ema}: expected a decay in (0, 1), or none")
         if self.log not in LOG_KINDS:
             raise FewstepError(f"--log {self.log!r}: expected {' or '.join(LOG_KINDS)}")
+        if not self.ckpt_minutes >= 0:
+            raise FewstepError(f"ckpt_minutes={self.ckpt_minutes}: expected 0 (off) or a positive number of minutes")
         if self.snapshot_every < 0:
             raise FewstepError(f"snapshot_every={self.snapshot_every}: expected 0 (none) or a positive iteration count")
         if self.channels_last not in ("auto", "on", "off"):
@@ -93,9 +99,10 @@ def run_record(args) -> dict:
         if k not in ("func", "_argv") and isinstance(v, (int, float, str, bool, list, type(None)))}}
 
 
-RESUMABLE_CHANGES = {"config": {"steps", "progress", "log_every", "sample_every", "ckpt_every", "n_preview",
-                                "device", "log", "profile", "snapshot_every"},
-                     "args": {"iters", "no_progress", "progress", "log_every", "sample_every", "ckpt_every", "device",
+RESUMABLE_CHANGES = {"config": {"steps", "progress", "log_every", "sample_every", "ckpt_every", "ckpt_minutes",
+                                "n_preview", "device", "log", "profile", "snapshot_every"},
+                     "args": {"iters", "no_progress", "progress", "log_every", "sample_every", "ckpt_every",
+                              "ckpt_minutes", "device",
                               "resume", "out", "log", "profile", "snapshot_every", "trajectory_cache"}}
 
 

@@ -77,5 +77,8 @@ def add_train_args(p: argparse.ArgumentParser, recipe: dict, notes: dict | None 
                    help="sample picture cadence (0: at the end only)")
     g.add_argument("--ckpt-every", type=A.count, default=recipe["ckpt_every"],
                    help=f"checkpoint cadence (0: at the end only; {default('ckpt_every')})")
+    g.add_argument("--ckpt-minutes", type=A.non_negative, default=recipe["ckpt_minutes"],
+                   help="also a checkpoint after this many minutes of training since the last one, so a killed "
+                        f"run loses at most that much (0: off; {default('ckpt_minutes')})")
     g.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
