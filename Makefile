@@ -17,10 +17,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	@touch $@
 
-# quiet output and the 15 slowest tests come from pyproject's addopts; a second -q would hide the summary line
+# quiet output and the 15 slowest tests come from pyproject's addopts; a second -q would hide the summary line.
+# One worker per core, each taking whole files (a file's module fixtures are built once): on 2 cores the suite
+# took 301 s this way against 482 s in one process
+PARALLEL    := -n auto --dist loadfile
 PYTEST_ARGS ?=
 test: venv
-	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest $(PARALLEL) $(PYTEST_ARGS)
 
 demo: venv
 	$(VENV)/bin/fewstep demo

@@ -15,6 +15,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FEWSTEP_NO_NETWORK", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# `make test` runs one pytest-xdist worker per core: each computes on one thread (and so do the commands it
+# starts), so the workers do not fight over the cores
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 class NetworkBlocked(RuntimeError):
@@ -75,3 +80,4 @@ def tiny_digits_teacher(tmp_path_factory):
     net = UNet(resolution=8, in_channels=1, channels=16, channel_mult=(1, 2), num_res_blocks=1,
                attn_resolutions=(), dropout=0.0)
     return train_tiny_teacher(tmp_path_factory.mktemp("digits-teacher"), net, "digits", steps=100, batch=32)
+
