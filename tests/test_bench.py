@@ -456,6 +456,33 @@ def test_sfd_rows_are_read_against_their_ceiling(bench_run, tiny_gmm8_teacher):
     assert ceiling["curve_quality"]["swd"] > 0
     assert (f"  - along its run (4 snapshots, 200 samples each; its ceiling on the same samples "
             f"{ceiling['curve_quality']['swd']:.3g}): ") in text
+    # and drawn: the report's section on SFD against its ceiling along the run, with its figure
+    report = (out / "report.md").read_text()
+    assert "## SFD against its ceiling along the run" in report
+    assert (out / "figures" / "sfd-along-the-run.png").stat().st_size > 10_000
+
+
+def test_sfd_runs_are_drawn_against_their_ceiling_on_the_same_samples(tmp_path):
+    """Each point of an SFD / SFD-v run is its quality over its ceiling's on the points' samples, placed at the
+    trajectories trained on; the final row over the ceiling's final row; rows without a scored ceiling, the 1-NFE
+    stage and recipe rows are left out, and with no curve there is no section."""
+    from fewstep.sfd.report import _curves_to_ceiling, report_section
+    curve = [{"step": s, "wall_s": 60.0 * s, "n": 2000, "quality": {"fcd": q}} for s, q in ((10, 30.0), (20, 12.0))]
+    rows = [_row("teacher", 256, 4.0),
+            _row("sfd", 2, 10.0, budget={"iterations": 20, "batch": 128}, cost_curve=curve),
+            _row("sfd", 3, 9.0, budget={"iterations": 20, "batch": 128}, cost_curve=curve),  # no scored ceiling
+            _row("sfd", 2, 8.0, budget={"iterations": 20, "batch": 128}, cost_curve=curve, recipe="grad-clip"),
+            _row("sfd-stage2", 1, 14.0, budget={"iterations": 20, "batch": 128}, cost_curve=curve),
+            {**_row("teacher", 12, 8.0, curve_quality={"fcd": 10.0}), "method": "sfd-ceiling", "student_nfe": 2},
+            {**_row("teacher", 16, 6.0), "method": "sfd-ceiling", "student_nfe": 3}]
+    summary = {"quality_key": "fcd", "rows": rows}
+    [(row, points, final)] = _curves_to_ceiling(summary)
+    assert (row["nfe"], row.get("recipe"), points, final) == (2, None, [(1280, 3.0), (2560, 1.2)], 1.25)
+    [(title, lines)] = report_section(summary, tmp_path, prefix="x-")
+    assert title == "SFD against its ceiling along the run" and "(figures/x-sfd-along-the-run.png)" in lines[-1]
+    assert (tmp_path / "x-sfd-along-the-run.png").is_file()
+    rows[-2]["curve_quality"] = None
+    assert report_section(summary, tmp_path) == []
 
 
 def test_a_run_is_read_against_its_ceiling_along_the_way():

@@ -35,7 +35,7 @@ class Method:
     bench_methods: tuple = ()                 # the names its rows answer to in a bench's `methods`
     settings: type | None = None              # its part of a bench spec (a `BenchSettings` subclass)
     reading: Callable | None = None           # (summary) -> report lines about its rows
-    report_section: Callable | None = None    # (summary, figure folder, file prefix) -> (title, lines) or None
+    report_section: Callable | None = None    # (summary, figure folder, file prefix) -> [(title, lines)]
     headline: Callable | None = None          # (summary) -> its findings in a phrase or two (results page)
     across: Callable | None = None            # ({bench title: summary}) -> lines setting its rows of several
                                               # benches side by side (results page)

@@ -327,13 +327,11 @@ def time_to_quality_reading(rows: list, key: str) -> list[str]:
 
 
 def method_sections(summary: dict, figdir: Path, prefix: str = "") -> list[tuple[str, list[str]]]:
-    """(title, lines) of each registered method's own report section (e.g. SFD's recipe), where it has one."""
+    """(title, lines) of each registered method's own report sections (e.g. SFD's recipe), where it has them."""
     out = []
     for method in registered_methods():
         if method.report_section is not None:
-            section = method.report_section(summary, figdir, prefix)
-            if section:
-                out.append(section)
+            out += method.report_section(summary, figdir, prefix)
     return out
 
 

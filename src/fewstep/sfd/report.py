@@ -343,13 +343,81 @@ def separation_reading(rows: list, key: str) -> str | None:
             f". {'All three told apart.' if ok else 'Not all told apart.'}")
 
 
-def report_section(summary: dict, figdir: Path, prefix: str = "") -> tuple[str, list[str]] | None:
-    """("SFD recipe", its lines): the recipe table and figure, the family beside the teacher, the ratios."""
+def _curves_to_ceiling(summary: dict) -> list[tuple[dict, list, float]]:
+    """(row, [(trajectories, quality / ceiling)] along its run, final quality / ceiling) for each SFD and SFD-v
+    row whose run was scored along the way and whose ceiling was scored on the same samples."""
+    key, ceilings, out = summary["quality_key"], _ceilings(summary), []
+    for (method, nfe), r in sorted(_own_rows(summary).items(), key=lambda item: (item[0][0], item[0][1])):
+        ceiling = ceilings.get(nfe)
+        level = ((ceiling or {}).get("curve_quality") or {}).get(key)
+        batch = (r.get("budget") or {}).get("batch")
+        if method == "sfd-stage2" or not level or not batch:
+            continue
+        pts = [(p["step"] * batch, p["quality"][key] / level) for p in r.get("cost_curve") or []
+               if p.get("nfe", nfe) == nfe and key in p["quality"]]
+        if len(pts) > 1:
+            out.append((r, pts, r["quality"][key]["mean"] / ceiling["quality"][key]["mean"]))
+    return out
+
+
+def plot_curves_to_ceiling(summary: dict, path: Path) -> bool:
+    """Each SFD and SFD-v run's quality along its run as a multiple of its ceiling on the same samples, against
+    the trajectories it had trained on; 1.5x and 1.2x drawn across, each run's final score as its large
+    marker, and the authors' budget of each mode as a vertical line."""
+    curves = _curves_to_ceiling(summary)
+    if not curves:
+        return False
+    pyplot = plt()
+    fig, ax = pyplot.subplots(figsize=(7, 5.2))
+    colors = pyplot.get_cmap("tab10").colors
+    markers = "osD^v<>ph*"
+    for k, (r, pts, final) in enumerate(curves):
+        color, marker = colors[k % 10], markers[k % len(markers)]
+        ax.plot(*zip(*pts), marker=marker, ms=3, lw=1, alpha=0.8, color=color,
+                label=f"{LABELS[r['method']]}, NFE {r['nfe']}")
+        ax.scatter(pts[-1][0], final, s=50, marker=marker, color=color, edgecolors="k", linewidths=0.6, zorder=3)
+    for factor, style in ((1.5, "--"), (1.2, ":")):
+        ax.axhline(factor, color="gray", ls=style, lw=1, label=f"{factor:g}× the ceiling")
+    ax.axhline(1, color="k", lw=0.8)
+    authors = {LABELS[r["method"]]: _budget(r)[1] for r, _, _ in curves}
+    for k, budget in enumerate(sorted(set(authors.values()))):
+        ax.axvline(budget, color="tab:gray", ls="-.", lw=0.8, alpha=0.7, label=None if k else (
+            "the authors' budget (" + ", ".join(f"{name} {b:,}" for name, b in authors.items()) + ")"))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("teacher trajectories trained on (log)")
+    ax.set_ylabel(f"{summary['quality_key'].upper()} ÷ its ceiling's (lower is better)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=3, title="small markers: along the run; large: the final row", title_fontsize=7,
+              loc="upper center", bbox_to_anchor=(0.5, -0.13))
+    savefig(fig, path)
+    pyplot.close(fig)
+    return True
+
+
+CURVE_NOTE = ("Each SFD and SFD-v run scored at its snapshots along the run, on fewer samples than its final row, "
+              "each point divided by its ceiling (the teacher's trajectory the row learns) scored on those same "
+              "samples, since a Fréchet distance moves with the sample count; the large markers are the final "
+              "rows over their ceilings on the bench's full sample count. An SFD-v run's trajectories are those of "
+              "all its NFEs together. The reading says where each run first comes within 1.5× and 1.2× of its "
+              "ceiling and from where it stays there.")
+
+
+def report_section(summary: dict, figdir: Path, prefix: str = "") -> list[tuple[str, list[str]]]:
+    """SFD's sections of a report: "SFD recipe" (the recipe table and figure, the family beside the teacher,
+    the ratios) where the bench measured recipe settings, and "SFD against its ceiling along the run" (the
+    figure) where its runs were scored along the way."""
+    sections = []
     table = recipe_table(summary)
-    if not table:
-        return None
-    figure = f"{prefix}sfd-recipe.png"
-    plot_recipe(summary, figdir / figure)
-    return "SFD recipe", [RECIPE_INTRO, "", RECIPE_NOTE, "", table, "",
-                          f"![SFD recipe](figures/{figure})", "", "The SFD family with the authors' recipe:", "",
-                          family_table(summary), "", *targets_reading(summary)]
+    if table:
+        figure = f"{prefix}sfd-recipe.png"
+        plot_recipe(summary, figdir / figure)
+        sections.append(("SFD recipe", [RECIPE_INTRO, "", RECIPE_NOTE, "", table, "",
+                                        f"![SFD recipe](figures/{figure})", "",
+                                        "The SFD family with the authors' recipe:", "",
+                                        family_table(summary), "", *targets_reading(summary)]))
+    figure = f"{prefix}sfd-along-the-run.png"
+    if plot_curves_to_ceiling(summary, figdir / figure):
+        sections.append(("SFD against its ceiling along the run",
+                         [CURVE_NOTE, "", f"![SFD against its ceiling along the run](figures/{figure})"]))
+    return sections
