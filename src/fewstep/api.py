@@ -162,14 +162,14 @@ def export_model(model, out, *, nfe: int | None = None, format: str = "diffusers
 def run_bench(out, preset: str | None = None, *, spec=None, progress: bool = True, device: str = "auto",
           distill_only: bool = False, as_reached: bool = False, **fields) -> dict | None:
     """Every method side by side on one teacher, into the folder `out` (finished work there is reused): a
-    preset (toy, digits, digits-defaults, mnist, demo) with `fields` of `fewstep.benchspec.BenchSpec` over it
-    (teacher, data, methods, nfe, n_samples, seeds, ..., and each method's settings, flat as `sfd_batch=64` or
-    nested as `sfd={"sfd_batch": 64}`), a spec of your own from `fields` (at least `teacher` and `data`), or a
-    ready `spec`. Writes report.md there and returns the summary it is written from (None
-    with `distill_only`, which trains every model the bench needs and measures nothing). `as_reached` trains
-    nothing and measures each distillation as far as it has got (its latest snapshot; another process may
-    still be training it): its rows name the iterations reached, and rows whose run has not started are left
-    out (the summary's `not_started`)."""
+    preset (`fewstep.benchspec.PRESETS`: toy, digits, digits-defaults, digits-authors, mnist, mnist-authors,
+    demo) with `fields` of `fewstep.benchspec.BenchSpec` over it (teacher, data, methods, nfe, n_samples, seeds,
+    ..., and each method's settings, flat as `sfd_batch=64` or nested as `sfd={"sfd_batch": 64}`), a spec of your
+    own from `fields` (at least `teacher` and `data`), or a ready `spec`. Writes report.md there and returns the
+    summary it is written from (None with `distill_only`, which trains every model the bench needs and measures
+    nothing). `as_reached` trains nothing and measures each distillation as far as it has got (its latest
+    snapshot; another process may still be training it): its rows name the iterations reached, and rows whose
+    run has not started are left out (the summary's `not_started`)."""
     from fewstep.bench import Bench
     from fewstep.benchspec import BenchSpec
     from fewstep.benchspec import preset as preset_spec
