@@ -206,6 +206,41 @@ def test_time_based_checkpoint_bounds_what_a_dead_run_loses(gmm8, tmp_path):
     assert_same_weights(state(out)["model"], state(tmp_path / "whole")["model"])
 
 
+def test_stopped_time_counts_a_late_tick_only_after_sigcont():
+    """A tick later than the gap is time held, counted only once SIGCONT arrived (else it was a computation
+    keeping the thread from its tick), less one interval; each take starts afresh."""
+    from fewstep.train import StoppedTime
+    now = [0.0]
+    held = StoppedTime(interval=0.5, gap=2.0, clock=lambda: now[0])
+    for t in (0.0, 0.5, 1.0, 9.0):  # 8 s between the last two ticks
+        now[0] = t
+        held.tick()
+    assert held.take() == 0.0  # no SIGCONT: not a stop
+    for t in (9.5, 20.0):
+        now[0] = t
+        held.tick()
+    held._continued(signal.SIGCONT, None)
+    now[0] = 20.5
+    assert held.take() == pytest.approx(10.0) and held.take() == 0.0
+
+
+class StopsItself(TeacherTraining):
+    """The process is stopped (as by Ctrl-Z) inside iteration 4 and continued 4 s later by another process."""
+
+    def train_step(self, ctx, batch, gen):
+        if ctx.t.step == 3:
+            subprocess.Popen(["sh", "-c", f"sleep 4; kill -CONT {os.getpid()}"])
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return super().train_step(ctx, batch, gen)
+
+
+def test_time_the_process_was_stopped_is_not_training_time(gmm8, tmp_path):
+    Trainer(make_method(StopsItself), config(8), tmp_path, data=gmm8).run()
+    card = json.loads((tmp_path / "fewstep.json").read_text())
+    assert card["training"]["wall_time_s"] < 2.5  # 8 tiny iterations, without the 4 s stopped
+    assert signal.getsignal(signal.SIGCONT) is signal.SIG_DFL  # the handler is put back
+
+
 class RecordLR(TeacherTraining):
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)

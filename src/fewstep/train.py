@@ -229,6 +229,60 @@ class StopRequests:
         return False
 
 
+class StoppedTime:
+    """Time the process was held inside the training loop (Ctrl-Z, SIGSTOP, a suspended machine), which the
+    run's training time leaves out: a run paused for an hour does not report an hour more. A thread ticks every
+    `interval` seconds; a tick more than `gap` seconds after the one before counts its wait as held, but only if
+    SIGCONT arrived meanwhile, so a long computation that keeps the thread from its tick is never taken for a
+    stop. Counts nothing outside the main thread (where no signal handler can be set)."""
+
+    def __init__(self, interval: float = 0.5, gap: float = 2.0, clock=time.monotonic):
+        self.interval, self.gap, self.clock = interval, gap, clock
+        self.lock, self.done = threading.Lock(), threading.Event()
+        self.last, self.late, self.continued = None, 0.0, False
+        self.thread, self.previous = None, None
+
+    def tick(self):
+        now = self.clock()
+        with self.lock:
+            if self.last is not None and now - self.last > self.gap:
+                self.late += now - self.last - self.interval
+            self.last = now
+
+    def take(self) -> float:
+        """Seconds held since the last call."""
+        self.tick()
+        with self.lock:
+            held = self.late if self.continued else 0.0
+            self.late, self.continued = 0.0, False
+        return held
+
+    def _continued(self, signum, frame):
+        self.continued = True
+
+    def _beat(self):
+        while not self.done.wait(self.interval):
+            self.tick()
+
+    def __enter__(self):
+        self.tick()
+        if threading.current_thread() is threading.main_thread():
+            self.done.clear()
+            self.previous = signal.getsignal(signal.SIGCONT)
+            signal.signal(signal.SIGCONT, self._continued)
+            self.thread = threading.Thread(target=self._beat, name="fewstep-stopped-time", daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.thread is not None:
+            self.done.set()
+            self.thread.join()
+            self.thread = None
+            signal.signal(signal.SIGCONT, self.previous)
+        return False
+
+
 def _check_data(method: TrainMethod, data, labels) -> None:
     if method.needs_data and (data is None or len(data) == 0):
         raise FewstepError(f"method {method.name!r} needs training data; pass --data")
@@ -314,6 +368,7 @@ class Trainer:
         self.step = 0
         self.wall = 0.0
         self.saved_wall = 0.0  # training time at the last checkpoint (ckpt_minutes counts from it)
+        self.held = StoppedTime()  # time the process was stopped, left out of self.wall
         self.profiler = Profiler(self.device)
         if config.log == "tensorboard":
             tensorboard_writer()  # a missing extra is reported before anything is written
@@ -435,7 +490,7 @@ class Trainer:
         interrupted, in_iteration, late_stop = False, False, False
         cost = CostNote(self.method.name, self.step, c.steps, announce=self.is_main)
         try:
-            with StopRequests(announce=self.is_main) as stop:
+            with StopRequests(announce=self.is_main) as stop, self.held:
                 while self.step < c.steps:
                     if self._agreed_stop(stop):
                         interrupted = True
@@ -488,6 +543,7 @@ class Trainer:
         logged = (self.step + 1) % c.log_every == 0 or self.step + 1 == c.steps
         # CUDA: a logged iteration's parts wait for the device, so they are its own work
         self.profiler.sync = logged and c.profile and self.device.type == "cuda"
+        self.held.take()  # a stop between iterations is in no iteration's time
         t0 = time.perf_counter()
         for g in self.optimizer.param_groups:
             g["lr"] = self.lr_at(self.step)
@@ -508,7 +564,7 @@ class Trainer:
                 for be, b in zip(self.ema.buffers(), self.model.buffers()):
                     be.copy_(b)
         self.step += 1
-        iteration_s = time.perf_counter() - t0
+        iteration_s = max(0.0, time.perf_counter() - t0 - self.held.take())
         self.wall += iteration_s
         bar.update(1)
         if "loss" in logs:
