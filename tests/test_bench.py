@@ -323,6 +323,11 @@ def test_the_sfd_targets_are_read_for_the_authors_recipe_and_for_fewsteps_defaul
             "budget than the paper's, so not a test of it; trained on 40,960 trajectories, 0.2× the authors' "
             "200,000)") in lines
     assert "1-NFE stage / SFD at NFE 2 (FCD; target ≤ 1.3, the paper's 1.29): 0.75 (within the target at a" in lines
+    # nor is a longer one
+    rows[1]["budget"] = {"iterations": 3125, "batch": 128}
+    lines = "\n".join(targets_reading({"quality_key": "fcd", "rows": rows}))
+    assert ("3.00 (outside the target at a larger budget than the paper's, so not a test of it; trained on "
+            "400,000 trajectories, 2× the authors' 200,000)") in lines
 
 
 def test_results_page_gathers_finished_benches_and_names_the_missing(bench_run, tmp_path):

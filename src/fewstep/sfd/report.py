@@ -245,10 +245,11 @@ def _verdict(ok: bool, rows: list) -> str:
     """"met" / "not met" where every row compared trained on the authors' budget (the paper's ratios are for
     those); at a shorter budget the comparison is named as not like for like (a row without a recorded budget
     is taken at its word)."""
-    budgets = [_budget(r) for r in rows]
-    if all(b is None or b[0] >= 0.99 * b[1] for b in budgets):
+    budgets = [_budget(r) for r in rows if _budget(r) is not None]
+    if all(abs(seen - authors) <= 0.01 * authors for seen, authors in budgets):
         return "met" if ok else "not met"
-    return f"{'within' if ok else 'outside'} the target at a shorter budget than the paper's, so not a test of it"
+    how = "a shorter" if any(seen < authors for seen, authors in budgets) else "a larger"
+    return f"{'within' if ok else 'outside'} the target at {how} budget than the paper's, so not a test of it"
 
 
 def _said(prefix: str, words: str) -> str:
@@ -280,7 +281,7 @@ def budget_words(r: dict) -> str:
         return ""
     seen, authors = budget
     so_far = " so far, still training" if (r.get("budget") or {}).get("planned_iterations") else ""
-    if seen >= 0.99 * authors:
+    if abs(seen - authors) <= 0.01 * authors:
         return f"trained on {seen:,} trajectories, the authors' budget"
     return f"trained on {seen:,} trajectories{so_far}, {seen / authors:.2g}× the authors' {authors:,}"
 
