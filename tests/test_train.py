@@ -209,7 +209,7 @@ def test_time_based_checkpoint_bounds_what_a_dead_run_loses(gmm8, tmp_path):
 def test_stopped_time_counts_a_late_tick_only_after_sigcont():
     """A tick later than the gap is time held, counted only once SIGCONT arrived (else it was a computation
     keeping the thread from its tick), less one interval; each take starts afresh."""
-    from fewstep.train import StoppedTime
+    from fewstep.loop_signals import StoppedTime
     now = [0.0]
     held = StoppedTime(interval=0.5, gap=2.0, clock=lambda: now[0])
     for t in (0.0, 0.5, 1.0, 9.0):  # 8 s between the last two ticks
