@@ -80,4 +80,3 @@ def tiny_digits_teacher(tmp_path_factory):
     net = UNet(resolution=8, in_channels=1, channels=16, channel_mult=(1, 2), num_res_blocks=1,
                attn_resolutions=(), dropout=0.0)
     return train_tiny_teacher(tmp_path_factory.mktemp("digits-teacher"), net, "digits", steps=100, batch=32)
-
