@@ -229,8 +229,9 @@ class StopsItself(TeacherTraining):
 
     def train_step(self, ctx, batch, gen):
         if ctx.t.step == 3:
-            subprocess.Popen(["sh", "-c", f"sleep 4; kill -CONT {os.getpid()}"])
+            waker = subprocess.Popen(["sh", "-c", f"sleep 4; kill -CONT {os.getpid()}"])
             os.kill(os.getpid(), signal.SIGSTOP)
+            waker.wait()  # continued: reap it
         return super().train_step(ctx, batch, gen)
 
 
