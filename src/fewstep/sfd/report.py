@@ -316,8 +316,8 @@ def reading(summary: dict) -> list[str]:
             total = cache["hits"] + cache["misses"]
             name = f"SFD at NFE {r['nfe']}" if r["method"] == "sfd" else r["label"]  # one SFD model per NFE
             lines.append(f"- {name}: {cache['hits']} of its {total} iterations read their teacher "
-                         "trajectories from the bench's trajectory cache (computed by the SFD rows with the same "
-                         "noise; exact), so its distill time has no teacher part for those.")
+                         "trajectories from the bench's trajectory cache (computed by an earlier run with the same "
+                         "teacher, grid and noise; exact), so its distill time has no teacher part for those.")
     separation = separation_reading(rows, key)
     return lines + ([separation] if separation else [])
 
