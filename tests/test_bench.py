@@ -511,6 +511,32 @@ def test_a_run_is_read_against_its_ceiling_along_the_way():
     assert along_the_run(row, None, "fcd") is None  # no level on the points' samples
 
 
+def test_a_ceiling_that_beats_the_teacher_is_said_to_flatter_the_ratios_to_the_teacher():
+    """Where the teacher's coarse trajectory scores better than its converged reference beyond the intervals, the
+    ratios to the teacher flatter the students and the reading says so; overlapping intervals say nothing."""
+    from fewstep.sfd.report import ceiling_reading
+
+    def with_interval(row, lo, hi):
+        row["quality"].update(fcd_ci_low={"mean": lo, "std": 0.0}, fcd_ci_high={"mean": hi, "std": 0.0})
+        return row
+
+    teacher = with_interval(_row("teacher", 100, 20.8, sampler="dpmpp2m"), 18.9, 22.7)
+    ceiling = with_interval({**_row("teacher", 12, 15.5), "method": "sfd-ceiling", "student_nfe": 2}, 14.2, 16.8)
+    rows = [teacher, _row("sfd", 2, 28.8, budget={"iterations": 1563, "batch": 128}), ceiling]
+    text = "\n".join(ceiling_reading({"quality_key": "fcd", "rows": rows}))
+    assert "SFD at NFE 2: FCD 28.8 ± 1 = 1.86× its ceiling" in text and "1.38× the teacher" in text
+    assert ("- The teacher's own trajectory at student NFE 2 (the ceiling) scores better than the teacher reference "
+            "(FCD 20.8 ± 1.9) beyond their intervals: on this teacher a coarse trajectory scores better than many "
+            "steps, so the ratios to the teacher flatter the students") in text
+    with_interval(ceiling, 14.2, 19.0)  # the intervals overlap: not told apart
+    assert "flatter" not in "\n".join(ceiling_reading({"quality_key": "fcd", "rows": rows}))
+    for r in (teacher, ceiling):  # no intervals: apart by more than the larger spread over seeds (1.0 here)
+        del r["quality"]["fcd_ci_low"], r["quality"]["fcd_ci_high"]
+    assert "flatter" in "\n".join(ceiling_reading({"quality_key": "fcd", "rows": rows}))
+    ceiling["quality"]["fcd"]["mean"] = 20.0
+    assert "flatter" not in "\n".join(ceiling_reading({"quality_key": "fcd", "rows": rows}))
+
+
 def test_the_opening_gives_the_sfd_family_against_teacher_and_ceiling_with_its_budget():
     from fewstep.sfd.report import headline
     rows = [_row("teacher", 256, 4.0, sampler="dpmpp2m"),
