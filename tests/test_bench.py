@@ -512,7 +512,7 @@ def test_a_run_is_read_against_its_ceiling_along_the_way():
 
 
 def test_a_ceiling_that_beats_the_teacher_is_said_to_flatter_the_ratios_to_the_teacher():
-    """Where the teacher's coarse trajectory scores better than its converged reference beyond the intervals, the
+    """Where the teacher's coarse trajectory scores better than its many-step reference beyond the intervals, the
     ratios to the teacher flatter the students and the reading says so; overlapping intervals say nothing."""
     from fewstep.sfd.report import ceiling_reading
 
