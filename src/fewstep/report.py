@@ -15,8 +15,8 @@ import numpy as np
 from fewstep.benchspec import SOLVER_ROWS
 from fewstep.files import atomic_write
 from fewstep.registry import methods as registered_methods
-from fewstep.show import (budget_label, fmt, fmt_paired, fmt_quality, fmt_time, interval, lower_beyond, plt,
-                           savefig)
+from fewstep.show import (budget_label, fmt, fmt_paired, fmt_quality, fmt_time, interval, plt, savefig,
+                           worse_beyond_noise)
 
 
 def main_rows(summary: dict) -> list[dict]:
@@ -259,16 +259,6 @@ NOT_MONOTONE_WHY = {
              "over 24), but a ρ = 7 grid of a few steps shrinks each step several-fold, so old slopes are weighted "
              "as if they were near. The SFD authors' iPNDM uses the same weights up to order 4.",
 }
-
-
-def worse_beyond_noise(lower: dict, higher: dict, key: str) -> bool:
-    """Whether `higher`'s quality number is larger than `lower`'s by more than their intervals (or, without
-    intervals, twice the combined spread over seeds)."""
-    a, b = interval(lower["quality"], key), interval(higher["quality"], key)
-    if a and b:
-        return lower_beyond(b, a) == 1
-    qa, qb = lower["quality"][key], higher["quality"][key]
-    return qb["mean"] - qa["mean"] > 2 * math.hypot(qa.get("std", 0.0), qb.get("std", 0.0))
 
 
 def solver_order_reading(rows: list, key: str) -> list[str]:

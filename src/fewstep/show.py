@@ -2,6 +2,7 @@
 matplotlib setup every figure shares. Used by the report and by the methods' own report sections."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from fewstep.files import atomic_write
@@ -90,6 +91,16 @@ def along_the_run(r: dict, level: float | None, key: str, per_step: int | None =
 def lower_beyond(a: tuple, b: tuple) -> int:
     """-1 where interval a lies wholly below b, 1 where wholly above, 0 where they overlap."""
     return -1 if a[1] < b[0] else 1 if a[0] > b[1] else 0
+
+
+def worse_beyond_noise(lower: dict, higher: dict, key: str) -> bool:
+    """Whether `higher`'s quality number is larger than `lower`'s by more than their intervals (or, without
+    intervals, twice the combined spread over seeds)."""
+    a, b = interval(lower["quality"], key), interval(higher["quality"], key)
+    if a and b:
+        return lower_beyond(b, a) == 1
+    qa, qb = lower["quality"][key], higher["quality"][key]
+    return qb["mean"] - qa["mean"] > 2 * math.hypot(qa.get("std", 0.0), qb.get("std", 0.0))
 
 
 def reference_levels(rows: list, key: str) -> tuple[dict | None, float | None]:

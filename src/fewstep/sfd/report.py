@@ -9,7 +9,7 @@ import numpy as np
 
 from fewstep.sfd.recipe import SFD_RECIPE, SFD_TRAJECTORIES, SFDV_TRAJECTORY_FACTOR, STAGE2_TRAJECTORY_FACTOR
 from fewstep.show import (along_the_run, budget_label, fmt_paired, fmt_quality, fmt_time, interval, lower_beyond, plt,
-                          reference_levels, savefig, versus)
+                          reference_levels, savefig, versus, worse_beyond_noise)
 
 PANEL = "SFD, SFD-v and the 1-NFE stage"
 LABELS = {"sfd": "SFD", "sfd-v": "SFD-v", "sfd-stage2": "SFD 2nd stage"}
@@ -181,32 +181,13 @@ def ceiling_reading(summary: dict) -> list[str]:
         along = along_the_run(r, level, key, per_step=(r.get("budget") or {}).get("batch"), unit="trajectories")
         if along:
             lines.append(along)
-    better = _ceilings_beating_the_teacher(ceilings, teacher, key)
+    better = [nfe for nfe, c in sorted(ceilings.items()) if teacher and worse_beyond_noise(c, teacher, key)]
     if better:
         lines.append(f"- The teacher's own trajectory at student NFE {', '.join(map(str, better))} (the ceiling) "
                      f"scores better than the teacher reference ({K} {fmt_quality(teacher['quality'], key)}) beyond "
                      "their intervals: on this teacher a coarse trajectory scores better than many steps, so the "
                      "ratios to the teacher flatter the students; the ratios to the ceiling compare like with like.")
     return lines
-
-
-def _ceilings_beating_the_teacher(ceilings: dict, teacher: dict | None, key: str) -> list[int]:
-    """The student NFEs whose ceiling scores lower (better) than the teacher reference, told apart by their
-    intervals (by the larger spread over seeds where a row has no interval)."""
-    if teacher is None:
-        return []
-    tq = teacher["quality"]
-    out = []
-    for nfe, c in sorted(ceilings.items()):
-        cq = c["quality"]
-        ic, it = interval(cq, key), interval(tq, key)
-        if ic and it:
-            below = lower_beyond(ic, it) == -1
-        else:
-            below = tq[key]["mean"] - cq[key]["mean"] > max(cq[key]["std"], tq[key]["std"])
-        if below:
-            out.append(nfe)
-    return out
 
 
 def headline(summary: dict) -> list[str]:
