@@ -103,6 +103,13 @@ def worse_beyond_noise(lower: dict, higher: dict, key: str) -> bool:
     return qb["mean"] - qa["mean"] > 2 * math.hypot(qa.get("std", 0.0), qb.get("std", 0.0))
 
 
+def beyond_noise_words(a: dict, b: dict, key: str) -> str:
+    """How worse_beyond_noise told two rows apart, in words for a reading."""
+    if interval(a["quality"], key) and interval(b["quality"], key):
+        return "beyond their intervals"
+    return "by more than twice their spread over seeds"
+
+
 def reference_levels(rows: list, key: str) -> tuple[dict | None, float | None]:
     """(the teacher reference row, the data floor's value) of a bench's rows, where it has them."""
     teacher = next((r for r in rows if r["method"] == "teacher"), None)
