@@ -359,6 +359,32 @@ def test_a_long_run_says_its_cost_before_spending_it(gmm8, tmp_path, monkeypatch
     assert len(err) == 1 and "teacher: 8 iterations, about" in err[0] and "the first 3 took" in err[0]
 
 
+def test_the_cost_note_projects_from_iterations_that_computed_their_teacher_outputs(capsys):
+    """A resumed run first redoes iterations the interrupted run had cached, at a fraction of the pace of those
+    that compute: the projection waits for computed ones and uses their pace; where every iteration reads the
+    cache for long enough, it projects from those and says so."""
+    from fewstep.timing import CostNote
+    now = [0.0]
+
+    def run(pattern, steps=1000):
+        note = CostNote("sfd", 0, steps, announce=True, clock=lambda: now[0])
+        for k, cached in enumerate(pattern, 1):
+            now[0] += 0.3 if cached else 0.7
+            note.after_iteration(k, cached=cached)
+        return [line for line in capsys.readouterr().err.splitlines() if "iterations, about" in line]
+
+    # 7 cached iterations (2.1 s) then computed ones: 3 computed make 2.1 s, and the rest go at 0.7 s
+    err = run([True] * 7 + [False] * 10)
+    assert len(err) == 1 and "about 12 min" in err[0], err  # 4.2 s + 990 × 0.7 s = 697 s
+    assert "3 that computed their teacher outputs took 2.1 s; 7 read theirs from the cache, 2.1 s" in err[0]
+    err = run([False] * 10)  # no cache: as before
+    assert len(err) == 1 and "about 12 min" in err[0] and "(the first 3 took 2.1 s)" in err[0]
+    err = run([True] * 50)  # 15 s of cache hits: not yet
+    assert err == []
+    err = run([True] * 120)  # 36 s, all cached: projected from those, said so
+    assert len(err) == 1 and "about 5 min" in err[0] and "their teacher outputs read from the cache" in err[0]
+
+
 def test_resuming_a_finished_run_changes_nothing(gmm8, tmp_path, capsys):
     """--resume of a finished run (same iterations) leaves its files as they were: the card keeps the command
     that made it."""

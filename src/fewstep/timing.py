@@ -112,25 +112,44 @@ def peak_memory_mb(device: torch.device) -> float:
 class CostNote:
     """Says, once, what a long run will cost before most of it is spent: its iterations and the wall time the
     first ones project (after WARMUP iterations and at least a few seconds). Runs projected under a minute
-    say nothing."""
-    WARMUP, MIN_SECONDS, QUIET_BELOW_S = 3, 2.0, 60.0
+    say nothing.
 
-    def __init__(self, name: str, start: int, steps: int, announce: bool):
-        self.name, self.start, self.steps, self.announce = name, start, steps, announce
-        self.t0, self.done = time.perf_counter(), not announce
+    Iterations that read their teacher outputs from a cache (a method logs `teacher_cached`) run faster than
+    those that compute them, and a resumed run first redoes iterations whose trajectories the interrupted run
+    had cached: so the projection waits for WARMUP iterations that computed theirs and projects the rest at
+    their pace. Only where every iteration for CACHED_ONLY_S reads from the cache does it project from those."""
+    WARMUP, MIN_SECONDS, QUIET_BELOW_S, CACHED_ONLY_S = 3, 2.0, 60.0, 30.0
 
-    def after_iteration(self, step: int):
+    def __init__(self, name: str, start: int, steps: int, announce: bool, clock=time.perf_counter):
+        self.name, self.start, self.steps, self.announce, self.clock = name, start, steps, announce, clock
+        self.t0 = self.last = clock()
+        self.done = not announce
+        self.spent = {False: [0, 0.0], True: [0, 0.0]}  # cached? -> [iterations, seconds]
+
+    def after_iteration(self, step: int, cached: bool = False):
         if self.done:
             return
-        k, elapsed = step - self.start, time.perf_counter() - self.t0
-        if k < self.WARMUP or elapsed < self.MIN_SECONDS:
+        now = self.clock()
+        self.spent[cached][0] += 1
+        self.spent[cached][1] += now - self.last
+        self.last = now
+        (computed, computed_s), (hits, hits_s) = self.spent[False], self.spent[True]
+        elapsed = now - self.t0
+        if computed >= self.WARMUP and computed_s >= self.MIN_SECONDS:
+            pace, told = computed_s / computed, f"the first {computed} took {computed_s:.1f} s"
+            if hits:
+                told = (f"{computed} that computed their teacher outputs took {computed_s:.1f} s; {hits} read "
+                        f"theirs from the cache, {hits_s:.1f} s")
+        elif not computed and hits >= self.WARMUP and elapsed >= self.CACHED_ONLY_S:
+            pace = hits_s / hits
+            told = f"the first {hits}, their teacher outputs read from the cache, took {hits_s:.1f} s"
+        else:
             return
         self.done = True
-        remaining = (self.steps - step) * elapsed / k
-        if remaining + elapsed >= self.QUIET_BELOW_S:
+        total = elapsed + (self.steps - step) * pace
+        if total >= self.QUIET_BELOW_S:
             print(f"fewstep: note: {self.name}: {self.steps - self.start:,} iterations, about "
-                  f"{_duration(remaining + elapsed)} on this machine (the first {k} took {elapsed:.1f} s); "
-                  "--iters N runs fewer", file=sys.stderr, flush=True)
+                  f"{_duration(total)} on this machine ({told}); --iters N runs fewer", file=sys.stderr, flush=True)
 
 
 def _duration(seconds: float) -> str:

@@ -59,7 +59,8 @@ class TrainMethod:
         raise NotImplementedError
 
     def train_step(self, ctx: "StepContext", batch: torch.Tensor | None, gen: torch.Generator) -> dict:
-        """One iteration: compute losses, call ctx.step(loss) for each optimizer step, return logs."""
+        """One iteration: compute losses, call ctx.step(loss) for each optimizer step, return logs (with
+        `teacher_cached`: 1 where the iteration read its teacher outputs from a cache, for the cost note)."""
         raise NotImplementedError
 
     def card(self) -> dict:
@@ -412,9 +413,9 @@ class Trainer:
                         interrupted = True
                         break
                     in_iteration = True
-                    self._iteration(ctx, bar)
+                    logs = self._iteration(ctx, bar)
                     in_iteration = False
-                    cost.after_iteration(self.step)
+                    cost.after_iteration(self.step, cached=bool(logs.get("teacher_cached")))
                 # a stop asked for during the last iteration: the run is complete, and its caller stops too
                 late_stop = not interrupted and self._agreed_stop(stop)
         except KeyboardInterrupt:
@@ -453,7 +454,8 @@ class Trainer:
         return bool(stop.requested)
 
     def _iteration(self, ctx: "StepContext", bar):
-        """One iteration (the step count moves at its end), then its log line, snapshot, checkpoint, preview."""
+        """One iteration (the step count moves at its end), then its log line, snapshot, checkpoint, preview;
+        returns the method's logs."""
         c = self.config
         self.profiler.reset()
         logged = (self.step + 1) % c.log_every == 0 or self.step + 1 == c.steps
@@ -500,3 +502,4 @@ class Trainer:
             self.save()
         if c.sample_every and self.step % c.sample_every == 0 and self.step < c.steps:
             self._preview()
+        return logs
