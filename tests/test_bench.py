@@ -334,6 +334,19 @@ def test_the_sfd_targets_are_read_for_the_authors_recipe_and_for_fewsteps_defaul
             "400,000 trajectories, 2× the authors' 200,000)") in lines
 
 
+def test_the_trajectory_cache_line_counts_the_iterations_its_numbers_cover():
+    """The cache counts are the checkpoint's: a run measured as reached from a later snapshot says so."""
+    from fewstep.sfd.report import reading
+    sfdv = [_row("sfd-v", n, 40.0, model="sfdv-2_3", trajectory_cache={"hits": 199, "misses": 493},
+                 budget={"iterations": 750, "batch": 128, "planned_iterations": 6250}) for n in (2, 3)]
+    lines = reading({"quality_key": "fcd", "rows": [_row("teacher", 100, 20.0, sampler="dpmpp2m"), *sfdv]})
+    assert sum("of the 692 iterations to its last checkpoint read their teacher" in line for line in lines) == 1
+    for r in sfdv:
+        r["budget"]["iterations"] = 692
+    assert any("- SFD-v: 199 of its 692 iterations read" in line
+               for line in reading({"quality_key": "fcd", "rows": sfdv}))
+
+
 def test_results_page_gathers_finished_benches_and_names_the_missing(bench_run, tmp_path):
     from fewstep.results_page import write_results_doc
     out, summary = bench_run

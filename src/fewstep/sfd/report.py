@@ -323,7 +323,11 @@ def reading(summary: dict) -> list[str]:
             seen.add(r["model"])
             total = cache["hits"] + cache["misses"]
             name = f"SFD at NFE {r['nfe']}" if r["method"] == "sfd" else r["label"]  # one SFD model per NFE
-            lines.append(f"- {name}: {cache['hits']} of its {total} iterations read their teacher "
+            # the counts are the checkpoint's; a run measured as reached may be scored from a later snapshot
+            reached = (r.get("budget") or {}).get("iterations")
+            of = (f"the {total} iterations to its last checkpoint" if reached and total < reached
+                  else f"its {total} iterations")
+            lines.append(f"- {name}: {cache['hits']} of {of} read their teacher "
                          "trajectories from the bench's trajectory cache (computed by an earlier run with the same "
                          "teacher, grid and noise; exact), so its distill time has no teacher part for those.")
     separation = separation_reading(rows, key)
