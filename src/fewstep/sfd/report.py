@@ -185,8 +185,9 @@ def ceiling_reading(summary: dict) -> list[str]:
     if better:
         lines.append(f"- The teacher's own trajectory at student NFE {', '.join(map(str, better))} (the ceiling) "
                      f"scores better than the teacher reference ({K} {fmt_quality(teacher['quality'], key)}) "
-                     f"{beyond_noise_words(ceilings[better[0]], teacher, key)}: on this teacher a coarse trajectory scores better than many steps, so the "
-                     "ratios to the teacher flatter the students; the ratios to the ceiling compare like with like.")
+                     f"{beyond_noise_words(ceilings[better[0]], teacher, key)}: on this teacher a coarse trajectory "
+                     "scores better than many steps, so the ratios to the teacher flatter the students; the ratios to "
+                     "the ceiling compare like with like.")
     return lines
 
 
