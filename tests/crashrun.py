@@ -86,6 +86,12 @@ def serve():
     """One request a line on stdin ({"spec", "argv", "stdout", "stderr"}): fork, run it in the child with its
     output in those files, answer {"returncode"} (minus the signal that ended it, as subprocess does). The
     imports are paid once, not once a run."""
+    # what each run would otherwise import for itself (about 1.2 s of its 2): torch's first optimizer imports
+    # torch._dynamo (and sympy with it), the end-of-run previews matplotlib on fewstep's Agg backend
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+    import torch._dynamo  # noqa: F401
     for line in sys.stdin:
         job = json.loads(line)
         pid = os.fork()
