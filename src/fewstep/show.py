@@ -93,21 +93,15 @@ def lower_beyond(a: tuple, b: tuple) -> int:
     return -1 if a[1] < b[0] else 1 if a[0] > b[1] else 0
 
 
-def worse_beyond_noise(lower: dict, higher: dict, key: str) -> bool:
+def worse_beyond_noise(lower: dict, higher: dict, key: str) -> str | None:
     """Whether `higher`'s quality number is larger than `lower`'s by more than their intervals (or, without
-    intervals, twice the combined spread over seeds)."""
+    intervals, twice the combined spread over seeds): how they were told apart, in words for a reading, or None."""
     a, b = interval(lower["quality"], key), interval(higher["quality"], key)
     if a and b:
-        return lower_beyond(b, a) == 1
+        return "beyond their intervals" if lower_beyond(b, a) == 1 else None
     qa, qb = lower["quality"][key], higher["quality"][key]
-    return qb["mean"] - qa["mean"] > 2 * math.hypot(qa.get("std", 0.0), qb.get("std", 0.0))
-
-
-def beyond_noise_words(a: dict, b: dict, key: str) -> str:
-    """How worse_beyond_noise told two rows apart, in words for a reading."""
-    if interval(a["quality"], key) and interval(b["quality"], key):
-        return "beyond their intervals"
-    return "by more than twice their spread over seeds"
+    apart = qb["mean"] - qa["mean"] > 2 * math.hypot(qa.get("std", 0.0), qb.get("std", 0.0))
+    return "by more than twice their spread over seeds" if apart else None
 
 
 def reference_levels(rows: list, key: str) -> tuple[dict | None, float | None]:

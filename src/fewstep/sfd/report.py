@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from fewstep.sfd.recipe import SFD_RECIPE, SFD_TRAJECTORIES, SFDV_TRAJECTORY_FACTOR, STAGE2_TRAJECTORY_FACTOR
-from fewstep.show import (along_the_run, beyond_noise_words, budget_label, fmt_paired, fmt_quality, fmt_time, interval,
-                          lower_beyond, plt, reference_levels, savefig, versus, worse_beyond_noise)
+from fewstep.show import (along_the_run, budget_label, fmt_paired, fmt_quality, fmt_time, interval, lower_beyond, plt,
+                          reference_levels, savefig, versus, worse_beyond_noise)
 
 PANEL = "SFD, SFD-v and the 1-NFE stage"
 LABELS = {"sfd": "SFD", "sfd-v": "SFD-v", "sfd-stage2": "SFD 2nd stage"}
@@ -181,11 +181,12 @@ def ceiling_reading(summary: dict) -> list[str]:
         along = along_the_run(r, level, key, per_step=(r.get("budget") or {}).get("batch"), unit="trajectories")
         if along:
             lines.append(along)
-    better = [nfe for nfe, c in sorted(ceilings.items()) if teacher and worse_beyond_noise(c, teacher, key)]
+    better = {nfe: how for nfe, c in sorted(ceilings.items())
+              if teacher and (how := worse_beyond_noise(c, teacher, key))}
     if better:
         lines.append(f"- The teacher's own trajectory at student NFE {', '.join(map(str, better))} (the ceiling) "
                      f"scores better than the teacher reference ({K} {fmt_quality(teacher['quality'], key)}) "
-                     f"{beyond_noise_words(ceilings[better[0]], teacher, key)}: on this teacher a coarse trajectory "
+                     f"{next(iter(better.values()))}: on this teacher a coarse trajectory "
                      "scores better than many steps, so the ratios to the teacher flatter the students; the ratios to "
                      "the ceiling compare like with like.")
     return lines
