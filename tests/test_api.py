@@ -19,7 +19,7 @@ from fewstep.sfd.method import SFD
 from fewstep.sfd.recipe import SFD_LOOP
 from fewstep.sfddm.config import SFDDMConfig
 from fewstep.sfddm.recipe import SFDDM_LOOP
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, command_line
 from fewstep.recipe import config_defaults
 from fewstep.teacher.method import TEACHER_LOOP
 from test_cli import run
@@ -117,13 +117,31 @@ def test_a_config_is_never_changed_by_a_run(tmp_path):
     assert student.card["method"]["nfe"] == [1] and asdict(cfg) == before
 
 
+def test_messages_name_options_as_the_caller_gave_them(capsys):
+    """From Python an option is its keyword (nfe=[0]); from the command line, its flag (--nfe [0]), hints too."""
+    with pytest.raises(FewstepError, match=r"^nfe=\[0\]: expected NFE values >= 1"):
+        SFDConfig(nfe=[0])
+    with command_line(), pytest.raises(FewstepError, match=r"^--nfe \[0\]: expected NFE values >= 1"):
+        SFDConfig(nfe=[0])
+    with pytest.raises(FewstepError, match=r"^class_label=3: this model is not class-conditional"):
+        fewstep.sample("gmm8-teacher", 4, class_label=3, progress=False)
+    assert run(["sample", "gmm8-teacher", "--n", 4, "--class", 3]) == 2
+    assert "error: --class 3: this model is not class-conditional" in capsys.readouterr().err
+    with pytest.raises(FewstepError, match=r"lora_alpha / lora_targets: give the adapter's rank with lora=RANK"):
+        SFDConfig(lora_alpha=8)
+    with command_line(), pytest.raises(FewstepError, match=r"--lora-alpha / --lora-targets: .* with --lora RANK"):
+        SFDConfig(lora_alpha=8)
+    with pytest.raises(FewstepError, match=r"n=5000: .* give a larger max_seconds"):
+        fewstep.sample("gmm8-teacher", 5000, nfe=4, progress=False, max_seconds=1e-6)
+
+
 def test_arguments_are_checked_up_front(tmp_path):
     assert SFDConfig(nfe=2).nfe == [2] and SFDConfig(nfe=(2, 3)).nfe == [2, 3]
     bad = [
-        (lambda: SFDConfig(nfe=2.5), r"--nfe 2\.5: expected an integer or a list of integers"),
-        (lambda: SFDConfig(nfe=[2, 2]), r"--nfe \[2, 2\]: values must be distinct"),
-        (lambda: SFDConfig(nfe="2"), r"--nfe '2': expected"),
-        (lambda: SFDConfig(nfe=[0]), r"--nfe \[0\]: expected NFE values >= 1"),
+        (lambda: SFDConfig(nfe=2.5), r"nfe=2\.5: expected an integer or a list of integers"),
+        (lambda: SFDConfig(nfe=[2, 2]), r"nfe=\[2, 2\]: values must be distinct"),
+        (lambda: SFDConfig(nfe="2"), r"nfe='2': expected"),
+        (lambda: SFDConfig(nfe=[0]), r"nfe=\[0\]: expected NFE values >= 1"),
         (lambda: fewstep.distill_sfd("gmm8-teacher", tmp_path / "a", batch="64"), r"batch='64': expected an integer"),
         (lambda: fewstep.distill_sfd("gmm8-teacher", tmp_path / "b", bogus=1), "unknown option.*bogus"),
         (lambda: fewstep.distill_sfd("gmm8-teacher", tmp_path / "c", SFDConfig(), nfe=3), "one way"),

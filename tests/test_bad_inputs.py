@@ -242,7 +242,7 @@ def test_ctrl_c_outside_training_prints_one_line(tmp_path, capsys, monkeypatch, 
 
 def test_a_run_projected_past_the_limit_asks_for_yes(capsys):
     ckpt = load_model("gmm8-teacher")
-    with pytest.raises(FewstepError, match=r"--n 5000: about .* hours .*pass --yes"):
+    with pytest.raises(FewstepError, match=r"n=5000: about .* hours .*give a larger max_seconds"):
         sample(ckpt, 5000, nfe=4, batch_size=500, progress=False, max_seconds=1e-6)
     assert len(sample(ckpt, 5000, nfe=4, batch_size=500, progress=False, max_seconds=3600)) == 5000
     assert len(sample(ckpt, 400, nfe=4, batch_size=500, progress=False, max_seconds=1e-6)) == 400  # one batch

@@ -182,7 +182,7 @@ def test_train_state_is_never_unpickled(tmp_path):
         load_train_state(tmp_path)
     # one line, naming what it refused, with advice that works (never torch's "retry with weights_only=False")
     message = str(e.value)
-    assert "it names io.open" in message and "cannot be resumed; train again in another --out" in message
+    assert "it names io.open" in message and "cannot be resumed; train again in another folder for out" in message
     assert "weights_only" not in message and len(message.splitlines()) == 1
     assert not marker.exists()
     (tmp_path / STATE_NAME).write_bytes(b"\x00garbage, not a zip")

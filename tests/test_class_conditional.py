@@ -53,7 +53,7 @@ def test_sampling_takes_a_class_and_records_it(cond_teacher):
     # float32 agreement relative to the samples' scale (an untrained ε-net's samples reach hundreds; batch
     # size and thread count change the rounding), far below the ~65 a wrong label makes here
     assert (u - per).abs().max() <= 1e-6 * u.abs().max()
-    with pytest.raises(FewstepError, match="--class 3"):
+    with pytest.raises(FewstepError, match="class_label=3"):
         sample(ck, 2, class_label=K, progress=False)
 
 

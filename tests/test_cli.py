@@ -207,3 +207,35 @@ def test_info_says_how_a_shipped_teachers_quality_was_measured(capsys):
     assert ("from 10,000 samples (dpmpp2m NFE 256, seed 0) against the digits train split (1,617 samples); "
             "[95 % interval] from 200 random halves; measured by fewstep bench --preset digits") in out
     assert "--iters 6255" in out and "stopped by the user at iteration 6,255" in out
+
+
+def test_every_option_a_message_names_is_a_flag_of_the_command_line():
+    """Messages name options by keyword (fewstep.errors.option); on the command line each becomes a flag, which
+    must be one the parser knows."""
+    import argparse
+    import re
+    from pathlib import Path
+
+    import fewstep
+    from fewstep.cli import build_parser
+    from fewstep.errors import flag_of
+
+    flags = set()
+
+    def walk(parser):
+        for action in parser._actions:
+            flags.update(action.option_strings)
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    walk(sub)
+
+    walk(build_parser())
+    named = set()
+    for path in Path(fewstep.__file__).parent.rglob("*.py"):
+        text = path.read_text()
+        named.update(re.findall(r"\boption\('(\w+)'", text))
+        for group in re.findall(r"\boptions\(((?:'\w+'(?:, )?)+)\)", text):
+            named.update(re.findall(r"'(\w+)'", group))
+    assert len(named) > 30  # the scan found the messages
+    unknown = {name: flag_of(name) for name in named if not set(flag_of(name).split(" / ")) <= flags}
+    assert not unknown

@@ -274,7 +274,7 @@ def test_huge_images_are_refused_before_decoding(tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()
     _png_header_only(photos / "a.png", 2048, 1536)
-    with pytest.raises(FewstepError, match="2048x1536: without --resolution .* pass --resolution"):
+    with pytest.raises(FewstepError, match="2048x1536: without resolution .* pass resolution=N"):
         load_dataset(str(photos), split="all")
 
 

@@ -200,7 +200,7 @@ def test_other_solvers_and_their_refusals(models, capsys):
         sample(model, 2, nfe=7, sampler="heun", grid="flow", prompts=PROMPTS[:1], progress=False)
     assert run(["sample", models["sd3-no-t5-f"], "--n", 2, "--sampler", "euler", "--grid", "flow",
                 "--prompt", "a cat", "--out", models["root"] / "refused.npz"]) == 2
-    assert "--grid flow starts at pure noise" in capsys.readouterr().err
+    assert "--grid flow: starts at pure noise" in capsys.readouterr().err
 
 
 def test_sfd_on_sd3(models, tmp_path):

@@ -116,7 +116,7 @@ def test_lora_refusals_read_as_one_line(sd, tmp_path, capsys):
     assert "has no diffusers model to adapt" in capsys.readouterr().err
     with pytest.raises(FewstepError, match="the 1-NFE stage trains a full copy"):
         SFDConfig(nfe=[2], stage2=True, lora=4)
-    with pytest.raises(FewstepError, match="give the adapter's rank with --lora RANK"):
+    with pytest.raises(FewstepError, match="give the adapter's rank with lora=RANK"):
         SFDConfig(nfe=[2], lora_alpha=8)
     with pytest.raises(FewstepError, match="no module named nope"):
         fewstep.distill_sfd(load_model(sd["sd-f"]), tmp_path / "x", nfe=2, lora=2, lora_targets="to_q,nope",

@@ -141,5 +141,5 @@ def test_stage2_auto_perceptual_and_condition(tiny_digits_teacher, tmp_path):
     assert own.sampler_card()["step"] == 3
     theirs = SFD(sfdv, SFDConfig(stage2=True, stage2_condition="teacher", perceptual=None))
     assert theirs.perceptual_net is None and theirs.sampler_card()["step"] == 7
-    with pytest.raises(FewstepError, match="--lpips-weights"):
+    with pytest.raises(FewstepError, match="lpips_weights=FILE"):
         SFD(sfdv, SFDConfig(stage2=True, perceptual="lpips"))

@@ -107,7 +107,7 @@ def test_run_directory_contents(gmm8, tmp_path):
 
 def test_refuses_to_overwrite_a_run_without_resume(gmm8, tmp_path):
     Trainer(make_method(), config(3), tmp_path, data=gmm8).run()
-    with pytest.raises(FewstepError, match="--resume"):
+    with pytest.raises(FewstepError, match="resume=True"):
         Trainer(make_method(), config(3), tmp_path, data=gmm8)
     with pytest.raises(FewstepError, match="nothing to resume"):
         Trainer(make_method(), config(3), tmp_path / "empty", data=gmm8, resume=True)

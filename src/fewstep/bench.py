@@ -30,7 +30,7 @@ from fewstep.bench_rows import (CURVE_SAMPLES, GRID_NAMES, ROW_FORMAT, SOLVER_GR
 from fewstep.benchspec import SOLVER_ROWS, BenchSpec, bench_methods
 from fewstep.checkpoint import load_checkpoint, read_card, write_json
 from fewstep.data import load_dataset
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, option
 from fewstep.featnet import available_classifiers
 from fewstep.method import Row
 from fewstep.distances import mean_interval
@@ -87,7 +87,7 @@ class Bench:
         known = bench_methods()
         unknown = set(spec.methods) - set(known)
         if unknown:
-            raise FewstepError(f"--methods: unknown {sorted(unknown)}; expected some of {', '.join(known)}")
+            raise FewstepError(f"{option('methods')}: unknown {sorted(unknown)}; expected some of {', '.join(known)}")
         self.teacher = load_model(spec.teacher, device=self.device)
         self.teacher_card = self.teacher.card
         self.teacher_train_s = float((self.teacher_card.get("training") or {}).get("wall_time_s") or 0) or None
@@ -171,7 +171,7 @@ class Bench:
         made = {k: made[k] for k in asked}
         if made != asked:
             raise FewstepError(f"{path} was distilled with {made}, but this bench asks for {asked}; "
-                               "delete that folder to distil it again, or choose another --out")
+                               f"delete that folder to distil it again, or choose another folder for {option('out')}")
         return True
 
     def train(self, method, path: Path, budget: dict, lr_schedule="constant", data=None, grad_clip=None,

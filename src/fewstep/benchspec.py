@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, option
 from fewstep.registry import METHODS
 from fewstep.registry import methods as registered_methods
 
@@ -192,7 +192,7 @@ PRESETS["digits-authors"] = {**PRESETS["digits-defaults"], "curve_points": 25, "
 def preset(name: str, **overrides) -> BenchSpec:
     """The preset's spec with `overrides` (flat or nested fields; None: keep the preset's) laid over it."""
     if name not in PRESETS:
-        raise FewstepError(f"--preset {name!r}: expected one of {', '.join(PRESETS)}")
+        raise FewstepError(f"{option('preset', name)}: expected one of {', '.join(PRESETS)}")
     given = {k: v for k, v in overrides.items() if v is not None}
     base = BenchSpec.from_fields(**PRESETS[name])
     return BenchSpec.from_fields(**{**base.record(), **given})

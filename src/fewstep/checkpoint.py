@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 import fewstep
 from fewstep.components import components_from_card, place_components
 from fewstep.denoiser import Denoiser
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, option
 # re-exported: most writers of fewstep's files import them from here
 from fewstep.files import atomic_write, remove_orphan_temp_files, write_json  # noqa: F401
 from fewstep.hashing import sha256_file
@@ -75,7 +75,7 @@ class RunLock:
             holder = f.read(64).strip() or "?"
             f.close()
             raise FewstepError(f"{self.folder} is in use by another fewstep process (pid {holder}); wait for it "
-                               "to finish or choose another --out") from None
+                               f"to finish or choose another folder for {option('out')}") from None
         self.file = f
         return self
 
@@ -149,7 +149,7 @@ def refuse_to_overwrite(out: Path) -> None:
             read_card(out)
         except FewstepError:
             return
-        raise FewstepError(f"--out {out}: the folder already holds a fewstep model; choose another folder")
+        raise FewstepError(f"{option('out', out)}: the folder already holds a fewstep model; choose another folder")
 
 
 def finished_run(path: str | Path) -> bool:
@@ -262,7 +262,8 @@ def plain_load_refusal(e: Exception) -> str:
 def load_train_state(out_dir: str | Path) -> dict:
     path = Path(out_dir) / STATE_NAME
     if not path.is_file():
-        raise FewstepError(f"--resume: {path} does not exist; nothing to resume from (start without --resume)")
+        raise FewstepError(f"{option('resume')}: {path} does not exist; nothing to resume from (start without "
+                           f"{option('resume')})")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged or foreign file
@@ -270,5 +271,5 @@ def load_train_state(out_dir: str | Path) -> dict:
     if not isinstance(state, dict) or "step" not in state:
         reason = plain_load_refusal(state) if isinstance(state, Exception) else "not a fewstep training state"
         raise FewstepError(f"{path} cannot be read ({reason}), so this run cannot be resumed; train again in "
-                           f"another --out (or delete {Path(out_dir)} first)")
+                           f"another folder for {option('out')} (or delete {Path(out_dir)} first)")
     return state

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, option
 from fewstep.sampling import check_memory, sample, sample_shape
 from fewstep.solvers import STOCHASTIC
 
@@ -60,9 +60,9 @@ def interpolation_noises(shape, seeds: tuple[int, int], frames: int, mode: str =
     """`frames` noises from seed a's noise to seed b's (each the first noise `fewstep sample --seed`
     draws), by slerp or linear interpolation."""
     if frames < 2:
-        raise FewstepError(f"--frames {frames}: expected at least 2 frames")
+        raise FewstepError(f"{option('frames', frames)}: expected at least 2 frames")
     if mode not in ("slerp", "linear"):
-        raise FewstepError(f"--mode {mode!r}: expected slerp or linear")
+        raise FewstepError(f"{option('mode', mode)}: expected slerp or linear")
     za, zb = (torch.randn((1, *shape), generator=torch.Generator().manual_seed(int(s)))[0] for s in seeds)
     t = torch.linspace(0, 1, frames, dtype=torch.float64)
     if mode == "slerp":
@@ -93,7 +93,7 @@ def compare_models(a, b, n: int = 256, seed: int = 0, sampler_a: str | None = No
     if sa != sb:
         raise FewstepError(f"compare: the models draw different shapes, {list(sa)} and {list(sb)}")
     if n < 2:
-        raise FewstepError(f"--n {n}: expected at least 2 samples to compare")
+        raise FewstepError(f"{option('n', n)}: expected at least 2 samples to compare")
     check_memory(n, sa)
     noise = torch.randn((n, *sa), generator=torch.Generator().manual_seed(seed))
     xa, ia = sample_same_noise(a, noise, seed, sampler_a, nfe_a, batch_size)

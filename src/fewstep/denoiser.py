@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, option
 from fewstep.schedule import Schedule, continuous_table
 
 PARAMETERIZATIONS = ("eps", "x0", "v", "edm", "ve", "flow")
@@ -107,7 +107,7 @@ class Denoiser(nn.Module):
                 raise FewstepError("a prompt was given, but this model is not text-conditioned")
             return self.net(x_in, t, step=step, class_labels=class_labels, return_features=return_features)
         if text is None:
-            raise FewstepError("this model is text-conditioned: give it a prompt (--prompt or --prompts)")
+            raise FewstepError(f"this model is text-conditioned: give it a prompt ({option('prompts')})")
         context = text.context(class_labels, x.shape[0]).to(x.device, x.dtype)
         # a pooled prompt embedding beside the tokens (SD3, Flux), where the text encoders give one
         pooled = {} if text.pooled is None else {"pooled": text.pooled_context(class_labels, x.shape[0]).to(x.device, x.dtype)}
@@ -147,7 +147,7 @@ class Denoiser(nn.Module):
         if guidance is None:
             guidance = self.guidance
         elif not 1.0 <= guidance:
-            raise FewstepError(f"--guidance {guidance}: expected a scale >= 1 (1: the prompt alone)")
+            raise FewstepError(f"{option('guidance', guidance)}: expected a scale >= 1 (1: the prompt alone)")
         device = next(self.net.parameters()).device
         emb = self.text.to(device).encode(prompts + [negative_prompt])
         emb, pooled = emb if isinstance(emb, tuple) else (emb, None)

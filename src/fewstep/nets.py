@@ -255,8 +255,8 @@ class UNet(_ConditionedNet):
         halvings = len(channel_mult) - 1
         if resolution < 1 or resolution % 2**halvings:
             raise FewstepError(f"U-Net resolution {resolution}: expected a multiple of {2**halvings} (the network "
-                               f"halves the image {halvings} time(s) and doubles it back); pass a --resolution "
-                               f"such as {max(2**halvings, resolution + (-resolution) % 2**halvings)}")
+                               f"halves the image {halvings} time(s) and doubles it back); choose a resolution such as "
+                               f"{max(2**halvings, resolution + (-resolution) % 2**halvings)}")
         out_channels = out_channels or in_channels
         self.config = dict(type="unet", resolution=resolution, in_channels=in_channels, out_channels=out_channels,
                            channels=channels, channel_mult=list(channel_mult), num_res_blocks=num_res_blocks,

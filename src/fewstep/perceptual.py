@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open
 from torch import nn
 
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, option
 from fewstep.featnet import available_classifiers, load_classifier
 
 # torchvision's vgg16().features up to relu5_3: channel counts, "P" a 2x2 pooling
@@ -92,24 +92,24 @@ def load_lpips(path, resolution: int = 224, device=None) -> LPIPS:
     """LPIPS from a file written by scripts/convert_lpips.py (safetensors: VGG16 features + heads)."""
     path = Path(path)
     if not path.is_file():
-        raise FewstepError(f"--lpips-weights {path}: no such file; convert VGG16 and the LPIPS heads once with "
-                           "`python scripts/convert_lpips.py --vgg16 vgg16-397923af.pth --heads vgg.pth --out "
+        raise FewstepError(f"{option('lpips_weights', path)}: no such file; convert VGG16 and the LPIPS heads once "
+                           "with `python scripts/convert_lpips.py --vgg16 vgg16-397923af.pth --heads vgg.pth --out "
                            f"{path}` (fewstep never downloads weights)")
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise FewstepError(f"--lpips-weights {path}: not a safetensors file ({e})") from None
+        raise FewstepError(f"{option('lpips_weights', path)}: not a safetensors file ({e})") from None
     if meta.get("format") != LPIPS_FORMAT:
-        raise FewstepError(f"--lpips-weights {path}: not written by scripts/convert_lpips.py "
+        raise FewstepError(f"{option('lpips_weights', path)}: not written by scripts/convert_lpips.py "
                            f"(metadata format {meta.get('format')!r}, expected {LPIPS_FORMAT!r})")
     net = LPIPS(resolution, pooling=meta.get("pooling", "avg"))
     want = net.state_dict()
     missing = sorted(set(want) - set(state))
     wrong = sorted(k for k in set(want) & set(state) if state[k].shape != want[k].shape)
     if missing or wrong or set(state) - set(want):
-        raise FewstepError(f"--lpips-weights {path}: tensors do not match VGG16 + LPIPS heads "
+        raise FewstepError(f"{option('lpips_weights', path)}: tensors do not match VGG16 + LPIPS heads "
                            f"(missing {missing[:3]}, wrong shape {wrong[:3]}, unexpected {sorted(set(state) - set(want))[:3]})")
     net.load_state_dict(state)
     return net.to(device) if device is not None else net
@@ -132,10 +132,10 @@ def perceptual_distance(kind: str, data: dict, device, lpips_weights=None, lpips
     if kind == "lpips":
         return load_lpips(lpips_weights, lpips_resolution, device)
     if kind != "classifier":
-        raise FewstepError(f"--perceptual {kind!r}: expected classifier or lpips")
+        raise FewstepError(f"{option('perceptual', kind)}: expected classifier or lpips")
     name, shape = data.get("name"), data.get("shape") or [0, 0, 0]
     if (name, shape[-1]) not in available_classifiers():
-        raise FewstepError(f"--perceptual classifier: fewstep ships classifiers for "
+        raise FewstepError(f"{option('perceptual', 'classifier')}: fewstep ships classifiers for "
                            f"{', '.join(f'{n} at {r}x{r}' for n, r in available_classifiers())}, not for the "
-                           f"teacher's data {name!r} at {shape[-1]}x{shape[-1]}; use --perceptual lpips")
+                           f"teacher's data {name!r} at {shape[-1]}x{shape[-1]}; use {option('perceptual', 'lpips')}")
     return ClassifierDistance(load_classifier(name, shape[-1])).to(device)

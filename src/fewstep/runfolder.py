@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from fewstep.checkpoint import (CARD_NAME, LOCK_NAME, STATE_NAME, WEIGHTS_NAME, RunLock, atomic_write,
                                 remove_stale_temp_files, write_json)
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, option
 from fewstep.viz import save_samples_picture
 
 LOGS = ("metrics.jsonl", "snapshots/snapshots.jsonl")
@@ -47,7 +47,8 @@ def tensorboard_writer():
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise FewstepError("--log tensorboard needs the tensorboard package: pip install 'fewstep[tensorboard]'") from None
+        raise FewstepError(f"{option('log', 'tensorboard')} needs the tensorboard package: pip install "
+                           "'fewstep[tensorboard]'") from None
     return SummaryWriter
 
 
@@ -94,16 +95,17 @@ class RunFolder:
         has_model = (out / WEIGHTS_NAME).exists() or (out / CARD_NAME).exists()
         if not resume:
             if has_state:
-                raise FewstepError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+                raise FewstepError(f"{out} already holds a run; pass {option('resume', True)} to continue it or "
+                                   f"choose another folder for {option('out')}")
             if has_model:
-                raise FewstepError(f"{out} already holds a model; choose another --out (fewstep never writes over "
-                                   "a model)")
+                raise FewstepError(f"{out} already holds a model; choose another folder for {option('out')} (fewstep never "
+                                   "writes over a model)")
             return False, False
         if has_state:
             return True, False
         if has_model:
-            raise FewstepError(f"--resume: {out} holds a model but no training state ({STATE_NAME}): nothing to "
-                               "resume; choose another --out to train again")
+            raise FewstepError(f"{option('resume')}: {out} holds a model but no training state ({STATE_NAME}): "
+                               f"nothing to resume; choose another folder for {option('out')} to train again")
         if not (out / "config.json").exists() and self.started_before:
             # a run opened the folder and was killed before it wrote its config: nothing to compare or keep
             print(f"fewstep: note: {out} holds a run stopped before it began; it starts at iteration 0",
@@ -113,11 +115,11 @@ class RunFolder:
             saved = json.loads((out / "config.json").read_text())
             saved = {"config": saved["train"], "args": saved.get("args") or {}}
         except (OSError, ValueError, KeyError, TypeError, RecursionError):
-            raise FewstepError(f"--resume: {out} holds no run (no {STATE_NAME} and no readable config.json): "
-                               "nothing to resume; start without --resume") from None
+            raise FewstepError(f"{option('resume')}: {out} holds no run (no {STATE_NAME} and no readable config.json): "
+                               f"nothing to resume; start without {option('resume')}") from None
         differ = changed_settings(saved)
         if differ:
-            raise FewstepError("--resume: settings differ from the interrupted run's: " + "; ".join(differ))
+            raise FewstepError(f"{option('resume')}: settings differ from the interrupted run's: " + "; ".join(differ))
         print(f"fewstep: note: {out} was stopped before its first checkpoint; its run starts again from "
               "iteration 0", file=sys.stderr)
         return False, True

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fewstep.checkpoint import Checkpoint
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, on_command_line, option, options
 from fewstep.flow_grid import flow_scheduler_grid
 from fewstep.schedule import SCHEDULER_SPACINGS, check_grid, ddim_targets, make_grid, scheduler_grid
 from fewstep.solvers import DDPM_VARIANCES, STOCHASTIC, solve, steps_for_nfe
@@ -91,23 +91,22 @@ def _plan(ckpt: Checkpoint, nfe, sampler, grid, rho, final_zero) -> dict:
     clip = spec.get("clip")
     step = None
     if final_zero is not None and ("grids" in spec or "sigmas" in spec):
-        raise FewstepError("--final-denoise / --no-final-denoise: this model samples on the fixed grid it was "
-                           "distilled for")
+        raise FewstepError(f"{option('final_denoise')}: this model samples on the fixed grid it was distilled for")
     if "grids" in spec:  # SFD-v: one model, a grid per trained NFE
         choices = sorted(int(k) for k in spec["grids"])
         nfe = int(nfe if nfe is not None else spec.get("nfe", choices[0]))
         if nfe not in choices:
-            raise FewstepError(f"--nfe {nfe}: this model was trained for NFE {choices} only; pick one of them")
+            raise FewstepError(f"{option('nfe', nfe)}: this model was trained for NFE {choices} only; pick one of them")
         sigmas = torch.tensor(spec["grids"][str(nfe)], dtype=torch.float64)
         step = len(sigmas)
     elif "sigmas" in spec:  # a fixed grid: the distilled student's own timestamps
         sigmas = torch.tensor(spec["sigmas"], dtype=torch.float64)
         fixed_nfe = int(spec["nfe"])
         if nfe is not None and int(nfe) != fixed_nfe:
-            raise FewstepError(f"--nfe {nfe}: this model samples with a fixed grid of NFE {fixed_nfe}; "
-                               "drop --nfe (or distil again for another NFE)")
+            raise FewstepError(f"{option('nfe', nfe)}: this model samples with a fixed grid of NFE {fixed_nfe}; "
+                               f"leave {option('nfe')} out (or distil again for another NFE)")
         if grid is not None:
-            raise FewstepError("--grid: this model has a fixed sampling grid from its distillation")
+            raise FewstepError(f"{option('grid', grid)}: this model has a fixed sampling grid from its distillation")
         nfe = fixed_nfe
         step = spec.get("step")  # a second-stage student keeps the step condition it started from
     else:
@@ -129,9 +128,9 @@ def _plan(ckpt: Checkpoint, nfe, sampler, grid, rho, final_zero) -> dict:
             # 2 evaluations per step, 1 for a final step to σ = 0: not every NFE is reachable
             used = 2 * (len(sigmas) - 1) - (1 if float(sigmas[-1]) == 0 else 0)
             if used != nfe:
-                raise FewstepError(f"--nfe {nfe}: heun uses 2 evaluations per step"
+                raise FewstepError(f"{option('nfe', nfe)}: heun uses 2 evaluations per step"
                                    f"{' and 1 for the final denoise' if float(sigmas[-1]) == 0 else ''}, "
-                                   f"so it cannot use exactly {nfe}; try --nfe {used} or {used + 2}")
+                                   f"so it cannot use exactly {nfe}; try {option('nfe', used)} or {used + 2}")
     if afs and name != "euler":
         raise FewstepError(f"sampler {name!r}: this model was distilled for Euler with an analytical first step")
     # a fixed grid may name DPM-Solver++'s final orders (SFD's ceiling: the teacher as SFD's targets were solved)
@@ -156,10 +155,10 @@ def _scale(spec: dict) -> str:
 def _scheduler_plan(ckpt: Checkpoint, spec: dict, name: str, nfe: int, spacing: str, final_zero) -> dict:
     """A teacher's plan on a diffusers scheduler's timestep spacing (see the module's docstring)."""
     if name not in SPACED_SOLVERS:
-        raise FewstepError(f"--grid {spacing}: a scheduler spacing is for {', '.join(SPACED_SOLVERS)}; "
+        raise FewstepError(f"{option('grid', spacing)}: a scheduler spacing is for {', '.join(SPACED_SOLVERS)}; "
                            f"sampler {name!r} needs polynomial, logsnr, uniform or discrete")
     if final_zero is not None:
-        raise FewstepError(f"--final-denoise / --no-final-denoise: grid {spacing!r} ends where its scheduler's "
+        raise FewstepError(f"{option('final_denoise')}: grid {spacing!r} ends where its scheduler's "
                            "last step lands (the card's final_sigma), with no extra denoise")
     sched = ckpt.denoiser.schedule
     # where the last step lands is a setting of the card's own scheduler (set_alpha_to_one, final_sigmas_type);
@@ -188,10 +187,11 @@ def _scheduler_plan(ckpt: Checkpoint, spec: dict, name: str, nfe: int, spacing: 
 def _flow_plan(spec: dict, name: str, nfe: int, final_zero) -> dict:
     """A flow-matching teacher's plan on its scheduler's grid (see the module's docstring)."""
     if name not in FLOW_SOLVERS:
-        raise FewstepError(f"--grid flow starts at pure noise (t = 1), where sampler {name!r} would cancel the "
-                           f"state in float32; use {', '.join(FLOW_SOLVERS)} on it, or --grid polynomial")
+        raise FewstepError(f"{option('grid', 'flow')}: starts at pure noise (t = 1), where sampler {name!r} would "
+                           f"cancel the state in float32; use {', '.join(FLOW_SOLVERS)} on it, or "
+                           f"{option('grid', 'polynomial')}")
     if final_zero is not None:
-        raise FewstepError("--final-denoise / --no-final-denoise: grid 'flow' ends as its scheduler's does, at t = 0")
+        raise FewstepError(f"{option('final_denoise')}: grid 'flow' ends as its scheduler's does, at t = 0")
     flow = spec.get("flow") or {}
     sigmas, t = flow_scheduler_grid(nfe, int(flow.get("T", 1000)), float(flow.get("shift", 1.0)), flow.get("mu"),
                                     flow.get("rule", "scheduler"))
@@ -225,8 +225,9 @@ def check_memory(n: int, shape: tuple) -> None:
     except (ValueError, OSError, AttributeError):  # not every platform reports it
         return
     if need > total:
-        raise FewstepError(f"--n {n}: {n} samples of shape {list(shape)} need {need / 2**30:.1f} GiB at once, more "
-                           f"than this machine's {total / 2**30:.1f} GiB; draw them in several runs (other --seed)")
+        raise FewstepError(f"{option('n', n)}: {n} samples of shape {list(shape)} need {need / 2**30:.1f} GiB at "
+                           f"once, more than this machine's {total / 2**30:.1f} GiB; draw them in several runs (other "
+                           f"{option('seed')})")
 
 
 def class_labels_for(den, n: int, class_label=None, seed: int = 0) -> tuple[torch.Tensor | None, object]:
@@ -234,14 +235,14 @@ def class_labels_for(den, n: int, class_label=None, seed: int = 0) -> tuple[torc
     the given class (an int, or n labels), else classes drawn uniformly from the seed."""
     if not den.num_classes:
         if class_label is not None:
-            raise FewstepError(f"--class {class_label}: this model is not class-conditional")
+            raise FewstepError(f"{option('class_label', class_label)}: this model is not class-conditional")
         return None, None
     if class_label is None:
         gen = torch.Generator().manual_seed(seed + 2)
         return torch.randint(den.num_classes, (n,), generator=gen), "uniform"
     if isinstance(class_label, int):
         if not 0 <= class_label < den.num_classes:
-            raise FewstepError(f"--class {class_label}: expected a class in 0..{den.num_classes - 1}")
+            raise FewstepError(f"{option('class_label', class_label)}: expected a class in 0..{den.num_classes - 1}")
         return torch.full((n,), class_label, dtype=torch.long), class_label
     return den.check_labels(class_label, n), "given"
 
@@ -251,10 +252,12 @@ def prompt_labels(den, n: int, prompts, negative_prompt: str | None = None, guid
     label of each of n samples: sample i takes prompt i mod len(prompts). (None, None) for other models."""
     if den.text is None:
         if prompts or negative_prompt is not None or guidance is not None:
-            raise FewstepError("--prompt / --negative-prompt / --guidance: this model is not text-conditioned")
+            raise FewstepError(f"{options('prompts', 'negative_prompt', 'guidance')}: this model is not "
+                               "text-conditioned")
         return None, None
     if not prompts:
-        raise FewstepError("this model is text-conditioned: give --prompt TEXT or --prompts FILE")
+        raise FewstepError("this model is text-conditioned: give --prompt TEXT or --prompts FILE" if on_command_line()
+                           else "this model is text-conditioned: give prompts (a string or a list of them)")
     if isinstance(prompts, str):
         prompts = [prompts]
     text = den.encode_prompts(list(prompts), negative_prompt, guidance)
@@ -289,7 +292,8 @@ def sample(ckpt: Checkpoint, n: int, seed: int = 0, nfe: int | None = None, samp
     if labels is None:
         labels, classes = class_labels_for(den, n, class_label, seed)
     elif class_label is not None:
-        raise FewstepError("--class: this model is text-conditioned (give --prompt)")
+        raise FewstepError(f"{option('class_label', class_label)}: this model is text-conditioned (give "
+                           f"{option('prompts')})")
     gen = torch.Generator(device=device).manual_seed(seed + 1)
     out, t0 = [], time.perf_counter()
     bar = tqdm(total=n, desc=f"sampling {plan['name']} NFE {plan['nfe']}", unit="img", disable=not progress,
@@ -309,9 +313,10 @@ def sample(ckpt: Checkpoint, n: int, seed: int = 0, nfe: int | None = None, samp
             projected = (time.perf_counter() - t0) * n / len(x)
             if projected > max_seconds:
                 bar.close()
-                raise FewstepError(f"--n {n}: about {projected / 3600:.1f} hours on this machine (the first "
+                anyway = "pass --yes to run it anyway" if on_command_line() else "give a larger max_seconds"
+                raise FewstepError(f"{option('n', n)}: about {projected / 3600:.1f} hours on this machine (the first "
                                    f"{len(x)} samples took {time.perf_counter() - t0:.2f} s at NFE {plan['nfe']}); "
-                                   "pass --yes to run it anyway, or draw fewer samples")
+                                   f"{anyway}, or draw fewer samples")
     bar.close()
     x = torch.cat(out)
     if not torch.isfinite(x).all():

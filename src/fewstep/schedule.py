@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, option
 from fewstep.flow_grid import flow_shift
 
 # families of σ grids between two noise levels (make_grid)
@@ -463,10 +463,11 @@ def index_subsequence(T: int, steps: int | None, mode: str | Sequence[int] = "tr
         try:
             mode = [int(v) for v in mode.split(",") if v.strip()]
         except ValueError:
-            raise FewstepError(f"--index {mode!r}: expected 'trailing', 'leading' or a comma-separated list of integers")
+            raise FewstepError(f"{option('index', mode)}: expected 'trailing', 'leading' or a comma-separated "
+                               "list of integers")
     if isinstance(mode, str):
         if steps is None or not 1 <= steps <= limit:
-            raise FewstepError(f"--steps: expected a student step count 1 <= T' < T = {T}, got T'={steps}")
+            raise FewstepError(f"{option('steps', steps)}: expected a student step count 1 <= T' < T = {T}")
         s = torch.arange(steps, dtype=torch.float64)
         if mode == "trailing":
             phi = torch.round((s + 1) * T / steps).long() - 1
@@ -475,13 +476,13 @@ def index_subsequence(T: int, steps: int | None, mode: str | Sequence[int] = "tr
         return phi
     phi = torch.as_tensor(list(mode), dtype=torch.long)
     if phi.ndim != 1 or len(phi) < 1:
-        raise FewstepError("--index: expected at least one teacher index")
+        raise FewstepError(f"{option('index')}: expected at least one teacher index")
     if steps is not None and steps != len(phi):
-        raise FewstepError(f"--index has {len(phi)} entries but T'={steps} steps were asked for")
+        raise FewstepError(f"{option('index')} has {len(phi)} entries but T'={steps} steps were asked for")
     if len(phi) > limit:
-        raise FewstepError(f"--index: T'={len(phi)} must be smaller than the teacher's T={T}")
+        raise FewstepError(f"{option('index')}: T'={len(phi)} must be smaller than the teacher's T={T}")
     if (phi < 0).any() or (phi >= T).any():
-        raise FewstepError(f"--index: every index must lie in [0, {T - 1}], got {phi.tolist()}")
+        raise FewstepError(f"{option('index')}: every index must lie in [0, {T - 1}], got {phi.tolist()}")
     if len(phi) > 1 and not (phi[1:] > phi[:-1]).all():
-        raise FewstepError(f"--index: expected strictly increasing, unique indices, got {phi.tolist()}")
+        raise FewstepError(f"{option('index')}: expected strictly increasing, unique indices, got {phi.tolist()}")
     return phi

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, option
 from fewstep.schedule import check_grid
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -274,7 +274,7 @@ def steps_for_nfe(name: str, nfe: int, final_zero: bool) -> int:
         # each step costs 2 except a final step to σ = 0, which costs 1
         steps = (nfe + 1) // 2 if final_zero else nfe // 2
         if steps < 1:
-            raise FewstepError("heun needs at least 2 network evaluations (use --nfe 2 or more)")
+            raise FewstepError(f"heun needs at least 2 network evaluations (use {option('nfe', 2)} or more)")
         return steps
     return nfe
 

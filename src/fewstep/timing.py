@@ -11,6 +11,8 @@ import time
 
 import torch
 
+from fewstep.errors import option
+
 PROFILE_SECTIONS = ("teacher", "student", "optimizer")
 
 
@@ -149,7 +151,8 @@ class CostNote:
         total = elapsed + (self.steps - step) * pace
         if total >= self.QUIET_BELOW_S:
             print(f"fewstep: note: {self.name}: {self.steps - self.start:,} iterations, about "
-                  f"{_duration(total)} on this machine ({told}); --iters N runs fewer", file=sys.stderr, flush=True)
+                  f"{_duration(total)} on this machine ({told}); {option('iters', shown='N')} runs "
+                  "fewer", file=sys.stderr, flush=True)
 
 
 def _duration(seconds: float) -> str:

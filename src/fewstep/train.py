@@ -40,7 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fewstep.checkpoint import STATE_NAME, finished_run, load_train_state, save_checkpoint, save_train_state
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, option
 from fewstep.loop_signals import StoppedTime, StopRequests
 from fewstep.runfolder import RunFolder, tensorboard_writer
 from fewstep.timing import CostNote, Profiler, peak_memory_mb, profile_summary
@@ -138,7 +138,7 @@ class StepContext:
     def step(self, loss: torch.Tensor) -> float:
         """zero_grad → backward → all-reduce → clip → optimizer step. Returns the gradient norm."""
         if not torch.isfinite(loss.detach()):
-            raise FewstepError(f"loss became {float(loss.detach())} at iteration {self.t.step}; lower --lr "
+            raise FewstepError(f"loss became {float(loss.detach())} at iteration {self.t.step}; lower {option('lr')} "
                                "or check the data (nothing was saved from this iteration)")
         opt = self.t.optimizer
         opt.zero_grad(set_to_none=True)
@@ -202,7 +202,7 @@ def pick_device(name: str) -> torch.device:
 
 def _check_data(method: TrainMethod, data, labels) -> None:
     if method.needs_data and (data is None or len(data) == 0):
-        raise FewstepError(f"method {method.name!r} needs training data; pass --data")
+        raise FewstepError(f"method {method.name!r} needs training data; pass {option('data')}")
     if labels is not None and (data is None or len(labels) != len(data)):
         raise FewstepError(f"labels: expected one per training sample ({0 if data is None else len(data)}), "
                            f"got {len(labels)}")
@@ -211,7 +211,7 @@ def _check_data(method: TrainMethod, data, labels) -> None:
 def _checkpoint_gradients(model: nn.Module) -> None:
     net = getattr(model, "net", model)
     if not hasattr(net, "set_gradient_checkpointing"):
-        raise FewstepError(f"--grad-checkpoint: the {net.config.get('type')} network has no gradient "
+        raise FewstepError(f"{option('grad_checkpoint')}: the {net.config.get('type')} network has no gradient "
                            "checkpointing; it is there for diffusers networks (large UNets)")
     net.set_gradient_checkpointing(True)
 
@@ -315,13 +315,13 @@ class Trainer:
         st = load_train_state(self.out_dir)
         differ = self._changed_settings(st)
         if differ:
-            raise FewstepError("--resume: settings differ from the interrupted run's: " + "; ".join(differ)
+            raise FewstepError(f"{option('resume')}: settings differ from the interrupted run's: " + "; ".join(differ)
                                + ". Resume with the same settings (only the iteration count, logging, "
                                "checkpoint cadence and device may change)")
         try:
             self.model.load_state_dict(st["model"])
         except RuntimeError as e:
-            raise FewstepError(f"--resume: the saved weights in {self.out_dir} do not fit this model "
+            raise FewstepError(f"{option('resume')}: the saved weights in {self.out_dir} do not fit this model "
                                f"(was it made with another network or fewstep version?): {str(e).splitlines()[0]}") from None
         if self.ema is not None and st.get("ema") is not None:
             self.ema.load_state_dict(st["ema"])
@@ -394,7 +394,7 @@ class Trainer:
             # --resume of a finished run: nothing to do, and its card (the command that made it) stays as it is
             if self.is_main:
                 print(f"fewstep: note: {self.out_dir} is a finished run of {self.step} iterations; nothing to "
-                      "resume (a larger --iters continues it)", file=sys.stderr)
+                      f"resume (a larger {option('iters')} continues it)", file=sys.stderr)
             return self.out_dir
         # the logs keep what this run's saved state covers: nothing for a run from iteration 0, which also clears
         # the lines and snapshots a run killed before its first checkpoint left in the folder
@@ -424,14 +424,14 @@ class Trainer:
             bar.close()
         if interrupted and in_iteration:  # its weights and optimizer state may be half updated: keep none of it
             if self.is_main:
-                print(f"\nstopped at once inside iteration {self.step + 1}; nothing of it was saved, and --resume "
-                      "continues from the last checkpoint", file=sys.stderr)
+                print(f"\nstopped at once inside iteration {self.step + 1}; nothing of it was saved, and "
+                      f"{option('resume', True)} continues from the last checkpoint", file=sys.stderr)
             raise SystemExit(130)
         self.save(final=not interrupted)
         if interrupted:
             if self.is_main:
                 print(f"\ninterrupted at iteration {self.step}; state saved in {self.out_dir} "
-                      "(continue with --resume)")
+                      f"(continue with {option('resume', True)})")
             raise SystemExit(130)
         if late_stop:
             if self.is_main:

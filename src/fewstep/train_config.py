@@ -8,7 +8,7 @@ import shlex
 import sys
 from dataclasses import asdict, dataclass
 
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, option
 from fewstep.recipe import AMP_MODES, LOG_KINDS, LR_SCHEDULES
 
 @dataclass
@@ -80,7 +80,7 @@ class TrainConfig:
         if self.ema is not None and not 0 < self.ema < 1:
             raise FewstepError(f"ema={self.ema}: expected a decay in (0, 1), or none")
         if self.log not in LOG_KINDS:
-            raise FewstepError(f"--log {self.log!r}: expected {' or '.join(LOG_KINDS)}")
+            raise FewstepError(f"{option('log', self.log)}: expected {' or '.join(LOG_KINDS)}")
         if not self.ckpt_minutes >= 0:
             raise FewstepError(f"ckpt_minutes={self.ckpt_minutes}: expected 0 (off) or a positive number of minutes")
         if self.snapshot_every < 0:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, option
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -124,8 +124,10 @@ def _check_image_size(path, size, resolution):
         raise FewstepError(f"image file {str(path)!r} is {w}x{h} ({w * h / 1e6:.0f} megapixels): larger than fewstep "
                            f"decodes ({MAX_DECODE_PIXELS / 1e6:.0f} megapixels); downscale it first")
     if resolution is None and max(w, h) > MAX_NATIVE_SIDE:
-        raise FewstepError(f"image file {str(path)!r} is {w}x{h}: without --resolution fewstep trains at the images' "
-                           f"own size, at most {MAX_NATIVE_SIDE}; pass --resolution N (e.g. 64) to resize them")
+        raise FewstepError(f"image file {str(path)!r} is {w}x{h}: without {option('resolution')} fewstep trains "
+                           "at the images' "
+                           f"own size, at most {MAX_NATIVE_SIDE}; pass {option('resolution', shown='N')} (e.g. "
+                           "64) to resize them")
 
 
 def _normalise_image(im, path):

@@ -15,7 +15,7 @@ import sys
 from fewstep import __version__
 from fewstep import argtypes as A
 from fewstep.cli.common import COMMAND_HELP
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, command_line
 
 GROUPS = {"fewstep.cli.methods": ("train", "distill"),
           "fewstep.cli.models": ("sample", "info", "eval", "classifier", "compare", "interpolate"),
@@ -52,7 +52,8 @@ def main(argv=None):
     args = build_parser(argv).parse_args(argv)
     args._argv = argv
     try:
-        args.func(args)
+        with command_line():
+            args.func(args)
     except FewstepError as e:
         print(f"fewstep: error: {e}", file=sys.stderr)
         raise SystemExit(2)

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from fewstep.checkpoint import Checkpoint, atomic_write
 from fewstep.data import Dataset, load_dataset
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, option
 from fewstep.interop.sources import cache_dir
 from fewstep.sampling import sample_shape
 
@@ -24,8 +24,8 @@ def distill_data(data, resolution: int | None, data_seed: int | None, teacher: C
     tdata = teacher.card.get("data") or {}
     den = teacher.denoiser
     if den.text is not None:
-        raise FewstepError("--teacher is a text-to-image model: SFDDM and progressive distillation train on data, "
-                           "and each image would need its caption, which fewstep does not read; distil it "
+        raise FewstepError(f"{option('teacher')} is a text-to-image model: SFDDM and progressive distillation train "
+                           "on data, and each image would need its caption, which fewstep does not read; distil it "
                            "data-free with `fewstep distill sfd` (prompts from --prompts or the shipped list)")
     want = list(tdata["shape"]) if den.codec is not None else list(sample_shape(teacher.card))
     is_image = "resolution" in net
@@ -35,8 +35,8 @@ def distill_data(data, resolution: int | None, data_seed: int | None, teacher: C
     ds = load_dataset(data, resolution=resolution if is_image or given_resolution else None,
                       split="train", seed=seed)
     if list(ds.shape) != want:
-        hint = f"; pass --resolution {want[-1]}" if len(want) == 3 and len(ds.shape) == 3 else ""
-        raise FewstepError(f"--data {data}: samples of shape {list(ds.shape)}, but the teacher draws "
+        hint = f"; pass {option('resolution', want[-1])}" if len(want) == 3 and len(ds.shape) == 3 else ""
+        raise FewstepError(f"{option('data', data)}: samples of shape {list(ds.shape)}, but the teacher draws "
                            f"{want}{' images' if den.codec is not None else ''}{hint}")
     info = {**ds.info, "name": ds.name, "kind": ds.kind, "shape": list(ds.shape), "split_seed": seed}
     if den.codec is not None:
@@ -80,6 +80,6 @@ def distill_labels(teacher: Checkpoint, ds: Dataset):
     if not k:
         return None
     if ds.labels is None:
-        raise FewstepError(f"--data {ds.name}: the teacher is class-conditional ({k} classes) but this data set "
-                           "has no class labels (an image folder needs one sub-folder per class)")
+        raise FewstepError(f"{option('data', ds.name)}: the teacher is class-conditional ({k} classes) but this data "
+                           "set has no class labels (an image folder needs one sub-folder per class)")
     return teacher.denoiser.check_labels(ds.labels)

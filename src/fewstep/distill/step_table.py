@@ -9,7 +9,7 @@ import torch
 
 from fewstep.checkpoint import Checkpoint
 from fewstep.denoiser import Denoiser
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, option
 from fewstep.method import Row
 from fewstep.schedule import index_subsequence
 
@@ -47,7 +47,7 @@ def index_set(teacher: Denoiser, steps: int | None, index="trailing", allow_full
     T = teacher.schedule.T
     named = isinstance(index, str) and index in INDEX_RULES
     if named and steps is None:
-        raise FewstepError(f"index set {index!r}: give the student's step count T' (--steps)")
+        raise FewstepError(f"index set {index!r}: give the student's step count T' ({option('steps')})")
     if steps is not None and steps < 1:
         raise FewstepError(f"student steps T'={steps}: expected T' >= 1")
     if named and not 1 <= steps <= (T if allow_full else T - 1):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fewstep.checkpoint import CARD_NAME, read_card
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, option
 from fewstep.interop.diffusers_io import import_diffusers
 from fewstep.interop.edm import import_edm_snapshot
 from fewstep.interop.flow_io import import_flow_pipeline, is_flow_pipeline
@@ -27,11 +27,12 @@ def import_model(src: str | Path, out: str | Path, **options) -> Path:
         return import_edm_snapshot(Path(src), Path(out), **options)
     if kind == "diffusers" and is_flow_pipeline(Path(src)):
         if options.get("feature_layer") is not None:
-            raise FewstepError("--feature-layer: a flow-matching transformer gives no features (SFDDM's feature loss)")
+            raise FewstepError(f"{option('feature_layer')}: a flow-matching transformer gives no features "
+                               "(SFDDM's feature loss)")
         return import_flow_pipeline(Path(src), Path(out), resolution=options.get("resolution"))
     if options.get("resolution") is not None:
-        raise FewstepError("--resolution: only a flow-matching pipeline's size is chosen at import; other models "
-                           "keep their own")
+        raise FewstepError(f"{option('resolution')}: only a flow-matching pipeline's size is chosen at import; other "
+                           "models keep their own")
     if kind == "diffusers":
         return import_diffusers(Path(src), Path(out), **options)
     raise FewstepError(f"import {str(src)!r}: expected an NVlabs/edm network snapshot (.pkl) or a diffusers "

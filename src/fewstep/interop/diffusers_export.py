@@ -22,7 +22,7 @@ from torch import nn
 import fewstep.nets
 from fewstep.checkpoint import LOCK_NAME, RunLock, load_checkpoint
 from fewstep.components import COMPONENT_BATCH, tokenizer_role
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, option
 from fewstep.interop.diffusers_io import DiffusersUNet, require_diffusers
 from fewstep.interop.sources import WEIGHTS
 from fewstep.lora import PIPELINE_LORA, export_lora, fuse_lora
@@ -193,9 +193,9 @@ def export_diffusers(model, out: Path, nfe: int | None = None) -> Path:
 
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise FewstepError(f"--out {out}: a file of that name exists; expected a new folder")
+        raise FewstepError(f"{option('out', out)}: a file of that name exists; expected a new folder")
     if out.exists() and any(out.iterdir()):
-        raise FewstepError(f"--out {out}: the folder exists and is not empty; choose a new folder")
+        raise FewstepError(f"{option('out', out)}: the folder exists and is not empty; choose a new folder")
     ckpt = load_checkpoint(model)
     den, card = ckpt.denoiser, ckpt.card
     plan = resolve_sampler(ckpt, nfe)
@@ -267,7 +267,7 @@ def export_diffusers(model, out: Path, nfe: int | None = None) -> Path:
         except OSError as e:  # another export (or anything) filled `out` after the check above
             if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
-            raise FewstepError(f"--out {out}: another process wrote into the folder while this export ran; "
+            raise FewstepError(f"{option('out', out)}: another process wrote into the folder while this export ran; "
                                "choose a new folder") from None
         (out / LOCK_NAME).unlink()
     except BaseException:

@@ -24,7 +24,7 @@ from torch import nn
 from fewstep.checkpoint import refuse_to_overwrite, save_checkpoint
 from fewstep.components import FluxTextEncoders, LatentCodec, SD3TextEncoders, TextEncoder, tokenizer_role
 from fewstep.denoiser import Denoiser
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, option
 from fewstep.hashing import folder_digest
 from fewstep.interop.diffusers_io import _plain, require_diffusers
 from fewstep.interop.sources import read_json, read_weights, weights_digest, weights_file
@@ -274,13 +274,14 @@ def denoiser_from_flow_pipeline(src: Path, resolution: int | None = None) -> tup
     latent = None
     if resolution is not None:
         if resolution % (2 * scale if name == "FluxPipeline" else scale):
-            raise FewstepError(f"--resolution {resolution}: expected a multiple of "
+            raise FewstepError(f"{option('resolution', resolution)}: expected a multiple of "
                                f"{2 * scale if name == 'FluxPipeline' else scale} for this autoencoder")
         latent = resolution // scale
     if name == "FluxPipeline":
         latent = latent or FLUX_DEFAULT_LATENT
     elif latent is not None and latent != tcfg.get("sample_size", 128):
-        raise FewstepError(f"--resolution {resolution}: this SD3 transformer samples {tcfg.get('sample_size', 128) * scale}"
+        raise FewstepError(f"{option('resolution', resolution)}: this SD3 transformer samples "
+                           f"{tcfg.get('sample_size', 128) * scale}"
                            f" pixels (its sample_size); other sizes are not supported")
     net = pipe.net(tcfg, resolution=latent)
     cfg = net.config["transformer"]

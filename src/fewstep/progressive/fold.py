@@ -37,7 +37,7 @@ import torch
 
 from fewstep.denoiser import Denoiser
 from fewstep.distill.common import trained_shape
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, option
 from fewstep.nets import channels_last_copy, set_dropout
 from fewstep.sampling import sample_shape
 from fewstep.schedule import check_grid, index_subsequence, make_grid
@@ -84,7 +84,7 @@ def fold_plan(start_steps: int, target_steps: int) -> list[int]:
     ratio = start_steps // target_steps
     if start_steps % target_steps or ratio & (ratio - 1):
         raise FewstepError(f"start steps {start_steps} / target steps {target_steps} must be a power of two "
-                           "(each fold halves the steps); e.g. --start-steps 1024 --steps 8")
+                           f"(each fold halves the steps); e.g. {option('start_steps', 1024)} and {option('steps', 8)}")
     plan, n = [], start_steps
     while n > target_steps:
         n //= 2
@@ -123,7 +123,7 @@ HEADS = {"x0": "max(SNR, 1)", "v": "SNR + 1", "eps": "SNR"}
 def head_weight(head: str, sigma: torch.Tensor) -> torch.Tensor:
     """The weight on |x̂0 − x̃0|² that a loss in the head's own output gives (float64, per σ)."""
     if head not in HEADS:
-        raise FewstepError(f"--head {head!r}: expected one of {', '.join(HEADS)}")
+        raise FewstepError(f"{option('head', head)}: expected one of {', '.join(HEADS)}")
     snr = 1 / sigma.double() ** 2
     if head == "x0":
         return snr.clamp(min=1.0)
@@ -164,7 +164,7 @@ class ProgressiveFold(TrainMethod):
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         if head not in HEADS:
-            raise FewstepError(f"--head {head!r}: expected one of {', '.join(HEADS)}")
+            raise FewstepError(f"{option('head', head)}: expected one of {', '.join(HEADS)}")
         self.grid = check_grid(grid, "teacher grid").cpu()
         self.student_grid = halve_grid(self.grid)
         self.clip = clip  # when sampling (and inside the targets only with clip_targets)
@@ -183,7 +183,7 @@ class ProgressiveFold(TrainMethod):
         self.shape = _net_shape(teacher.net)
         shape = trained_shape(self.data_info)
         if shape is not None and list(shape) != self.shape:
-            hint = f"; pass --resolution {self.shape[-1]}" if len(self.shape) == 3 else ""
+            hint = f"; pass {option('resolution', self.shape[-1])}" if len(self.shape) == 3 else ""
             raise FewstepError(f"data shape {list(shape)} does not match the teacher's sample shape {self.shape}{hint}")
 
     @property

@@ -14,7 +14,7 @@ from fewstep import argtypes as A
 from fewstep.checkpoint import (CARD_NAME, Checkpoint, finished_run, load_checkpoint, read_card,
                                 remove_stale_temp_files, save_checkpoint, teacher_reference)
 from fewstep.distill.common import distill_data, distill_labels
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, option
 from fewstep.models import as_model
 from fewstep.progressive.fold import HEADS, ProgressiveFold, fold_plan, halve_grid, teacher_grid
 from fewstep.progressive.recipe import PROGRESSIVE_LOOP
@@ -39,9 +39,10 @@ def progressive_distill(teacher_ckpt, data: torch.Tensor, start_steps: int | Non
     teacher = root.denoiser.to(device)
     if start_steps is None:
         if not teacher.schedule.is_discrete:
-            raise FewstepError("a continuous teacher (EDM, VE or VP-SDE) has no step table: give --start-steps, "
-                               "the first teacher's DDIM steps on EDM's rho=7 grid over its sigma range "
-                               f"[{teacher.sigma_min:g}, {teacher.sigma_max:g}] (e.g. --start-steps 64 --steps 4)")
+            raise FewstepError("a continuous teacher (EDM, VE or VP-SDE) has no step table: give "
+                               f"{option('start_steps')}, the first teacher's DDIM steps on EDM's rho=7 grid over its "
+                               f"sigma range [{teacher.sigma_min:g}, {teacher.sigma_max:g}] (e.g. "
+                               f"{option('start_steps', 64)} and {option('steps', 4)})")
         start_steps = teacher.schedule.T
     plan = fold_plan(start_steps, target_steps)
     data_info = data_info or {}
@@ -49,7 +50,8 @@ def progressive_distill(teacher_ckpt, data: torch.Tensor, start_steps: int | Non
         clip = 1.0 if data_info.get("kind") == "image" else None
     root_ref = teacher_reference(root.path) if root.path is not None else None
     if not resume and (out_dir / CARD_NAME).exists():
-        raise FewstepError(f"{out_dir} already holds a model; pass --resume to continue it or choose another --out")
+        raise FewstepError(f"{out_dir} already holds a model; pass {option('resume', True)} to continue it or choose "
+                           f"another folder for {option('out')}")
     grid = teacher_grid(teacher, start_steps)
     teacher_ref, folds = root_ref, []
     for k, steps in enumerate(plan, start=1):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, option, options
 from fewstep.lora import lora_spec
 from fewstep.nets import STEP_CONDITIONS
 from fewstep.schedule import GRID_KINDS
@@ -65,7 +65,7 @@ class SFDConfig:
         # one NFE may come as an int, several as any sequence of ints; the values are checked in validate()
         nfe = [self.nfe] if isinstance(self.nfe, int) and not isinstance(self.nfe, bool) else self.nfe
         if not isinstance(nfe, (list, tuple)) or not all(isinstance(n, int) and not isinstance(n, bool) for n in nfe):
-            raise FewstepError(f"--nfe {self.nfe!r}: expected an integer or a list of integers")
+            raise FewstepError(f"{option('nfe', self.nfe)}: expected an integer or a list of integers")
         object.__setattr__(self, "nfe", list(nfe))
         if isinstance(self.lora_targets, str):  # the command line's comma-separated list
             object.__setattr__(self, "lora_targets", tuple(t.strip() for t in self.lora_targets.split(",") if t.strip()))
@@ -77,44 +77,49 @@ class SFDConfig:
 
     def validate(self):
         if not self.nfe or min(self.nfe) < 1:
-            raise FewstepError(f"--nfe {self.nfe}: expected NFE values >= 1")
+            raise FewstepError(f"{option('nfe', self.nfe)}: expected NFE values >= 1")
         if len(set(self.nfe)) != len(self.nfe):
-            raise FewstepError(f"--nfe {self.nfe}: values must be distinct")
+            raise FewstepError(f"{option('nfe', self.nfe)}: values must be distinct")
         if self.m < 0:
-            raise FewstepError(f"--m {self.m}: expected m >= 0 teacher points per student interval")
+            raise FewstepError(f"{option('m', self.m)}: expected m >= 0 teacher points per student interval")
         if self.teacher_solver not in TEACHER_SOLVERS:
-            raise FewstepError(f"--teacher-solver {self.teacher_solver!r}: expected one of {', '.join(TEACHER_SOLVERS)}")
+            raise FewstepError(f"{option('teacher_solver', self.teacher_solver)}: expected one of "
+                               f"{', '.join(TEACHER_SOLVERS)}")
         if self.grid not in GRID_KINDS:
-            raise FewstepError(f"--grid {self.grid!r}: expected one of {', '.join(GRID_KINDS)}")
+            raise FewstepError(f"{option('grid', self.grid)}: expected one of {', '.join(GRID_KINDS)}")
         if self.loss_reduction not in LOSS_REDUCTIONS:
-            raise FewstepError(f"--loss-reduction {self.loss_reduction!r}: expected sum or mean")
+            raise FewstepError(f"{option('loss_reduction', self.loss_reduction)}: expected sum or mean")
         if self.perceptual not in (None, "auto", *PERCEPTUAL_NETS):
-            raise FewstepError(f"--perceptual {self.perceptual!r}: expected auto, {', '.join(PERCEPTUAL_NETS)} or none")
+            raise FewstepError(f"{option('perceptual', self.perceptual)}: expected auto, "
+                               f"{', '.join(PERCEPTUAL_NETS)} or none")
         if self.perceptual == "lpips" and not self.lpips_weights:
-            raise FewstepError("--perceptual lpips needs --lpips-weights FILE (convert VGG16 and LPIPS weights once "
-                               "with scripts/convert_lpips.py)")
+            raise FewstepError(f"{option('perceptual', 'lpips')} needs {option('lpips_weights', shown='FILE')} "
+                               "(convert VGG16 and LPIPS weights once with scripts/convert_lpips.py)")
         if self.perceptual_weight is not None and self.perceptual_weight < 0:
-            raise FewstepError(f"--perceptual-weight {self.perceptual_weight}: expected a weight >= 0")
+            raise FewstepError(f"{option('perceptual_weight', self.perceptual_weight)}: expected a weight >= 0")
         if self.teacher_final_orders not in LOWER_ORDER_FINAL:
-            raise FewstepError(f"--teacher-final-orders {self.teacher_final_orders!r}: expected one of "
+            raise FewstepError(f"{option('teacher_final_orders', self.teacher_final_orders)}: expected one of "
                                f"{', '.join(LOWER_ORDER_FINAL)}")
         if self.step_condition not in STEP_CONDITIONS:
-            raise FewstepError(f"--step-condition {self.step_condition!r}: expected one of {', '.join(STEP_CONDITIONS)}")
+            raise FewstepError(f"{option('step_condition', self.step_condition)}: expected one of "
+                               f"{', '.join(STEP_CONDITIONS)}")
         if self.stage2_condition not in STAGE2_CONDITIONS:
-            raise FewstepError(f"--stage2-condition {self.stage2_condition!r}: expected one of "
+            raise FewstepError(f"{option('stage2_condition', self.stage2_condition)}: expected one of "
                                f"{', '.join(STAGE2_CONDITIONS)}")
         if self.teacher_precision not in TEACHER_PRECISIONS:
-            raise FewstepError(f"--teacher-precision {self.teacher_precision!r}: expected one of "
+            raise FewstepError(f"{option('teacher_precision', self.teacher_precision)}: expected one of "
                                f"{', '.join(TEACHER_PRECISIONS)}")
         if self.lora is not None:
             lora_spec(self.lora, self.lora_alpha, self.lora_targets)
             if self.stage2:
-                raise FewstepError("--lora with --stage2: the 1-NFE stage trains a full copy of its first-stage "
-                                   "student (a LoRA first stage included); leave --lora out")
+                raise FewstepError(f"{option('lora', self.lora)} with {option('stage2', True)}: the 1-NFE stage "
+                                   "trains a full copy of its first-stage student (a LoRA first stage included); "
+                                   f"leave {option('lora')} out")
         elif self.lora_alpha is not None or self.lora_targets:
-            raise FewstepError("--lora-alpha / --lora-targets: give the adapter's rank with --lora RANK")
+            raise FewstepError(f"{options('lora_alpha', 'lora_targets')}: give the adapter's rank with "
+                               f"{option('lora', shown='RANK')}")
         if not 0 < self.teacher_precision_tol < 1:
-            raise FewstepError(f"--teacher-precision-tol {self.teacher_precision_tol}: expected a relative "
+            raise FewstepError(f"{option('teacher_precision_tol', self.teacher_precision_tol)}: expected a relative "
                                "deviation in (0, 1)")
 
 

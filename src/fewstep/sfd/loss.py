@@ -23,6 +23,7 @@ from dataclasses import replace
 
 import torch
 
+from fewstep.errors import option
 from fewstep.featnet import available_classifiers
 from fewstep.perceptual import perceptual_distance
 from fewstep.sfd.config import SFDConfig
@@ -58,7 +59,8 @@ def trajectory_loss(cfg: SFDConfig, shape: tuple, data: dict, device) -> tuple[T
             kind = "classifier"
         elif cfg.stage2:
             print("fewstep: note: the 1-NFE stage runs without the authors' perceptual term: give "
-                  "--lpips-weights FILE (see scripts/convert_lpips.py) to add LPIPS", file=sys.stderr)
+                  f"{option('lpips_weights', shown='FILE')} (see scripts/convert_lpips.py) to add "
+                  "LPIPS", file=sys.stderr)
     cfg = replace(cfg, perceptual=kind)
     if kind is None:
         return TrajectoryLoss(cfg.loss_reduction), cfg

@@ -24,7 +24,7 @@ from fewstep.checkpoint import Checkpoint, load_checkpoint, teacher_reference
 from fewstep.components import default_prompts
 from fewstep.denoiser import Denoiser
 from fewstep.distill.trajectory_cache import TrajectoryCache
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, options
 from fewstep.lora import TeacherView, add_lora, lora_spec, remove_lora
 from fewstep.models import as_model
 from fewstep.nets import channels_last_copy, set_dropout
@@ -116,7 +116,7 @@ class SFD(TrainMethod):
         self.prompts = None
         if tden.text is None:
             if prompts or negative_prompt is not None or guidance is not None:
-                raise FewstepError("--prompt / --prompts / --negative-prompt / --guidance: the teacher is not "
+                raise FewstepError(f"{options('prompts', 'negative_prompt', 'guidance')}: the teacher is not "
                                    "text-conditioned")
             return
         self.prompts = list(prompts) if prompts else default_prompts()

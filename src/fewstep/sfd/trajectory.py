@@ -10,7 +10,7 @@ import torch
 
 from fewstep.checkpoint import Checkpoint
 from fewstep.distill.trajectory_cache import TrajectoryCache, module_digest
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, option
 from fewstep.schedule import check_grid, nested_grids
 from fewstep.sfd.config import (EDM_SIGMA_MAX, EDM_SIGMA_MIN, LATENT_SIGMA_MIN, LATENT_TEXT_SIGMA_MIN, SFDConfig,
                                 student_nfe, timestamps_for_nfe)
@@ -99,7 +99,7 @@ class TeacherTrajectory:
         self.keep_precision({"deviation": deviation, "tolerance": tolerance, "nfe": nfe, "kept": kept})
         if kept == "fp32":
             print(f"fewstep: note: the bf16 teacher's trajectories deviate from fp32 by {deviation:.3g} "
-                  f"(relative RMS) on the first batch, over --teacher-precision-tol {tolerance:g}; "
+                  f"(relative RMS) on the first batch, over {option('teacher_precision_tol', tolerance)}; "
                   "the teacher runs in fp32", file=sys.stderr)
 
     def keep_precision(self, check: dict):
@@ -128,7 +128,7 @@ def stage2_setup(first: Checkpoint, cfg: SFDConfig):
     student's step condition, the first stage's NFE)."""
     spec = first.sampler
     if first.card.get("method", {}).get("name") not in ("sfd", "sfd-v"):
-        raise FewstepError("--stage2 needs a first-stage SFD or SFD-v model as --teacher")
+        raise FewstepError(f"{option('stage2', True)} needs a first-stage SFD or SFD-v model as {option('teacher')}")
     if "grids" in spec:
         nfe_t = max(int(k) for k in spec["grids"])
         t_grid = torch.tensor(spec["grids"][str(nfe_t)], dtype=torch.float64)
@@ -137,11 +137,13 @@ def stage2_setup(first: Checkpoint, cfg: SFDConfig):
         t_grid = torch.tensor(spec["sigmas"], dtype=torch.float64)
         step = None
     if not spec.get("afs"):
-        raise FewstepError("--stage2: the first-stage model must use AFS (the 1-NFE student is AFS + one step)")
+        raise FewstepError(f"{option('stage2')}: the first-stage model must use AFS (the 1-NFE student is AFS + "
+                           "one step)")
     intervals = len(t_grid) - 1
     if intervals % 2:
-        raise FewstepError(f"--stage2: the first-stage grid has {intervals} intervals; the 3-timestamp student "
-                           "needs an even count to sit on teacher timestamps (use a first-stage NFE of 1, 3 or 5)")
+        raise FewstepError(f"{option('stage2')}: the first-stage grid has {intervals} intervals; the 3-timestamp "
+                           "student needs an even count to sit on teacher timestamps (use a first-stage NFE of 1, 3 "
+                           "or 5)")
     student_grid = t_grid[:: intervals // 2].clone()
     grids = {1: (check_grid(student_grid), check_grid(t_grid))}
     traj = TeacherTrajectory(first.denoiser, "euler", afs=True, step=step)

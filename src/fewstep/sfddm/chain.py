@@ -11,7 +11,7 @@ import torch
 from fewstep.checkpoint import read_card
 from fewstep.denoiser import Denoiser
 from fewstep.distill.step_table import check_teacher
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, option
 from fewstep.nets import FeatureTap, build_net, set_dropout
 from fewstep.schedule import Schedule
 from fewstep.sfddm.config import INITS
@@ -126,6 +126,7 @@ def check_resume_phi(out_dir, phi) -> None:
         return  # nothing saved yet
     now = [int(v) for v in phi]
     if saved is not None and [int(v) for v in saved] != now:
-        raise FewstepError(f"--resume: the run in {out_dir} was made on phi={saved}, these settings give "
+        raise FewstepError(f"{option('resume')}: the run in {out_dir} was made on phi={saved}, these settings give "
                            f"phi={now}. 'leading' now follows the authors' code (s*floor(T/T')); the earlier "
-                           "rule floor(s*T/T') is --index spread, or pass the saved list with --index")
+                           f"rule floor(s*T/T') is {option('index', 'spread')}, or pass the saved list as "
+                           f"{option('index')}")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from fewstep import argtypes as A
 from fewstep.distill.step_table import CHAIN_SAMPLERS as SAMPLERS
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, option
 
 INITS = ("random", "teacher")
 HIDDEN = ("l1", "kl", "none")
@@ -38,14 +38,14 @@ class SFDDMConfig:
 
     def validate(self):
         if self.init not in INITS:
-            raise FewstepError(f"--init {self.init!r}: expected one of {', '.join(INITS)}")
+            raise FewstepError(f"{option('init', self.init)}: expected one of {', '.join(INITS)}")
         if self.hidden not in HIDDEN:
-            raise FewstepError(f"--hidden {self.hidden!r}: expected one of {', '.join(HIDDEN)}")
+            raise FewstepError(f"{option('hidden', self.hidden)}: expected one of {', '.join(HIDDEN)}")
         if self.loss not in LOSSES:
-            raise FewstepError(f"--loss {self.loss!r}: expected one of {', '.join(LOSSES)}")
+            raise FewstepError(f"{option('loss', self.loss)}: expected one of {', '.join(LOSSES)}")
         if not (self.lam >= 0 and math.isfinite(self.lam)):
-            raise FewstepError(f"--lam {self.lam}: expected a finite weight >= 0")
+            raise FewstepError(f"{option('lam', self.lam)}: expected a finite weight >= 0")
         if self.sampler not in SAMPLERS:
-            raise FewstepError(f"--sampler {self.sampler!r}: expected one of {', '.join(SAMPLERS)}")
+            raise FewstepError(f"{option('sampler', self.sampler)}: expected one of {', '.join(SAMPLERS)}")
         if self.dropout is not None and not 0 <= self.dropout < 1:
-            raise FewstepError(f"--dropout {self.dropout}: expected a probability in [0, 1)")
+            raise FewstepError(f"{option('dropout', self.dropout)}: expected a probability in [0, 1)")

@@ -43,7 +43,7 @@ from fewstep.checkpoint import Checkpoint, load_checkpoint, teacher_reference
 from fewstep.denoiser import Denoiser
 from fewstep.distill.common import distill_data, distill_labels, trained_shape
 from fewstep.distill.step_table import INDEX_RULES, check_teacher, index_set, teacher_table
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, option
 from fewstep.models import as_model
 from fewstep.nets import channels_last_copy
 from fewstep.recipe import check_loop_options, method_config, take_config_options
@@ -94,7 +94,7 @@ class SFDDM(TrainMethod):
         teacher_shape = list(sample_shape({"net": self.teacher.net.config}))
         data_shape = trained_shape(self.data_info)
         if data_shape is not None and list(data_shape) != teacher_shape:
-            hint = f"; pass --resolution {teacher_shape[-1]}" if len(teacher_shape) == 3 else ""
+            hint = f"; pass {option('resolution', teacher_shape[-1])}" if len(teacher_shape) == 3 else ""
             raise FewstepError(f"data shape {list(data_shape)} does not match the teacher's sample shape "
                                f"{teacher_shape}{hint}")
         return teacher_shape
@@ -216,7 +216,7 @@ class SFDDM(TrainMethod):
     def load_state_dict(self, state):
         saved_phi = state.get("phi")
         if saved_phi is not None and [int(v) for v in saved_phi] != [int(v) for v in self.phi]:
-            raise FewstepError(f"--resume: the saved run was made on phi={saved_phi}, these settings give "
+            raise FewstepError(f"{option('resume')}: the saved run was made on phi={saved_phi}, these settings give "
                                f"phi={[int(v) for v in self.phi]}")
         self.iterations = int(state.get("iterations", 0))
         self.samples_seen = int(state.get("samples_seen", 0))

@@ -9,7 +9,7 @@ from fewstep import argtypes as A
 from fewstep.data import load_dataset
 from fewstep.checkpoint import Checkpoint, load_checkpoint
 from fewstep.denoiser import Denoiser
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, option
 from fewstep.nets import MLP, UNet
 from fewstep.recipe import check_loop_options, loop_recipe
 from fewstep.recipe import run_info as api_run_info
@@ -28,7 +28,7 @@ def default_net(sample_shape: tuple, dropout: float | None = None, channels: int
         return MLP(dim=sample_shape[0], hidden=channels or 256, depth=4, dropout=dropout or 0.0)
     c, h, w = sample_shape
     if h != w:
-        raise FewstepError(f"images must be square for the built-in U-Net, got {h}x{w}; pass --resolution")
+        raise FewstepError(f"images must be square for the built-in U-Net, got {h}x{w}; pass {option('resolution')}")
     if h <= 8:
         cfg = dict(channel_mult=(1, 2), attn_resolutions=(4,))
     elif h <= 16:
