@@ -14,7 +14,7 @@ LAYERS = {
     "foundations": ["errors", "hashing", "files", "argtypes", "recipe", "method", "flow_grid", "schedule", "nets",
                     "userdata", "data"],
     "models": ["denoiser", "solvers", "components", "lora", "checkpoint", "sampling", "viz", "show"],
-    "around a model": ["featnet", "perceptual", "distances", "metrics", "compare", "interop", "interop.*", "models"],
+    "around a model": ["featnet", "perceptual", "distances", "features", "metrics", "compare", "interop", "interop.*", "models"],
     "training loop": ["train_config", "timing", "runfolder", "loop_signals", "train"],
     "shared by methods": ["distill", "distill.*"],
     # and every package fewstep.registry lists (a new method needs no line here)
