@@ -393,3 +393,23 @@ def test_resuming_a_finished_run_changes_nothing(gmm8, tmp_path, capsys):
     Trainer(make_method(), config(4), tmp_path, data=gmm8, resume=True, run_info={"command": "second"}).run()
     assert "finished run of 4 iterations" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+def test_bf16_mixed_precision_runs_on_a_cpu_and_fp16_is_refused_there(gmm8, tmp_path):
+    """amp="bf16" on a CPU computes in bf16 (it once ran fp32 without a word) and resumes exactly; fp16 needs CUDA's
+    loss scaling and is refused before anything is written."""
+    run = Trainer(make_method(), config(10, amp="bf16", log_every=1), tmp_path / "bf16", data=gmm8)
+    with run.autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    run.run()
+    Trainer(make_method(), config(10, log_every=1), tmp_path / "fp32", data=gmm8).run()
+    # the same batches, computed in bf16 (the zero-initialised output layer makes the first loss equal)
+    losses = [[json.loads(line)["loss"] for line in open(tmp_path / d / "metrics.jsonl")] for d in ("bf16", "fp32")]
+    assert all(a != b and abs(a - b) < 0.05 * b for a, b in zip(losses[0][2:], losses[1][2:]))
+    Trainer(make_method(), config(5, amp="bf16", log_every=1), tmp_path / "resumed", data=gmm8).run()
+    Trainer(make_method(), config(10, amp="bf16", log_every=1), tmp_path / "resumed", data=gmm8, resume=True).run()
+    assert_same_weights(state(tmp_path / "bf16")["model"], state(tmp_path / "resumed")["model"])
+    with pytest.raises(FewstepError, match=r"amp='fp16': mixed precision runs bf16 or fp16 on CUDA and bf16 on a "
+                                           r"CPU, not fp16 on cpu"):
+        Trainer(make_method(), config(1, amp="fp16"), tmp_path / "fp16", data=gmm8)
+    assert not (tmp_path / "fp16").exists() or not any((tmp_path / "fp16").iterdir())

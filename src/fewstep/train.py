@@ -102,7 +102,11 @@ def _keep_saved_channels_last(config: TrainConfig, out_dir: Path) -> TrainConfig
     return config
 
 
+# where --amp runs: bf16 on a CPU too (AMX or AVX512-BF16 make it fast), fp16 only with CUDA's loss scaling
+AMP_DEVICES = {("cuda", "bf16"), ("cuda", "fp16"), ("cpu", "bf16")}
 FUSED_ADAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 class StepContext:
     """Handed to methods: one optimizer step from a loss, with DDP averaging, clipping, AMP."""
     def __init__(self, trainer: "Trainer"):
@@ -258,6 +262,9 @@ class Trainer:
         if config.batch % self.world:
             raise FewstepError(f"batch={config.batch} must divide evenly over {self.world} processes")
         self.device = pick_device(config.device)
+        if config.amp != "none" and (self.device.type, config.amp) not in AMP_DEVICES:
+            raise FewstepError(f"{option('amp', config.amp)}: mixed precision runs bf16 or fp16 on CUDA and bf16 on a "
+                               f"CPU, not {config.amp} on {self.device.type}")
         if self.device.type == "cuda" and self.world > 1:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         _check_data(method, data, labels)
@@ -294,9 +301,9 @@ class Trainer:
 
     # ---- helpers ---------------------------------------------------------------------------------
     def autocast(self):
-        if self.device.type != "cuda" or self.config.amp == "none":
+        if self.config.amp == "none":
             return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=torch.bfloat16 if self.config.amp == "bf16" else torch.float16)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.config.amp == "bf16" else torch.float16)
 
     def lr_at(self, step: int) -> float:
         return self.config.lr_at(step)
@@ -321,8 +328,8 @@ class Trainer:
         try:
             self.model.load_state_dict(st["model"])
         except RuntimeError as e:
-            raise FewstepError(f"{option('resume')}: the saved weights in {self.out_dir} do not fit this model "
-                               f"(was it made with another network or fewstep version?): {str(e).splitlines()[0]}") from None
+            raise FewstepError(f"{option('resume')}: the saved weights in {self.out_dir} do not fit this model (was "
+                               f"it made with another network or fewstep version?): {str(e).splitlines()[0]}") from None
         if self.ema is not None and st.get("ema") is not None:
             self.ema.load_state_dict(st["ema"])
         self.optimizer.load_state_dict(st["optimizer"])

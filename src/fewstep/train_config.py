@@ -22,7 +22,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     ema: float | None = None          # EMA decay, None for none
     grad_clip: float | None = 1.0
-    amp: str = "none"                 # none | bf16 | fp16 (GPU only)
+    amp: str = "none"                 # none | bf16 | fp16 (bf16 on a CPU, either on CUDA)
     seed: int = 0
     log_every: int = 50
     sample_every: int = 0             # 0: only at the end

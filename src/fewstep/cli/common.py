@@ -61,7 +61,8 @@ def add_train_args(p: argparse.ArgumentParser, recipe: dict, notes: dict | None 
     g.add_argument("--ema", type=A.decay, default=recipe["ema"], help=f"EMA decay of the weights ({default('ema')})")
     g.add_argument("--grad-clip", type=A.non_negative, default=recipe["grad_clip"],
                    help=f"gradient norm clip, 0 for none ({default('grad_clip', lambda v: format(v, 'g'))})")
-    g.add_argument("--amp", default=recipe["amp"], choices=list(AMP_MODES), help="mixed precision (GPU only)")
+    g.add_argument("--amp", default=recipe["amp"], choices=list(AMP_MODES),
+                   help="mixed precision: bf16 or fp16 on a GPU, bf16 on a CPU")
     g.add_argument("--grad-checkpoint", action="store_true", default=recipe["grad_checkpoint"],
                    help="recompute the trained network's blocks in the backward pass instead of keeping their "
                         "activations (less memory, more time; diffusers networks such as Stable Diffusion's UNet)")
