@@ -19,7 +19,7 @@ from fewstep.sfd.method import SFD
 from fewstep.sfd.recipe import SFD_LOOP
 from fewstep.sfddm.config import SFDDMConfig
 from fewstep.sfddm.recipe import SFDDM_LOOP
-from fewstep.errors import FewstepError, command_line
+from fewstep.errors import FewstepError, command_line, option
 from fewstep.recipe import config_defaults
 from fewstep.teacher.method import TEACHER_LOOP
 from test_cli import run
@@ -131,6 +131,10 @@ def test_messages_name_options_as_the_caller_gave_them(capsys):
         SFDConfig(lora_alpha=8)
     with command_line(), pytest.raises(FewstepError, match=r"--lora-alpha / --lora-targets: .* with --lora RANK"):
         SFDConfig(lora_alpha=8)
+    with command_line():  # a switch is its flag alone
+        assert (option("resume", True), option("final_denoise", True), option("nfe", 2)) == \
+            ("--resume", "--final-denoise", "--nfe 2")
+    assert (option("resume", True), option("nfe", 2)) == ("resume=True", "nfe=2")
     with pytest.raises(FewstepError, match=r"n=5000: .* give a larger max_seconds"):
         fewstep.sample("gmm8-teacher", 5000, nfe=4, progress=False, max_seconds=1e-6)
 

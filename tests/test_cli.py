@@ -139,6 +139,12 @@ def test_user_errors_exit_2_with_one_line(trained, tmp_path, capsys, case):
     assert len(err) == 1 and err[0].startswith("fewstep: error: "), err
     assert "Traceback" not in err[0]
     assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()  # nothing left behind
+    if case in NAMED:  # the advice names the flags to type, a switch without a value
+        assert NAMED[case] in err[0], err[0]
+
+
+NAMED = {"existing run": "pass --resume to continue it or choose another folder for --out",
+         "heun odd nfe": "--nfe 4: heun uses 2 evaluations per step"}
 
 
 def test_error_in_a_real_process_has_no_traceback(tmp_path):

@@ -36,6 +36,8 @@ def option(name: str, value=_UNSET, *, shown: str | None = None) -> str:
         flag = flag_of(name)
         if shown is not None:
             return f"{flag} {shown}"
+        if value is True:  # a switch: its flag alone (the first of a --x / --no-x pair)
+            return flag.partition(" / ")[0]
         return flag if value is _UNSET else f"{flag} {value}"
     if shown is not None:
         return f"{name}={shown}"
