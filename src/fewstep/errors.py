@@ -32,7 +32,7 @@ def command_line():
 def option(name: str, value=_UNSET, *, shown: str | None = None) -> str:
     """An option as the user gave it: `name` is its Python keyword. With a value, `nfe=[2]` from Python and
     `--nfe [2]` on the command line; `shown` is written as it is in both (a placeholder such as "N")."""
-    if _ON_COMMAND_LINE.get():
+    if on_command_line():
         flag = flag_of(name)
         if shown is not None:
             return f"{flag} {shown}"

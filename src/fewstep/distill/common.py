@@ -69,9 +69,14 @@ def encoded_latents(images: torch.Tensor, codec) -> tuple[torch.Tensor, dict]:
     return latents, {**about, "shape": list(latents.shape[1:]), "cached": False}
 
 
-def trained_shape(data_info: dict):
-    """The shape the network trains on: the data's, or its latents' for a latent teacher."""
-    return (data_info.get("latents") or {}).get("shape") or data_info.get("shape")
+def check_trained_shape(data_info: dict, teacher_shape: list) -> None:
+    """Refuse data whose training shape (the data's, or its latents' for a latent teacher) is not the teacher's
+    sample shape, naming the resolution to pass where they are images."""
+    shape = (data_info.get("latents") or {}).get("shape") or data_info.get("shape")
+    if shape is not None and list(shape) != list(teacher_shape):
+        hint = f"; pass {option('resolution', teacher_shape[-1])}" if len(teacher_shape) == 3 else ""
+        raise FewstepError(f"data shape {list(shape)} does not match the teacher's sample shape "
+                           f"{list(teacher_shape)}{hint}")
 
 
 def distill_labels(teacher: Checkpoint, ds: Dataset):

@@ -36,7 +36,7 @@ import copy
 import torch
 
 from fewstep.denoiser import Denoiser
-from fewstep.distill.common import trained_shape
+from fewstep.distill.common import check_trained_shape
 from fewstep.errors import FewstepError, option
 from fewstep.nets import channels_last_copy, set_dropout
 from fewstep.sampling import sample_shape
@@ -181,10 +181,7 @@ class ProgressiveFold(TrainMethod):
         self.student = Denoiser(net, teacher.schedule, teacher.param,
                                 exact_table=teacher.exact_table).take_components(teacher)
         self.shape = _net_shape(teacher.net)
-        shape = trained_shape(self.data_info)
-        if shape is not None and list(shape) != self.shape:
-            hint = f"; pass {option('resolution', self.shape[-1])}" if len(self.shape) == 3 else ""
-            raise FewstepError(f"data shape {list(shape)} does not match the teacher's sample shape {self.shape}{hint}")
+        check_trained_shape(self.data_info, self.shape)
 
     @property
     def student_steps(self) -> int:

@@ -41,7 +41,7 @@ import torch.distributed as dist
 from fewstep import argtypes as A
 from fewstep.checkpoint import Checkpoint, load_checkpoint, teacher_reference
 from fewstep.denoiser import Denoiser
-from fewstep.distill.common import distill_data, distill_labels, trained_shape
+from fewstep.distill.common import check_trained_shape, distill_data, distill_labels
 from fewstep.distill.step_table import INDEX_RULES, check_teacher, index_set, teacher_table
 from fewstep.errors import FewstepError, option
 from fewstep.models import as_model
@@ -92,11 +92,7 @@ class SFDDM(TrainMethod):
 
     def _check_shape(self):
         teacher_shape = list(sample_shape({"net": self.teacher.net.config}))
-        data_shape = trained_shape(self.data_info)
-        if data_shape is not None and list(data_shape) != teacher_shape:
-            hint = f"; pass {option('resolution', teacher_shape[-1])}" if len(teacher_shape) == 3 else ""
-            raise FewstepError(f"data shape {list(data_shape)} does not match the teacher's sample shape "
-                               f"{teacher_shape}{hint}")
+        check_trained_shape(self.data_info, teacher_shape)
         return teacher_shape
 
     @property
