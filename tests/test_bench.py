@@ -560,5 +560,5 @@ def test_the_opening_gives_the_sfd_family_against_teacher_and_ceiling_with_its_b
             {**_row("teacher", 12, 8.0), "method": "sfd-ceiling", "student_nfe": 2}]
     assert headline({"quality_key": "fcd", "rows": rows}) == [
         "SFD at NFE 2: 2.50× the teacher, 1.25× its ceiling (1× the authors' budget)",
-        "SFD-v at NFE 2: 3.00× the teacher, 1.50× its ceiling (0.48× the authors' budget, still training)",
+        "SFD-v at NFE 2: 3.00× the teacher, 1.50× its ceiling (0.48× the authors' budget, unfinished)",
         "SFD 2nd stage at NFE 1: 3.50× the teacher (0.1× the authors' budget)"]

@@ -56,11 +56,11 @@ def test_a_run_is_measured_as_far_as_it_has_got_and_nothing_is_trained(tiny_gmm8
     assert sfd["budget"]["iterations"] == 5 and sfd["budget"]["planned_iterations"] == 8
     assert [p["step"] for p in sfd["cost_curve"]] == [2, 4]
     assert {"sfd-ceiling-2", "sfd-ceiling-3"} <= set(rows)  # SFD-v's ceilings are the teacher's: measured
-    assert "| 5 × 128 of 8 (training) |" in results_table(summary)
+    assert "| 5 × 128 of 8 (unfinished) |" in results_table(summary)
     assert reached_note(summary) == (
         "Measured as reached (`--as-reached`): each distillation as far as it had trained, from its latest "
-        "snapshot; still training: `sfd-2` at 5 of 8 iterations; no checkpoint yet, so not in the table: sfdv-2_3-2, "
-        "sfdv-2_3-3.")
+        "snapshot; unfinished when measured: `sfd-2` at 5 of 8 iterations; no checkpoint yet, so not in the table: "
+        "sfdv-2_3-2, sfdv-2_3-3.")
     assert "Measured as reached (`--as-reached`)" in (out / "report.md").read_text()
 
     # the run goes on and is killed after its snapshot at 6, before any checkpoint: the snapshot is measured

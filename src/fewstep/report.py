@@ -335,8 +335,8 @@ def quality_note(summary: dict) -> str:
 
 
 def reached_note(summary: dict) -> str | None:
-    """What a bench measured as reached (`--as-reached`) holds: the rows still training, at the iterations
-    measured, and the rows not started."""
+    """What a bench measured as reached (`--as-reached`) holds: the rows whose runs had not finished, at
+    the iterations measured, and the rows not started."""
     if "not_started" not in summary:
         return None
     going = {}
@@ -345,7 +345,8 @@ def reached_note(summary: dict) -> str | None:
         if b.get("planned_iterations"):
             going.setdefault(r["model"], f"`{r['model']}` at {b['iterations']:,} of {b['planned_iterations']:,} "
                                          "iterations")
-    parts = [f"still training: {', '.join(going.values())}" if going else "every run it measured had finished"]
+    parts = [f"unfinished when measured: {', '.join(going.values())}" if going
+             else "every run it measured had finished"]
     if summary["not_started"]:
         parts.append(f"no checkpoint yet, so not in the table: {', '.join(summary['not_started'])}")
     return ("Measured as reached (`--as-reached`): each distillation as far as it had trained, from its latest "

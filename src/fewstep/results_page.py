@@ -138,8 +138,8 @@ def write_results_doc(benches: dict, out: Path, commands: dict | None = None) ->
                  "Each method against the teacher and against its ceiling (what a student that matched its own "
                  "targets exactly would score; for progressive distillation, the teacher's own DDIM on the same "
                  "grid), in each bench's quality metric and at that bench's budgets (lower is better). The "
-                 "`-authors` benches train the SFD family at its authors' budgets (a run still training is named "
-                 "with the budget it has reached); the others at the presets' shorter ones. The sections below "
+                 "`-authors` benches train the SFD family at its authors' budgets (a run measured before its end is "
+                 "named with the budget it had reached); the others at the presets' shorter ones. The sections below "
                  "have every row.", "", *found, ""]
         side_by_side = [ln for method in registered_methods() if method.across for ln in method.across(measured)]
         if side_by_side:

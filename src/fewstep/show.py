@@ -50,7 +50,7 @@ def budget_label(r: dict) -> str:
         return "–"
     text = f"{b['iterations']} × {b['batch']}" + (" a fold" if b.get("per_fold") else "")
     if b.get("planned_iterations"):  # measured as reached, on its way
-        text += f" of {b['planned_iterations']} (training)"
+        text += f" of {b['planned_iterations']} (unfinished)"
     return text
 
 

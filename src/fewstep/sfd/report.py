@@ -279,12 +279,12 @@ def _budget(r: dict) -> tuple[int, int] | None:
 
 
 def _share(r: dict) -> tuple[str, str] | None:
-    """("0.48×", ", still training"): the row's trajectories as a share of the authors' budget, and whether its
+    """("0.48×", ", unfinished"): the row's trajectories as a share of the authors' budget, and whether its
     run was measured on the way (None where its budget is not recorded)."""
     budget = _budget(r)
     if budget is None:
         return None
-    return f"{budget[0] / budget[1]:.2g}×", ", still training" if r["budget"].get("planned_iterations") else ""
+    return f"{budget[0] / budget[1]:.2g}×", ", unfinished" if r["budget"].get("planned_iterations") else ""
 
 
 def budget_words(r: dict) -> str:
@@ -293,7 +293,7 @@ def budget_words(r: dict) -> str:
     if budget is None:
         return ""
     seen, authors = budget
-    so_far = " so far, still training" if (r.get("budget") or {}).get("planned_iterations") else ""
+    so_far = " (unfinished)" if (r.get("budget") or {}).get("planned_iterations") else ""
     if _at_authors(seen, authors):
         return f"trained on {seen:,} trajectories, the authors' budget"
     return f"trained on {seen:,} trajectories{so_far}, {seen / authors:.2g}× the authors' {authors:,}"
