@@ -24,6 +24,7 @@ from fewstep.errors import FewstepError
 from fewstep.metrics import evaluate_samples
 from fewstep.models import builtin_models, load_model
 from fewstep.sampling import sample
+from fewstep.userdata import load_samples_file
 
 TRAIN = ["train", "--data", "gmm8", "--channels", "32", "--iters", "4", "--batch", "16", "--no-progress"]
 
@@ -116,6 +117,13 @@ def test_an_output_path_under_a_file(tmp_path, capsys):
     assert "Not a directory" in one_error_line(capsys)
     assert run(["sample", "gmm8-teacher", "--n", "8", "--out", tmp_path / "file" / "s.npz"]) == 2
     assert "file is a file, not a folder" in one_error_line(capsys)
+
+
+def test_samples_read_from_a_npy_are_an_array_of_their_own(tmp_path):
+    # a .npy is mapped read-only; a tensor made on that map warns (and must never be written to)
+    np.save(tmp_path / "s.npy", np.zeros((6, 2), np.float32))
+    x = load_samples_file(tmp_path / "s.npy")
+    assert x.shape == (6, 2) and x.numpy().flags.writeable
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")

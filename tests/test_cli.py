@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import fewstep
 from fewstep.cli import main
+from fewstep.errors import FewstepError
 
 
 def run(argv):
@@ -145,6 +147,37 @@ def test_user_errors_exit_2_with_one_line(trained, tmp_path, capsys, case):
 
 NAMED = {"existing run": "pass --resume to continue it or choose another folder for --out",
          "heun odd nfe": "--nfe 4: heun uses 2 evaluations per step"}
+
+
+def test_an_unknown_or_shortened_option_points_at_its_commands_help(trained, tmp_path, capsys):
+    # `--b` once stood for `--batch` by prefix; now every option is taken only as written
+    for argv, command in [(["compare", trained, trained, "--b", 3], "compare"),
+                          (["sample", trained, "--model", trained], "sample"),
+                          (["distill", "sfd", "--teacher", trained, "--out", tmp_path / "s", "--iter", 1],
+                           "distill sfd")]:
+        assert run(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"fewstep: error: {command}: unrecognized arguments: "), err
+        assert err[0].endswith(f"(see: fewstep {command} --help)"), err
+    assert not (tmp_path / "s").exists()
+
+
+def test_samples_are_written_as_their_file_name_says(trained, tmp_path, capsys):
+    assert run(["sample", trained, "--n", 6, "--nfe", 2, "--out", tmp_path / "plain.npy"]) == 0
+    plain = np.load(tmp_path / "plain.npy")
+    assert isinstance(plain, np.ndarray) and plain.shape == (6, 2)
+    assert run(["sample", trained, "--n", 6, "--nfe", 2, "--out", tmp_path / "kept.npz"]) == 0
+    with np.load(tmp_path / "kept.npz") as kept:
+        assert np.array_equal(kept["samples"], plain) and json.loads(str(kept["info"]))["nfe"] == 2
+    capsys.readouterr()
+    (tmp_path / "folder.npz").mkdir()
+    for out, why in [("s.txt", "expected a file name ending in .npz"), ("folder.npz", "is a folder")]:
+        assert run(["sample", trained, "--n", 6, "--out", tmp_path / out]) == 2  # refused before sampling
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and why in err[0], err
+    assert not (tmp_path / "s.txt").exists()
+    with pytest.raises(FewstepError, match="expected a file name ending in .npz"):
+        fewstep.sample(trained, 2, nfe=2, progress=False).save(tmp_path / "s.csv")
 
 
 def test_error_in_a_real_process_has_no_traceback(tmp_path):

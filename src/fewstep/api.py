@@ -49,15 +49,21 @@ class Samples:
         return len(self.x)
 
     def save(self, path) -> Path:
-        """Write the samples to a .npz (`samples`, `info`, and `labels` for a class model), atomically; the
-        file `fewstep eval` reads."""
+        """Write the samples atomically, as the name's suffix says: a .npz holds `samples`, `info` (JSON)
+        and, for a class model, `labels`; a .npy the samples array alone. `fewstep eval` reads both."""
         path = Path(path)
+        if path.suffix.lower() not in A.SAMPLE_FILE_SUFFIXES:
+            raise FewstepError(f"{str(path)!r}: expected a file name ending in .npz (the samples with their info) "
+                               "or .npy (the array alone)")
         info = dict(self.info)
         arrays = {"labels": np.asarray(info.pop("labels"), dtype=np.int64)} if "labels" in info else {}
 
         def write(tmp):
             with open(tmp, "wb") as f:
-                np.savez(f, samples=self.x.numpy(), info=json.dumps(info), **arrays)
+                if path.suffix.lower() == ".npy":
+                    np.save(f, self.x.numpy())
+                else:
+                    np.savez(f, samples=self.x.numpy(), info=json.dumps(info), **arrays)
         atomic_write(path, write)
         return path
 

@@ -97,7 +97,21 @@ nfe_list = int_list(1, MAX_NFE)
 
 class Parser(argparse.ArgumentParser):
     """argparse with fewstep's error contract: one line on stderr that names the option and what
-    was expected, and exit status 2 (argparse would print the whole usage first)."""
+    was expected, and exit status 2 (argparse would print the whole usage first). Options are taken only
+    as written: with dozens of them per command, argparse's prefix matching let a typo such as `--b` stand
+    for `--batch`, and a flag added later could change what a short form means."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        # a command's own parser refuses what it does not know, so the message points at that command's
+        # --help (argparse hands the words up to `fewstep`, whose error names only the top-level help)
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras and not any(isinstance(a, argparse._SubParsersAction) for a in self._actions):
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
 
     def error(self, message):
         command = self.prog.removeprefix("fewstep").strip()
@@ -116,6 +130,24 @@ def output_path(text: str) -> str:
     except UnicodeEncodeError:
         raise argparse.ArgumentTypeError(f"{text.encode('utf-8', 'surrogateescape')!r} is not valid UTF-8; "
                                          "choose a path of UTF-8 characters") from None
+    return text
+
+
+SAMPLE_FILE_SUFFIXES = (".npz", ".npy")
+
+
+def samples_file(text: str) -> str:
+    """Where `fewstep sample` writes its samples, checked before any sampling: a .npz (the samples with
+    their sampler info and labels) or a .npy (the array alone)."""
+    text = output_path(text)
+    if Path(text).suffix.lower() not in SAMPLE_FILE_SUFFIXES:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a file name ending in .npz (the samples with "
+                                         "their info) or .npy (the array alone)")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; expected a file name")
+    blocking = next((p for p in Path(text).parents if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: {blocking} is a file, not a folder")
     return text
 
 

@@ -323,4 +323,4 @@ def load_samples_file(path) -> torch.Tensor:
         raise FewstepError(f"{path}: samples have shape {arr.shape}; expected images (N, C, H, W) or points (N, D)")
     if not np.isfinite(arr).all():
         raise FewstepError(f"{path}: samples contain NaN or infinite values")
-    return torch.from_numpy(np.asarray(arr, dtype=np.float32))
+    return torch.from_numpy(np.array(arr, dtype=np.float32))  # a copy: a .npy is mapped read-only

@@ -49,7 +49,9 @@ def register(sub):
     s.add_argument("--clip", type=A.clip_bound, default="auto",
                    help="clip the x0 estimate to this bound while sampling, or none (default auto: the card's; on an "
                         "imported model another sampler clips as its diffusers scheduler would)")
-    s.add_argument("--out", default=None, type=A.output_path, help="write samples to this .npz")
+    s.add_argument("--out", default=None, type=A.samples_file,
+                   help="write the samples to this .npz (with the sampler's info and any labels) or .npy (the "
+                        "array alone)")
     s.add_argument("--yes", action="store_true",
                    help=f"run even if the first batch projects more than {LONG_RUN_S // 3600} hour (else refused)")
     s.add_argument("--png", dest="grid_png", default=None,
