@@ -224,6 +224,11 @@ def test_refusals_read_as_one_line(models, tmp_path, capsys):
     assert "text-conditioned: give --prompt" in capsys.readouterr().err
     assert run(["sample", "digits-teacher", "--n", 2, "--prompt", "a cat"]) == 2
     assert "not text-conditioned" in capsys.readouterr().err
+    sd = load_model(models["sd-f"])  # from Python the same refusal names the keyword, sampling or not
+    with pytest.raises(FewstepError, match=r"text-conditioned: give prompts \(a string or a list of them\)$"):
+        sample(sd, 2, progress=False)
+    with pytest.raises(FewstepError, match=r"text-conditioned: give prompts \(a string or a list of them\)$"):
+        sd.denoiser(torch.zeros((1, *sd.card["data"]["latent_shape"])), 1.0)
     inpaint = tiny_sd(tmp_path / "inpaint", in_channels=9)
     assert run(["import", inpaint, "--out", tmp_path / "inpaint-f"]) == 2
     assert "inpainting UNet's masked-image input" in capsys.readouterr().err

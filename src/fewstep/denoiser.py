@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from fewstep.errors import FewstepError, option
+from fewstep.errors import FewstepError, on_command_line, option
 from fewstep.schedule import Schedule, continuous_table
 
 PARAMETERIZATIONS = ("eps", "x0", "v", "edm", "ve", "flow")
@@ -23,6 +23,14 @@ PARAMETERIZATIONS = ("eps", "x0", "v", "edm", "ve", "flow")
 #   eps: ε, input scaled by 1/sqrt(σ²+1) (VP); x0, v: likewise; edm: EDM's F with c_skip/c_out/c_in;
 #   ve: the VE-SDE's F with D = x + σ·F, input unscaled (NVlabs/edm's VEPrecond);
 #   flow: a rectified flow's velocity v = ε − x0 at x_t = x/(1 + σ) = (1 − t)·x0 + t·ε, t = σ/(1 + σ)
+
+NOT_TEXT_CONDITIONED = "a prompt was given, but this model is not text-conditioned"
+
+
+def prompts_needed() -> FewstepError:
+    """The refusal of a text-conditioned model run without a prompt, in the caller's spelling."""
+    how = "--prompt TEXT or --prompts FILE" if on_command_line() else "prompts (a string or a list of them)"
+    return FewstepError(f"this model is text-conditioned: give {how}")
 
 
 class Denoiser(nn.Module):
@@ -104,10 +112,10 @@ class Denoiser(nn.Module):
         x_in, t = x * self._bcast(c_in, x), self.time_input(sigma)
         if self.text is None:
             if text is not None:
-                raise FewstepError("a prompt was given, but this model is not text-conditioned")
+                raise FewstepError(NOT_TEXT_CONDITIONED)
             return self.net(x_in, t, step=step, class_labels=class_labels, return_features=return_features)
         if text is None:
-            raise FewstepError(f"this model is text-conditioned: give it a prompt ({option('prompts')})")
+            raise prompts_needed()
         context = text.context(class_labels, x.shape[0]).to(x.device, x.dtype)
         # a pooled prompt embedding beside the tokens (SD3, Flux), where the text encoders give one
         pooled = {} if text.pooled is None else {"pooled": text.pooled_context(class_labels, x.shape[0]).to(x.device, x.dtype)}
@@ -139,7 +147,7 @@ class Denoiser(nn.Module):
         """A text model's conditioning for one run: the prompts (its labels index them), the negative prompt and
         the guidance scale (None: the card's), encoded once. Nothing is kept on the model."""
         if self.text is None:
-            raise FewstepError("a prompt was given, but this model is not text-conditioned")
+            raise FewstepError(NOT_TEXT_CONDITIONED)
         prompts = [str(p) for p in prompts]
         if not prompts:
             raise FewstepError("expected at least one prompt")

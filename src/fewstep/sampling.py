@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fewstep.checkpoint import Checkpoint
+from fewstep.denoiser import prompts_needed
 from fewstep.errors import FewstepError, on_command_line, option, options
 from fewstep.flow_grid import flow_scheduler_grid
 from fewstep.schedule import SCHEDULER_SPACINGS, check_grid, ddim_targets, make_grid, scheduler_grid
@@ -256,8 +257,7 @@ def prompt_labels(den, n: int, prompts, negative_prompt: str | None = None, guid
                                "text-conditioned")
         return None, None
     if not prompts:
-        raise FewstepError("this model is text-conditioned: give --prompt TEXT or --prompts FILE" if on_command_line()
-                           else "this model is text-conditioned: give prompts (a string or a list of them)")
+        raise prompts_needed()
     if isinstance(prompts, str):
         prompts = [prompts]
     text = den.encode_prompts(list(prompts), negative_prompt, guidance)
