@@ -170,6 +170,9 @@ def test_samples_round_trip(tmp_path):
     assert s.picture(tmp_path / "s.png").stat().st_size > 0
     from_file, from_memory = fewstep.evaluate(path, "gmm8"), fewstep.evaluate(s, "gmm8")
     assert from_file["swd"] == from_memory["swd"] and from_file["n"] == 200
+    assert fewstep.evaluate(s.x.numpy(), "gmm8")["swd"] == from_memory["swd"]
+    with pytest.raises(FewstepError, match=r"samples=ndarray: samples have shape \(200, 2, 1\)"):
+        fewstep.evaluate(s.x.numpy()[..., None], "gmm8")
     c = fewstep.compare_models("gmm8-teacher", "gmm8-teacher", 16, nfe_b=4)
     assert c.stats["a"]["nfe"] != c.stats["b"]["nfe"] and c.a.x.shape == c.b.x.shape
 

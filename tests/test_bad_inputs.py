@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+import fewstep
 from fewstep.checkpoint import STATE_NAME, WEIGHTS_NAME
 from fewstep.cli import main
 from fewstep.data import load_dataset
@@ -117,6 +118,22 @@ def test_an_output_path_under_a_file(tmp_path, capsys):
     assert "Not a directory" in one_error_line(capsys)
     assert run(["sample", "gmm8-teacher", "--n", "8", "--out", tmp_path / "file" / "s.npz"]) == 2
     assert "file is a file, not a folder" in one_error_line(capsys)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a CUDA device")
+def test_a_device_the_machine_lacks_is_refused_before_anything_runs(tmp_path, capsys):
+    for argv in (["sample", "gmm8-teacher", "--n", "2", "--device", "cuda"],
+                 [*TRAIN, "--device", "cuda:1", "--out", tmp_path / "run"],
+                 ["distill", "sfd", "--teacher", "gmm8-teacher", "--iters", "1", "--device", "cuda",
+                  "--out", tmp_path / "sfd"]):
+        assert run(argv) == 2
+        assert "--device cuda" in one_error_line(capsys)
+    if not torch.backends.mps.is_available():
+        assert run(["sample", "gmm8-teacher", "--n", "2", "--device", "mps"]) == 2
+        assert "--device mps: this machine or torch build has no MPS device" in one_error_line(capsys)
+    with pytest.raises(FewstepError, match="^device='cuda': "):
+        fewstep.sample("gmm8-teacher", 2, device="cuda", progress=False)
+    assert os.listdir(tmp_path) == []
 
 
 def test_samples_read_from_a_npy_are_an_array_of_their_own(tmp_path):

@@ -317,10 +317,15 @@ def load_samples_file(path) -> torch.Tensor:
     if not p.is_file():
         raise FewstepError(f"samples file {path!r} does not exist")
     arr, _ = load_array(p, keys=("samples",), what="samples file")
+    return checked_samples(arr, str(path))
+
+
+def checked_samples(arr: np.ndarray, where: str) -> torch.Tensor:
+    """An array of samples (images (N, C, H, W) or points (N, D), finite numbers) as a float tensor of its own."""
     if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-        raise FewstepError(f"{path}: samples have dtype {arr.dtype}; expected float values")
+        raise FewstepError(f"{where}: samples have dtype {arr.dtype}; expected float values")
     if arr.ndim not in (2, 4) or len(arr) == 0:
-        raise FewstepError(f"{path}: samples have shape {arr.shape}; expected images (N, C, H, W) or points (N, D)")
+        raise FewstepError(f"{where}: samples have shape {arr.shape}; expected images (N, C, H, W) or points (N, D)")
     if not np.isfinite(arr).all():
-        raise FewstepError(f"{path}: samples contain NaN or infinite values")
+        raise FewstepError(f"{where}: samples contain NaN or infinite values")
     return torch.from_numpy(np.array(arr, dtype=np.float32))  # a copy: a .npy is mapped read-only

@@ -38,7 +38,7 @@ def register(sub):
     for settings in method_settings().values():  # each method's own settings (--sfd-batch, --sfddm-steps, ...)
         settings.add_bench_arguments(b)
     b.add_argument("--out", required=True, type=A.folder)
-    b.add_argument("--device", default="auto")
+    b.add_argument("--device", type=A.device, default="auto")
     b.add_argument("--no-progress", action="store_true")
     b.add_argument("--distill-only", action="store_true",
                    help="train every model the bench needs (in its row order) and measure nothing; a later run "
@@ -54,7 +54,7 @@ def register(sub):
 
     d = sub.add_parser("demo", help=COMMAND_HELP["demo"])
     d.add_argument("--out", default="demo-out", type=A.folder, help="output folder (default demo-out)")
-    d.add_argument("--device", default="auto")
+    d.add_argument("--device", type=A.device, default="auto")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)
 

@@ -62,7 +62,7 @@ def register(sub):
     A.add_prompt_args(s)
     s.add_argument("--batch", type=A.batch, default=500,
                    help="samples per network call (memory, not results; default 500)")
-    s.add_argument("--device", default="auto")
+    s.add_argument("--device", type=A.device, default="auto")
     s.set_defaults(func=cmd_sample)
 
     i = sub.add_parser("info", help=COMMAND_HELP["info"])
@@ -314,7 +314,7 @@ def add_compare(sub):
     p.add_argument("--png-n", type=A.positive_int, default=32, help="pairs shown in the picture (default 32)")
     p.add_argument("--out-json", default=None, help="write the numbers to this JSON file")
     p.add_argument("--batch", type=A.batch, default=500)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=A.device, default="auto")
     p.set_defaults(func=cmd_compare)
 
 
@@ -348,7 +348,7 @@ def add_interpolate(sub):
     p.add_argument("--sampler", default=None, help="override the sampler")
     p.add_argument("--nfe", type=A.nfe, default=None, help="override the NFE")
     p.add_argument("--out", required=True, type=A.output_path, help="PNG strip")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=A.device, default="auto")
     p.set_defaults(func=cmd_interpolate)
 
 

@@ -77,14 +77,15 @@ def halve_grid(grid: torch.Tensor) -> torch.Tensor:
 
 def fold_plan(start_steps: int, target_steps: int) -> list[int]:
     """Step counts after each fold: start/2, start/4, ..., target (start/target a power of two)."""
+    start, target = option("start_steps", start_steps), option("steps", target_steps)
     if target_steps < 1:
-        raise FewstepError(f"target steps {target_steps}: expected at least 1")
+        raise FewstepError(f"{target}: expected at least 1")
     if start_steps <= target_steps:
-        raise FewstepError(f"start steps {start_steps} must exceed the target {target_steps}")
+        raise FewstepError(f"{start} must exceed the target, {target}")
     ratio = start_steps // target_steps
     if start_steps % target_steps or ratio & (ratio - 1):
-        raise FewstepError(f"start steps {start_steps} / target steps {target_steps} must be a power of two "
-                           f"(each fold halves the steps); e.g. {option('start_steps', 1024)} and {option('steps', 8)}")
+        raise FewstepError(f"{start} / {target} must be a power of two (each fold halves the steps); e.g. "
+                           f"{option('start_steps', 1024)} and {option('steps', 8)}")
     plan, n = [], start_steps
     while n > target_steps:
         n //= 2
