@@ -527,6 +527,15 @@ def test_two_exports_into_one_folder(imported, tmp_path, monkeypatch, capsys):
     assert sorted(code for code, _ in results) == [0, 2], results
     assert all("Traceback" not in err for _, err in results)
     assert json.loads((out / "model_index.json").read_text())["sampler"]["format"] == "fewstep-diffusers-export"
+    # the export read back (its model_index names a custom pipeline as [module, class]): one line, no traceback
+    for argv in (["import", out, "--out", tmp_path / "back"],
+                 ["distill", "sfd", "--teacher", out, "--iters", 1, "--out", tmp_path / "student"]):
+        capsys.readouterr()
+        assert run(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is a pipeline folder `fewstep export` wrote (a teacher model exported from " \
+            f"{load_model('gmm8-teacher').path})" in err[0], err
+    assert not (tmp_path / "back").exists() and not (tmp_path / "student").exists()
     # the race itself: another export's folder lands in `out` between the check and the rename
     import fewstep.interop.diffusers_export as dio
     raced, share = tmp_path / "raced", dio._share

@@ -14,7 +14,7 @@ from fewstep.errors import FewstepError, option
 from fewstep.interop.diffusers_io import import_diffusers
 from fewstep.interop.edm import import_edm_snapshot
 from fewstep.interop.flow_io import import_flow_pipeline, is_flow_pipeline
-from fewstep.interop.sources import cache_dir, foreign_kind, source_digest
+from fewstep.interop.sources import cache_dir, foreign_kind, refuse_fewstep_export, source_digest
 
 __all__ = ["cache_dir", "foreign_kind", "import_model", "imported_on_the_fly", "source_digest"]
 
@@ -23,6 +23,8 @@ def import_model(src: str | Path, out: str | Path, **options) -> Path:
     """Convert a foreign teacher into a fewstep checkpoint folder `out` (its card names the source
     and the source's sha256). Options go to the format's importer (e.g. `feature_layer`)."""
     kind = foreign_kind(src)
+    if kind == "diffusers":
+        refuse_fewstep_export(Path(src))
     if kind == "edm":
         return import_edm_snapshot(Path(src), Path(out), **options)
     if kind == "diffusers" and is_flow_pipeline(Path(src)):

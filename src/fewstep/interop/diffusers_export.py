@@ -24,7 +24,7 @@ from fewstep.checkpoint import LOCK_NAME, RunLock, load_checkpoint
 from fewstep.components import COMPONENT_BATCH, tokenizer_role
 from fewstep.errors import FewstepError, option
 from fewstep.interop.diffusers_io import DiffusersUNet, require_diffusers
-from fewstep.interop.sources import WEIGHTS
+from fewstep.interop.sources import EXPORT_FORMAT, WEIGHTS
 from fewstep.lora import PIPELINE_LORA, export_lora, fuse_lora
 from fewstep.nets import fold_step_condition
 from fewstep.sampling import resolve_sampler, sample_shape
@@ -237,7 +237,7 @@ def export_diffusers(model, out: Path, nfe: int | None = None) -> Path:
         shape = list(sample_shape(card))
         data = card.get("data") or {}
         sampler = {
-            "format": "fewstep-diffusers-export", "version": 1,
+            "format": EXPORT_FORMAT, "version": 1,
             "solver": plan["name"], "eta": {"ddim": 0.0, "ddpm": 1.0}.get(plan["name"]),
             "lower_order_final": True,  # fewstep's DPM-Solver++ default (only DPM-Solver++ reads it)
             "sigmas": [float(s) for s in plan["sigmas"]], "nfe": int(plan["nfe"]), "afs": bool(plan["afs"]),

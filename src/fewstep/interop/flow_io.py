@@ -46,7 +46,10 @@ SUPPORTED = ("supported flow-matching pipelines: StableDiffusion3Pipeline (SD3Tr
 
 def is_flow_pipeline(src: Path) -> bool:
     index = Path(src) / "model_index.json"
-    return index.is_file() and read_json(index, "the pipeline's component list").get("_class_name") in PIPELINES
+    if not index.is_file():
+        return False
+    name = read_json(index, "the pipeline's component list").get("_class_name")
+    return isinstance(name, str) and name in PIPELINES  # a custom pipeline names [module, class]
 
 
 class FlowTransformer(StepConditioned, nn.Module):

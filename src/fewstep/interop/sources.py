@@ -13,6 +13,8 @@ from fewstep.errors import FewstepError
 from fewstep.hashing import folder_digest, sha256_file
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
+# the sampler block of a pipeline folder `fewstep export` wrote (model_index.json's "sampler")
+EXPORT_FORMAT = "fewstep-diffusers-export"
 
 EDM_SUFFIXES = (".pkl",)
 
@@ -54,6 +56,22 @@ def read_json(path: Path, what: str) -> dict:
     if not isinstance(d, dict):
         raise FewstepError(f"{path}: expected a JSON object ({what})")
     return d
+
+
+def refuse_fewstep_export(src: Path) -> None:
+    """A pipeline folder `fewstep export` wrote is refused with where its model came from: it is that
+    checkpoint's copy for other tools, its card left behind."""
+    index = Path(src) / "model_index.json"
+    if not index.is_file():
+        return
+    sampler = read_json(index, "the pipeline's component list").get("sampler")
+    if not (isinstance(sampler, dict) and sampler.get("format") == EXPORT_FORMAT):
+        return
+    model = sampler.get("model") if isinstance(sampler.get("model"), dict) else {}
+    origin = f" (a {model['method']} model exported from {model['source_path']})" \
+        if model.get("method") and model.get("source_path") else ""
+    raise FewstepError(f"{str(src)!r} is a pipeline folder `fewstep export` wrote{origin}: fewstep does not read "
+                       "its exports back; use the fewstep checkpoint it was exported from")
 
 
 # a model saved in several files (diffusers' max_shard_size): an index names the file of every tensor
