@@ -16,6 +16,7 @@ from fewstep.sfd.config import SFDConfig
 from fewstep.sfd.method import SFD
 from fewstep.errors import FewstepError
 from fewstep.featnet import load_classifier
+from fewstep.models import builtin_models
 from fewstep.perceptual import LPIPS_CHANNELS, ClassifierDistance, load_lpips
 from fewstep.train import TrainConfig, Trainer
 
@@ -143,3 +144,12 @@ def test_stage2_auto_perceptual_and_condition(tiny_digits_teacher, tmp_path):
     assert theirs.perceptual_net is None and theirs.sampler_card()["step"] == 7
     with pytest.raises(FewstepError, match="lpips_weights=FILE"):
         SFD(sfdv, SFDConfig(stage2=True, perceptual="lpips"))
+
+
+def test_stage2_on_points_has_no_perceptual_term_to_miss(tmp_path, capsys):
+    first = SFD(load_checkpoint(builtin_models()["gmm8-teacher"]), SFDConfig(nfe=[1, 3]))
+    Trainer(first, TrainConfig(steps=1, batch=4, lr=1e-5, progress=False, n_preview=0), tmp_path / "v").run()
+    capsys.readouterr()
+    stage2 = SFD(load_checkpoint(tmp_path / "v"), SFDConfig(stage2=True))
+    assert stage2.perceptual_net is None and stage2.cfg.perceptual is None
+    assert "perceptual" not in capsys.readouterr().err  # an image model's stage is told LPIPS is missing

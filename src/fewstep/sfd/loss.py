@@ -57,7 +57,7 @@ def trajectory_loss(cfg: SFDConfig, shape: tuple, data: dict, device) -> tuple[T
             kind = "lpips"
         elif cfg.stage2 and (data.get("name"), (data.get("shape") or [0])[-1]) in available_classifiers():
             kind = "classifier"
-        elif cfg.stage2:
+        elif cfg.stage2 and len(shape) > 1:  # points have no perceptual distance to miss
             print("fewstep: note: the 1-NFE stage runs without the authors' perceptual term: give "
                   f"{option('lpips_weights', shown='FILE')} (see scripts/convert_lpips.py) to add "
                   "LPIPS", file=sys.stderr)
