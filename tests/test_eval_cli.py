@@ -67,6 +67,15 @@ def test_eval_rgb_folder_gives_pixel_numbers_with_their_spaces(rgb_folder, tmp_p
     assert held["n_ref"] == 12 and set(held["about"]) == {"swd_pixel"}
     sub = _eval(tmp_path, _samples(tmp_path, _fresh(40, 1), "good3"), "--data", str(rgb_folder), "--n-ref", "50")
     assert sub["n_ref"] == 50 and sub["about"]["mmd_pixel"]["n_ref"] == 50
+    # the same samples as a folder of PNGs another tool wrote: the same numbers
+    pngs = tmp_path / "pngs"
+    pngs.mkdir()
+    for i, img in enumerate(((_fresh(40, 1) + 1.0) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1)):
+        Image.fromarray(img).save(pngs / f"{i:03d}.png")
+    folder = _eval(tmp_path, str(pngs), "--data", str(rgb_folder))
+    assert folder["n"] == 40
+    for key in good["about"]:
+        assert folder[key] == pytest.approx(good[key], rel=1e-5, abs=1e-7), key
 
 
 def test_classifier_train_then_eval_with_it(rgb_folder, tmp_path, capsys):

@@ -22,7 +22,7 @@ import torch
 from fewstep import argtypes as A
 from fewstep.checkpoint import Checkpoint, atomic_write, load_checkpoint
 from fewstep.compare import compare_models as _compare_models
-from fewstep.userdata import checked_samples, load_samples_file
+from fewstep.userdata import checked_samples, load_samples_file, read_image_folder
 from fewstep.errors import FewstepError
 from fewstep.metrics import evaluate_samples
 from fewstep.models import as_model
@@ -103,21 +103,23 @@ def sample(model, n: int = 64, *, seed: int = 0, nfe: int | None = None, sampler
 def evaluate(samples, data: str, *, resolution: int | None = None, metrics=None, reference: str = "train",
              n_ref: int | None = None, data_seed: int = 0, seed: int = 0, classifier=None, inception=None,
              intervals: int = 0) -> dict:
-    """Quality of `samples` (a `Samples`, a tensor or numpy array, or a .npz / .npy written by `Samples.save` /
-    `fewstep sample --out`) against the data set `data` (built-in name, image folder or array). Returns a dict: each metric
+    """Quality of `samples` (a `Samples`, a tensor or numpy array, a .npz / .npy written by `Samples.save` /
+    `fewstep sample --out`, or a folder of images another tool sampled, read at `resolution` when given) against the data set `data` (built-in name, image folder or array). Returns a dict: each metric
     (fid, kid, pr, fcd, swd, mmd: those that apply, or the comma list `metrics`), `n`, `reference` and
     `about` (each number's feature space). `intervals` > 0 adds 95 % intervals to the Fréchet distances."""
     if isinstance(samples, Samples):
         x = samples.x
     elif isinstance(samples, torch.Tensor):
         x = samples
+    elif isinstance(samples, (str, Path)) and Path(samples).is_dir():
+        x, _ = read_image_folder(Path(samples), resolution)
     elif isinstance(samples, (str, Path)):
         x = load_samples_file(samples)
     elif isinstance(samples, np.ndarray):
         x = checked_samples(samples, "samples=ndarray")
     else:
-        raise FewstepError(f"samples={type(samples).__name__}: expected Samples, a tensor, a numpy array or the "
-                           "path of a .npz or .npy")
+        raise FewstepError(f"samples={type(samples).__name__}: expected Samples, a tensor, a numpy array, the "
+                           "path of a .npz or .npy, or a folder of images")
     return evaluate_samples(x, data, resolution=resolution, seed=seed, n_ref=n_ref, classifier=classifier,
                             split_seed=data_seed, reference=reference, metrics=metrics, inception=inception,
                             intervals=intervals)

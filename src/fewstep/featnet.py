@@ -133,7 +133,8 @@ def labelled_folder(folder, resolution=None, seed: int = 0):
     for d, x in zip(subs, xs):
         if x.shape[1:] != xs[0].shape[1:]:
             raise FewstepError(f"class folders hold images of different sizes: {subs[0].name!r} "
-                               f"{tuple(xs[0].shape[1:])}, {d.name!r} {tuple(x.shape[1:])}; pass a resolution")
+                               f"{tuple(xs[0].shape[1:])}, {d.name!r} {tuple(x.shape[1:])}; pass "
+                               f"{option('resolution', shown='N')}")
     x = torch.cat(xs).contiguous()
     y = torch.cat([torch.full((len(t),), k, dtype=torch.long) for k, t in enumerate(xs)])
     tr, he = (torch.from_numpy(split_indices(len(x), split, seed)) for split in ("train", "heldout"))
@@ -178,7 +179,7 @@ def train_classifier(
         res, name = int(train_x.shape[-1]), Path(dataset_name).name
     if train_x.shape[-1] < 4 or train_x.shape[-2] != train_x.shape[-1]:
         raise FewstepError(f"classifier images must be square and at least 4x4, got {tuple(train_x.shape[1:])}; "
-                           "pass a resolution")
+                           f"pass {option('resolution', shown='N')}")
     if len(held_x) == 0:
         raise FewstepError(f"labelled data {dataset_name!r} is too small for a held-out split")
 

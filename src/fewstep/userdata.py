@@ -80,7 +80,7 @@ def read_image_folder(folder: Path, resolution) -> tuple[torch.Tensor, dict]:
                 raise FewstepError(
                     f"images in {str(folder)!r} differ in size: {files[0].name!r} is "
                     f"{first[0]}x{first[1]} but {f.name!r} is {s[0]}x{s[1]}; "
-                    "pass a resolution to resize them all to one square size"
+                    f"pass {option('resolution', shown='N')} to resize them all to one square size"
                 )
     mode = "RGB" if colour else "L"
     arrays = []

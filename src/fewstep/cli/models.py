@@ -71,7 +71,9 @@ def register(sub):
     i.set_defaults(func=cmd_info)
 
     e = sub.add_parser("eval", help=COMMAND_HELP["eval"])
-    e.add_argument("samples", help=".npz written by `fewstep sample --out`")
+    e.add_argument("samples", help=".npz or .npy written by `fewstep sample --out` (or any array of images or "
+                                   "points), or a folder of images another tool sampled (read at --resolution "
+                                   "when given)")
     e.add_argument("--data", required=True, help="built-in data set, an image folder, or a .npz/.npy array")
     e.add_argument("--resolution", type=A.resolution, default=None)
     e.add_argument("--metrics", default=None,
