@@ -100,8 +100,19 @@ def test_resume_with_changed_settings_names_every_difference(trained, tmp_path, 
                 "--out", run_dir, "--no-progress", "--resume"]) == 2
     err = capsys.readouterr().err
     assert "batch: now 32, was 64" in err and "lr: now 0.001, was 0.0002" in err, err
+    assert "--lr:" not in err and "--batch:" not in err  # each setting named once, not again as its flag
     assert len(err.strip().splitlines()) == 1
     assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before  # nothing touched
+    # another method's run in the folder: refused as that, not as a list of differing settings
+    assert run(["distill", "sfd", "--teacher", trained, "--iters", 2, "--out", run_dir, "--no-progress",
+                "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"fewstep: error: --resume: {run_dir} holds a teacher's training run, not an SFD distillation; "
+                   "choose another folder for --out"], err
+    with pytest.raises(FewstepError, match="holds a teacher's training run, not an SFDDM distillation; choose "
+                                           "another folder for out"):
+        fewstep.distill_sfddm(trained, "gmm8", run_dir, steps=4, iters=2, resume=True, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
 
 
 def _error_cases(trained, tmp):

@@ -171,7 +171,7 @@ def test_resume_before_the_first_checkpoint_starts_again_and_equals_the_uninterr
     killed = run({"at": "iteration", "n": 1, "signal": "kill"}, argv, tmp_path / "run")
     assert killed.returncode == -9 and not (tmp_path / "run" / STATE_NAME).exists()
     other = run({"at": "none"}, [*argv, "--lr", "1e-3", "--resume"], tmp_path / "run")
-    assert other.returncode == 2 and "--lr: now 0.001" in other.stderr and "Traceback" not in other.stderr
+    assert other.returncode == 2 and "lr: now 0.001, was 0.0002" in other.stderr and "Traceback" not in other.stderr
     resumed = run({"at": "none"}, [*argv, "--resume"], tmp_path / "run")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "stopped before its first checkpoint" in resumed.stderr

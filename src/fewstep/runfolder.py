@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from fewstep.checkpoint import (CARD_NAME, LOCK_NAME, STATE_NAME, WEIGHTS_NAME, RunLock, atomic_write,
                                 remove_stale_temp_files, write_json)
 from fewstep.errors import FewstepError, option
+from fewstep.train_config import settings_refusal
 from fewstep.viz import save_samples_picture
 
 LOGS = ("metrics.jsonl", "snapshots/snapshots.jsonl")
@@ -113,13 +114,13 @@ class RunFolder:
             return False, True
         try:
             saved = json.loads((out / "config.json").read_text())
-            saved = {"config": saved["train"], "args": saved.get("args") or {}}
+            saved = {"config": saved["train"], "args": saved.get("args") or {}, "method_name": saved.get("method")}
         except (OSError, ValueError, KeyError, TypeError, RecursionError):
             raise FewstepError(f"{option('resume')}: {out} holds no run (no {STATE_NAME} and no readable config.json): "
                                f"nothing to resume; start without {option('resume')}") from None
         differ = changed_settings(saved)
         if differ:
-            raise FewstepError(f"{option('resume')}: settings differ from the interrupted run's: " + "; ".join(differ))
+            raise settings_refusal(differ)
         print(f"fewstep: note: {out} was stopped before its first checkpoint; its run starts again from "
               "iteration 0", file=sys.stderr)
         return False, True

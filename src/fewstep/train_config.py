@@ -106,18 +106,27 @@ RESUMABLE_CHANGES = {"config": {"steps", "progress", "log_every", "sample_every"
                               "resume", "out", "log", "profile", "snapshot_every", "trajectory_cache"}}
 
 
+def settings_refusal(differ: list[str]) -> FewstepError:
+    """The refusal of a resume whose settings differ from the saved run's (`differ`: changed_settings)."""
+    return FewstepError(f"{option('resume')}: settings differ from the interrupted run's: " + "; ".join(differ)
+                        + ". Resume with the same settings (only the iteration count, logging, checkpoint cadence "
+                        "and device may change)")
+
+
 def changed_settings(config: TrainConfig, run_info: dict, saved: dict) -> list[str]:
     """'name: now X, was Y' for every loop or command-line setting that differs from a saved run's
     ({"config", "args"}, as a training state or a config.json holds them)."""
     now = {"config": json.loads(json.dumps(asdict(config))), "args": run_info.get("args") or {}}
-    differ = []
+    differ, reported = [], set()
     for section in ("config", "args"):
         before = saved.get(section) or {}
         for key, value in now[section].items():
             if key in RESUMABLE_CHANGES[section] or key not in before:
                 continue
             if json.loads(json.dumps(before[key])) != value:
-                name = f"--{key.replace('_', '-')}" if section == "args" else key
-                if not any(d.startswith(name + ":") for d in differ):
+                # a loop setting is also on the command line it came from: named once, as the loop's
+                if key not in reported:
+                    reported.add(key)
+                    name = f"--{key.replace('_', '-')}" if section == "args" else key
                     differ.append(f"{name}: now {value!r}, was {before[key]!r}")
     return differ
