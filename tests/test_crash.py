@@ -22,6 +22,7 @@ import pytest
 from safetensors.torch import load_file
 
 from fewstep.checkpoint import CARD_NAME, STATE_NAME, WEIGHTS_NAME, load_train_state, read_card
+from fewstep.errors import FewstepError
 
 RUNNER = Path(__file__).with_name("crashrun.py")
 LOOP = ["--batch", "32", "--ckpt-every", "2", "--no-progress", "--log-every", "1", "--seed", "0"]
@@ -170,6 +171,10 @@ def test_resume_before_the_first_checkpoint_starts_again_and_equals_the_uninterr
     argv = COMMANDS["train"]
     killed = run({"at": "iteration", "n": 1, "signal": "kill"}, argv, tmp_path / "run")
     assert killed.returncode == -9 and not (tmp_path / "run" / STATE_NAME).exists()
+    # no model yet: a command given the folder says how to continue its run
+    with pytest.raises(FewstepError, match=r"no fewstep.json inside\); it holds a run stopped before its first model "
+                                           r"was saved: continue it with `fewstep train .* --resume`$"):
+        read_card(tmp_path / "run")
     other = run({"at": "none"}, [*argv, "--lr", "1e-3", "--resume"], tmp_path / "run")
     assert other.returncode == 2 and "lr: now 0.001, was 0.0002" in other.stderr and "Traceback" not in other.stderr
     resumed = run({"at": "none"}, [*argv, "--resume"], tmp_path / "run")

@@ -160,11 +160,29 @@ def finished_run(path: str | Path) -> bool:
         return False
 
 
+def _unfinished_run(path: Path) -> str:
+    """Advice for a run folder (its config.json written when the run began) stopped before its first model was
+    saved."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return ""
+    if not isinstance(config, dict) or "train" not in config:
+        return ""
+    command = config.get("command")
+    stopped = "; it holds a run stopped before its first model was saved"
+    if isinstance(command, str) and command.startswith("fewstep "):  # started on the command line
+        return f"{stopped}: continue it with `{command if ' --resume' in command else command + ' --resume'}`"
+    if isinstance(command, str) and command.startswith("fewstep.") and command.endswith(")"):  # from Python
+        return f"{stopped}: continue it with `{command if 'resume=True' in command else command[:-1] + ', resume=True)'}`"
+    return f"{stopped}: start it again with {option('resume', True)} to continue it"
+
+
 def read_card(path: str | Path) -> dict:
     path = checkpoint_folder(path)
     card_path = path / CARD_NAME
     if not card_path.is_file():
-        raise FewstepError(f"{path}: not a fewstep checkpoint (no {CARD_NAME} inside)")
+        raise FewstepError(f"{path}: not a fewstep checkpoint (no {CARD_NAME} inside)" + _unfinished_run(path))
     try:
         card = json.loads(card_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
