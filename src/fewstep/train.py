@@ -44,7 +44,7 @@ from fewstep.errors import FewstepError, option
 from fewstep.loop_signals import StoppedTime, StopRequests
 from fewstep.runfolder import RunFolder, tensorboard_writer
 from fewstep.timing import CostNote, Profiler, peak_memory_mb, profile_summary
-from fewstep.train_config import TrainConfig, changed_settings, settings_refusal
+from fewstep.train_config import TrainConfig, changed_settings, refuse_another_method, settings_refusal
 
 
 class TrainMethod:
@@ -87,22 +87,6 @@ class TrainMethod:
         student: a forward and a backward), built from `self._last`. None: the method has no floor (or has not
         run an iteration yet)."""
         return None
-
-
-RUN_WORDS = {"teacher": "a teacher's training run", "sfd": "an SFD distillation", "sfddm": "an SFDDM distillation",
-             "progressive": "a progressive distillation"}
-
-
-def _run_family(saved: dict) -> str | None:
-    """Which method a saved run is (SFD, SFD-v and the 1-NFE stage are one family: their differences are
-    settings), from its recorded method, or from an older run's command line; None where neither says."""
-    name = saved.get("method_name")
-    if name is None:
-        args = saved.get("args") or {}
-        name = {"train": "teacher", "distill": args.get("method")}.get(args.get("command"))
-    if name is None:
-        return None
-    return "sfd" if str(name).startswith("sfd") and name != "sfddm" else str(name)
 
 
 def _keep_saved_channels_last(config: TrainConfig, out_dir: Path) -> TrainConfig:
@@ -373,10 +357,7 @@ class Trainer:
     def _changed_settings(self, saved: dict) -> list[str]:
         """What differs from a saved run's settings (see changed_settings); a run of another method is refused
         outright, its settings being another method's."""
-        before, now = _run_family(saved), _run_family({"method_name": self.method.name})
-        if before is not None and before != now:
-            raise FewstepError(f"{option('resume')}: {self.out_dir} holds {RUN_WORDS[before]}, not {RUN_WORDS[now]}; "
-                               f"choose another folder for {option('out')}")
+        refuse_another_method(self.out_dir, saved, self.method.name)
         return changed_settings(self.config, self.run_info, saved)
 
     def save(self, final: bool = False):

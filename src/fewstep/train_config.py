@@ -106,6 +106,31 @@ RESUMABLE_CHANGES = {"config": {"steps", "progress", "log_every", "sample_every"
                               "resume", "out", "log", "profile", "snapshot_every", "trajectory_cache"}}
 
 
+RUN_WORDS = {"teacher": "a teacher's training run", "sfd": "an SFD distillation", "sfddm": "an SFDDM distillation",
+             "progressive": "a progressive distillation"}
+
+
+def _run_family(saved: dict) -> str | None:
+    """Which method a saved run is (SFD, SFD-v and the 1-NFE stage are one family: their differences are
+    settings), from its recorded method, or from an older run's command line; None where neither says."""
+    name = saved.get("method_name")
+    if name is None:
+        args = saved.get("args") or {}
+        name = {"train": "teacher", "distill": args.get("method")}.get(args.get("command"))
+    if name is None:
+        return None
+    return "sfd" if str(name).startswith("sfd") and name != "sfddm" else str(name)
+
+
+def refuse_another_method(out, saved: dict, method_name: str) -> None:
+    """A resume into a folder whose run is another method's is refused as that: its settings are that method's,
+    so listing how they differ would say nothing."""
+    before, now = _run_family(saved), _run_family({"method_name": method_name})
+    if before is not None and before != now:
+        raise FewstepError(f"{option('resume')}: {out} holds {RUN_WORDS[before]}, not {RUN_WORDS[now]}; choose "
+                           f"another folder for {option('out')}")
+
+
 def settings_refusal(differ: list[str]) -> FewstepError:
     """The refusal of a resume whose settings differ from the saved run's (`differ`: changed_settings)."""
     return FewstepError(f"{option('resume')}: settings differ from the interrupted run's: " + "; ".join(differ)
