@@ -104,9 +104,10 @@ def evaluate(samples, data: str, *, resolution: int | None = None, metrics=None,
              n_ref: int | None = None, data_seed: int = 0, seed: int = 0, classifier=None, inception=None,
              intervals: int = 0) -> dict:
     """Quality of `samples` (a `Samples`, a tensor or numpy array, a .npz / .npy written by `Samples.save` /
-    `fewstep sample --out`, or a folder of images another tool sampled, read at `resolution` when given) against the data set `data` (built-in name, image folder or array). Returns a dict: each metric
-    (fid, kid, pr, fcd, swd, mmd: those that apply, or the comma list `metrics`), `n`, `reference` and
-    `about` (each number's feature space). `intervals` > 0 adds 95 % intervals to the Fréchet distances."""
+    `fewstep sample --out`, or a folder of images another tool sampled, read at `resolution` when given)
+    against the data set `data` (built-in name, image folder or array). Returns a dict: each metric (fid, kid,
+    pr, fcd, swd, mmd: those that apply, or the comma list `metrics`), `n`, `reference` and `about` (each
+    number's feature space). `intervals` > 0 adds 95 % intervals to the Fréchet distances."""
     if isinstance(samples, Samples):
         x = samples.x
     elif isinstance(samples, torch.Tensor):

@@ -172,9 +172,11 @@ def _unfinished_run(path: Path) -> str:
     command = config.get("command")
     stopped = "; it holds a run stopped before its first model was saved"
     if isinstance(command, str) and command.startswith("fewstep "):  # started on the command line
-        return f"{stopped}: continue it with `{command if ' --resume' in command else command + ' --resume'}`"
+        again = command if " --resume" in command else command + " --resume"
+        return f"{stopped}: continue it with `{again}`"
     if isinstance(command, str) and command.startswith("fewstep.") and command.endswith(")"):  # from Python
-        return f"{stopped}: continue it with `{command if 'resume=True' in command else command[:-1] + ', resume=True)'}`"
+        again = command if "resume=True" in command else command[:-1] + ", resume=True)"
+        return f"{stopped}: continue it with `{again}`"
     return f"{stopped}: start it again with {option('resume', True)} to continue it"
 
 

@@ -127,8 +127,9 @@ def refuse_another_method(out, saved: dict, method_name: str) -> None:
     so listing how they differ would say nothing."""
     before, now = _run_family(saved), _run_family({"method_name": method_name})
     if before is not None and before != now:
-        raise FewstepError(f"{option('resume')}: {out} holds {RUN_WORDS[before]}, not {RUN_WORDS[now]}; choose "
-                           f"another folder for {option('out')}")
+        words = {k: RUN_WORDS.get(k, f"a {k} run") for k in (before, now)}  # a method of the user's own too
+        raise FewstepError(f"{option('resume')}: {out} holds {words[before]}, not {words[now]}; choose another "
+                           f"folder for {option('out')}")
 
 
 def settings_refusal(differ: list[str]) -> FewstepError:
