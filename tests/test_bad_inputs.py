@@ -114,10 +114,12 @@ def test_an_output_path_that_is_not_utf8_is_refused(tmp_path):
 
 def test_an_output_path_under_a_file(tmp_path, capsys):
     (tmp_path / "file").write_text("not a folder")
-    assert run([*TRAIN, "--out", tmp_path / "file" / "run"]) == 2
-    assert "Not a directory" in one_error_line(capsys)
-    assert run(["sample", "gmm8-teacher", "--n", "8", "--out", tmp_path / "file" / "s.npz"]) == 2
-    assert "file is a file, not a folder" in one_error_line(capsys)
+    for argv in ([*TRAIN, "--out", tmp_path / "file" / "run"],
+                 ["sample", "gmm8-teacher", "--n", "8", "--out", tmp_path / "file" / "s.npz"],
+                 ["sample", "gmm8-teacher", "--n", "8", "--png", tmp_path / "file" / "s.png"],
+                 ["eval", tmp_path / "file", "--data", "gmm8", "--json", tmp_path / "file" / "m.json"]):
+        assert run(argv) == 2  # refused as the command line is read, before any work
+        assert f"{tmp_path / 'file'} is a file, not a folder" in one_error_line(capsys)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a CUDA device")

@@ -133,29 +133,41 @@ def output_path(text: str) -> str:
     return text
 
 
+def _no_file_above(text: str) -> None:
+    """Refuse a path that would have to go through a file (checked before any work, not when writing)."""
+    blocking = next((p for p in Path(text).parents if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: {blocking} is a file, not a folder")
+
+
+def output_file(text: str) -> str:
+    """A file fewstep writes (a picture, a JSON file): not a folder, and under folders (new or existing)."""
+    text = output_path(text)
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; expected a file name")
+    _no_file_above(text)
+    return text
+
+
 SAMPLE_FILE_SUFFIXES = (".npz", ".npy")
 
 
 def samples_file(text: str) -> str:
-    """Where `fewstep sample` writes its samples, checked before any sampling: a .npz (the samples with
-    their sampler info and labels) or a .npy (the array alone)."""
-    text = output_path(text)
+    """Where `fewstep sample` writes its samples: a .npz (the samples with their sampler info and labels) or a
+    .npy (the array alone)."""
+    text = output_file(text)
     if Path(text).suffix.lower() not in SAMPLE_FILE_SUFFIXES:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a file name ending in .npz (the samples with "
                                          "their info) or .npy (the array alone)")
-    if os.path.isdir(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is a folder; expected a file name")
-    blocking = next((p for p in Path(text).parents if p.exists()), None)
-    if blocking is not None and not blocking.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r}: {blocking} is a file, not a folder")
     return text
 
 
 def folder(text: str) -> str:
-    """A folder to create or reuse: anything but an existing file."""
+    """A folder to create or reuse: anything but an existing file, nor under one."""
     text = output_path(text)
     if os.path.exists(text) and not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text!r} is a file; expected a folder (new or existing)")
+    _no_file_above(text)
     return text
 
 

@@ -54,7 +54,7 @@ def register(sub):
                         "array alone)")
     s.add_argument("--yes", action="store_true",
                    help=f"run even if the first batch projects more than {LONG_RUN_S // 3600} hour (else refused)")
-    s.add_argument("--png", dest="grid_png", default=None,
+    s.add_argument("--png", dest="grid_png", default=None, type=A.output_file,
                    help="write a picture of the samples (PNG; .jpg or .webp write those formats)")
     s.add_argument("--png-n", dest="grid_n", type=A.positive_int, default=64, help="how many samples the picture shows")
     s.add_argument("--class", dest="class_label", type=A.count, default=None,
@@ -90,7 +90,7 @@ def register(sub):
     e.add_argument("--n-ref", type=A.positive_int, default=None, help="a seeded random subset of the reference")
     e.add_argument("--data-seed", type=A.seed, default=0, help="seed of the train/held-out split (the model's)")
     e.add_argument("--seed", type=A.seed, default=0, help="seed of the metrics' own randomness")
-    e.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    e.add_argument("--json", default=None, type=A.output_file, help="also write the metrics to this JSON file")
     e.set_defaults(func=cmd_eval)
 
     c = sub.add_parser("classifier", help=COMMAND_HELP["classifier"])
@@ -312,9 +312,10 @@ def add_compare(sub):
     p.add_argument("--nfe-a", type=A.nfe, default=None, help="override A's NFE")
     p.add_argument("--sampler-b", default=None, help="override B's sampler")
     p.add_argument("--nfe-b", type=A.nfe, default=None, help="override B's NFE")
-    p.add_argument("--png", default=None, help="side-by-side picture (images: A's row above B's row)")
+    p.add_argument("--png", default=None, type=A.output_file,
+                   help="side-by-side picture (images: A's row above B's row)")
     p.add_argument("--png-n", type=A.positive_int, default=32, help="pairs shown in the picture (default 32)")
-    p.add_argument("--out-json", default=None, help="write the numbers to this JSON file")
+    p.add_argument("--out-json", default=None, type=A.output_file, help="write the numbers to this JSON file")
     p.add_argument("--batch", type=A.batch, default=500)
     p.add_argument("--device", type=A.device, default="auto")
     p.set_defaults(func=cmd_compare)
@@ -349,7 +350,7 @@ def add_interpolate(sub):
                    help="slerp (default), linear, or both (two rows: slerp above linear)")
     p.add_argument("--sampler", default=None, help="override the sampler")
     p.add_argument("--nfe", type=A.nfe, default=None, help="override the NFE")
-    p.add_argument("--out", required=True, type=A.output_path, help="PNG strip")
+    p.add_argument("--out", required=True, type=A.output_file, help="PNG strip")
     p.add_argument("--device", type=A.device, default="auto")
     p.set_defaults(func=cmd_interpolate)
 
