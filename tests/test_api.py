@@ -175,6 +175,30 @@ def test_samples_round_trip(tmp_path):
         fewstep.evaluate(s.x.numpy()[..., None], "gmm8")
     c = fewstep.compare_models("gmm8-teacher", "gmm8-teacher", 16, nfe_b=4)
     assert c.stats["a"]["nfe"] != c.stats["b"]["nfe"] and c.a.x.shape == c.b.x.shape
+    assert c.picture(tmp_path / "pairs.png", n=8).stat().st_size > 0
+
+
+def test_interpolation_from_python_is_the_commands(tmp_path, capsys):
+    frames = fewstep.interpolate("digits-teacher", (1, 2), frames=5, mode="both", nfe=4)
+    assert list(frames.frames) == ["slerp", "linear"] and frames.frames["slerp"].shape == (5, 1, 8, 8)
+    assert frames.info["seeds"] == [1, 2] and frames.info["nfe"] == 4
+    # the ends are the two seeds' own first samples, whatever the path between them (to float rounding: five
+    # noises go through the network as one batch, against one alone)
+    for m in ("slerp", "linear"):
+        first = fewstep.sample("digits-teacher", 1, seed=1, nfe=4, sampler=frames.info["sampler"], progress=False)
+        assert torch.allclose(frames.frames[m][0], first.x[0], atol=1e-3)
+        last = fewstep.sample("digits-teacher", 1, seed=2, nfe=4, sampler=frames.info["sampler"], progress=False)
+        assert torch.allclose(frames.frames[m][-1], last.x[0], atol=1e-3)
+    assert (frames.frames["slerp"][2] - frames.frames["linear"][2]).abs().max() > 0.01  # two paths between them
+    frames.picture(tmp_path / "py.png")
+    assert run(["interpolate", "digits-teacher", "--seeds", "1,2", "--frames", 5, "--mode", "both", "--nfe", 4,
+                "--out", tmp_path / "cli.png"]) == 0
+    assert (tmp_path / "py.png").read_bytes() == (tmp_path / "cli.png").read_bytes()
+    assert "slerp/linear interpolation, seeds 1 → 2, 5 frames" in capsys.readouterr().out
+    for bad, message in [(dict(seeds=(1,)), r"^seeds=\(1,\): expected two integers"),
+                         (dict(frames=1), "^frames=1: "), (dict(mode="cubic"), "^mode='cubic': ")]:
+        with pytest.raises(FewstepError, match=message):
+            fewstep.interpolate("digits-teacher", **{"seeds": (1, 2), **bad})
 
 
 def test_a_loaded_model_is_used_as_it_is(tmp_path):

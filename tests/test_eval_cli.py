@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+import fewstep
 from fewstep.cli import main
 
 
@@ -94,6 +95,12 @@ def test_classifier_train_then_eval_with_it(rgb_folder, tmp_path, capsys):
     assert "not x1000" in good["about"]["kid"]["unit"]
     # samples of one class only: further from the two-class reference in the classifier's features
     assert one_class["fcd"] > 2 * good["fcd"] and one_class["class_entropy"] < 0.3 < good["class_entropy"]
+    # the same training from Python: the same classifier, byte for byte
+    again = fewstep.train_classifier(rgb_folder, tmp_path / "clf-py", iters=40, progress=False)
+    assert again["heldout_accuracy"] == meta["heldout_accuracy"]
+    assert (tmp_path / "clf-py" / "model.safetensors").read_bytes() == (clf / "model.safetensors").read_bytes()
+    with pytest.raises(fewstep.FewstepError, match="^iters=0: "):
+        fewstep.train_classifier(rgb_folder, tmp_path / "clf-0", iters=0)
 
 
 def test_eval_inception_from_a_local_torchscript_file(rgb_folder, tmp_path):

@@ -14,7 +14,8 @@ __version__ = "0.1.0"
 _API = {
     "load": "fewstep.api", "sample": "fewstep.api", "Samples": "fewstep.api", "evaluate": "fewstep.api",
     "compare_models": "fewstep.api", "Comparison": "fewstep.api", "import_model": "fewstep.api",
-    "export_model": "fewstep.api", "run_bench": "fewstep.api",
+    "export_model": "fewstep.api", "run_bench": "fewstep.api", "interpolate": "fewstep.api",
+    "Interpolation": "fewstep.api", "train_classifier": "fewstep.api",
     "train_teacher": "fewstep.teacher.method",
     "distill_sfd": "fewstep.sfd.method", "SFDConfig": "fewstep.sfd.config",
     "distill_sfddm": "fewstep.sfddm.method", "SFDDMConfig": "fewstep.sfddm.config",

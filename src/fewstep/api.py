@@ -22,13 +22,15 @@ import torch
 from fewstep import argtypes as A
 from fewstep.checkpoint import Checkpoint, atomic_write, load_checkpoint
 from fewstep.compare import compare_models as _compare_models
+from fewstep.compare import interpolation_noises, sample_same_noise
 from fewstep.userdata import checked_samples, load_samples_file, read_image_folder
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, option
 from fewstep.metrics import evaluate_samples
 from fewstep.models import as_model
 from fewstep.sampling import sample as _sample
+from fewstep.sampling import sample_shape
 from fewstep.train import pick_device
-from fewstep.viz import save_samples_picture
+from fewstep.viz import image_grid, pairs_picture, save_png, save_samples_picture, scatter_png
 
 
 def load(model, device: str = "cpu") -> Checkpoint:
@@ -133,6 +135,10 @@ class Comparison:
     b: Samples
     stats: dict
 
+    def picture(self, path, n: int = 32, names: tuple[str, str] = ("A", "B")) -> Path:
+        """The first n pairs side by side (images: alternating rows of A and B; points: two panels)."""
+        return pairs_picture(self.a.x[:n], self.b.x[:n], path, *names)
+
 
 def compare_models(a, b, n: int = 256, *, seed: int = 0, sampler_a: str | None = None, nfe_a: int | None = None,
                    sampler_b: str | None = None, nfe_b: int | None = None, batch_size: int = 500,
@@ -144,6 +150,59 @@ def compare_models(a, b, n: int = 256, *, seed: int = 0, sampler_a: str | None =
     xa, xb, stats = _compare_models(a, b, A.check("n", n, A.positive_int), A.check("seed", seed, A.seed),
                                     sampler_a, nfe_a, sampler_b, nfe_b, batch_size=batch_size)
     return Comparison(Samples(xa, stats["a"]), Samples(xb, stats["b"]), stats)
+
+
+@dataclass
+class Interpolation:
+    """Frames sampled from noises between two seeds' (`frames`: one (F, ...) tensor per mode, slerp and/or
+    linear) and how they were sampled (`info`: sampler, NFE, seeds)."""
+    frames: dict
+    info: dict
+
+    def picture(self, path) -> Path:
+        """One strip a mode (images), or one scatter panel a mode (2-D points)."""
+        rows = list(self.frames.values())
+        if rows[0].ndim == 4:
+            return save_png(image_grid(torch.cat(rows), nrow=len(rows[0])), path)
+        a, b = self.info["seeds"]
+        return scatter_png({f"{m} ({len(x)} frames)": x for m, x in self.frames.items()}, path,
+                           title=f"seeds {a} → {b}")
+
+
+INTERPOLATION_MODES = ("slerp", "linear", "both")
+
+
+def interpolate(model, seeds=(3, 7), *, frames: int = 9, mode: str = "slerp", sampler: str | None = None,
+                nfe: int | None = None, device: str = "cpu") -> Interpolation:
+    """Sample `frames` noises from seed a's initial noise to seed b's (each the first noise `sample(..., seed=S)`
+    draws), interpolated by slerp, linear or both, with the model's deterministic sampler (or `sampler`)."""
+    try:
+        pair = tuple(int(s) for s in (seeds.split(",") if isinstance(seeds, str) else seeds))
+    except (TypeError, ValueError):
+        pair = ()
+    if len(pair) != 2:
+        raise FewstepError(f"{option('seeds', seeds)}: expected two integers a,b")
+    frames = A.check("frames", frames, A.integer(2, 1000))
+    mode = A.check("mode", mode, A.choice(INTERPOLATION_MODES))
+    ckpt = load(model, device=device)
+    shape = tuple(sample_shape(ckpt.card))
+    out, info = {}, {}
+    for m in (["slerp", "linear"] if mode == "both" else [mode]):
+        noise = interpolation_noises(shape, pair, frames, m)
+        out[m], info = sample_same_noise(ckpt, noise, seed=pair[0], sampler=sampler, nfe=nfe)
+    return Interpolation(out, {**info, "seeds": list(pair), "mode": mode})
+
+
+def train_classifier(data, out, *, resolution: int | None = None, iters: int | None = None, seed: int = 0,
+                     progress: bool = True) -> dict:
+    """Train the feature classifier `evaluate(..., classifier=out)` measures in (its Fréchet distance, KID and
+    precision/recall) on labelled images: `data` a folder with one sub-folder of images per class, or digits /
+    mnist. Writes `out` (refused if it holds a model or a classifier) and returns its record (held-out accuracy
+    among it)."""
+    from fewstep.featnet import train_classifier as _train
+    return _train(str(data), None if resolution is None else A.check("resolution", resolution, A.resolution),
+                  None if iters is None else A.check("iters", iters, A.iterations), A.check("seed", seed, A.seed),
+                  out_dir=out, progress=progress)
 
 
 def import_model(source, out, *, feature_layer: str | None = None, resolution: int | None = None) -> Checkpoint:

@@ -8,22 +8,15 @@ import textwrap
 import sys
 from pathlib import Path
 
-import torch
 
 from fewstep import api
 from fewstep import argtypes as A
 from fewstep.checkpoint import write_json
 from fewstep.cli.common import COMMAND_HELP
-from fewstep.compare import interpolation_noises, sample_same_noise
-from fewstep.errors import FewstepError
-from fewstep.featnet import train_classifier
 from fewstep.models import load_model
 from fewstep.nets import count_parameters
-from fewstep.sampling import sample_shape
 from fewstep.schedule import GRID_KINDS, SCHEDULER_SPACINGS
 from fewstep.solvers import SOLVERS
-from fewstep.train import pick_device
-from fewstep.viz import image_grid, pairs_picture, save_png, scatter_png
 
 SMALL_SAMPLE = 1000  # `eval` says below this many samples that its numbers are coarse
 LONG_RUN_S = 3600  # `sample` asks for --yes before a run projected longer than this
@@ -292,8 +285,8 @@ def cmd_eval(args):
 
 
 def cmd_classifier_train(args):
-    meta = train_classifier(args.data, args.resolution, args.iters, args.seed, out_dir=args.out,
-                            progress=not args.no_progress)
+    meta = api.train_classifier(args.data, args.out, resolution=args.resolution, iters=args.iters, seed=args.seed,
+                                progress=not args.no_progress)
     print(f"classifier on {meta['dataset']} ({meta['num_classes']} classes, {meta['resolution']}x"
           f"{meta['resolution']}): held-out accuracy {meta['heldout_accuracy']:.4f} on {meta['heldout_n']} images, "
           f"{meta['train_seconds']:.0f} s; wrote {args.out} (use it: fewstep eval ... --classifier {args.out})")
@@ -325,15 +318,14 @@ def cmd_compare(args):
 
     c = api.compare_models(args.a, args.b, args.n, seed=args.seed, sampler_a=args.sampler_a, nfe_a=args.nfe_a,
                     sampler_b=args.sampler_b, nfe_b=args.nfe_b, batch_size=args.batch, device=args.device)
-    xa, xb, st = c.a.x, c.b.x, c.stats
+    st = c.stats
     print(f"A {args.a}: {st['a']['sampler']} NFE {st['a']['nfe']}")
     print(f"B {args.b}: {st['b']['sampler']} NFE {st['b']['nfe']}")
     print(f"PSNR matched  {st['psnr_matched']:.2f} dB (± {st['psnr_matched_std']:.2f})   MSE {st['mse_matched']:.4g}")
     print(f"PSNR shuffled {st['psnr_shuffled']:.2f} dB (± {st['psnr_shuffled_std']:.2f})   MSE {st['mse_shuffled']:.4g}")
     print(f"n = {st['n']}, seed {args.seed}")
     if args.png:
-        pairs_picture(xa[:args.png_n], xb[:args.png_n], args.png, Path(args.a).name, Path(args.b).name)
-        print(f"picture → {args.png}")
+        print(f"picture → {c.picture(args.png, args.png_n, (Path(args.a).name, Path(args.b).name))}")
     if args.out_json:
         write_json(Path(args.out_json), st)
 
@@ -356,24 +348,9 @@ def add_interpolate(sub):
 
 
 def cmd_interpolate(args):
-
-    try:
-        seeds = tuple(int(s) for s in args.seeds.split(","))
-    except ValueError:
-        seeds = ()
-    if len(seeds) != 2:
-        raise FewstepError(f"--seeds {args.seeds!r}: expected two integers a,b")
-    ckpt = load_model(args.model, device=pick_device(args.device))
-    shape = tuple(sample_shape(ckpt.card))
-    modes = ["slerp", "linear"] if args.mode == "both" else [args.mode]
-    outs, info = {}, None
-    for m in modes:
-        noise = interpolation_noises(shape, seeds, args.frames, m)
-        outs[m], info = sample_same_noise(ckpt, noise, seed=seeds[0], sampler=args.sampler, nfe=args.nfe)
-    if len(shape) == 3:
-        save_png(image_grid(torch.cat(list(outs.values())), nrow=args.frames), args.out)
-    else:
-        scatter_png({f"{m} ({args.frames} frames)": x for m, x in outs.items()}, args.out,
-                    title=f"seeds {seeds[0]} → {seeds[1]}")
-    print(f"{'/'.join(modes)} interpolation, seeds {seeds[0]} → {seeds[1]}, {args.frames} frames, "
+    frames = api.interpolate(args.model, args.seeds, frames=args.frames, mode=args.mode, sampler=args.sampler,
+                             nfe=args.nfe, device=args.device)
+    frames.picture(args.out)
+    info, (a, b) = frames.info, frames.info["seeds"]
+    print(f"{'/'.join(frames.frames)} interpolation, seeds {a} → {b}, {args.frames} frames, "
           f"{info['sampler']} NFE {info['nfe']} → {args.out}")
