@@ -15,7 +15,7 @@ LAYERS = {
                     "userdata", "data"],
     "models": ["denoiser", "solvers", "components", "lora", "checkpoint", "sampling", "viz", "show"],
     "around a model": ["featnet", "perceptual", "distances", "features", "metrics", "compare", "interop", "interop.*", "models"],
-    "training loop": ["train_config", "timing", "runfolder", "loop_signals", "train"],
+    "training loop": ["devices", "train_config", "timing", "runfolder", "loop_signals", "train"],
     "shared by methods": ["distill", "distill.*"],
     # and every package fewstep.registry lists (a new method needs no line here)
     "methods": ["registry"] + [p for e in METHODS for p in (e.package.removeprefix("fewstep."),

@@ -23,13 +23,13 @@ from fewstep import argtypes as A
 from fewstep.checkpoint import Checkpoint, atomic_write, load_checkpoint
 from fewstep.compare import compare_models as _compare_models
 from fewstep.compare import interpolation_noises, sample_same_noise
+from fewstep.devices import pick_device
 from fewstep.userdata import checked_samples, load_samples_file, read_image_folder
 from fewstep.errors import FewstepError, option
 from fewstep.metrics import evaluate_samples
 from fewstep.models import as_model
 from fewstep.sampling import sample as _sample
 from fewstep.sampling import sample_shape
-from fewstep.train import pick_device
 from fewstep.viz import image_grid, pairs_picture, save_png, save_samples_picture, scatter_png
 
 

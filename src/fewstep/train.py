@@ -40,6 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fewstep.checkpoint import STATE_NAME, finished_run, load_train_state, save_checkpoint, save_train_state
+from fewstep.devices import AMP_DEVICES, pick_device
 from fewstep.errors import FewstepError, option
 from fewstep.loop_signals import StoppedTime, StopRequests
 from fewstep.runfolder import RunFolder, tensorboard_writer
@@ -102,8 +103,6 @@ def _keep_saved_channels_last(config: TrainConfig, out_dir: Path) -> TrainConfig
     return config
 
 
-# where --amp runs: bf16 on a CPU too (AMX or AVX512-BF16 make it fast), fp16 only with CUDA's loss scaling
-AMP_DEVICES = {("cuda", "bf16"), ("cuda", "fp16"), ("cpu", "bf16")}
 FUSED_ADAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -193,30 +192,6 @@ def global_batch_indices(n: int, batch: int, seed: int, step: int) -> torch.Tens
         pos += len(take)
         remaining -= len(take)
     return torch.cat(parts)
-
-
-def pick_device(name: str) -> torch.device:
-    """The torch device `name` names (auto: CUDA where there is one, else the CPU), refused with a message where
-    this machine has no such device (torch would fail later, on the first tensor moved there)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise FewstepError(f"{option('device', name)}: expected cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if torch.version.cuda is None:
-            why = "this torch is a build without CUDA"
-        elif not torch.cuda.is_available():
-            why = "no CUDA GPU is visible"
-        elif (device.index or 0) >= torch.cuda.device_count():
-            why = f"this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0"
-        else:
-            return device
-        raise FewstepError(f"{option('device', name)}: {why}; use cpu (or auto: CUDA where there is one)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise FewstepError(f"{option('device', name)}: this machine or torch build has no MPS device; use cpu")
-    return device
 
 
 def _check_data(method: TrainMethod, data, labels) -> None:

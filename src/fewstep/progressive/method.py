@@ -20,7 +20,8 @@ from fewstep.progressive.fold import HEADS, ProgressiveFold, fold_plan, halve_gr
 from fewstep.progressive.recipe import PROGRESSIVE_LOOP
 from fewstep.recipe import check_loop_options
 from fewstep.recipe import run_info as api_run_info
-from fewstep.train import TrainConfig, Trainer, pick_device
+from fewstep.devices import pick_device
+from fewstep.train import TrainConfig, Trainer
 
 
 def progressive_distill(teacher_ckpt, data: torch.Tensor, start_steps: int | None, target_steps: int,

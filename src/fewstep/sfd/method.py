@@ -23,6 +23,7 @@ from fewstep import argtypes as A
 from fewstep.checkpoint import Checkpoint, load_checkpoint, teacher_reference
 from fewstep.components import default_prompts
 from fewstep.denoiser import Denoiser
+from fewstep.devices import pick_device
 from fewstep.distill.trajectory_cache import TrajectoryCache
 from fewstep.errors import FewstepError, options
 from fewstep.lora import TeacherView, add_lora, lora_spec, remove_lora
@@ -37,7 +38,7 @@ from fewstep.sfd.loss import match_trajectory, trajectory_loss
 from fewstep.sfd.recipe import SFD_LOOP, iterations_for, recipe
 from fewstep.sfd.trajectory import TeacherTrajectory, sfd_grids, stage2_setup, teacher_evaluations
 from fewstep.solvers import solve
-from fewstep.train import StepContext, TrainConfig, Trainer, TrainMethod, pick_device
+from fewstep.train import StepContext, TrainConfig, Trainer, TrainMethod
 
 
 class LastBatch(NamedTuple):

@@ -41,6 +41,7 @@ import torch.distributed as dist
 from fewstep import argtypes as A
 from fewstep.checkpoint import Checkpoint, load_checkpoint, teacher_reference
 from fewstep.denoiser import Denoiser
+from fewstep.devices import pick_device
 from fewstep.distill.common import check_trained_shape, distill_data, distill_labels
 from fewstep.distill.step_table import INDEX_RULES, check_teacher, index_set, teacher_table
 from fewstep.errors import FewstepError, option
@@ -55,7 +56,7 @@ from fewstep.sfddm.config import SFDDMConfig
 from fewstep.sfddm.recipe import SFDDM_LOOP, default_iterations
 from fewstep.solvers import STOCHASTIC, solve
 from fewstep.timing import fresh_autocast, untimed
-from fewstep.train import StepContext, TrainConfig, Trainer, TrainMethod, pick_device
+from fewstep.train import StepContext, TrainConfig, Trainer, TrainMethod
 
 
 class SFDDM(TrainMethod):

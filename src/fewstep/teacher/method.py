@@ -9,6 +9,7 @@ from fewstep import argtypes as A
 from fewstep.data import load_dataset
 from fewstep.checkpoint import Checkpoint, load_checkpoint
 from fewstep.denoiser import Denoiser
+from fewstep.devices import pick_device
 from fewstep.errors import FewstepError, option
 from fewstep.nets import MLP, UNet
 from fewstep.recipe import check_loop_options, loop_recipe
@@ -16,7 +17,7 @@ from fewstep.recipe import run_info as api_run_info
 from fewstep.sampling import grid_for
 from fewstep.schedule import Schedule
 from fewstep.solvers import solve
-from fewstep.train import StepContext, TrainConfig, Trainer, TrainMethod, pick_device
+from fewstep.train import StepContext, TrainConfig, Trainer, TrainMethod
 
 # EDM's training noise distribution: ln σ ~ N(P_MEAN, P_STD²)
 P_MEAN, P_STD = -1.2, 1.2
