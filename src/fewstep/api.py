@@ -55,8 +55,7 @@ class Samples:
         and, for a class model, `labels`; a .npy the samples array alone. `fewstep eval` reads both."""
         path = Path(path)
         if path.suffix.lower() not in A.SAMPLE_FILE_SUFFIXES:
-            raise FewstepError(f"{str(path)!r}: expected a file name ending in .npz (the samples with their info) "
-                               "or .npy (the array alone)")
+            raise FewstepError(f"{str(path)!r}: expected {A.SAMPLE_FILE_NAMES}")
         info = dict(self.info)
         arrays = {"labels": np.asarray(info.pop("labels"), dtype=np.int64)} if "labels" in info else {}
 

@@ -150,6 +150,7 @@ def output_file(text: str) -> str:
 
 
 SAMPLE_FILE_SUFFIXES = (".npz", ".npy")
+SAMPLE_FILE_NAMES = "a file name ending in .npz (the samples with their info) or .npy (the array alone)"
 
 
 def samples_file(text: str) -> str:
@@ -157,8 +158,7 @@ def samples_file(text: str) -> str:
     .npy (the array alone)."""
     text = output_file(text)
     if Path(text).suffix.lower() not in SAMPLE_FILE_SUFFIXES:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a file name ending in .npz (the samples with "
-                                         "their info) or .npy (the array alone)")
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {SAMPLE_FILE_NAMES}")
     return text
 
 

@@ -117,9 +117,7 @@ def _run_family(saved: dict) -> str | None:
     if name is None:
         args = saved.get("args") or {}
         name = {"train": "teacher", "distill": args.get("method")}.get(args.get("command"))
-    if name is None:
-        return None
-    return "sfd" if str(name).startswith("sfd") and name != "sfddm" else str(name)
+    return {"sfd-v": "sfd", "sfd-stage2": "sfd"}.get(name, name)
 
 
 def refuse_another_method(out, saved: dict, method_name: str) -> None:

@@ -338,7 +338,7 @@ def add_interpolate(sub):
     p.add_argument("model")
     p.add_argument("--seeds", default="3,7", help="two seeds a,b (default 3,7)")
     p.add_argument("--frames", type=A.integer(2, 1000), default=9, help="frames including both ends (default 9)")
-    p.add_argument("--mode", default="slerp", choices=["slerp", "linear", "both"],
+    p.add_argument("--mode", default="slerp", choices=api.INTERPOLATION_MODES,
                    help="slerp (default), linear, or both (two rows: slerp above linear)")
     p.add_argument("--sampler", default=None, help="override the sampler")
     p.add_argument("--nfe", type=A.nfe, default=None, help="override the NFE")
